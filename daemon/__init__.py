@@ -1,0 +1,1 @@
+"""shmserve supervisor daemon."""

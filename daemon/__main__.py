@@ -1,0 +1,5 @@
+import sys
+
+from shmserve.daemon.cli import main
+
+sys.exit(main())

@@ -1,0 +1,484 @@
+"""The gRPC frontend: one thin method per RPC of inference.GRPCInferenceService."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from shmserve.daemon.errors import (
+    SERVER_EXITING,
+    ServeError,
+    invalid_argument,
+    unavailable,
+    unimplemented,
+    unknown_model,
+)
+from shmserve.daemon.frontend.infer import build_request, build_response, config_datatype
+from shmserve.daemon.models import UNAVAILABLE, ModelManager
+from shmserve.daemon.settings import Settings
+from shmserve.daemon.shm_registry import ShmRegistry
+from shmserve.protos import shmserve_health_pb2 as health_pb
+from shmserve.protos import shmserve_service_pb2 as pb
+
+log = logging.getLogger("shmserve.frontend")
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
+SERVER_NAME = "shmserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["model_repository", "model_configuration", "system_shared_memory",
+              "cuda_shared_memory", "binary_tensor_data", "parameters", "statistics",
+              "logging", "schedule_policy"]
+CLIENT_ID_HEADER = "shmserve-client-id"
+
+# RPC -> (request type, response type, streaming, protocol group)
+RPCS: dict[str, tuple[Any, Any, bool, str]] = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse, False, "health"),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse, False, "health"),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse, False, "health"),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse, False, "metadata"),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse, False, "metadata"),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse, False, "inference"),
+    "ModelStreamInfer": (pb.ModelInferRequest, pb.ModelStreamInferResponse, True, "inference"),
+    "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse, False, "model-config"),
+    "ModelStatistics": (pb.ModelStatisticsRequest, pb.ModelStatisticsResponse, False,
+                        "statistics"),
+    "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse, False,
+                        "model-repository"),
+    "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse,
+                            False, "model-repository"),
+    "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest,
+                              pb.RepositoryModelUnloadResponse, False, "model-repository"),
+    "SystemSharedMemoryStatus": (pb.SystemSharedMemoryStatusRequest,
+                                 pb.SystemSharedMemoryStatusResponse, False, "shared-memory"),
+    "SystemSharedMemoryRegister": (pb.SystemSharedMemoryRegisterRequest,
+                                   pb.SystemSharedMemoryRegisterResponse, False,
+                                   "shared-memory"),
+    "SystemSharedMemoryUnregister": (pb.SystemSharedMemoryUnregisterRequest,
+                                     pb.SystemSharedMemoryUnregisterResponse, False,
+                                     "shared-memory"),
+    "CudaSharedMemoryStatus": (pb.CudaSharedMemoryStatusRequest,
+                               pb.CudaSharedMemoryStatusResponse, False, "shared-memory"),
+    "CudaSharedMemoryRegister": (pb.CudaSharedMemoryRegisterRequest,
+                                 pb.CudaSharedMemoryRegisterResponse, False, "shared-memory"),
+    "CudaSharedMemoryUnregister": (pb.CudaSharedMemoryUnregisterRequest,
+                                   pb.CudaSharedMemoryUnregisterResponse, False,
+                                   "shared-memory"),
+    "TraceSetting": (pb.TraceSettingRequest, pb.TraceSettingResponse, False, "trace"),
+    "LogSettings": (pb.LogSettingsRequest, pb.LogSettingsResponse, False, "logging"),
+}
+
+
+class ServerState:
+    """What the RPCs share with the supervisor."""
+
+    def __init__(self, settings: Settings, models: ModelManager, registry: ShmRegistry) -> None:
+        self.settings = settings
+        self.models = models
+        self.registry = registry
+        self.exiting = False
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+
+def _client_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_ID_HEADER:
+            return str(value)
+    return ""
+
+
+class InferenceService:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.models = state.models
+        self.registry = state.registry
+
+    # --- health -------------------------------------------------------------------------
+    async def ServerLive(self, request: pb.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        self._check_exiting()
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        self._check_exiting()
+        ready = self.models.all_ready() if self.state.settings.strict_readiness else True
+        return pb.ServerReadyResponse(ready=ready)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        self._check_exiting()
+        return pb.ModelReadyResponse(ready=self.models.is_ready(request.name, request.version))
+
+    def _check_exiting(self) -> None:
+        if self.state.exiting:
+            raise unavailable(SERVER_EXITING)
+
+    # --- metadata -----------------------------------------------------------------------
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                         extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        model = self.models.resolve(request.name, request.version)
+        config = model.config
+        record = self.models.record(request.name)
+        batch = [-1] if config.max_batch_size > 0 else []
+        response = pb.ModelMetadataResponse(
+            name=model.name, platform=config.platform or config.backend,
+            versions=[str(v) for v in sorted(record.versions)])
+        for tensor in config.input:
+            response.inputs.add(name=tensor.name, datatype=config_datatype(tensor.data_type),
+                                shape=batch + list(tensor.dims))
+        for tensor in config.output:
+            response.outputs.add(name=tensor.name, datatype=config_datatype(tensor.data_type),
+                                 shape=batch + list(tensor.dims))
+        return response
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        model = self.models.resolve(request.name, request.version)
+        return pb.ModelConfigResponse(config=model.config)
+
+    # --- inference ----------------------------------------------------------------------
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        return await self._infer(request)
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        if self.state.exiting:
+            raise unavailable(SERVER_EXITING)
+        model = self.models.resolve(request.model_name, request.model_version)
+        if model.config.model_transaction_policy.decoupled:
+            raise unimplemented(f"ModelInfer RPC doesn't support models with decoupled "
+                                f"transaction policy; use ModelStreamInfer for model "
+                                f"'{model.name}'")
+        internal = build_request(request, model, self.registry)
+        state = self.state
+        state.inflight += 1
+        state.idle.clear()
+        try:
+            model.scheduler.submit(internal)
+            outputs = await internal.future
+            return build_response(internal, outputs)
+        finally:
+            for region in internal.regions:
+                self.registry.release(region)
+            state.inflight -= 1
+            if state.inflight == 0:
+                state.idle.set()
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests run concurrently; each answer (or error) is sent as it completes."""
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                result = await self._infer(request)
+                await answers.put(pb.ModelStreamInferResponse(infer_response=result))
+            except ServeError as exc:
+                await answers.put(pb.ModelStreamInferResponse(
+                    error_message=exc.message,
+                    infer_response=pb.ModelInferResponse(id=request.id,
+                                                         model_name=request.model_name)))
+            except Exception as exc:
+                log.exception("stream request failed")
+                await answers.put(pb.ModelStreamInferResponse(error_message=str(exc)))
+
+        async def read() -> None:
+            async for request in requests:
+                task = asyncio.create_task(answer(request))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            while pending:
+                await asyncio.gather(*list(pending))
+            await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await answers.get()
+                if item is None:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
+
+    # --- statistics ---------------------------------------------------------------------
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+        response = pb.ModelStatisticsResponse()
+        records = self.models.records()
+        if request.name:
+            record = self.models.record(request.name)
+            if not record.versions:
+                raise unknown_model(request.name)
+            records = [record]
+        for record in records:
+            for version, model in sorted(record.versions.items()):
+                if request.version and request.version != str(version):
+                    continue
+                _fill_statistics(response.model_stats.add(), model.name, version,
+                                 model.scheduler.stats)
+        if request.name and not response.model_stats:
+            raise invalid_argument(f"requested model version is not available for model "
+                                   f"'{request.name}'")
+        return response
+
+    # --- repository ---------------------------------------------------------------------
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        known = {record.name: record for record in self.models.records()}
+        for name in sorted(set(known) | set(self.models.repository_models())):
+            record = known.get(name)
+            if record is None:
+                if not request.ready:
+                    response.models.add(name=name)
+                continue
+            if record.versions:
+                for version, model in sorted(record.versions.items()):
+                    if request.ready and not model.ready:
+                        continue
+                    response.models.add(name=name, version=str(version), state=model.state,
+                                        reason=model.reason)
+            elif not request.ready:
+                response.models.add(name=name, state=record.state or UNAVAILABLE,
+                                    reason=record.reason)
+        return response
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> pb.RepositoryModelLoadResponse:
+        self._check_explicit()
+        config_json: str | None = None
+        files: dict[str, bytes] = {}
+        for key, param in request.parameters.items():
+            choice = param.WhichOneof("parameter_choice")
+            if key == "config" and choice == "string_param":
+                config_json = param.string_param
+            elif key.startswith("file:") and choice == "bytes_param":
+                files[key[len("file:"):]] = param.bytes_param
+            else:
+                raise invalid_argument(f"Unrecognized load parameter '{key}' with type "
+                                       f"'{choice}'")
+        if files and config_json is None:
+            raise invalid_argument("failed to load '" + request.model_name + "', "
+                                   "'config' parameter is required with file overrides")
+        await self.models.load(request.model_name, config_json, files or None)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        self._check_explicit()
+        await self.models.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _check_explicit(self) -> None:
+        mode = self.state.settings.model_control_mode
+        if mode == "poll":
+            raise unavailable("explicit model load / unload is not allowed if polling is "
+                              "enabled")
+        if mode != "explicit":
+            raise unavailable("explicit model load / unload is not allowed in model control "
+                              "mode 'none'; start with --model-control-mode=explicit")
+
+    # --- shared memory ------------------------------------------------------------------
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
+                                       context: grpc.aio.ServicerContext
+                                       ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.registry.status("system", request.name):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset,
+                    byte_size=region.byte_size))
+        return response
+
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
+                                         context: grpc.aio.ServicerContext
+                                         ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.registry.register_system(request.name, request.key, request.offset,
+                                      request.byte_size, _client_id(context))
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
+                                           context: grpc.aio.ServicerContext
+                                           ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.registry.unregister("system", request.name, _client_id(context))
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest,
+                                     context: grpc.aio.ServicerContext
+                                     ) -> pb.CudaSharedMemoryStatusResponse:
+        response = pb.CudaSharedMemoryStatusResponse()
+        for region in self.registry.status("cuda", request.name):
+            response.regions[region.name].CopyFrom(
+                pb.CudaSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, device_id=region.device_id, byte_size=region.byte_size))
+        return response
+
+    async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest,
+                                       context: grpc.aio.ServicerContext
+                                       ) -> pb.CudaSharedMemoryRegisterResponse:
+        self.registry.register_cuda(request.name, request.raw_handle, request.device_id,
+                                    request.byte_size, _client_id(context))
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
+                                         context: grpc.aio.ServicerContext
+                                         ) -> pb.CudaSharedMemoryUnregisterResponse:
+        self.registry.unregister("cuda", request.name, _client_id(context))
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    # --- trace and logging --------------------------------------------------------------
+    async def TraceSetting(self, request: pb.TraceSettingRequest,
+                           context: grpc.aio.ServicerContext) -> pb.TraceSettingResponse:
+        raise unimplemented("tracing is not supported by shmserve")
+
+    async def LogSettings(self, request: pb.LogSettingsRequest,
+                          context: grpc.aio.ServicerContext) -> pb.LogSettingsResponse:
+        settings = self.state.settings
+        for key, value in request.settings.items():
+            choice = value.WhichOneof("parameter_choice")
+            if key == "log_verbose_level" and choice == "uint32_param":
+                settings.log_verbose = value.uint32_param
+                logging.getLogger("shmserve").setLevel(
+                    logging.DEBUG if settings.log_verbose else logging.INFO)
+            else:
+                raise invalid_argument(f"unsupported log setting '{key}'")
+        response = pb.LogSettingsResponse()
+        response.settings["log_verbose_level"].uint32_param = settings.log_verbose
+        for key in ("log_info", "log_warning", "log_error"):
+            response.settings[key].bool_param = True
+        response.settings["log_format"].string_param = "default"
+        response.settings["log_file"].string_param = ""
+        return response
+
+
+def _fill_statistics(target: pb.ModelStatistics, name: str, version: int, stats: Any) -> None:
+    target.name = name
+    target.version = str(version)
+    target.last_inference = stats.last_inference_ms
+    target.inference_count = stats.inference_count
+    target.execution_count = stats.execution_count
+    inference = target.inference_stats
+    for field in ("success", "fail", "queue", "compute_input", "compute_infer",
+                  "compute_output"):
+        source = getattr(stats, field)
+        getattr(inference, field).count = source.count
+        getattr(inference, field).ns = source.ns
+    for size, batch in sorted(stats.batches.items()):
+        entry = target.batch_stats.add(batch_size=size)
+        for field in ("compute_input", "compute_infer", "compute_output"):
+            source = getattr(batch, field)
+            getattr(entry, field).count = source.count
+            getattr(entry, field).ns = source.ns
+
+
+# --- wiring ---------------------------------------------------------------------------------
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _restriction_check(settings: Settings, group: str
+                       ) -> Callable[[grpc.aio.ServicerContext], None] | None:
+    rules = [(key, value) for groups, key, value in settings.restricted_protocols
+             if group in groups]
+    if not rules:
+        return None
+    key, value = rules[0]
+    header = f"triton-grpc-protocol-{key}"
+
+    def check(context: grpc.aio.ServicerContext) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        if metadata.get(header) != value:
+            raise unavailable(f"This protocol is restricted, expecting header '{header}'")
+
+    return check
+
+
+def _unary(method: Handler, check: Callable[[grpc.aio.ServicerContext], None] | None) -> Handler:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if check is not None:
+                check(context)
+            return await method(request, context)
+        except ServeError as exc:
+            await context.abort(exc.code, exc.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            log.exception("RPC failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    return handle
+
+
+def _stream(method: Callable[..., AsyncIterator[Any]],
+            check: Callable[[grpc.aio.ServicerContext], None] | None
+            ) -> Callable[..., AsyncIterator[Any]]:
+    async def handle(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+                     ) -> AsyncIterator[Any]:
+        if check is not None:
+            try:
+                check(context)
+            except ServeError as exc:
+                await context.abort(exc.code, exc.message)
+        async for item in method(requests, context):
+            yield item
+
+    return handle
+
+
+def generic_handlers(service: InferenceService) -> list[grpc.GenericRpcHandler]:
+    settings = service.state.settings
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for name, (request_type, response_type, streaming, group) in RPCS.items():
+        check = _restriction_check(settings, group)
+        method = getattr(service, name)
+        if streaming:
+            handlers[name] = grpc.stream_stream_rpc_method_handler(
+                _stream(method, check), request_deserializer=request_type.FromString,
+                response_serializer=response_type.SerializeToString)
+        else:
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                _unary(method, check), request_deserializer=request_type.FromString,
+                response_serializer=response_type.SerializeToString)
+    health = _unary(_health_check(service.state), _restriction_check(settings, "health"))
+    return [
+        grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),
+        grpc.method_handlers_generic_handler(HEALTH_SERVICE_NAME, {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                health, request_deserializer=health_pb.HealthCheckRequest.FromString,
+                response_serializer=health_pb.HealthCheckResponse.SerializeToString),
+        }),
+    ]
+
+
+def _health_check(state: ServerState) -> Handler:
+    async def check(request: health_pb.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb.HealthCheckResponse:
+        status = health_pb.HealthCheckResponse
+        if request.service not in ("", SERVICE_NAME, "inference"):
+            raise ServeError(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
+        serving = not state.exiting
+        with contextlib.suppress(Exception):
+            serving = serving and state.models.all_ready()
+        return status(status=status.SERVING if serving else status.NOT_SERVING)
+
+    return check

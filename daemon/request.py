@@ -1,0 +1,51 @@
+"""The internal request every frontend produces and the scheduler consumes."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from shmserve.daemon.shm_registry import Region
+
+
+@dataclass(slots=True)
+class InputTensor:
+    name: str
+    datatype: str
+    shape: list[int]                # as the backend sees it (after reshape)
+    data: bytes | memoryview | None  # payload bytes, or None when in a region
+    region: Region | None = None
+    offset: int = 0                 # inside the region (relative to the registration)
+    nbytes: int = 0
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    region: Region | None = None
+    offset: int = 0
+    byte_size: int = 0
+
+
+@dataclass(slots=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: bytes | None              # None when written into a client region
+
+
+@dataclass(slots=True)
+class InferRequest:
+    model: str
+    version: int
+    request_id: str
+    inputs: list[InputTensor]
+    outputs: list[RequestedOutput]
+    batch_size: int
+    future: asyncio.Future[list[OutputTensor]]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    correlation_id: int | str = 0
+    received_ns: int = 0
+    regions: list[Region] = field(default_factory=list)

@@ -1,0 +1,327 @@
+"""Per model-version scheduling: one queue, its instances, dynamic batching, restarts.
+
+An instance executes one batch at a time. Payload inputs above the inline limit are written
+once into the instance's input arena when the batch is dispatched; everything else travels as
+a reference. Outputs come back inline, in the worker's output arena (copied once here), or
+already written into the client's region.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from shmserve.daemon.errors import ServeError, unavailable
+from shmserve.daemon.model_config import InstancePlan
+from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.daemon.settings import Settings
+from shmserve.daemon.statistics import ModelStats
+from shmserve.daemon.worker_process import WorkerProcess
+from shmserve.workers.protocol import ARENA, INLINE, INLINE_LIMIT, SYSTEM, TensorRef
+from shmserve.workers.shm import Arena, ReaderMapping
+
+log = logging.getLogger("shmserve.scheduler")
+_slot_ids = itertools.count(1)
+_STABLE_SECS = 30.0
+
+
+def _align(nbytes: int) -> int:
+    return (nbytes + 63) // 64 * 64
+
+
+class InstanceSlot:
+    """One model instance: its current worker process and the arenas it shares with it."""
+
+    def __init__(self, plan: InstancePlan, supervisor_pid: int) -> None:
+        self.plan = plan
+        self.uid = next(_slot_ids)
+        self.worker: WorkerProcess | None = None
+        self.busy = False
+        self.generation = 0
+        self.failures = 0
+        self.started_at = 0.0
+        self.input_arena = Arena(supervisor_pid, f"w{self.uid}i")
+        self.output_reader = ReaderMapping()
+
+    @property
+    def alive(self) -> bool:
+        return self.worker is not None and self.worker.alive
+
+    def close(self) -> None:
+        self.input_arena.close()
+        self.output_reader.close()
+
+
+class Scheduler:
+    def __init__(self, model: str, version: int, max_batch_size: int, batching: Any,
+                 plans: list[InstancePlan], make_spec: Callable[[InstancePlan, str], dict[str, Any]],
+                 settings: Settings, supervisor_pid: int) -> None:
+        self.model = model
+        self.version = version
+        self.stats = ModelStats()
+        self._max_batch = max(max_batch_size, 1)
+        self._dynamic = batching is not None
+        self._preferred = sorted(batching.preferred_batch_size) if batching is not None else []
+        self._delay_ns = batching.max_queue_delay_microseconds * 1000 if batching else 0
+        self._max_queue = (batching.default_queue_policy.max_queue_size
+                           if batching is not None else 0)
+        self._make_spec = make_spec
+        self._settings = settings
+        self._slots = [InstanceSlot(plan, supervisor_pid) for plan in plans]
+        self._queue: deque[InferRequest] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._restarts: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start every instance; the first failure stops the others and is raised."""
+        results = await asyncio.gather(*(self._start_slot(slot) for slot in self._slots),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.stop(timeout=5.0)
+            error = errors[0]
+            raise error if isinstance(error, ServeError) else unavailable(str(error))
+
+    async def _start_slot(self, slot: InstanceSlot) -> None:
+        slot.generation += 1
+        owner = f"w{slot.uid}g{slot.generation}"
+        worker = WorkerProcess(self._make_spec(slot.plan, owner), slot.plan.name,
+                               lambda w, reason: self._on_worker_exit(slot, w, reason))
+        slot.worker = worker
+        slot.output_reader.close()
+        await worker.start(self._settings.worker_heartbeat_secs, self._settings.worker_hang_secs)
+        slot.started_at = time.monotonic()
+        slot.busy = False
+
+    @property
+    def ready(self) -> bool:
+        return not self._closing and all(slot.alive for slot in self._slots)
+
+    @property
+    def instances(self) -> list[InstanceSlot]:
+        return list(self._slots)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until queued and executing requests finished (or the timeout passed)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+    async def stop(self, timeout: float) -> None:
+        self._closing = True
+        for task in list(self._restarts):
+            task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._fail_queue(unavailable(f"model '{self.model}' is being unloaded"))
+        await asyncio.gather(*(slot.worker.stop(timeout) for slot in self._slots
+                               if slot.worker is not None), return_exceptions=True)
+        for slot in self._slots:
+            slot.close()
+
+    # --- requests -----------------------------------------------------------------------
+    def submit(self, request: InferRequest) -> None:
+        if self._closing:
+            raise unavailable(f"model '{self.model}' is being unloaded")
+        if self._max_queue and len(self._queue) >= self._max_queue:
+            raise unavailable("Exceeds maximum queue size")
+        request.received_ns = request.received_ns or time.perf_counter_ns()
+        self._queue.append(request)
+        self.stats.pending += 1
+        self._idle.clear()
+        self._dispatch()
+
+    def release_regions(self, region_ids: list[int]) -> None:
+        for slot in self._slots:
+            if slot.worker is not None:
+                slot.worker.release_regions(region_ids)
+
+    def _dispatch(self) -> None:
+        while self._queue:
+            slot = next((s for s in self._slots if s.alive and not s.busy), None)
+            if slot is None:
+                return
+            batch = self._take_batch()
+            if batch is None:
+                return
+            self._send(slot, batch)
+
+    def _take_batch(self) -> list[InferRequest] | None:
+        queue = self._queue
+        if not self._dynamic:
+            return [queue.popleft()]
+        total = 0
+        count = 0
+        sizes: list[int] = []
+        for request in queue:
+            if total + request.batch_size > self._max_batch:
+                break
+            total += request.batch_size
+            count += 1
+            sizes.append(total)
+        count = max(count, 1)
+        full = total >= self._max_batch or count < len(queue)
+        if not full and self._delay_ns and total not in self._preferred:
+            waited = time.perf_counter_ns() - queue[0].received_ns
+            if waited < self._delay_ns:
+                if self._timer is None:
+                    delay = (self._delay_ns - waited) / 1e9
+                    self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+                return None
+        if self._preferred and total not in self._preferred:
+            best = max((i for i, size in enumerate(sizes) if size in self._preferred),
+                       default=None)
+            if best is not None:
+                count = best + 1
+        return [queue.popleft() for _ in range(count)]
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _send(self, slot: InstanceSlot, batch: list[InferRequest]) -> None:
+        assert slot.worker is not None
+        slot.busy = True
+        now = time.perf_counter_ns()
+        for request in batch:
+            self.stats.queue.add(now - request.received_ns)
+            self.stats.pending -= 1
+        try:
+            frames = self._frames(slot, batch)
+        except Exception as exc:  # e.g. /dev/shm full while growing the arena
+            slot.busy = False
+            error = exc if isinstance(exc, ServeError) else unavailable(
+                f"failed to stage inputs in shared memory: {exc}")
+            for request in batch:
+                self._finish(request, error)
+            self._dispatch()
+            return
+        future = slot.worker.execute(frames)
+        future.add_done_callback(lambda f: self._on_done(slot, batch, f))
+
+    def _frames(self, slot: InstanceSlot, batch: list[InferRequest]) -> list[dict[str, Any]]:
+        staged = sum(_align(len(t.data)) for r in batch for t in r.inputs
+                     if t.data is not None and len(t.data) > INLINE_LIMIT)
+        segment = slot.input_arena.ensure(staged) if staged else None
+        offset = 0
+        frames = []
+        for request in batch:
+            refs = []
+            for tensor in request.inputs:
+                if tensor.region is not None:
+                    region = tensor.region
+                    refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape, SYSTEM,
+                                          [region.region_id, region.key],
+                                          region.offset + tensor.offset, tensor.nbytes).pack())
+                elif tensor.data is not None and len(tensor.data) > INLINE_LIMIT:
+                    assert segment is not None
+                    size = len(tensor.data)
+                    segment.buf[offset:offset + size] = tensor.data
+                    refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape, ARENA,
+                                          segment.key, offset, size).pack())
+                    offset += _align(size)
+                else:
+                    refs.append(TensorRef.inline(tensor.name, tensor.datatype, tensor.shape,
+                                                 bytes(tensor.data or b"")).pack())
+            outputs: list[list[Any]] = []
+            for output in request.outputs:
+                destination = None
+                if output.region is not None:
+                    region = output.region
+                    destination = TensorRef(output.name, "", [], SYSTEM,
+                                            [region.region_id, region.key],
+                                            region.offset + output.offset,
+                                            output.byte_size).pack()
+                outputs.append([output.name, destination])
+            frames.append({"rid": request.request_id, "in": refs, "out": outputs,
+                           "p": request.parameters, "cid": request.correlation_id})
+        return frames
+
+    def _on_done(self, slot: InstanceSlot, batch: list[InferRequest],
+                 future: asyncio.Future[dict[str, Any]]) -> None:
+        slot.busy = False
+        error = future.exception()
+        if error is not None:
+            for request in batch:
+                self._finish(request, error)
+        else:
+            frame = future.result()
+            for request, result in zip(batch, frame["res"], strict=True):
+                if "err" in result:
+                    self._finish(request, ServeError.from_tuple(result["err"]))
+                    continue
+                try:
+                    outputs = [self._read_output(slot, raw) for raw in result["out"]]
+                except OSError as exc:
+                    self._finish(request, unavailable(f"failed to read outputs: {exc}"))
+                    continue
+                self._finish(request, outputs)
+            self.stats.record_batch(sum(r.batch_size for r in batch), len(batch), frame["ts"])
+        self._dispatch()
+        if not self._queue and not any(s.busy for s in self._slots):
+            self._idle.set()
+
+    def _read_output(self, slot: InstanceSlot, raw: list[Any]) -> OutputTensor:
+        ref = TensorRef.unpack(raw)
+        if ref.where == INLINE:
+            return OutputTensor(ref.name, ref.datatype, ref.shape, ref.location)
+        if ref.where == ARENA:
+            segment = slot.output_reader.view(ref.location)
+            return OutputTensor(ref.name, ref.datatype, ref.shape,
+                                bytes(segment.buf[ref.offset:ref.offset + ref.nbytes]))
+        return OutputTensor(ref.name, ref.datatype, ref.shape, None)
+
+    def _finish(self, request: InferRequest, result: list[OutputTensor] | BaseException) -> None:
+        ok = not isinstance(result, BaseException)
+        self.stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
+        if request.future.done():
+            return
+        if isinstance(result, BaseException):
+            request.future.set_exception(result)
+        else:
+            request.future.set_result(result)
+
+    def _fail_queue(self, error: ServeError) -> None:
+        while self._queue:
+            request = self._queue.popleft()
+            self.stats.pending -= 1
+            self._finish(request, error)
+        self._idle.set()
+
+    # --- worker death -------------------------------------------------------------------
+    def _on_worker_exit(self, slot: InstanceSlot, worker: WorkerProcess, reason: str) -> None:
+        if slot.worker is not worker or self._closing or not worker.became_ready:
+            return
+        slot.busy = False
+        lived = time.monotonic() - slot.started_at
+        slot.failures = 0 if lived > _STABLE_SECS else slot.failures + 1
+        task = asyncio.get_running_loop().create_task(self._restart(slot))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, slot: InstanceSlot) -> None:
+        while not self._closing:
+            delay = min(0.05 * (2 ** slot.failures), 10.0) if slot.failures else 0.0
+            await asyncio.sleep(delay)
+            try:
+                await self._start_slot(slot)
+            except ServeError as exc:
+                slot.failures += 1
+                log.error("restart of %s failed: %s", slot.plan.name, exc.message)
+                if not any(s.alive for s in self._slots):
+                    self._fail_queue(unavailable(
+                        f"model '{self.model}' has no live instance: {exc.message}"))
+                continue
+            log.info("instance %s restarted (pid %s)", slot.plan.name, slot.worker and
+                     slot.worker.pid)
+            self._dispatch()
+            return

@@ -1,0 +1,149 @@
+"""Client-registered shared-memory regions (system and CUDA) with bounds checks and refcounts.
+
+The supervisor never maps a client's segment: it checks the segment's size when the region is
+registered and the bounds of every reference, then forwards references to workers, which map.
+A region unregistered while requests use it stays until the last request releases it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import posix_ipc
+
+from shmserve.daemon.errors import (
+    already_exists,
+    internal,
+    invalid_argument,
+    not_found,
+)
+from shmserve.workers.shm import is_reserved_key, normalize_key
+
+CUDA_HANDLE_SIZE = 64
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True, eq=False)
+class Region:
+    name: str
+    kind: str                 # "system" | "cuda"
+    key: str                  # POSIX shm key (system)
+    offset: int               # registration offset inside the segment (system)
+    byte_size: int
+    owner: str                # client id the region was registered under ("" = anonymous)
+    device_id: int = 0
+    raw_handle: bytes = b""
+    region_id: int = 0
+    users: int = 0
+    unregistered: bool = False
+
+
+class ShmRegistry:
+    def __init__(self, on_released: Callable[[list[int]], None],
+                 key_prefix: str | None = None, gpu_ids: list[int] | None = None) -> None:
+        self._regions: dict[str, Region] = {}
+        self._on_released = on_released
+        self._key_prefix = normalize_key(key_prefix) if key_prefix else None
+        self._gpu_ids = gpu_ids or []
+
+    # --- registration -------------------------------------------------------------------
+    def register_system(self, name: str, key: str, offset: int, byte_size: int,
+                        owner: str = "") -> None:
+        self._check_new_name(name)
+        if not key.strip("/"):
+            raise invalid_argument(
+                f"cannot register shared memory region '{name}' - invalid shm key '{key}'")
+        if is_reserved_key(key):
+            raise invalid_argument(
+                f"cannot register shared memory region '{name}' - shm key '{key}' uses a "
+                f"prefix reserved for the server")
+        if self._key_prefix and not normalize_key(key).startswith(self._key_prefix):
+            raise invalid_argument(
+                f"cannot register shared memory region '{name}' - shm key '{key}' does not "
+                f"start with the allowed prefix '{self._key_prefix}'")
+        segment_size = _segment_size(key)
+        if offset < 0 or byte_size <= 0 or offset + byte_size > segment_size:
+            raise invalid_argument(f"failed to register shared memory region '{name}': "
+                                   f"invalid args")
+        self._add(Region(name, "system", normalize_key(key), offset, byte_size, owner))
+
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int,
+                      owner: str = "") -> None:
+        self._check_new_name(name)
+        if len(raw_handle) != CUDA_HANDLE_SIZE or byte_size <= 0 or device_id < 0:
+            raise invalid_argument(f"failed to register shared memory region '{name}': "
+                                   f"invalid args")
+        if device_id not in self._gpu_ids:
+            raise invalid_argument(f"failed to register shared memory region '{name}': "
+                                   f"invalid args (no GPU {device_id} on this host)")
+        self._add(Region(name, "cuda", "", 0, byte_size, owner, device_id, bytes(raw_handle)))
+
+    def _check_new_name(self, name: str) -> None:
+        if name in self._regions:
+            raise already_exists(f"shared memory region '{name}' already in manager")
+
+    def _add(self, region: Region) -> None:
+        region.region_id = next(_ids)
+        self._regions[region.name] = region
+
+    def unregister(self, kind: str, name: str, owner: str = "") -> None:
+        """Empty name: every region of that kind registered by the same owner."""
+        if name:
+            region = self._regions.get(name)
+            if region is not None and region.kind == kind:
+                self._retire(region)
+            return
+        for region in [r for r in self._regions.values() if r.kind == kind and r.owner == owner]:
+            self._retire(region)
+
+    def _retire(self, region: Region) -> None:
+        del self._regions[region.name]
+        region.unregistered = True
+        if region.users == 0:
+            self._on_released([region.region_id])
+
+    def status(self, kind: str, name: str) -> list[Region]:
+        if name:
+            region = self._regions.get(name)
+            if region is None or region.kind != kind:
+                label = "system" if kind == "system" else "CUDA"
+                raise not_found(f"Unable to find {label} shared memory region: '{name}'")
+            return [region]
+        return [r for r in self._regions.values() if r.kind == kind]
+
+    # --- use by requests ----------------------------------------------------------------
+    def acquire(self, name: str, offset: int, byte_size: int) -> Region:
+        """Check a request's reference and pin the region until ``release``."""
+        region = self._regions.get(name)
+        if region is None:
+            raise not_found(f"Unable to find shared memory region: '{name}'")
+        if offset < 0 or offset >= region.byte_size:
+            raise invalid_argument(f"Invalid offset for shared memory region: '{name}'")
+        if byte_size < 0 or offset + byte_size > region.byte_size:
+            raise invalid_argument(
+                f"Invalid offset + byte size for shared memory region: '{name}'")
+        region.users += 1
+        return region
+
+    def release(self, region: Region) -> None:
+        region.users -= 1
+        if region.users == 0 and region.unregistered:
+            self._on_released([region.region_id])
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+
+def _segment_size(key: str) -> int:
+    try:
+        shm = posix_ipc.SharedMemory(normalize_key(key))
+    except (posix_ipc.Error, OSError, ValueError):
+        raise internal(f"Unable to open shared memory region: '{key}'") from None
+    try:
+        return os.fstat(shm.fd).st_size
+    finally:
+        shm.close_fd()
+

@@ -1,0 +1,228 @@
+"""The supervisor's handle on one worker process: start, control channel, death, heartbeat.
+
+Workers are started through the stdlib multiprocessing forkserver (a fresh interpreter that
+preloads numpy and the worker modules), so they never inherit the supervisor's gRPC threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.context
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shmserve.daemon.errors import ServeError, unavailable
+from shmserve.workers import protocol
+from shmserve.workers.shm import remove_owner_arenas
+
+log = logging.getLogger("shmserve.supervisor")
+
+_PRELOAD = ["shmserve.workers.forkserver_setup", "shmserve.workers.main", "shmserve.workers.backends.python", "numpy"]
+_context: multiprocessing.context.ForkServerContext | None = None
+
+
+def start_fork_server() -> None:
+    """Start the fork server now, before gRPC exists, so workers fork from a clean process."""
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(_PRELOAD)
+        from multiprocessing import forkserver
+        forkserver.ensure_running()
+
+
+def fork_context() -> multiprocessing.context.ForkServerContext:
+    start_fork_server()
+    assert _context is not None
+    return _context
+
+
+class _ControlProtocol(asyncio.Protocol):
+    def __init__(self, owner: WorkerProcess) -> None:
+        self._owner = owner
+        self._unpacker = protocol.new_unpacker()
+
+    def data_received(self, data: bytes) -> None:
+        self._unpacker.feed(data)
+        for frame in self._unpacker:
+            self._owner.on_frame(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner.on_channel_closed()
+
+
+class WorkerProcess:
+    _batch_ids = itertools.count(1)
+
+    def __init__(self, spec: dict[str, Any], label: str,
+                 on_exit: Callable[[WorkerProcess, str], None]) -> None:
+        self.spec = spec
+        self.label = label
+        self._on_exit = on_exit
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._transport: asyncio.Transport | None = None
+        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self._inflight: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._exited = False
+        self._stopping = False
+        self._last_pong = time.monotonic()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.pid: int | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self, heartbeat_secs: float, hang_secs: float) -> None:
+        """Start the process and wait until its initialize hooks finished (or failed)."""
+        loop = asyncio.get_running_loop()
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        from shmserve.workers.main import run_worker
+        process = fork_context().Process(target=run_worker, args=(child_sock, self.spec),
+                                         name=f"shmserve-worker-{self.label}", daemon=True)
+        self._ready = loop.create_future()
+        try:
+            await loop.run_in_executor(None, process.start)
+        finally:
+            child_sock.close()
+        self._process = process
+        self.pid = process.pid
+        parent_sock.setblocking(False)
+        transport, _ = await loop.create_unix_connection(lambda: _ControlProtocol(self),
+                                                         sock=parent_sock)
+        self._transport = transport  # type: ignore[assignment]
+        loop.add_reader(process.sentinel, self._on_sentinel)
+        try:
+            await self._ready
+        except BaseException:
+            await self.wait_exit(5.0)
+            raise
+        self._heartbeat = loop.create_task(self._watch(heartbeat_secs, hang_secs))
+
+    async def stop(self, timeout: float) -> None:
+        """Ask the worker to finalize and exit; kill it if it does not within ``timeout``."""
+        if self._exited:
+            return
+        self._stopping = True
+        self._send({"t": protocol.STOP})
+        if not await self.wait_exit(timeout):
+            log.warning("worker %s did not stop in %.1fs; killing it", self.label, timeout)
+            self.kill()
+            await self.wait_exit(5.0)
+
+    def kill(self) -> None:
+        if self.pid is not None and not self._exited:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    async def wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._exited and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self._exited
+
+    @property
+    def became_ready(self) -> bool:
+        return self._ready is not None and self._ready.done() and not self._ready.cancelled() \
+            and self._ready.exception() is None
+
+    @property
+    def alive(self) -> bool:
+        return not self._exited and self._ready is not None and self._ready.done() \
+            and not self._ready.exception()
+
+    # --- data path ----------------------------------------------------------------------
+    def execute(self, requests: list[dict[str, Any]]) -> asyncio.Future[dict[str, Any]]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if self._exited:
+            future.set_exception(self._death_error("exited"))
+            return future
+        batch_id = next(self._batch_ids)
+        self._inflight[batch_id] = future
+        self._send({"t": protocol.EXEC, "b": batch_id, "reqs": requests})
+        return future
+
+    def release_regions(self, region_ids: list[int]) -> None:
+        if not self._exited:
+            self._send({"t": protocol.RELEASE, "ids": region_ids})
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def _send(self, frame: dict[str, Any]) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(protocol.encode(frame))
+
+    # --- events from the worker ---------------------------------------------------------
+    def on_frame(self, frame: dict[str, Any]) -> None:
+        kind = frame["t"]
+        if kind == protocol.DONE:
+            future = self._inflight.pop(frame["b"], None)
+            if future is not None and not future.done():
+                future.set_result(frame)
+        elif kind == protocol.PONG:
+            self._last_pong = time.monotonic()
+        elif kind == protocol.READY:
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(frame)
+        elif kind == protocol.INIT_FAILED:
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(ServeError.from_tuple(frame["err"]))
+
+    def on_channel_closed(self) -> None:
+        # The process may take a moment longer to be reaped; fail in-flight work now.
+        self._fail_inflight("closed its control channel")
+
+    def _on_sentinel(self) -> None:
+        assert self._process is not None
+        asyncio.get_running_loop().remove_reader(self._process.sentinel)
+        self._process.join(0)
+        code = self._process.exitcode
+        self._exited = True
+        if code is not None and code < 0:
+            reason = f"was killed by signal {signal.Signals(-code).name}"
+        else:
+            reason = f"exited with code {code}"
+        self._fail_inflight(reason)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(unavailable(f"worker {self.label} {reason} while "
+                                                  f"initializing"))
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._transport is not None:
+            self._transport.close()
+        remove_owner_arenas(self.spec["supervisor_pid"], self.spec["arena_owner"] + "o")
+        with contextlib.suppress(ValueError):
+            self._process.close()
+        if not self._stopping:
+            log.error("worker %s (pid %s) %s", self.label, self.pid, reason)
+        self._on_exit(self, reason)
+
+    def _death_error(self, reason: str) -> ServeError:
+        return unavailable(f"worker for model instance '{self.label}' {reason} while "
+                           f"executing the request; the instance is being restarted")
+
+    def _fail_inflight(self, reason: str) -> None:
+        inflight, self._inflight = self._inflight, {}
+        for future in inflight.values():
+            if not future.done():
+                future.set_exception(self._death_error(reason))
+
+    async def _watch(self, interval: float, hang_secs: float) -> None:
+        """Heartbeat: a worker whose control thread stops answering is hung; kill it."""
+        counter = 0
+        while not self._exited:
+            await asyncio.sleep(interval)
+            if time.monotonic() - self._last_pong > hang_secs:
+                log.error("worker %s answered no heartbeat for %.0fs; killing it",
+                          self.label, hang_secs)
+                self.kill()
+                return
+            counter += 1
+            self._send({"t": protocol.PING, "n": counter})

@@ -1,0 +1,1 @@
+"""Protocol buffers (wire-compatible with inference.GRPCInferenceService) and datatypes."""

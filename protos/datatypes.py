@@ -1,0 +1,116 @@
+"""KServe v2 datatypes <-> NumPy, and the BYTES wire codec (uint32 LE length + bytes)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+import numpy as np
+
+_V2_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+
+ELEMENT_SIZE: dict[str, int] = {
+    "BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8,
+    "INT8": 1, "INT16": 2, "INT32": 4, "INT64": 8,
+    "FP16": 2, "FP32": 4, "FP64": 8, "BF16": 2,
+}
+
+# Config enum (TYPE_FP32) <-> wire name (FP32). TYPE_STRING travels as BYTES.
+CONFIG_TO_V2: dict[str, str] = {f"TYPE_{name}": name for name in ELEMENT_SIZE}
+CONFIG_TO_V2["TYPE_STRING"] = "BYTES"
+V2_TO_CONFIG: dict[str, str] = {v: k for k, v in CONFIG_TO_V2.items()}
+
+V2_DATATYPES = frozenset(ELEMENT_SIZE) | {"BYTES"}
+
+
+def bf16_dtype() -> np.dtype:
+    """BF16 has no NumPy type: ml_dtypes.bfloat16 when installed, else raw uint16 elements."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return np.dtype(np.uint16)
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def to_numpy_dtype(datatype: str) -> np.dtype:
+    if datatype == "BF16":
+        return bf16_dtype()
+    try:
+        return _V2_TO_NUMPY[datatype]
+    except KeyError:
+        raise ValueError(f"unknown datatype '{datatype}'") from None
+
+
+def from_numpy_dtype(dtype: np.dtype) -> str:
+    dtype = np.dtype(dtype)
+    if dtype.kind in "OSU":
+        return "BYTES"
+    if dtype.name == "bfloat16":
+        return "BF16"
+    for name, candidate in _V2_TO_NUMPY.items():
+        if candidate == dtype:
+            return name
+    raise ValueError(f"NumPy dtype {dtype} has no KServe v2 datatype")
+
+
+def element_count(shape: Iterable[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count
+
+
+def fixed_byte_size(datatype: str, shape: Iterable[int]) -> int:
+    """Byte size of a fixed-size tensor (not BYTES)."""
+    return ELEMENT_SIZE[datatype] * element_count(shape)
+
+
+def serialize_bytes_tensor(array: np.ndarray) -> bytes:
+    """Flatten (C order) an array of bytes/str into the length-prefixed BYTES layout."""
+    parts: list[bytes] = []
+    for item in np.asarray(array, dtype=object).reshape(-1):
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def deserialize_bytes_tensor(buffer: bytes | memoryview, count: int | None = None) -> np.ndarray:
+    """Parse the BYTES layout into a 1-D object array; raises ValueError on malformed input.
+
+    With ``count`` the buffer must hold exactly that many elements.
+    """
+    view = memoryview(buffer).cast("B")
+    total = len(view)
+    items: list[bytes] = []
+    pos = 0
+    while pos < total:
+        if pos + 4 > total:
+            raise ValueError("truncated length prefix")
+        (length,) = struct.unpack_from("<I", view, pos)
+        pos += 4
+        if pos + length > total:
+            raise ValueError("element length exceeds the buffer")
+        items.append(bytes(view[pos:pos + length]))
+        pos += length
+        if count is not None and len(items) > count:
+            raise ValueError(f"expected {count} elements, found more")
+    if count is not None and len(items) != count:
+        raise ValueError(f"expected {count} elements, found {len(items)}")
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out

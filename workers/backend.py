@@ -1,0 +1,139 @@
+"""The backend API: Triton's seven-hook lifecycle as Python.
+
+A worker process hosts exactly one model instance. It calls, in order:
+
+    backend_initialize() -> model_initialize(model) -> instance_initialize(instance)
+    -> execute(requests)* -> instance_finalize() -> model_finalize() -> backend_finalize()
+
+``execute`` is never called concurrently within a worker; instances run in parallel in their own
+processes. A backend raises :class:`BackendError` (or any exception) from an initialize hook to
+fail the load, and returns one :class:`Response` per request from ``execute`` -- a response with
+``error`` set fails only that request.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+import numpy as np
+
+ENTRY_POINT_GROUP = "shmserve.backends"
+
+
+class BackendError(Exception):
+    """An error a backend reports; ``code`` is a gRPC status code name such as INVALID_ARGUMENT."""
+
+    def __init__(self, message: str, code: str = "INTERNAL") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class BackendNotFound(BackendError):
+    pass
+
+
+@dataclass(slots=True)
+class ModelSpec:
+    """What a backend knows about the model it serves."""
+
+    name: str
+    version: int
+    config: dict[str, Any]        # ModelConfig as JSON-like dict (Triton's model_config JSON)
+    repository_path: str          # the model directory, e.g. /models/simple
+    version_path: str             # e.g. /models/simple/1
+
+
+@dataclass(slots=True)
+class InstanceSpec:
+    name: str                     # e.g. "simple_0_0"
+    kind: str                     # "KIND_CPU" | "KIND_GPU" | "KIND_MODEL"
+    device_id: int                # GPU id as the host numbers it (0 for CPU instances)
+    index: int                    # instance number within the model
+
+
+@dataclass(slots=True)
+class Request:
+    """One inference request as a backend sees it.
+
+    ``inputs`` are NumPy arrays; for tensors in shared memory they are views of that memory
+    (no copy). BYTES tensors are object arrays of ``bytes``. Inputs from CUDA regions are torch
+    CUDA tensors.
+    """
+
+    request_id: str
+    inputs: dict[str, Any]
+    requested_outputs: list[str]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    correlation_id: int | str = 0
+
+
+@dataclass(slots=True)
+class Response:
+    outputs: dict[str, Any] = field(default_factory=dict)   # name -> np.ndarray (or torch tensor)
+    error: BackendError | None = None
+
+
+class Backend:
+    """Base class for backends. Subclasses override the hooks they need."""
+
+    def backend_initialize(self, backend_config: dict[str, Any]) -> None:
+        """Once per process, before any model hook."""
+
+    def model_initialize(self, model: ModelSpec) -> None:
+        """Load what is shared by the model's instances (weights, tokenizers)."""
+
+    def instance_initialize(self, model: ModelSpec, instance: InstanceSpec) -> None:
+        """Prepare the one instance this process runs (device placement, buffers)."""
+
+    def execute(self, requests: list[Request]) -> list[Response]:
+        raise NotImplementedError
+
+    def instance_finalize(self) -> None:
+        """Release what instance_initialize took."""
+
+    def model_finalize(self) -> None:
+        """Release what model_initialize took."""
+
+    def backend_finalize(self) -> None:
+        """Last hook before the process exits."""
+
+
+def resolve_backend(name: str) -> type[Backend]:
+    """Find a backend class by entry point name or ``module:Class`` import string.
+
+    "No such backend" and "the backend failed to import" are different errors.
+    """
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                raise BackendNotFound(f"unable to find backend '{name}'", "NOT_FOUND") from exc
+            raise BackendError(f"backend '{name}' failed to import: {exc}") from exc
+        except Exception as exc:
+            raise BackendError(f"backend '{name}' failed to import: {exc}") from exc
+        return _as_backend_class(name, getattr(module, attr, None))
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            try:
+                return _as_backend_class(name, ep.load())
+            except BackendError:
+                raise
+            except Exception as exc:
+                raise BackendError(f"backend '{name}' failed to import: {exc}") from exc
+    raise BackendNotFound(f"unable to find backend '{name}'", "NOT_FOUND")
+
+
+def _as_backend_class(name: str, obj: object) -> type[Backend]:
+    if not (isinstance(obj, type) and issubclass(obj, Backend)):
+        raise BackendError(f"backend '{name}' does not name a shmserve Backend class")
+    return obj
+
+
+def numpy_or_none(value: Any) -> np.ndarray | None:
+    return value if isinstance(value, np.ndarray) else None

@@ -1,0 +1,286 @@
+"""Worker process entry point: one model instance, pinned before anything imports CUDA.
+
+The supervisor starts ``run_worker`` through the multiprocessing forkserver, so this process
+never inherits gRPC or CUDA state. The control socket carries msgpack frames (see protocol.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from shmserve.workers import protocol
+from shmserve.workers.backend import (
+    Backend,
+    BackendError,
+    InstanceSpec,
+    ModelSpec,
+    Request,
+    Response,
+    resolve_backend,
+)
+from shmserve.workers.forkserver_setup import ignore_group_signals
+from shmserve.workers.protocol import INLINE_LIMIT, TensorRef
+from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache
+from shmserve.workers.tensors import InputResolver, output_bytes
+
+log = logging.getLogger("shmserve.worker")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def pin_process(spec: dict[str, Any]) -> None:
+    """Pin the process to its device and CPUs. Must run before anything imports CUDA."""
+    visible = spec.get("cuda_visible_devices")
+    if visible is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(visible)
+    cpus = spec.get("cpus")
+    if cpus:
+        os.sched_setaffinity(0, set(cpus))
+
+
+def die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_worker(sock: socket.socket, spec: dict[str, Any]) -> None:
+    pin_process(spec)
+    die_with_parent()
+    ignore_group_signals()
+    logging.basicConfig(
+        level=spec.get("log_level", logging.WARNING),
+        format=f"%(asctime)s %(levelname)s [worker {spec['instance']['name']}] %(message)s",
+        stream=sys.stderr,
+    )
+    host = WorkerHost(sock, spec)
+    code = host.serve()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class WorkerHost:
+    def __init__(self, sock: socket.socket, spec: dict[str, Any]) -> None:
+        self._sock = sock
+        self._spec = spec
+        self._send_lock = threading.Lock()
+        self._frames: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._regions = SegmentCache()
+        self._input_arena = ReaderMapping()
+        self._resolver = InputResolver(self._regions, self._input_arena)
+        self._output_arena = Arena(spec["supervisor_pid"], spec["arena_owner"] + "o")
+        self._backend: Backend | None = None
+        self._hooks_done: list[str] = []
+
+    def send(self, frame: dict[str, Any]) -> None:
+        data = protocol.encode(frame)
+        with self._send_lock:
+            self._sock.sendall(data)
+
+    def serve(self) -> int:
+        try:
+            self._initialize()
+        except Exception as exc:
+            code = exc.code if isinstance(exc, BackendError) else "INTERNAL"
+            message = exc.message if isinstance(exc, BackendError) else f"{exc}"
+            log.error("initialize failed: %s", message)
+            with contextlib.suppress(OSError):
+                self.send({"t": protocol.INIT_FAILED, "err": protocol.error_tuple(code, message)})
+            self._finalize()
+            return 3
+        reader = threading.Thread(target=self._read_frames, name="control-reader", daemon=True)
+        reader.start()
+        self.send({"t": protocol.READY, "pid": os.getpid()})
+        try:
+            self._loop()
+        finally:
+            self._finalize()
+        return 0
+
+    def _initialize(self) -> None:
+        spec = self._spec
+        model = spec["model"]
+        instance = spec["instance"]
+        self._model = ModelSpec(model["name"], model["version"], model["config"],
+                                model["repository_path"], model["version_path"])
+        self._instance = InstanceSpec(instance["name"], instance["kind"], instance["device_id"],
+                                      instance["index"])
+        backend_cls = resolve_backend(spec["backend"])
+        backend = backend_cls()
+        self._backend = backend
+        backend.backend_initialize(spec.get("backend_config", {}))
+        self._hooks_done.append("backend")
+        backend.model_initialize(self._model)
+        self._hooks_done.append("model")
+        backend.instance_initialize(self._model, self._instance)
+        self._hooks_done.append("instance")
+
+    def _finalize(self) -> None:
+        backend = self._backend
+        hooks = {"instance": "instance_finalize", "model": "model_finalize",
+                 "backend": "backend_finalize"}
+        for done in reversed(self._hooks_done):
+            try:
+                getattr(backend, hooks[done])()
+            except Exception:
+                log.exception("%s failed", hooks[done])
+        self._hooks_done.clear()
+        self._regions.close_all()
+        self._input_arena.close()
+        self._output_arena.close()
+
+    def _read_frames(self) -> None:
+        unpacker = protocol.new_unpacker()
+        try:
+            while True:
+                chunk = self._sock.recv(1 << 20)
+                if not chunk:
+                    break
+                unpacker.feed(chunk)
+                for frame in unpacker:
+                    if frame["t"] == protocol.PING:
+                        self.send({"t": protocol.PONG, "n": frame.get("n", 0)})
+                    else:
+                        self._frames.put(frame)
+        except OSError:
+            pass
+        self._frames.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            frame = self._frames.get()
+            if frame is None:
+                log.info("supervisor closed the control channel; exiting")
+                return
+            kind = frame["t"]
+            if kind == protocol.EXEC:
+                self.send(self._execute(frame))
+            elif kind == protocol.RELEASE:
+                for region_id in frame["ids"]:
+                    self._regions.release(region_id)
+            elif kind == protocol.STOP:
+                return
+
+    def _execute(self, frame: dict[str, Any]) -> dict[str, Any]:
+        assert self._backend is not None
+        started = time.perf_counter_ns()
+        raw_requests = frame["reqs"]
+        requests: list[Request] = []
+        results: list[dict[str, Any] | None] = [None] * len(raw_requests)
+        positions: list[int] = []
+        for index, raw in enumerate(raw_requests):
+            try:
+                inputs = {}
+                for packed in raw["in"]:
+                    ref = TensorRef.unpack(packed)
+                    inputs[ref.name] = self._resolver.array(ref)
+            except BackendError as exc:
+                results[index] = {"err": [exc.code, exc.message]}
+                continue
+            requests.append(Request(raw["rid"], inputs, [o[0] for o in raw["out"]],
+                                    raw.get("p") or {}, raw.get("cid", 0)))
+            positions.append(index)
+        input_done = time.perf_counter_ns()
+        responses = self._run_backend(requests) if requests else []
+        infer_done = time.perf_counter_ns()
+        prepared = [self._prepare_outputs(response, raw_requests[position]["out"])
+                    for position, response in zip(positions, responses, strict=True)]
+        arena_total = sum(_align(len(item[3])) for outputs in prepared if isinstance(outputs, list)
+                          for item in outputs if item[4] is None and len(item[3]) > INLINE_LIMIT)
+        if arena_total:
+            self._output_arena.ensure(arena_total)
+        arena_offset = 0
+        for position, outputs in zip(positions, prepared, strict=True):
+            if isinstance(outputs, dict):
+                results[position] = outputs
+                continue
+            results[position], arena_offset = self._write_outputs(outputs, arena_offset)
+        output_done = time.perf_counter_ns()
+        return {"t": protocol.DONE, "b": frame["b"], "res": results,
+                "ts": [input_done - started, infer_done - input_done, output_done - infer_done]}
+
+    def _run_backend(self, requests: list[Request]) -> list[Response]:
+        assert self._backend is not None
+        try:
+            responses = self._backend.execute(requests)
+            if not isinstance(responses, list) or len(responses) != len(requests):
+                raise BackendError(
+                    f"backend returned {len(responses) if isinstance(responses, list) else 'no'}"
+                    f" responses for {len(requests)} requests")
+            return responses
+        except Exception as exc:
+            log.exception("execute failed")
+            error = exc if isinstance(exc, BackendError) else BackendError(f"{exc}")
+            return [Response(error=error) for _ in requests]
+
+    def _prepare_outputs(self, response: Response,
+                         requested: list[list[Any]]) -> list[_Prepared] | dict[str, Any]:
+        """The outputs to send as (name, datatype, shape, bytes, destination), or an error."""
+        if response.error is not None:
+            return {"err": [response.error.code, response.error.message]}
+        destinations = {entry[0]: entry[1] for entry in requested}
+        names = list(destinations) if destinations else list(response.outputs)
+        prepared: list[_Prepared] = []
+        for name in names:
+            if name not in response.outputs:
+                return {"err": ["INVALID_ARGUMENT",
+                                f"unexpected inference output '{name}' for model "
+                                f"'{self._model.name}'"]}
+            try:
+                datatype, shape, data = output_bytes(response.outputs[name])
+            except (ValueError, TypeError) as exc:
+                return {"err": ["INTERNAL", f"output '{name}' cannot be sent: {exc}"]}
+            destination = destinations.get(name)
+            if destination is not None:
+                capacity = destination[6]
+                if len(data) > capacity:
+                    return {"err": ["INTERNAL",
+                                    f"shared memory size specified with the request for output "
+                                    f"'{name}' ({capacity} bytes) should be at least "
+                                    f"{len(data)} bytes to hold the results"]}
+            prepared.append((name, datatype, shape, data, destination))
+        return prepared
+
+    def _write_outputs(self, prepared: list[_Prepared],
+                       arena_offset: int) -> tuple[dict[str, Any], int]:
+        refs: list[list[Any]] = []
+        for name, datatype, shape, data, destination in prepared:
+            nbytes = len(data)
+            if destination is not None:
+                target = TensorRef.unpack(destination)
+                region_id, key = target.location
+                try:
+                    segment = self._regions.get(region_id, key)
+                except OSError as exc:
+                    return {"err": ["INTERNAL", f"unable to map shared memory region for "
+                                                f"output '{name}': {exc}"]}, arena_offset
+                segment.buf[target.offset:target.offset + nbytes] = data
+                refs.append(TensorRef(name, datatype, shape, target.where, target.location,
+                                      target.offset, nbytes).pack())
+            elif nbytes <= INLINE_LIMIT:
+                refs.append(TensorRef.inline(name, datatype, shape, bytes(data)).pack())
+            else:
+                segment = self._output_arena.ensure(arena_offset + nbytes)
+                segment.buf[arena_offset:arena_offset + nbytes] = data
+                refs.append(TensorRef(name, datatype, shape, protocol.ARENA, segment.key,
+                                      arena_offset, nbytes).pack())
+                arena_offset += _align(nbytes)
+        return {"out": refs}, arena_offset
+
+
+_Prepared = tuple[str, str, list[int], "memoryview | bytes", Any]
+
+
+def _align(nbytes: int, alignment: int = 64) -> int:
+    return (nbytes + alignment - 1) // alignment * alignment

@@ -1,0 +1,72 @@
+"""Turning tensor references into NumPy arrays (inputs) and arrays into bytes (outputs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from shmserve.protos.datatypes import (
+    deserialize_bytes_tensor,
+    element_count,
+    from_numpy_dtype,
+    serialize_bytes_tensor,
+    to_numpy_dtype,
+)
+from shmserve.workers.backend import BackendError
+from shmserve.workers.protocol import ARENA, CUDA, INLINE, SYSTEM, TensorRef
+from shmserve.workers.shm import ReaderMapping, SegmentCache
+
+
+class InputResolver:
+    """Maps input references to arrays. Fixed-size tensors in shared memory are views (no copy)."""
+
+    def __init__(self, regions: SegmentCache, input_arena: ReaderMapping) -> None:
+        self._regions = regions
+        self._input_arena = input_arena
+
+    def buffer(self, ref: TensorRef) -> memoryview | bytes:
+        if ref.where == INLINE:
+            return ref.location
+        if ref.where == ARENA:
+            segment = self._input_arena.view(ref.location)
+        elif ref.where == SYSTEM:
+            region_id, key = ref.location
+            segment = self._regions.get(region_id, key)
+        elif ref.where == CUDA:
+            raise BackendError("CUDA shared memory inputs are not supported by this worker",
+                               "UNIMPLEMENTED")
+        else:
+            raise BackendError(f"unknown tensor location '{ref.where}'")
+        if ref.offset + ref.nbytes > segment.size:
+            raise BackendError(f"input '{ref.name}' lies outside its shared memory segment",
+                               "INVALID_ARGUMENT")
+        return segment.buf[ref.offset:ref.offset + ref.nbytes]
+
+    def array(self, ref: TensorRef) -> np.ndarray:
+        data = self.buffer(ref)
+        if ref.datatype == "BYTES":
+            try:
+                flat = deserialize_bytes_tensor(data, element_count(ref.shape))
+            except ValueError as exc:
+                raise BackendError(
+                    f"failed to parse BYTES input '{ref.name}': {exc}", "INVALID_ARGUMENT"
+                ) from exc
+            return flat.reshape(ref.shape)
+        dtype = to_numpy_dtype(ref.datatype)
+        return np.frombuffer(data, dtype=dtype, count=element_count(ref.shape)).reshape(ref.shape)
+
+
+def output_bytes(array: Any) -> tuple[str, list[int], memoryview | bytes]:
+    """(datatype, shape, bytes) of a backend's output; torch tensors are moved to host memory."""
+    if not isinstance(array, np.ndarray):
+        if hasattr(array, "detach") and hasattr(array, "cpu"):
+            array = array.detach().cpu().numpy()
+        else:
+            array = np.asarray(array)
+    datatype = from_numpy_dtype(array.dtype)
+    shape = [int(d) for d in array.shape]
+    if datatype == "BYTES":
+        return datatype, shape, serialize_bytes_tensor(array)
+    contiguous = np.ascontiguousarray(array)
+    return datatype, shape, memoryview(contiguous).cast("B")
