@@ -1,0 +1,392 @@
+"""The built-in ``python`` backend: runs Triton python-backend ``model.py`` files unmodified.
+
+One worker process hosts one model instance, so one ``PythonBackend`` runs one
+``TritonPythonModel`` object:
+
+* ``model_initialize`` imports ``<version>/<default_model_filename or model.py>`` under a unique
+  package name (relative imports from the version folder work, as in Triton), after registering
+  :mod:`.triton_python_backend_utils` as ``triton_python_backend_utils`` in ``sys.modules``.
+* ``instance_initialize`` builds ``TritonPythonModel()`` and calls ``initialize(args)`` with
+  Triton's string-valued ``args``.
+* ``execute`` wraps each request's arrays in ``pb_utils.Tensor`` objects without copying them,
+  calls the model, and turns each ``InferenceResponse`` into a :class:`Response`. It never raises.
+* ``instance_finalize`` / ``model_finalize`` call ``finalize()`` once and forget the module.
+
+:func:`auto_complete_config` runs a model's static ``auto_complete_config`` for the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.machinery
+import importlib.util
+import inspect
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from shmserve.workers.backend import (
+    Backend,
+    BackendError,
+    InstanceSpec,
+    ModelSpec,
+    Request,
+    Response,
+)
+
+from . import triton_python_backend_utils as pb_utils
+
+__all__ = ["PythonBackend", "auto_complete_config", "install_pb_utils", "pb_utils",
+           "visible_device_id"]
+
+_log = logging.getLogger(__name__)
+
+PB_UTILS_MODULE = "triton_python_backend_utils"
+DEFAULT_MODEL_FILENAME = "model.py"
+MODEL_CLASS = "TritonPythonModel"
+
+_package_counter = itertools.count()
+
+
+def install_pb_utils() -> None:
+    """Make ``import triton_python_backend_utils`` give user code our module."""
+    if sys.modules.get(PB_UTILS_MODULE) is not pb_utils:
+        sys.modules[PB_UTILS_MODULE] = pb_utils
+
+
+def model_file_path(model: ModelSpec) -> Path:
+    filename = model.config.get("default_model_filename") or DEFAULT_MODEL_FILENAME
+    return Path(model.version_path) / filename
+
+
+def visible_device_id(instance: InstanceSpec) -> int:
+    """The instance's GPU as this process numbers it.
+
+    Model code does ``torch.device(f"cuda:{args['model_instance_device_id']}")``. Triton's stub
+    sees every GPU, so the host id works there; a shmserve worker is pinned with
+    ``CUDA_VISIBLE_DEVICES`` first, so the host id is translated to its index in that list.
+    """
+    if instance.kind != "KIND_GPU":
+        return instance.device_id
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return instance.device_id
+    entries = [entry.strip() for entry in visible.split(",") if entry.strip()]
+    if str(instance.device_id) in entries:
+        return entries.index(str(instance.device_id))
+    if len(entries) == 1:                       # pinned by UUID or MIG id: the only device
+        return 0
+    return instance.device_id
+
+
+def _exception_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _error_code(exc: BaseException, default: str = "INTERNAL") -> str:
+    if isinstance(exc, pb_utils.TritonError):
+        return pb_utils.grpc_code_name(exc.code())
+    if isinstance(exc, BackendError):
+        return str(exc.code)
+    return default
+
+
+def _identifier(text: str) -> str:
+    return re.sub(r"\W", "_", text)
+
+
+class _ImportedModel:
+    """A model file imported as ``<unique package>.<stem>``; the package's path is its folder."""
+
+    def __init__(self, path: Path, model_name: str) -> None:
+        install_pb_utils()
+        self.package = f"_shmserve_pymodel_{next(_package_counter)}_{_identifier(model_name)}"
+        package_spec = importlib.machinery.ModuleSpec(self.package, None, is_package=True)
+        package_spec.submodule_search_locations = [str(path.parent)]
+        sys.modules[self.package] = importlib.util.module_from_spec(package_spec)
+        module_name = f"{self.package}.{_identifier(path.stem)}"
+        loader = importlib.machinery.SourceFileLoader(module_name, str(path))
+        spec = importlib.util.spec_from_file_location(module_name, path, loader=loader)
+        assert spec is not None
+        self.module: ModuleType = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = self.module
+        try:
+            loader.exec_module(self.module)
+        except (Exception, SystemExit) as exc:
+            self.forget()
+            _log.exception("importing model file %s failed", path)
+            raise BackendError(
+                f"failed to import model file '{path}': {_exception_text(exc)}") from exc
+        model_class = getattr(self.module, MODEL_CLASS, None)
+        if not isinstance(model_class, type):
+            self.forget()
+            raise BackendError(f"model file '{path}' does not define class '{MODEL_CLASS}'",
+                               "INVALID_ARGUMENT")
+        self.model_class: type = model_class
+
+    def forget(self) -> None:
+        """Drop the package and everything imported under it from ``sys.modules``."""
+        prefix = self.package + "."
+        for name in [n for n in sys.modules if n == self.package or n.startswith(prefix)]:
+            del sys.modules[name]
+
+
+def _sys_path_entries(model_file: Path) -> list[str]:
+    """Triton appends the version folder and the model folder to ``sys.path``."""
+    version_dir = model_file.parent
+    return [str(version_dir), str(version_dir.parent)]
+
+
+def _append_sys_path(entries: list[str]) -> list[str]:
+    added = [entry for entry in entries if entry not in sys.path]
+    sys.path.extend(added)
+    return added
+
+
+def _remove_sys_path(entries: list[str]) -> None:
+    for entry in entries:
+        if entry in sys.path:
+            sys.path.remove(entry)
+
+
+@contextmanager
+def _temporary_sys_path(entries: list[str]) -> Iterator[None]:
+    added = _append_sys_path(entries)
+    try:
+        yield
+    finally:
+        _remove_sys_path(added)
+
+
+def auto_complete_config(config: dict[str, Any], model_file: str) -> dict[str, Any]:
+    """Run the model's static ``auto_complete_config`` on a copy of ``config``; return the result.
+
+    ``config`` is Triton's model_config JSON as a dict. A model without the hook gets its config
+    back unchanged (a copy). Failures are :class:`BackendError`. Import the model here only in a
+    process that may run user code (a worker, or a throwaway child): model files import torch.
+    """
+    path = Path(model_file)
+    if not path.is_file():
+        raise BackendError(f"unable to find model file '{path}'", "NOT_FOUND")
+    model_name = str(config.get("name") or path.parent.parent.name)
+    with _temporary_sys_path(_sys_path_entries(path)):
+        imported = _ImportedModel(path, model_name)
+        try:
+            hook = getattr(imported.model_class, "auto_complete_config", None)
+            if hook is None:
+                result: dict[str, Any] = json.loads(json.dumps(config))
+                return result
+            model_config = pb_utils.ModelConfig(config)
+            try:
+                returned = hook(model_config)
+            except Exception as exc:
+                _log.exception("auto_complete_config of model '%s' failed", model_name)
+                raise BackendError(f"auto_complete_config of model '{model_name}' failed: "
+                                   f"{_exception_text(exc)}", _error_code(exc)) from exc
+            if returned is None:
+                return model_config.as_dict()
+            if not isinstance(returned, pb_utils.ModelConfig):
+                raise BackendError(
+                    f"auto_complete_config of model '{model_name}' returned a "
+                    f"{type(returned).__name__}; it must return the auto_complete_model_config "
+                    "object it was given")
+            return returned.as_dict()
+        finally:
+            imported.forget()
+
+
+class PythonBackend(Backend):
+    """Hosts one ``TritonPythonModel`` instance."""
+
+    def __init__(self) -> None:
+        self._model: ModelSpec | None = None
+        self._imported: _ImportedModel | None = None
+        self._added_sys_path: list[str] = []
+        self._instance: InstanceSpec | None = None
+        self._model_object: Any = None
+        self._default_outputs: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def model_initialize(self, model: ModelSpec) -> None:
+        path = model_file_path(model)
+        if not path.is_file():
+            raise BackendError(f"unable to find model file '{path}' for model '{model.name}' "
+                               f"version {model.version}", "NOT_FOUND")
+        if pb_utils.using_decoupled_model_transaction_policy(model.config):
+            raise BackendError(
+                f"model '{model.name}': decoupled mode (model_transaction_policy "
+                "{ decoupled: true }) is not supported by shmserve's python backend yet",
+                "UNIMPLEMENTED")
+        self._added_sys_path = _append_sys_path(_sys_path_entries(path))
+        try:
+            self._imported = _ImportedModel(path, model.name)
+        except BaseException:
+            _remove_sys_path(self._added_sys_path)
+            self._added_sys_path = []
+            raise
+        self._model = model
+        self._default_outputs = [str(out["name"]) for out in model.config.get("output", [])
+                                 if "name" in out]
+
+    def instance_initialize(self, model: ModelSpec, instance: InstanceSpec) -> None:
+        if self._imported is None:
+            raise BackendError("instance_initialize called before model_initialize")
+        self._instance = instance
+        args = {
+            "model_config": json.dumps(model.config),
+            "model_instance_kind": instance.kind.removeprefix("KIND_"),
+            "model_instance_name": instance.name,
+            "model_instance_device_id": str(visible_device_id(instance)),
+            "model_repository": model.repository_path,
+            "model_version": str(model.version),
+            "model_name": model.name,
+        }
+        try:
+            model_object = self._imported.model_class()
+            initialize = getattr(model_object, "initialize", None)
+            if initialize is not None:
+                result = initialize(args)
+                if inspect.isawaitable(result):
+                    self._event_loop().run_until_complete(result)
+        except Exception as exc:
+            _log.exception("initialize of model instance '%s' failed", instance.name)
+            raise BackendError(
+                f"failed to initialize model instance '{instance.name}' of model "
+                f"'{model.name}': {_exception_text(exc)}", _error_code(exc)) from exc
+        self._model_object = model_object
+
+    def instance_finalize(self) -> None:
+        model_object, self._model_object = self._model_object, None
+        finalize = getattr(model_object, "finalize", None) if model_object is not None else None
+        if finalize is not None:
+            try:
+                result = finalize()
+                if inspect.isawaitable(result):
+                    self._event_loop().run_until_complete(result)
+            except Exception:
+                _log.exception("finalize of model instance '%s' failed", self._label())
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    def model_finalize(self) -> None:
+        if self._model_object is not None:
+            self.instance_finalize()
+        if self._imported is not None:
+            self._imported.forget()
+            self._imported = None
+        _remove_sys_path(self._added_sys_path)
+        self._added_sys_path = []
+
+    # -- execute ------------------------------------------------------------------------------
+
+    def execute(self, requests: list[Request]) -> list[Response]:
+        try:
+            return self._execute(requests)
+        except Exception as exc:   # never raise out of execute
+            _log.exception("python backend failed on a batch for '%s'", self._label())
+            return self._fail_all(requests, BackendError(
+                f"python backend failed to process the request(s) for model instance "
+                f"'{self._label()}': {_exception_text(exc)}"))
+
+    def _execute(self, requests: list[Request]) -> list[Response]:
+        model, model_object = self._model, self._model_object
+        if model is None or model_object is None:
+            return self._fail_all(requests, BackendError(
+                f"model instance '{self._label()}' is not initialized", "UNAVAILABLE"))
+        pb_requests = [
+            pb_utils.InferenceRequest._from_backend(
+                request.request_id, request.correlation_id, request.inputs,
+                list(request.requested_outputs) or list(self._default_outputs),
+                request.parameters, model.name, model.version)
+            for request in requests
+        ]
+        try:
+            result = model_object.execute(pb_requests)
+            if inspect.isawaitable(result):
+                result = self._event_loop().run_until_complete(result)
+        except Exception as exc:
+            _log.exception("execute of model instance '%s' raised", self._label())
+            return self._fail_all(requests, BackendError(
+                f"Failed to process the request(s) for model instance '{self._label()}', "
+                f"message: {_exception_text(exc)}", _error_code(exc)))
+        problem = self._check_result(result, len(requests))
+        if problem is not None:
+            _log.error("%s", problem)
+            return self._fail_all(requests, BackendError(problem))
+        return [self._to_response(request, pb_response)
+                for request, pb_response in zip(requests, result, strict=True)]
+
+    def _check_result(self, result: Any, expected: int) -> str | None:
+        where = f"execute() of model instance '{self._label()}'"
+        if not isinstance(result, list):
+            return (f"{where} must return a list of pb_utils.InferenceResponse, got "
+                    f"{type(result).__name__}")
+        if len(result) != expected:
+            return (f"{where}: number of InferenceResponse objects do not match the number of "
+                    f"InferenceRequest objects. InferenceRequest(s) size is:{expected}, and "
+                    f"InferenceResponse(s) size is:{len(result)}")
+        for index, item in enumerate(result):
+            if not isinstance(item, pb_utils.InferenceResponse):
+                return (f"{where} returned a {type(item).__name__} at index {index}; expected "
+                        "pb_utils.InferenceResponse")
+        return None
+
+    def _to_response(self, request: Request,
+                     pb_response: pb_utils.InferenceResponse) -> Response:
+        error = pb_response.error()
+        if error is not None:
+            return Response(error=BackendError(error.message(),
+                                               pb_utils.grpc_code_name(error.code())))
+        wanted = set(request.requested_outputs)
+        outputs: dict[str, Any] = {}
+        try:
+            for tensor in pb_response.output_tensors():
+                if wanted and tensor.name() not in wanted:
+                    continue
+                outputs[tensor.name()] = _output_value(tensor._data)
+        except Exception as exc:
+            return Response(error=BackendError(
+                f"model instance '{self._label()}' produced an unusable output: "
+                f"{_exception_text(exc)}"))
+        return Response(outputs=outputs)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _fail_all(requests: list[Request], error: BackendError) -> list[Response]:
+        return [Response(error=error) for _ in requests]
+
+    def _label(self) -> str:
+        if self._instance is not None:
+            return self._instance.name
+        return self._model.name if self._model is not None else "<unloaded>"
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop that runs ``async def execute`` models (one per instance)."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop
+
+
+def _output_value(data: Any) -> Any:
+    """Outputs go out as they are, except str/bytes-typed arrays become object arrays of bytes."""
+    if not isinstance(data, np.ndarray) or data.dtype.kind not in "SU":
+        return data
+    out = np.empty(data.shape, dtype=np.object_)
+    flat = out.reshape(-1)
+    for index, item in enumerate(data.reshape(-1).tolist()):
+        flat[index] = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+    return out

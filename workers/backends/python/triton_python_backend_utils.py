@@ -1,0 +1,697 @@
+"""shmserve's ``triton_python_backend_utils``: the ``pb_utils`` surface Triton model.py files use.
+
+User code imports this module as ``import triton_python_backend_utils as pb_utils``; the python
+backend registers it in ``sys.modules`` under that name before it imports a model. Everything is
+written against Triton's python_backend README: names, argument order and behaviour match where
+shmserve supports the feature, and the rest (decoupled response senders, BLS) raises a clear error.
+
+Tensors hold the arrays they are given: an input's ``as_numpy()`` is the very array the worker
+mapped from shared memory (no copy). Torch is never imported here unless a model hands us a torch
+tensor or a non-CPU DLPack capsule.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from enum import IntEnum
+from typing import Any, ClassVar
+
+import numpy as np
+
+from shmserve.protos import datatypes as _dt
+
+__all__ = [
+    "TRITONSERVER_REQUEST_FLAG_SEQUENCE_END",
+    "TRITONSERVER_REQUEST_FLAG_SEQUENCE_START",
+    "TRITONSERVER_RESPONSE_COMPLETE_FINAL",
+    "TRITON_STRING_TO_NUMPY",
+    "InferenceRequest",
+    "InferenceResponse",
+    "LogLevel",
+    "Logger",
+    "ModelConfig",
+    "Tensor",
+    "TritonError",
+    "TritonModelException",
+    "deserialize_bytes_tensor",
+    "get_input_config_by_name",
+    "get_input_tensor_by_name",
+    "get_output_config_by_name",
+    "get_output_tensor_by_name",
+    "numpy_to_triton_type",
+    "serialize_byte_tensor",
+    "triton_string_to_numpy",
+    "triton_to_numpy_type",
+    "using_decoupled_model_transaction_policy",
+]
+
+_log = logging.getLogger("shmserve.workers.backends.python.model")
+
+# Request flags (tritonserver.h TRITONSERVER_RequestFlag) and response flags.
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+# Request parameters that carry protocol state rather than user parameters; Triton's core consumes
+# them before the backend sees the request, so parameters() leaves them out.
+_RESERVED_PARAMETERS = frozenset({
+    "sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers",
+    "binary_data_output", "triton_enable_empty_final_response",
+})
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class TritonError(Exception):
+    """An error for one response: ``InferenceResponse(error=TritonError("...", code))``.
+
+    Triton's class is not an exception; ours is one as well, so BLS stubs can raise it. ``code``
+    is one of the class constants; :func:`grpc_code_name` maps it to a gRPC status code name.
+    """
+
+    UNKNOWN: ClassVar[int] = 0
+    INTERNAL: ClassVar[int] = 1
+    NOT_FOUND: ClassVar[int] = 2
+    INVALID_ARG: ClassVar[int] = 3
+    UNAVAILABLE: ClassVar[int] = 4
+    UNSUPPORTED: ClassVar[int] = 5
+    ALREADY_EXISTS: ClassVar[int] = 6
+    CANCELLED: ClassVar[int] = 7
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self._message = message
+        self._code = int(code)
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> int:
+        return self._code
+
+    def __str__(self) -> str:
+        return self._message
+
+    def __repr__(self) -> str:
+        return f"TritonError({self._message!r}, code={self._code})"
+
+
+_GRPC_CODE_NAMES: dict[int, str] = {
+    TritonError.UNKNOWN: "UNKNOWN",
+    TritonError.INTERNAL: "INTERNAL",
+    TritonError.NOT_FOUND: "NOT_FOUND",
+    TritonError.INVALID_ARG: "INVALID_ARGUMENT",
+    TritonError.UNAVAILABLE: "UNAVAILABLE",
+    TritonError.UNSUPPORTED: "UNIMPLEMENTED",
+    TritonError.ALREADY_EXISTS: "ALREADY_EXISTS",
+    TritonError.CANCELLED: "CANCELLED",
+}
+
+
+def grpc_code_name(code: int) -> str:
+    """The gRPC status code name for a TritonError code (unknown codes become UNKNOWN)."""
+    return _GRPC_CODE_NAMES.get(int(code), "UNKNOWN")
+
+
+class TritonModelException(Exception):
+    """The exception models raise (and that pb_utils raises for misuse)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self._message = message
+
+    def message(self) -> str:
+        return self._message
+
+    def __str__(self) -> str:
+        return self._message
+
+
+# ---------------------------------------------------------------------------------------------
+# Data types
+
+TRITON_STRING_TO_NUMPY: dict[str, type] = {
+    "TYPE_BOOL": np.bool_,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_UINT16": np.uint16,
+    "TYPE_UINT32": np.uint32,
+    "TYPE_UINT64": np.uint64,
+    "TYPE_INT8": np.int8,
+    "TYPE_INT16": np.int16,
+    "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
+    "TYPE_FP16": np.float16,
+    "TYPE_FP32": np.float32,
+    "TYPE_FP64": np.float64,
+    "TYPE_STRING": np.object_,
+}
+
+# TRITONSERVER_DataType values.
+_TRITON_TYPE_TO_NUMPY: dict[int, type] = {
+    1: np.bool_, 2: np.uint8, 3: np.uint16, 4: np.uint32, 5: np.uint64,
+    6: np.int8, 7: np.int16, 8: np.int32, 9: np.int64,
+    10: np.float16, 11: np.float32, 12: np.float64, 13: np.object_,
+}
+_TRITON_TYPE_BYTES = 13
+_TRITON_TYPE_BF16 = 14
+
+
+def triton_string_to_numpy(triton_type_string: str) -> Any:
+    """``"TYPE_FP32"`` -> ``np.float32``; TYPE_BF16 follows shmserve's BF16 policy."""
+    if triton_type_string == "TYPE_BF16":
+        return _dt.bf16_dtype().type
+    try:
+        return TRITON_STRING_TO_NUMPY[triton_type_string]
+    except KeyError:
+        raise TritonModelException(f"unknown Triton data type '{triton_type_string}'") from None
+
+
+def triton_to_numpy_type(data_type: int) -> Any:
+    """A TRITONSERVER_DataType number -> NumPy type (None when unknown, as Triton)."""
+    if data_type == _TRITON_TYPE_BF16:
+        return _dt.bf16_dtype().type
+    return _TRITON_TYPE_TO_NUMPY.get(int(data_type))
+
+
+def numpy_to_triton_type(data_type: Any) -> int | None:
+    """A NumPy dtype or type -> TRITONSERVER_DataType number (None when unsupported)."""
+    try:
+        dtype = np.dtype(data_type)
+    except TypeError:
+        return None
+    if dtype.kind in "OSU":
+        return _TRITON_TYPE_BYTES
+    if dtype.name == "bfloat16":
+        return _TRITON_TYPE_BF16
+    for number, candidate in _TRITON_TYPE_TO_NUMPY.items():
+        if np.dtype(candidate) == dtype:
+            return number
+    return None
+
+
+def serialize_byte_tensor(input_tensor: np.ndarray) -> np.ndarray:
+    """Flatten an object/bytes array into the BYTES wire layout (uint32 LE length + bytes).
+
+    As Triton (and tritonclient) do, the result is a 0-d object array holding one ``bytes``.
+    """
+    array = np.asarray(input_tensor)
+    if array.size == 0:
+        return np.empty([0], dtype=np.object_)
+    if array.dtype != np.object_ and array.dtype.type is not np.bytes_:
+        raise TritonModelException("cannot serialize bytes tensor: invalid datatype")
+    items = [item if isinstance(item, bytes) else str(item).encode("utf-8")
+             for item in array.reshape(-1, order="C").tolist()]
+    out = np.empty((), dtype=np.object_)
+    out[()] = _dt.serialize_bytes_tensor(_object_vector(items))
+    return out
+
+
+def deserialize_bytes_tensor(encoded_tensor: Any) -> np.ndarray:
+    """Parse the BYTES wire layout into a 1-D object array of ``bytes``."""
+    if isinstance(encoded_tensor, np.ndarray):
+        if encoded_tensor.dtype == np.object_ and encoded_tensor.size == 1:
+            encoded_tensor = encoded_tensor.reshape(-1)[0]
+        else:
+            encoded_tensor = encoded_tensor.tobytes()
+    try:
+        return _dt.deserialize_bytes_tensor(encoded_tensor)
+    except ValueError as exc:
+        raise TritonModelException(f"cannot deserialize bytes tensor: {exc}") from None
+
+
+def _object_vector(items: Sequence[Any]) -> np.ndarray:
+    out = np.empty(len(items), dtype=np.object_)
+    out[:] = list(items)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors and DLPack
+
+_KDL_CPU = 1
+
+
+class _CapsuleHolder:
+    """Lets ``np.from_dlpack`` consume a bare DLPack capsule (it wants an object)."""
+
+    def __init__(self, capsule: Any, device: tuple[int, int]) -> None:
+        self._capsule = capsule
+        self._device = device
+
+    def __dlpack__(self, **_kwargs: Any) -> Any:
+        return self._capsule
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return self._device
+
+
+# Private prototypes: setting argtypes on ctypes.pythonapi's shared functions would leak.
+_capsule_get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
+    ("PyCapsule_GetName", ctypes.pythonapi))
+_capsule_get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi))
+
+
+def _capsule_device(capsule: Any) -> tuple[int, int]:
+    """Read (device_type, device_id) out of a DLPack capsule without consuming it."""
+    name = _capsule_get_name(capsule)
+    if name == b"dltensor":
+        dl_tensor_offset = 0                     # DLManagedTensor starts with its DLTensor
+    elif name == b"dltensor_versioned":
+        dl_tensor_offset = 32                    # version, manager_ctx, deleter, flags
+    else:
+        raise TritonModelException(
+            f"from_dlpack: expected an unused DLPack capsule, got one named {name!r}")
+    pointer = _capsule_get_pointer(capsule, name)
+    device = (ctypes.c_int32 * 2).from_address(pointer + dl_tensor_offset + 8)  # after `data`
+    return int(device[0]), int(device[1])
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    return type(value).__module__.split(".")[0] == "torch" and hasattr(value, "__dlpack__")
+
+
+def _torch_from_dlpack(value: Any) -> Any:
+    try:
+        torch_dlpack = importlib.import_module("torch.utils.dlpack")
+    except ImportError:
+        raise TritonModelException(
+            "from_dlpack: tensors that are not in CPU memory need PyTorch, which is not "
+            "installed in this worker") from None
+    return torch_dlpack.from_dlpack(value)
+
+
+class Tensor:
+    """A named input or output tensor: ``pb_utils.Tensor("OUTPUT0", ndarray)``.
+
+    Holds the array it is given (no copy). Besides NumPy arrays it can hold a tensor that is not in
+    CPU memory (a torch CUDA tensor, from CUDA shared-memory inputs or ``from_dlpack``).
+    """
+
+    __slots__ = ("_data", "_name")
+
+    def __init__(self, name: str, numpy_array: Any) -> None:
+        if not isinstance(name, str):
+            raise TritonModelException(f"Tensor name must be a str, got {type(name).__name__}")
+        if not isinstance(numpy_array, np.ndarray):
+            if _is_torch_tensor(numpy_array):
+                raise TritonModelException(
+                    f"Tensor '{name}': pass a NumPy array; use pb_utils.Tensor.from_dlpack() "
+                    "for torch tensors")
+            numpy_array = np.asarray(numpy_array)
+        if numpy_array.dtype.kind == "V":
+            raise TritonModelException(
+                f"Tensor '{name}': dtype {numpy_array.dtype} is not supported by the Python "
+                "backend; use np.object_ for BYTES")
+        self._name = name
+        self._data: Any = numpy_array
+
+    @classmethod
+    def _wrap(cls, name: str, data: Any) -> Tensor:
+        """Internal: wrap a request input as it is (NumPy view or torch tensor), no checks."""
+        tensor = cls.__new__(cls)
+        tensor._name = name
+        tensor._data = data
+        return tensor
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        if not isinstance(self._data, np.ndarray):
+            raise TritonModelException(
+                "Tensor is stored in GPU and cannot be converted to NumPy.")
+        return self._data
+
+    def shape(self) -> list[int]:
+        return [int(dim) for dim in self._data.shape]
+
+    def triton_dtype(self) -> int | None:
+        if isinstance(self._data, np.ndarray):
+            return numpy_to_triton_type(self._data.dtype)
+        return numpy_to_triton_type(str(self._data.dtype).removeprefix("torch."))
+
+    def is_cpu(self) -> bool:
+        if isinstance(self._data, np.ndarray):
+            return True
+        return int(self._data.__dlpack_device__()[0]) == _KDL_CPU
+
+    def to_dlpack(self) -> Any:
+        """A DLPack capsule sharing this tensor's memory (consume it once, e.g. with torch)."""
+        data = self._data
+        if isinstance(data, np.ndarray):
+            if data.dtype == np.object_:
+                raise TritonModelException(
+                    f"Tensor '{self._name}': BYTES tensors cannot be exported with DLPack")
+            try:
+                return data.__dlpack__()
+            except BufferError:
+                # Read-only views (inline inputs, read-only regions) need the versioned protocol,
+                # which can flag read-only memory.
+                return data.__dlpack__(max_version=(1, 0))
+        return data.__dlpack__()
+
+    @staticmethod
+    def from_dlpack(name: str, capsule: Any) -> Tensor:
+        """Wrap a DLPack capsule or an object with ``__dlpack__`` (e.g. a torch tensor).
+
+        CPU memory becomes a NumPy array sharing the memory; other devices stay torch tensors.
+        """
+        if hasattr(capsule, "__dlpack__"):
+            device_type = int(capsule.__dlpack_device__()[0])
+            if device_type == _KDL_CPU:
+                data: Any = np.from_dlpack(capsule)
+            elif _is_torch_tensor(capsule):
+                data = capsule
+            else:
+                data = _torch_from_dlpack(capsule)
+        else:
+            if type(capsule).__name__ != "PyCapsule":
+                raise TritonModelException(
+                    f"from_dlpack: expected a DLPack capsule or an object with __dlpack__, got "
+                    f"{type(capsule).__name__}")
+            device = _capsule_device(capsule)
+            if device[0] == _KDL_CPU:
+                data = np.from_dlpack(_CapsuleHolder(capsule, device))
+            else:
+                data = _torch_from_dlpack(capsule)
+        return Tensor._wrap(name, data)
+
+    def __repr__(self) -> str:
+        return f"Tensor({self._name!r}, shape={self.shape()}, dtype={self._data.dtype})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests and responses
+
+
+class InferenceRequest:
+    """A request handed to ``execute`` -- or, built by a model, a BLS request (not supported yet).
+
+    The constructor is Triton's BLS constructor; requests that arrive from clients are built
+    internally by the python backend.
+    """
+
+    def __init__(self, request_id: str = "", correlation_id: int | str = 0,
+                 inputs: Sequence[Tensor] | None = None,
+                 requested_output_names: Sequence[str] | None = None,
+                 model_name: str = "", model_version: int = -1, flags: int = 0,
+                 timeout: int = 0, preferred_memory: Any = None, trace: Any = None,
+                 parameters: Mapping[str, Any] | str | None = None) -> None:
+        self._request_id = request_id
+        self._correlation_id = correlation_id
+        self._inputs: list[Tensor] = list(inputs or [])
+        self._requested_output_names: list[str] = list(requested_output_names or [])
+        self._model_name = model_name
+        self._model_version = model_version
+        self._flags = flags
+        self._timeout = timeout
+        if parameters is None:
+            parameters = {}
+        self._parameters = parameters if isinstance(parameters, str) else json.dumps(
+            dict(parameters))
+
+    @classmethod
+    def _from_backend(cls, request_id: str, correlation_id: int | str,
+                      inputs: Mapping[str, Any], requested_output_names: list[str],
+                      parameters: Mapping[str, Any], model_name: str,
+                      model_version: int) -> InferenceRequest:
+        """Internal: wrap one incoming request. Inputs are wrapped as they are (no copy)."""
+        flags = 0
+        if parameters.get("sequence_start"):
+            flags |= TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
+        if parameters.get("sequence_end"):
+            flags |= TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+        user = {k: v for k, v in parameters.items() if k not in _RESERVED_PARAMETERS}
+        request = cls.__new__(cls)
+        request._request_id = request_id
+        request._correlation_id = correlation_id
+        request._inputs = [Tensor._wrap(name, value) for name, value in inputs.items()]
+        request._requested_output_names = requested_output_names
+        request._model_name = model_name
+        request._model_version = model_version
+        request._flags = flags
+        request._timeout = int(parameters.get("timeout", 0) or 0)
+        request._parameters = json.dumps(user, default=str)
+        return request
+
+    def inputs(self) -> list[Tensor]:
+        return self._inputs
+
+    def request_id(self) -> str:
+        return self._request_id
+
+    def correlation_id(self) -> int | str:
+        return self._correlation_id
+
+    def requested_output_names(self) -> list[str]:
+        return self._requested_output_names
+
+    def parameters(self) -> str:
+        """The request's parameters as a JSON object string."""
+        return self._parameters
+
+    def flags(self) -> int:
+        return self._flags
+
+    def timeout(self) -> int:
+        return self._timeout
+
+    def model_name(self) -> str:
+        return self._model_name
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    def get_response_sender(self) -> Any:
+        raise TritonModelException(
+            "get_response_sender(): decoupled mode is not supported by shmserve's python "
+            "backend yet; return one InferenceResponse per request from execute()")
+
+    def exec(self, decoupled: bool = False) -> InferenceResponse:
+        raise self._bls_unsupported("exec")
+
+    def async_exec(self, decoupled: bool = False) -> Any:
+        raise self._bls_unsupported("async_exec")
+
+    def _bls_unsupported(self, method: str) -> TritonError:
+        target = f" to model '{self._model_name}'" if self._model_name else ""
+        return TritonError(
+            f"InferenceRequest.{method}(){target}: business logic scripting (BLS) is not "
+            "supported by shmserve's python backend yet", TritonError.UNSUPPORTED)
+
+    def __repr__(self) -> str:
+        names = [tensor.name() for tensor in self._inputs]
+        return f"InferenceRequest(request_id={self._request_id!r}, inputs={names})"
+
+
+class InferenceResponse:
+    """One response: output tensors, or an error that fails its request."""
+
+    def __init__(self, output_tensors: Iterable[Tensor] | None = None,
+                 error: TritonError | str | None = None,
+                 parameters: Mapping[str, Any] | str | None = None) -> None:
+        tensors = list(output_tensors or [])
+        for index, tensor in enumerate(tensors):
+            if not isinstance(tensor, Tensor):
+                raise TritonModelException(
+                    f"InferenceResponse: output_tensors[{index}] is a {type(tensor).__name__}, "
+                    "expected pb_utils.Tensor")
+        if error is not None and not isinstance(error, TritonError):
+            error = TritonError(str(error))
+        self._output_tensors = tensors
+        self._error = error
+        if parameters is None:
+            parameters = {}
+        self._parameters = parameters if isinstance(parameters, str) else json.dumps(
+            dict(parameters))
+
+    def output_tensors(self) -> list[Tensor]:
+        return self._output_tensors
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        return self._error
+
+    def parameters(self) -> str:
+        return self._parameters
+
+
+def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:
+    for tensor in inference_request.inputs():
+        if tensor.name() == name:
+            return tensor
+    return None
+
+
+def get_output_tensor_by_name(inference_response: InferenceResponse, name: str) -> Tensor | None:
+    for tensor in inference_response.output_tensors():
+        if tensor.name() == name:
+            return tensor
+    return None
+
+
+def get_input_config_by_name(model_config: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    properties: dict[str, Any]
+    for properties in model_config.get("input", []):
+        if properties.get("name") == name:
+            return properties
+    return None
+
+
+def get_output_config_by_name(model_config: Mapping[str, Any],
+                              name: str) -> dict[str, Any] | None:
+    properties: dict[str, Any]
+    for properties in model_config.get("output", []):
+        if properties.get("name") == name:
+            return properties
+    return None
+
+
+def using_decoupled_model_transaction_policy(model_config: Mapping[str, Any]) -> bool:
+    policy = model_config.get("model_transaction_policy") or {}
+    return bool(policy.get("decoupled", False))
+
+
+# ---------------------------------------------------------------------------------------------
+# auto_complete_config
+
+
+class ModelConfig:
+    """The object a model's static ``auto_complete_config(auto_complete_model_config)`` edits."""
+
+    def __init__(self, model_config: Mapping[str, Any] | str) -> None:
+        if isinstance(model_config, str):
+            config: dict[str, Any] = json.loads(model_config)
+        else:
+            config = json.loads(json.dumps(model_config))   # a private deep copy
+        config.setdefault("name", "")
+        config.setdefault("max_batch_size", 0)
+        config.setdefault("input", [])
+        config.setdefault("output", [])
+        self._model_config = config
+
+    def as_dict(self) -> dict[str, Any]:
+        return self._model_config
+
+    def max_batch_size(self) -> int:
+        return int(self._model_config.get("max_batch_size", 0))
+
+    def set_max_batch_size(self, max_batch_size: int) -> None:
+        current = int(self._model_config.get("max_batch_size", 0))
+        if current > max_batch_size:
+            raise ValueError(
+                f"configuration specified max_batch_size {current}, but in auto-complete-config "
+                f"function for model '{self._name()}' specified max_batch_size {max_batch_size}")
+        self._model_config["max_batch_size"] = int(max_batch_size)
+
+    def set_dynamic_batching(self) -> None:
+        for other in ("sequence_batching", "ensemble_scheduling"):
+            if other in self._model_config:
+                raise ValueError(
+                    f"Configuration specified scheduling_choice as '{other}', but "
+                    f"auto-complete-config function for model '{self._name()}' tries to set "
+                    "scheduling_choice as 'dynamic_batching'")
+        self._model_config.setdefault("dynamic_batching", {})
+
+    def add_input(self, input: Mapping[str, Any]) -> None:
+        self._add_tensor("input", input, {"name", "data_type", "dims", "optional"})
+
+    def add_output(self, output: Mapping[str, Any]) -> None:
+        self._add_tensor("output", output, {"name", "data_type", "dims", "is_shape_tensor"})
+
+    def set_model_transaction_policy(self, transaction_policy_dict: Mapping[str, Any]) -> None:
+        for key in transaction_policy_dict:
+            if key != "decoupled":
+                raise ValueError(
+                    f"model transaction property in auto-complete-config function for model "
+                    f"'{self._name()}' contains property other than 'decoupled'")
+        policy = self._model_config.setdefault("model_transaction_policy", {})
+        decoupled = bool(transaction_policy_dict.get("decoupled", False))
+        if "decoupled" in policy and bool(policy["decoupled"]) != decoupled:
+            raise ValueError(
+                f"trying to change decoupled property in auto-complete-config for model "
+                f"'{self._name()}', which is already set to {policy['decoupled']}")
+        policy["decoupled"] = decoupled
+
+    def _name(self) -> str:
+        return str(self._model_config.get("name", ""))
+
+    def _add_tensor(self, kind: str, tensor: Mapping[str, Any], allowed: set[str]) -> None:
+        label = f"{kind} '{tensor.get('name', '')}' in auto-complete-config function for model " \
+                f"'{self._name()}'"
+        extra = sorted(set(tensor) - allowed)
+        if extra:
+            raise ValueError(f"{label} contains property other than "
+                             f"{', '.join(repr(a) for a in sorted(allowed))}: {extra}")
+        for required in ("name", "data_type", "dims"):
+            if required not in tensor:
+                raise ValueError(f"{label} is missing '{required}' property.")
+        new = dict(tensor)
+        new["dims"] = [int(dim) for dim in new["dims"]]
+        tensors: list[dict[str, Any]] = self._model_config.setdefault(kind, [])
+        for current in tensors:
+            if current.get("name") != new["name"]:
+                continue
+            current_type = current.get("data_type", "TYPE_INVALID")
+            if current_type not in ("TYPE_INVALID", new["data_type"]):
+                raise ValueError(
+                    f"unable to load model '{self._name()}', configuration expects datatype "
+                    f"{current_type} for {kind} '{new['name']}', model provides "
+                    f"{new['data_type']}")
+            current_dims = [int(dim) for dim in current.get("dims", [])]
+            if current_dims and current_dims != new["dims"]:
+                raise ValueError(
+                    f"model '{self._name()}', tensor '{new['name']}': the model expects dims "
+                    f"{new['dims']} but the model configuration specifies dims {current_dims}")
+            current.update(new)
+            return
+        tensors.append(new)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+class LogLevel(IntEnum):
+    INFO = 0
+    WARNING = 1
+    ERROR = 2
+    VERBOSE = 3
+
+
+_LEVELS = {LogLevel.INFO: logging.INFO, LogLevel.WARNING: logging.WARNING,
+           LogLevel.ERROR: logging.ERROR, LogLevel.VERBOSE: logging.DEBUG}
+
+
+class Logger:
+    """``pb_utils.Logger.log_info("...")``: model logs go to Python logging."""
+
+    LogLevel = LogLevel
+
+    @staticmethod
+    def log(message: str, level: int = LogLevel.INFO) -> None:
+        _log.log(_LEVELS.get(LogLevel(level), logging.INFO), "%s", message)
+
+    @staticmethod
+    def log_info(message: str) -> None:
+        _log.info("%s", message)
+
+    @staticmethod
+    def log_warn(message: str) -> None:
+        _log.warning("%s", message)
+
+    @staticmethod
+    def log_error(message: str) -> None:
+        _log.error("%s", message)
+
+    @staticmethod
+    def log_verbose(message: str) -> None:
+        _log.debug("%s", message)
