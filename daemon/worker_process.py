@@ -176,8 +176,10 @@ class WorkerProcess:
                 self._ready.set_exception(ServeError.from_tuple(frame["err"]))
 
     def on_channel_closed(self) -> None:
-        # The process may take a moment longer to be reaped; fail in-flight work now.
-        self._fail_inflight("closed its control channel")
+        # EOF usually comes a moment before the exit status: give the sentinel a short while
+        # to report why (signal, exit code), then fail in-flight work regardless.
+        asyncio.get_running_loop().call_later(0.5, self._fail_inflight,
+                                              "closed its control channel")
 
     def _on_sentinel(self) -> None:
         assert self._process is not None

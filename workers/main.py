@@ -28,7 +28,6 @@ from shmserve.workers.backend import (
     Response,
     resolve_backend,
 )
-from shmserve.workers.forkserver_setup import ignore_group_signals
 from shmserve.workers.protocol import INLINE_LIMIT, TensorRef
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache
 from shmserve.workers.tensors import InputResolver, output_bytes
@@ -57,6 +56,9 @@ def die_with_parent() -> None:
 def run_worker(sock: socket.socket, spec: dict[str, Any]) -> None:
     pin_process(spec)
     die_with_parent()
+    # Imported here, never at module level: the supervisor imports this module too and must
+    # keep its own SIGTERM handling.
+    from shmserve.workers.forkserver_setup import ignore_group_signals
     ignore_group_signals()
     logging.basicConfig(
         level=spec.get("log_level", logging.WARNING),

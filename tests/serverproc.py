@@ -1,0 +1,123 @@
+"""Run a real shmserve server as a subprocess for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
+TEST_MODELS = Path(__file__).resolve().parent / "models"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def arena_segments(pid: int | None = None) -> list[str]:
+    prefix = "shmserve_arena_" + (f"{pid}_" if pid is not None else "")
+    return sorted(name for name in os.listdir("/dev/shm") if name.startswith(prefix))
+
+
+def build_repository(target: Path, models: Sequence[str]) -> Path:
+    """Copy example/test models by name into a fresh repository directory."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        source = EXAMPLES / name if (EXAMPLES / name).is_dir() else TEST_MODELS / name
+        shutil.copytree(source, target / name)
+    return target
+
+
+class ServerProcess:
+    """``shmserve serve`` on 127.0.0.1 and a free port; stopped with SIGTERM."""
+
+    def __init__(self, repository: Path, *extra: str, log_path: Path | None = None) -> None:
+        self.repository = repository
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.log_path = log_path or repository.parent / f"server-{self.port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "shmserve.daemon", "serve", "--model-repository",
+             str(repository), "--grpc-address", "127.0.0.1", "--grpc-port", str(self.port),
+             "--exit-timeout-secs", "10", *extra],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0, models_ready: bool = True) -> None:
+        """Wait until ServerReady (or only ServerLive, with models_ready=False) answers true."""
+        from shmserve.protos import shmserve_service_pb2 as pb
+        deadline = time.monotonic() + timeout
+        method = "ServerReady" if models_ready else "ServerLive"
+        response_type = pb.ServerReadyResponse if models_ready else pb.ServerLiveResponse
+        with grpc.insecure_channel(self.url) as channel:
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}",
+                                       request_serializer=lambda m: m.SerializeToString(),
+                                       response_deserializer=response_type.FromString)
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.process.returncode}:\n"
+                                       f"{self.log()}")
+                try:
+                    answer = call(pb.ServerReadyRequest() if models_ready
+                                  else pb.ServerLiveRequest(), timeout=1.0)
+                    if getattr(answer, "ready", getattr(answer, "live", False)):
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+        return self.process.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def child_pids(pid: int) -> list[int]:
+    children: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """Workers are children of the server's fork server (a child of the server)."""
+    return sorted(pid for fork_server in child_pids(server_pid) for pid in child_pids(fork_server))
