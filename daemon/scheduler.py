@@ -60,7 +60,8 @@ class InstanceSlot:
 
 class Scheduler:
     def __init__(self, model: str, version: int, max_batch_size: int, batching: Any,
-                 plans: list[InstancePlan], make_spec: Callable[[InstancePlan, str], dict[str, Any]],
+                 plans: list[InstancePlan],
+                 make_spec: Callable[[InstancePlan, str], dict[str, Any]],
                  settings: Settings, supervisor_pid: int) -> None:
         self.model = model
         self.version = version

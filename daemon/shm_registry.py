@@ -20,10 +20,19 @@ from shmserve.daemon.errors import (
     invalid_argument,
     not_found,
 )
-from shmserve.workers.shm import is_reserved_key, normalize_key
+from shmserve.workers.shm import is_reserved_key
 
 CUDA_HANDLE_SIZE = 64
 _ids = itertools.count(1)
+
+
+def canonical_key(key: str) -> str:
+    """The key as ``shm_open`` resolves it: glibc skips *every* leading slash.
+
+    Checks must run on this form: "//shmserve_arena_..." opens the same segment as
+    "/shmserve_arena_...", so a check on the raw text could be bypassed.
+    """
+    return "/" + key.lstrip("/")
 
 
 @dataclass(slots=True, eq=False)
@@ -46,7 +55,7 @@ class ShmRegistry:
                  key_prefix: str | None = None, gpu_ids: list[int] | None = None) -> None:
         self._regions: dict[str, Region] = {}
         self._on_released = on_released
-        self._key_prefix = normalize_key(key_prefix) if key_prefix else None
+        self._key_prefix = canonical_key(key_prefix) if key_prefix else None
         self._gpu_ids = gpu_ids or []
 
     # --- registration -------------------------------------------------------------------
@@ -56,19 +65,20 @@ class ShmRegistry:
         if not key.strip("/"):
             raise invalid_argument(
                 f"cannot register shared memory region '{name}' - invalid shm key '{key}'")
-        if is_reserved_key(key):
+        canonical = canonical_key(key)
+        if is_reserved_key(canonical):
             raise invalid_argument(
                 f"cannot register shared memory region '{name}' - shm key '{key}' uses a "
                 f"prefix reserved for the server")
-        if self._key_prefix and not normalize_key(key).startswith(self._key_prefix):
+        if self._key_prefix and not canonical.startswith(self._key_prefix):
             raise invalid_argument(
                 f"cannot register shared memory region '{name}' - shm key '{key}' does not "
                 f"start with the allowed prefix '{self._key_prefix}'")
-        segment_size = _segment_size(key)
+        segment_size = _segment_size(canonical, key)
         if offset < 0 or byte_size <= 0 or offset + byte_size > segment_size:
             raise invalid_argument(f"failed to register shared memory region '{name}': "
                                    f"invalid args")
-        self._add(Region(name, "system", normalize_key(key), offset, byte_size, owner))
+        self._add(Region(name, "system", canonical, offset, byte_size, owner))
 
     def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int,
                       owner: str = "") -> None:
@@ -137,9 +147,9 @@ class ShmRegistry:
         return len(self._regions)
 
 
-def _segment_size(key: str) -> int:
+def _segment_size(canonical: str, key: str) -> int:
     try:
-        shm = posix_ipc.SharedMemory(normalize_key(key))
+        shm = posix_ipc.SharedMemory(canonical)
     except (posix_ipc.Error, OSError, ValueError):
         raise internal(f"Unable to open shared memory region: '{key}'") from None
     try:

@@ -25,7 +25,8 @@ from shmserve.workers.shm import remove_owner_arenas
 
 log = logging.getLogger("shmserve.supervisor")
 
-_PRELOAD = ["shmserve.workers.forkserver_setup", "shmserve.workers.main", "shmserve.workers.backends.python", "numpy"]
+_PRELOAD = ["shmserve.workers.forkserver_setup", "shmserve.workers.main",
+            "shmserve.workers.backends.python", "numpy"]
 _context: multiprocessing.context.ForkServerContext | None = None
 
 

@@ -15,7 +15,8 @@ EXAMPLE_MODELS = ["simple", "identity_fp32", "string_upper"]
 
 
 def _has_cuda() -> bool:
-    return os.path.isdir("/proc/driver/nvidia/gpus") and bool(os.listdir("/proc/driver/nvidia/gpus"))
+    gpus = "/proc/driver/nvidia/gpus"
+    return os.path.isdir(gpus) and bool(os.listdir(gpus))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -170,3 +170,40 @@ def _state(pid: int) -> str:
             return stat.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "X"
+
+
+def test_requests_spread_over_instances(start_server: StartServer) -> None:
+    server = start_server(["two_instances"])
+    pids: list[int] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        with grpcclient.InferenceServerClient(server.url) as client:
+            result = client.infer("two_instances", [_input_int32()])
+            with lock:
+                pids.append(int(result.as_numpy("PID")[0]))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert len(pids) == 4
+    assert len(set(pids)) == 2, pids
+    assert sorted(set(pids)) == worker_pids(server.pid)
+
+
+def _input_int32() -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("INPUT0", [1], "INT32")
+    tensor.set_data_from_numpy(np.array([0], dtype=np.int32))
+    return tensor
+
+
+@pytest.mark.skipif(os.path.isdir("/proc/driver/nvidia/gpus"), reason="host has GPUs")
+def test_kind_gpu_without_gpus_fails_clearly(start_server: StartServer) -> None:
+    server = start_server(["gpu_only", "simple"])
+    with grpcclient.InferenceServerClient(server.url) as client:
+        assert client.is_model_ready("simple")
+        index = {m.name: m for m in client.get_model_repository_index().models}
+        assert index["gpu_only"].state == "UNAVAILABLE"
+        assert "KIND_GPU but no GPUs are available" in index["gpu_only"].reason

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
-import numpy as np
-
 ENTRY_POINT_GROUP = "shmserve.backends"
 
 
@@ -134,6 +132,3 @@ def _as_backend_class(name: str, obj: object) -> type[Backend]:
         raise BackendError(f"backend '{name}' does not name a shmserve Backend class")
     return obj
 
-
-def numpy_or_none(value: Any) -> np.ndarray | None:
-    return value if isinstance(value, np.ndarray) else None

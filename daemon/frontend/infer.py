@@ -45,21 +45,26 @@ def parameter_value(param: pb.InferParameter) -> Any:
     return getattr(param, choice) if choice else None
 
 
+_SHM_USAGE = "'shared_memory_byte_size' must be specified along with 'shared_memory_region'"
+
+
 def _shm_params(params: Any, what: str) -> tuple[str, int, int] | None:
-    """(region, offset, byte_size) from a tensor's parameters, or None."""
+    """(region, offset, byte_size) from a tensor's parameters, or None.
+
+    Every malformed combination gets Triton's one message, with what was wrong appended.
+    """
     present = [key for key in _SHM_KEYS if key in params]
     if not present:
         return None
     if "shared_memory_region" not in params:
-        raise invalid_argument(f"'shared_memory_region' must be specified along with "
-                               f"'shared_memory_offset' and 'shared_memory_byte_size' for {what}")
+        raise invalid_argument(f"{_SHM_USAGE} for {what}: got {', '.join(present)} without "
+                               f"'shared_memory_region'")
     if "shared_memory_byte_size" not in params:
-        raise invalid_argument(f"'shared_memory_byte_size' must be specified along with "
-                               f"'shared_memory_region' for {what}")
+        raise invalid_argument(f"{_SHM_USAGE} for {what}")
     region = params["shared_memory_region"]
     if region.WhichOneof("parameter_choice") != "string_param":
-        raise invalid_argument(f"invalid value type for 'shared_memory_region' parameter for "
-                               f"{what}, expected string_param")
+        raise invalid_argument(f"{_SHM_USAGE} for {what}: 'shared_memory_region' must be a "
+                               f"string_param")
     values = []
     for key in ("shared_memory_offset", "shared_memory_byte_size"):
         if key not in params:
@@ -67,8 +72,7 @@ def _shm_params(params: Any, what: str) -> tuple[str, int, int] | None:
             continue
         choice = params[key].WhichOneof("parameter_choice")
         if choice not in ("int64_param", "uint64_param"):
-            raise invalid_argument(f"invalid value type for '{key}' parameter for {what}, "
-                                   f"expected int64_param")
+            raise invalid_argument(f"{_SHM_USAGE} for {what}: '{key}' must be an int64_param")
         values.append(getattr(params[key], choice))
     return region.string_param, values[0], values[1]
 
@@ -174,7 +178,7 @@ def _build(message: pb.ModelInferRequest, model: ModelVersion, registry: ShmRegi
 def _check_shape(tensor: str, model: str, spec: mc.ModelInput, shape: list[int],
                  max_batch: int) -> tuple[list[int], int]:
     dims = list(spec.dims)
-    expected = ([-1] + dims) if max_batch > 0 else dims
+    expected = [-1, *dims] if max_batch > 0 else dims
     batch = 1
     body = shape
     if max_batch > 0:
@@ -200,7 +204,7 @@ def _check_shape(tensor: str, model: str, spec: mc.ModelInput, shape: list[int],
             known = element_count(d for d in reshaped if d != -1) or 1
             reshaped = [element_count(body) // known if d == -1 else d for d in reshaped]
         body = reshaped
-    return ([batch] + body if max_batch > 0 else body), batch
+    return ([batch, *body] if max_batch > 0 else body), batch
 
 
 def _shape_error(tensor: str, model: str, expected: list[int], got: list[int]) -> ServeError:
