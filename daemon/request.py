@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,3 +50,10 @@ class InferRequest:
     correlation_id: int | str = 0
     received_ns: int = 0
     regions: list[Region] = field(default_factory=list)
+    on_finished: Callable[[InferRequest], None] | None = None
+
+    def finished(self) -> None:
+        """Release what the request pinned; called once when it completes or is dropped."""
+        hook, self.on_finished = self.on_finished, None
+        if hook is not None:
+            hook(self)

@@ -147,6 +147,7 @@ class Scheduler:
                 slot.worker.release_regions(region_ids)
 
     def _dispatch(self) -> None:
+        self._drop_abandoned()
         while self._queue:
             slot = next((s for s in self._slots if s.alive and not s.busy), None)
             if slot is None:
@@ -155,6 +156,17 @@ class Scheduler:
             if batch is None:
                 return
             self._send(slot, batch)
+
+    def _drop_abandoned(self) -> None:
+        if any(request.future.done() for request in self._queue):
+            kept: deque[InferRequest] = deque()
+            for request in self._queue:
+                if request.future.done():
+                    self.stats.pending -= 1
+                    self._finish(request, unavailable("request cancelled by the client"))
+                else:
+                    kept.append(request)
+            self._queue = kept
 
     def _take_batch(self) -> list[InferRequest] | None:
         queue = self._queue
@@ -284,6 +296,7 @@ class Scheduler:
     def _finish(self, request: InferRequest, result: list[OutputTensor] | BaseException) -> None:
         ok = not isinstance(result, BaseException)
         self.stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
+        request.finished()
         if request.future.done():
             return
         if isinstance(result, BaseException):

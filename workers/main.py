@@ -30,7 +30,7 @@ from shmserve.workers.backend import (
 )
 from shmserve.workers.protocol import INLINE_LIMIT, TensorRef
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache
-from shmserve.workers.tensors import InputResolver, output_bytes
+from shmserve.workers.tensors import InputResolver, map_region, output_bytes
 
 log = logging.getLogger("shmserve.worker")
 
@@ -263,10 +263,13 @@ class WorkerHost:
                 target = TensorRef.unpack(destination)
                 region_id, key = target.location
                 try:
-                    segment = self._regions.get(region_id, key)
-                except OSError as exc:
-                    return {"err": ["INTERNAL", f"unable to map shared memory region for "
-                                                f"output '{name}': {exc}"]}, arena_offset
+                    segment = map_region(self._regions, region_id, key)
+                except BackendError as exc:
+                    return {"err": [exc.code, exc.message]}, arena_offset
+                if target.offset < 0 or target.offset + nbytes > segment.size:
+                    # The client replaced its segment by a smaller one after registering.
+                    return {"err": ["INTERNAL", f"output '{name}' lies outside its shared "
+                                                f"memory segment"]}, arena_offset
                 segment.buf[target.offset:target.offset + nbytes] = data
                 refs.append(TensorRef(name, datatype, shape, target.where, target.location,
                                       target.offset, nbytes).pack())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import posix_ipc
 
 from shmserve.protos.datatypes import (
     deserialize_bytes_tensor,
@@ -15,7 +16,17 @@ from shmserve.protos.datatypes import (
 )
 from shmserve.workers.backend import BackendError
 from shmserve.workers.protocol import ARENA, CUDA, INLINE, SYSTEM, TensorRef
-from shmserve.workers.shm import ReaderMapping, SegmentCache
+from shmserve.workers.shm import ReaderMapping, Segment, SegmentCache
+
+
+def map_region(regions: SegmentCache, region_id: int, key: str) -> Segment:
+    """The worker's mapping of a client region. A segment the client unlinked (or shrank to
+    nothing) before this worker first mapped it is the request's error, never the worker's."""
+    try:
+        return regions.get(region_id, key)
+    except (OSError, ValueError, posix_ipc.Error) as exc:
+        raise BackendError(f"Unable to open shared memory region: '{key}': {exc}",
+                           "INTERNAL") from None
 
 
 class InputResolver:
@@ -32,13 +43,13 @@ class InputResolver:
             segment = self._input_arena.view(ref.location)
         elif ref.where == SYSTEM:
             region_id, key = ref.location
-            segment = self._regions.get(region_id, key)
+            segment = map_region(self._regions, region_id, key)
         elif ref.where == CUDA:
             raise BackendError("CUDA shared memory inputs are not supported by this worker",
                                "UNIMPLEMENTED")
         else:
             raise BackendError(f"unknown tensor location '{ref.where}'")
-        if ref.offset + ref.nbytes > segment.size:
+        if ref.offset < 0 or ref.nbytes < 0 or ref.offset + ref.nbytes > segment.size:
             raise BackendError(f"input '{ref.name}' lies outside its shared memory segment",
                                "INVALID_ARGUMENT")
         return segment.buf[ref.offset:ref.offset + ref.nbytes]

@@ -20,6 +20,7 @@ from shmserve.daemon.errors import (
 )
 from shmserve.daemon.frontend.infer import build_request, build_response, config_datatype
 from shmserve.daemon.models import UNAVAILABLE, ModelManager
+from shmserve.daemon.request import InferRequest
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import ShmRegistry
 from shmserve.protos import shmserve_health_pb2 as health_pb
@@ -163,19 +164,32 @@ class InferenceService:
                                 f"transaction policy; use ModelStreamInfer for model "
                                 f"'{model.name}'")
         internal = build_request(request, model, self.registry)
+        internal.on_finished = self._release_regions
         state = self.state
         state.inflight += 1
         state.idle.clear()
         try:
-            model.scheduler.submit(internal)
-            outputs = await internal.future
+            try:
+                model.scheduler.submit(internal)
+            except BaseException:
+                internal.finished()
+                raise
+            try:
+                outputs = await internal.future
+            except asyncio.CancelledError:
+                # The caller gave up (deadline, cancel): a queued request is dropped; one
+                # already executing keeps its regions pinned until the worker is done.
+                internal.future.cancel()
+                raise
             return build_response(internal, outputs)
         finally:
-            for region in internal.regions:
-                self.registry.release(region)
             state.inflight -= 1
             if state.inflight == 0:
                 state.idle.set()
+
+    def _release_regions(self, request: InferRequest) -> None:
+        for region in request.regions:
+            self.registry.release(region)
 
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext
@@ -276,9 +290,6 @@ class InferenceService:
             else:
                 raise invalid_argument(f"Unrecognized load parameter '{key}' with type "
                                        f"'{choice}'")
-        if files and config_json is None:
-            raise invalid_argument("failed to load '" + request.model_name + "', "
-                                   "'config' parameter is required with file overrides")
         await self.models.load(request.model_name, config_json, files or None)
         return pb.RepositoryModelLoadResponse()
 
