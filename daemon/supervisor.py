@@ -34,6 +34,10 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", INT32_MAX),
     ("grpc.max_receive_message_length", INT32_MAX),
     ("grpc.so_reuseport", 0),
+    # Accept client keepalive pings every 10 s, also between calls (tritonclient's
+    # KeepAliveOptions users would otherwise get GOAWAY "too_many_pings").
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
 ]
 
 
@@ -102,23 +106,52 @@ class Supervisor:
         log.info("shmserve stopped")
 
     async def _rescan(self, models: ModelManager) -> None:
-        """Load new and changed models, unload removed ones (SIGHUP and poll mode)."""
-        present = set(models.repository_models())
-        mode = self.settings.model_control_mode
-        for name in models.forget_missing(present):
-            if models.record(name).versions:
-                await models.unload(name)
-        if mode == "explicit":
+        """Follow the repository: load added and changed models, unload removed ones.
+
+        Poll mode runs this every --repository-poll-secs; SIGHUP runs it in none and poll
+        mode. In explicit mode models change only through RepositoryModelLoad/Unload
+        (Triton: "polling is disabled"), so SIGHUP does nothing there. Failures are logged
+        and retried at the next scan (Triton reverts the model's timestamp on a failed
+        load); a failed reload keeps the old version serving.
+        """
+        from shmserve.daemon.errors import ServeError
+
+        if self.settings.model_control_mode == "explicit":
+            log.info("repository rescan ignored: model control mode is explicit; use "
+                     "RepositoryModelLoad / RepositoryModelUnload")
             return
-        for name in sorted(present):
-            if models.changed(name):
-                with contextlib.suppress(Exception):
-                    await models.load(name)
+        removed = models.removed_models()
+        changed = [name for name in models.repository_models() if models.changed(name)]
+        if not removed and not changed:
+            return
+        log.info("repository changed: loading %s, unloading %s", changed or "nothing",
+                 removed or "nothing")
+
+        async def unload(name: str) -> None:
+            await models.unload(name)
+            models.forget(name)
+
+        results = await asyncio.gather(*(unload(name) for name in removed),
+                                       *(models.load(name) for name in changed),
+                                       return_exceptions=True)
+        for name, result in zip(removed + changed, results, strict=True):
+            if isinstance(result, ServeError):
+                log.error("model '%s': %s", name, result.message.rstrip())
+            elif isinstance(result, BaseException):
+                log.error("model '%s' failed to update", name, exc_info=result)
 
     async def _poll(self, models: ModelManager) -> None:
+        """Poll mode: rescan every --repository-poll-secs. A scan in progress when the
+        server shuts down is allowed to finish (shielded), so no load is cut in half."""
+        interval = max(self.settings.repository_poll_secs, 0.05)
         while True:
-            await asyncio.sleep(self.settings.repository_poll_secs)
+            await asyncio.sleep(interval)
+            scan = asyncio.ensure_future(self._rescan(models))
             try:
-                await self._rescan(models)
+                await asyncio.shield(scan)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await scan
+                raise
             except Exception:
                 log.exception("repository poll failed")

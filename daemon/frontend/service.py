@@ -209,7 +209,10 @@ class InferenceService:
                                                          model_name=request.model_name)))
             except Exception as exc:
                 log.exception("stream request failed")
-                await answers.put(pb.ModelStreamInferResponse(error_message=str(exc)))
+                await answers.put(pb.ModelStreamInferResponse(
+                    error_message=f"{type(exc).__name__}: {exc}",
+                    infer_response=pb.ModelInferResponse(id=request.id,
+                                                         model_name=request.model_name)))
 
         async def read() -> None:
             async for request in requests:
