@@ -1,26 +1,53 @@
-"""The model manager: which models and versions exist, their state, load and unload.
+"""The model manager: which models and versions exist, their state, load, reload and unload.
 
-Load order (Triton's): parse config.pbtxt -> repository agents LOAD -> start the instance
-workers (each runs its initialize hooks) -> READY -> agents LOAD_COMPLETE (or LOAD_FAIL).
-A reload keeps serving the old versions until the new ones are ready, then drains the old.
+Load order (Triton's): read config.pbtxt (or the "config" override) -> repository agents
+LOAD, in config order -> re-read config.pbtxt from the location the agents left -> start
+every version's instance workers (each runs its initialize hooks) -> READY -> agents
+LOAD_COMPLETE, in reverse order (or LOAD_FAIL when any version failed).
+
+Unload: the versions go UNLOADING (new requests are refused) -> agents UNLOAD -> in-flight
+and queued requests drain -> workers finalize and exit -> agents UNLOAD_COMPLETE -> every
+temporary location is removed.
+
+A reload builds the new generation next to the old one; the old keeps serving until every
+new version is READY, then requests switch over and the old generation is retired (drained,
+stopped) in the background. A failed reload leaves the old generation serving untouched.
+
+Errors follow Triton's core (``src/model_repository_manager/model_repository_manager.cc``,
+``model_lifecycle.cc``): a problem found before any worker starts (no model directory, a
+bad config.pbtxt or "config" override, a "file:" override, a repository agent's LOAD
+failure) is a *poll* failure: INTERNAL "failed to load '<name>', failed to poll from model
+repository", to which we append ": <detail>"; a version whose workers fail to initialize
+gives INVALID_ARGUMENT "load failed for model '<name>': version <v> is at UNAVAILABLE
+state: <Code>: <reason>;".
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from google.protobuf import json_format
+import grpc
+from google.protobuf import json_format, text_format
 
-from shmserve.daemon.errors import ServeError, internal, not_found, unavailable, unknown_model
+from shmserve.daemon.errors import (
+    SERVER_EXITING,
+    ServeError,
+    internal,
+    invalid_argument,
+    not_found,
+    unavailable,
+    unknown_model,
+)
 from shmserve.daemon.model_config import (
+    CONFIG_FILE,
     ConfigError,
     InstancePlan,
     complete_config,
@@ -33,12 +60,41 @@ from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.settings import Settings
 from shmserve.protos import shmserve_model_config_pb2 as mc
 
+if TYPE_CHECKING:
+    from shmserve.repoagents.runner import AgentChain
+
 log = logging.getLogger("shmserve.models")
 
 READY = "READY"
 LOADING = "LOADING"
 UNLOADING = "UNLOADING"
 UNAVAILABLE = "UNAVAILABLE"
+
+UNLOADED_REASON = "unloaded"
+WILDCARD = "*"
+
+#: Triton's ``Status::CodeString`` (common ``error.cc``), used in version state reasons.
+_CODE_STRINGS: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.UNKNOWN: "Unknown",
+    grpc.StatusCode.INTERNAL: "Internal",
+    grpc.StatusCode.NOT_FOUND: "Not found",
+    grpc.StatusCode.INVALID_ARGUMENT: "Invalid argument",
+    grpc.StatusCode.UNAVAILABLE: "Unavailable",
+    grpc.StatusCode.UNIMPLEMENTED: "Unsupported",
+    grpc.StatusCode.ALREADY_EXISTS: "Already exists",
+}
+
+_FINGERPRINT_SKIP_DIRS = {"__pycache__"}
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+class PollError(Exception):
+    """A model that cannot even be prepared for loading (Triton's "failed to poll")."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 @dataclass
@@ -56,20 +112,40 @@ class ModelVersion:
 
 
 @dataclass
+class _Generation:
+    """What one successful load produced and what its retirement must release."""
+
+    versions: dict[int, ModelVersion]
+    agents: AgentChain | None
+    temp_dir: str | None
+
+
+@dataclass
 class ModelRecord:
     name: str
     versions: dict[int, ModelVersion] = field(default_factory=dict)
     state: str = UNAVAILABLE          # for the index when no version is loaded
     reason: str = ""
-    agents: Any = None                # the AgentChain of the loaded generation
+    agents: AgentChain | None = None  # the AgentChain of the serving generation
     temp_dir: str | None = None       # where "file:" overrides were written
-    fingerprint: tuple[tuple[str, int, int], ...] = ()
+    fingerprint: Fingerprint = ()     # of the repository directory last loaded from
+    from_repository: bool = True      # False when the serving generation came from "file:"
+    in_lifecycle: bool = False        # a load reached the workers once (Triton's lifecycle map)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def config(self) -> mc.ModelConfig | None:
         if not self.versions:
             return None
         return self.versions[max(self.versions)].config
+
+
+@dataclass
+class _Prepared:
+    config: mc.ModelConfig
+    model_dir: Path
+    versions: list[int]
+    agents: AgentChain | None
+    temp_dir: str | None
 
 
 class ModelManager:
@@ -80,6 +156,8 @@ class ModelManager:
         self._root = Path(settings.model_repository)
         self._records: dict[str, ModelRecord] = {}
         self._log_level = logging.DEBUG if settings.log_verbose else logging.WARNING
+        self._retiring: dict[asyncio.Task[None], _Generation] = {}
+        self._closing = False
 
     # --- discovery ----------------------------------------------------------------------
     def repository_models(self) -> list[str]:
@@ -89,129 +167,242 @@ class ModelManager:
         except OSError:
             return []
 
+    def startup_models(self) -> list[str]:
+        """What to load at start: everything, or in explicit mode the --load-model names."""
+        settings = self._settings
+        if settings.model_control_mode != "explicit":
+            if settings.load_models:
+                log.warning("--load-model is only used with --model-control-mode=explicit; "
+                            "ignoring %s", settings.load_models)
+            return self.repository_models()
+        wanted = list(dict.fromkeys(settings.load_models))
+        if WILDCARD in wanted:
+            if len(wanted) > 1:
+                # Triton's text (model_repository_manager.cc, ModelRepositoryManager::Create);
+                # like tritonserver, refuse to start.
+                log.error("Wildcard model name '*' must be the ONLY startup model if "
+                          "specified at all.")
+                raise SystemExit(1)
+            return self.repository_models()
+        return wanted
+
     async def load_startup_models(self) -> None:
-        mode = self._settings.model_control_mode
-        names = self.repository_models()
-        if mode == "explicit":
-            wanted = self._settings.load_models
-            names = names if "*" in wanted else [n for n in wanted]
-        for name in names:
-            self._records.setdefault(name, ModelRecord(name))
+        names = self.startup_models()
         results = await asyncio.gather(*(self.load(name) for name in names),
                                        return_exceptions=True)
         for name, result in zip(names, results, strict=True):
             if isinstance(result, ServeError):
-                log.error("model '%s' failed to load: %s", name, result.message)
+                log.error("model '%s' failed to load: %s", name, result.message.rstrip())
             elif isinstance(result, BaseException):
                 log.error("model '%s' failed to load", name, exc_info=result)
 
-    # --- load / unload ------------------------------------------------------------------
+    # --- load ---------------------------------------------------------------------------
     async def load(self, name: str, config_json: str | None = None,
-                   files: dict[str, bytes] | None = None) -> None:
+                   files: Mapping[str, bytes] | None = None) -> None:
+        """Load or reload ``name`` (RepositoryModelLoad, poll mode, startup).
+
+        A model that is serving and whose repository directory is unchanged since it was
+        loaded is left alone unless a "config" or "file:" override is given (Triton:
+        an unmodified model is not reloaded).
+        """
+        _validate_name(name)
+        if self._closing:
+            raise unavailable(SERVER_EXITING)
         record = self._records.setdefault(name, ModelRecord(name))
         async with record.lock:
-            await self._load_locked(record, config_json, files)
+            if self._closing:
+                raise unavailable(SERVER_EXITING)
+            await self._load_locked(record, config_json, dict(files) if files else None)
 
     async def _load_locked(self, record: ModelRecord, config_json: str | None,
                            files: dict[str, bytes] | None) -> None:
         name = record.name
-        model_dir = self._root / name
-        temp_dir: str | None = None
-        if files:
-            temp_dir = tempfile.mkdtemp(prefix=f"shmserve-{name}-")
-            model_dir = _write_override_files(Path(temp_dir) / name, files)
-        elif not model_dir.is_dir():
-            raise internal(f"failed to load '{name}', failed to poll from model repository")
-        previous_state = record.state
-        if not files:
-            record.fingerprint = fingerprint(model_dir)
+        repo_dir = self._root / name
+        previous_fingerprint = record.fingerprint
+        new_fingerprint: Fingerprint = ()
+        if files is None and repo_dir.is_dir():
+            new_fingerprint = fingerprint(repo_dir)
+            if (record.versions and config_json is None and record.from_repository
+                    and new_fingerprint == previous_fingerprint and previous_fingerprint):
+                log.info("model '%s' is unchanged; nothing to reload", name)
+                return
+        # An override is never "unchanged": the next plain load reloads from the repository.
+        record.fingerprint = new_fingerprint if config_json is None else ()
         if not record.versions:
             record.state, record.reason = LOADING, ""
         try:
-            config = self._load_config(model_dir, config_json)
-            agents, model_dir, config = await self._run_agents(name, model_dir, config,
-                                                               config_json)
+            prepared = await self._prepare(name, repo_dir, config_json, files)
+        except PollError as exc:
+            record.fingerprint = previous_fingerprint
+            if not record.versions:
+                record.state, record.reason = UNAVAILABLE, exc.detail
+            log.error("Poll failed for model directory '%s': %s", name, exc.detail)
+            raise internal(f"failed to load '{name}', failed to poll from model repository: "
+                           f"{exc.detail}") from None
         except ServeError as exc:
+            record.fingerprint = previous_fingerprint
             if not record.versions:
                 record.state, record.reason = UNAVAILABLE, exc.message
+            raise
+        except BaseException:
+            record.fingerprint = previous_fingerprint
+            if not record.versions:
+                record.state, record.reason = UNAVAILABLE, "load interrupted"
+            raise
+        try:
+            generation = await self._start(record, prepared)
+        except BaseException:
+            record.fingerprint = previous_fingerprint
+            if not record.versions and record.state == LOADING:
+                record.state, record.reason = UNAVAILABLE, "load interrupted"
+            raise
+        old = _Generation(record.versions, record.agents, record.temp_dir)
+        record.versions, record.agents, record.temp_dir = (generation.versions,
+                                                           generation.agents,
+                                                           generation.temp_dir)
+        record.from_repository = files is None
+        record.state, record.reason = READY, ""
+        for model_version in generation.versions.values():
+            model_version.state = READY
+        log.info("successfully loaded '%s' version(s) %s", name, sorted(generation.versions))
+        if generation.agents is not None:
+            await _agents_call(generation.agents, "load_complete")
+        if old.versions or old.agents is not None or old.temp_dir:
+            self._retire_in_background(old)
+
+    async def _prepare(self, name: str, repo_dir: Path, config_json: str | None,
+                       files: dict[str, bytes] | None) -> _Prepared:
+        """Config, overrides and repository agents: everything before a worker starts.
+
+        Raises PollError; on any failure nothing is left behind (agents got LOAD_FAIL,
+        temporary locations are removed).
+        """
+        temp_dir: str | None = None
+        chain: AgentChain | None = None
+        try:
+            config = self._parse_override(config_json) if config_json is not None else None
+            if files is not None:
+                if config is None:
+                    # Triton's LocalizeRepoAgent text (model_repository_manager.cc).
+                    raise PollError("Load parameter 'config' must be specified for model "
+                                    "file override")
+                temp_dir = tempfile.mkdtemp(prefix=f"shmserve-override-{name}-")
+                model_dir = Path(temp_dir) / name
+                _write_override_files(model_dir, files, config)
             else:
-                record.state = previous_state
+                model_dir = repo_dir
+                if not model_dir.is_dir():
+                    raise PollError("model not found in any model repository.")
+            if config is None:
+                config = _read_config(model_dir)
+            # As Triton (InitializeModelInfo): agents see the config as written; it is
+            # completed and validated only after them, from the location they left (an
+            # encrypted model may ship a stub config.pbtxt and a config.pbtxt.enc).
+            named_dir = model_dir
+            versions = _select_versions(model_dir, config)
+            if config.model_repository_agents.agents:
+                chain, model_dir, config = await self._run_agents(name, model_dir, config,
+                                                                  versions, config_json)
+                versions = _select_versions(model_dir, config)
+            _complete(config, model_dir, named_dir, self._gpu_ids,
+                      overridden=config_json is not None)
+            if not versions:
+                raise _NoVersion()
+        except _NoVersion:
+            await _fail_agents(chain)
+            _remove_dir(temp_dir)
+            raise internal(f"failed to load '{name}', no version is available") from None
+        except BaseException:
+            await _fail_agents(chain)
             _remove_dir(temp_dir)
             raise
-        versions = select_versions(model_dir, config)
-        if not versions:
-            record.state = UNAVAILABLE if not record.versions else previous_state
-            record.reason = "no version is available"
-            await _agents_call(agents, "load_fail")
-            _remove_dir(temp_dir)
-            raise internal(f"failed to load '{name}', no version is available")
-        started: dict[int, ModelVersion] = {}
-        failures: list[tuple[int, str]] = []
-        for version in versions:
-            model_version = self._new_version(name, version, config, model_dir)
-            try:
-                await model_version.scheduler.start()
-            except ServeError as exc:
-                failures.append((version, exc.message))
-                continue
-            model_version.state = READY
-            started[version] = model_version
-        if failures:
-            for model_version in started.values():
-                await model_version.scheduler.stop(self._settings.exit_timeout_secs)
-            await _agents_call(agents, "load_fail")
-            _remove_dir(temp_dir)
-            version, reason = failures[0]
-            if not record.versions:
-                record.state, record.reason = UNAVAILABLE, reason
-            log.error("model '%s' version %d failed to load: %s", name, version, reason)
-            raise internal(f"load failed for model '{name}': version {version} is at "
-                           f"UNAVAILABLE state: {reason};")
-        old_versions, old_agents, old_temp = record.versions, record.agents, record.temp_dir
-        record.versions, record.agents, record.temp_dir = started, agents, temp_dir
-        record.state, record.reason = READY, ""
-        await _agents_call(agents, "load_complete")
-        log.info("model '%s' loaded, versions %s", name, sorted(started))
-        if old_versions:
-            await self._retire(old_versions, old_agents, old_temp)
+        return _Prepared(config, model_dir, versions, chain, temp_dir)
 
-    def _load_config(self, model_dir: Path, config_json: str | None) -> mc.ModelConfig:
+    def _parse_override(self, config_json: str) -> mc.ModelConfig:
+        config = mc.ModelConfig()
         try:
-            if config_json is not None:
-                config = mc.ModelConfig()
-                json_format.Parse(config_json, config)
-            else:
-                config = read_config(model_dir)
-            complete_config(config, model_dir, self._gpu_ids)
-        except (ConfigError, json_format.ParseError) as exc:
-            raise internal(f"failed to load '{model_dir.name}', {exc}") from None
+            json_format.Parse(config_json, config)
+        except json_format.ParseError as exc:
+            # Triton: "Invalid config override: <JsonToModelConfig message>".
+            raise PollError(f"Invalid config override: {exc}") from None
         return config
 
     async def _run_agents(self, name: str, model_dir: Path, config: mc.ModelConfig,
-                          config_json: str | None) -> tuple[Any, Path, mc.ModelConfig]:
-        if not config.model_repository_agents.agents:
-            return None, model_dir, config
-        from shmserve.repoagents.runner import AgentChain, AgentError
+                          versions: list[int], config_json: str | None
+                          ) -> tuple[AgentChain, Path, mc.ModelConfig]:
+        """Repository agents LOAD (config order); the config is re-read where they left it.
+
+        The agent list comes from this (original, or "config" override) config and stays
+        with the chain for the whole lifecycle.
+        """
+        from shmserve.repoagents import AgentChain, AgentError
         specs = [(agent.name, dict(agent.parameters))
                  for agent in config.model_repository_agents.agents]
-        versions = select_versions(model_dir, config)
         try:
             chain = await asyncio.to_thread(AgentChain.create, name, specs,
                                             self._settings.repoagent_directory)
-            location = await asyncio.to_thread(chain.load, str(model_dir), versions,
-                                               config_to_dict(config))
         except AgentError as exc:
-            raise internal(f"failed to load '{name}', {exc}") from None
+            raise PollError(exc.message) from None
+        try:
+            location = await asyncio.to_thread(chain.load, str(model_dir), versions,
+                                               config_to_dict(config),
+                                               config_reader=_config_reader)
+        except AgentError as exc:
+            # The chain already sent LOAD_FAIL and removed its temporary locations.
+            raise PollError(exc.message) from None
+        except BaseException:
+            await _fail_agents(chain)
+            raise
         new_dir = Path(location)
-        if new_dir != model_dir and config_json is None:
-            try:
-                config = read_config(new_dir)
-                complete_config(config, new_dir if new_dir.name == name else model_dir,
-                                self._gpu_ids)
-            except ConfigError as exc:
-                await _agents_call(chain, "load_fail")
-                raise internal(f"failed to load '{name}', {exc}") from None
-        return chain, new_dir, config
+        if new_dir == model_dir or config_json is not None:
+            # A "config" override wins over whatever config.pbtxt the agents wrote.
+            return chain, new_dir, config
+        try:
+            new_config = _read_config(new_dir)
+        except BaseException:
+            await _fail_agents(chain)
+            raise
+        return chain, new_dir, new_config
+
+    async def _start(self, record: ModelRecord, prepared: _Prepared) -> _Generation:
+        """Start every selected version; on any failure stop them all and send LOAD_FAIL."""
+        name = record.name
+        record.in_lifecycle = True
+        started = {version: self._new_version(name, version, prepared.config,
+                                              prepared.model_dir)
+                   for version in prepared.versions}
+        try:
+            results = await asyncio.gather(*(v.scheduler.start() for v in started.values()),
+                                           return_exceptions=True)
+        except BaseException:
+            await self._abandon(started, prepared)
+            raise
+        failures: list[tuple[int, str]] = []
+        for (version, _model_version), result in zip(started.items(), results, strict=True):
+            if isinstance(result, ServeError):
+                failures.append((version, f"{_code_string(result.code)}: {result.message}"))
+            elif isinstance(result, BaseException):
+                failures.append((version, f"Internal: {type(result).__name__}: {result}"))
+        if not failures:
+            return _Generation(started, prepared.agents, prepared.temp_dir)
+        for version, reason in failures:
+            started[version].state, started[version].reason = UNAVAILABLE, reason
+            log.error("failed to load '%s' version %d: %s", name, version, reason)
+        await self._abandon(started, prepared)
+        if not record.versions:
+            record.state, record.reason = UNAVAILABLE, failures[0][1]
+        detail = "".join(f"version {version} is at {UNAVAILABLE} state: {reason};"
+                         for version, reason in failures)
+        log.error("failed to load '%s'", name)
+        # Triton (LoadUnloadModels): INVALID_ARG "load failed for model '<m>': <reasons>\n".
+        raise invalid_argument(f"load failed for model '{name}': {detail}\n")
+
+    async def _abandon(self, started: dict[int, ModelVersion], prepared: _Prepared) -> None:
+        timeout = self._settings.exit_timeout_secs
+        await asyncio.gather(*(v.scheduler.stop(timeout) for v in started.values()),
+                             return_exceptions=True)
+        await _fail_agents(prepared.agents)
+        _remove_dir(prepared.temp_dir)
 
     def _new_version(self, name: str, version: int, config: mc.ModelConfig,
                      model_dir: Path) -> ModelVersion:
@@ -240,32 +431,99 @@ class ModelManager:
                               plan_instances(config), make_spec, settings, self._supervisor_pid)
         return ModelVersion(name, version, config, scheduler)
 
+    # --- unload -------------------------------------------------------------------------
     async def unload(self, name: str) -> None:
+        """Unload every version of ``name``; returns once drained and stopped.
+
+        Unloading a model that is not loaded (or not known) succeeds and does nothing, as
+        in Triton.
+        """
         record = self._records.get(name)
         if record is None:
             return
         async with record.lock:
-            versions, agents, temp_dir = record.versions, record.agents, record.temp_dir
-            record.versions, record.agents, record.temp_dir = {}, None, None
-            record.state, record.reason = UNLOADING, ""
-            await self._retire(versions, agents, temp_dir)
-            record.state, record.reason = UNAVAILABLE, "unloaded"
+            await self._unload_locked(record)
 
-    async def _retire(self, versions: dict[int, ModelVersion], agents: Any,
-                      temp_dir: str | None) -> None:
-        """Drain in-flight requests, then stop the workers and release agent locations."""
-        await _agents_call(agents, "unload")
+    async def _unload_locked(self, record: ModelRecord) -> None:
+        if not record.versions and record.agents is None and not record.temp_dir:
+            return
+        generation = _Generation(record.versions, record.agents, record.temp_dir)
+        record.agents, record.temp_dir = None, None
+        record.state, record.reason = UNLOADING, ""
+        for model_version in generation.versions.values():
+            model_version.state = UNLOADING
+        try:
+            await self._retire(generation)
+        finally:
+            record.versions = {}
+            record.state, record.reason = UNAVAILABLE, UNLOADED_REASON
+            record.fingerprint = ()
+            log.info("successfully unloaded '%s'", record.name)
+
+    def _retire_in_background(self, generation: _Generation) -> None:
+        task = asyncio.get_running_loop().create_task(self._retire(generation))
+        self._retiring[task] = generation
+        task.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("retiring an old model generation failed", exc_info=task.exception())
+
+    async def _retire(self, generation: _Generation) -> None:
+        """UNLOAD -> drain in-flight requests -> stop the workers -> UNLOAD_COMPLETE."""
+        versions, agents = generation.versions, generation.agents
         for model_version in versions.values():
             model_version.state = UNLOADING
         timeout = self._settings.exit_timeout_secs
-        await asyncio.gather(*(v.scheduler.drain(timeout) for v in versions.values()))
-        await asyncio.gather(*(v.scheduler.stop(timeout) for v in versions.values()))
-        await _agents_call(agents, "unload_complete")
-        _remove_dir(temp_dir)
+        try:
+            if agents is not None:
+                await _agents_call(agents, "unload")
+            await asyncio.gather(*(v.scheduler.drain(timeout) for v in versions.values()))
+            await asyncio.gather(*(v.scheduler.stop(timeout) for v in versions.values()),
+                                 return_exceptions=True)
+            for model_version in versions.values():
+                model_version.state, model_version.reason = UNAVAILABLE, UNLOADED_REASON
+            if agents is not None:
+                await _agents_call(agents, "unload_complete")
+        finally:
+            if agents is not None:
+                await asyncio.shield(_agents_call(agents, "close"))
+            _remove_dir(generation.temp_dir)
 
     async def shutdown(self) -> None:
+        """Unload everything (agents UNLOAD/UNLOAD_COMPLETE, then close every chain)."""
+        self._closing = True
         await asyncio.gather(*(self.unload(name) for name in list(self._records)),
                              return_exceptions=True)
+        while self._retiring:
+            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+        for record in self._records.values():
+            if record.agents is not None:
+                await _agents_call(record.agents, "close")
+
+    # --- repository changes (poll mode, SIGHUP) -----------------------------------------
+    def changed(self, name: str) -> bool:
+        """Whether the model's directory differs from what was last loaded from it."""
+        record = self._records.get(name)
+        if record is None:
+            return True
+        if not record.from_repository and record.versions:
+            return True
+        return not record.fingerprint or record.fingerprint != fingerprint(self._root / name)
+
+    def removed_models(self) -> list[str]:
+        """Models known here whose repository directory is gone (loaded or not)."""
+        present = set(self.repository_models())
+        return sorted(name for name, record in self._records.items()
+                      if name not in present and record.from_repository)
+
+    def forget(self, name: str) -> None:
+        """Drop an unloaded model's record (its directory left the repository)."""
+        record = self._records.get(name)
+        if record is not None and not record.versions and not record.lock.locked() \
+                and not (self._root / name).is_dir():
+            del self._records[name]
 
     # --- lookups ------------------------------------------------------------------------
     def record(self, name: str) -> ModelRecord:
@@ -275,22 +533,23 @@ class ModelManager:
         return record
 
     def resolve(self, name: str, version: str) -> ModelVersion:
-        """The version a request addresses ("" = the highest ready one)."""
+        """The version a request addresses ("" = the highest ready one).
+
+        Triton's texts (model_lifecycle.cc GetModel, prefixed by ModelRepositoryManager):
+        a model the lifecycle never saw is "is not found"; one with no READY version "has
+        no available versions" (both NOT_FOUND); a named version that is not READY
+        UNAVAILABLE "is not at ready state".
+        """
         record = self._records.get(name)
-        if record is None or (not record.versions and record.state != UNAVAILABLE):
+        if record is None or not (record.in_lifecycle or record.versions):
             raise unknown_model(name)
         if not version:
             ready = [v for v in record.versions.values() if v.state == READY]
             if not ready:
-                if record.versions or record.state == UNAVAILABLE:
-                    raise unavailable(f"Request for unknown model: '{name}' has no available "
-                                      f"versions")
-                raise unknown_model(name)
+                raise not_found(f"Request for unknown model: '{name}' has no available "
+                                f"versions")
             return max(ready, key=lambda v: v.version)
-        if not version.isdigit():
-            raise not_found(f"Request for unknown model: '{name}' version {version} is not "
-                            f"found")
-        found = record.versions.get(int(version))
+        found = record.versions.get(int(version)) if version.isdigit() else None
         if found is None:
             raise not_found(f"Request for unknown model: '{name}' version {version} is not "
                             f"found")
@@ -306,31 +565,94 @@ class ModelManager:
             return False
 
     def all_ready(self) -> bool:
-        return all(v.ready for r in self._records.values() for v in r.versions.values()) and \
-            all(r.versions or r.state != LOADING for r in self._records.values())
+        """Strict readiness: every serving version ready, no first load in progress."""
+        for record in self._records.values():
+            if not record.versions and record.state == LOADING:
+                return False
+            for model_version in record.versions.values():
+                if model_version.state != UNLOADING and not model_version.ready:
+                    return False
+        return True
 
     def records(self) -> list[ModelRecord]:
-        return [self._records[name] for name in sorted(self._records)]
+        """Known models, for the index and statistics: serving ones, ones in the middle of
+        a load or unload, and failed or unloaded ones still in the repository. (A load of
+        a name that is not in the repository leaves nothing behind, as in Triton.)"""
+        return [record for name, record in sorted(self._records.items())
+                if record.versions or record.state in (LOADING, UNLOADING)
+                or (self._root / name).is_dir()]
 
     def schedulers(self) -> list[Scheduler]:
-        return [v.scheduler for r in self._records.values() for v in r.versions.values()]
+        serving = [v.scheduler for r in self._records.values() for v in r.versions.values()]
+        retiring = [v.scheduler for g in self._retiring.values() for v in g.versions.values()]
+        return serving + retiring
 
     def release_regions(self, region_ids: list[int]) -> None:
         for scheduler in self.schedulers():
             scheduler.release_regions(region_ids)
 
-    def forget_missing(self, present: set[str]) -> list[str]:
-        return [name for name in self._records if name not in present]
 
-    def changed(self, name: str) -> bool:
-        """Whether the model's files differ from what was last loaded (poll mode, SIGHUP)."""
-        record = self._records.get(name)
-        return record is None or record.fingerprint != fingerprint(self._root / name)
+# --- helpers ------------------------------------------------------------------------------
+class _NoVersion(Exception):
+    pass
 
 
-def fingerprint(model_dir: Path) -> tuple[tuple[str, int, int], ...]:
+def _validate_name(name: str) -> None:
+    """Triton's ValidateModelName (model_repository_manager.cc)."""
+    if not name:
+        raise invalid_argument("model name must not be empty")
+    if not name.strip(" \t\n\v\f\r"):
+        raise invalid_argument("model name must not contain only whitespace characters")
+    if ".." in name or "/" in name or "\0" in name:
+        raise invalid_argument(f"invalid model name '{name}', model name must not contain "
+                               f"path traversal characters")
+
+
+def _code_string(code: grpc.StatusCode) -> str:
+    return _CODE_STRINGS.get(code, "Unknown")
+
+
+def _read_config(model_dir: Path) -> mc.ModelConfig:
+    try:
+        return read_config(model_dir)
+    except ConfigError as exc:
+        raise PollError(str(exc)) from None
+
+
+def _complete(config: mc.ModelConfig, config_dir: Path, named_dir: Path,
+              gpu_ids: list[int], overridden: bool = False) -> None:
+    """Fill defaults and validate; the model is named after ``named_dir`` (the repository
+    folder) even when the config was read from an agent's temporary location. Messages
+    name where the config came from (a file, or the "config" load parameter)."""
+    try:
+        complete_config(config, named_dir, gpu_ids)
+    except ConfigError as exc:
+        text = str(exc)
+        if overridden:
+            text = text.replace(str(named_dir / CONFIG_FILE), "load parameter 'config'")
+        elif config_dir != named_dir:
+            text = text.replace(str(named_dir / CONFIG_FILE), str(config_dir / CONFIG_FILE))
+        raise PollError(text) from None
+
+
+def _select_versions(model_dir: Path, config: mc.ModelConfig) -> list[int]:
+    try:
+        return select_versions(model_dir, config)
+    except OSError as exc:
+        raise PollError(f"cannot list versions of '{model_dir}': {exc.strerror}") from None
+
+
+def _config_reader(location: str) -> dict[str, Any]:
+    """What agents after the first see: the config at the previous agent's location."""
+    return config_to_dict(read_config(Path(location)))
+
+
+def fingerprint(model_dir: Path) -> Fingerprint:
+    """(relative path, mtime_ns, size) of every file; Python's bytecode caches excluded
+    (the python backend writes them next to model.py and they must not look like edits)."""
     entries = []
-    for root, _dirs, names in os.walk(model_dir):
+    for root, dirs, names in os.walk(model_dir):
+        dirs[:] = [d for d in dirs if d not in _FINGERPRINT_SKIP_DIRS]
         for file_name in names:
             path = os.path.join(root, file_name)
             try:
@@ -341,16 +663,29 @@ def fingerprint(model_dir: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(sorted(entries))
 
 
-def _write_override_files(model_dir: Path, files: dict[str, bytes]) -> Path:
-    for relative, content in files.items():
-        target = (model_dir / relative).resolve()
-        if model_dir.resolve() not in target.parents:
-            raise ServeError.from_tuple(["INVALID_ARGUMENT",
-                                         f"file override path '{relative}' leaves the model "
-                                         f"directory"])
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
-    return model_dir
+def _write_override_files(model_dir: Path, files: Mapping[str, bytes],
+                          config: mc.ModelConfig) -> None:
+    """Triton's LocalizeRepoAgent: config.pbtxt from the "config" override, then each
+    "file:<path>" under the model directory (which it may not leave)."""
+    try:
+        model_dir.mkdir(parents=True, mode=0o700)
+        (model_dir / CONFIG_FILE).write_text(text_format.MessageToString(config))
+        root = os.path.realpath(model_dir)
+        for relative, content in files.items():
+            key = f"file:{relative}"
+            target = os.path.realpath(os.path.join(root, relative))
+            if not target.startswith(root + os.sep):
+                raise PollError(f"Invalid file parameter '{key}' with normalized path "
+                                f"'{target}' must stay within model directory.")
+            parent = os.path.dirname(target)
+            if os.path.exists(parent) and not os.path.isdir(parent):
+                raise PollError(f"Invalid file parameter '{key}', directory has been created "
+                                f"as a file")
+            os.makedirs(parent, exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(content)
+    except OSError as exc:
+        raise PollError(f"failed to write model file override: {exc}") from None
 
 
 def _remove_dir(path: str | None) -> None:
@@ -358,10 +693,16 @@ def _remove_dir(path: str | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-async def _agents_call(agents: Any, action: str) -> None:
-    if agents is not None:
+async def _agents_call(agents: AgentChain, action: str) -> None:
+    """Run a blocking chain action off the loop; errors are logged, never raised."""
+    try:
         await asyncio.to_thread(getattr(agents, action))
+    except Exception:
+        log.exception("repository agents of model '%s' failed on %s", agents.model_name,
+                      action)
 
 
-def config_json_dumps(config: mc.ModelConfig) -> str:
-    return json.dumps(config_to_dict(config))
+async def _fail_agents(agents: AgentChain | None) -> None:
+    """LOAD_FAIL (if LOAD went through) and remove every temporary location."""
+    if agents is not None:
+        await asyncio.shield(_agents_call(agents, "close"))

@@ -151,11 +151,13 @@ class Scheduler:
         while self._queue:
             slot = next((s for s in self._slots if s.alive and not s.busy), None)
             if slot is None:
-                return
+                break
             batch = self._take_batch()
             if batch is None:
-                return
+                break
             self._send(slot, batch)
+        if not self._queue and not any(s.busy for s in self._slots):
+            self._idle.set()
 
     def _drop_abandoned(self) -> None:
         if any(request.future.done() for request in self._queue):
@@ -280,8 +282,6 @@ class Scheduler:
                 self._finish(request, outputs)
             self.stats.record_batch(sum(r.batch_size for r in batch), len(batch), frame["ts"])
         self._dispatch()
-        if not self._queue and not any(s.busy for s in self._slots):
-            self._idle.set()
 
     def _read_output(self, slot: InstanceSlot, raw: list[Any]) -> OutputTensor:
         ref = TensorRef.unpack(raw)

@@ -203,7 +203,7 @@ class WorkerProcess:
         remove_owner_arenas(self.spec["supervisor_pid"], self.spec["arena_owner"] + "o")
         with contextlib.suppress(ValueError):
             self._process.close()
-        if not self._stopping:
+        if not self._stopping and self.became_ready:
             log.error("worker %s (pid %s) %s", self.label, self.pid, reason)
         self._on_exit(self, reason)
 

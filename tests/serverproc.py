@@ -46,7 +46,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log_path = log_path or repository.parent / f"server-{self.port}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "shmserve.daemon", "serve", "--model-repository",

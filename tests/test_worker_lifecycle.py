@@ -97,7 +97,7 @@ def test_broken_models_beside_good_ones(start_server: StartServer) -> None:
         assert "broken_config/config.pbtxt" in broken.reason and "data_typo" in broken.reason
         with pytest.raises(InferenceServerException) as error:
             client.infer("init_fails", [grpcclient.InferInput("INPUT0", [1], "FP32")])
-        assert error.value.status() == "StatusCode.UNAVAILABLE"
+        assert error.value.status() == "StatusCode.NOT_FOUND"
         inputs = [grpcclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
         for tensor in inputs:
             tensor.set_data_from_numpy(np.ones((1, 16), np.int32))
