@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-restricted-protocol", type=_restriction, action="append",
                        default=[], metavar="GROUPS:KEY=VALUE",
                        help="require header triton-grpc-protocol-KEY: VALUE for these groups")
+    serve.add_argument("--local-socket", default="",
+                       help="Unix socket of the local shared-memory channel (default "
+                            "<tmpdir>/shmserve-<grpc port>.sock; 'none' disables it)")
     serve.add_argument("--log-verbose", type=int, default=0, help="verbose logging level")
     return parser
 
@@ -76,7 +79,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         exit_timeout_secs=args.exit_timeout_secs,
         repoagent_directory=args.repoagent_directory, log_verbose=args.log_verbose,
         strict_readiness=args.strict_readiness, shm_key_prefix=args.shm_key_prefix,
-        restricted_protocols=args.grpc_restricted_protocol)
+        restricted_protocols=args.grpc_restricted_protocol, local_socket=args.local_socket)
 
 
 def serve(settings: Settings) -> int:

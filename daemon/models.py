@@ -413,6 +413,7 @@ class ModelManager:
         def make_spec(plan: InstancePlan, owner: str) -> dict[str, Any]:
             spec: dict[str, Any] = {
                 "supervisor_pid": self._supervisor_pid,
+                "heartbeat_secs": settings.worker_heartbeat_secs,
                 "arena_owner": owner,
                 "backend": backend,
                 "log_level": self._log_level,

@@ -20,6 +20,7 @@ class Settings:
     log_verbose: int = 0
     strict_readiness: bool = True
     shm_key_prefix: str | None = None
+    local_socket: str = ""                  # "" = <tmpdir>/shmserve-<grpc port>.sock, "none" = off
     restricted_protocols: list[tuple[set[str], str, str]] = field(default_factory=list)
     worker_heartbeat_secs: float = 5.0
     worker_hang_secs: float = 60.0

@@ -11,10 +11,12 @@ import contextlib
 import logging
 import os
 import signal
+import tempfile
 
 import grpc
 
 from shmserve.daemon import systemd
+from shmserve.daemon.frontend.local import LocalFrontend
 from shmserve.daemon.frontend.service import (
     InferenceService,
     ServerState,
@@ -60,7 +62,8 @@ class Supervisor:
         registry = ShmRegistry(models.release_regions, settings.shm_key_prefix, gpu_ids)
         state = ServerState(settings, models, registry)
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        server.add_generic_rpc_handlers(generic_handlers(InferenceService(state)))
+        service = InferenceService(state)
+        server.add_generic_rpc_handlers(generic_handlers(service))
         address = f"{settings.grpc_address}:{settings.grpc_port}"
         try:
             self.bound_port = server.add_insecure_port(address)
@@ -70,6 +73,7 @@ class Supervisor:
         await server.start()
         host = settings.grpc_address
         log.info("Started GRPCInferenceService at %s:%d", host, self.bound_port)
+        local = await self._start_local(service)
         for name in ("SIGTERM", "SIGINT", "SIGHUP"):
             loop.add_signal_handler(getattr(signal, name), self._signals.put_nowait, name)
         try:
@@ -91,15 +95,29 @@ class Supervisor:
             if poller is not None:
                 poller.cancel()
         finally:
-            await self._shutdown(state, server)
+            await self._shutdown(state, server, local)
         return 0
 
-    async def _shutdown(self, state: ServerState, server: grpc.aio.Server) -> None:
+    async def _start_local(self, service: InferenceService) -> LocalFrontend | None:
+        path = self.settings.local_socket
+        if path == "none":
+            return None
+        path = path or os.path.join(tempfile.gettempdir(), f"shmserve-{self.bound_port}.sock")
+        grpc_host = self.settings.grpc_address
+        grpc_host = "127.0.0.1" if grpc_host in ("0.0.0.0", "::", "[::]") else grpc_host
+        local = LocalFrontend(service, path, f"{grpc_host}:{self.bound_port}")
+        await local.start()
+        return local
+
+    async def _shutdown(self, state: ServerState, server: grpc.aio.Server,
+                        local: LocalFrontend | None) -> None:
         systemd.notify("STOPPING=1")
         state.exiting = True
         timeout = self.settings.exit_timeout_secs
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.idle.wait(), timeout)
+        if local is not None:
+            await local.stop()
         await state.models.shutdown()
         await server.stop(grace=1.0)
         remove_arenas(self.pid)

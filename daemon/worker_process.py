@@ -218,14 +218,13 @@ class WorkerProcess:
                 future.set_exception(self._death_error(reason))
 
     async def _watch(self, interval: float, hang_secs: float) -> None:
-        """Heartbeat: a worker whose control thread stops answering is hung; kill it."""
-        counter = 0
+        """Heartbeat: the worker sends a pong every interval from its own thread; a worker
+        silent for ``hang_secs`` is hung (its interpreter makes no progress) and is killed."""
+        self._last_pong = time.monotonic()
         while not self._exited:
             await asyncio.sleep(interval)
             if time.monotonic() - self._last_pong > hang_secs:
-                log.error("worker %s answered no heartbeat for %.0fs; killing it",
+                log.error("worker %s sent no heartbeat for %.0fs; killing it",
                           self.label, hang_secs)
                 self.kill()
                 return
-            counter += 1
-            self._send({"t": protocol.PING, "n": counter})

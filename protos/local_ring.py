@@ -108,6 +108,10 @@ class Ring:
         self._buf.release()
 
 
+def ring_capacity(ring_bytes: int) -> int:
+    return (ring_bytes + 4095) & ~4095
+
+
 def layout(ring_bytes: int) -> tuple[int, int, int]:
     """(total size, request ring base, response ring base) for two rings of ring_bytes."""
     ring_bytes = (ring_bytes + 4095) & ~4095

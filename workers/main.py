@@ -10,12 +10,12 @@ import contextlib
 import ctypes
 import logging
 import os
-import queue
 import signal
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from shmserve.workers import protocol
@@ -77,7 +77,7 @@ class WorkerHost:
         self._sock = sock
         self._spec = spec
         self._send_lock = threading.Lock()
-        self._frames: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._stopped = threading.Event()
         self._regions = SegmentCache()
         self._input_arena = ReaderMapping()
         self._resolver = InputResolver(self._regions, self._input_arena)
@@ -101,12 +101,14 @@ class WorkerHost:
                 self.send({"t": protocol.INIT_FAILED, "err": protocol.error_tuple(code, message)})
             self._finalize()
             return 3
-        reader = threading.Thread(target=self._read_frames, name="control-reader", daemon=True)
-        reader.start()
+        heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True,
+                                     args=(self._spec.get("heartbeat_secs", 5.0),))
+        heartbeat.start()
         self.send({"t": protocol.READY, "pid": os.getpid()})
         try:
             self._loop()
         finally:
+            self._stopped.set()
             self._finalize()
         return 0
 
@@ -142,37 +144,43 @@ class WorkerHost:
         self._input_arena.close()
         self._output_arena.close()
 
-    def _read_frames(self) -> None:
+    def _heartbeat(self, interval: float) -> None:
+        """Prove from a second thread that the process and its interpreter still make progress.
+
+        The main thread reads the control socket itself: handing frames over from a reader
+        thread would cost a thread switch per request.
+        """
+        while not self._stopped.wait(interval):
+            try:
+                self.send({"t": protocol.PONG})
+            except OSError:
+                return
+
+    def _frames_from_socket(self) -> Iterator[dict[str, Any]]:
         unpacker = protocol.new_unpacker()
-        try:
-            while True:
+        while True:
+            try:
                 chunk = self._sock.recv(1 << 20)
-                if not chunk:
-                    break
-                unpacker.feed(chunk)
-                for frame in unpacker:
-                    if frame["t"] == protocol.PING:
-                        self.send({"t": protocol.PONG, "n": frame.get("n", 0)})
-                    else:
-                        self._frames.put(frame)
-        except OSError:
-            pass
-        self._frames.put(None)
+            except OSError:
+                return
+            if not chunk:
+                return
+            unpacker.feed(chunk)
+            yield from unpacker
 
     def _loop(self) -> None:
-        while True:
-            frame = self._frames.get()
-            if frame is None:
-                log.info("supervisor closed the control channel; exiting")
-                return
+        for frame in self._frames_from_socket():
             kind = frame["t"]
             if kind == protocol.EXEC:
                 self.send(self._execute(frame))
             elif kind == protocol.RELEASE:
                 for region_id in frame["ids"]:
                     self._regions.release(region_id)
+            elif kind == protocol.PING:
+                self.send({"t": protocol.PONG})
             elif kind == protocol.STOP:
                 return
+        log.info("supervisor closed the control channel; exiting")
 
     def _execute(self, frame: dict[str, Any]) -> dict[str, Any]:
         assert self._backend is not None

@@ -20,7 +20,7 @@ from shmserve.daemon.errors import (
 )
 from shmserve.daemon.frontend.infer import build_request, build_response, config_datatype
 from shmserve.daemon.models import UNAVAILABLE, ModelManager
-from shmserve.daemon.request import InferRequest
+from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import ShmRegistry
 from shmserve.protos import shmserve_health_pb2 as health_pb
@@ -156,6 +156,12 @@ class InferenceService:
         return await self._infer(request)
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        internal, outputs = await self.infer_outputs(request)
+        return build_response(internal, outputs)
+
+    async def infer_outputs(self, request: pb.ModelInferRequest
+                            ) -> tuple[InferRequest, list[OutputTensor]]:
+        """Every frontend's inference: validate, schedule, wait. Raises ServeError."""
         if self.state.exiting:
             raise unavailable(SERVER_EXITING)
         model = self.models.resolve(request.model_name, request.model_version)
@@ -181,7 +187,7 @@ class InferenceService:
                 # already executing keeps its regions pinned until the worker is done.
                 internal.future.cancel()
                 raise
-            return build_response(internal, outputs)
+            return internal, outputs
         finally:
             state.inflight -= 1
             if state.inflight == 0:

@@ -1,0 +1,340 @@
+"""The local channel: requests from co-located clients through shared memory, no gRPC.
+
+A client connects to the Unix socket; the server checks its credentials (SO_PEERCRED),
+creates a memfd holding a request ring and a response ring (see protos/local_ring.py) and
+passes the fd over the socket (SCM_RIGHTS). The segment has no name, so nothing can be
+left in /dev/shm and no other process can open it. From then on the socket only carries
+doorbell bytes and tells either side when the other is gone.
+
+Requests become the same ModelInferRequest the gRPC frontend parses and go through the same
+validation, scheduler, batching and statistics. Regions a channel registers live in their
+own namespace: a channel reaches only the regions it registered, and they are unregistered
+when the channel closes.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import itertools
+import logging
+import mmap
+import os
+import socket
+import struct
+import time
+from collections import deque
+from typing import Any
+
+import msgpack
+
+from shmserve.daemon.errors import ServeError
+from shmserve.daemon.frontend.service import InferenceService
+from shmserve.protos import shmserve_service_pb2 as pb
+from shmserve.protos.local_ring import (
+    DEFAULT_RING_BYTES,
+    MessageTooLarge,
+    Ring,
+    RingFull,
+    layout,
+    ring_capacity,
+)
+
+log = logging.getLogger("shmserve.local")
+PROTOCOL_VERSION = 1
+_channel_ids = itertools.count(1)
+_HANDSHAKE_LENGTH = struct.Struct("<I")
+MAX_PENDING_RESPONSES = 4096
+STALLED_CLIENT_SECS = 30.0
+
+
+def _region_name(channel: int, name: str) -> str:
+    return f"@{channel}:{name}"
+
+
+class LocalChannel(asyncio.Protocol):
+    """One connected client: its rings, its regions, its in-flight requests."""
+
+    def __init__(self, frontend: LocalFrontend, channel_id: int, memory: mmap.mmap,
+                 ring_bytes: int, peer: tuple[int, int, int]) -> None:
+        self._frontend = frontend
+        self.channel_id = channel_id
+        self.peer_pid, self.peer_uid, _ = peer
+        self.owner = f"local:{channel_id}"
+        self._memory = memory
+        _, request_base, response_base = layout(ring_bytes)
+        self._requests = Ring.attach(memory, request_base)
+        self._responses = Ring.attach(memory, response_base)
+        self._transport: asyncio.Transport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: deque[bytes] = deque()
+        self._stalled_since = 0.0
+        self._retry: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    # --- asyncio protocol ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        """Doorbell: the client published requests (or drained responses)."""
+        self._flush_pending()
+        for raw in self._requests.get_all():
+            try:
+                message = msgpack.unpackb(raw, raw=False)
+                self._handle(message)
+            except Exception as exc:
+                log.warning("channel %d: bad message: %s", self.channel_id, exc)
+                self.close()
+                return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._reclaim()
+
+    # --- requests -----------------------------------------------------------------------
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = message["op"]
+        request_id = message["id"]
+        registry = self._frontend.service.registry
+        try:
+            if op == "infer":
+                task = asyncio.get_running_loop().create_task(self._infer(message))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+            if op == "register":
+                registry.register_system(_region_name(self.channel_id, message["name"]),
+                                         message["key"], message.get("offset", 0),
+                                         message["byte_size"], self.owner)
+            elif op == "unregister":
+                name = message.get("name", "")
+                if name:
+                    registry.unregister("system", _region_name(self.channel_id, name))
+                else:
+                    registry.unregister("system", "", self.owner)
+            elif op == "ping":
+                pass
+            else:
+                raise ServeError.from_tuple(["INVALID_ARGUMENT", f"unknown operation '{op}'"])
+            self._reply({"id": request_id})
+        except ServeError as exc:
+            self._reply({"id": request_id, "err": [exc.code.name, exc.message.replace(
+                f"@{self.channel_id}:", "")]})
+
+    async def _infer(self, message: dict[str, Any]) -> None:
+        request_id = message["id"]
+        try:
+            request = self._to_protobuf(message)
+            internal, outputs = await self._frontend.service.infer_outputs(request)
+        except ServeError as exc:
+            self._reply({"id": request_id, "err": [exc.code.name, exc.message.replace(
+                f"@{self.channel_id}:", "")]})
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("local infer failed")
+            self._reply({"id": request_id, "err": ["INTERNAL", f"{type(exc).__name__}: {exc}"]})
+            return
+        self._reply({"id": request_id, "model_version": str(internal.version),
+                     "out": [[o.name, o.datatype, o.shape, o.data] for o in outputs]})
+
+    def _to_protobuf(self, message: dict[str, Any]) -> pb.ModelInferRequest:
+        request = pb.ModelInferRequest(model_name=message["model"],
+                                       model_version=message.get("version", ""),
+                                       id=message.get("rid", ""))
+        for entry in message["in"]:
+            name, datatype, shape, where = entry[0], entry[1], entry[2], entry[3]
+            tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+            if where == "r":
+                _region_parameters(tensor.parameters, _region_name(self.channel_id, entry[4]),
+                                   entry[5], entry[6])
+            else:
+                request.raw_input_contents.append(entry[4])
+        for entry in message.get("out", ()):
+            output = request.outputs.add(name=entry[0])
+            if len(entry) > 1:
+                _region_parameters(output.parameters, _region_name(self.channel_id, entry[1]),
+                                   entry[2], entry[3])
+        for key, value in (message.get("p") or {}).items():
+            _set_parameter(request.parameters[key], value)
+        return request
+
+    # --- responses ----------------------------------------------------------------------
+    def _reply(self, message: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        data = msgpack.packb(message, use_bin_type=True)
+        if self._pending:
+            self._pending.append(data)
+        else:
+            try:
+                self._responses.put(data)
+            except RingFull:
+                self._pending.append(data)
+            except MessageTooLarge as exc:
+                self._responses.put(msgpack.packb({"id": message["id"], "err": [
+                    "RESOURCE_EXHAUSTED", f"response too large for the local channel ({exc}); "
+                                          f"request the outputs into a shared-memory region"]}))
+        if self._pending:
+            self._on_stall()
+        self._ring()
+
+    def _flush_pending(self) -> None:
+        while self._pending:
+            try:
+                self._responses.put(self._pending[0])
+            except RingFull:
+                return
+            self._pending.popleft()
+            self._stalled_since = 0.0
+        self._ring()
+
+    def _on_stall(self) -> None:
+        """The client is not draining: hold responses, retry, give up after a while."""
+        now = time.monotonic()
+        if not self._stalled_since:
+            self._stalled_since = now
+        if len(self._pending) > MAX_PENDING_RESPONSES or \
+                now - self._stalled_since > STALLED_CLIENT_SECS:
+            log.warning("channel %d (pid %d) stopped reading responses; closing it",
+                        self.channel_id, self.peer_pid)
+            self.close()
+            return
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(0.001, self._retry_flush)
+
+    def _retry_flush(self) -> None:
+        self._retry = None
+        self._flush_pending()
+        if self._pending and not self.closed:
+            self._on_stall()
+
+    def _ring(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"\x01")
+
+    # --- teardown -----------------------------------------------------------------------
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self._reclaim()
+
+    def _reclaim(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        self._frontend.service.registry.unregister("system", "", self.owner)
+        self._pending.clear()
+        self._requests.release()
+        self._responses.release()
+        with contextlib.suppress(BufferError):
+            self._memory.close()
+        self._frontend.forget(self)
+        log.info("local channel %d (pid %d) closed", self.channel_id, self.peer_pid)
+
+
+def _region_parameters(parameters: Any, region: str, offset: int, byte_size: int) -> None:
+    parameters["shared_memory_region"].string_param = region
+    parameters["shared_memory_byte_size"].int64_param = byte_size
+    if offset:
+        parameters["shared_memory_offset"].int64_param = offset
+
+
+def _set_parameter(target: pb.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        target.bool_param = value
+    elif isinstance(value, int):
+        target.int64_param = value
+    elif isinstance(value, float):
+        target.double_param = value
+    else:
+        target.string_param = str(value)
+
+
+class LocalFrontend:
+    """Accepts local clients on a Unix socket and gives each a pair of rings."""
+
+    def __init__(self, service: InferenceService, path: str, grpc_address: str,
+                 ring_bytes: int = DEFAULT_RING_BYTES) -> None:
+        self.service = service
+        self.path = path
+        self._grpc_address = grpc_address
+        self._ring_bytes = ring_bytes
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._channels: set[LocalChannel] = set()
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(128)
+        listener.setblocking(False)
+        self._listener = listener
+        self._accepting = asyncio.get_running_loop().create_task(self._accept())
+        log.info("Started local channel at %s", self.path)
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            connection, _ = await loop.sock_accept(self._listener)
+            try:
+                await self._open_channel(connection)
+            except OSError as exc:
+                log.warning("local handshake failed: %s", exc)
+                connection.close()
+
+    async def _open_channel(self, connection: socket.socket) -> None:
+        credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                            struct.calcsize("3i"))
+        peer = struct.unpack("3i", credentials)
+        total, request_base, response_base = layout(self._ring_bytes)
+        fd = os.memfd_create("shmserve-local-channel", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, total)
+            os.fchmod(fd, 0o600)
+            memory = mmap.mmap(fd, total)
+            capacity = ring_capacity(self._ring_bytes)
+            Ring.initialize(memory, request_base, capacity)
+            Ring.initialize(memory, response_base, capacity)
+            channel_id = next(_channel_ids)
+            hello = msgpack.packb({"v": PROTOCOL_VERSION, "channel": channel_id,
+                                   "ring_bytes": self._ring_bytes, "size": total,
+                                   "grpc": self._grpc_address})
+            connection.setblocking(True)
+            connection.settimeout(5.0)
+            connection.sendmsg([_HANDSHAKE_LENGTH.pack(len(hello)) + hello],
+                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        finally:
+            os.close(fd)
+        connection.setblocking(False)
+        channel = LocalChannel(self, channel_id, memory, self._ring_bytes, peer)
+        self._channels.add(channel)
+        await asyncio.get_running_loop().create_unix_connection(lambda: channel,
+                                                                sock=connection)
+        log.info("local channel %d opened for pid %d (uid %d)", channel_id, peer[0], peer[1])
+
+    def forget(self, channel: LocalChannel) -> None:
+        self._channels.discard(channel)
+
+    @property
+    def channels(self) -> int:
+        return len(self._channels)
+
+    async def stop(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._listener is not None:
+            self._listener.close()
+        for channel in list(self._channels):
+            channel.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
