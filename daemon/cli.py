@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-address", default="0.0.0.0", help="address to listen on")
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0 = any free)")
     serve.add_argument("--metrics-port", type=int, default=8002,
-                       help="Prometheus metrics port (reserved; metrics are not served yet)")
+                       help="Prometheus metrics port, GET /metrics (0 = any free)")
+    serve.add_argument("--allow-metrics", type=_bool, default=True,
+                       help="serve Prometheus metrics (default true)")
     serve.add_argument("--model-control-mode", choices=["none", "explicit", "poll"],
                        default="none", help="none: load all at start; explicit: load/unload "
                                             "RPCs; poll: follow repository changes")
@@ -74,6 +76,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(
         model_repository=args.model_repository, grpc_address=args.grpc_address,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+        allow_metrics=args.allow_metrics,
         model_control_mode=args.model_control_mode, load_models=args.load_model,
         repository_poll_secs=args.repository_poll_secs,
         exit_timeout_secs=args.exit_timeout_secs,

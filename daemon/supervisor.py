@@ -22,6 +22,7 @@ from shmserve.daemon.frontend.service import (
     ServerState,
     generic_handlers,
 )
+from shmserve.daemon.metrics import MetricsServer
 from shmserve.daemon.model_config import detect_gpus
 from shmserve.daemon.models import ModelManager
 from shmserve.daemon.settings import Settings
@@ -61,6 +62,14 @@ class Supervisor:
         models = ModelManager(settings, self.pid, gpu_ids)
         registry = ShmRegistry(models.release_regions, settings.shm_key_prefix, gpu_ids)
         state = ServerState(settings, models, registry)
+        metrics = MetricsServer(models, settings.grpc_address, settings.metrics_port) \
+            if settings.allow_metrics else None
+        if metrics is not None:
+            try:
+                await metrics.start()
+            except OSError as exc:
+                log.error("cannot serve metrics on port %d: %s", settings.metrics_port, exc)
+                return 1
         server = grpc.aio.server(options=GRPC_OPTIONS)
         service = InferenceService(state)
         server.add_generic_rpc_handlers(generic_handlers(service))
@@ -69,6 +78,8 @@ class Supervisor:
             self.bound_port = server.add_insecure_port(address)
         except RuntimeError as exc:
             log.error("cannot listen on %s: %s", address, exc)
+            if metrics is not None:
+                await metrics.stop()
             return 1
         await server.start()
         host = settings.grpc_address
@@ -96,6 +107,8 @@ class Supervisor:
                 poller.cancel()
         finally:
             await self._shutdown(state, server, local)
+            if metrics is not None:
+                await metrics.stop()
         return 0
 
     async def _start_local(self, service: InferenceService) -> LocalFrontend | None:

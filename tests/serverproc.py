@@ -51,7 +51,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "shmserve.daemon", "serve", "--model-repository",
              str(repository), "--grpc-address", "127.0.0.1", "--grpc-port", str(self.port),
-             "--exit-timeout-secs", "10", *extra],
+             "--exit-timeout-secs", "10", "--metrics-port", "0", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     @property

@@ -259,3 +259,20 @@ def test_supervisor_keeps_sigterm_after_starting_workers(tmp_path: Path) -> None
     code = ("import signal; import shmserve.daemon.supervisor, shmserve.workers.main; "
             "assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL")
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
+
+
+def test_prometheus_metrics(server: ServerProcess,
+                            client: grpcclient.InferenceServerClient) -> None:
+    import re
+    import urllib.request
+    port = int(re.search(r"Started Metrics Service at [\d.]+:(\d+)", server.log()).group(1))
+    inputs, _, _ = _simple_inputs()
+    client.infer("simple", inputs)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    success = re.search(r'nv_inference_request_success\{model="simple",version="1"\} (\d+)',
+                        text)
+    assert success and int(success.group(1)) >= 1
+    assert "# TYPE nv_inference_queue_duration_us counter" in text
+    assert re.search(r'shmserve_instance_up\{model="simple",version="1",'
+                     r'instance="simple_0_0",kind="KIND_CPU",device="cpu",pid="\d+"\} 1', text)

@@ -1,0 +1,130 @@
+"""Prometheus metrics on --metrics-port (Triton's metric names), served from the event loop.
+
+A minimal HTTP/1.1 responder: GET /metrics returns the text exposition format; anything else
+is 404. Counters are read from the schedulers' statistics when scraped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from shmserve.daemon.models import ModelManager
+from shmserve.daemon.statistics import ModelStats
+
+log = logging.getLogger("shmserve.metrics")
+
+_COUNTERS: list[tuple[str, str, str]] = [
+    ("nv_inference_request_success", "Number of successful inference requests", "success"),
+    ("nv_inference_request_failure", "Number of failed inference requests", "fail"),
+]
+_DURATIONS: list[tuple[str, str, str]] = [
+    ("nv_inference_request_duration_us", "Cumulative inference request duration in us",
+     "success"),
+    ("nv_inference_queue_duration_us", "Cumulative inference queuing duration in us", "queue"),
+    ("nv_inference_compute_input_duration_us", "Cumulative compute input duration in us",
+     "compute_input"),
+    ("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in us",
+     "compute_infer"),
+    ("nv_inference_compute_output_duration_us", "Cumulative inference compute output duration "
+     "in us", "compute_output"),
+]
+
+
+def _labels(**labels: object) -> str:
+    inner = ",".join(f'{key}="{str(value).replace(chr(34), "")}"'
+                     for key, value in labels.items())
+    return "{" + inner + "}"
+
+
+def render(models: ModelManager) -> str:
+    versions = [(v.name, v.version, v.scheduler) for r in models.records()
+                for v in r.versions.values()]
+    lines: list[str] = []
+
+    def family(name: str, help_text: str, kind: str,
+               values: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {value:g}" for labels, value in values)
+
+    def per_version(value_of: object) -> list[tuple[str, float]]:
+        return [(_labels(model=name, version=version), value_of(s.stats))  # type: ignore[operator]
+                for name, version, s in versions]
+
+    for name, help_text, field in _COUNTERS:
+        family(name, help_text, "counter",
+               per_version(lambda stats, f=field: getattr(stats, f).count))
+    family("nv_inference_count", "Number of inferences performed (batch elements)", "counter",
+           per_version(lambda stats: stats.inference_count))
+    family("nv_inference_exec_count", "Number of model executions performed", "counter",
+           per_version(lambda stats: stats.execution_count))
+    family("nv_inference_pending_request_count", "Instantaneous number of pending requests",
+           "gauge", per_version(lambda stats: max(stats.pending, 0)))
+    for name, help_text, field in _DURATIONS:
+        family(name, help_text, "counter",
+               per_version(lambda stats, f=field: _us(stats, f)))
+    instances = []
+    restarts = []
+    for name, version, scheduler in versions:
+        for slot in scheduler.instances:
+            worker = slot.worker
+            labels = dict(model=name, version=version, instance=slot.plan.name,
+                          kind=slot.plan.kind,
+                          device=slot.plan.device_id if slot.plan.kind == "KIND_GPU" else "cpu",
+                          pid=worker.pid if worker is not None else "")
+            instances.append((_labels(**labels), 1.0 if slot.alive else 0.0))
+            restarts.append((_labels(model=name, version=version, instance=slot.plan.name),
+                             float(slot.generation - 1)))
+    family("shmserve_instance_up", "1 when the model instance's worker is alive; labels say "
+           "where it runs", "gauge", instances)
+    family("shmserve_instance_restarts_total", "Worker restarts of the model instance",
+           "counter", restarts)
+    return "\n".join(lines) + "\n"
+
+
+def _us(stats: ModelStats, field: str) -> float:
+    return int(getattr(stats, field).ns / 1000)
+
+
+class MetricsServer:
+    def __init__(self, models: ModelManager, address: str, port: int) -> None:
+        self._models = models
+        self._address = address
+        self._port = port
+        self._server: asyncio.base_events.Server | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self._address, self._port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info("Started Metrics Service at %s:%d", self._address, self.port)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), 10)
+            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request_line.decode("latin-1").split()
+            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
+                body = render(self._models).encode()
+                status = "200 OK"
+                content_type = "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                body, status, content_type = b"not found\n", "404 Not Found", "text/plain"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                         + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
