@@ -21,9 +21,10 @@ from shmserve.daemon.errors import ServeError, unavailable
 from shmserve.daemon.model_config import InstancePlan
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
+from shmserve.daemon.shm_registry import Region
 from shmserve.daemon.statistics import ModelStats
 from shmserve.daemon.worker_process import WorkerProcess
-from shmserve.workers.protocol import ARENA, INLINE, INLINE_LIMIT, SYSTEM, TensorRef
+from shmserve.workers.protocol import ARENA, CUDA, INLINE, INLINE_LIMIT, SYSTEM, TensorRef
 from shmserve.workers.shm import Arena, ReaderMapping
 
 log = logging.getLogger("shmserve.scheduler")
@@ -33,6 +34,16 @@ _STABLE_SECS = 30.0
 
 def _align(nbytes: int) -> int:
     return (nbytes + 63) // 64 * 64
+
+
+def _region_location(region: Region) -> tuple[str, list[Any]]:
+    """(where, location) of a client region in a TensorRef.
+
+    CUDA regions travel as [id, raw 64-byte handle, device id]: the worker opens the handle.
+    """
+    if region.kind == "cuda":
+        return CUDA, [region.region_id, region.raw_handle, region.device_id]
+    return SYSTEM, [region.region_id, region.key]
 
 
 class InstanceSlot:
@@ -234,8 +245,8 @@ class Scheduler:
             for tensor in request.inputs:
                 if tensor.region is not None:
                     region = tensor.region
-                    refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape, SYSTEM,
-                                          [region.region_id, region.key],
+                    refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape,
+                                          *_region_location(region),
                                           region.offset + tensor.offset, tensor.nbytes).pack())
                 elif tensor.data is not None and len(tensor.data) > INLINE_LIMIT:
                     assert segment is not None
@@ -252,8 +263,7 @@ class Scheduler:
                 destination = None
                 if output.region is not None:
                     region = output.region
-                    destination = TensorRef(output.name, "", [], SYSTEM,
-                                            [region.region_id, region.key],
+                    destination = TensorRef(output.name, "", [], *_region_location(region),
                                             region.offset + output.offset,
                                             output.byte_size).pack()
                 outputs.append([output.name, destination])

@@ -17,14 +17,15 @@ from google.protobuf.descriptor import (
     FieldDescriptor,
     FileDescriptor,
 )
+from tritonclient.grpc import model_config_pb2 as triton_config_pb2
+from tritonclient.grpc import service_pb2 as triton_service_pb2
+
 from shmserve.protos import (
     generate,
     shmserve_health_pb2,
     shmserve_model_config_pb2,
     shmserve_service_pb2,
 )
-from tritonclient.grpc import model_config_pb2 as triton_config_pb2
-from tritonclient.grpc import service_pb2 as triton_service_pb2
 
 PROTOS_DIR = Path(generate.__file__).resolve().parent
 REPO_ROOT = PROTOS_DIR.parent

@@ -28,7 +28,8 @@ from shmserve.workers.backend import (
     Response,
     resolve_backend,
 )
-from shmserve.workers.protocol import INLINE_LIMIT, TensorRef
+from shmserve.workers.cuda_ipc import CudaRegions, DeviceOutput
+from shmserve.workers.protocol import CUDA, INLINE_LIMIT, TensorRef
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache
 from shmserve.workers.tensors import InputResolver, map_region, output_bytes
 
@@ -80,7 +81,11 @@ class WorkerHost:
         self._stopped = threading.Event()
         self._regions = SegmentCache()
         self._input_arena = ReaderMapping()
-        self._resolver = InputResolver(self._regions, self._input_arena)
+        instance = spec["instance"]
+        # Opens client CUDA IPC handles on first use (imports cuda-python/torch only then).
+        self._cuda = CudaRegions(instance["device_id"] if instance["kind"] == "KIND_GPU"
+                                 else None)
+        self._resolver = InputResolver(self._regions, self._input_arena, self._cuda)
         self._output_arena = Arena(spec["supervisor_pid"], spec["arena_owner"] + "o")
         self._backend: Backend | None = None
         self._hooks_done: list[str] = []
@@ -141,6 +146,7 @@ class WorkerHost:
                 log.exception("%s failed", hooks[done])
         self._hooks_done.clear()
         self._regions.close_all()
+        self._cuda.close_all()
         self._input_arena.close()
         self._output_arena.close()
 
@@ -176,6 +182,7 @@ class WorkerHost:
             elif kind == protocol.RELEASE:
                 for region_id in frame["ids"]:
                     self._regions.release(region_id)
+                    self._cuda.release(region_id)
             elif kind == protocol.PING:
                 self.send({"t": protocol.PONG})
             elif kind == protocol.STOP:
@@ -269,6 +276,14 @@ class WorkerHost:
             nbytes = len(data)
             if destination is not None:
                 target = TensorRef.unpack(destination)
+                if target.where == CUDA:
+                    try:     # one device-to-device (or host-to-device) copy
+                        self._cuda.write(target, data, name)
+                    except BackendError as exc:
+                        return {"err": [exc.code, exc.message]}, arena_offset
+                    refs.append(TensorRef(name, datatype, shape, CUDA, target.location,
+                                          target.offset, nbytes).pack())
+                    continue
                 region_id, key = target.location
                 try:
                     segment = map_region(self._regions, region_id, key)
@@ -278,21 +293,29 @@ class WorkerHost:
                     # The client replaced its segment by a smaller one after registering.
                     return {"err": ["INTERNAL", f"output '{name}' lies outside its shared "
                                                 f"memory segment"]}, arena_offset
-                segment.buf[target.offset:target.offset + nbytes] = data
+                _copy_into(segment.buf[target.offset:target.offset + nbytes], data)
                 refs.append(TensorRef(name, datatype, shape, target.where, target.location,
                                       target.offset, nbytes).pack())
             elif nbytes <= INLINE_LIMIT:
                 refs.append(TensorRef.inline(name, datatype, shape, bytes(data)).pack())
             else:
                 segment = self._output_arena.ensure(arena_offset + nbytes)
-                segment.buf[arena_offset:arena_offset + nbytes] = data
+                _copy_into(segment.buf[arena_offset:arena_offset + nbytes], data)
                 refs.append(TensorRef(name, datatype, shape, protocol.ARENA, segment.key,
                                       arena_offset, nbytes).pack())
                 arena_offset += _align(nbytes)
         return {"out": refs}, arena_offset
 
 
-_Prepared = tuple[str, str, list[int], "memoryview | bytes", Any]
+_Prepared = tuple[str, str, list[int], "memoryview | bytes | DeviceOutput", Any]
+
+
+def _copy_into(target: memoryview, data: memoryview | bytes | DeviceOutput) -> None:
+    """Host bytes are copied; a GPU output is copied device-to-host straight into ``target``."""
+    if isinstance(data, DeviceOutput):
+        data.write_to(target)
+    else:
+        target[:] = data
 
 
 def _align(nbytes: int, alignment: int = 64) -> int:

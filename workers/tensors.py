@@ -15,6 +15,13 @@ from shmserve.protos.datatypes import (
     to_numpy_dtype,
 )
 from shmserve.workers.backend import BackendError
+from shmserve.workers.cuda_ipc import (
+    CudaRegions,
+    DeviceOutput,
+    datatype_of_torch,
+    device_output,
+    host_array,
+)
 from shmserve.workers.protocol import ARENA, CUDA, INLINE, SYSTEM, TensorRef
 from shmserve.workers.shm import ReaderMapping, Segment, SegmentCache
 
@@ -32,9 +39,11 @@ def map_region(regions: SegmentCache, region_id: int, key: str) -> Segment:
 class InputResolver:
     """Maps input references to arrays. Fixed-size tensors in shared memory are views (no copy)."""
 
-    def __init__(self, regions: SegmentCache, input_arena: ReaderMapping) -> None:
+    def __init__(self, regions: SegmentCache, input_arena: ReaderMapping,
+                 cuda: CudaRegions | None = None) -> None:
         self._regions = regions
         self._input_arena = input_arena
+        self._cuda = cuda
 
     def buffer(self, ref: TensorRef) -> memoryview | bytes:
         if ref.where == INLINE:
@@ -54,7 +63,10 @@ class InputResolver:
                                "INVALID_ARGUMENT")
         return segment.buf[ref.offset:ref.offset + ref.nbytes]
 
-    def array(self, ref: TensorRef) -> np.ndarray:
+    def array(self, ref: TensorRef) -> Any:
+        """A NumPy array; for a CUDA region a torch CUDA tensor over the client's memory."""
+        if ref.where == CUDA and self._cuda is not None:
+            return self._cuda.input(ref)
         data = self.buffer(ref)
         if ref.datatype == "BYTES":
             try:
@@ -68,13 +80,19 @@ class InputResolver:
         return np.frombuffer(data, dtype=dtype, count=element_count(ref.shape)).reshape(ref.shape)
 
 
-def output_bytes(array: Any) -> tuple[str, list[int], memoryview | bytes]:
-    """(datatype, shape, bytes) of a backend's output; torch tensors are moved to host memory."""
+def output_bytes(array: Any) -> tuple[str, list[int], memoryview | bytes | DeviceOutput]:
+    """(datatype, shape, bytes) of a backend's output.
+
+    A torch CUDA tensor stays on its GPU as a :class:`DeviceOutput` (``len`` is its byte
+    size): it is copied once when written -- device-to-host into shared memory, or
+    device-to-device into a CUDA region. CPU torch tensors are viewed without a copy.
+    """
     if not isinstance(array, np.ndarray):
-        if hasattr(array, "detach") and hasattr(array, "cpu"):
-            array = array.detach().cpu().numpy()
-        else:
-            array = np.asarray(array)
+        on_device = device_output(array)
+        if on_device is not None:
+            return (datatype_of_torch(on_device.tensor.dtype),
+                    [int(d) for d in on_device.tensor.shape], on_device)
+        array = host_array(array)
     datatype = from_numpy_dtype(array.dtype)
     shape = [int(d) for d in array.shape]
     if datatype == "BYTES":

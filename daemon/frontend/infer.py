@@ -137,9 +137,6 @@ def _build(message: pb.ModelInferRequest, model: ModelVersion, registry: ShmRegi
             region_name, offset, byte_size = shm
             region = registry.acquire(region_name, offset, byte_size)
             regions.append(region)
-            if region.kind == "cuda":
-                raise unimplemented(f"CUDA shared memory input '{tensor.name}' needs a GPU "
-                                    f"worker; this server has none for model '{name}'")
             if fixed and byte_size != expected_bytes:
                 raise _byte_size_mismatch(tensor.name, name, expected_bytes, byte_size)
             inputs.append(InputTensor(tensor.name, expected_type, shape, None, region, offset,
@@ -264,9 +261,6 @@ def _requested_outputs(message: pb.ModelInferRequest, config: mc.ModelConfig, mo
         region_name, offset, byte_size = shm
         region = registry.acquire(region_name, offset, byte_size)
         regions.append(region)
-        if region.kind == "cuda":
-            raise unimplemented(f"CUDA shared memory output '{requested.name}' needs a GPU "
-                                f"worker; this server has none for model '{model}'")
         outputs.append(RequestedOutput(requested.name, region, offset, byte_size))
     return outputs
 

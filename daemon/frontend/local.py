@@ -47,6 +47,10 @@ _channel_ids = itertools.count(1)
 _HANDSHAKE_LENGTH = struct.Struct("<I")
 MAX_PENDING_RESPONSES = 4096
 STALLED_CLIENT_SECS = 30.0
+# Overrides for tests and tuning (no CLI flags yet): ring size per direction in bytes, and how
+# long a client may leave responses unread before its channel is closed.
+RING_BYTES_ENV = "SHMSERVE_LOCAL_RING_BYTES"
+STALL_SECS_ENV = "SHMSERVE_LOCAL_STALL_SECS"
 
 
 def _region_name(channel: int, name: str) -> str:
@@ -126,7 +130,13 @@ class LocalChannel(asyncio.Protocol):
         request_id = message["id"]
         try:
             request = self._to_protobuf(message)
-            internal, outputs = await self._frontend.service.infer_outputs(request)
+            # "t": the client's deadline in seconds; as with gRPC, a request still queued
+            # when it passes is dropped.
+            async with asyncio.timeout(message.get("t")):
+                internal, outputs = await self._frontend.service.infer_outputs(request)
+        except TimeoutError:
+            self._reply({"id": request_id, "err": ["DEADLINE_EXCEEDED", "Deadline Exceeded"]})
+            return
         except ServeError as exc:
             self._reply({"id": request_id, "err": [exc.code.name, exc.message.replace(
                 f"@{self.channel_id}:", "")]})
@@ -197,7 +207,7 @@ class LocalChannel(asyncio.Protocol):
         if not self._stalled_since:
             self._stalled_since = now
         if len(self._pending) > MAX_PENDING_RESPONSES or \
-                now - self._stalled_since > STALLED_CLIENT_SECS:
+                now - self._stalled_since > self._frontend.stall_secs:
             log.warning("channel %d (pid %d) stopped reading responses; closing it",
                         self.channel_id, self.peer_pid)
             self.close()
@@ -253,6 +263,8 @@ def _set_parameter(target: pb.InferParameter, value: Any) -> None:
         target.int64_param = value
     elif isinstance(value, float):
         target.double_param = value
+    elif isinstance(value, bytes):
+        target.bytes_param = value
     else:
         target.string_param = str(value)
 
@@ -265,7 +277,8 @@ class LocalFrontend:
         self.service = service
         self.path = path
         self._grpc_address = grpc_address
-        self._ring_bytes = ring_bytes
+        self._ring_bytes = int(os.environ.get(RING_BYTES_ENV) or ring_bytes)
+        self.stall_secs = float(os.environ.get(STALL_SECS_ENV) or STALLED_CLIENT_SECS)
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._channels: set[LocalChannel] = set()

@@ -216,6 +216,7 @@ class PythonBackend(Backend):
         self._model_object: Any = None
         self._default_outputs: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._force_cpu_inputs = True
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -239,6 +240,7 @@ class PythonBackend(Backend):
         self._model = model
         self._default_outputs = [str(out["name"]) for out in model.config.get("output", [])
                                  if "name" in out]
+        self._force_cpu_inputs = _force_cpu_only_inputs(model.config)
 
     def instance_initialize(self, model: ModelSpec, instance: InstanceSpec) -> None:
         if self._imported is None:
@@ -308,7 +310,8 @@ class PythonBackend(Backend):
                 f"model instance '{self._label()}' is not initialized", "UNAVAILABLE"))
         pb_requests = [
             pb_utils.InferenceRequest._from_backend(
-                request.request_id, request.correlation_id, request.inputs,
+                request.request_id, request.correlation_id,
+                _cpu_inputs(request.inputs) if self._force_cpu_inputs else request.inputs,
                 list(request.requested_outputs) or list(self._default_outputs),
                 request.parameters, model.name, model.version)
             for request in requests
@@ -379,6 +382,26 @@ class PythonBackend(Backend):
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
         return self._loop
+
+
+def _force_cpu_only_inputs(config: dict[str, Any]) -> bool:
+    """Triton's FORCE_CPU_ONLY_INPUT_TENSORS parameter: "yes" (default) or "no"."""
+    value = (config.get("parameters") or {}).get("FORCE_CPU_ONLY_INPUT_TENSORS") or {}
+    text = value.get("string_value", "") if isinstance(value, dict) else str(value)
+    return text.strip().lower() not in ("no", "false", "off", "0")
+
+
+def _cpu_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Inputs in GPU memory (torch tensors over CUDA regions) as NumPy: one device-to-host copy.
+
+    With FORCE_CPU_ONLY_INPUT_TENSORS "no" the model gets them as they are and uses
+    ``pb_utils.Tensor.to_dlpack`` / ``is_cpu``.
+    """
+    if all(isinstance(value, np.ndarray) for value in inputs.values()):
+        return inputs
+    from shmserve.workers.cuda_ipc import host_array
+    return {name: value if isinstance(value, np.ndarray) else host_array(value)
+            for name, value in inputs.items()}
 
 
 def _output_value(data: Any) -> Any:
