@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -77,12 +78,16 @@ def _shm_params(params: Any, what: str) -> tuple[str, int, int] | None:
     return region.string_param, values[0], values[1]
 
 
-def build_request(message: pb.ModelInferRequest, model: ModelVersion,
-                  registry: ShmRegistry) -> InferRequest:
-    """Validate a request against the model's config; pins the regions it references."""
+def build_request(message: pb.ModelInferRequest, model: ModelVersion, registry: ShmRegistry,
+                  raw: Sequence[bytes | memoryview] | None = None) -> InferRequest:
+    """Validate a request against the model's config; pins the regions it references.
+
+    ``raw`` replaces ``message.raw_input_contents`` when the frontend sliced them off the wire.
+    """
     regions: list[Region] = []
     try:
-        return _build(message, model, registry, regions)
+        return _build(message, model, registry, regions,
+                      message.raw_input_contents if raw is None else raw)
     except BaseException:
         for region in regions:
             registry.release(region)
@@ -90,7 +95,7 @@ def build_request(message: pb.ModelInferRequest, model: ModelVersion,
 
 
 def _build(message: pb.ModelInferRequest, model: ModelVersion, registry: ShmRegistry,
-           regions: list[Region]) -> InferRequest:
+           regions: list[Region], raw: Sequence[bytes | memoryview]) -> InferRequest:
     config = model.config
     name = model.name
     configured = {tensor.name: tensor for tensor in config.input}
@@ -108,7 +113,6 @@ def _build(message: pb.ModelInferRequest, model: ModelVersion, registry: ShmRegi
             f"required input(s).")
     if len(set(given)) != len(given):
         raise invalid_argument(f"input names must be unique in a request for model '{name}'")
-    raw = message.raw_input_contents
     raw_index = 0
     batch_size: int | None = None
     inputs: list[InputTensor] = []
@@ -265,7 +269,10 @@ def _requested_outputs(message: pb.ModelInferRequest, config: mc.ModelConfig, mo
     return outputs
 
 
-def build_response(request: InferRequest, outputs: list[OutputTensor]) -> pb.ModelInferResponse:
+def response_parts(request: InferRequest, outputs: list[OutputTensor]
+                   ) -> tuple[pb.ModelInferResponse, list[bytes]]:
+    """The response metadata and, apart, the raw output contents (b"" for region outputs)."""
+    raw: list[bytes] = []
     response = pb.ModelInferResponse(model_name=request.model,
                                      model_version=str(request.version), id=request.request_id)
     for output in outputs:
@@ -274,8 +281,8 @@ def build_response(request: InferRequest, outputs: list[OutputTensor]) -> pb.Mod
         if output.data is None:
             tensor.parameters["shared_memory_region"].string_param = _region_of(request,
                                                                                 output.name)
-        response.raw_output_contents.append(output.data if output.data is not None else b"")
-    return response
+        raw.append(output.data if output.data is not None else b"")
+    return response, raw
 
 
 def _region_of(request: InferRequest, output: str) -> str:

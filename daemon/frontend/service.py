@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from shmserve.daemon.errors import (
     SERVER_EXITING,
@@ -18,7 +19,13 @@ from shmserve.daemon.errors import (
     unimplemented,
     unknown_model,
 )
-from shmserve.daemon.frontend.infer import build_request, build_response, config_datatype
+from shmserve.daemon.frontend.infer import build_request, config_datatype, response_parts
+from shmserve.daemon.frontend.wire import (
+    WireError,
+    parse_infer_request,
+    serialize_infer_response,
+    serialize_stream_response,
+)
 from shmserve.daemon.models import UNAVAILABLE, ModelManager
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
@@ -44,8 +51,8 @@ RPCS: dict[str, tuple[Any, Any, bool, str]] = {
     "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse, False, "health"),
     "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse, False, "metadata"),
     "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse, False, "metadata"),
-    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse, False, "inference"),
-    "ModelStreamInfer": (pb.ModelInferRequest, pb.ModelStreamInferResponse, True, "inference"),
+    "ModelInfer": (None, None, False, "inference"),          # wire bytes both ways (wire.py)
+    "ModelStreamInfer": (None, None, True, "inference"),
     "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse, False, "model-config"),
     "ModelStatistics": (pb.ModelStatisticsRequest, pb.ModelStatisticsResponse, False,
                         "statistics"),
@@ -151,15 +158,17 @@ class InferenceService:
         return pb.ModelConfigResponse(config=model.config)
 
     # --- inference ----------------------------------------------------------------------
-    async def ModelInfer(self, request: pb.ModelInferRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        return await self._infer(request)
+    async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Takes and returns wire bytes: tensor bytes are sliced, not copied (see wire.py)."""
+        return await self._infer(_parse_request(data))
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        internal, outputs = await self.infer_outputs(request)
-        return build_response(internal, outputs)
+    async def _infer(self, parsed: tuple[pb.ModelInferRequest, list[memoryview]]) -> bytes:
+        internal, outputs = await self.infer_outputs(*parsed)
+        response, raw = response_parts(internal, outputs)
+        return serialize_infer_response(response, raw)
 
-    async def infer_outputs(self, request: pb.ModelInferRequest
+    async def infer_outputs(self, request: pb.ModelInferRequest,
+                            raw: list[memoryview] | None = None
                             ) -> tuple[InferRequest, list[OutputTensor]]:
         """Every frontend's inference: validate, schedule, wait. Raises ServeError."""
         if self.state.exiting:
@@ -169,7 +178,7 @@ class InferenceService:
             raise unimplemented(f"ModelInfer RPC doesn't support models with decoupled "
                                 f"transaction policy; use ModelStreamInfer for model "
                                 f"'{model.name}'")
-        internal = build_request(request, model, self.registry)
+        internal = build_request(request, model, self.registry, raw)
         internal.on_finished = self._release_regions
         state = self.state
         state.inflight += 1
@@ -197,28 +206,23 @@ class InferenceService:
         for region in request.regions:
             self.registry.release(region)
 
-    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
-                               context: grpc.aio.ServicerContext
-                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(self, requests: AsyncIterator[bytes],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Requests run concurrently; each answer (or error) is sent as it completes."""
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(data: bytes) -> None:
+            request = pb.ModelInferRequest()
             try:
-                result = await self._infer(request)
-                await answers.put(pb.ModelStreamInferResponse(infer_response=result))
+                parsed = _parse_request(data)
+                request = parsed[0]
+                await answers.put(serialize_stream_response(await self._infer(parsed)))
             except ServeError as exc:
-                await answers.put(pb.ModelStreamInferResponse(
-                    error_message=exc.message,
-                    infer_response=pb.ModelInferResponse(id=request.id,
-                                                         model_name=request.model_name)))
+                await answers.put(_stream_error(request, exc.message))
             except Exception as exc:
                 log.exception("stream request failed")
-                await answers.put(pb.ModelStreamInferResponse(
-                    error_message=f"{type(exc).__name__}: {exc}",
-                    infer_response=pb.ModelInferResponse(id=request.id,
-                                                         model_name=request.model_name)))
+                await answers.put(_stream_error(request, f"{type(exc).__name__}: {exc}"))
 
         async def read() -> None:
             async for request in requests:
@@ -391,6 +395,20 @@ class InferenceService:
         return response
 
 
+def _parse_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]]:
+    try:
+        return parse_infer_request(data)
+    except (WireError, DecodeError) as exc:
+        raise invalid_argument(f"malformed ModelInferRequest: {exc}") from None
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> bytes:
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name)
+    ).SerializeToString()
+
+
 def _fill_statistics(target: pb.ModelStatistics, name: str, version: int, stats: Any) -> None:
     target.name = name
     target.version = str(version)
@@ -465,6 +483,14 @@ def _stream(method: Callable[..., AsyncIterator[Any]],
     return handle
 
 
+def _deserializer(message_type: Any) -> Callable[[bytes], Any] | None:
+    return None if message_type is None else message_type.FromString
+
+
+def _serializer(message_type: Any) -> Callable[[Any], bytes] | None:
+    return None if message_type is None else message_type.SerializeToString
+
+
 def generic_handlers(service: InferenceService) -> list[grpc.GenericRpcHandler]:
     settings = service.state.settings
     handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -473,12 +499,12 @@ def generic_handlers(service: InferenceService) -> list[grpc.GenericRpcHandler]:
         method = getattr(service, name)
         if streaming:
             handlers[name] = grpc.stream_stream_rpc_method_handler(
-                _stream(method, check), request_deserializer=request_type.FromString,
-                response_serializer=response_type.SerializeToString)
+                _stream(method, check), request_deserializer=_deserializer(request_type),
+                response_serializer=_serializer(response_type))
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                _unary(method, check), request_deserializer=request_type.FromString,
-                response_serializer=response_type.SerializeToString)
+                _unary(method, check), request_deserializer=_deserializer(request_type),
+                response_serializer=_serializer(response_type))
     health = _unary(_health_check(service.state), _restriction_check(settings, "health"))
     return [
         grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),
