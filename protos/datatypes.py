@@ -89,7 +89,8 @@ def serialize_bytes_tensor(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def deserialize_bytes_tensor(buffer: bytes | memoryview, count: int | None = None) -> np.ndarray:
+def deserialize_bytes_tensor(buffer: bytes | memoryview | np.ndarray,
+                             count: int | None = None) -> np.ndarray:
     """Parse the BYTES layout into a 1-D object array; raises ValueError on malformed input.
 
     With ``count`` the buffer must hold exactly that many elements.

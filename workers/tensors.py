@@ -98,4 +98,4 @@ def output_bytes(array: Any) -> tuple[str, list[int], memoryview | bytes | Devic
     if datatype == "BYTES":
         return datatype, shape, serialize_bytes_tensor(array)
     contiguous = np.ascontiguousarray(array)
-    return datatype, shape, memoryview(contiguous).cast("B")
+    return datatype, shape, contiguous.data.cast("B")

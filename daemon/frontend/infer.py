@@ -240,7 +240,7 @@ def _contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor, datatype: str
     return np.array(values, dtype=dtype).tobytes()
 
 
-def _check_bytes_tensor(tensor: str, model: str, data: bytes, count: int) -> None:
+def _check_bytes_tensor(tensor: str, model: str, data: bytes | memoryview, count: int) -> None:
     try:
         deserialize_bytes_tensor(data, count)
     except ValueError as exc:

@@ -147,9 +147,9 @@ class InferenceService:
         for tensor in config.input:
             response.inputs.add(name=tensor.name, datatype=config_datatype(tensor.data_type),
                                 shape=batch + list(tensor.dims))
-        for tensor in config.output:
-            response.outputs.add(name=tensor.name, datatype=config_datatype(tensor.data_type),
-                                 shape=batch + list(tensor.dims))
+        for output in config.output:
+            response.outputs.add(name=output.name, datatype=config_datatype(output.data_type),
+                                 shape=batch + list(output.dims))
         return response
 
     async def ModelConfig(self, request: pb.ModelConfigRequest,
