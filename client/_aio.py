@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+import asyncio
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -29,9 +32,28 @@ from shmserve.client._common import (
     unload_request,
 )
 from shmserve.client._common import channel_options as _channel_options
-from shmserve.client._convert import InputValue, Outputs, ParameterValue, read_outputs
+from shmserve.client._convert import (
+    InputValue,
+    Outputs,
+    ParameterValue,
+    read_outputs,
+    read_reply_outputs,
+)
+from shmserve.client._local import (
+    AsyncLocalLink,
+    LocalRequest,
+    infer_message,
+    plan_transport,
+    register_message,
+    status_from_reply,
+    status_message,
+    stream_error,
+    stream_item,
+    too_large,
+)
 from shmserve.client._wire import decode_infer_response
 from shmserve.client.errors import ShmserveError, from_rpc_error
+from shmserve.client.local_channel import AsyncLocalChannel, MessageTooLarge
 from shmserve.client.regions import SystemRegion
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos import shmserve_service_pb2 as pb
@@ -39,6 +61,15 @@ from shmserve.protos import shmserve_service_pb2 as pb
 _Unset: Any = object()
 _SERVER_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                 grpc.StatusCode.CANCELLED)
+
+
+@dataclass(slots=True)
+class _Stubs:
+    target: str
+    channel: grpc.aio.Channel
+    unary: dict[str, Any]
+    infer: Any
+    stream: Any
 
 
 class AsyncClient:
@@ -54,36 +85,75 @@ class AsyncClient:
                  channel_options: Sequence[tuple[str, Any]] | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
                  interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, transport: str | None = None,
+                 local_socket: str | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self.load_timeout = load_timeout
         self.client_id = client_id or new_client_id()
         self._metadata = call_metadata(self.client_id, headers)
-        target = target_of(url)
-        options = _channel_options(channel_options)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=options,
-                                    interceptors=interceptors)
-            if credentials is not None
-            else grpc.aio.insecure_channel(target, options=options, interceptors=interceptors))
-        self._unary = {
-            name: self._channel.unary_unary(method_path(name),
-                                            request_serializer=request.SerializeToString,
-                                            response_deserializer=response.FromString,
-                                            _registered_method=True)
-            for name, (request, response) in UNARY_RPCS.items()}
-        self._infer = self._channel.unary_unary(method_path("ModelInfer"),
-                                                _registered_method=True)
-        self._stream = self._channel.stream_stream(method_path("ModelStreamInfer"),
-                                                   _registered_method=True)
+        plan = plan_transport(url, transport, local_socket)
+        self._link = AsyncLocalLink(plan) if plan is not None else None
+        self._options = _channel_options(channel_options)
+        self._credentials = credentials
+        self._interceptors = interceptors
+        self._grpc_stubs: _Stubs | None = None
+        if plan is None:
+            self._grpc_stubs = self._connect_grpc(target_of(url))
+        elif plan.grpc_target is not None:
+            self._grpc_stubs = self._connect_grpc(plan.grpc_target)
         self._regions = RegionSet()
         self._closed = False
+
+    def _connect_grpc(self, target: str) -> _Stubs:
+        options, interceptors = self._options, self._interceptors
+        channel = (
+            grpc.aio.secure_channel(target, self._credentials, options=options,
+                                    interceptors=interceptors)
+            if self._credentials is not None
+            else grpc.aio.insecure_channel(target, options=options, interceptors=interceptors))
+        unary = {
+            name: channel.unary_unary(method_path(name),
+                                      request_serializer=request.SerializeToString,
+                                      response_deserializer=response.FromString,
+                                      _registered_method=True)
+            for name, (request, response) in UNARY_RPCS.items()}
+        return _Stubs(target, channel, unary,
+                      channel.unary_unary(method_path("ModelInfer"), _registered_method=True),
+                      channel.stream_stream(method_path("ModelStreamInfer"),
+                                            _registered_method=True))
+
+    async def _stubs(self) -> _Stubs:
+        stubs = self._grpc_stubs
+        link = self._link
+        if stubs is not None and (link is None or stubs.target == link.known_target):
+            return stubs
+        assert link is not None
+        target = await link.grpc_target()  # a local: url: the server names it (it may move)
+        stubs = self._grpc_stubs
+        if stubs is None or stubs.target != target:
+            if self._closed:
+                raise ShmserveError(grpc.StatusCode.CANCELLED, "the client is closed")
+            old, stubs = stubs, self._connect_grpc(target)
+            self._grpc_stubs = stubs
+            if old is not None:
+                await old.channel.close()
+        return stubs
+
+    async def _local(self) -> AsyncLocalChannel | None:
+        link = self._link
+        return await link.channel() if link is not None else None
+
+    @property
+    def transport(self) -> str:
+        """``"shm"`` while this client uses the local channel, else ``"grpc"``."""
+        return "shm" if self._link is not None and not self._link.fell_back else "grpc"
 
     # --- plumbing ---------------------------------------------------------------------------
     async def _call(self, rpc: str, request: Any, timeout: float | None = _Unset) -> Any:
         try:
-            return await self._unary[rpc](request, timeout=self.timeout if timeout is _Unset
+            stubs = await self._stubs()
+            return await stubs.unary[rpc](request, timeout=self.timeout if timeout is _Unset
                                           else timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
@@ -96,7 +166,10 @@ class AsyncClient:
             if isinstance(region, SystemRegion):
                 await self._release(region, raise_errors=False)
         self._closed = True
-        await self._channel.close()
+        if self._link is not None:
+            self._link.close()
+        if self._grpc_stubs is not None:
+            await self._grpc_stubs.channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -174,16 +247,40 @@ class AsyncClient:
                     parameters: Mapping[str, ParameterValue] | None = None,
                     timeout: float | None = _Unset) -> dict[str, np.ndarray]:
         """See ``Client.infer``."""
+        call_timeout = self.timeout if timeout is _Unset else timeout
+        channel = await self._local()
+        if channel is not None:
+            request = infer_message(model, inputs, outputs, version, request_id, parameters,
+                                    self._regions.locate if len(self._regions) else None,
+                                    call_timeout)
+            reply = await self._local_infer(channel, request, call_timeout)
+            if reply is not None:
+                return read_reply_outputs(reply["out"], request.region_outputs)
+            # Too large for the channel and no region in it: gRPC carries it.
         prepared = prepare(model, inputs, outputs, version, request_id, parameters,
                            self._regions)
+        stubs = await self._stubs()
         try:
-            data = await self._infer(prepared.payload, timeout=self.timeout
-                                     if timeout is _Unset else timeout,
+            data = await stubs.infer(prepared.payload, timeout=call_timeout,
                                      metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         header, raw = decode_infer_response(data)
         return read_outputs(header, raw, prepared.region_outputs)
+
+    @staticmethod
+    async def _local_infer(channel: AsyncLocalChannel, request: LocalRequest,
+                           timeout: float | None) -> dict[str, Any] | None:
+        """The reply, or None when the request must go through gRPC (too large)."""
+        limit = channel.max_message
+        if request.fits(limit):
+            try:
+                return await channel.call(request.message, timeout)
+            except MessageTooLarge:
+                pass
+        if request.references:
+            raise too_large(request.payload_bytes, limit)
+        return None
 
     async def stream_infer(
             self, model: str,
@@ -193,6 +290,12 @@ class AsyncClient:
             parameters: Mapping[str, ParameterValue] | None = None,
             timeout: float | None = None) -> AsyncIterator[StreamResult]:
         """See ``Client.stream_infer``; ``requests`` may also be an async iterable."""
+        channel = await self._local()
+        if channel is not None:
+            async for result in self._stream_local(channel, model, requests, outputs, version,
+                                                   parameters, timeout):
+                yield result
+            return
         book = StreamBook(model, version, outputs, parameters, self._regions)
 
         async def produce() -> AsyncIterator[bytes]:
@@ -209,7 +312,8 @@ class AsyncClient:
             except Exception as exc:
                 book.failure = exc
 
-        call = self._stream(produce(), timeout=timeout, metadata=self._metadata)
+        stubs = await self._stubs()
+        call = stubs.stream(produce(), timeout=timeout, metadata=self._metadata)
         try:
             async for data in call:
                 yield book.read(data)
@@ -219,6 +323,105 @@ class AsyncClient:
             call.cancel()
         if book.failure is not None:
             raise book.failure
+
+    async def _stream_local(
+            self, channel: AsyncLocalChannel, model: str,
+            requests: (AsyncIterable[StreamRequest | Mapping[str, InputValue]]
+                       | Iterable[StreamRequest | Mapping[str, InputValue]]),
+            outputs: Outputs, version: str, parameters: Mapping[str, ParameterValue] | None,
+            timeout: float | None) -> AsyncIterator[StreamResult]:
+        """``stream_infer`` through the local channel: a task sends the requests as the
+        iterable yields them, this generator yields the answers in completion order."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        queue: asyncio.Queue[StreamResult | None] = asyncio.Queue()
+        ids: list[int] = []
+        state: dict[str, Any] = {"outstanding": 0, "producing": True, "broken": None,
+                                 "failure": None}
+
+        def answer(index: int, request_id: str, region_outputs: dict[str, np.ndarray]
+                   ) -> Callable[[asyncio.Future[dict[str, Any]]], None]:
+            def done(future: asyncio.Future[dict[str, Any]]) -> None:
+                state["outstanding"] -= 1
+                if future.cancelled():
+                    queue.put_nowait(None)
+                    return
+                error = future.exception()
+                if error is not None:
+                    state["broken"] = error
+                    queue.put_nowait(None)
+                    return
+                reply = future.result()
+                result = StreamResult(index, request_id, model,
+                                      "" if "err" in reply else reply["model_version"])
+                if "err" in reply:
+                    result.error = stream_error(reply["err"])
+                else:
+                    try:
+                        result.outputs = read_reply_outputs(reply["out"], region_outputs)
+                    except ShmserveError as exc:
+                        result.error = exc
+                queue.put_nowait(result)
+            return done
+
+        async def send(index: int, item: StreamRequest | Mapping[str, InputValue]) -> None:
+            one = stream_item(item)
+            request_id = one.request_id or f"{index}"
+            request = infer_message(
+                model, one.inputs, one.outputs if one.outputs is not None else outputs,
+                version, request_id, one.parameters if one.parameters is not None
+                else parameters, self._regions.locate if len(self._regions) else None,
+                None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if not request.fits(channel.max_message):
+                raise too_large(request.payload_bytes, channel.max_message, False)
+            request_id_, future = await channel.send(request.message, deadline)
+            ids.append(request_id_)
+            state["outstanding"] += 1
+            future.add_done_callback(answer(index, request_id, request.region_outputs))
+
+        async def produce() -> None:
+            try:
+                index = 0
+                if isinstance(requests, AsyncIterable):
+                    async for item in requests:
+                        await send(index, item)
+                        index += 1
+                else:
+                    for item in requests:
+                        await send(index, item)
+                        index += 1
+            except MessageTooLarge as exc:
+                state["failure"] = ShmserveError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{exc}: put the large inputs of stream requests in a region "
+                    f"(client.shared_memory)")
+            except Exception as exc:
+                state["failure"] = exc
+            finally:
+                state["producing"] = False
+                queue.put_nowait(None)
+
+        producer = asyncio.get_running_loop().create_task(produce())
+        try:
+            while True:
+                if state["broken"] is not None:
+                    raise state["broken"]
+                if not state["producing"] and state["outstanding"] == 0 and queue.empty():
+                    break
+                try:
+                    async with asyncio.timeout(None if deadline is None
+                                               else deadline - time.monotonic()):
+                        item = await queue.get()
+                except TimeoutError:
+                    raise ShmserveError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        "Deadline Exceeded") from None
+                if item is not None:
+                    yield item
+        finally:
+            producer.cancel()
+            for request_id_ in ids:
+                channel.forget(request_id_)
+        if state["failure"] is not None:
+            raise state["failure"]
 
     # --- shared memory ----------------------------------------------------------------------
     def shared_memory(self, byte_size: int) -> _AsyncRegionContext:
@@ -259,20 +462,54 @@ class AsyncClient:
 
     async def shared_memory_status(self, name: str = "", timeout: float | None = _Unset
                                    ) -> dict[str, RegionStatus]:
-        response: pb.SystemSharedMemoryStatusResponse = await self._call(
-            "SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest(name=name), timeout)
-        return dict(response.regions)
+        """See ``Client.shared_memory_status``."""
+        channel = await self._local()
+        if channel is None:
+            response: pb.SystemSharedMemoryStatusResponse = await self._call(
+                "SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest(name=name),
+                timeout)
+            return dict(response.regions)
+        return status_from_reply(await channel.call(status_message(name),
+                                                    self.timeout if timeout is _Unset else timeout))
 
     async def register_system_shared_memory(self, name: str, key: str, byte_size: int,
                                             offset: int = 0,
                                             timeout: float | None = _Unset) -> None:
-        await self._call("SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest(
-            name=name, key=key, offset=offset, byte_size=byte_size), timeout)
+        channel = await self._local()
+        if channel is None:
+            await self._call("SystemSharedMemoryRegister",
+                             pb.SystemSharedMemoryRegisterRequest(
+                                 name=name, key=key, offset=offset, byte_size=byte_size),
+                             timeout)
+            return
+        assert self._link is not None
+        registrations = self._link.registrations
+        recorded = registrations.add(name, key, offset, byte_size)
+        try:
+            await channel.call(register_message(name, key, offset, byte_size),
+                               self.timeout if timeout is _Unset else timeout)
+        except ShmserveError:
+            if recorded:
+                registrations.discard(name)
+            raise
 
     async def unregister_system_shared_memory(self, name: str = "",
                                               timeout: float | None = _Unset) -> None:
-        await self._call("SystemSharedMemoryUnregister",
-                         pb.SystemSharedMemoryUnregisterRequest(name=name), timeout)
+        link = self._link
+        if link is None or link.fell_back:
+            await self._call("SystemSharedMemoryUnregister",
+                             pb.SystemSharedMemoryUnregisterRequest(name=name), timeout)
+            return
+        link.registrations.discard(name)
+        channel = link.current()
+        if channel is None:
+            return  # no channel, so nothing registered on it: its regions went with it
+        try:
+            await channel.call({"op": "unregister", "name": name},
+                               self.timeout if timeout is _Unset else timeout)
+        except ShmserveError as exc:
+            if exc.code != grpc.StatusCode.UNAVAILABLE:
+                raise  # a closed channel took its regions with it
 
     @property
     def regions(self) -> list[SystemRegion]:

@@ -29,7 +29,7 @@ InputValue = np.ndarray | BytesTensor
 #: What ``infer`` accepts as ``outputs``.
 Outputs = Sequence[str] | Mapping[str, "np.ndarray | None"] | None
 #: Request-level parameters.
-ParameterValue = bool | int | float | str | bytes
+ParameterValue = bool | int | float | str
 
 
 @dataclass(slots=True)
@@ -50,11 +50,9 @@ def set_parameter(target: pb.InferParameter, value: ParameterValue) -> None:
         target.double_param = value
     elif isinstance(value, str):
         target.string_param = value
-    elif isinstance(value, bytes):
-        target.bytes_param = value
-    else:
+    else:  # KServe v2's InferParameter has no bytes
         raise invalid_argument(f"unsupported parameter value {value!r} "
-                               f"(use bool, int, float, str or bytes)")
+                               f"(use bool, int, float or str)")
 
 
 def parameter_value(param: pb.InferParameter) -> ParameterValue | None:
@@ -105,6 +103,81 @@ def _find(array: np.ndarray, locate: Locator | None) -> tuple[str, int] | None:
     return locate(array_address(array), array.nbytes)
 
 
+#: A tensor reference: (region name, offset, byte size).
+Reference = tuple[str, int, int]
+#: One input as the client will send it: (name, datatype, shape, reference or None, bytes or
+#: None); exactly one of the last two is set.
+InputEntry = tuple[str, str, tuple[int, ...], "Reference | None", "Buffer | None"]
+#: One requested output: (name, reference into a region or None for bytes).
+OutputEntry = tuple[str, "Reference | None"]
+
+
+def walk_inputs(inputs: Mapping[str, InputValue], locate: Locator | None) -> list[InputEntry]:
+    """Each input as a region reference (when it lies in a registered region) or bytes."""
+    entries: list[InputEntry] = []
+    for name, value in inputs.items():
+        if type(value) is BytesTensor:
+            where = _find(value.data, locate)
+            if where is not None:
+                entries.append((name, "BYTES", value.shape,
+                                (where[0], where[1], value.nbytes), None))
+            else:
+                entries.append((name, "BYTES", value.shape, None, value.data.data))
+            continue
+        array = value if type(value) is np.ndarray else np.asarray(value)
+        datatype = datatype_of(array.dtype, name)
+        if datatype == "BYTES":
+            entries.append((name, datatype, array.shape, None, serialize_bytes_tensor(array)))
+            continue
+        where = _find(array, locate)
+        if where is not None:
+            entries.append((name, datatype, array.shape, (where[0], where[1], array.nbytes),
+                            None))
+        else:
+            entries.append((name, datatype, array.shape, None, _as_bytes(array)))
+    return entries
+
+
+def walk_outputs(outputs: Outputs, locate: Locator | None
+                 ) -> tuple[list[OutputEntry], dict[str, np.ndarray]]:
+    """The requested outputs, and the region arrays the server is to write into."""
+    entries: list[OutputEntry] = []
+    region_outputs: dict[str, np.ndarray] = {}
+    if outputs is None:
+        return entries, region_outputs
+    if isinstance(outputs, str):
+        raise invalid_argument("outputs must be a list of names or a dict, not a string")
+    items = outputs.items() if isinstance(outputs, Mapping) else ((n, None) for n in outputs)
+    for name, target in items:
+        if target is None:
+            entries.append((name, None))
+            continue
+        if not isinstance(target, np.ndarray):
+            raise invalid_argument(f"output '{name}': expected a NumPy array in a "
+                                   f"shared-memory region or None, got "
+                                   f"{type(target).__name__}")
+        if not target.flags.writeable:
+            raise invalid_argument(f"output '{name}': the array is read-only")
+        where = _find(target, locate)
+        if where is None:
+            raise invalid_argument(
+                f"output '{name}': the array is not a C-contiguous view into one of this "
+                f"client's registered shared-memory regions (allocate it with "
+                f"region.ndarray(...))")
+        entries.append((name, (where[0], where[1], target.nbytes)))
+        region_outputs[name] = target
+    return entries, region_outputs
+
+
+def check_parameter(value: ParameterValue) -> ParameterValue:
+    """``value`` if it can be a request parameter, else the INVALID_ARGUMENT ``set_parameter``
+    raises."""
+    if isinstance(value, bool | int | float | str):
+        return value
+    set_parameter(pb.InferParameter(), value)  # raises
+    return value
+
+
 def prepare_infer(model: str, inputs: Mapping[str, InputValue], outputs: Outputs,
                   version: str, request_id: str,
                   parameters: Mapping[str, ParameterValue] | None,
@@ -112,54 +185,22 @@ def prepare_infer(model: str, inputs: Mapping[str, InputValue], outputs: Outputs
     """Serialize a request; inputs found in a registered region go as references."""
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     raw: list[Buffer] = []
-    for name, value in inputs.items():
+    for name, datatype, shape, ref, data in walk_inputs(inputs, locate):
         tensor = request.inputs.add()
         tensor.name = name
-        if type(value) is BytesTensor:
-            tensor.datatype = "BYTES"
-            tensor.shape.extend(value.shape)
-            where = _find(value.data, locate)
-            if where is not None:
-                _set_region(tensor.parameters, where[0], where[1], value.nbytes)
-            else:
-                raw.append(value.data.data)
-            continue
-        array = value if type(value) is np.ndarray else np.asarray(value)
-        datatype = datatype_of(array.dtype, name)
         tensor.datatype = datatype
-        tensor.shape.extend(array.shape)
-        if datatype == "BYTES":
-            raw.append(serialize_bytes_tensor(array))
-            continue
-        where = _find(array, locate)
-        if where is not None:
-            _set_region(tensor.parameters, where[0], where[1], array.nbytes)
+        tensor.shape.extend(shape)
+        if ref is not None:
+            _set_region(tensor.parameters, ref[0], ref[1], ref[2])
         else:
-            raw.append(_as_bytes(array))
-    region_outputs: dict[str, np.ndarray] = {}
-    if outputs is not None:
-        if isinstance(outputs, str):
-            raise invalid_argument("outputs must be a list of names or a dict, not a string")
-        items = outputs.items() if isinstance(outputs, Mapping) else ((n, None) for n in outputs)
-        for name, target in items:
-            requested = request.outputs.add()
-            requested.name = name
-            if target is None:
-                continue
-            if not isinstance(target, np.ndarray):
-                raise invalid_argument(f"output '{name}': expected a NumPy array in a "
-                                       f"shared-memory region or None, got "
-                                       f"{type(target).__name__}")
-            if not target.flags.writeable:
-                raise invalid_argument(f"output '{name}': the array is read-only")
-            where = _find(target, locate)
-            if where is None:
-                raise invalid_argument(
-                    f"output '{name}': the array is not a C-contiguous view into one of this "
-                    f"client's registered shared-memory regions (allocate it with "
-                    f"region.ndarray(...))")
-            _set_region(requested.parameters, where[0], where[1], target.nbytes)
-            region_outputs[name] = target
+            assert data is not None
+            raw.append(data)
+    entries, region_outputs = walk_outputs(outputs, locate)
+    for name, ref in entries:
+        requested = request.outputs.add()
+        requested.name = name
+        if ref is not None:
+            _set_region(requested.parameters, ref[0], ref[1], ref[2])
     if parameters:
         for key, param in parameters.items():
             set_parameter(request.parameters[key], param)
@@ -242,4 +283,19 @@ def read_outputs(header: pb.ModelInferResponse, raw: Sequence[memoryview],
         else:
             data = raw[index] if index < len(raw) else b""
             result[output.name] = _payload_output(output.name, data, output.datatype, shape)
+    return result
+
+
+def read_reply_outputs(outputs: Sequence[Sequence[Any]],
+                       region_outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of a local-channel reply (``[name, datatype, shape, bytes or None]`` each)."""
+    result: dict[str, np.ndarray] = {}
+    for name, datatype, dims, data in outputs:
+        shape = tuple(dims)
+        target = region_outputs.get(name)
+        if target is not None:
+            result[name] = _region_output(name, target, datatype, shape)
+        else:
+            result[name] = _payload_output(name, data if data is not None else b"", datatype,
+                                           shape)
     return result

@@ -2,34 +2,55 @@
 
 ``LocalChannel`` connects to the server's Unix socket, receives the memfd holding the two rings,
 and exchanges msgpack messages through them; the socket carries only doorbell bytes. It is
-thread-safe: one reader thread completes the futures of every waiting caller.
+thread-safe: there is no reader thread, a waiting caller reads for everyone (leader/follower).
 ``AsyncLocalChannel`` does the same on an asyncio loop without threads.
+
+Both raise ``MessageTooLarge`` (before sending anything) for a message the ring cannot hold,
+wait while the request ring is full (backpressure: nothing is dropped), and fail every waiting
+call with ``UNAVAILABLE`` when the server closes the socket (it stopped, restarted, or closed
+the channel); a closed channel stays closed, the owner opens a new one.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
+import errno
 import itertools
 import mmap
 import os
+import select
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import msgpack
 
 from shmserve.client.errors import ShmserveError
-from shmserve.protos.local_ring import Ring, RingFull, layout
+from shmserve.protos.local_ring import MessageTooLarge, Ring, RingFull, layout
+
+__all__ = ["AsyncLocalChannel", "LocalChannel", "MessageTooLarge", "socket_path"]
 
 _LENGTH = struct.Struct("<I")
 _BACKPRESSURE_SLEEP = 0.0002
+_LIVENESS_CHECK_S = 0.05
+_DOORBELL = b"\x01"
+
+#: Called once per submitted message with (reply, None), or (None, error) when the channel
+#: failed before the reply came. A reply the server refused carries "err": [code, message].
+Callback = Callable[[dict[str, Any] | None, ShmserveError | None], None]
 
 
-def _error(raw: list[str]) -> ShmserveError:
+def reply_error(reply: dict[str, Any]) -> ShmserveError | None:
+    """The error a reply carries (gRPC code name and the server's text), or None."""
+    raw = reply.get("err")
+    if raw is None:
+        return None
     code = getattr(grpc.StatusCode, raw[0], grpc.StatusCode.UNKNOWN)
     return ShmserveError(code, raw[1])
 
@@ -38,22 +59,39 @@ def _gone(message: str) -> ShmserveError:
     return ShmserveError(grpc.StatusCode.UNAVAILABLE, message)
 
 
+def deadline_exceeded() -> ShmserveError:
+    return ShmserveError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
+_CLOSED_BY_SERVER = "the server closed the local channel (it stopped or restarted)"
+
+
+def _padded(size: int) -> int:
+    return (4 + size + 7) & ~7
+
+
+def _check_size(ring: Ring, data: bytes) -> None:
+    if _padded(len(data)) > ring.capacity // 2:
+        raise MessageTooLarge(f"message of {len(data)} bytes exceeds the local channel's limit "
+                              f"of {ring.capacity // 2 - 4} bytes")
+
+
 def _handshake(sock: socket.socket) -> tuple[dict[str, Any], mmap.mmap, Ring, Ring]:
     fds = array.array("i")
     data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(fds.itemsize))
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-    if not fds:
-        raise _gone("local channel handshake carried no shared memory")
-    while len(data) < 4 or len(data) < 4 + _LENGTH.unpack_from(data)[0]:
-        more = sock.recv(65536)
-        if not more:
-            raise _gone("local channel closed during the handshake")
-        data += more
-    (length,) = _LENGTH.unpack_from(data)
-    hello = msgpack.unpackb(data[4:4 + length], raw=False)
     try:
+        if not fds:
+            raise _gone("local channel handshake carried no shared memory")
+        while len(data) < 4 or len(data) < 4 + _LENGTH.unpack_from(data)[0]:
+            more = sock.recv(65536)
+            if not more:
+                raise _gone("local channel closed during the handshake")
+            data += more
+        (length,) = _LENGTH.unpack_from(data)
+        hello = msgpack.unpackb(data[4:4 + length], raw=False)
         total, request_base, response_base = layout(hello["ring_bytes"])
         memory = mmap.mmap(fds[0], total)
     finally:
@@ -78,6 +116,10 @@ class _Slot:
         self.reply: dict[str, Any] | None = None
         self.error: ShmserveError | None = None
 
+    def __call__(self, reply: dict[str, Any] | None, error: ShmserveError | None) -> None:
+        self.reply, self.error = reply, error
+        self.done = True
+
 
 class LocalChannel:
     """Thread-safe. No reader thread: a waiting caller becomes the reader (leader/follower),
@@ -93,13 +135,15 @@ class LocalChannel:
         except BaseException:
             sock.close()
             raise
-        sock.settimeout(None)
+        sock.setblocking(False)
         self._sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._reading = False
-        self._waiting: dict[int, _Slot] = {}
+        self._waiting: dict[int, Callback] = {}
         self._closed = False
 
     @property
@@ -107,23 +151,94 @@ class LocalChannel:
         return str(self.hello["grpc"])
 
     @property
+    def channel_id(self) -> int:
+        return int(self.hello["channel"])
+
+    @property
+    def max_message(self) -> int:
+        """The largest message (bytes, packed) the request ring takes."""
+        return self._requests.capacity // 2 - 8
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
-    def call(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """Send one message and wait for its reply; raises ShmserveError."""
-        slot = self._send(message)
-        deadline = None if timeout is None else time.monotonic() + timeout
+    # --- sending --------------------------------------------------------------------------
+    def submit(self, message: dict[str, Any], callback: Callback,
+               deadline: float | None = None) -> int:
+        """Publish ``message`` (its "id" is set here); ``callback`` gets the reply.
+
+        Raises MessageTooLarge (nothing sent), UNAVAILABLE when the channel is closed, and
+        DEADLINE_EXCEEDED when the ring stays full past ``deadline`` (time.monotonic()).
+        """
+        request_id = next(self._ids)
+        message["id"] = request_id
+        data = msgpack.packb(message, use_bin_type=True)
+        _check_size(self._requests, data)
+        with self._send_lock:
+            if self._closed:
+                raise _gone("local channel to the server is closed")
+            self._waiting[request_id] = callback
+            try:
+                self._put(data, deadline)
+            except BaseException:
+                self._waiting.pop(request_id, None)
+                raise
+            try:
+                self._sock.send(_DOORBELL, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                pass  # doorbells are queued already: the server will drain the ring
+            except OSError as exc:
+                self._fail_all(f"local channel to the server failed: {exc}")
+                self.notify()
+        return request_id
+
+    def _put(self, data: bytes, deadline: float | None) -> None:
+        next_check = 0.0
+        while True:
+            try:
+                self._requests.put(data)
+                return
+            except RingFull:  # backpressure: the server drains, nothing is dropped
+                pass
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise deadline_exceeded() from None
+            if now >= next_check:
+                next_check = now + _LIVENESS_CHECK_S
+                if self._closed or self._peer_gone():
+                    self._fail_all(_CLOSED_BY_SERVER)
+                    self.notify()
+                    raise _gone(_CLOSED_BY_SERVER) from None
+            time.sleep(_BACKPRESSURE_SLEEP)
+
+    def _peer_gone(self) -> bool:
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def forget(self, request_id: int) -> None:
+        """Drop the callback of a request whose answer nobody waits for any more."""
+        self._waiting.pop(request_id, None)
+
+    # --- waiting --------------------------------------------------------------------------
+    def wait(self, ready: Callable[[], bool], deadline: float | None = None) -> bool:
+        """Read replies until ``ready()`` (True), the channel closes, or ``deadline`` (False).
+
+        ``ready`` is evaluated under the channel's lock after every batch of replies.
+        """
         with self._cond:
-            while not slot.done:
+            while True:
+                if ready():
+                    return True
+                if self._closed:
+                    return bool(ready())
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    self._waiting.pop(int(message["id"]), None)
-                    raise ShmserveError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        "Deadline Exceeded")
-                if self._closed:
-                    raise _gone("the server closed the local channel (it stopped or "
-                                "restarted)")
+                    return False
                 if self._reading:
                     self._cond.wait(remaining)
                     continue
@@ -135,99 +250,104 @@ class LocalChannel:
                     self._cond.acquire()
                     self._reading = False
                     self._cond.notify_all()
+
+    def call(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send one message and wait for its reply; raises ShmserveError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        slot = _Slot()
+        request_id = self.submit(message, slot, deadline)
+        if not self.wait(lambda: slot.done, deadline):
+            self.forget(request_id)
+            if self._closed:
+                raise _gone(_CLOSED_BY_SERVER)
+            raise deadline_exceeded()
         if slot.error is not None:
             raise slot.error
         assert slot.reply is not None
+        error = reply_error(slot.reply)
+        if error is not None:
+            raise error
         return slot.reply
-
-    def _send(self, message: dict[str, Any]) -> _Slot:
-        slot = _Slot()
-        request_id = next(self._ids)
-        message["id"] = request_id
-        data = msgpack.packb(message, use_bin_type=True)
-        with self._send_lock:
-            if self._closed:
-                raise _gone("local channel to the server is closed")
-            self._waiting[request_id] = slot
-            while True:
-                try:
-                    self._requests.put(data)
-                    break
-                except RingFull:  # backpressure: the server drains, nothing is dropped
-                    if self._closed:
-                        raise _gone("local channel to the server is closed") from None
-                    time.sleep(_BACKPRESSURE_SLEEP)
-            try:
-                self._sock.sendall(b"\x01")
-            except OSError as exc:
-                self._fail_all(f"local channel to the server failed: {exc}")
-        return slot
 
     def _read_once(self, timeout: float | None) -> None:
         try:
-            self._sock.settimeout(timeout)
+            if not self._poll.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)):
+                return
             chunk = self._sock.recv(4096)
-        except TimeoutError:
+        except BlockingIOError:
+            return
+        except InterruptedError:
             return
         except OSError as exc:
             self._fail_all(f"local channel to the server failed: {exc}")
             return
         if not chunk:
-            self._fail_all("the server closed the local channel (it stopped or restarted)")
+            self._fail_all(_CLOSED_BY_SERVER)
+            return
+        self._drain()
+
+    def _drain(self) -> None:
+        if self._closed:
             return
         for raw in self._responses.get_all():
             reply = msgpack.unpackb(raw, raw=False)
-            slot = self._waiting.pop(reply["id"], None)
-            if slot is None:
-                continue
-            if "err" in reply:
-                slot.error = _error(reply["err"])
-            else:
-                slot.reply = reply
-            slot.done = True
+            callback = self._waiting.pop(reply["id"], None)
+            if callback is not None:
+                callback(reply, None)
 
     def _fail_all(self, reason: str) -> None:
         self._closed = True
         waiting, self._waiting = self._waiting, {}
-        for slot in waiting.values():
-            slot.error = _gone(reason)
-            slot.done = True
+        error = _gone(reason)
+        for callback in waiting.values():
+            callback(None, error)
+
+    def notify(self) -> None:
+        """Wake callers blocked in ``wait`` so they re-check their condition."""
+        with self._cond:
+            self._cond.notify_all()
 
     def close(self) -> None:
-        self._closed = True
-        try:
+        if not self._closed:
+            self._fail_all("local channel closed by the client")
+            self.notify()
+        with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._sock.close()
 
 
 class AsyncLocalChannel(asyncio.Protocol):
     """The same channel on an asyncio loop: the doorbell socket is read by the loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str, hello: dict[str, Any], memory: mmap.mmap, requests: Ring,
+                 responses: Ring) -> None:
+        self.path = path
+        self.hello = hello
+        self._memory = memory
+        self._requests = requests
+        self._responses = responses
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._transport: asyncio.Transport | None = None
+        self._ring_scheduled = False
         self._closed = False
-        self.hello: dict[str, Any] = {}
 
     @classmethod
     async def connect(cls, path: str, connect_timeout: float = 5.0) -> AsyncLocalChannel:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(connect_timeout)
+        sock.setblocking(False)
         try:
-            await loop.run_in_executor(None, sock.connect, path)
-            hello, memory, requests, responses = await loop.run_in_executor(
-                None, _handshake, sock)
+            async with asyncio.timeout(connect_timeout):
+                await loop.sock_connect(sock, path)
+                hello, memory, requests, responses = await _async_handshake(loop, sock)
+        except TimeoutError:
+            sock.close()
+            raise OSError(errno.ETIMEDOUT, "local channel handshake timed out") from None
         except BaseException:
             sock.close()
             raise
-        sock.setblocking(False)
-        channel = cls()
-        channel.hello, channel._memory = hello, memory
-        channel._requests, channel._responses = requests, responses
+        channel = cls(path, hello, memory, requests, responses)
         await loop.create_unix_connection(lambda: channel, sock=sock)
         return channel
 
@@ -235,55 +355,126 @@ class AsyncLocalChannel(asyncio.Protocol):
     def grpc_address(self) -> str:
         return str(self.hello["grpc"])
 
+    @property
+    def channel_id(self) -> int:
+        return int(self.hello["channel"])
+
+    @property
+    def max_message(self) -> int:
+        return self._requests.capacity // 2 - 8
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
         for raw in self._responses.get_all():
             reply = msgpack.unpackb(raw, raw=False)
             future = self._waiting.pop(reply["id"], None)
-            if future is None or future.done():
-                continue
-            if "err" in reply:
-                future.set_exception(_error(reply["err"]))
-            else:
+            if future is not None and not future.done():
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._fail_all(_CLOSED_BY_SERVER)
+
+    def _fail_all(self, reason: str) -> None:
         self._closed = True
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():
-                future.set_exception(_gone("the server closed the local channel (it stopped "
-                                           "or restarted)"))
+                future.set_exception(_gone(reason))
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    async def call(self, message: dict[str, Any], timeout: float | None = None
-                   ) -> dict[str, Any]:
+    async def send(self, message: dict[str, Any], deadline: float | None = None
+                   ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+        """Publish ``message``; the future gets the reply (a refusal carries "err").
+
+        Raises MessageTooLarge (nothing sent), UNAVAILABLE when the channel is closed, and
+        DEADLINE_EXCEEDED when the ring stays full past ``deadline`` (time.monotonic()).
+        """
         if self._closed or self._transport is None:
             raise _gone("local channel to the server is closed")
         request_id = next(self._ids)
         message["id"] = request_id
         data = msgpack.packb(message, use_bin_type=True)
+        _check_size(self._requests, data)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
-        while True:
-            try:
-                self._requests.put(data)
-                break
-            except RingFull:
-                await asyncio.sleep(_BACKPRESSURE_SLEEP)
-                if self._closed:
-                    raise _gone("local channel to the server is closed") from None
-        self._transport.write(b"\x01")
         try:
-            return await asyncio.wait_for(future, timeout)
+            while True:
+                try:
+                    self._requests.put(data)
+                    break
+                except RingFull:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise deadline_exceeded() from None
+                    await asyncio.sleep(_BACKPRESSURE_SLEEP)
+                    if self._closed:
+                        raise _gone(_CLOSED_BY_SERVER) from None
+        except BaseException:
+            self._waiting.pop(request_id, None)
+            raise
+        if not self._ring_scheduled:  # one doorbell for all sent in this loop iteration
+            self._ring_scheduled = True
+            asyncio.get_running_loop().call_soon(self._ring)
+        return request_id, future
+
+    def _ring(self) -> None:
+        self._ring_scheduled = False
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(_DOORBELL)
+
+    def forget(self, request_id: int) -> None:
+        self._waiting.pop(request_id, None)
+
+    async def call(self, message: dict[str, Any], timeout: float | None = None
+                   ) -> dict[str, Any]:
+        """Send one message and wait for its reply; raises ShmserveError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request_id, future = await self.send(message, deadline)
+        try:
+            if deadline is None:
+                reply = await future
+            else:
+                async with asyncio.timeout_at(asyncio.get_running_loop().time()
+                                              + max(0.0, deadline - time.monotonic())):
+                    reply = await future
+        except TimeoutError:
+            raise deadline_exceeded() from None
         finally:
             self._waiting.pop(request_id, None)
+        error = reply_error(reply)
+        if error is not None:
+            raise error
+        return reply
 
     def close(self) -> None:
+        if not self._closed:
+            self._fail_all("local channel closed by the client")
         if self._transport is not None:
             self._transport.close()
+
+
+async def _async_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
+                           ) -> tuple[dict[str, Any], mmap.mmap, Ring, Ring]:
+    """``_handshake`` on a non-blocking socket: wait until readable, then read it."""
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(sock.fileno())
+    sock.settimeout(1.0)  # the hello is one small message: it is all there or nearly
+    try:
+        return _handshake(sock)
+    finally:
+        sock.setblocking(False)

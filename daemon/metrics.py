@@ -11,6 +11,7 @@ import contextlib
 import logging
 
 from shmserve.daemon.models import ModelManager
+from shmserve.daemon.shm_registry import ShmRegistry
 from shmserve.daemon.statistics import ModelStats
 
 log = logging.getLogger("shmserve.metrics")
@@ -38,7 +39,7 @@ def _labels(**labels: object) -> str:
     return "{" + inner + "}"
 
 
-def render(models: ModelManager) -> str:
+def render(models: ModelManager, registry: ShmRegistry | None = None) -> str:
     versions = [(v.name, v.version, v.scheduler) for r in models.records()
                 for v in r.versions.values()]
     lines: list[str] = []
@@ -81,6 +82,11 @@ def render(models: ModelManager) -> str:
            "where it runs", "gauge", instances)
     family("shmserve_instance_restarts_total", "Worker restarts of the model instance",
            "counter", restarts)
+    if registry is not None:
+        family("shmserve_shared_memory_regions", "Registered shared-memory regions by kind and "
+               "owner (a gRPC client id, or local:<channel>)", "gauge",
+               [(_labels(kind=kind, owner=owner), float(count))
+                for (kind, owner), count in sorted(registry.counts().items())])
     return "\n".join(lines) + "\n"
 
 
@@ -89,8 +95,10 @@ def _us(stats: ModelStats, field: str) -> float:
 
 
 class MetricsServer:
-    def __init__(self, models: ModelManager, address: str, port: int) -> None:
+    def __init__(self, models: ModelManager, address: str, port: int,
+                 registry: ShmRegistry | None = None) -> None:
         self._models = models
+        self._registry = registry
         self._address = address
         self._port = port
         self._server: asyncio.base_events.Server | None = None
@@ -108,7 +116,7 @@ class MetricsServer:
                 pass
             parts = request_line.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                body = render(self._models).encode()
+                body = render(self._models, self._registry).encode()
                 status = "200 OK"
                 content_type = "text/plain; version=0.0.4; charset=utf-8"
             else:

@@ -23,6 +23,8 @@ from shmserve.daemon.errors import (
 from shmserve.workers.shm import is_reserved_key
 
 CUDA_HANDLE_SIZE = 64
+# Names of regions private to one owner (a local channel): invisible to everyone else.
+PRIVATE_PREFIX = "@"
 _ids = itertools.count(1)
 
 
@@ -62,6 +64,9 @@ class ShmRegistry:
     def register_system(self, name: str, key: str, offset: int, byte_size: int,
                         owner: str = "") -> None:
         self._check_new_name(name)
+        if name.startswith(PRIVATE_PREFIX) and not owner.startswith("local:"):
+            raise invalid_argument(f"cannot register shared memory region '{name}' - names "
+                                   f"beginning with '{PRIVATE_PREFIX}' are reserved")
         if not key.strip("/"):
             raise invalid_argument(
                 f"cannot register shared memory region '{name}' - invalid shm key '{key}'")
@@ -91,6 +96,12 @@ class ShmRegistry:
                                    f"invalid args (no GPU {device_id} on this host)")
         self._add(Region(name, "cuda", "", 0, byte_size, owner, device_id, bytes(raw_handle)))
 
+    def _visible(self, region: Region | None, owner: str) -> Region | None:
+        if region is not None and region.name.startswith(PRIVATE_PREFIX) and \
+                region.owner != owner:
+            return None
+        return region
+
     def _check_new_name(self, name: str) -> None:
         if name in self._regions:
             raise already_exists(f"shared memory region '{name}' already in manager")
@@ -102,7 +113,7 @@ class ShmRegistry:
     def unregister(self, kind: str, name: str, owner: str = "") -> None:
         """Empty name: every region of that kind registered by the same owner."""
         if name:
-            region = self._regions.get(name)
+            region = self._visible(self._regions.get(name), owner)
             if region is not None and region.kind == kind:
                 self._retire(region)
             return
@@ -115,19 +126,20 @@ class ShmRegistry:
         if region.users == 0:
             self._on_released([region.region_id])
 
-    def status(self, kind: str, name: str) -> list[Region]:
+    def status(self, kind: str, name: str, owner: str = "") -> list[Region]:
         if name:
-            region = self._regions.get(name)
+            region = self._visible(self._regions.get(name), owner)
             if region is None or region.kind != kind:
                 label = "system" if kind == "system" else "CUDA"
                 raise not_found(f"Unable to find {label} shared memory region: '{name}'")
             return [region]
-        return [r for r in self._regions.values() if r.kind == kind]
+        return [r for r in self._regions.values()
+                if r.kind == kind and self._visible(r, owner) is not None]
 
     # --- use by requests ----------------------------------------------------------------
-    def acquire(self, name: str, offset: int, byte_size: int) -> Region:
+    def acquire(self, name: str, offset: int, byte_size: int, owner: str = "") -> Region:
         """Check a request's reference and pin the region until ``release``."""
-        region = self._regions.get(name)
+        region = self._visible(self._regions.get(name), owner)
         if region is None:
             raise not_found(f"Unable to find shared memory region: '{name}'")
         if offset < 0 or offset >= region.byte_size:
@@ -145,6 +157,14 @@ class ShmRegistry:
 
     def __len__(self) -> int:
         return len(self._regions)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """(kind, owner) -> registered regions; owner "" is the anonymous gRPC scope."""
+        counts: dict[tuple[str, str], int] = {}
+        for region in self._regions.values():
+            key = (region.kind, region.owner)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
 
 def _segment_size(canonical: str, key: str) -> int:

@@ -62,8 +62,8 @@ class Supervisor:
         models = ModelManager(settings, self.pid, gpu_ids)
         registry = ShmRegistry(models.release_regions, settings.shm_key_prefix, gpu_ids)
         state = ServerState(settings, models, registry)
-        metrics = MetricsServer(models, settings.grpc_address, settings.metrics_port) \
-            if settings.allow_metrics else None
+        metrics = MetricsServer(models, settings.grpc_address, settings.metrics_port,
+                                registry) if settings.allow_metrics else None
         if metrics is not None:
             try:
                 await metrics.start()

@@ -79,7 +79,8 @@ def _shm_params(params: Any, what: str) -> tuple[str, int, int] | None:
 
 
 def build_request(message: pb.ModelInferRequest, model: ModelVersion, registry: ShmRegistry,
-                  raw: Sequence[bytes | memoryview] | None = None) -> InferRequest:
+                  raw: Sequence[bytes | memoryview] | None = None,
+                  owner: str = "") -> InferRequest:
     """Validate a request against the model's config; pins the regions it references.
 
     ``raw`` replaces ``message.raw_input_contents`` when the frontend sliced them off the wire.
@@ -87,7 +88,7 @@ def build_request(message: pb.ModelInferRequest, model: ModelVersion, registry: 
     regions: list[Region] = []
     try:
         return _build(message, model, registry, regions,
-                      message.raw_input_contents if raw is None else raw)
+                      message.raw_input_contents if raw is None else raw, owner)
     except BaseException:
         for region in regions:
             registry.release(region)
@@ -95,7 +96,8 @@ def build_request(message: pb.ModelInferRequest, model: ModelVersion, registry: 
 
 
 def _build(message: pb.ModelInferRequest, model: ModelVersion, registry: ShmRegistry,
-           regions: list[Region], raw: Sequence[bytes | memoryview]) -> InferRequest:
+           regions: list[Region], raw: Sequence[bytes | memoryview],
+           owner: str) -> InferRequest:
     config = model.config
     name = model.name
     configured = {tensor.name: tensor for tensor in config.input}
@@ -139,7 +141,7 @@ def _build(message: pb.ModelInferRequest, model: ModelVersion, registry: ShmRegi
                 raise invalid_argument(f"unexpected 'content' provided when using shared memory "
                                        f"for input '{tensor.name}' for model '{name}'")
             region_name, offset, byte_size = shm
-            region = registry.acquire(region_name, offset, byte_size)
+            region = registry.acquire(region_name, offset, byte_size, owner)
             regions.append(region)
             if fixed and byte_size != expected_bytes:
                 raise _byte_size_mismatch(tensor.name, name, expected_bytes, byte_size)
@@ -168,7 +170,7 @@ def _build(message: pb.ModelInferRequest, model: ModelVersion, registry: ShmRegi
         raise invalid_argument(f"raw_input_contents has {len(raw)} entries but the request "
                                f"names {raw_index} inputs without shared memory for model "
                                f"'{name}'")
-    outputs = _requested_outputs(message, config, name, registry, regions)
+    outputs = _requested_outputs(message, config, name, registry, regions, owner)
     loop = asyncio.get_running_loop()
     parameters = {key: parameter_value(value) for key, value in message.parameters.items()}
     correlation = parameters.get("sequence_id", 0)
@@ -249,7 +251,8 @@ def _check_bytes_tensor(tensor: str, model: str, data: bytes | memoryview, count
 
 
 def _requested_outputs(message: pb.ModelInferRequest, config: mc.ModelConfig, model: str,
-                       registry: ShmRegistry, regions: list[Region]) -> list[RequestedOutput]:
+                       registry: ShmRegistry, regions: list[Region],
+                       owner: str) -> list[RequestedOutput]:
     known = {tensor.name for tensor in config.output}
     outputs: list[RequestedOutput] = []
     for requested in message.outputs:
@@ -263,7 +266,7 @@ def _requested_outputs(message: pb.ModelInferRequest, config: mc.ModelConfig, mo
             outputs.append(RequestedOutput(requested.name))
             continue
         region_name, offset, byte_size = shm
-        region = registry.acquire(region_name, offset, byte_size)
+        region = registry.acquire(region_name, offset, byte_size, owner)
         regions.append(region)
         outputs.append(RequestedOutput(requested.name, region, offset, byte_size))
     return outputs

@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 
-from shmserve.daemon.errors import ServeError
+from shmserve.daemon.errors import ServeError, invalid_argument
 from shmserve.daemon.frontend.service import InferenceService
 from shmserve.protos import shmserve_service_pb2 as pb
 from shmserve.protos.local_ring import (
@@ -75,6 +75,7 @@ class LocalChannel(asyncio.Protocol):
         self._pending: deque[bytes] = deque()
         self._stalled_since = 0.0
         self._retry: asyncio.TimerHandle | None = None
+        self._ring_scheduled = False
         self.closed = False
 
     # --- asyncio protocol ---------------------------------------------------------------
@@ -108,15 +109,25 @@ class LocalChannel(asyncio.Protocol):
                 task.add_done_callback(self._tasks.discard)
                 return
             if op == "register":
+                self._check_owner(message["name"], message["key"])
                 registry.register_system(_region_name(self.channel_id, message["name"]),
                                          message["key"], message.get("offset", 0),
                                          message["byte_size"], self.owner)
             elif op == "unregister":
                 name = message.get("name", "")
                 if name:
-                    registry.unregister("system", _region_name(self.channel_id, name))
+                    registry.unregister("system", _region_name(self.channel_id, name), self.owner)
                 else:
                     registry.unregister("system", "", self.owner)
+            elif op == "status":
+                prefix = _region_name(self.channel_id, "")
+                regions = registry.status("system", _region_name(self.channel_id, name)
+                                          if (name := message.get("name", "")) else "",
+                                          self.owner)
+                self._reply({"id": request_id, "regions": [
+                    [r.name[len(prefix):], r.key, r.offset, r.byte_size] for r in regions
+                    if r.owner == self.owner]})
+                return
             elif op == "ping":
                 pass
             else:
@@ -126,6 +137,19 @@ class LocalChannel(asyncio.Protocol):
             self._reply({"id": request_id, "err": [exc.code.name, exc.message.replace(
                 f"@{self.channel_id}:", "")]})
 
+    def _check_owner(self, name: str, key: str) -> None:
+        """A channel registers only its own user's segments (root's channels any segment):
+        the server must not read or write another user's memory on a client's behalf."""
+        if self.peer_uid == 0:
+            return
+        try:
+            owner = os.stat(os.path.join("/dev/shm", key.lstrip("/"))).st_uid
+        except OSError:
+            return  # no such segment: the registry reports it
+        if owner != self.peer_uid:
+            raise invalid_argument(f"cannot register shared memory region '{name}' - shm key "
+                                   f"'{key}' belongs to another user")
+
     async def _infer(self, message: dict[str, Any]) -> None:
         request_id = message["id"]
         try:
@@ -133,7 +157,8 @@ class LocalChannel(asyncio.Protocol):
             # "t": the client's deadline in seconds; as with gRPC, a request still queued
             # when it passes is dropped.
             async with asyncio.timeout(message.get("t")):
-                internal, outputs = await self._frontend.service.infer_outputs(request)
+                internal, outputs = await self._frontend.service.infer_outputs(
+                    request, owner=self.owner)
         except TimeoutError:
             self._reply({"id": request_id, "err": ["DEADLINE_EXCEEDED", "Deadline Exceeded"]})
             return
@@ -192,14 +217,17 @@ class LocalChannel(asyncio.Protocol):
         self._ring()
 
     def _flush_pending(self) -> None:
+        flushed = False
         while self._pending:
             try:
                 self._responses.put(self._pending[0])
             except RingFull:
-                return
+                break
             self._pending.popleft()
             self._stalled_since = 0.0
-        self._ring()
+            flushed = True
+        if flushed:  # also after a partial flush: the client drains only when rung
+            self._ring()
 
     def _on_stall(self) -> None:
         """The client is not draining: hold responses, retry, give up after a while."""
@@ -222,6 +250,14 @@ class LocalChannel(asyncio.Protocol):
             self._on_stall()
 
     def _ring(self) -> None:
+        """One doorbell for every answer published in this loop iteration (a batch's
+        answers wake the client once)."""
+        if not self._ring_scheduled:
+            self._ring_scheduled = True
+            asyncio.get_running_loop().call_soon(self._ring_now)
+
+    def _ring_now(self) -> None:
+        self._ring_scheduled = False
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"\x01")
 
@@ -263,8 +299,6 @@ def _set_parameter(target: pb.InferParameter, value: Any) -> None:
         target.int64_param = value
     elif isinstance(value, float):
         target.double_param = value
-    elif isinstance(value, bytes):
-        target.bytes_param = value
     else:
         target.string_param = str(value)
 

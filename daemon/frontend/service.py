@@ -98,7 +98,8 @@ class ServerState:
 def _client_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == CLIENT_ID_HEADER:
-            return str(value)
+            # "local:" owners are the server's own local channels; nobody may pose as one.
+            return "" if str(value).startswith("local:") else str(value)
     return ""
 
 
@@ -168,7 +169,7 @@ class InferenceService:
         return serialize_infer_response(response, raw)
 
     async def infer_outputs(self, request: pb.ModelInferRequest,
-                            raw: list[memoryview] | None = None
+                            raw: list[memoryview] | None = None, owner: str = ""
                             ) -> tuple[InferRequest, list[OutputTensor]]:
         """Every frontend's inference: validate, schedule, wait. Raises ServeError."""
         if self.state.exiting:
@@ -178,7 +179,7 @@ class InferenceService:
             raise unimplemented(f"ModelInfer RPC doesn't support models with decoupled "
                                 f"transaction policy; use ModelStreamInfer for model "
                                 f"'{model.name}'")
-        internal = build_request(request, model, self.registry, raw)
+        internal = build_request(request, model, self.registry, raw, owner)
         internal.on_finished = self._release_regions
         state = self.state
         state.inflight += 1

@@ -1,0 +1,474 @@
+"""The local-channel transport of ``Client`` and ``AsyncClient`` (see docs/client.md).
+
+With ``Client("local:///path/to.sock")`` or ``Client("host:port", transport="shm")`` inference
+and region (un)registration travel through the shared-memory rings of a local channel
+(client/local_channel.py); every other call goes through gRPC, at the address the server names
+in the channel's handshake (or the url's). This module holds what both clients share: choosing
+the socket, opening it (with the one-time fallback to gRPC), re-registering regions on a new
+channel after a reconnect, and the msgpack request builders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from shmserve.client._common import StreamRequest, target_of
+from shmserve.client._convert import (
+    InputValue,
+    Locator,
+    Outputs,
+    ParameterValue,
+    check_parameter,
+    walk_inputs,
+    walk_outputs,
+)
+from shmserve.client.errors import ShmserveError, invalid_argument
+from shmserve.client.local_channel import AsyncLocalChannel, LocalChannel, socket_path
+from shmserve.protos import shmserve_service_pb2 as pb
+
+log = logging.getLogger("shmserve.client")
+
+TRANSPORTS = ("grpc", "shm")
+#: How long opening a local channel (connect + handshake) may take.
+CONNECT_TIMEOUT = 5.0
+
+
+def default_socket_path(port: int) -> str:
+    """Where a server listening on gRPC ``port`` puts its socket unless told otherwise."""
+    return os.path.join(tempfile.gettempdir(), f"shmserve-{port}.sock")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPlan:
+    """How a client reaches the local channel."""
+
+    path: str               # the socket ("" = find it from host and port when first needed)
+    grpc_target: str | None  # the gRPC target when the url names one (None for local: urls)
+    host: str = ""
+    port: int | None = None  # the gRPC port the channel's server must report
+    reason: str = ""         # why there is no socket to try (path and host empty)
+
+
+def plan_transport(url: str, transport: str | None, local_socket: str | None
+                   ) -> LocalPlan | None:
+    """The local-channel plan for a url, or None for plain gRPC."""
+    is_local = url.startswith("local:")
+    if transport is None:
+        transport = "shm" if is_local else "grpc"
+    if transport not in TRANSPORTS:
+        raise invalid_argument(f"unknown transport '{transport}': use 'grpc' or 'shm'")
+    if is_local:
+        if transport != "shm":
+            raise invalid_argument(f"url '{url}' names a local channel: it needs transport "
+                                   f"'shm'")
+        path = local_socket or socket_path(url)
+        if not path:
+            raise invalid_argument(f"url '{url}' names no socket path (local:///path/to.sock)")
+        return LocalPlan(path, None)
+    if transport == "grpc":
+        if local_socket:
+            raise invalid_argument("local_socket needs transport='shm'")
+        return None
+    target = target_of(url)
+    host, port = _split_target(target)
+    if local_socket:
+        return LocalPlan(local_socket, target, host, port)
+    if port is None:
+        return LocalPlan("", target, reason=f"the gRPC url '{url}' names no TCP port to find "
+                                            f"the server's socket by (pass local_socket=)")
+    return LocalPlan("", target, host, port)
+
+
+def _split_target(target: str) -> tuple[str, int | None]:
+    if target.startswith("unix:"):
+        return "", None
+    host, _, port = target.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        return target, None
+
+
+def is_this_host(host: str) -> bool:
+    """Whether ``host`` names this machine (loopback, or one of its own addresses)."""
+    if host in ("", "localhost"):
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    for family, _, _, _, address in infos:
+        try:
+            if ipaddress.ip_address(address[0]).is_loopback:
+                return True
+        except ValueError:
+            continue
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.bind((address[0], 0))  # only an address of this host can be bound
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _resolve_path(plan: LocalPlan) -> tuple[str, str]:
+    """(socket path, "") or ("", why there is none)."""
+    if plan.path:
+        return plan.path, ""
+    if plan.reason:
+        return "", plan.reason
+    if not is_this_host(plan.host):
+        return "", f"{plan.host} is not this host"
+    assert plan.port is not None
+    return default_socket_path(plan.port), ""
+
+
+def _check_hello(plan: LocalPlan, path: str, hello: Mapping[str, Any]) -> str:
+    """Why the channel at ``path`` is not the server the url names ("" when it is)."""
+    if plan.port is None:
+        return ""
+    address = str(hello.get("grpc", ""))
+    _, port = _split_target(address)
+    if port != plan.port:
+        return f"the socket {path} belongs to the server at {address}, not port {plan.port}"
+    return ""
+
+
+def _unavailable(path: str, exc: BaseException) -> ShmserveError:
+    if isinstance(exc, ShmserveError):
+        return exc
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return ShmserveError(grpc.StatusCode.UNAVAILABLE,
+                         f"cannot open the local channel at {path}: {detail}")
+
+
+def _log_fallback(path: str, reason: str, target: str) -> None:
+    where = f" at {path}" if path else ""
+    log.warning("local channel%s unavailable (%s); using gRPC at %s",
+                where, reason, target)
+
+
+# --- registrations -----------------------------------------------------------------------------
+class Registrations:
+    """The regions registered on the channel: replayed on a new channel after a reconnect."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[str, int, int]] = {}
+
+    def add(self, name: str, key: str, offset: int, byte_size: int) -> bool:
+        """Record ``name``; False when it is recorded already (the server will refuse it)."""
+        if name in self._items:
+            return False
+        self._items[name] = (key, offset, byte_size)
+        return True
+
+    def discard(self, name: str) -> None:
+        if name:
+            self._items.pop(name, None)
+        else:
+            self._items.clear()
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [register_message(name, key, offset, byte_size)
+                for name, (key, offset, byte_size) in list(self._items.items())]
+
+
+def register_message(name: str, key: str, offset: int, byte_size: int) -> dict[str, Any]:
+    return {"op": "register", "name": name, "key": key, "offset": offset,
+            "byte_size": byte_size}
+
+
+def status_message(name: str) -> dict[str, Any]:
+    return {"op": "status", "name": name}
+
+
+def status_from_reply(reply: Mapping[str, Any]) -> dict[str, Any]:
+    """The channel's regions, under the names the client gave them (gRPC never shows them)."""
+    region_status = pb.SystemSharedMemoryStatusResponse.RegionStatus
+    return {name: region_status(name=name, key=key, offset=offset, byte_size=byte_size)
+            for name, key, offset, byte_size in reply["regions"]}
+
+
+# --- the sync link --------------------------------------------------------------------------
+class LocalLink:
+    """The sync client's local channel: opened on first use, reopened after it closes."""
+
+    def __init__(self, plan: LocalPlan) -> None:
+        self.plan = plan
+        self.registrations = Registrations()
+        self._lock = threading.Lock()
+        self._channel: LocalChannel | None = None
+        self._opened_once = False
+        self.fell_back = False
+        self.path = ""
+        self._grpc_target = plan.grpc_target
+        self._closed = False
+
+    @property
+    def known_target(self) -> str | None:
+        """The gRPC address as known now (a local: url learns it from the handshake)."""
+        return self._grpc_target
+
+    def current(self) -> LocalChannel | None:
+        """The open channel, without opening one."""
+        channel = self._channel
+        return channel if channel is not None and not channel.closed else None
+
+    def channel(self) -> LocalChannel | None:
+        """The open channel (opening it if needed), or None once the client fell back to gRPC.
+
+        Raises UNAVAILABLE when the channel cannot be opened and there is no gRPC to fall
+        back to (or the channel worked before: then the server is down or restarting).
+        """
+        channel = self._channel
+        if channel is not None and not channel.closed:
+            return channel
+        if self.fell_back:
+            return None
+        with self._lock:
+            channel = self._channel
+            if channel is not None and not channel.closed:
+                return channel
+            if self.fell_back:
+                return None
+            if self._closed:
+                raise ShmserveError(grpc.StatusCode.CANCELLED, "the client is closed")
+            if channel is not None:
+                channel.close()
+                self._channel = None
+            return self._open()
+
+    def _open(self) -> LocalChannel | None:
+        path, reason = (self.path, "") if self.path else _resolve_path(self.plan)
+        channel: LocalChannel | None = None
+        if path:
+            try:
+                channel = LocalChannel(path, CONNECT_TIMEOUT)
+            except (OSError, ShmserveError) as exc:
+                if self._opened_once or self._grpc_target is None:
+                    raise _unavailable(path, exc) from None
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            else:
+                reason = _check_hello(self.plan, path, channel.hello)
+                if reason:
+                    channel.close()
+                    channel = None
+                    if self._opened_once:
+                        raise ShmserveError(grpc.StatusCode.UNAVAILABLE, reason)
+        if channel is None:
+            assert self._grpc_target is not None
+            _log_fallback(path, reason, self._grpc_target)
+            self.fell_back = True
+            return None
+        self.path = path
+        if self.plan.grpc_target is None:  # a local: url: follow the server's address
+            self._grpc_target = channel.grpc_address
+        if self._opened_once:
+            self._replay(channel)
+        self._opened_once = True
+        self._channel = channel
+        return channel
+
+    def _replay(self, channel: LocalChannel) -> None:
+        for message in self.registrations.messages():
+            try:
+                channel.call(message, CONNECT_TIMEOUT)
+            except ShmserveError as exc:
+                log.warning("region '%s' could not be registered again on the new local "
+                            "channel: %s", message["name"], exc)
+                self.registrations.discard(message["name"])
+
+    def grpc_target(self) -> str:
+        """The gRPC address: the url's, or the one the server names in the handshake."""
+        if self._grpc_target is None:
+            self.channel()
+        assert self._grpc_target is not None
+        return self._grpc_target
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+
+# --- the asyncio link -----------------------------------------------------------------------
+class AsyncLocalLink:
+    """``LocalLink`` for ``AsyncClient``."""
+
+    def __init__(self, plan: LocalPlan) -> None:
+        self.plan = plan
+        self.registrations = Registrations()
+        self._lock: asyncio.Lock | None = None
+        self._channel: AsyncLocalChannel | None = None
+        self._opened_once = False
+        self.fell_back = False
+        self.path = ""
+        self._grpc_target = plan.grpc_target
+        self._closed = False
+
+    @property
+    def known_target(self) -> str | None:
+        """The gRPC address as known now (a local: url learns it from the handshake)."""
+        return self._grpc_target
+
+    def current(self) -> AsyncLocalChannel | None:
+        channel = self._channel
+        return channel if channel is not None and not channel.closed else None
+
+    async def channel(self) -> AsyncLocalChannel | None:
+        channel = self._channel
+        if channel is not None and not channel.closed:
+            return channel
+        if self.fell_back:
+            return None
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            channel = self._channel
+            if channel is not None and not channel.closed:
+                return channel
+            if self.fell_back:
+                return None
+            if self._closed:
+                raise ShmserveError(grpc.StatusCode.CANCELLED, "the client is closed")
+            if channel is not None:
+                channel.close()
+                self._channel = None
+            return await self._open()
+
+    async def _open(self) -> AsyncLocalChannel | None:
+        if self.path or self.plan.path:
+            path, reason = self.path or self.plan.path, ""
+        else:  # may resolve a host name: not on the loop
+            path, reason = await asyncio.get_running_loop().run_in_executor(
+                None, _resolve_path, self.plan)
+        channel: AsyncLocalChannel | None = None
+        if path:
+            try:
+                channel = await AsyncLocalChannel.connect(path, CONNECT_TIMEOUT)
+            except (OSError, ShmserveError) as exc:
+                if self._opened_once or self._grpc_target is None:
+                    raise _unavailable(path, exc) from None
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            else:
+                reason = _check_hello(self.plan, path, channel.hello)
+                if reason:
+                    channel.close()
+                    channel = None
+                    if self._opened_once:
+                        raise ShmserveError(grpc.StatusCode.UNAVAILABLE, reason)
+        if channel is None:
+            assert self._grpc_target is not None
+            _log_fallback(path, reason, self._grpc_target)
+            self.fell_back = True
+            return None
+        self.path = path
+        if self.plan.grpc_target is None:  # a local: url: follow the server's address
+            self._grpc_target = channel.grpc_address
+        if self._opened_once:
+            for message in self.registrations.messages():
+                try:
+                    await channel.call(message, CONNECT_TIMEOUT)
+                except ShmserveError as exc:
+                    log.warning("region '%s' could not be registered again on the new "
+                                "local channel: %s", message["name"], exc)
+                    self.registrations.discard(message["name"])
+        self._opened_once = True
+        self._channel = channel
+        return channel
+
+    async def grpc_target(self) -> str:
+        if self._grpc_target is None:
+            await self.channel()
+        assert self._grpc_target is not None
+        return self._grpc_target
+
+    def close(self) -> None:
+        self._closed = True
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+
+# --- messages -----------------------------------------------------------------------------------
+@dataclass(slots=True)
+class LocalRequest:
+    """An infer message for the channel and what is needed to read its answer."""
+
+    message: dict[str, Any]
+    region_outputs: dict[str, np.ndarray]
+    payload_bytes: int       # tensor bytes carried in the message itself
+    references: bool         # whether it names regions (then it cannot go through gRPC)
+
+    def fits(self, limit: int) -> bool:
+        """False when the tensor bytes alone exceed the limit (no need to pack it to know)."""
+        return self.payload_bytes <= limit
+
+
+def infer_message(model: str, inputs: Mapping[str, InputValue], outputs: Outputs, version: str,
+                  request_id: str, parameters: Mapping[str, ParameterValue] | None,
+                  locate: Locator | None, timeout: float | None) -> LocalRequest:
+    """The channel's infer message; the same client-side checks, in the same order, as
+    ``prepare_infer`` (so both transports refuse the same requests with the same errors)."""
+    if type(inputs) is not dict and not isinstance(inputs, Mapping):
+        raise invalid_argument("inputs must be a mapping of input name to array")
+    sent: list[list[Any]] = []
+    payload = 0
+    references = False
+    for name, datatype, shape, ref, data in walk_inputs(inputs, locate):
+        if ref is not None:
+            sent.append([name, datatype, shape, "r", ref[0], ref[1], ref[2]])
+            references = True
+        else:
+            assert data is not None
+            sent.append([name, datatype, shape, "b", data])
+            payload += data.nbytes if isinstance(data, memoryview) else len(data)
+    entries, region_outputs = walk_outputs(outputs, locate)
+    wanted: list[list[Any]] = []
+    for name, ref in entries:
+        if ref is None:
+            wanted.append([name])
+        else:
+            wanted.append([name, ref[0], ref[1], ref[2]])
+            references = True
+    params = {key: check_parameter(value) for key, value in parameters.items()} \
+        if parameters else {}
+    message: dict[str, Any] = {"op": "infer", "model": model, "version": version,
+                               "rid": request_id, "in": sent, "out": wanted, "p": params}
+    if timeout is not None:
+        message["t"] = timeout
+    return LocalRequest(message, region_outputs, payload, references)
+
+
+def too_large(size: int, limit: int, names_regions: bool = True) -> ShmserveError:
+    """A request the channel cannot carry and gRPC cannot either (it names channel regions,
+    or it is part of a stream on the channel)."""
+    why = " and names shared-memory regions registered on it" if names_regions else ""
+    return ShmserveError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"request of about {size} bytes is too large for the local channel (limit {limit} "
+        f"bytes){why}: put its large inputs in a region (client.shared_memory)")
+
+
+def stream_item(item: StreamRequest | Mapping[str, InputValue]) -> StreamRequest:
+    return item if isinstance(item, StreamRequest) else StreamRequest(item)
+
+
+def stream_error(reply_err: list[str]) -> ShmserveError:
+    """A refused stream request: gRPC streams carry no code, only the text (UNKNOWN)."""
+    return ShmserveError(grpc.StatusCode.UNKNOWN, reply_err[1])
