@@ -6,6 +6,7 @@ assertion: the figures it prints are not looked at.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,9 +27,12 @@ SCENARIOS = (
 )
 
 
-def _has_gpu() -> bool:
+def _can_use_cuda() -> bool:
+    """A GPU and cuda-python: only then must the CUDA shared-memory scenarios run."""
     gpus = "/proc/driver/nvidia/gpus"
-    return os.path.isdir(gpus) and bool(os.listdir(gpus))
+    if not (os.path.isdir(gpus) and os.listdir(gpus)):
+        return False
+    return importlib.util.find_spec("cuda") is not None
 
 
 def _bench_segments() -> set[str]:
@@ -55,8 +59,8 @@ def test_quick_bench_runs_every_scenario_correctly(tmp_path: Path) -> None:
     assert sorted(by_id) == sorted(SCENARIOS), output
     for scenario_id, entry in by_id.items():
         if entry["status"] == "skipped":
-            # Only CUDA shared memory may be skipped, and only on a host without a GPU.
-            assert scenario_id.startswith("identity/cuda_shm/") and not _has_gpu(), entry
+            # Only CUDA shared memory may be skipped, and only without a GPU or cuda-python.
+            assert scenario_id.startswith("identity/cuda_shm/") and not _can_use_cuda(), entry
             continue
         assert entry["status"] == "ok", entry
         assert entry["correct"] is True, entry
