@@ -171,12 +171,6 @@ def config_to_dict(config: mc.ModelConfig) -> dict[str, Any]:
     return raw
 
 
-def config_from_dict(raw: dict[str, Any]) -> mc.ModelConfig:
-    config = mc.ModelConfig()
-    json_format.ParseDict(raw, config)
-    return config
-
-
 def _int64_to_int(value: Any, descriptor: Descriptor) -> None:
     if not isinstance(value, dict):
         return

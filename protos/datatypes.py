@@ -32,9 +32,6 @@ ELEMENT_SIZE: dict[str, int] = {
 # Config enum (TYPE_FP32) <-> wire name (FP32). TYPE_STRING travels as BYTES.
 CONFIG_TO_V2: dict[str, str] = {f"TYPE_{name}": name for name in ELEMENT_SIZE}
 CONFIG_TO_V2["TYPE_STRING"] = "BYTES"
-V2_TO_CONFIG: dict[str, str] = {v: k for k, v in CONFIG_TO_V2.items()}
-
-V2_DATATYPES = frozenset(ELEMENT_SIZE) | {"BYTES"}
 
 
 def bf16_dtype() -> np.dtype:
@@ -72,11 +69,6 @@ def element_count(shape: Iterable[int]) -> int:
     for dim in shape:
         count *= int(dim)
     return count
-
-
-def fixed_byte_size(datatype: str, shape: Iterable[int]) -> int:
-    """Byte size of a fixed-size tensor (not BYTES)."""
-    return ELEMENT_SIZE[datatype] * element_count(shape)
 
 
 def serialize_bytes_tensor(array: np.ndarray) -> bytes:

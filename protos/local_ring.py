@@ -101,9 +101,6 @@ class Ring:
         _U64.pack_into(self._buf, self._base, head)
         return messages
 
-    def used(self) -> int:
-        return self._tail() - self._head()
-
     def release(self) -> None:
         self._buf.release()
 

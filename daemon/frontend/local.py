@@ -372,10 +372,6 @@ class LocalFrontend:
     def forget(self, channel: LocalChannel) -> None:
         self._channels.discard(channel)
 
-    @property
-    def channels(self) -> int:
-        return len(self._channels)
-
     async def stop(self) -> None:
         if self._accepting is not None:
             self._accepting.cancel()
