@@ -88,6 +88,7 @@ class Scheduler:
         self._slots = [InstanceSlot(plan, supervisor_pid) for plan in plans]
         self._queue: deque[InferRequest] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._abandoned = 0
         self._closing = False
         self._restarts: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -148,6 +149,7 @@ class Scheduler:
             raise unavailable("Exceeds maximum queue size")
         request.received_ns = request.received_ns or time.perf_counter_ns()
         self._queue.append(request)
+        request.future.add_done_callback(self._note_abandoned)
         self.stats.pending += 1
         self._idle.clear()
         self._dispatch()
@@ -170,8 +172,15 @@ class Scheduler:
         if not self._queue and not any(s.busy for s in self._slots):
             self._idle.set()
 
+    def _note_abandoned(self, future: asyncio.Future[list[OutputTensor]]) -> None:
+        if future.cancelled():
+            self._abandoned += 1
+            self._dispatch()
+
     def _drop_abandoned(self) -> None:
-        if any(request.future.done() for request in self._queue):
+        """Drop queued requests whose caller gave up (counted, so no scan per dispatch)."""
+        if self._abandoned:
+            self._abandoned = 0
             kept: deque[InferRequest] = deque()
             for request in self._queue:
                 if request.future.done():
