@@ -19,7 +19,6 @@ from shmserve.client._convert import (
     Outputs,
     ParameterValue,
     PreparedRequest,
-    parameter_value,
     prepare_infer,
     read_outputs,
 )
@@ -27,6 +26,7 @@ from shmserve.client._wire import decode_stream_response
 from shmserve.client.errors import ShmserveError, invalid_argument
 from shmserve.client.regions import Region
 from shmserve.protos import shmserve_service_pb2 as pb
+from shmserve.protos.parameters import parameter_value
 
 SERVICE = "inference.GRPCInferenceService"
 CLIENT_ID_HEADER = "shmserve-client-id"

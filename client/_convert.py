@@ -20,6 +20,8 @@ from shmserve.protos.datatypes import (
     serialize_bytes_tensor,
     to_numpy_dtype,
 )
+from shmserve.protos.parameters import ParameterValue, set_region_parameters
+from shmserve.protos.parameters import set_parameter as protocol_set_parameter
 
 #: Finds the region holding ``nbytes`` at ``address``: (region name, offset) or None.
 Locator = Callable[[int, int], "tuple[str, int] | None"]
@@ -29,7 +31,6 @@ InputValue = np.ndarray | BytesTensor
 #: What ``infer`` accepts as ``outputs``.
 Outputs = Sequence[str] | Mapping[str, "np.ndarray | None"] | None
 #: Request-level parameters.
-ParameterValue = bool | int | float | str
 
 
 @dataclass(slots=True)
@@ -42,33 +43,10 @@ class PreparedRequest:
 
 
 def set_parameter(target: pb.InferParameter, value: ParameterValue) -> None:
-    if isinstance(value, bool):
-        target.bool_param = value
-    elif isinstance(value, int):
-        target.int64_param = value
-    elif isinstance(value, float):
-        target.double_param = value
-    elif isinstance(value, str):
-        target.string_param = value
-    else:  # KServe v2's InferParameter has no bytes
-        raise invalid_argument(f"unsupported parameter value {value!r} "
-                               f"(use bool, int, float or str)")
-
-
-def parameter_value(param: pb.InferParameter) -> ParameterValue | None:
-    choice = param.WhichOneof("parameter_choice")
-    if choice is None:
-        return None
-    value: ParameterValue = getattr(param, choice)
-    return value
-
-
-def _set_region(params: Any, region: str, offset: int, nbytes: int) -> None:
-    """Fill a tensor's parameters map with a region reference (offset omitted when 0)."""
-    params["shared_memory_region"].string_param = region
-    params["shared_memory_byte_size"].int64_param = nbytes
-    if offset:
-        params["shared_memory_offset"].int64_param = offset
+    try:
+        protocol_set_parameter(target, value)
+    except TypeError as exc:
+        raise invalid_argument(str(exc)) from None
 
 
 _DATATYPES: dict[np.dtype, str] = {}
@@ -191,7 +169,7 @@ def prepare_infer(model: str, inputs: Mapping[str, InputValue], outputs: Outputs
         tensor.datatype = datatype
         tensor.shape.extend(shape)
         if ref is not None:
-            _set_region(tensor.parameters, ref[0], ref[1], ref[2])
+            set_region_parameters(tensor.parameters, ref[0], ref[1], ref[2])
         else:
             assert data is not None
             raw.append(data)
@@ -200,7 +178,7 @@ def prepare_infer(model: str, inputs: Mapping[str, InputValue], outputs: Outputs
         requested = request.outputs.add()
         requested.name = name
         if ref is not None:
-            _set_region(requested.parameters, ref[0], ref[1], ref[2])
+            set_region_parameters(requested.parameters, ref[0], ref[1], ref[2])
     if parameters:
         for key, param in parameters.items():
             set_parameter(request.parameters[key], param)

@@ -21,6 +21,7 @@ from shmserve.protos.datatypes import (
     element_count,
     serialize_bytes_tensor,
 )
+from shmserve.protos.parameters import parameter_value
 
 _CONTENTS_FIELD = {
     "BOOL": ("bool_contents", np.bool_), "INT8": ("int_contents", np.int8),
@@ -39,11 +40,6 @@ def config_datatype(data_type: int) -> str:
 
 def _dims_text(dims: list[int]) -> str:
     return "[" + ",".join(str(d) for d in dims) + "]"
-
-
-def parameter_value(param: pb.InferParameter) -> Any:
-    choice = param.WhichOneof("parameter_choice")
-    return getattr(param, choice) if choice else None
 
 
 _SHM_USAGE = "'shared_memory_byte_size' must be specified along with 'shared_memory_region'"

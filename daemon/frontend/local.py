@@ -40,6 +40,7 @@ from shmserve.protos.local_ring import (
     layout,
     ring_capacity,
 )
+from shmserve.protos.parameters import set_parameter, set_region_parameters
 
 log = logging.getLogger("shmserve.local")
 PROTOCOL_VERSION = 1
@@ -183,17 +184,20 @@ class LocalChannel(asyncio.Protocol):
             name, datatype, shape, where = entry[0], entry[1], entry[2], entry[3]
             tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
             if where == "r":
-                _region_parameters(tensor.parameters, _region_name(self.channel_id, entry[4]),
+                set_region_parameters(tensor.parameters, _region_name(self.channel_id, entry[4]),
                                    entry[5], entry[6])
             else:
                 request.raw_input_contents.append(entry[4])
         for entry in message.get("out", ()):
             output = request.outputs.add(name=entry[0])
             if len(entry) > 1:
-                _region_parameters(output.parameters, _region_name(self.channel_id, entry[1]),
+                set_region_parameters(output.parameters, _region_name(self.channel_id, entry[1]),
                                    entry[2], entry[3])
         for key, value in (message.get("p") or {}).items():
-            _set_parameter(request.parameters[key], value)
+            try:
+                set_parameter(request.parameters[key], value)
+            except TypeError as exc:
+                raise invalid_argument(str(exc)) from None
         return request
 
     # --- responses ----------------------------------------------------------------------
@@ -283,24 +287,6 @@ class LocalChannel(asyncio.Protocol):
             self._memory.close()
         self._frontend.forget(self)
         log.info("local channel %d (pid %d) closed", self.channel_id, self.peer_pid)
-
-
-def _region_parameters(parameters: Any, region: str, offset: int, byte_size: int) -> None:
-    parameters["shared_memory_region"].string_param = region
-    parameters["shared_memory_byte_size"].int64_param = byte_size
-    if offset:
-        parameters["shared_memory_offset"].int64_param = offset
-
-
-def _set_parameter(target: pb.InferParameter, value: Any) -> None:
-    if isinstance(value, bool):
-        target.bool_param = value
-    elif isinstance(value, int):
-        target.int64_param = value
-    elif isinstance(value, float):
-        target.double_param = value
-    else:
-        target.string_param = str(value)
 
 
 class LocalFrontend:
