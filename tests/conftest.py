@@ -59,13 +59,19 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
         assert_no_arenas(server.pid)
 
 
-@pytest.fixture(scope="module")
-def example_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server on the example models, shared by a module's read-mostly tests."""
-    repo = build_repository(tmp_path_factory.mktemp("examples") / "repo", EXAMPLE_MODELS)
+def serve_models(tmp_path_factory: pytest.TempPathFactory,
+                 models: list[str]) -> Iterator[ServerProcess]:
+    """Body of a module-scoped server fixture: start, yield, stop cleanly, no leaked arenas."""
+    repo = build_repository(tmp_path_factory.mktemp("server") / "repo", models)
     server = ServerProcess(repo)
     server.wait_ready()
     yield server
     code = server.stop()
     assert code == 0, server.log()
     assert_no_arenas(server.pid)
+
+
+@pytest.fixture(scope="module")
+def example_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server on the example models, shared by a module's read-mostly tests."""
+    yield from serve_models(tmp_path_factory, EXAMPLE_MODELS)

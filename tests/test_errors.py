@@ -13,18 +13,15 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from shmserve.protos import shmserve_service_pb2 as pb
-from shmserve.tests.serverproc import ServerProcess, build_repository
+from shmserve.tests.conftest import serve_models
+from shmserve.tests.serverproc import ServerProcess
 
 MODELS = ["simple", "string_upper", "raiser", "identity_fp32"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = build_repository(tmp_path_factory.mktemp("errors") / "repo", MODELS)
-    process = ServerProcess(repo)
-    process.wait_ready()
-    yield process
-    assert process.stop() == 0, process.log()
+    yield from serve_models(tmp_path_factory, MODELS)
 
 
 @pytest.fixture(scope="module")

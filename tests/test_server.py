@@ -14,18 +14,15 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from shmserve.protos import shmserve_health_pb2 as health_pb
-from shmserve.tests.serverproc import ServerProcess, build_repository
+from shmserve.tests.conftest import serve_models
+from shmserve.tests.serverproc import ServerProcess
 
 MODELS = ["simple", "identity_fp32", "string_upper", "echo_all"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = build_repository(tmp_path_factory.mktemp("server") / "repo", MODELS)
-    process = ServerProcess(repo)
-    process.wait_ready()
-    yield process
-    assert process.stop() == 0, process.log()
+    yield from serve_models(tmp_path_factory, MODELS)
 
 
 @pytest.fixture
