@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import json_format, text_format
+from google.protobuf import json_format
 
 from shmserve.daemon.errors import (
     SERVER_EXITING,
@@ -47,14 +45,21 @@ from shmserve.daemon.errors import (
     unknown_model,
 )
 from shmserve.daemon.model_config import (
-    CONFIG_FILE,
-    ConfigError,
     InstancePlan,
-    complete_config,
     config_to_dict,
     plan_instances,
-    read_config,
-    select_versions,
+)
+from shmserve.daemon.model_source import (
+    Fingerprint,
+    PollError,
+    agent_config_reader,
+    complete_for,
+    fingerprint,
+    read_repository_config,
+    remove_dir,
+    select_model_versions,
+    validate_name,
+    write_override_files,
 )
 from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.settings import Settings
@@ -83,19 +88,6 @@ _CODE_STRINGS: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.UNIMPLEMENTED: "Unsupported",
     grpc.StatusCode.ALREADY_EXISTS: "Already exists",
 }
-
-_FINGERPRINT_SKIP_DIRS = {"__pycache__"}
-
-Fingerprint = tuple[tuple[str, int, int], ...]
-
-
-class PollError(Exception):
-    """A model that cannot even be prepared for loading (Triton's "failed to poll")."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-
 
 @dataclass
 class ModelVersion:
@@ -205,7 +197,7 @@ class ModelManager:
         loaded is left alone unless a "config" or "file:" override is given (Triton:
         an unmodified model is not reloaded).
         """
-        _validate_name(name)
+        validate_name(name)
         if self._closing:
             raise unavailable(SERVER_EXITING)
         record = self._records.setdefault(name, ModelRecord(name))
@@ -288,33 +280,33 @@ class ModelManager:
                                     "file override")
                 temp_dir = tempfile.mkdtemp(prefix=f"shmserve-override-{name}-")
                 model_dir = Path(temp_dir) / name
-                _write_override_files(model_dir, files, config)
+                write_override_files(model_dir, files, config)
             else:
                 model_dir = repo_dir
                 if not model_dir.is_dir():
                     raise PollError("model not found in any model repository.")
             if config is None:
-                config = _read_config(model_dir)
+                config = read_repository_config(model_dir)
             # As Triton (InitializeModelInfo): agents see the config as written; it is
             # completed and validated only after them, from the location they left (an
             # encrypted model may ship a stub config.pbtxt and a config.pbtxt.enc).
             named_dir = model_dir
-            versions = _select_versions(model_dir, config)
+            versions = select_model_versions(model_dir, config)
             if config.model_repository_agents.agents:
                 chain, model_dir, config = await self._run_agents(name, model_dir, config,
                                                                   versions, config_json)
-                versions = _select_versions(model_dir, config)
-            _complete(config, model_dir, named_dir, self._gpu_ids,
+                versions = select_model_versions(model_dir, config)
+            complete_for(config, model_dir, named_dir, self._gpu_ids,
                       overridden=config_json is not None)
             if not versions:
                 raise _NoVersion()
         except _NoVersion:
             await _fail_agents(chain)
-            _remove_dir(temp_dir)
+            remove_dir(temp_dir)
             raise internal(f"failed to load '{name}', no version is available") from None
         except BaseException:
             await _fail_agents(chain)
-            _remove_dir(temp_dir)
+            remove_dir(temp_dir)
             raise
         return _Prepared(config, model_dir, versions, chain, temp_dir)
 
@@ -346,7 +338,7 @@ class ModelManager:
         try:
             location = await asyncio.to_thread(chain.load, str(model_dir), versions,
                                                config_to_dict(config),
-                                               config_reader=_config_reader)
+                                               config_reader=agent_config_reader)
         except AgentError as exc:
             # The chain already sent LOAD_FAIL and removed its temporary locations.
             raise PollError(exc.message) from None
@@ -358,7 +350,7 @@ class ModelManager:
             # A "config" override wins over whatever config.pbtxt the agents wrote.
             return chain, new_dir, config
         try:
-            new_config = _read_config(new_dir)
+            new_config = read_repository_config(new_dir)
         except BaseException:
             await _fail_agents(chain)
             raise
@@ -402,7 +394,7 @@ class ModelManager:
         await asyncio.gather(*(v.scheduler.stop(timeout) for v in started.values()),
                              return_exceptions=True)
         await _fail_agents(prepared.agents)
-        _remove_dir(prepared.temp_dir)
+        remove_dir(prepared.temp_dir)
 
     def _new_version(self, name: str, version: int, config: mc.ModelConfig,
                      model_dir: Path) -> ModelVersion:
@@ -490,7 +482,7 @@ class ModelManager:
         finally:
             if agents is not None:
                 await asyncio.shield(_agents_call(agents, "close"))
-            _remove_dir(generation.temp_dir)
+            remove_dir(generation.temp_dir)
 
     async def shutdown(self) -> None:
         """Unload everything (agents UNLOAD/UNLOAD_COMPLETE, then close every chain)."""
@@ -598,100 +590,8 @@ class _NoVersion(Exception):
     pass
 
 
-def _validate_name(name: str) -> None:
-    """Triton's ValidateModelName (model_repository_manager.cc)."""
-    if not name:
-        raise invalid_argument("model name must not be empty")
-    if not name.strip(" \t\n\v\f\r"):
-        raise invalid_argument("model name must not contain only whitespace characters")
-    if ".." in name or "/" in name or "\0" in name:
-        raise invalid_argument(f"invalid model name '{name}', model name must not contain "
-                               f"path traversal characters")
-
-
 def _code_string(code: grpc.StatusCode) -> str:
     return _CODE_STRINGS.get(code, "Unknown")
-
-
-def _read_config(model_dir: Path) -> mc.ModelConfig:
-    try:
-        return read_config(model_dir)
-    except ConfigError as exc:
-        raise PollError(str(exc)) from None
-
-
-def _complete(config: mc.ModelConfig, config_dir: Path, named_dir: Path,
-              gpu_ids: list[int], overridden: bool = False) -> None:
-    """Fill defaults and validate; the model is named after ``named_dir`` (the repository
-    folder) even when the config was read from an agent's temporary location. Messages
-    name where the config came from (a file, or the "config" load parameter)."""
-    try:
-        complete_config(config, named_dir, gpu_ids)
-    except ConfigError as exc:
-        text = str(exc)
-        if overridden:
-            text = text.replace(str(named_dir / CONFIG_FILE), "load parameter 'config'")
-        elif config_dir != named_dir:
-            text = text.replace(str(named_dir / CONFIG_FILE), str(config_dir / CONFIG_FILE))
-        raise PollError(text) from None
-
-
-def _select_versions(model_dir: Path, config: mc.ModelConfig) -> list[int]:
-    try:
-        return select_versions(model_dir, config)
-    except OSError as exc:
-        raise PollError(f"cannot list versions of '{model_dir}': {exc.strerror}") from None
-
-
-def _config_reader(location: str) -> dict[str, Any]:
-    """What agents after the first see: the config at the previous agent's location."""
-    return config_to_dict(read_config(Path(location)))
-
-
-def fingerprint(model_dir: Path) -> Fingerprint:
-    """(relative path, mtime_ns, size) of every file; Python's bytecode caches excluded
-    (the python backend writes them next to model.py and they must not look like edits)."""
-    entries = []
-    for root, dirs, names in os.walk(model_dir):
-        dirs[:] = [d for d in dirs if d not in _FINGERPRINT_SKIP_DIRS]
-        for file_name in names:
-            path = os.path.join(root, file_name)
-            try:
-                info = os.stat(path)
-            except OSError:
-                continue
-            entries.append((os.path.relpath(path, model_dir), info.st_mtime_ns, info.st_size))
-    return tuple(sorted(entries))
-
-
-def _write_override_files(model_dir: Path, files: Mapping[str, bytes],
-                          config: mc.ModelConfig) -> None:
-    """Triton's LocalizeRepoAgent: config.pbtxt from the "config" override, then each
-    "file:<path>" under the model directory (which it may not leave)."""
-    try:
-        model_dir.mkdir(parents=True, mode=0o700)
-        (model_dir / CONFIG_FILE).write_text(text_format.MessageToString(config))
-        root = os.path.realpath(model_dir)
-        for relative, content in files.items():
-            key = f"file:{relative}"
-            target = os.path.realpath(os.path.join(root, relative))
-            if not target.startswith(root + os.sep):
-                raise PollError(f"Invalid file parameter '{key}' with normalized path "
-                                f"'{target}' must stay within model directory.")
-            parent = os.path.dirname(target)
-            if os.path.exists(parent) and not os.path.isdir(parent):
-                raise PollError(f"Invalid file parameter '{key}', directory has been created "
-                                f"as a file")
-            os.makedirs(parent, exist_ok=True)
-            with open(target, "wb") as f:
-                f.write(content)
-    except OSError as exc:
-        raise PollError(f"failed to write model file override: {exc}") from None
-
-
-def _remove_dir(path: str | None) -> None:
-    if path and os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
 
 
 async def _agents_call(agents: AgentChain, action: str) -> None:
