@@ -169,7 +169,8 @@ def _build(message: pb.ModelInferRequest, model: ModelVersion, registry: ShmRegi
     outputs = _requested_outputs(message, config, name, registry, regions, owner)
     loop = asyncio.get_running_loop()
     parameters = {key: parameter_value(value) for key, value in message.parameters.items()}
-    correlation = parameters.get("sequence_id", 0)
+    sequence_id = parameters.get("sequence_id", 0)
+    correlation = sequence_id if isinstance(sequence_id, int | str) else 0
     return InferRequest(name, model.version, message.id, inputs, outputs, batch_size or 1,
                         loop.create_future(), parameters, correlation, 0, regions)
 
