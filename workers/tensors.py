@@ -65,10 +65,15 @@ class InputResolver:
 
     def array(self, ref: TensorRef) -> Any:
         """A NumPy array; for a CUDA region a torch CUDA tensor over the client's memory."""
-        if ref.where == CUDA and self._cuda is not None:
+        where = ref.where
+        if where == INLINE:
+            data: memoryview | bytes = ref.location
+        elif where == CUDA and self._cuda is not None:
             return self._cuda.input(ref)
-        data = self.buffer(ref)
-        if ref.datatype == "BYTES":
+        else:
+            data = self.buffer(ref)
+        datatype = ref.datatype
+        if datatype == "BYTES":
             try:
                 flat = deserialize_bytes_tensor(data, element_count(ref.shape))
             except ValueError as exc:
@@ -76,8 +81,21 @@ class InputResolver:
                     f"failed to parse BYTES input '{ref.name}': {exc}", "INVALID_ARGUMENT"
                 ) from exc
             return flat.reshape(ref.shape)
-        dtype = to_numpy_dtype(ref.datatype)
-        return np.frombuffer(data, dtype=dtype, count=element_count(ref.shape)).reshape(ref.shape)
+        dtype = _NUMPY_DTYPES.get(datatype)
+        if dtype is None:
+            dtype = _NUMPY_DTYPES[datatype] = to_numpy_dtype(datatype)
+        try:
+            # Views the buffer (no copy); extra bytes past the shape are ignored.
+            return np.ndarray(ref.shape, dtype, data)
+        except (TypeError, ValueError) as exc:
+            raise BackendError(
+                f"input '{ref.name}': {len(data)} bytes do not hold a {datatype} tensor of "
+                f"shape {list(ref.shape)}: {exc}", "INVALID_ARGUMENT") from None
+
+
+# Caches by key of to_numpy_dtype / from_numpy_dtype, which are too slow for once per tensor.
+_NUMPY_DTYPES: dict[str, np.dtype] = {}
+_DATATYPES: dict[np.dtype, str] = {}
 
 
 def output_bytes(array: Any) -> tuple[str, list[int], memoryview | bytes | DeviceOutput]:
@@ -93,9 +111,19 @@ def output_bytes(array: Any) -> tuple[str, list[int], memoryview | bytes | Devic
             return (datatype_of_torch(on_device.tensor.dtype),
                     [int(d) for d in on_device.tensor.shape], on_device)
         array = host_array(array)
-    datatype = from_numpy_dtype(array.dtype)
-    shape = [int(d) for d in array.shape]
+    dtype = array.dtype
+    datatype = _DATATYPES.get(dtype)
+    if datatype is None:
+        datatype = from_numpy_dtype(dtype)
+        if dtype.kind not in "SU":      # one dtype per string length: do not let the cache grow
+            _DATATYPES[dtype] = datatype
+    shape = list(array.shape)
     if datatype == "BYTES":
         return datatype, shape, serialize_bytes_tensor(array)
     contiguous = np.ascontiguousarray(array)
-    return datatype, shape, contiguous.data.cast("B")
+    try:
+        return datatype, shape, contiguous.data.cast("B")
+    except (TypeError, ValueError):
+        # Empty arrays (memoryview cannot cast zero-length shapes) and dtypes the buffer
+        # protocol cannot describe (ml_dtypes.bfloat16) are viewed as raw bytes instead.
+        return datatype, shape, contiguous.reshape(-1).view(np.uint8).data

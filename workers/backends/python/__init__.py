@@ -57,6 +57,10 @@ MODEL_CLASS = "TritonPythonModel"
 
 _package_counter = itertools.count()
 
+_pb_request = pb_utils.InferenceRequest._from_backend
+_InferenceResponse = pb_utils.InferenceResponse
+_ndarray = np.ndarray
+
 
 def install_pb_utils() -> None:
     """Make ``import triton_python_backend_utils`` give user code our module."""
@@ -308,17 +312,21 @@ class PythonBackend(Backend):
         if model is None or model_object is None:
             return self._fail_all(requests, BackendError(
                 f"model instance '{self._label()}' is not initialized", "UNAVAILABLE"))
-        pb_requests = [
-            pb_utils.InferenceRequest._from_backend(
-                request.request_id, request.correlation_id,
-                _cpu_inputs(request.inputs) if self._force_cpu_inputs else request.inputs,
-                list(request.requested_outputs) or list(self._default_outputs),
-                request.parameters, model.name, model.version)
-            for request in requests
-        ]
+        name, version = model.name, model.version
+        force_cpu, default_outputs = self._force_cpu_inputs, self._default_outputs
+        pb_requests: list[pb_utils.InferenceRequest] = []
+        for request in requests:
+            inputs = request.inputs
+            if force_cpu:
+                inputs = _cpu_inputs(inputs)
+            pb_requests.append(_pb_request(
+                request.request_id, request.correlation_id, inputs,
+                # A copy: the model may change the list it is given.
+                list(request.requested_outputs or default_outputs),
+                request.parameters, name, version))
         try:
             result = model_object.execute(pb_requests)
-            if inspect.isawaitable(result):
+            if type(result) is not list and inspect.isawaitable(result):
                 result = self._event_loop().run_until_complete(result)
         except Exception as exc:
             _log.exception("execute of model instance '%s' raised", self._label())
@@ -329,10 +337,19 @@ class PythonBackend(Backend):
         if problem is not None:
             _log.error("%s", problem)
             return self._fail_all(requests, BackendError(problem))
-        return [self._to_response(request, pb_response)
-                for request, pb_response in zip(requests, result, strict=True)]
+        to_response = self._to_response
+        responses: list[Response] = []
+        for request, pb_response in zip(requests, result, strict=True):
+            responses.append(to_response(request, pb_response))
+        return responses
 
     def _check_result(self, result: Any, expected: int) -> str | None:
+        if isinstance(result, list) and len(result) == expected:
+            for item in result:
+                if not isinstance(item, _InferenceResponse):
+                    break
+            else:
+                return None
         where = f"execute() of model instance '{self._label()}'"
         if not isinstance(result, list):
             return (f"{where} must return a list of pb_utils.InferenceResponse, got "
@@ -349,22 +366,26 @@ class PythonBackend(Backend):
 
     def _to_response(self, request: Request,
                      pb_response: pb_utils.InferenceResponse) -> Response:
-        error = pb_response.error()
+        error = pb_response._error
         if error is not None:
             return Response(error=BackendError(error.message(),
                                                pb_utils.grpc_code_name(error.code())))
-        wanted = set(request.requested_outputs)
+        wanted = request.requested_outputs
         outputs: dict[str, Any] = {}
         try:
-            for tensor in pb_response.output_tensors():
-                if wanted and tensor.name() not in wanted:
+            for tensor in pb_response._output_tensors:
+                name = tensor._name
+                if wanted and name not in wanted:
                     continue
-                outputs[tensor.name()] = _output_value(tensor._data)
+                data = tensor._data
+                # Only str/bytes-typed NumPy arrays need converting.
+                outputs[name] = (_output_value(data) if type(data) is not _ndarray
+                                 or data.dtype.kind in "SU" else data)
         except Exception as exc:
             return Response(error=BackendError(
                 f"model instance '{self._label()}' produced an unusable output: "
                 f"{_exception_text(exc)}"))
-        return Response(outputs=outputs)
+        return Response(outputs)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -397,7 +418,10 @@ def _cpu_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     With FORCE_CPU_ONLY_INPUT_TENSORS "no" the model gets them as they are and uses
     ``pb_utils.Tensor.to_dlpack`` / ``is_cpu``.
     """
-    if all(isinstance(value, np.ndarray) for value in inputs.values()):
+    for value in inputs.values():
+        if not isinstance(value, np.ndarray):
+            break
+    else:
         return inputs
     from shmserve.workers.cuda_ipc import host_array
     return {name: value if isinstance(value, np.ndarray) else host_array(value)

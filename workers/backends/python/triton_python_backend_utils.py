@@ -234,6 +234,7 @@ def _object_vector(items: Sequence[Any]) -> np.ndarray:
 # Tensors and DLPack
 
 _KDL_CPU = 1
+_ndarray = np.ndarray          # a global lookup instead of two in the per-tensor methods
 
 
 class _CapsuleHolder:
@@ -298,7 +299,7 @@ class Tensor:
     def __init__(self, name: str, numpy_array: Any) -> None:
         if not isinstance(name, str):
             raise TritonModelException(f"Tensor name must be a str, got {type(name).__name__}")
-        if not isinstance(numpy_array, np.ndarray):
+        if not isinstance(numpy_array, _ndarray):
             if _is_torch_tensor(numpy_array):
                 raise TritonModelException(
                     f"Tensor '{name}': pass a NumPy array; use pb_utils.Tensor.from_dlpack() "
@@ -311,19 +312,11 @@ class Tensor:
         self._name = name
         self._data: Any = numpy_array
 
-    @classmethod
-    def _wrap(cls, name: str, data: Any) -> Tensor:
-        """Internal: wrap a request input as it is (NumPy view or torch tensor), no checks."""
-        tensor = cls.__new__(cls)
-        tensor._name = name
-        tensor._data = data
-        return tensor
-
     def name(self) -> str:
         return self._name
 
     def as_numpy(self) -> np.ndarray:
-        if not isinstance(self._data, np.ndarray):
+        if not isinstance(self._data, _ndarray):
             raise TritonModelException(
                 "Tensor is stored in GPU and cannot be converted to NumPy.")
         return self._data
@@ -380,10 +373,21 @@ class Tensor:
                 data = np.from_dlpack(_CapsuleHolder(capsule, device))
             else:
                 data = _torch_from_dlpack(capsule)
-        return Tensor._wrap(name, data)
+        return _wrap_tensor(name, data)
 
     def __repr__(self) -> str:
         return f"Tensor({self._name!r}, shape={self.shape()}, dtype={self._data.dtype})"
+
+
+_new_object = object.__new__
+
+
+def _wrap_tensor(name: str, data: Any) -> Tensor:
+    """Internal: wrap a request input as it is (NumPy view or torch tensor), no checks."""
+    tensor: Tensor = _new_object(Tensor)
+    tensor._name = name
+    tensor._data = data
+    return tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +400,12 @@ class InferenceRequest:
     The constructor is Triton's BLS constructor; requests that arrive from clients are built
     internally by the python backend.
     """
+
+    __slots__ = ("_correlation_id", "_flags", "_inputs", "_model_name", "_model_version",
+                 "_parameters", "_raw_parameters", "_request_id", "_requested_output_names",
+                 "_timeout")
+    _parameters: str | None             # None until parameters() serializes _raw_parameters
+    _raw_parameters: Mapping[str, Any] | None
 
     def __init__(self, request_id: str = "", correlation_id: int | str = 0,
                  inputs: Sequence[Tensor] | None = None,
@@ -411,33 +421,46 @@ class InferenceRequest:
         self._model_version = model_version
         self._flags = flags
         self._timeout = timeout
-        if parameters is None:
-            parameters = {}
-        self._parameters = parameters if isinstance(parameters, str) else json.dumps(
-            dict(parameters))
+        self._parameters = _parameters_json(parameters)
+        self._raw_parameters = None
 
     @classmethod
     def _from_backend(cls, request_id: str, correlation_id: int | str,
                       inputs: Mapping[str, Any], requested_output_names: list[str],
                       parameters: Mapping[str, Any], model_name: str,
                       model_version: int) -> InferenceRequest:
-        """Internal: wrap one incoming request. Inputs are wrapped as they are (no copy)."""
-        flags = 0
-        if parameters.get("sequence_start"):
-            flags |= TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
-        if parameters.get("sequence_end"):
-            flags |= TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
-        user = {k: v for k, v in parameters.items() if k not in _RESERVED_PARAMETERS}
-        request = cls.__new__(cls)
+        """Internal: wrap one incoming request. Inputs are wrapped as they are (no copy).
+
+        ``parameters()`` is serialized on first call only: most models never ask for it.
+        """
+        request: InferenceRequest = _new_object(cls)
         request._request_id = request_id
         request._correlation_id = correlation_id
-        request._inputs = [Tensor._wrap(name, value) for name, value in inputs.items()]
+        tensors: list[Tensor] = []
+        for name, value in inputs.items():     # _wrap_tensor, inlined: once per input
+            tensor: Tensor = _new_object(Tensor)
+            tensor._name = name
+            tensor._data = value
+            tensors.append(tensor)
+        request._inputs = tensors
         request._requested_output_names = requested_output_names
         request._model_name = model_name
         request._model_version = model_version
-        request._flags = flags
-        request._timeout = int(parameters.get("timeout", 0) or 0)
-        request._parameters = json.dumps(user, default=str)
+        if parameters:
+            flags = 0
+            if parameters.get("sequence_start"):
+                flags |= TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
+            if parameters.get("sequence_end"):
+                flags |= TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+            request._flags = flags
+            request._timeout = int(parameters.get("timeout", 0) or 0)
+            request._parameters = None
+            request._raw_parameters = parameters
+        else:
+            request._flags = 0
+            request._timeout = 0
+            request._parameters = _EMPTY_JSON_OBJECT
+            request._raw_parameters = None
         return request
 
     def inputs(self) -> list[Tensor]:
@@ -454,6 +477,10 @@ class InferenceRequest:
 
     def parameters(self) -> str:
         """The request's parameters as a JSON object string."""
+        if self._parameters is None:
+            raw = self._raw_parameters or {}
+            self._parameters = json.dumps(
+                {k: v for k, v in raw.items() if k not in _RESERVED_PARAMETERS}, default=str)
         return self._parameters
 
     def flags(self) -> int:
@@ -493,10 +520,12 @@ class InferenceRequest:
 class InferenceResponse:
     """One response: output tensors, or an error that fails its request."""
 
+    __slots__ = ("_error", "_output_tensors", "_parameters")
+
     def __init__(self, output_tensors: Iterable[Tensor] | None = None,
                  error: TritonError | str | None = None,
                  parameters: Mapping[str, Any] | str | None = None) -> None:
-        tensors = list(output_tensors or [])
+        tensors = list(output_tensors) if output_tensors else []
         for index, tensor in enumerate(tensors):
             if not isinstance(tensor, Tensor):
                 raise TritonModelException(
@@ -506,10 +535,8 @@ class InferenceResponse:
             error = TritonError(str(error))
         self._output_tensors = tensors
         self._error = error
-        if parameters is None:
-            parameters = {}
-        self._parameters = parameters if isinstance(parameters, str) else json.dumps(
-            dict(parameters))
+        self._parameters = (_EMPTY_JSON_OBJECT if parameters is None
+                            else _parameters_json(parameters))
 
     def output_tensors(self) -> list[Tensor]:
         return self._output_tensors
@@ -526,16 +553,26 @@ class InferenceResponse:
 
 def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:
     for tensor in inference_request.inputs():
-        if tensor.name() == name:
+        if tensor._name == name:
             return tensor
     return None
 
 
 def get_output_tensor_by_name(inference_response: InferenceResponse, name: str) -> Tensor | None:
     for tensor in inference_response.output_tensors():
-        if tensor.name() == name:
+        if tensor._name == name:
             return tensor
     return None
+
+
+_EMPTY_JSON_OBJECT = "{}"
+
+
+def _parameters_json(parameters: Mapping[str, Any] | str | None) -> str:
+    """A constructor's ``parameters`` (dict or JSON string) as the JSON string Triton keeps."""
+    if isinstance(parameters, str):
+        return parameters
+    return json.dumps(dict(parameters)) if parameters else _EMPTY_JSON_OBJECT
 
 
 def get_input_config_by_name(model_config: Mapping[str, Any], name: str) -> dict[str, Any] | None:
