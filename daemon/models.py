@@ -97,6 +97,8 @@ class ModelVersion:
     scheduler: Scheduler
     state: str = LOADING
     reason: str = ""
+    # The frontends' validation plan (frontend/infer.py), built on the first request.
+    validation_plan: Any = field(default=None, repr=False, compare=False)
 
     @property
     def ready(self) -> bool:

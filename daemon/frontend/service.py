@@ -19,14 +19,15 @@ from shmserve.daemon.errors import (
     unimplemented,
     unknown_model,
 )
-from shmserve.daemon.frontend.infer import build_request, config_datatype, response_parts
+from shmserve.daemon.frontend.infer import build_request, config_datatype
+from shmserve.daemon.frontend.infer_grpc import parse_request, response_parts
 from shmserve.daemon.frontend.wire import (
     WireError,
     parse_infer_request,
     serialize_infer_response,
     serialize_stream_response,
 )
-from shmserve.daemon.models import UNAVAILABLE, ModelManager
+from shmserve.daemon.models import UNAVAILABLE, ModelManager, ModelVersion
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import ShmRegistry
@@ -108,6 +109,7 @@ class InferenceService:
         self.state = state
         self.models = state.models
         self.registry = state.registry
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- health -------------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest,
@@ -169,39 +171,57 @@ class InferenceService:
         return serialize_infer_response(response, raw)
 
     async def infer_outputs(self, request: pb.ModelInferRequest,
-                            raw: list[memoryview] | None = None, owner: str = ""
+                            raw: list[memoryview] | None = None
                             ) -> tuple[InferRequest, list[OutputTensor]]:
-        """Every frontend's inference: validate, schedule, wait. Raises ServeError."""
-        if self.state.exiting:
+        """gRPC inference: validate, schedule, wait. Raises ServeError."""
+        def build(model: ModelVersion, loop: asyncio.AbstractEventLoop) -> InferRequest:
+            parsed = parse_request(request, raw)
+            return build_request(model, self.registry, parsed.inputs, parsed.outputs,
+                                 parsed.parameters, request.id, "", loop, parsed.late_fault)
+
+        internal = self.submit(request.model_name, request.model_version, build)
+        try:
+            outputs = await internal.future
+        except asyncio.CancelledError:
+            # The caller gave up (deadline, cancel): a queued request is dropped; one
+            # already executing keeps its regions pinned until the worker is done.
+            internal.future.cancel()
+            raise
+        return internal, outputs
+
+    def submit(self, model_name: str, version: str,
+               build: Callable[[ModelVersion, asyncio.AbstractEventLoop], InferRequest]
+               ) -> InferRequest:
+        """Every frontend's way in: resolve the model, ``build`` (validate) the request and
+        queue it; its future completes with the outputs or a ServeError. Raises ServeError."""
+        state = self.state
+        if state.exiting:
             raise unavailable(SERVER_EXITING)
-        model = self.models.resolve(request.model_name, request.model_version)
+        model = self.models.resolve(model_name, version)
         if model.config.model_transaction_policy.decoupled:
             raise unimplemented(f"ModelInfer RPC doesn't support models with decoupled "
                                 f"transaction policy; use ModelStreamInfer for model "
                                 f"'{model.name}'")
-        internal = build_request(request, model, self.registry, raw, owner)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        internal = build(model, loop)
         internal.on_finished = self._release_regions
-        state = self.state
+        try:
+            model.scheduler.submit(internal)
+        except BaseException:
+            internal.finished()
+            raise
         state.inflight += 1
         state.idle.clear()
-        try:
-            try:
-                model.scheduler.submit(internal)
-            except BaseException:
-                internal.finished()
-                raise
-            try:
-                outputs = await internal.future
-            except asyncio.CancelledError:
-                # The caller gave up (deadline, cancel): a queued request is dropped; one
-                # already executing keeps its regions pinned until the worker is done.
-                internal.future.cancel()
-                raise
-            return internal, outputs
-        finally:
-            state.inflight -= 1
-            if state.inflight == 0:
-                state.idle.set()
+        internal.future.add_done_callback(self._settled)
+        return internal
+
+    def _settled(self, _future: asyncio.Future[list[OutputTensor]]) -> None:
+        state = self.state
+        state.inflight -= 1
+        if state.inflight == 0:
+            state.idle.set()
 
     def _release_regions(self, request: InferRequest) -> None:
         for region in request.regions:

@@ -1,0 +1,168 @@
+"""ModelInferRequest -> the frontend-neutral request items, and the ModelInferResponse back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shmserve.daemon.errors import ServeError, invalid_argument, unimplemented
+from shmserve.daemon.frontend.infer import OutputIn, ShmRef, TensorIn
+from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.protos import shmserve_service_pb2 as pb
+from shmserve.protos.datatypes import element_count, serialize_bytes_tensor
+from shmserve.protos.parameters import parameter_value
+
+_CONTENTS_FIELD = {
+    "BOOL": ("bool_contents", np.bool_), "INT8": ("int_contents", np.int8),
+    "INT16": ("int_contents", np.int16), "INT32": ("int_contents", np.int32),
+    "INT64": ("int64_contents", np.int64), "UINT8": ("uint_contents", np.uint8),
+    "UINT16": ("uint_contents", np.uint16), "UINT32": ("uint_contents", np.uint32),
+    "UINT64": ("uint64_contents", np.uint64), "FP32": ("fp32_contents", np.float32),
+    "FP64": ("fp64_contents", np.float64),
+}
+_SHM_KEYS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
+_SHM_USAGE = "'shared_memory_byte_size' must be specified along with 'shared_memory_region'"
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    inputs: list[TensorIn]
+    outputs: list[OutputIn]
+    parameters: dict[str, Any]
+    late_fault: ServeError | None   # raw_input_contents left over
+
+
+def parse_request(message: pb.ModelInferRequest,
+                  raw: Sequence[bytes | memoryview] | None = None) -> ParsedRequest:
+    """``raw`` replaces ``message.raw_input_contents`` when the frontend sliced them off the
+    wire."""
+    if raw is None:
+        raw = message.raw_input_contents
+    model = message.model_name
+    raw_index = 0
+    inputs: list[TensorIn] = []
+    for tensor in message.inputs:
+        item = TensorIn(tensor.name, tensor.datatype, list(tensor.shape))
+        try:
+            item.shm = _shm_params(tensor.parameters, f"input '{tensor.name}'")
+            if item.shm is not None:
+                if tensor.HasField("contents"):
+                    raise invalid_argument(f"unexpected 'content' provided when using shared "
+                                           f"memory for input '{tensor.name}' for model "
+                                           f"'{model}'")
+            elif raw:
+                if tensor.HasField("contents"):
+                    raise invalid_argument(f"contents field must not be specified when using "
+                                           f"raw_input_contents for '{tensor.name}' for model "
+                                           f"'{model}'")
+                if raw_index >= len(raw):
+                    raise invalid_argument(f"expected tensor data for input '{tensor.name}' "
+                                           f"for model '{model}': raw_input_contents has only "
+                                           f"{len(raw)} entries")
+                item.data = raw[raw_index]
+                raw_index += 1
+            else:
+                item.data = _contents_bytes(tensor, model)
+        except ServeError as exc:
+            item.fault = exc
+        inputs.append(item)
+    late_fault = None
+    if raw and raw_index != len(raw):
+        late_fault = invalid_argument(f"raw_input_contents has {len(raw)} entries but the "
+                                      f"request names {raw_index} inputs without shared memory"
+                                      f" for model '{model}'")
+    outputs: list[OutputIn] = []
+    for requested in message.outputs:
+        output = OutputIn(requested.name)
+        try:
+            if "classification" in requested.parameters:
+                raise unimplemented("classification outputs are not supported by shmserve")
+            output.shm = _shm_params(requested.parameters, f"output '{requested.name}'")
+        except ServeError as exc:
+            output.fault = exc
+        outputs.append(output)
+    parameters = {key: parameter_value(value) for key, value in message.parameters.items()}
+    return ParsedRequest(inputs, outputs, parameters, late_fault)
+
+
+def _shm_params(params: Any, what: str) -> ShmRef | None:
+    """(region, offset, byte_size) from a tensor's parameters, or None.
+
+    Every malformed combination gets Triton's one message, with what was wrong appended.
+    """
+    present = [key for key in _SHM_KEYS if key in params]
+    if not present:
+        return None
+    if "shared_memory_region" not in params:
+        raise invalid_argument(f"{_SHM_USAGE} for {what}: got {', '.join(present)} without "
+                               f"'shared_memory_region'")
+    if "shared_memory_byte_size" not in params:
+        raise invalid_argument(f"{_SHM_USAGE} for {what}")
+    region = params["shared_memory_region"]
+    if region.WhichOneof("parameter_choice") != "string_param":
+        raise invalid_argument(f"{_SHM_USAGE} for {what}: 'shared_memory_region' must be a "
+                               f"string_param")
+    values = []
+    for key in ("shared_memory_offset", "shared_memory_byte_size"):
+        if key not in params:
+            values.append(0)
+            continue
+        choice = params[key].WhichOneof("parameter_choice")
+        if choice not in ("int64_param", "uint64_param"):
+            raise invalid_argument(f"{_SHM_USAGE} for {what}: '{key}' must be an int64_param")
+        values.append(getattr(params[key], choice))
+    return region.string_param, values[0], values[1]
+
+
+def _contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor, model: str) -> bytes:
+    """The typed ``contents`` of an input as tensor bytes (only raised once the datatype was
+    found to be the model's)."""
+    count = element_count(tensor.shape)
+    datatype = tensor.datatype
+    if datatype == "BYTES":
+        values = list(tensor.contents.bytes_contents)
+        if len(values) != count:
+            raise invalid_argument(f"unexpected number of string elements {len(values)} for "
+                                   f"inference input '{tensor.name}' for model '{model}', "
+                                   f"expecting {count}")
+        return serialize_bytes_tensor(np.array(values, dtype=object))
+    if datatype not in _CONTENTS_FIELD:
+        raise invalid_argument(f"input '{tensor.name}' of datatype {datatype} must be sent in "
+                               f"raw_input_contents for model '{model}'")
+    field_name, dtype = _CONTENTS_FIELD[datatype]
+    values = getattr(tensor.contents, field_name)
+    if len(values) != count:
+        raise invalid_argument(f"unexpected number of elements {len(values)} in contents for "
+                               f"inference input '{tensor.name}' for model '{model}', "
+                               f"expecting {count}")
+    try:
+        return np.array(values, dtype=dtype).tobytes()
+    except (OverflowError, ValueError) as exc:
+        raise invalid_argument(f"contents of inference input '{tensor.name}' for model "
+                               f"'{model}' do not fit {datatype}: {exc}") from None
+
+
+def response_parts(request: InferRequest, outputs: list[OutputTensor]
+                   ) -> tuple[pb.ModelInferResponse, list[bytes]]:
+    """The response metadata and, apart, the raw output contents (b"" for region outputs)."""
+    raw: list[bytes] = []
+    response = pb.ModelInferResponse(model_name=request.model,
+                                     model_version=str(request.version), id=request.request_id)
+    for output in outputs:
+        tensor = response.outputs.add(name=output.name, datatype=output.datatype,
+                                      shape=output.shape)
+        if output.data is None:
+            tensor.parameters["shared_memory_region"].string_param = _region_of(request,
+                                                                                output.name)
+        raw.append(output.data if output.data is not None else b"")
+    return response, raw
+
+
+def _region_of(request: InferRequest, output: str) -> str:
+    for requested in request.outputs:
+        if requested.name == output and requested.region is not None:
+            return requested.region.name
+    return ""
