@@ -6,10 +6,10 @@ passes the fd over the socket (SCM_RIGHTS). The segment has no name, so nothing 
 left in /dev/shm and no other process can open it. From then on the socket only carries
 doorbell bytes and tells either side when the other is gone.
 
-Requests become the same ModelInferRequest the gRPC frontend parses and go through the same
-validation, scheduler, batching and statistics. Regions a channel registers live in their
-own namespace: a channel reaches only the regions it registered, and they are unregistered
-when the channel closes.
+Requests are validated into the same InferRequest as gRPC requests (frontend/infer.py, no
+protobuf in between) and go through the same scheduler, batching and statistics. Regions a
+channel registers live in their own namespace: a channel reaches only the regions it
+registered, and they are unregistered when the channel closes.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from typing import Any
 import msgpack
 
 from shmserve.daemon.errors import ServeError, invalid_argument
+from shmserve.daemon.frontend.infer import OutputIn, TensorIn, build_request
 from shmserve.daemon.frontend.service import InferenceService
-from shmserve.protos import shmserve_service_pb2 as pb
+from shmserve.daemon.models import ModelVersion
+from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.protos.local_ring import (
     DEFAULT_RING_BYTES,
     MessageTooLarge,
@@ -40,7 +42,6 @@ from shmserve.protos.local_ring import (
     layout,
     ring_capacity,
 )
-from shmserve.protos.parameters import set_parameter, set_region_parameters
 
 log = logging.getLogger("shmserve.local")
 PROTOCOL_VERSION = 1
@@ -72,7 +73,9 @@ class LocalChannel(asyncio.Protocol):
         self._requests = Ring.attach(memory, request_base)
         self._responses = Ring.attach(memory, response_base)
         self._transport: asyncio.Transport | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+        self._region_prefix = _region_name(channel_id, "")
+        self._inflight: dict[int, asyncio.Future[list[OutputTensor]]] = {}
         self._pending: deque[bytes] = deque()
         self._stalled_since = 0.0
         self._retry: asyncio.TimerHandle | None = None
@@ -105,9 +108,7 @@ class LocalChannel(asyncio.Protocol):
         registry = self._frontend.service.registry
         try:
             if op == "infer":
-                task = asyncio.get_running_loop().create_task(self._infer(message))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._infer(message)
                 return
             if op == "register":
                 self._check_owner(message["name"], message["key"])
@@ -135,8 +136,7 @@ class LocalChannel(asyncio.Protocol):
                 raise ServeError.from_tuple(["INVALID_ARGUMENT", f"unknown operation '{op}'"])
             self._reply({"id": request_id})
         except ServeError as exc:
-            self._reply({"id": request_id, "err": [exc.code.name, exc.message.replace(
-                f"@{self.channel_id}:", "")]})
+            self._reply_error(request_id, exc)
 
     def _check_owner(self, name: str, key: str) -> None:
         """A channel registers only its own user's segments (root's channels any segment):
@@ -151,54 +151,117 @@ class LocalChannel(asyncio.Protocol):
             raise invalid_argument(f"cannot register shared memory region '{name}' - shm key "
                                    f"'{key}' belongs to another user")
 
-    async def _infer(self, message: dict[str, Any]) -> None:
+    def _infer(self, message: dict[str, Any]) -> None:
+        """Queue an infer request; its answer is written from the future's callback (no
+        task per request: this is the hot path)."""
         request_id = message["id"]
+        # "t": the client's deadline in seconds; as with gRPC, a request still queued when it
+        # passes is dropped.
+        deadline = message.get("t")
+        if deadline is not None and (type(deadline) not in (int, float) or deadline != deadline):
+            self._reply_error(request_id, invalid_argument(
+                f"malformed local-channel request: deadline {deadline!r}"))
+            return
         try:
-            request = self._to_protobuf(message)
-            # "t": the client's deadline in seconds; as with gRPC, a request still queued
-            # when it passes is dropped.
-            async with asyncio.timeout(message.get("t")):
-                internal, outputs = await self._frontend.service.infer_outputs(
-                    request, owner=self.owner)
-        except TimeoutError:
-            self._reply({"id": request_id, "err": ["DEADLINE_EXCEEDED", "Deadline Exceeded"]})
-            return
+            internal = self._frontend.service.submit(
+                message["model"], message.get("version", ""),
+                lambda model, loop: self._build(model, loop, message))
         except ServeError as exc:
-            self._reply({"id": request_id, "err": [exc.code.name, exc.message.replace(
-                f"@{self.channel_id}:", "")]})
+            self._reply_error(request_id, exc)
             return
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             log.exception("local infer failed")
             self._reply({"id": request_id, "err": ["INTERNAL", f"{type(exc).__name__}: {exc}"]})
             return
-        self._reply({"id": request_id, "model_version": str(internal.version),
-                     "out": [[o.name, o.datatype, o.shape, o.data] for o in outputs]})
+        future = internal.future
+        self._inflight[request_id] = future
+        timer = None if deadline is None else self._loop.call_later(
+            deadline, self._expire, request_id, future)
+        future.add_done_callback(
+            lambda done: self._answer(request_id, internal, done, timer))
 
-    def _to_protobuf(self, message: dict[str, Any]) -> pb.ModelInferRequest:
-        request = pb.ModelInferRequest(model_name=message["model"],
-                                       model_version=message.get("version", ""),
-                                       id=message.get("rid", ""))
+    def _build(self, model: ModelVersion, loop: asyncio.AbstractEventLoop,
+               message: dict[str, Any]) -> InferRequest:
+        try:
+            inputs, outputs, parameters = self._parse(message)
+            request_id = message.get("rid", "")
+            if type(request_id) is not str:
+                raise TypeError("rid must be a string")
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise invalid_argument(f"malformed local-channel request: {exc}") from None
+        return build_request(model, self._frontend.service.registry, inputs, outputs,
+                             parameters, request_id, self.owner, loop)
+
+    def _parse(self, message: dict[str, Any]
+               ) -> tuple[list[TensorIn], list[OutputIn], dict[str, Any]]:
+        prefix = self._region_prefix
+        inputs: list[TensorIn] = []
         for entry in message["in"]:
-            name, datatype, shape, where = entry[0], entry[1], entry[2], entry[3]
-            tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
-            if where == "r":
-                set_region_parameters(tensor.parameters, _region_name(self.channel_id, entry[4]),
-                                   entry[5], entry[6])
+            name, datatype, shape = entry[0], entry[1], entry[2]
+            if type(name) is not str or type(datatype) is not str or type(shape) is not list \
+                    or not all(type(dim) is int for dim in shape):
+                raise TypeError(f"input {name!r} needs a name, a datatype and integer dims")
+            if entry[3] == "r":
+                region, offset, byte_size = entry[4], entry[5], entry[6]
+                if type(region) is not str or type(offset) is not int or \
+                        type(byte_size) is not int:
+                    raise TypeError(f"input {name!r}: bad region reference")
+                inputs.append(TensorIn(name, datatype, shape, shm=(prefix + region, offset,
+                                                                   byte_size)))
             else:
-                request.raw_input_contents.append(entry[4])
-        for entry in message.get("out", ()):
-            output = request.outputs.add(name=entry[0])
-            if len(entry) > 1:
-                set_region_parameters(output.parameters, _region_name(self.channel_id, entry[1]),
-                                   entry[2], entry[3])
-        for key, value in (message.get("p") or {}).items():
-            try:
-                set_parameter(request.parameters[key], value)
-            except TypeError as exc:
-                raise invalid_argument(str(exc)) from None
-        return request
+                data = entry[4]
+                if type(data) is not bytes:
+                    raise TypeError(f"input {name!r}: tensor data must be bytes")
+                inputs.append(TensorIn(name, datatype, shape, data))
+        outputs: list[OutputIn] = []
+        for entry in message.get("out") or ():
+            name = entry[0]
+            if type(name) is not str:
+                raise TypeError("output names must be strings")
+            if len(entry) == 1:
+                outputs.append(OutputIn(name))
+                continue
+            region, offset, byte_size = entry[1], entry[2], entry[3]
+            if type(region) is not str or type(offset) is not int or type(byte_size) is not int:
+                raise TypeError(f"output {name!r}: bad region reference")
+            outputs.append(OutputIn(name, (prefix + region, offset, byte_size)))
+        parameters = message.get("p") or {}
+        for key, value in parameters.items():
+            if type(key) is not str:
+                raise TypeError("parameter names must be strings")
+            if not isinstance(value, bool | int | float | str):
+                raise invalid_argument(f"unsupported parameter value {value!r} (use bool, int, "
+                                       f"float or str)")
+        return inputs, outputs, parameters
+
+    def _expire(self, request_id: int, future: asyncio.Future[list[OutputTensor]]) -> None:
+        if not future.done():
+            future.cancel()  # the scheduler drops it if still queued
+            self._reply({"id": request_id, "err": ["DEADLINE_EXCEEDED", "Deadline Exceeded"]})
+
+    def _answer(self, request_id: int, internal: InferRequest,
+                future: asyncio.Future[list[OutputTensor]],
+                timer: asyncio.TimerHandle | None) -> None:
+        self._inflight.pop(request_id, None)
+        if timer is not None:
+            timer.cancel()
+        if future.cancelled():  # expired (answered then) or the channel closed
+            return
+        error = future.exception()
+        if error is None:
+            self._reply({"id": request_id, "model_version": str(internal.version),
+                         "out": [[o.name, o.datatype, o.shape, o.data]
+                                 for o in future.result()]})
+        elif isinstance(error, ServeError):
+            self._reply_error(request_id, error)
+        else:
+            log.error("local infer failed: %r", error)
+            self._reply({"id": request_id, "err": ["INTERNAL",
+                                                   f"{type(error).__name__}: {error}"]})
+
+    def _reply_error(self, request_id: int, error: ServeError) -> None:
+        self._reply({"id": request_id, "err": [error.code.name, error.message.replace(
+            self._region_prefix, "")]})
 
     # --- responses ----------------------------------------------------------------------
     def _reply(self, message: dict[str, Any]) -> None:
@@ -245,7 +308,7 @@ class LocalChannel(asyncio.Protocol):
             self.close()
             return
         if self._retry is None:
-            self._retry = asyncio.get_running_loop().call_later(0.001, self._retry_flush)
+            self._retry = self._loop.call_later(0.001, self._retry_flush)
 
     def _retry_flush(self) -> None:
         self._retry = None
@@ -258,7 +321,7 @@ class LocalChannel(asyncio.Protocol):
         answers wake the client once)."""
         if not self._ring_scheduled:
             self._ring_scheduled = True
-            asyncio.get_running_loop().call_soon(self._ring_now)
+            self._loop.call_soon(self._ring_now)
 
     def _ring_now(self) -> None:
         self._ring_scheduled = False
@@ -277,8 +340,9 @@ class LocalChannel(asyncio.Protocol):
         self.closed = True
         if self._retry is not None:
             self._retry.cancel()
-        for task in list(self._tasks):
-            task.cancel()
+        inflight, self._inflight = self._inflight, {}
+        for future in inflight.values():
+            future.cancel()
         self._frontend.service.registry.unregister("system", "", self.owner)
         self._pending.clear()
         self._requests.release()
