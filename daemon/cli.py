@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--local-socket", default="",
                        help="Unix socket of the local shared-memory channel (default "
                             "<tmpdir>/shmserve-<grpc port>.sock; 'none' disables it)")
+    serve.add_argument("--pipeline-depth", type=int, default=2, metavar="N",
+                       help="batches sent ahead to each model instance, so it never waits for "
+                            "the next one (1 = only when idle, as tritonserver does)")
     serve.add_argument("--log-verbose", type=int, default=0, help="verbose logging level")
     return parser
 
@@ -82,7 +85,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         exit_timeout_secs=args.exit_timeout_secs,
         repoagent_directory=args.repoagent_directory, log_verbose=args.log_verbose,
         strict_readiness=args.strict_readiness, shm_key_prefix=args.shm_key_prefix,
-        restricted_protocols=args.grpc_restricted_protocol, local_socket=args.local_socket)
+        restricted_protocols=args.grpc_restricted_protocol, local_socket=args.local_socket,
+        pipeline_depth=max(1, args.pipeline_depth))
 
 
 def serve(settings: Settings) -> int:

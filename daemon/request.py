@@ -51,6 +51,8 @@ class InferRequest:
     received_ns: int = 0
     regions: list[Region] = field(default_factory=list)
     on_finished: Callable[[InferRequest], None] | None = None
+    # Once sent to a worker: how to withdraw it there if its caller gives up before it runs.
+    withdraw: Callable[[], None] | None = None
 
     def finished(self) -> None:
         """Release what the request pinned; called once when it completes or is dropped."""

@@ -1,9 +1,11 @@
 """Per model-version scheduling: one queue, its instances, dynamic batching, restarts.
 
-An instance executes one batch at a time. Payload inputs above the inline limit are written
-once into the instance's input arena when the batch is dispatched; everything else travels as
-a reference. Outputs come back inline, in the worker's output arena (copied once here), or
-already written into the client's region.
+An instance executes one batch at a time; up to ``pipeline_depth`` batches are sent to it ahead,
+so the next one is already in the worker's socket when the current one ends (the worker never
+waits a round trip through the supervisor between batches). Payload inputs above the inline
+limit are written once into the instance's input arena when the batch is dispatched;
+everything else travels as a reference. Outputs come back inline, in the worker's output
+arena (copied once here), or already written into the client's region.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from shmserve.daemon.errors import ServeError, unavailable
@@ -53,7 +56,7 @@ class InstanceSlot:
         self.plan = plan
         self.uid = next(_slot_ids)
         self.worker: WorkerProcess | None = None
-        self.busy = False
+        self.inflight = 0               # batches sent and not answered yet
         self.generation = 0
         self.failures = 0
         self.started_at = 0.0
@@ -86,6 +89,7 @@ class Scheduler:
         self._make_spec = make_spec
         self._settings = settings
         self._slots = [InstanceSlot(plan, supervisor_pid) for plan in plans]
+        self._depth = max(1, settings.pipeline_depth)
         self._queue: deque[InferRequest] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._abandoned = 0
@@ -114,7 +118,7 @@ class Scheduler:
         slot.output_reader.close()
         await worker.start(self._settings.worker_heartbeat_secs, self._settings.worker_hang_secs)
         slot.started_at = time.monotonic()
-        slot.busy = False
+        slot.inflight = 0
 
     @property
     def ready(self) -> bool:
@@ -149,7 +153,7 @@ class Scheduler:
             raise unavailable("Exceeds maximum queue size")
         request.received_ns = request.received_ns or time.perf_counter_ns()
         self._queue.append(request)
-        request.future.add_done_callback(self._note_abandoned)
+        request.future.add_done_callback(partial(self._note_abandoned, request))
         self.stats.pending += 1
         self._idle.clear()
         self._dispatch()
@@ -162,20 +166,36 @@ class Scheduler:
     def _dispatch(self) -> None:
         self._drop_abandoned()
         while self._queue:
-            slot = next((s for s in self._slots if s.alive and not s.busy), None)
+            slot = self._least_loaded()
             if slot is None:
                 break
             batch = self._take_batch()
             if batch is None:
                 break
             self._send(slot, batch)
-        if not self._queue and not any(s.busy for s in self._slots):
+        if not self._queue and not any(s.inflight for s in self._slots):
             self._idle.set()
 
-    def _note_abandoned(self, future: asyncio.Future[list[OutputTensor]]) -> None:
-        if future.cancelled():
-            self._abandoned += 1
-            self._dispatch()
+    def _least_loaded(self) -> InstanceSlot | None:
+        """The live instance with the fewest batches in hand, if it can take one more."""
+        best: InstanceSlot | None = None
+        for slot in self._slots:
+            if slot.inflight < self._depth and (best is None or slot.inflight < best.inflight) \
+                    and slot.alive:
+                best = slot
+                if not slot.inflight:
+                    break
+        return best
+
+    def _note_abandoned(self, request: InferRequest,
+                        future: asyncio.Future[list[OutputTensor]]) -> None:
+        if not future.cancelled():
+            return
+        if request.withdraw is not None:  # sent ahead: the worker skips it if not started
+            request.withdraw()
+            return
+        self._abandoned += 1
+        self._dispatch()
 
     def _drop_abandoned(self) -> None:
         """Drop queued requests whose caller gave up (counted, so no scan per dispatch)."""
@@ -224,8 +244,9 @@ class Scheduler:
         self._dispatch()
 
     def _send(self, slot: InstanceSlot, batch: list[InferRequest]) -> None:
-        assert slot.worker is not None
-        slot.busy = True
+        worker = slot.worker
+        assert worker is not None
+        slot.inflight += 1
         now = time.perf_counter_ns()
         for request in batch:
             self.stats.queue.add(now - request.received_ns)
@@ -233,15 +254,17 @@ class Scheduler:
         try:
             frames = self._frames(slot, batch)
         except Exception as exc:  # e.g. /dev/shm full while growing the arena
-            slot.busy = False
+            slot.inflight -= 1
             error = exc if isinstance(exc, ServeError) else unavailable(
                 f"failed to stage inputs in shared memory: {exc}")
             for request in batch:
                 self._finish(request, error)
             self._dispatch()
             return
-        future = slot.worker.execute(frames)
-        future.add_done_callback(lambda f: self._on_done(slot, batch, f))
+        batch_id = worker.execute(frames,
+                                  lambda result: self._on_done(slot, worker, batch, result))
+        for index, request in enumerate(batch):
+            request.withdraw = partial(worker.withdraw, batch_id, index)
 
     def _frames(self, slot: InstanceSlot, batch: list[InferRequest]) -> list[dict[str, Any]]:
         staged = sum(_align(len(t.data)) for r in batch for t in r.inputs
@@ -280,15 +303,15 @@ class Scheduler:
                            "p": request.parameters, "cid": request.correlation_id})
         return frames
 
-    def _on_done(self, slot: InstanceSlot, batch: list[InferRequest],
-                 future: asyncio.Future[dict[str, Any]]) -> None:
-        slot.busy = False
-        error = future.exception()
-        if error is not None:
+    def _on_done(self, slot: InstanceSlot, worker: WorkerProcess, batch: list[InferRequest],
+                 result: dict[str, Any] | BaseException) -> None:
+        if slot.worker is worker:  # not a replaced worker's late answer
+            slot.inflight -= 1
+        if isinstance(result, BaseException):
             for request in batch:
-                self._finish(request, error)
+                self._finish(request, result)
         else:
-            frame = future.result()
+            frame = result
             for request, result in zip(batch, frame["res"], strict=True):
                 if "err" in result:
                     self._finish(request, ServeError.from_tuple(result["err"]))
@@ -334,7 +357,7 @@ class Scheduler:
     def _on_worker_exit(self, slot: InstanceSlot, worker: WorkerProcess, reason: str) -> None:
         if slot.worker is not worker or self._closing or not worker.became_ready:
             return
-        slot.busy = False
+        slot.inflight = 0
         lived = time.monotonic() - slot.started_at
         slot.failures = 0 if lived > _STABLE_SECS else slot.failures + 1
         task = asyncio.get_running_loop().create_task(self._restart(slot))

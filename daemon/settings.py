@@ -22,5 +22,6 @@ class Settings:
     shm_key_prefix: str | None = None
     local_socket: str = ""                  # "" = <tmpdir>/shmserve-<grpc port>.sock, "none" = off
     restricted_protocols: list[tuple[set[str], str, str]] = field(default_factory=list)
+    pipeline_depth: int = 2                 # batches sent ahead to each instance
     worker_heartbeat_secs: float = 5.0
     worker_hang_secs: float = 60.0

@@ -28,6 +28,7 @@ log = logging.getLogger("shmserve.supervisor")
 _PRELOAD = ["shmserve.workers.forkserver_setup", "shmserve.workers.main",
             "shmserve.workers.backends.python", "numpy"]
 _context: multiprocessing.context.ForkServerContext | None = None
+DoneCallback = Callable[["dict[str, Any] | BaseException"], None]
 
 
 def start_fork_server() -> None:
@@ -71,7 +72,7 @@ class WorkerProcess:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._transport: asyncio.Transport | None = None
         self._ready: asyncio.Future[dict[str, Any]] | None = None
-        self._inflight: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._inflight: dict[int, DoneCallback] = {}
         self._exited = False
         self._stopping = False
         self._last_pong = time.monotonic()
@@ -138,15 +139,23 @@ class WorkerProcess:
             and not self._ready.exception()
 
     # --- data path ----------------------------------------------------------------------
-    def execute(self, requests: list[dict[str, Any]]) -> asyncio.Future[dict[str, Any]]:
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        if self._exited:
-            future.set_exception(self._death_error("exited"))
-            return future
+    def execute(self, requests: list[dict[str, Any]], on_done: DoneCallback) -> int:
+        """Send one batch and return its id; ``on_done`` gets the worker's DONE frame, or the
+        error that ended the worker. It is called directly from the channel's reader (no
+        future, no extra loop iteration): this is the hot path."""
         batch_id = next(self._batch_ids)
-        self._inflight[batch_id] = future
+        if self._exited:
+            on_done(self._death_error("exited"))
+            return batch_id
+        self._inflight[batch_id] = on_done
         self._send({"t": protocol.EXEC, "b": batch_id, "reqs": requests})
-        return future
+        return batch_id
+
+    def withdraw(self, batch_id: int, index: int) -> None:
+        """The caller of request ``index`` of a sent batch gave up: the worker skips it unless
+        it already started (it still answers for it, so its regions stay pinned till then)."""
+        if batch_id in self._inflight:
+            self._send({"t": protocol.CANCEL, "b": batch_id, "i": index})
 
     def release_regions(self, region_ids: list[int]) -> None:
         if not self._exited:
@@ -164,9 +173,9 @@ class WorkerProcess:
     def on_frame(self, frame: dict[str, Any]) -> None:
         kind = frame["t"]
         if kind == protocol.DONE:
-            future = self._inflight.pop(frame["b"], None)
-            if future is not None and not future.done():
-                future.set_result(frame)
+            on_done = self._inflight.pop(frame["b"], None)
+            if on_done is not None:
+                _settle(on_done, frame)
         elif kind == protocol.PONG:
             self._last_pong = time.monotonic()
         elif kind == protocol.READY:
@@ -213,9 +222,8 @@ class WorkerProcess:
 
     def _fail_inflight(self, reason: str) -> None:
         inflight, self._inflight = self._inflight, {}
-        for future in inflight.values():
-            if not future.done():
-                future.set_exception(self._death_error(reason))
+        for on_done in inflight.values():
+            _settle(on_done, self._death_error(reason))
 
     async def _watch(self, interval: float, hang_secs: float) -> None:
         """Heartbeat: the worker sends a pong every interval from its own thread; a worker
@@ -228,3 +236,11 @@ class WorkerProcess:
                           self.label, hang_secs)
                 self.kill()
                 return
+
+
+def _settle(on_done: DoneCallback, result: dict[str, Any] | BaseException) -> None:
+    """A failing callback must not stop the reader from handling the frames after it."""
+    try:
+        on_done(result)
+    except Exception:
+        log.exception("handling a worker's answer failed")

@@ -15,8 +15,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
 from typing import Any
+
+import msgpack
 
 from shmserve.workers import protocol
 from shmserve.workers.backend import (
@@ -89,6 +91,8 @@ class WorkerHost:
         self._output_arena = Arena(spec["supervisor_pid"], spec["arena_owner"] + "o")
         self._backend: Backend | None = None
         self._hooks_done: list[str] = []
+        self._cancelled: set[tuple[int, int]] = set()  # (batch, index) withdrawn before running
+        self._last_batch = 0
 
     def send(self, frame: dict[str, Any]) -> None:
         data = protocol.encode(frame)
@@ -162,32 +166,65 @@ class WorkerHost:
             except OSError:
                 return
 
-    def _frames_from_socket(self) -> Iterator[dict[str, Any]]:
-        unpacker = protocol.new_unpacker()
-        while True:
-            try:
-                chunk = self._sock.recv(1 << 20)
-            except OSError:
-                return
-            if not chunk:
-                return
-            unpacker.feed(chunk)
-            yield from unpacker
-
     def _loop(self) -> None:
-        for frame in self._frames_from_socket():
+        """Frames are handled in order, except that before each batch runs the frames already
+        waiting are read: control frames among them (cancel, release, ping) take effect
+        first, so a request withdrawn while it waited behind another batch is skipped."""
+        unpacker = protocol.new_unpacker()
+        pending: deque[dict[str, Any]] = deque()
+        while True:
+            if not pending:
+                try:
+                    chunk = self._sock.recv(1 << 20)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    log.info("supervisor closed the control channel; exiting")
+                    return
+                unpacker.feed(chunk)
+                pending.extend(unpacker)
+                continue
+            frame = pending.popleft()
             kind = frame["t"]
             if kind == protocol.EXEC:
+                self._absorb(unpacker, pending)
                 self.send(self._execute(frame))
-            elif kind == protocol.RELEASE:
-                for region_id in frame["ids"]:
-                    self._regions.release(region_id)
-                    self._cuda.release(region_id)
-            elif kind == protocol.PING:
-                self.send({"t": protocol.PONG})
             elif kind == protocol.STOP:
                 return
-        log.info("supervisor closed the control channel; exiting")
+            else:
+                self._control(frame)
+
+    def _control(self, frame: dict[str, Any]) -> None:
+        kind = frame["t"]
+        if kind == protocol.CANCEL:
+            if frame["b"] > self._last_batch:
+                self._cancelled.add((frame["b"], frame["i"]))
+        elif kind == protocol.RELEASE:
+            for region_id in frame["ids"]:
+                self._regions.release(region_id)
+                self._cuda.release(region_id)
+        elif kind == protocol.PING:
+            self.send({"t": protocol.PONG})
+
+    def _absorb(self, unpacker: msgpack.Unpacker, pending: deque[dict[str, Any]]) -> None:
+        """Take the frames that arrived already (without waiting) and apply the control
+        frames among the pending ones; batches and STOP keep their order."""
+        try:
+            chunk = self._sock.recv(1 << 20, socket.MSG_DONTWAIT)
+        except OSError:  # nothing waiting (EAGAIN), or the channel broke: the loop sees it
+            chunk = b""
+        if chunk:
+            unpacker.feed(chunk)
+            pending.extend(unpacker)
+        if not pending:
+            return
+        kept = [frame for frame in pending if frame["t"] in (protocol.EXEC, protocol.STOP)]
+        if len(kept) != len(pending):
+            for frame in pending:
+                if frame["t"] not in (protocol.EXEC, protocol.STOP):
+                    self._control(frame)
+            pending.clear()
+            pending.extend(kept)
 
     def _execute(self, frame: dict[str, Any]) -> dict[str, Any]:
         assert self._backend is not None
@@ -196,7 +233,13 @@ class WorkerHost:
         requests: list[Request] = []
         results: list[dict[str, Any] | None] = [None] * len(raw_requests)
         positions: list[int] = []
+        batch_id = frame["b"]
+        self._last_batch = batch_id
         for index, raw in enumerate(raw_requests):
+            if self._cancelled and (batch_id, index) in self._cancelled:
+                self._cancelled.discard((batch_id, index))
+                results[index] = {"err": ["CANCELLED", "request cancelled by the client"]}
+                continue
             try:
                 inputs = {}
                 for packed in raw["in"]:

@@ -14,7 +14,7 @@ names them with a *tensor reference*:
 ``offset`` is absolute inside the segment/allocation and ``nbytes`` the tensor's byte size.
 
 Frame types (key ``t``):
-    supervisor -> worker: EXEC, RELEASE, PING, STOP
+    supervisor -> worker: EXEC, CANCEL, RELEASE, PING, STOP
     worker -> supervisor: READY, INIT_FAILED, DONE, PONG
 """
 
@@ -31,6 +31,7 @@ SYSTEM = "s"
 CUDA = "c"
 
 EXEC = "exec"
+CANCEL = "cancel"   # skip request "i" of batch "b" if it has not started
 RELEASE = "release"
 PING = "ping"
 STOP = "stop"
