@@ -41,7 +41,6 @@ from shmserve.client._convert import (
 )
 from shmserve.client._local import (
     AsyncLocalLink,
-    LocalRequest,
     infer_message,
     plan_transport,
     register_message,
@@ -248,14 +247,21 @@ class AsyncClient:
                     timeout: float | None = _Unset) -> dict[str, np.ndarray]:
         """See ``Client.infer``."""
         call_timeout = self.timeout if timeout is _Unset else timeout
-        channel = await self._local()
+        link = self._link
+        channel = None if link is None else (link.current() or await link.channel())
         if channel is not None:
             request = infer_message(model, inputs, outputs, version, request_id, parameters,
                                     self._regions.locate if len(self._regions) else None,
                                     call_timeout)
-            reply = await self._local_infer(channel, request, call_timeout)
-            if reply is not None:
-                return read_reply_outputs(reply["out"], request.region_outputs)
+            if request.fits(channel.max_message):
+                try:
+                    reply = await channel.call(request.message, call_timeout)
+                except MessageTooLarge:
+                    pass
+                else:
+                    return read_reply_outputs(reply["out"], request.region_outputs)
+            if request.references:
+                raise too_large(request.payload_bytes, channel.max_message)
             # Too large for the channel and no region in it: gRPC carries it.
         prepared = prepare(model, inputs, outputs, version, request_id, parameters,
                            self._regions)
@@ -267,20 +273,6 @@ class AsyncClient:
             raise from_rpc_error(exc) from None
         header, raw = decode_infer_response(data)
         return read_outputs(header, raw, prepared.region_outputs)
-
-    @staticmethod
-    async def _local_infer(channel: AsyncLocalChannel, request: LocalRequest,
-                           timeout: float | None) -> dict[str, Any] | None:
-        """The reply, or None when the request must go through gRPC (too large)."""
-        limit = channel.max_message
-        if request.fits(limit):
-            try:
-                return await channel.call(request.message, timeout)
-            except MessageTooLarge:
-                pass
-        if request.references:
-            raise too_large(request.payload_bytes, limit)
-        return None
 
     async def stream_infer(
             self, model: str,

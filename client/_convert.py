@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from shmserve.client.errors import ShmserveError, invalid_argument
 from shmserve.client.regions import BytesTensor, array_address
 from shmserve.protos import shmserve_service_pb2 as pb
 from shmserve.protos.datatypes import (
+    ELEMENT_SIZE,
     deserialize_bytes_tensor,
     from_numpy_dtype,
     serialize_bytes_tensor,
@@ -50,6 +52,13 @@ def set_parameter(target: pb.InferParameter, value: ParameterValue) -> None:
 
 
 _DATATYPES: dict[np.dtype, str] = {}
+#: The numeric datatypes and their (native byte order) NumPy dtypes: the common case, whose
+#: tensors are plain bytes.
+_NUMBER_DTYPES: dict[str, np.dtype] = {name: to_numpy_dtype(name) for name in ELEMENT_SIZE
+                                       if name != "BF16"}
+_NUMBER_DATATYPES: dict[np.dtype, str] = {dtype: name for name, dtype in _NUMBER_DTYPES.items()}
+#: Inputs up to this size are copied (tobytes) rather than viewed: cheaper when small.
+_SMALL_INPUT = 4096
 
 
 def datatype_of(dtype: np.dtype, name: str) -> str:
@@ -92,28 +101,28 @@ OutputEntry = tuple[str, "Reference | None"]
 
 def walk_inputs(inputs: Mapping[str, InputValue], locate: Locator | None) -> list[InputEntry]:
     """Each input as a region reference (when it lies in a registered region) or bytes."""
-    entries: list[InputEntry] = []
-    for name, value in inputs.items():
-        if type(value) is BytesTensor:
-            where = _find(value.data, locate)
-            if where is not None:
-                entries.append((name, "BYTES", value.shape,
-                                (where[0], where[1], value.nbytes), None))
-            else:
-                entries.append((name, "BYTES", value.shape, None, value.data.data))
-            continue
-        array = value if type(value) is np.ndarray else np.asarray(value)
-        datatype = datatype_of(array.dtype, name)
-        if datatype == "BYTES":
-            entries.append((name, datatype, array.shape, None, serialize_bytes_tensor(array)))
-            continue
-        where = _find(array, locate)
+    return [input_entry(name, value, locate) for name, value in inputs.items()]
+
+
+def input_entry(name: str, value: InputValue, locate: Locator | None) -> InputEntry:
+    """One input as a region reference (when it lies in a registered region) or bytes."""
+    if type(value) is BytesTensor:
+        where = _find(value.data, locate)
         if where is not None:
-            entries.append((name, datatype, array.shape, (where[0], where[1], array.nbytes),
-                            None))
-        else:
-            entries.append((name, datatype, array.shape, None, _as_bytes(array)))
-    return entries
+            return name, "BYTES", value.shape, (where[0], where[1], value.nbytes), None
+        return name, "BYTES", value.shape, None, value.data.data
+    array = value if type(value) is np.ndarray else np.asarray(value)
+    datatype = _NUMBER_DATATYPES.get(array.dtype)
+    if datatype is not None and locate is None and array.nbytes <= _SMALL_INPUT:
+        return name, datatype, array.shape, None, array.tobytes()  # C order, as _as_bytes
+    if datatype is None:
+        datatype = datatype_of(array.dtype, name)
+    if datatype == "BYTES":
+        return name, datatype, array.shape, None, serialize_bytes_tensor(array)
+    where = _find(array, locate)
+    if where is not None:
+        return name, datatype, array.shape, (where[0], where[1], array.nbytes), None
+    return name, datatype, array.shape, None, _as_bytes(array)
 
 
 def walk_outputs(outputs: Outputs, locate: Locator | None
@@ -231,6 +240,9 @@ def _region_output(name: str, target: np.ndarray, datatype: str,
 
 def _payload_output(name: str, data: memoryview | bytes, datatype: str,
                     shape: tuple[int, ...]) -> np.ndarray:
+    dtype = _NUMBER_DTYPES.get(datatype)
+    if dtype is not None and len(data) == math.prod(shape) * dtype.itemsize:
+        return np.frombuffer(data, dtype).reshape(shape)
     count = _count(shape)
     if datatype == "BYTES":
         try:

@@ -43,7 +43,6 @@ from shmserve.client._convert import (
 )
 from shmserve.client._local import (
     LocalLink,
-    LocalRequest,
     infer_message,
     plan_transport,
     register_message,
@@ -279,9 +278,15 @@ class Client:
             request = infer_message(model, inputs, outputs, version, request_id, parameters,
                                     self._regions.locate if len(self._regions) else None,
                                     call_timeout)
-            reply = self._local_infer(channel, request, call_timeout)
-            if reply is not None:
-                return read_reply_outputs(reply["out"], request.region_outputs)
+            if request.fits(channel.max_message):
+                try:
+                    reply = channel.call(request.message, call_timeout)
+                except MessageTooLarge:
+                    pass
+                else:
+                    return read_reply_outputs(reply["out"], request.region_outputs)
+            if request.references:
+                raise too_large(request.payload_bytes, channel.max_message)
             # Too large for the channel and no region in it: gRPC carries it.
         prepared = prepare(model, inputs, outputs, version, request_id, parameters,
                            self._regions)
@@ -292,20 +297,6 @@ class Client:
             raise from_rpc_error(exc) from None
         header, raw = decode_infer_response(data)
         return read_outputs(header, raw, prepared.region_outputs)
-
-    @staticmethod
-    def _local_infer(channel: LocalChannel, request: LocalRequest, timeout: float | None
-                     ) -> dict[str, Any] | None:
-        """The reply, or None when the request must go through gRPC (too large)."""
-        limit = channel.max_message
-        if request.fits(limit):
-            try:
-                return channel.call(request.message, timeout)
-            except MessageTooLarge:
-                pass
-        if request.references:
-            raise too_large(request.payload_bytes, limit)
-        return None
 
     def stream_infer(self, model: str,
                      requests: Iterable[StreamRequest | Mapping[str, InputValue]],

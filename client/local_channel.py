@@ -40,6 +40,7 @@ _LENGTH = struct.Struct("<I")
 _BACKPRESSURE_SLEEP = 0.0002
 _LIVENESS_CHECK_S = 0.05
 _DOORBELL = b"\x01"
+_SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)  # int: IntFlag math costs per call
 
 #: Called once per submitted message with (reply, None), or (None, error) when the channel
 #: failed before the reply came. A reply the server refused carries "err": [code, message].
@@ -120,6 +121,9 @@ class _Slot:
         self.reply, self.error = reply, error
         self.done = True
 
+    def ready(self) -> bool:
+        return self.done
+
 
 class LocalChannel:
     """Thread-safe. No reader thread: a waiting caller becomes the reader (leader/follower),
@@ -139,10 +143,13 @@ class LocalChannel:
         self._sock = sock
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
+        self._doorbells = bytearray(4096)  # read under the reader role only
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
-        self._cond = threading.Condition()
+        self._packer = msgpack.Packer(use_bin_type=True)  # used under _send_lock only
+        self._cond = threading.Condition(threading.Lock())
         self._reading = False
+        self._followers = 0  # callers blocked in self._cond.wait
         self._waiting: dict[int, Callback] = {}
         self._closed = False
 
@@ -173,9 +180,9 @@ class LocalChannel:
         """
         request_id = next(self._ids)
         message["id"] = request_id
-        data = msgpack.packb(message, use_bin_type=True)
-        _check_size(self._requests, data)
         with self._send_lock:
+            data = self._packer.pack(message)
+            _check_size(self._requests, data)
             if self._closed:
                 raise _gone("local channel to the server is closed")
             self._waiting[request_id] = callback
@@ -185,7 +192,7 @@ class LocalChannel:
                 self._waiting.pop(request_id, None)
                 raise
             try:
-                self._sock.send(_DOORBELL, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                self._sock.send(_DOORBELL, _SEND_FLAGS)
             except BlockingIOError:
                 pass  # doorbells are queued already: the server will drain the ring
             except OSError as exc:
@@ -240,7 +247,11 @@ class LocalChannel:
                 if remaining is not None and remaining <= 0:
                     return False
                 if self._reading:
-                    self._cond.wait(remaining)
+                    self._followers += 1
+                    try:
+                        self._cond.wait(remaining)
+                    finally:
+                        self._followers -= 1
                     continue
                 self._reading = True
                 self._cond.release()
@@ -249,14 +260,15 @@ class LocalChannel:
                 finally:
                     self._cond.acquire()
                     self._reading = False
-                    self._cond.notify_all()
+                    if self._followers:
+                        self._cond.notify_all()
 
     def call(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send one message and wait for its reply; raises ShmserveError."""
         deadline = None if timeout is None else time.monotonic() + timeout
         slot = _Slot()
         request_id = self.submit(message, slot, deadline)
-        if not self.wait(lambda: slot.done, deadline):
+        if not self.wait(slot.ready, deadline):
             self.forget(request_id)
             if self._closed:
                 raise _gone(_CLOSED_BY_SERVER)
@@ -273,7 +285,7 @@ class LocalChannel:
         try:
             if not self._poll.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)):
                 return
-            chunk = self._sock.recv(4096)
+            received = self._sock.recv_into(self._doorbells)
         except BlockingIOError:
             return
         except InterruptedError:
@@ -281,7 +293,7 @@ class LocalChannel:
         except OSError as exc:
             self._fail_all(f"local channel to the server failed: {exc}")
             return
-        if not chunk:
+        if not received:
             self._fail_all(_CLOSED_BY_SERVER)
             return
         self._drain()
@@ -316,8 +328,9 @@ class LocalChannel:
         self._sock.close()
 
 
-class AsyncLocalChannel(asyncio.Protocol):
-    """The same channel on an asyncio loop: the doorbell socket is read by the loop."""
+class AsyncLocalChannel(asyncio.BufferedProtocol):
+    """The same channel on an asyncio loop: the doorbell socket is read by the loop (into a
+    buffer of our own: a plain Protocol costs a 256 KiB allocation per read)."""
 
     def __init__(self, path: str, hello: dict[str, Any], memory: mmap.mmap, requests: Ring,
                  responses: Ring) -> None:
@@ -326,9 +339,16 @@ class AsyncLocalChannel(asyncio.Protocol):
         self._memory = memory
         self._requests = requests
         self._responses = responses
+        self._loop = asyncio.get_running_loop()  # cached: each lookup is a getpid() syscall
         self._ids = itertools.count(1)
+        self._packer = msgpack.Packer(use_bin_type=True)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._deadlines: dict[int, float] = {}  # request id -> loop time, for calls that have one
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._transport: asyncio.Transport | None = None
+        self._doorbells = bytearray(4096)
+        self._unrung = False
         self._ring_scheduled = False
         self._closed = False
 
@@ -366,20 +386,34 @@ class AsyncLocalChannel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self._doorbells
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self._closed:
             return
+        delivered = False
         for raw in self._responses.get_all():
             reply = msgpack.unpackb(raw, raw=False)
             future = self._waiting.pop(reply["id"], None)
             if future is not None and not future.done():
                 future.set_result(reply)
+                delivered = True
+        if delivered and not self._ring_scheduled:
+            # Scheduled after the callers just woken: what they send next shares one doorbell,
+            # rung in the same loop iteration.
+            self._ring_scheduled = True
+            self._loop.call_soon(self._ring)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail_all(_CLOSED_BY_SERVER)
 
     def _fail_all(self, reason: str) -> None:
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadlines.clear()
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():
@@ -396,36 +430,61 @@ class AsyncLocalChannel(asyncio.Protocol):
         Raises MessageTooLarge (nothing sent), UNAVAILABLE when the channel is closed, and
         DEADLINE_EXCEEDED when the ring stays full past ``deadline`` (time.monotonic()).
         """
+        request_id, future, unsent = self._submit(message)
+        if unsent is not None:
+            await self._put_when_room(request_id, unsent, deadline)
+        return request_id, future
+
+    def _submit(self, message: dict[str, Any]
+                ) -> tuple[int, asyncio.Future[dict[str, Any]], bytes | None]:
+        """Publish ``message`` if the ring has room: (its id, the future of its reply, and
+        its bytes when the ring is full: then ``_put_when_room`` must send them)."""
         if self._closed or self._transport is None:
             raise _gone("local channel to the server is closed")
         request_id = next(self._ids)
         message["id"] = request_id
-        data = msgpack.packb(message, use_bin_type=True)
+        data = self._packer.pack(message)
         _check_size(self._requests, data)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._waiting[request_id] = future
         try:
+            self._requests.put(data)
+        except RingFull:
+            return request_id, future, data
+        self._ring_soon()
+        return request_id, future, None
+
+    async def _put_when_room(self, request_id: int, data: bytes, deadline: float | None
+                             ) -> None:
+        """Backpressure: wait while the request ring is full (nothing is dropped)."""
+        try:
             while True:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise deadline_exceeded()
+                await asyncio.sleep(_BACKPRESSURE_SLEEP)
+                if self._closed:
+                    raise _gone(_CLOSED_BY_SERVER)
                 try:
                     self._requests.put(data)
                     break
                 except RingFull:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise deadline_exceeded() from None
-                    await asyncio.sleep(_BACKPRESSURE_SLEEP)
-                    if self._closed:
-                        raise _gone(_CLOSED_BY_SERVER) from None
+                    pass
         except BaseException:
             self._waiting.pop(request_id, None)
             raise
-        if not self._ring_scheduled:  # one doorbell for all sent in this loop iteration
+        self._ring_soon()
+
+    def _ring_soon(self) -> None:
+        """One doorbell for all sent in this loop iteration."""
+        self._unrung = True
+        if not self._ring_scheduled:
             self._ring_scheduled = True
-            asyncio.get_running_loop().call_soon(self._ring)
-        return request_id, future
+            self._loop.call_soon(self._ring)
 
     def _ring(self) -> None:
         self._ring_scheduled = False
-        if self._transport is not None and not self._transport.is_closing():
+        if self._unrung and self._transport is not None and not self._transport.is_closing():
+            self._unrung = False
             self._transport.write(_DOORBELL)
 
     def forget(self, request_id: int) -> None:
@@ -434,23 +493,46 @@ class AsyncLocalChannel(asyncio.Protocol):
     async def call(self, message: dict[str, Any], timeout: float | None = None
                    ) -> dict[str, Any]:
         """Send one message and wait for its reply; raises ShmserveError."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        request_id, future = await self.send(message, deadline)
+        request_id, future, unsent = self._submit(message)
         try:
-            if deadline is None:
-                reply = await future
-            else:
-                async with asyncio.timeout_at(asyncio.get_running_loop().time()
-                                              + max(0.0, deadline - time.monotonic())):
-                    reply = await future
-        except TimeoutError:
-            raise deadline_exceeded() from None
+            if timeout is not None:
+                self._expire_at(self._loop.time() + timeout, request_id)
+                if unsent is not None:
+                    await self._put_when_room(request_id, unsent, time.monotonic() + timeout)
+            elif unsent is not None:
+                await self._put_when_room(request_id, unsent, None)
+            reply = await future
         finally:
+            if timeout is not None:
+                self._deadlines.pop(request_id, None)
             self._waiting.pop(request_id, None)
         error = reply_error(reply)
         if error is not None:
             raise error
         return reply
+
+    def _expire_at(self, when: float, request_id: int) -> None:
+        """Fail the request with DEADLINE_EXCEEDED at loop time ``when``. One timer serves
+        all requests, armed for the earliest deadline: cheaper than a timer per call."""
+        self._deadlines[request_id] = when
+        if self._timer is None or when < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = when
+            self._timer = self._loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        due = max(self._loop.time(), self._timer_at)  # the loop may run a timer a bit early
+        deadlines = self._deadlines
+        for request_id in [r for r, when in deadlines.items() if when <= due]:
+            del deadlines[request_id]
+            future = self._waiting.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(deadline_exceeded())
+        if deadlines:
+            self._timer_at = min(deadlines.values())
+            self._timer = self._loop.call_at(self._timer_at, self._expire)
 
     def close(self) -> None:
         if not self._closed:

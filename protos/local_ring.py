@@ -18,6 +18,7 @@ HEADER = 64
 WRAP = 0xFFFFFFFF
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+_HEAD_TAIL = struct.Struct("<QQ")
 DEFAULT_RING_BYTES = 8 << 20
 
 
@@ -29,22 +30,18 @@ class MessageTooLarge(ValueError):
     pass
 
 
-def _padded(size: int) -> int:
-    return (4 + size + 7) & ~7
-
-
 class Ring:
     def __init__(self, buffer: mmap.mmap | memoryview, base: int, capacity: int) -> None:
         self._buf = memoryview(buffer)
         self._base = base
         self._data = base + HEADER
         self.capacity = capacity
+        self._limit = capacity // 2  # the largest padded message
 
     @classmethod
     def initialize(cls, buffer: mmap.mmap, base: int, capacity: int) -> Ring:
         ring = cls(buffer, base, capacity)
-        _U64.pack_into(ring._buf, base, 0)
-        _U64.pack_into(ring._buf, base + 8, 0)
+        _HEAD_TAIL.pack_into(ring._buf, base, 0, 0)
         _U64.pack_into(ring._buf, base + 16, capacity)
         return ring
 
@@ -53,52 +50,48 @@ class Ring:
         (capacity,) = _U64.unpack_from(buffer, base + 16)
         return cls(buffer, base, capacity)
 
-    def _head(self) -> int:
-        return int(_U64.unpack_from(self._buf, self._base)[0])
-
-    def _tail(self) -> int:
-        return int(_U64.unpack_from(self._buf, self._base + 8)[0])
-
     def put(self, message: bytes) -> None:
         """Publish one message or raise RingFull / MessageTooLarge."""
-        need = _padded(len(message))
-        if need > self.capacity // 2:
-            raise MessageTooLarge(f"message of {len(message)} bytes exceeds the ring's limit "
-                                  f"of {self.capacity // 2 - 4} bytes")
-        head, tail = self._head(), self._tail()
-        position = tail % self.capacity
-        room_to_end = self.capacity - position
-        wrap = room_to_end < need
-        total = need + (room_to_end if wrap else 0)
-        if self.capacity - (tail - head) < total:
+        size = len(message)
+        need = (4 + size + 7) & ~7  # the length word and the message, padded to 8
+        if need > self._limit:
+            raise MessageTooLarge(f"message of {size} bytes exceeds the ring's limit "
+                                  f"of {self._limit - 4} bytes")
+        buf, capacity = self._buf, self.capacity
+        head, tail = _HEAD_TAIL.unpack_from(buf, self._base)
+        position = tail % capacity
+        room_to_end = capacity - position
+        total = need if room_to_end >= need else need + room_to_end
+        if capacity - (tail - head) < total:
             raise RingFull()
-        if wrap:
+        if total != need:  # no room before the end: wrap to offset 0
             if room_to_end >= 4:
-                _U32.pack_into(self._buf, self._data + position, WRAP)
+                _U32.pack_into(buf, self._data + position, WRAP)
             position = 0
         start = self._data + position
-        _U32.pack_into(self._buf, start, len(message))
-        self._buf[start + 4:start + 4 + len(message)] = message
-        _U64.pack_into(self._buf, self._base + 8, tail + total)
+        _U32.pack_into(buf, start, size)
+        buf[start + 4:start + 4 + size] = message
+        _U64.pack_into(buf, self._base + 8, tail + total)
 
     def get_all(self) -> list[bytes]:
         """Take every published message (copies: the producer may reuse the space at once)."""
-        head, tail = self._head(), self._tail()
+        buf, capacity, data = self._buf, self.capacity, self._data
+        head, tail = _HEAD_TAIL.unpack_from(buf, self._base)
         messages: list[bytes] = []
         while head < tail:
-            position = head % self.capacity
-            room_to_end = self.capacity - position
+            position = head % capacity
+            room_to_end = capacity - position
             if room_to_end < 4:
                 head += room_to_end
                 continue
-            (length,) = _U32.unpack_from(self._buf, self._data + position)
+            (length,) = _U32.unpack_from(buf, data + position)
             if length == WRAP:
                 head += room_to_end
                 continue
-            start = self._data + position + 4
-            messages.append(bytes(self._buf[start:start + length]))
-            head += _padded(length)
-        _U64.pack_into(self._buf, self._base, head)
+            start = data + position + 4
+            messages.append(buf[start:start + length].tobytes())
+            head += (4 + length + 7) & ~7
+        _U64.pack_into(buf, self._base, head)
         return messages
 
     def release(self) -> None:
