@@ -33,6 +33,9 @@ from shmserve.workers.shm import Arena, ReaderMapping
 log = logging.getLogger("shmserve.scheduler")
 _slot_ids = itertools.count(1)
 _STABLE_SECS = 30.0
+FRAME_WORK_NS = 200_000      # see Scheduler._requests_per_frame
+MAX_FRAME_REQUESTS = 16
+_TIMED_BEFORE_GROUPING = 8
 
 
 def _align(nbytes: int) -> int:
@@ -50,25 +53,37 @@ def _region_location(region: Region) -> tuple[str, list[Any]]:
 
 
 class InstanceSlot:
-    """One model instance: its current worker process and the arenas it shares with it."""
+    """One model instance: its current worker process and the arenas it shares with it.
 
-    def __init__(self, plan: InstancePlan, supervisor_pid: int) -> None:
+    Each batch in flight holds a *lane*: its own input arena here and output arena in the
+    worker, so a batch sent ahead never overwrites the one running or being read back.
+    """
+
+    def __init__(self, plan: InstancePlan, supervisor_pid: int, lanes: int) -> None:
         self.plan = plan
         self.uid = next(_slot_ids)
         self.worker: WorkerProcess | None = None
-        self.inflight = 0               # batches sent and not answered yet
+        self.lanes = lanes
+        self.free_lanes = list(range(lanes))
         self.generation = 0
         self.failures = 0
         self.started_at = 0.0
-        self.input_arena = Arena(supervisor_pid, f"w{self.uid}i")
-        self.output_reader = ReaderMapping()
+        self.input_arenas = [Arena(supervisor_pid, f"w{self.uid}i{lane}")
+                             for lane in range(lanes)]
+        self.output_reader = ReaderMapping(capacity=2 * lanes)
+
+    @property
+    def inflight(self) -> int:
+        """Frames sent and not answered yet."""
+        return self.lanes - len(self.free_lanes)
 
     @property
     def alive(self) -> bool:
         return self.worker is not None and self.worker.alive
 
     def close(self) -> None:
-        self.input_arena.close()
+        for arena in self.input_arenas:
+            arena.close()
         self.output_reader.close()
 
 
@@ -88,8 +103,8 @@ class Scheduler:
                            if batching is not None else 0)
         self._make_spec = make_spec
         self._settings = settings
-        self._slots = [InstanceSlot(plan, supervisor_pid) for plan in plans]
-        self._depth = max(1, settings.pipeline_depth)
+        depth = max(1, settings.pipeline_depth)
+        self._slots = [InstanceSlot(plan, supervisor_pid, depth) for plan in plans]
         self._queue: deque[InferRequest] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._abandoned = 0
@@ -112,13 +127,15 @@ class Scheduler:
     async def _start_slot(self, slot: InstanceSlot) -> None:
         slot.generation += 1
         owner = f"w{slot.uid}g{slot.generation}"
-        worker = WorkerProcess(self._make_spec(slot.plan, owner), slot.plan.name,
+        spec = self._make_spec(slot.plan, owner)
+        spec["lanes"] = slot.lanes
+        worker = WorkerProcess(spec, slot.plan.name,
                                lambda w, reason: self._on_worker_exit(slot, w, reason))
         slot.worker = worker
         slot.output_reader.close()
         await worker.start(self._settings.worker_heartbeat_secs, self._settings.worker_hang_secs)
         slot.started_at = time.monotonic()
-        slot.inflight = 0
+        slot.free_lanes = list(range(slot.lanes))
 
     @property
     def ready(self) -> bool:
@@ -165,27 +182,49 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         self._drop_abandoned()
-        while self._queue:
+        queue = self._queue
+        while queue:
             slot = self._least_loaded()
             if slot is None:
                 break
-            batch = self._take_batch()
-            if batch is None:
-                break
-            self._send(slot, batch)
+            if self._dynamic:
+                batch = self._take_batch()
+                if batch is None:
+                    break
+                self._send(slot, batch, each=False)
+            else:
+                count = min(len(queue), self._requests_per_frame())
+                self._send(slot, [queue.popleft() for _ in range(count)], each=count > 1)
         if not self._queue and not any(s.inflight for s in self._slots):
             self._idle.set()
 
     def _least_loaded(self) -> InstanceSlot | None:
-        """The live instance with the fewest batches in hand, if it can take one more."""
+        """The live instance with the most free lanes, if it has one."""
         best: InstanceSlot | None = None
         for slot in self._slots:
-            if slot.inflight < self._depth and (best is None or slot.inflight < best.inflight) \
+            if slot.free_lanes and (best is None or len(slot.free_lanes) > len(best.free_lanes))\
                     and slot.alive:
                 best = slot
-                if not slot.inflight:
+                if len(slot.free_lanes) == slot.lanes:
                     break
         return best
+
+    def _requests_per_frame(self) -> int:
+        """Without dynamic batching every request is its own execution, but a quick model's
+        requests travel to the worker several to a frame (one wake-up and one answer for
+        them all) while the frame's expected work stays under FRAME_WORK_NS, so a result is
+        never held back long. Until timings exist, one per frame."""
+        stats = self.stats
+        executed = stats.compute_infer.count
+        if executed < _TIMED_BEFORE_GROUPING:
+            return 1
+        per_request = (stats.compute_input.ns + stats.compute_infer.ns
+                       + stats.compute_output.ns) // executed
+        count = max(1, min(MAX_FRAME_REQUESTS, FRAME_WORK_NS // max(per_request, 1)))
+        if count > 1 and len(self._slots) > 1:  # share what is queued among free instances
+            free = sum(1 for slot in self._slots if slot.free_lanes and slot.alive)
+            count = max(1, min(count, -(-len(self._queue) // max(free, 1))))
+        return count
 
     def _note_abandoned(self, request: InferRequest,
                         future: asyncio.Future[list[OutputTensor]]) -> None:
@@ -243,33 +282,33 @@ class Scheduler:
         self._timer = None
         self._dispatch()
 
-    def _send(self, slot: InstanceSlot, batch: list[InferRequest]) -> None:
+    def _send(self, slot: InstanceSlot, batch: list[InferRequest], each: bool) -> None:
         worker = slot.worker
         assert worker is not None
-        slot.inflight += 1
+        lane = slot.free_lanes.pop()
         now = time.perf_counter_ns()
         for request in batch:
             self.stats.queue.add(now - request.received_ns)
             self.stats.pending -= 1
         try:
-            frames = self._frames(slot, batch)
+            frames = self._frames(slot.input_arenas[lane], batch)
         except Exception as exc:  # e.g. /dev/shm full while growing the arena
-            slot.inflight -= 1
+            slot.free_lanes.append(lane)
             error = exc if isinstance(exc, ServeError) else unavailable(
                 f"failed to stage inputs in shared memory: {exc}")
             for request in batch:
                 self._finish(request, error)
             self._dispatch()
             return
-        batch_id = worker.execute(frames,
-                                  lambda result: self._on_done(slot, worker, batch, result))
+        batch_id = worker.execute(
+            frames, lane, each, lambda result: self._on_done(slot, worker, lane, batch, result))
         for index, request in enumerate(batch):
             request.withdraw = partial(worker.withdraw, batch_id, index)
 
-    def _frames(self, slot: InstanceSlot, batch: list[InferRequest]) -> list[dict[str, Any]]:
+    def _frames(self, arena: Arena, batch: list[InferRequest]) -> list[dict[str, Any]]:
         staged = sum(_align(len(t.data)) for r in batch for t in r.inputs
                      if t.data is not None and len(t.data) > INLINE_LIMIT)
-        segment = slot.input_arena.ensure(staged) if staged else None
+        segment = arena.ensure(staged) if staged else None
         offset = 0
         frames = []
         for request in batch:
@@ -303,26 +342,27 @@ class Scheduler:
                            "p": request.parameters, "cid": request.correlation_id})
         return frames
 
-    def _on_done(self, slot: InstanceSlot, worker: WorkerProcess, batch: list[InferRequest],
-                 result: dict[str, Any] | BaseException) -> None:
-        if slot.worker is worker:  # not a replaced worker's late answer
-            slot.inflight -= 1
+    def _on_done(self, slot: InstanceSlot, worker: WorkerProcess, lane: int,
+                 batch: list[InferRequest], result: dict[str, Any] | BaseException) -> None:
         if isinstance(result, BaseException):
             for request in batch:
                 self._finish(request, result)
         else:
-            frame = result
-            for request, result in zip(batch, frame["res"], strict=True):
-                if "err" in result:
-                    self._finish(request, ServeError.from_tuple(result["err"]))
+            for request, answer in zip(batch, result["res"], strict=True):
+                if "err" in answer:
+                    self._finish(request, ServeError.from_tuple(answer["err"]))
                     continue
                 try:
-                    outputs = [self._read_output(slot, raw) for raw in result["out"]]
+                    outputs = [self._read_output(slot, raw) for raw in answer["out"]]
                 except OSError as exc:
                     self._finish(request, unavailable(f"failed to read outputs: {exc}"))
                     continue
                 self._finish(request, outputs)
-            self.stats.record_batch(sum(r.batch_size for r in batch), len(batch), frame["ts"])
+            for indices, *timings in result["x"]:
+                self.stats.record_batch(sum(batch[i].batch_size for i in indices),
+                                        len(indices), timings)
+        if slot.worker is worker:  # not a replaced worker's late answer
+            slot.free_lanes.append(lane)  # only now: its outputs were read above
         self._dispatch()
 
     def _read_output(self, slot: InstanceSlot, raw: list[Any]) -> OutputTensor:
@@ -357,7 +397,7 @@ class Scheduler:
     def _on_worker_exit(self, slot: InstanceSlot, worker: WorkerProcess, reason: str) -> None:
         if slot.worker is not worker or self._closing or not worker.became_ready:
             return
-        slot.inflight = 0
+        slot.free_lanes = list(range(slot.lanes))
         lived = time.monotonic() - slot.started_at
         slot.failures = 0 if lived > _STABLE_SECS else slot.failures + 1
         task = asyncio.get_running_loop().create_task(self._restart(slot))

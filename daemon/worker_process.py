@@ -139,16 +139,19 @@ class WorkerProcess:
             and not self._ready.exception()
 
     # --- data path ----------------------------------------------------------------------
-    def execute(self, requests: list[dict[str, Any]], on_done: DoneCallback) -> int:
-        """Send one batch and return its id; ``on_done`` gets the worker's DONE frame, or the
-        error that ended the worker. It is called directly from the channel's reader (no
-        future, no extra loop iteration): this is the hot path."""
+    def execute(self, requests: list[dict[str, Any]], lane: int, each: bool,
+                on_done: DoneCallback) -> int:
+        """Send one frame of requests and return its id: executed as one batch, or ``each``
+        on its own, with outputs in the arena of ``lane``. ``on_done`` gets the worker's
+        DONE frame, or the error that ended the worker. It is called directly from the
+        channel's reader (no future, no extra loop iteration): this is the hot path."""
         batch_id = next(self._batch_ids)
         if self._exited:
             on_done(self._death_error("exited"))
             return batch_id
         self._inflight[batch_id] = on_done
-        self._send({"t": protocol.EXEC, "b": batch_id, "reqs": requests})
+        self._send({"t": protocol.EXEC, "b": batch_id, "reqs": requests, "lane": lane,
+                    "each": each})
         return batch_id
 
     def withdraw(self, batch_id: int, index: int) -> None:
@@ -209,7 +212,8 @@ class WorkerProcess:
             self._heartbeat.cancel()
         if self._transport is not None:
             self._transport.close()
-        remove_owner_arenas(self.spec["supervisor_pid"], self.spec["arena_owner"] + "o")
+        for lane in range(self.spec.get("lanes", 1)):
+            remove_owner_arenas(self.spec["supervisor_pid"], f"{self.spec['arena_owner']}o{lane}")
         with contextlib.suppress(ValueError):
             self._process.close()
         if not self._stopping and self.became_ready:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -114,14 +115,16 @@ def test_arenas_removed_after_worker_sigkill(start_server: StartServer) -> None:
         tensor.set_data_from_numpy(data)
         client.infer("identity_fp32", [tensor])
         segments = arena_segments(server.pid)
-        assert any(name.endswith("_1") and "g1o_" in name for name in segments), segments
+        worker_arena = re.compile(r"_w\d+g1o\d+_\d+$")  # generation 1's output arena, any lane
+        assert any(name.endswith("_1") and worker_arena.search(name) for name in segments), \
+            segments
         for pid in worker_pids(server.pid):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while any("g1o_" in s for s in arena_segments(server.pid)) and \
+        while any(worker_arena.search(s) for s in arena_segments(server.pid)) and \
                 time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any("g1o_" in s for s in arena_segments(server.pid))
+        assert not any(worker_arena.search(s) for s in arena_segments(server.pid))
         _wait_ready(client, "identity_fp32")
         result = client.infer("identity_fp32", [tensor])
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)

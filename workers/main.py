@@ -88,7 +88,7 @@ class WorkerHost:
         self._cuda = CudaRegions(instance["device_id"] if instance["kind"] == "KIND_GPU"
                                  else None)
         self._resolver = InputResolver(self._regions, self._input_arena, self._cuda)
-        self._output_arena = Arena(spec["supervisor_pid"], spec["arena_owner"] + "o")
+        self._output_arenas: dict[int, Arena] = {}
         self._backend: Backend | None = None
         self._hooks_done: list[str] = []
         self._cancelled: set[tuple[int, int]] = set()  # (batch, index) withdrawn before running
@@ -152,7 +152,8 @@ class WorkerHost:
         self._regions.close_all()
         self._cuda.close_all()
         self._input_arena.close()
-        self._output_arena.close()
+        for arena in self._output_arenas.values():
+            arena.close()
 
     def _heartbeat(self, interval: float) -> None:
         """Prove from a second thread that the process and its interpreter still make progress.
@@ -227,19 +228,59 @@ class WorkerHost:
             pending.extend(kept)
 
     def _execute(self, frame: dict[str, Any]) -> dict[str, Any]:
-        assert self._backend is not None
-        started = time.perf_counter_ns()
+        """Run one EXEC frame: its requests as one batch, or (``each``) one execute per
+        request; outputs go to the arena of the frame's pipeline lane once all ran."""
         raw_requests = frame["reqs"]
-        requests: list[Request] = []
-        results: list[dict[str, Any] | None] = [None] * len(raw_requests)
-        positions: list[int] = []
         batch_id = frame["b"]
         self._last_batch = batch_id
-        for index, raw in enumerate(raw_requests):
+        count = len(raw_requests)
+        groups = [[i] for i in range(count)] if frame.get("each") else [list(range(count))]
+        results: list[dict[str, Any] | None] = [None] * count
+        ready: list[tuple[int, list[_Prepared]]] = []
+        executions: list[list[Any]] = []  # [request indices, input ns, infer ns, output ns]
+        for group in groups:
+            started = time.perf_counter_ns()
+            requests, positions = self._requests(batch_id, raw_requests, group, results)
+            if not requests:
+                continue
+            input_done = time.perf_counter_ns()
+            responses = self._run_backend(requests)
+            infer_done = time.perf_counter_ns()
+            for position, response in zip(positions, responses, strict=True):
+                outputs = self._prepare_outputs(response, raw_requests[position]["out"])
+                if isinstance(outputs, dict):
+                    results[position] = outputs
+                else:
+                    ready.append((position, outputs))
+            executions.append([positions, input_done - started, infer_done - input_done,
+                               time.perf_counter_ns() - infer_done])
+        writing = time.perf_counter_ns()
+        arena = self._lane_arena(frame.get("lane", 0))
+        arena_total = sum(_align(len(item[3])) for _, outputs in ready for item in outputs
+                          if item[4] is None and len(item[3]) > INLINE_LIMIT)
+        if arena_total:
+            arena.ensure(arena_total)
+        arena_offset = 0
+        for position, outputs in ready:
+            results[position], arena_offset = self._write_outputs(outputs, arena, arena_offset)
+        if executions:
+            share = (time.perf_counter_ns() - writing) // len(executions)
+            for execution in executions:
+                execution[3] += share
+        return {"t": protocol.DONE, "b": batch_id, "res": results, "x": executions}
+
+    def _requests(self, batch_id: int, raw_requests: list[dict[str, Any]], group: list[int],
+                  results: list[dict[str, Any] | None]) -> tuple[list[Request], list[int]]:
+        """The group's requests with their inputs mapped; withdrawn or unreadable ones are
+        answered in ``results`` instead."""
+        requests: list[Request] = []
+        positions: list[int] = []
+        for index in group:
             if self._cancelled and (batch_id, index) in self._cancelled:
                 self._cancelled.discard((batch_id, index))
                 results[index] = {"err": ["CANCELLED", "request cancelled by the client"]}
                 continue
+            raw = raw_requests[index]
             try:
                 inputs = {}
                 for packed in raw["in"]:
@@ -251,24 +292,16 @@ class WorkerHost:
             requests.append(Request(raw["rid"], inputs, [o[0] for o in raw["out"]],
                                     raw.get("p") or {}, raw.get("cid", 0)))
             positions.append(index)
-        input_done = time.perf_counter_ns()
-        responses = self._run_backend(requests) if requests else []
-        infer_done = time.perf_counter_ns()
-        prepared = [self._prepare_outputs(response, raw_requests[position]["out"])
-                    for position, response in zip(positions, responses, strict=True)]
-        arena_total = sum(_align(len(item[3])) for outputs in prepared if isinstance(outputs, list)
-                          for item in outputs if item[4] is None and len(item[3]) > INLINE_LIMIT)
-        if arena_total:
-            self._output_arena.ensure(arena_total)
-        arena_offset = 0
-        for position, outputs in zip(positions, prepared, strict=True):
-            if isinstance(outputs, dict):
-                results[position] = outputs
-                continue
-            results[position], arena_offset = self._write_outputs(outputs, arena_offset)
-        output_done = time.perf_counter_ns()
-        return {"t": protocol.DONE, "b": frame["b"], "res": results,
-                "ts": [input_done - started, infer_done - input_done, output_done - infer_done]}
+        return requests, positions
+
+    def _lane_arena(self, lane: int) -> Arena:
+        """Each pipeline lane has its own output arena: the supervisor reads a frame's outputs
+        while the next frame (another lane) already runs here."""
+        arena = self._output_arenas.get(lane)
+        if arena is None:
+            arena = self._output_arenas[lane] = Arena(
+                self._spec["supervisor_pid"], f"{self._spec['arena_owner']}o{lane}")
+        return arena
 
     def _run_backend(self, requests: list[Request]) -> list[Response]:
         assert self._backend is not None
@@ -312,7 +345,7 @@ class WorkerHost:
             prepared.append((name, datatype, shape, data, destination))
         return prepared
 
-    def _write_outputs(self, prepared: list[_Prepared],
+    def _write_outputs(self, prepared: list[_Prepared], arena: Arena,
                        arena_offset: int) -> tuple[dict[str, Any], int]:
         refs: list[list[Any]] = []
         for name, datatype, shape, data, destination in prepared:
@@ -342,7 +375,7 @@ class WorkerHost:
             elif nbytes <= INLINE_LIMIT:
                 refs.append(TensorRef.inline(name, datatype, shape, bytes(data)).pack())
             else:
-                segment = self._output_arena.ensure(arena_offset + nbytes)
+                segment = arena.ensure(arena_offset + nbytes)
                 _copy_into(segment.buf[arena_offset:arena_offset + nbytes], data)
                 refs.append(TensorRef(name, datatype, shape, protocol.ARENA, segment.key,
                                       arena_offset, nbytes).pack())

@@ -16,6 +16,11 @@ names them with a *tensor reference*:
 Frame types (key ``t``):
     supervisor -> worker: EXEC, CANCEL, RELEASE, PING, STOP
     worker -> supervisor: READY, INIT_FAILED, DONE, PONG
+
+EXEC ``{b: frame id, reqs: [request...], lane, each}`` runs its requests as one batch, or with
+``each`` one execution per request; large outputs go to the output arena of pipeline ``lane``.
+DONE ``{b, res: [result per request], x: [[request indices, input ns, infer ns, output ns]
+per execution]}`` answers it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from dataclasses import dataclass
 
 import posix_ipc
 
@@ -139,23 +138,27 @@ def _next_power_of_two(value: int) -> int:
     return 1 << max(0, (value - 1).bit_length())
 
 
-@dataclass(slots=True)
 class ReaderMapping:
-    """The reader's side of a peer's arena: remapped when the peer grows it."""
+    """The reader's side of a peer's arenas (one per pipeline lane): each key is mapped once;
+    the oldest mapping is dropped beyond ``capacity`` (an arena that grew has a new key)."""
 
-    segment: Segment | None = None
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._segments: dict[str, Segment] = {}
 
     def view(self, key: str) -> Segment:
-        if self.segment is None or self.segment.key != key:
-            if self.segment is not None:
-                self.segment.close()
-            self.segment = Segment.open(key)
-        return self.segment
+        segment = self._segments.get(key)
+        if segment is None:
+            if len(self._segments) >= self.capacity:
+                oldest = next(iter(self._segments))
+                self._segments.pop(oldest).close()
+            segment = self._segments[key] = Segment.open(key)
+        return segment
 
     def close(self) -> None:
-        if self.segment is not None:
-            self.segment.close()
-            self.segment = None
+        segments, self._segments = self._segments, {}
+        for segment in segments.values():
+            segment.close()
 
 
 def remove_arenas(supervisor_pid: int | None = None) -> list[str]:
