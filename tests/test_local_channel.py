@@ -841,6 +841,37 @@ def test_raw_channel_handshake_and_ops(local_server: LocalServer) -> None:
         channel.close()
 
 
+@pytest.mark.parametrize("change, what", [
+    ({"in": [["INPUT0", "INT32", [1, "16"], "b", A.tobytes()]]}, "integer dims"),
+    ({"in": [["INPUT0", "INT32", [1, 16], "b", "not bytes"]]}, "tensor data must be bytes"),
+    ({"in": [["INPUT0", "INT32", [1, 16], "r", 7, 0, 64]]}, "bad region reference"),
+    ({"in": 5}, "malformed local-channel request"),
+    ({"out": [[3]]}, "output names must be strings"),
+    ({"p": {"mode": [1, 2]}}, "unsupported parameter value [1, 2]"),
+    ({"rid": 12}, "rid must be a string"),
+    ({"t": "soon"}, "deadline 'soon'"),
+])
+def test_malformed_infer_messages_are_invalid_argument(local_server: LocalServer,
+                                                       change: dict[str, Any],
+                                                       what: str) -> None:
+    """A hostile or buggy client's message is refused with INVALID_ARGUMENT; the channel
+    stays open and the next request is served."""
+    channel = LocalChannel(local_server.socket)
+    good = {"op": "infer", "model": "simple", "version": "", "rid": "",
+            "in": [["INPUT0", "INT32", [1, 16], "b", A.tobytes()],
+                   ["INPUT1", "INT32", [1, 16], "b", B.tobytes()]], "out": [], "p": {}}
+    try:
+        with pytest.raises(ShmserveError) as info:
+            channel.call({**good, **change}, timeout=10)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert what in info.value.message
+        reply = channel.call(dict(good), timeout=10)
+        sums = np.frombuffer(reply["out"][0][3], dtype=np.int32)
+        np.testing.assert_array_equal(sums, (A + B).ravel())
+    finally:
+        channel.close()
+
+
 def test_grpc_callers_cannot_reach_channel_regions(local_server: LocalServer) -> None:
     """A channel's regions are private: gRPC can neither see, use, nor unregister them."""
     import tritonclient.grpc as grpcclient
