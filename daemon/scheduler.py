@@ -326,9 +326,10 @@ class Scheduler:
                     refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape, ARENA,
                                           segment.key, offset, size).pack())
                     offset += _align(size)
-                else:
-                    refs.append(TensorRef.inline(tensor.name, tensor.datatype, tensor.shape,
-                                                 bytes(tensor.data or b"")).pack())
+                else:  # TensorRef.inline(...).pack(), without the object
+                    data = bytes(tensor.data or b"")
+                    refs.append([tensor.name, tensor.datatype, tensor.shape, INLINE, data, 0,
+                                 len(data)])
             outputs: list[list[Any]] = []
             for output in request.outputs:
                 destination = None
@@ -366,9 +367,9 @@ class Scheduler:
         self._dispatch()
 
     def _read_output(self, slot: InstanceSlot, raw: list[Any]) -> OutputTensor:
+        if raw[3] == INLINE:  # the common small case, read off the packed TensorRef
+            return OutputTensor(raw[0], raw[1], raw[2], raw[4])
         ref = TensorRef.unpack(raw)
-        if ref.where == INLINE:
-            return OutputTensor(ref.name, ref.datatype, ref.shape, ref.location)
         if ref.where == ARENA:
             segment = slot.output_reader.view(ref.location)
             return OutputTensor(ref.name, ref.datatype, ref.shape,

@@ -322,16 +322,16 @@ class WorkerHost:
         """The outputs to send as (name, datatype, shape, bytes, destination), or an error."""
         if response.error is not None:
             return {"err": [response.error.code, response.error.message]}
-        destinations = {entry[0]: entry[1] for entry in requested}
-        names = list(destinations) if destinations else list(response.outputs)
+        outputs = response.outputs
+        destinations = {entry[0]: entry[1] for entry in requested} if requested else {}
         prepared: list[_Prepared] = []
-        for name in names:
-            if name not in response.outputs:
+        for name in destinations or outputs:
+            if name not in outputs:
                 return {"err": ["INVALID_ARGUMENT",
                                 f"unexpected inference output '{name}' for model "
                                 f"'{self._model.name}'"]}
             try:
-                datatype, shape, data = output_bytes(response.outputs[name])
+                datatype, shape, data = output_bytes(outputs[name])
             except (ValueError, TypeError) as exc:
                 return {"err": ["INTERNAL", f"output '{name}' cannot be sent: {exc}"]}
             destination = destinations.get(name)
@@ -372,8 +372,8 @@ class WorkerHost:
                 _copy_into(segment.buf[target.offset:target.offset + nbytes], data)
                 refs.append(TensorRef(name, datatype, shape, target.where, target.location,
                                       target.offset, nbytes).pack())
-            elif nbytes <= INLINE_LIMIT:
-                refs.append(TensorRef.inline(name, datatype, shape, bytes(data)).pack())
+            elif nbytes <= INLINE_LIMIT:  # TensorRef.inline(...).pack(), without the object
+                refs.append([name, datatype, shape, protocol.INLINE, bytes(data), 0, nbytes])
             else:
                 segment = arena.ensure(arena_offset + nbytes)
                 _copy_into(segment.buf[arena_offset:arena_offset + nbytes], data)
