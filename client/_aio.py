@@ -253,7 +253,7 @@ class AsyncClient:
             request = infer_message(model, inputs, outputs, version, request_id, parameters,
                                     self._regions.locate if len(self._regions) else None,
                                     call_timeout)
-            if request.fits(channel.max_message):
+            if request.payload_bytes <= channel.max_message:
                 try:
                     reply = await channel.call(request.message, call_timeout)
                 except MessageTooLarge:

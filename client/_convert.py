@@ -101,22 +101,25 @@ OutputEntry = tuple[str, "Reference | None"]
 
 def walk_inputs(inputs: Mapping[str, InputValue], locate: Locator | None) -> list[InputEntry]:
     """Each input as a region reference (when it lies in a registered region) or bytes."""
-    return [input_entry(name, value, locate) for name, value in inputs.items()]
+    entries: list[InputEntry] = []
+    for name, value in inputs.items():
+        datatype = _NUMBER_DATATYPES.get(value.dtype) \
+            if type(value) is np.ndarray and locate is None else None
+        if datatype is not None and value.nbytes <= _SMALL_INPUT:  # the common case
+            entries.append((name, datatype, value.shape, None, value.tobytes()))  # C order
+        else:
+            entries.append(_input_entry(name, value, locate))
+    return entries
 
 
-def input_entry(name: str, value: InputValue, locate: Locator | None) -> InputEntry:
-    """One input as a region reference (when it lies in a registered region) or bytes."""
+def _input_entry(name: str, value: InputValue, locate: Locator | None) -> InputEntry:
     if type(value) is BytesTensor:
         where = _find(value.data, locate)
         if where is not None:
             return name, "BYTES", value.shape, (where[0], where[1], value.nbytes), None
         return name, "BYTES", value.shape, None, value.data.data
     array = value if type(value) is np.ndarray else np.asarray(value)
-    datatype = _NUMBER_DATATYPES.get(array.dtype)
-    if datatype is not None and locate is None and array.nbytes <= _SMALL_INPUT:
-        return name, datatype, array.shape, None, array.tobytes()  # C order, as _as_bytes
-    if datatype is None:
-        datatype = datatype_of(array.dtype, name)
+    datatype = datatype_of(array.dtype, name)
     if datatype == "BYTES":
         return name, datatype, array.shape, None, serialize_bytes_tensor(array)
     where = _find(array, locate)
@@ -240,9 +243,6 @@ def _region_output(name: str, target: np.ndarray, datatype: str,
 
 def _payload_output(name: str, data: memoryview | bytes, datatype: str,
                     shape: tuple[int, ...]) -> np.ndarray:
-    dtype = _NUMBER_DTYPES.get(datatype)
-    if dtype is not None and len(data) == math.prod(shape) * dtype.itemsize:
-        return np.frombuffer(data, dtype).reshape(shape)
     count = _count(shape)
     if datatype == "BYTES":
         try:
@@ -281,6 +281,11 @@ def read_reply_outputs(outputs: Sequence[Sequence[Any]],
     """Outputs of a local-channel reply (``[name, datatype, shape, bytes or None]`` each)."""
     result: dict[str, np.ndarray] = {}
     for name, datatype, dims, data in outputs:
+        dtype = _NUMBER_DTYPES.get(datatype)
+        if dtype is not None and data is not None and not region_outputs \
+                and len(data) == math.prod(dims) * dtype.itemsize:  # the common case
+            result[name] = np.ndarray(dims, dtype, data)  # a read-only view of the reply
+            continue
         shape = tuple(dims)
         target = region_outputs.get(name)
         if target is not None:

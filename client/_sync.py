@@ -273,12 +273,13 @@ class Client:
         views of the response.
         """
         call_timeout = self.timeout if timeout is _Unset else timeout
-        channel = self._local()
+        link = self._link
+        channel = link.channel() if link is not None else None
         if channel is not None:
             request = infer_message(model, inputs, outputs, version, request_id, parameters,
                                     self._regions.locate if len(self._regions) else None,
                                     call_timeout)
-            if request.fits(channel.max_message):
+            if request.payload_bytes <= channel.max_message:
                 try:
                     reply = channel.call(request.message, call_timeout)
                 except MessageTooLarge:

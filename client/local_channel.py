@@ -47,13 +47,9 @@ _SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)  # int: IntFlag mat
 Callback = Callable[[dict[str, Any] | None, ShmserveError | None], None]
 
 
-def reply_error(reply: dict[str, Any]) -> ShmserveError | None:
-    """The error a reply carries (gRPC code name and the server's text), or None."""
-    raw = reply.get("err")
-    if raw is None:
-        return None
-    code = getattr(grpc.StatusCode, raw[0], grpc.StatusCode.UNKNOWN)
-    return ShmserveError(code, raw[1])
+def _refusal(err: list[str]) -> ShmserveError:
+    """The error of a refused request: a reply's "err" (gRPC code name, the server's text)."""
+    return ShmserveError(getattr(grpc.StatusCode, err[0], grpc.StatusCode.UNKNOWN), err[1])
 
 
 def _gone(message: str) -> ShmserveError:
@@ -65,16 +61,6 @@ def deadline_exceeded() -> ShmserveError:
 
 
 _CLOSED_BY_SERVER = "the server closed the local channel (it stopped or restarted)"
-
-
-def _padded(size: int) -> int:
-    return (4 + size + 7) & ~7
-
-
-def _check_size(ring: Ring, data: bytes) -> None:
-    if _padded(len(data)) > ring.capacity // 2:
-        raise MessageTooLarge(f"message of {len(data)} bytes exceeds the local channel's limit "
-                              f"of {ring.capacity // 2 - 4} bytes")
 
 
 def _handshake(sock: socket.socket) -> tuple[dict[str, Any], mmap.mmap, Ring, Ring]:
@@ -110,12 +96,12 @@ def socket_path(url: str) -> str:
 
 
 class _Slot:
-    __slots__ = ("done", "error", "reply")
+    """The outcome of one call; the class attributes are the "not yet" state (no __init__
+    to run: this is made for every call)."""
 
-    def __init__(self) -> None:
-        self.done = False
-        self.reply: dict[str, Any] | None = None
-        self.error: ShmserveError | None = None
+    done = False
+    reply: dict[str, Any] | None = None
+    error: ShmserveError | None = None
 
     def __call__(self, reply: dict[str, Any] | None, error: ShmserveError | None) -> None:
         self.reply, self.error = reply, error
@@ -144,10 +130,13 @@ class LocalChannel:
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         self._doorbells = bytearray(4096)  # read under the reader role only
+        #: The largest message (bytes, packed) the request ring takes.
+        self.max_message = self._requests.capacity // 2 - 8
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._packer = msgpack.Packer(use_bin_type=True)  # used under _send_lock only
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # guards _reading and _followers
+        self._cond = threading.Condition(self._lock)
         self._reading = False
         self._followers = 0  # callers blocked in self._cond.wait
         self._waiting: dict[int, Callback] = {}
@@ -160,11 +149,6 @@ class LocalChannel:
     @property
     def channel_id(self) -> int:
         return int(self.hello["channel"])
-
-    @property
-    def max_message(self) -> int:
-        """The largest message (bytes, packed) the request ring takes."""
-        return self._requests.capacity // 2 - 8
 
     @property
     def closed(self) -> bool:
@@ -182,12 +166,14 @@ class LocalChannel:
         message["id"] = request_id
         with self._send_lock:
             data = self._packer.pack(message)
-            _check_size(self._requests, data)
             if self._closed:
                 raise _gone("local channel to the server is closed")
             self._waiting[request_id] = callback
             try:
-                self._put(data, deadline)
+                try:
+                    self._requests.put(data)
+                except RingFull:
+                    self._put_when_room(data, deadline)
             except BaseException:
                 self._waiting.pop(request_id, None)
                 raise
@@ -200,24 +186,25 @@ class LocalChannel:
                 self.notify()
         return request_id
 
-    def _put(self, data: bytes, deadline: float | None) -> None:
+    def _put_when_room(self, data: bytes, deadline: float | None) -> None:
+        """Backpressure: wait while the request ring is full (nothing is dropped)."""
         next_check = 0.0
         while True:
-            try:
-                self._requests.put(data)
-                return
-            except RingFull:  # backpressure: the server drains, nothing is dropped
-                pass
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                raise deadline_exceeded() from None
+                raise deadline_exceeded()
             if now >= next_check:
                 next_check = now + _LIVENESS_CHECK_S
                 if self._closed or self._peer_gone():
                     self._fail_all(_CLOSED_BY_SERVER)
                     self.notify()
-                    raise _gone(_CLOSED_BY_SERVER) from None
+                    raise _gone(_CLOSED_BY_SERVER)
             time.sleep(_BACKPRESSURE_SLEEP)
+            try:
+                self._requests.put(data)
+                return
+            except RingFull:
+                pass
 
     def _peer_gone(self) -> bool:
         try:
@@ -237,7 +224,7 @@ class LocalChannel:
 
         ``ready`` is evaluated under the channel's lock after every batch of replies.
         """
-        with self._cond:
+        with self._lock:
             while True:
                 if ready():
                     return True
@@ -254,11 +241,11 @@ class LocalChannel:
                         self._followers -= 1
                     continue
                 self._reading = True
-                self._cond.release()
+                self._lock.release()
                 try:
                     self._read_once(remaining)
                 finally:
-                    self._cond.acquire()
+                    self._lock.acquire()
                     self._reading = False
                     if self._followers:
                         self._cond.notify_all()
@@ -275,13 +262,14 @@ class LocalChannel:
             raise deadline_exceeded()
         if slot.error is not None:
             raise slot.error
-        assert slot.reply is not None
-        error = reply_error(slot.reply)
-        if error is not None:
-            raise error
-        return slot.reply
+        reply = slot.reply
+        assert reply is not None
+        if "err" in reply:
+            raise _refusal(reply["err"])
+        return reply
 
     def _read_once(self, timeout: float | None) -> None:
+        """Wait for a doorbell (up to ``timeout``), then deliver every published reply."""
         try:
             if not self._poll.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)):
                 return
@@ -296,9 +284,6 @@ class LocalChannel:
         if not received:
             self._fail_all(_CLOSED_BY_SERVER)
             return
-        self._drain()
-
-    def _drain(self) -> None:
         if self._closed:
             return
         for raw in self._responses.get_all():
@@ -328,17 +313,20 @@ class LocalChannel:
         self._sock.close()
 
 
-class AsyncLocalChannel(asyncio.BufferedProtocol):
-    """The same channel on an asyncio loop: the doorbell socket is read by the loop (into a
-    buffer of our own: a plain Protocol costs a 256 KiB allocation per read)."""
+class AsyncLocalChannel:
+    """The same channel on an asyncio loop: the loop watches the doorbell socket."""
 
     def __init__(self, path: str, hello: dict[str, Any], memory: mmap.mmap, requests: Ring,
-                 responses: Ring) -> None:
+                 responses: Ring, sock: socket.socket) -> None:
         self.path = path
         self.hello = hello
         self._memory = memory
         self._requests = requests
         self._responses = responses
+        self._sock = sock
+        self._doorbells = bytearray(4096)
+        #: The largest message (bytes, packed) the request ring takes.
+        self.max_message = requests.capacity // 2 - 8
         self._loop = asyncio.get_running_loop()  # cached: each lookup is a getpid() syscall
         self._ids = itertools.count(1)
         self._packer = msgpack.Packer(use_bin_type=True)
@@ -346,11 +334,10 @@ class AsyncLocalChannel(asyncio.BufferedProtocol):
         self._deadlines: dict[int, float] = {}  # request id -> loop time, for calls that have one
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._transport: asyncio.Transport | None = None
-        self._doorbells = bytearray(4096)
         self._unrung = False
         self._ring_scheduled = False
         self._closed = False
+        self._loop.add_reader(sock.fileno(), self._readable)
 
     @classmethod
     async def connect(cls, path: str, connect_timeout: float = 5.0) -> AsyncLocalChannel:
@@ -367,9 +354,7 @@ class AsyncLocalChannel(asyncio.BufferedProtocol):
         except BaseException:
             sock.close()
             raise
-        channel = cls(path, hello, memory, requests, responses)
-        await loop.create_unix_connection(lambda: channel, sock=sock)
-        return channel
+        return cls(path, hello, memory, requests, responses, sock)
 
     @property
     def grpc_address(self) -> str:
@@ -379,18 +364,17 @@ class AsyncLocalChannel(asyncio.BufferedProtocol):
     def channel_id(self) -> int:
         return int(self.hello["channel"])
 
-    @property
-    def max_message(self) -> int:
-        return self._requests.capacity // 2 - 8
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-
-    def get_buffer(self, sizehint: int) -> bytearray:
-        return self._doorbells
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self._closed:
+    def _readable(self) -> None:
+        """Doorbell: the server published replies (or closed the socket)."""
+        try:
+            received = self._sock.recv_into(self._doorbells)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(f"local channel to the server failed: {exc}")
+            return
+        if not received:
+            self._lost(_CLOSED_BY_SERVER)
             return
         delivered = False
         for raw in self._responses.get_all():
@@ -405,8 +389,12 @@ class AsyncLocalChannel(asyncio.BufferedProtocol):
             self._ring_scheduled = True
             self._loop.call_soon(self._ring)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail_all(_CLOSED_BY_SERVER)
+    def _lost(self, reason: str) -> None:
+        if not self._closed:
+            self._fail_all(reason)
+        if self._sock.fileno() != -1:  # once: the number may belong to another socket later
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
 
     def _fail_all(self, reason: str) -> None:
         self._closed = True
@@ -439,20 +427,22 @@ class AsyncLocalChannel(asyncio.BufferedProtocol):
                 ) -> tuple[int, asyncio.Future[dict[str, Any]], bytes | None]:
         """Publish ``message`` if the ring has room: (its id, the future of its reply, and
         its bytes when the ring is full: then ``_put_when_room`` must send them)."""
-        if self._closed or self._transport is None:
+        if self._closed:
             raise _gone("local channel to the server is closed")
         request_id = next(self._ids)
         message["id"] = request_id
         data = self._packer.pack(message)
-        _check_size(self._requests, data)
-        future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
-        self._waiting[request_id] = future
         try:
             self._requests.put(data)
+            unsent = None
         except RingFull:
-            return request_id, future, data
-        self._ring_soon()
-        return request_id, future, None
+            unsent = data
+        else:
+            self._ring_soon()
+        # Registered after the put is fine: nothing is read before this returns to the loop.
+        future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._waiting[request_id] = future
+        return request_id, future, unsent
 
     async def _put_when_room(self, request_id: int, data: bytes, deadline: float | None
                              ) -> None:
@@ -483,9 +473,14 @@ class AsyncLocalChannel(asyncio.BufferedProtocol):
 
     def _ring(self) -> None:
         self._ring_scheduled = False
-        if self._unrung and self._transport is not None and not self._transport.is_closing():
+        if self._unrung and not self._closed:
             self._unrung = False
-            self._transport.write(_DOORBELL)
+            try:
+                self._sock.send(_DOORBELL, _SEND_FLAGS)
+            except BlockingIOError:
+                pass  # doorbells are queued already: the server will drain the ring
+            except OSError as exc:
+                self._lost(f"local channel to the server failed: {exc}")
 
     def forget(self, request_id: int) -> None:
         self._waiting.pop(request_id, None)
@@ -496,7 +491,12 @@ class AsyncLocalChannel(asyncio.BufferedProtocol):
         request_id, future, unsent = self._submit(message)
         try:
             if timeout is not None:
-                self._expire_at(self._loop.time() + timeout, request_id)
+                # One timer serves all calls, armed for the earliest deadline (cheaper than a
+                # timer per call); it fails the expired ones with DEADLINE_EXCEEDED.
+                when = self._loop.time() + timeout
+                self._deadlines[request_id] = when
+                if self._timer is None or when < self._timer_at:
+                    self._arm_timer(when)
                 if unsent is not None:
                     await self._put_when_room(request_id, unsent, time.monotonic() + timeout)
             elif unsent is not None:
@@ -506,20 +506,15 @@ class AsyncLocalChannel(asyncio.BufferedProtocol):
             if timeout is not None:
                 self._deadlines.pop(request_id, None)
             self._waiting.pop(request_id, None)
-        error = reply_error(reply)
-        if error is not None:
-            raise error
+        if "err" in reply:
+            raise _refusal(reply["err"])
         return reply
 
-    def _expire_at(self, when: float, request_id: int) -> None:
-        """Fail the request with DEADLINE_EXCEEDED at loop time ``when``. One timer serves
-        all requests, armed for the earliest deadline: cheaper than a timer per call."""
-        self._deadlines[request_id] = when
-        if self._timer is None or when < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = when
-            self._timer = self._loop.call_at(when, self._expire)
+    def _arm_timer(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._expire)
 
     def _expire(self) -> None:
         self._timer = None
@@ -531,14 +526,10 @@ class AsyncLocalChannel(asyncio.BufferedProtocol):
             if future is not None and not future.done():
                 future.set_exception(deadline_exceeded())
         if deadlines:
-            self._timer_at = min(deadlines.values())
-            self._timer = self._loop.call_at(self._timer_at, self._expire)
+            self._arm_timer(min(deadlines.values()))
 
     def close(self) -> None:
-        if not self._closed:
-            self._fail_all("local channel closed by the client")
-        if self._transport is not None:
-            self._transport.close()
+        self._lost("local channel closed by the client")
 
 
 async def _async_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
