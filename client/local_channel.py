@@ -377,12 +377,16 @@ class AsyncLocalChannel:
             self._lost(_CLOSED_BY_SERVER)
             return
         delivered = False
-        for raw in self._responses.get_all():
-            reply = msgpack.unpackb(raw, raw=False)
-            future = self._waiting.pop(reply["id"], None)
-            if future is not None and not future.done():
-                future.set_result(reply)
-                delivered = True
+        try:
+            for raw in self._responses.get_all():
+                reply = msgpack.unpackb(raw, raw=False)
+                future = self._waiting.pop(reply["id"], None)
+                if future is not None and not future.done():
+                    future.set_result(reply)
+                    delivered = True
+        except Exception as exc:  # a malformed reply: the channel is of no further use
+            self._lost(f"local channel to the server failed: {exc}")
+            return
         if delivered and not self._ring_scheduled:
             # Scheduled after the callers just woken: what they send next shares one doorbell,
             # rung in the same loop iteration.
