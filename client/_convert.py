@@ -103,12 +103,12 @@ def walk_inputs(inputs: Mapping[str, InputValue], locate: Locator | None) -> lis
     """Each input as a region reference (when it lies in a registered region) or bytes."""
     entries: list[InputEntry] = []
     for name, value in inputs.items():
-        datatype = _NUMBER_DATATYPES.get(value.dtype) \
-            if type(value) is np.ndarray and locate is None else None
-        if datatype is not None and value.nbytes <= _SMALL_INPUT:  # the common case
-            entries.append((name, datatype, value.shape, None, value.tobytes()))  # C order
-        else:
-            entries.append(_input_entry(name, value, locate))
+        if type(value) is np.ndarray and locate is None:
+            datatype = _NUMBER_DATATYPES.get(value.dtype)
+            if datatype is not None and value.nbytes <= _SMALL_INPUT:  # the common case
+                entries.append((name, datatype, value.shape, None, value.tobytes()))  # C order
+                continue
+        entries.append(_input_entry(name, value, locate))
     return entries
 
 
