@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pipeline-depth", type=int, default=2, metavar="N",
                        help="batches sent ahead to each model instance, so it never waits for "
                             "the next one (1 = only when idle, as tritonserver does)")
+    serve.add_argument("--worker-busy-poll-us", type=int, default=50, metavar="US",
+                       help="while requests arrive back to back, a worker polls for the next "
+                            "one up to this long before sleeping (adaptive; 0 = never poll)")
     serve.add_argument("--log-verbose", type=int, default=0, help="verbose logging level")
     return parser
 
@@ -86,7 +89,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         repoagent_directory=args.repoagent_directory, log_verbose=args.log_verbose,
         strict_readiness=args.strict_readiness, shm_key_prefix=args.shm_key_prefix,
         restricted_protocols=args.grpc_restricted_protocol, local_socket=args.local_socket,
-        pipeline_depth=max(1, args.pipeline_depth))
+        pipeline_depth=max(1, args.pipeline_depth),
+        worker_busy_poll_us=max(0, args.worker_busy_poll_us))
 
 
 def serve(settings: Settings) -> int:

@@ -408,6 +408,7 @@ class ModelManager:
             spec: dict[str, Any] = {
                 "supervisor_pid": self._supervisor_pid,
                 "heartbeat_secs": settings.worker_heartbeat_secs,
+                "busy_poll_us": settings.worker_busy_poll_us,
                 "arena_owner": owner,
                 "backend": backend,
                 "log_level": self._log_level,

@@ -23,5 +23,6 @@ class Settings:
     local_socket: str = ""                  # "" = <tmpdir>/shmserve-<grpc port>.sock, "none" = off
     restricted_protocols: list[tuple[set[str], str, str]] = field(default_factory=list)
     pipeline_depth: int = 2                 # batches sent ahead to each instance
+    worker_busy_poll_us: int = 50           # see workers/busy_poll.py (0 = always block)
     worker_heartbeat_secs: float = 5.0
     worker_hang_secs: float = 60.0

@@ -30,6 +30,7 @@ from shmserve.workers.backend import (
     Response,
     resolve_backend,
 )
+from shmserve.workers.busy_poll import BusyPoll
 from shmserve.workers.cuda_ipc import CudaRegions, DeviceOutput
 from shmserve.workers.protocol import CUDA, INLINE_LIMIT, TensorRef
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache
@@ -91,6 +92,7 @@ class WorkerHost:
         self._output_arenas: dict[int, Arena] = {}
         self._backend: Backend | None = None
         self._hooks_done: list[str] = []
+        self._incoming = BusyPoll(sock, spec.get("busy_poll_us", 0))
         self._cancelled: set[tuple[int, int]] = set()  # (batch, index) withdrawn before running
         self._last_batch = 0
 
@@ -175,10 +177,7 @@ class WorkerHost:
         pending: deque[dict[str, Any]] = deque()
         while True:
             if not pending:
-                try:
-                    chunk = self._sock.recv(1 << 20)
-                except OSError:
-                    chunk = b""
+                chunk = self._incoming.recv(1 << 20)
                 if not chunk:
                     log.info("supervisor closed the control channel; exiting")
                     return
