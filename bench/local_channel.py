@@ -14,7 +14,8 @@ outstanding requests busy), so one client process's GIL is not the bottleneck; e
 its latencies and the CPU it used. Server and host CPU come from /proc. Run from the
 repository root:
 
-    python bench/local_channel.py [--duration 5] [--procs 2] [--json out.json]
+    python bench/local_channel.py [--duration 5] [--procs 2] [--server-arg=--flag=value]
+                                  [--json out.json]
 
 Issue 8's targets, checked at the end: local p50 <= 0.25 x gRPC p50, and local throughput at
 concurrency 8 >= 3 x the ceiling's.
@@ -420,14 +421,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with open(repo / "simple" / "config.pbtxt", "a") as config:
             config.write("\ndynamic_batching { max_queue_delay_microseconds: 0 }\n")
     socket_path = work / "shmserve.sock"
-    extra = ["--local-socket", str(socket_path)]
+    extra = ["--local-socket", str(socket_path), *args.server_arg]
     server = ServerProcess(repo, *extra, log_path=work / "server.log")
     ceiling: Ceiling | None = None
     generators: Generators | None = None
     results: dict[str, Any] = {"concurrency": args.concurrency, "points": {},
                                "batching": args.batching,
                                "loadavg_before": os.getloadavg(), "cpus": os.cpu_count(),
-                               "duration_s": args.duration, "procs": args.procs}
+                               "duration_s": args.duration, "procs": args.procs,
+                               "server_args": args.server_arg}
     try:
         server.wait_ready()
         ceiling = Ceiling(repo)
@@ -480,6 +482,8 @@ def report(results: dict[str, Any]) -> str:
                      f"gRPC p50 (target <= 0.25); local throughput = "
                      f"{local['infer_per_s'] / ceiling['infer_per_s']:.2f} x ceiling"
                      + (" (target >= 3)" if concurrency == 8 else ""))
+    if results.get("server_args"):
+        lines.append(f"server arguments: {' '.join(results['server_args'])}")
     lines.append(f"load average before {results['loadavg_before']}, after "
                  f"{results.get('loadavg_after')}; {results['cpus']} CPUs")
     return "\n".join(lines)
@@ -493,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=2, help="generator processes")
     parser.add_argument("--batching", action="store_true",
                         help="give simple dynamic batching (max_queue_delay 0)")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="extra `shmserve serve` argument (repeatable), e.g. "
+                             "--server-arg=--worker-busy-poll-us=200")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--serve-ceiling", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
