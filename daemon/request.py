@@ -51,6 +51,9 @@ class InferRequest:
     received_ns: int = 0
     regions: list[Region] = field(default_factory=list)
     on_finished: Callable[[InferRequest], None] | None = None
+    # Called by the scheduler with the outputs or the error as the request completes (unless
+    # its caller gave up): a frontend that answers from here needs no future callback.
+    on_result: Callable[[InferRequest, list[OutputTensor] | BaseException], None] | None = None
     # Once sent to a worker: how to withdraw it there if its caller gives up before it runs.
     withdraw: Callable[[], None] | None = None
 

@@ -380,12 +380,21 @@ class Scheduler:
         ok = not isinstance(result, BaseException)
         self.stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
         request.finished()
-        if request.future.done():
+        future = request.future
+        if future.done():  # its caller gave up
             return
+        hook = request.on_result
+        if hook is not None:
+            try:
+                hook(request, result)
+            except Exception:
+                log.exception("answering a request failed")
         if isinstance(result, BaseException):
-            request.future.set_exception(result)
+            future.set_exception(result)
+            if hook is not None:
+                future.exception()  # answered through the hook: nobody awaits the future
         else:
-            request.future.set_result(result)
+            future.set_result(result)
 
     def _fail_queue(self, error: ServeError) -> None:
         while self._queue:

@@ -55,6 +55,9 @@ RING_BYTES_ENV = "SHMSERVE_LOCAL_RING_BYTES"
 STALL_SECS_ENV = "SHMSERVE_LOCAL_STALL_SECS"
 
 
+_InFlight = tuple["asyncio.Future[list[OutputTensor]]", "asyncio.TimerHandle | None"]
+
+
 def _region_name(channel: int, name: str) -> str:
     return f"@{channel}:{name}"
 
@@ -75,11 +78,13 @@ class LocalChannel(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._region_prefix = _region_name(channel_id, "")
-        self._inflight: dict[int, asyncio.Future[list[OutputTensor]]] = {}
+        # Requests not answered yet: (future, deadline timer), None while being submitted.
+        self._inflight: dict[int, _InFlight | None] = {}
         self._pending: deque[bytes] = deque()
         self._stalled_since = 0.0
         self._retry: asyncio.TimerHandle | None = None
         self._ring_scheduled = False
+        self._ring_again = False
         self.closed = False
 
     # --- asyncio protocol ---------------------------------------------------------------
@@ -152,8 +157,8 @@ class LocalChannel(asyncio.Protocol):
                                    f"'{key}' belongs to another user")
 
     def _infer(self, message: dict[str, Any]) -> None:
-        """Queue an infer request; its answer is written from the future's callback (no
-        task per request: this is the hot path)."""
+        """Queue an infer request; the scheduler answers it through ``_answered`` (no task
+        and no future callback per request: this is the hot path)."""
         request_id = message["id"]
         # "t": the client's deadline in seconds; as with gRPC, a request still queued when it
         # passes is dropped.
@@ -162,26 +167,28 @@ class LocalChannel(asyncio.Protocol):
             self._reply_error(request_id, invalid_argument(
                 f"malformed local-channel request: deadline {deadline!r}"))
             return
+        inflight = self._inflight
+        inflight[request_id] = None  # it may be answered before submit returns
         try:
             internal = self._frontend.service.submit(
                 message["model"], message.get("version", ""),
-                lambda model, loop: self._build(model, loop, message))
+                lambda model, loop: self._build(model, loop, message, request_id))
         except ServeError as exc:
+            inflight.pop(request_id, None)
             self._reply_error(request_id, exc)
             return
         except Exception as exc:
+            inflight.pop(request_id, None)
             log.exception("local infer failed")
             self._reply({"id": request_id, "err": ["INTERNAL", f"{type(exc).__name__}: {exc}"]})
             return
-        future = internal.future
-        self._inflight[request_id] = future
-        timer = None if deadline is None else self._loop.call_later(
-            deadline, self._expire, request_id, future)
-        future.add_done_callback(
-            lambda done: self._answer(request_id, internal, done, timer))
+        if request_id in inflight:
+            timer = None if deadline is None else self._loop.call_later(
+                deadline, self._expire, request_id)
+            inflight[request_id] = (internal.future, timer)
 
     def _build(self, model: ModelVersion, loop: asyncio.AbstractEventLoop,
-               message: dict[str, Any]) -> InferRequest:
+               message: dict[str, Any], channel_request_id: int) -> InferRequest:
         try:
             inputs, outputs, parameters = self._parse(message)
             request_id = message.get("rid", "")
@@ -189,8 +196,11 @@ class LocalChannel(asyncio.Protocol):
                 raise TypeError("rid must be a string")
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise invalid_argument(f"malformed local-channel request: {exc}") from None
-        return build_request(model, self._frontend.service.registry, inputs, outputs,
-                             parameters, request_id, self.owner, loop)
+        request = build_request(model, self._frontend.service.registry, inputs, outputs,
+                                parameters, request_id, self.owner, loop)
+        request.on_result = lambda done, result: self._answered(channel_request_id, done,
+                                                                result)
+        return request
 
     def _parse(self, message: dict[str, Any]
                ) -> tuple[list[TensorIn], list[OutputIn], dict[str, Any]]:
@@ -234,30 +244,28 @@ class LocalChannel(asyncio.Protocol):
                                        f"float or str)")
         return inputs, outputs, parameters
 
-    def _expire(self, request_id: int, future: asyncio.Future[list[OutputTensor]]) -> None:
-        if not future.done():
-            future.cancel()  # the scheduler drops it if still queued
+    def _expire(self, request_id: int) -> None:
+        entry = self._inflight.pop(request_id, None)
+        if entry is not None:
+            entry[0].cancel()  # the scheduler drops it if still queued
             self._reply({"id": request_id, "err": ["DEADLINE_EXCEEDED", "Deadline Exceeded"]})
 
-    def _answer(self, request_id: int, internal: InferRequest,
-                future: asyncio.Future[list[OutputTensor]],
-                timer: asyncio.TimerHandle | None) -> None:
-        self._inflight.pop(request_id, None)
-        if timer is not None:
-            timer.cancel()
-        if future.cancelled():  # expired (answered then) or the channel closed
+    def _answered(self, request_id: int, request: InferRequest,
+                  result: list[OutputTensor] | BaseException) -> None:
+        if request_id not in self._inflight:  # expired (answered then) or channel closed
             return
-        error = future.exception()
-        if error is None:
-            self._reply({"id": request_id, "model_version": str(internal.version),
-                         "out": [[o.name, o.datatype, o.shape, o.data]
-                                 for o in future.result()]})
-        elif isinstance(error, ServeError):
-            self._reply_error(request_id, error)
+        entry = self._inflight.pop(request_id)
+        if entry is not None and entry[1] is not None:
+            entry[1].cancel()
+        if not isinstance(result, BaseException):
+            self._reply({"id": request_id, "model_version": str(request.version),
+                         "out": [[o.name, o.datatype, o.shape, o.data] for o in result]})
+        elif isinstance(result, ServeError):
+            self._reply_error(request_id, result)
         else:
-            log.error("local infer failed: %r", error)
+            log.error("local infer failed: %r", result)
             self._reply({"id": request_id, "err": ["INTERNAL",
-                                                   f"{type(error).__name__}: {error}"]})
+                                                   f"{type(result).__name__}: {result}"]})
 
     def _reply_error(self, request_id: int, error: ServeError) -> None:
         self._reply({"id": request_id, "err": [error.code.name, error.message.replace(
@@ -317,14 +325,22 @@ class LocalChannel(asyncio.Protocol):
             self._on_stall()
 
     def _ring(self) -> None:
-        """One doorbell for every answer published in this loop iteration (a batch's
-        answers wake the client once)."""
-        if not self._ring_scheduled:
-            self._ring_scheduled = True
-            self._loop.call_soon(self._ring_now)
+        """The first answer of a loop iteration rings at once (a lone answer waits for
+        nothing); the ones after it share one more doorbell at the end of the iteration."""
+        if self._ring_scheduled:
+            self._ring_again = True
+            return
+        self._ring_scheduled = True
+        self._loop.call_soon(self._end_of_iteration)
+        self._doorbell()
 
-    def _ring_now(self) -> None:
+    def _end_of_iteration(self) -> None:
         self._ring_scheduled = False
+        if self._ring_again:
+            self._ring_again = False
+            self._doorbell()
+
+    def _doorbell(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"\x01")
 
@@ -341,8 +357,12 @@ class LocalChannel(asyncio.Protocol):
         if self._retry is not None:
             self._retry.cancel()
         inflight, self._inflight = self._inflight, {}
-        for future in inflight.values():
-            future.cancel()
+        for entry in inflight.values():
+            if entry is not None:
+                future, timer = entry
+                future.cancel()
+                if timer is not None:
+                    timer.cancel()
         self._frontend.service.registry.unregister("system", "", self.owner)
         self._pending.clear()
         self._requests.release()

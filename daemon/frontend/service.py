@@ -206,26 +206,24 @@ class InferenceService:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         internal = build(model, loop)
-        internal.on_finished = self._release_regions
+        state.inflight += 1
+        state.idle.clear()
+        internal.on_finished = self._finished
         try:
             model.scheduler.submit(internal)
         except BaseException:
             internal.finished()
             raise
-        state.inflight += 1
-        state.idle.clear()
-        internal.future.add_done_callback(self._settled)
         return internal
 
-    def _settled(self, _future: asyncio.Future[list[OutputTensor]]) -> None:
+    def _finished(self, request: InferRequest) -> None:
+        """Once per submitted request, when the scheduler is done with it."""
+        for region in request.regions:
+            self.registry.release(region)
         state = self.state
         state.inflight -= 1
         if state.inflight == 0:
             state.idle.set()
-
-    def _release_regions(self, request: InferRequest) -> None:
-        for region in request.regions:
-            self.registry.release(region)
 
     async def ModelStreamInfer(self, requests: AsyncIterator[bytes],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
