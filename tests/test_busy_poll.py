@@ -68,3 +68,13 @@ def test_disabled_polling_only_blocks(pair: tuple[socket.socket, socket.socket])
     assert poll.budget_ns == 0
     writer.close()
     assert poll.recv(64) == b""        # EOF
+
+
+def test_recv_waiting_never_blocks(pair: tuple[socket.socket, socket.socket]) -> None:
+    reader, writer = pair
+    poll = BusyPoll(reader, 50)
+    started = time.monotonic()
+    assert poll.recv_waiting(64) == b""            # nothing there: returns at once
+    assert time.monotonic() - started < 1.0
+    writer.sendall(b"cancel")
+    assert poll.recv_waiting(64) == b"cancel"

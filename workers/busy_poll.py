@@ -37,6 +37,16 @@ class BusyPoll:
             self.budget_ns = self._max_ns
         return chunk
 
+    def recv_waiting(self, size: int) -> bytes:
+        """What already arrived, without waiting (b"" when nothing did, at EOF or on error:
+        the blocking ``recv`` tells those apart)."""
+        if not self._poller.poll(0):
+            return b""
+        try:
+            return self._sock.recv(size, socket.MSG_DONTWAIT)
+        except OSError:
+            return b""
+
     def _spin(self) -> bool:
         """Poll until readable (True) or the budget ran out (False, and a smaller budget)."""
         clock = time.perf_counter_ns

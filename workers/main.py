@@ -209,10 +209,7 @@ class WorkerHost:
     def _absorb(self, unpacker: msgpack.Unpacker, pending: deque[dict[str, Any]]) -> None:
         """Take the frames that arrived already (without waiting) and apply the control
         frames among the pending ones; batches and STOP keep their order."""
-        try:
-            chunk = self._sock.recv(1 << 20, socket.MSG_DONTWAIT)
-        except OSError:  # nothing waiting (EAGAIN), or the channel broke: the loop sees it
-            chunk = b""
+        chunk = self._incoming.recv_waiting(1 << 20)
         if chunk:
             unpacker.feed(chunk)
             pending.extend(unpacker)
