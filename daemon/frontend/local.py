@@ -84,7 +84,6 @@ class LocalChannel(asyncio.Protocol):
         self._stalled_since = 0.0
         self._retry: asyncio.TimerHandle | None = None
         self._ring_scheduled = False
-        self._ring_again = False
         self.closed = False
 
     # --- asyncio protocol ---------------------------------------------------------------
@@ -325,22 +324,14 @@ class LocalChannel(asyncio.Protocol):
             self._on_stall()
 
     def _ring(self) -> None:
-        """The first answer of a loop iteration rings at once (a lone answer waits for
-        nothing); the ones after it share one more doorbell at the end of the iteration."""
-        if self._ring_scheduled:
-            self._ring_again = True
-            return
-        self._ring_scheduled = True
-        self._loop.call_soon(self._end_of_iteration)
-        self._doorbell()
+        """One doorbell for every answer published in this loop iteration (a batch's
+        answers wake the client once; measured faster than ringing the first at once)."""
+        if not self._ring_scheduled:
+            self._ring_scheduled = True
+            self._loop.call_soon(self._ring_now)
 
-    def _end_of_iteration(self) -> None:
+    def _ring_now(self) -> None:
         self._ring_scheduled = False
-        if self._ring_again:
-            self._ring_again = False
-            self._doorbell()
-
-    def _doorbell(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"\x01")
 
