@@ -27,7 +27,15 @@ from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import Region
 from shmserve.daemon.statistics import ModelStats
 from shmserve.daemon.worker_process import WorkerProcess
-from shmserve.workers.protocol import ARENA, CUDA, INLINE, INLINE_LIMIT, SYSTEM, TensorRef
+from shmserve.workers.protocol import (
+    ARENA,
+    CUDA,
+    INLINE,
+    INLINE_LIMIT,
+    SYSTEM,
+    TensorRef,
+    packed_inline,
+)
 from shmserve.workers.shm import Arena, ReaderMapping
 
 log = logging.getLogger("shmserve.scheduler")
@@ -326,10 +334,9 @@ class Scheduler:
                     refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape, ARENA,
                                           segment.key, offset, size).pack())
                     offset += _align(size)
-                else:  # TensorRef.inline(...).pack(), without the object
-                    data = bytes(tensor.data or b"")
-                    refs.append([tensor.name, tensor.datatype, tensor.shape, INLINE, data, 0,
-                                 len(data)])
+                else:
+                    refs.append(packed_inline(tensor.name, tensor.datatype, tensor.shape,
+                                              bytes(tensor.data or b"")))
             outputs: list[list[Any]] = []
             for output in request.outputs:
                 destination = None

@@ -164,10 +164,6 @@ class WorkerProcess:
         if not self._exited:
             self._send({"t": protocol.RELEASE, "ids": region_ids})
 
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)
-
     def _send(self, frame: dict[str, Any]) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(protocol.encode(frame))

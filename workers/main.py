@@ -368,8 +368,8 @@ class WorkerHost:
                 _copy_into(segment.buf[target.offset:target.offset + nbytes], data)
                 refs.append(TensorRef(name, datatype, shape, target.where, target.location,
                                       target.offset, nbytes).pack())
-            elif nbytes <= INLINE_LIMIT:  # TensorRef.inline(...).pack(), without the object
-                refs.append([name, datatype, shape, protocol.INLINE, bytes(data), 0, nbytes])
+            elif nbytes <= INLINE_LIMIT:
+                refs.append(protocol.packed_inline(name, datatype, shape, bytes(data)))
             else:
                 segment = arena.ensure(arena_offset + nbytes)
                 _copy_into(segment.buf[arena_offset:arena_offset + nbytes], data)

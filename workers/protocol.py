@@ -67,9 +67,12 @@ class TensorRef:
     def unpack(cls, raw: list[Any]) -> TensorRef:
         return cls(raw[0], raw[1], list(raw[2]), raw[3], raw[4], raw[5], raw[6])
 
-    @classmethod
-    def inline(cls, name: str, datatype: str, shape: list[int], data: bytes) -> TensorRef:
-        return cls(name, datatype, shape, INLINE, data, 0, len(data))
+
+
+def packed_inline(name: str, datatype: str, shape: list[int], data: bytes) -> list[Any]:
+    """``TensorRef(..., INLINE, data, 0, len(data)).pack()`` without building the object
+    (the per-request path for small tensors)."""
+    return [name, datatype, shape, INLINE, data, 0, len(data)]
 
 
 def encode(frame: dict[str, Any]) -> bytes:

@@ -58,6 +58,14 @@ STALL_SECS_ENV = "SHMSERVE_LOCAL_STALL_SECS"
 _InFlight = tuple["asyncio.Future[list[OutputTensor]]", "asyncio.TimerHandle | None"]
 
 
+def _region_ref(prefix: str, entry: list[Any], what: str) -> tuple[str, int, int]:
+    """A channel message's [region, offset, byte size] in the channel's own namespace."""
+    region, offset, byte_size = entry
+    if type(region) is not str or type(offset) is not int or type(byte_size) is not int:
+        raise TypeError(f"{what}: bad region reference")
+    return prefix + region, offset, byte_size
+
+
 def _region_name(channel: int, name: str) -> str:
     return f"@{channel}:{name}"
 
@@ -211,12 +219,8 @@ class LocalChannel(asyncio.Protocol):
                     or not all(type(dim) is int for dim in shape):
                 raise TypeError(f"input {name!r} needs a name, a datatype and integer dims")
             if entry[3] == "r":
-                region, offset, byte_size = entry[4], entry[5], entry[6]
-                if type(region) is not str or type(offset) is not int or \
-                        type(byte_size) is not int:
-                    raise TypeError(f"input {name!r}: bad region reference")
-                inputs.append(TensorIn(name, datatype, shape, shm=(prefix + region, offset,
-                                                                   byte_size)))
+                inputs.append(TensorIn(name, datatype, shape,
+                                       shm=_region_ref(prefix, entry[4:7], f"input {name!r}")))
             else:
                 data = entry[4]
                 if type(data) is not bytes:
@@ -230,10 +234,7 @@ class LocalChannel(asyncio.Protocol):
             if len(entry) == 1:
                 outputs.append(OutputIn(name))
                 continue
-            region, offset, byte_size = entry[1], entry[2], entry[3]
-            if type(region) is not str or type(offset) is not int or type(byte_size) is not int:
-                raise TypeError(f"output {name!r}: bad region reference")
-            outputs.append(OutputIn(name, (prefix + region, offset, byte_size)))
+            outputs.append(OutputIn(name, _region_ref(prefix, entry[1:4], f"output {name!r}")))
         parameters = message.get("p") or {}
         for key, value in parameters.items():
             if type(key) is not str:
