@@ -63,7 +63,28 @@ def deadline_exceeded() -> ShmserveError:
 _CLOSED_BY_SERVER = "the server closed the local channel (it stopped or restarted)"
 
 
-def _handshake(sock: socket.socket) -> tuple[dict[str, Any], mmap.mmap, Ring, Ring]:
+class _Replies:
+    """Where replies arrive: the channel's response ring and the rings workers answer into
+    directly (each has one producer; a doorbell means "look at all of them")."""
+
+    def __init__(self, memory: mmap.mmap, bases: list[int]) -> None:
+        self.rings = [Ring.attach(memory, base) for base in bases]
+
+    def get_all(self) -> list[bytes]:
+        rings = self.rings
+        if len(rings) == 1:
+            return rings[0].get_all()
+        replies: list[bytes] = []
+        for ring in rings:
+            replies += ring.get_all()
+        return replies
+
+    def release(self) -> None:
+        for ring in self.rings:
+            ring.release()
+
+
+def _handshake(sock: socket.socket) -> tuple[dict[str, Any], mmap.mmap, Ring, _Replies]:
     fds = array.array("i")
     data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(fds.itemsize))
     for level, kind, payload in ancillary:
@@ -79,12 +100,13 @@ def _handshake(sock: socket.socket) -> tuple[dict[str, Any], mmap.mmap, Ring, Ri
             data += more
         (length,) = _LENGTH.unpack_from(data)
         hello = msgpack.unpackb(data[4:4 + length], raw=False)
-        total, request_base, response_base = layout(hello["ring_bytes"])
-        memory = mmap.mmap(fds[0], total)
+        rings = layout(hello["ring_bytes"], *hello.get("direct", (0, 0)))
+        memory = mmap.mmap(fds[0], rings.total)
     finally:
         for fd in fds:
             os.close(fd)
-    return hello, memory, Ring.attach(memory, request_base), Ring.attach(memory, response_base)
+    return hello, memory, Ring.attach(memory, rings.request_base), _Replies(
+        memory, [rings.response_base, *rings.direct_bases])
 
 
 def socket_path(url: str) -> str:
@@ -317,7 +339,7 @@ class AsyncLocalChannel:
     """The same channel on an asyncio loop: the loop watches the doorbell socket."""
 
     def __init__(self, path: str, hello: dict[str, Any], memory: mmap.mmap, requests: Ring,
-                 responses: Ring, sock: socket.socket) -> None:
+                 responses: _Replies, sock: socket.socket) -> None:
         self.path = path
         self.hello = hello
         self._memory = memory
@@ -537,7 +559,7 @@ class AsyncLocalChannel:
 
 
 async def _async_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
-                           ) -> tuple[dict[str, Any], mmap.mmap, Ring, Ring]:
+                           ) -> tuple[dict[str, Any], mmap.mmap, Ring, _Replies]:
     """``_handshake`` on a non-blocking socket: wait until readable, then read it."""
     readable: asyncio.Future[None] = loop.create_future()
 

@@ -37,6 +37,10 @@ class OutputTensor:
     data: bytes | None              # None when written into a client region
 
 
+# The result a request completes with when its worker answered the client directly.
+ANSWERED_DIRECTLY: list[OutputTensor] = []
+
+
 @dataclass(slots=True)
 class InferRequest:
     model: str
@@ -56,6 +60,10 @@ class InferRequest:
     on_result: Callable[[InferRequest, list[OutputTensor] | BaseException], None] | None = None
     # Once sent to a worker: how to withdraw it there if its caller gives up before it runs.
     withdraw: Callable[[], None] | None = None
+    # Set by a frontend whose client the worker can answer itself (the local channel): called
+    # with the worker about to run the request, it returns the tag the worker answers under,
+    # or None (then the scheduler answers, as for any request).
+    direct_to: Callable[[Any], list[int] | None] | None = None
 
     def finished(self) -> None:
         """Release what the request pinned; called once when it completes or is dropped."""

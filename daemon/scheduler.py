@@ -5,7 +5,8 @@ so the next one is already in the worker's socket when the current one ends (the
 waits a round trip through the supervisor between batches). Payload inputs above the inline
 limit are written once into the instance's input arena when the batch is dispatched;
 everything else travels as a reference. Outputs come back inline, in the worker's output
-arena (copied once here), or already written into the client's region.
+arena (copied once here), or already written into the client's region; a local-channel
+request's answer may have gone to its client from the worker already (``direct_to``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from shmserve.daemon.errors import ServeError, unavailable
 from shmserve.daemon.model_config import InstancePlan
-from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.daemon.request import ANSWERED_DIRECTLY, InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import Region
 from shmserve.daemon.statistics import ModelStats
@@ -299,7 +300,7 @@ class Scheduler:
             self.stats.queue.add(now - request.received_ns)
             self.stats.pending -= 1
         try:
-            frames = self._frames(slot.input_arenas[lane], batch)
+            frames = self._frames(slot.input_arenas[lane], batch, worker)
         except Exception as exc:  # e.g. /dev/shm full while growing the arena
             slot.free_lanes.append(lane)
             error = exc if isinstance(exc, ServeError) else unavailable(
@@ -313,7 +314,8 @@ class Scheduler:
         for index, request in enumerate(batch):
             request.withdraw = partial(worker.withdraw, batch_id, index)
 
-    def _frames(self, arena: Arena, batch: list[InferRequest]) -> list[dict[str, Any]]:
+    def _frames(self, arena: Arena, batch: list[InferRequest], worker: WorkerProcess
+                ) -> list[dict[str, Any]]:
         staged = sum(_align(len(t.data)) for r in batch for t in r.inputs
                      if t.data is not None and len(t.data) > INLINE_LIMIT)
         segment = arena.ensure(staged) if staged else None
@@ -346,8 +348,13 @@ class Scheduler:
                                             region.offset + output.offset,
                                             output.byte_size).pack()
                 outputs.append([output.name, destination])
-            frames.append({"rid": request.request_id, "in": refs, "out": outputs,
-                           "p": request.parameters, "cid": request.correlation_id})
+            frame = {"rid": request.request_id, "in": refs, "out": outputs,
+                     "p": request.parameters, "cid": request.correlation_id}
+            if request.direct_to is not None:
+                tag = request.direct_to(worker)
+                if tag is not None:
+                    frame["ch"] = tag
+            frames.append(frame)
         return frames
 
     def _on_done(self, slot: InstanceSlot, worker: WorkerProcess, lane: int,
@@ -357,6 +364,9 @@ class Scheduler:
                 self._finish(request, result)
         else:
             for request, answer in zip(batch, result["res"], strict=True):
+                if "d" in answer:
+                    self._finish(request, ANSWERED_DIRECTLY)
+                    continue
                 if "err" in answer:
                     self._finish(request, ServeError.from_tuple(answer["err"]))
                     continue

@@ -77,6 +77,7 @@ class WorkerProcess:
         self._stopping = False
         self._last_pong = time.monotonic()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._fd_socket: socket.socket | None = None
         self.pid: int | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -84,14 +85,25 @@ class WorkerProcess:
         """Start the process and wait until its initialize hooks finished (or failed)."""
         loop = asyncio.get_running_loop()
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Local-channel fds for direct answers travel on their own socket, so the control
+        # socket's hot path stays plain recv().
+        fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fd_parent.setblocking(False)
+        self._fd_socket = fd_parent
         from shmserve.workers.main import run_worker
-        process = fork_context().Process(target=run_worker, args=(child_sock, self.spec),
+        process = fork_context().Process(target=run_worker,
+                                         args=(child_sock, self.spec, fd_child),
                                          name=f"shmserve-worker-{self.label}", daemon=True)
         self._ready = loop.create_future()
         try:
             await loop.run_in_executor(None, process.start)
+        except BaseException:
+            parent_sock.close()
+            fd_parent.close()
+            raise
         finally:
             child_sock.close()
+            fd_child.close()
         self._process = process
         self.pid = process.pid
         parent_sock.setblocking(False)
@@ -160,6 +172,23 @@ class WorkerProcess:
         if batch_id in self._inflight:
             self._send({"t": protocol.CANCEL, "b": batch_id, "i": index})
 
+    def attach_channel(self, channel_id: int, memfd: int, client_socket: int,
+                       ring_base: int) -> bool:
+        """Let the worker answer this local channel's requests itself into the direct ring
+        at ``ring_base`` (see workers/direct_answers.py); False if that cannot be done now."""
+        if not self.alive or self._fd_socket is None:
+            return False
+        try:
+            socket.send_fds(self._fd_socket, [str(channel_id).encode()], [memfd, client_socket])
+        except OSError:  # full (the worker is busy for long) or gone: answer the usual way
+            return False
+        self._send({"t": protocol.ATTACH, "ch": channel_id, "base": ring_base})
+        return True
+
+    def detach_channel(self, channel_id: int) -> None:
+        if not self._exited:
+            self._send({"t": protocol.DETACH, "ch": channel_id})
+
     def release_regions(self, region_ids: list[int]) -> None:
         if not self._exited:
             self._send({"t": protocol.RELEASE, "ids": region_ids})
@@ -208,6 +237,8 @@ class WorkerProcess:
             self._heartbeat.cancel()
         if self._transport is not None:
             self._transport.close()
+        if self._fd_socket is not None:
+            self._fd_socket.close()
         for lane in range(self.spec.get("lanes", 1)):
             remove_owner_arenas(self.spec["supervisor_pid"], f"{self.spec['arena_owner']}o{lane}")
         with contextlib.suppress(ValueError):

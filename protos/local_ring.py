@@ -1,6 +1,8 @@
 """Single-producer single-consumer message rings in shared memory (the local channel).
 
-One memfd holds two rings: requests (client -> server) and responses (server -> client).
+One memfd holds two rings, requests (client -> server) and responses (server -> client), then
+a few *direct* response rings: a worker process answers a channel's requests it executed
+straight into one of those (one producer per ring), skipping a hop through the supervisor.
 Each ring is ``[head u64][tail u64][capacity u64][pad][data...]``; ``head`` is advanced by the
 consumer, ``tail`` by the producer, both as running byte counts. A message is a u32 length
 followed by its bytes, padded to 8; a length of WRAP means "continue at offset 0".
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from dataclasses import dataclass
 
 HEADER = 64
 WRAP = 0xFFFFFFFF
@@ -102,7 +105,19 @@ def ring_capacity(ring_bytes: int) -> int:
     return (ring_bytes + 4095) & ~4095
 
 
-def layout(ring_bytes: int) -> tuple[int, int, int]:
-    """(total size, request ring base, response ring base) for two rings of ring_bytes."""
-    ring_bytes = (ring_bytes + 4095) & ~4095
-    return 2 * (HEADER + ring_bytes), 0, HEADER + ring_bytes
+@dataclass(frozen=True, slots=True)
+class ChannelLayout:
+    """Where a channel's rings lie in its memfd."""
+
+    total: int
+    request_base: int
+    response_base: int
+    direct_bases: tuple[int, ...]
+
+
+def layout(ring_bytes: int, direct_rings: int = 0, direct_bytes: int = 0) -> ChannelLayout:
+    """Two rings of ``ring_bytes`` and ``direct_rings`` rings of ``direct_bytes``."""
+    main = HEADER + ring_capacity(ring_bytes)
+    direct = HEADER + ring_capacity(direct_bytes)
+    bases = tuple(2 * main + i * direct for i in range(direct_rings))
+    return ChannelLayout(2 * main + direct_rings * direct, 0, main, bases)

@@ -531,6 +531,7 @@ def test_client_that_never_reads_is_closed(start_server: StartServer,
                                            tmp_path: Path) -> None:
     monkeypatch.setenv("SHMSERVE_LOCAL_STALL_SECS", "2")
     monkeypatch.setenv("SHMSERVE_LOCAL_RING_BYTES", str(32 << 10))
+    monkeypatch.setenv("SHMSERVE_LOCAL_DIRECT_RING_BYTES", str(32 << 10))
     path = tmp_path / "s.sock"
     server = start_server(["simple", "identity_fp32"], "--local-socket", str(path))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -542,8 +543,8 @@ def test_client_that_never_reads_is_closed(start_server: StartServer,
     started = time.monotonic()
     try:
         with Client(f"local://{path}") as other, Client(server.url) as plain:
-            # 100 answers of 4 KiB overflow the 32 KiB response ring; this client never
-            # drains it and never reads its socket.
+            # 100 answers of 4 KiB overflow the 32 KiB response ring and the worker's 32 KiB
+            # direct ring; this client never drains them and never reads its socket.
             for i in range(100):
                 _publish(requests, sock, msgpack.packb({**request, "id": i + 1}))
             # Meanwhile the server serves everybody else.
@@ -591,6 +592,8 @@ def test_full_ring_is_backpressure_not_loss(start_server: StartServer,
                                             monkeypatch: pytest.MonkeyPatch,
                                             tmp_path: Path) -> None:
     monkeypatch.setenv("SHMSERVE_LOCAL_RING_BYTES", "4096")  # ~15 requests fill it
+    # The worker's direct ring fills too: those answers take the supervisor's way instead.
+    monkeypatch.setenv("SHMSERVE_LOCAL_DIRECT_RING_BYTES", "4096")
     path = tmp_path / "s.sock"
     server = start_server(["simple"], "--local-socket", str(path))
     counter = FullCounter(monkeypatch)
@@ -829,7 +832,7 @@ def test_raw_channel_handshake_and_ops(local_server: LocalServer) -> None:
     """The protocol under the client: hello, ping, unknown op, doorbell-only socket."""
     channel = LocalChannel(local_server.socket)
     try:
-        assert channel.hello["v"] == 1 and channel.grpc_address == local_server.grpc_url
+        assert channel.hello["v"] == 2 and channel.grpc_address == local_server.grpc_url
         assert channel.call({"op": "ping"}, timeout=10) == {"id": 1}
         with pytest.raises(ShmserveError) as info:
             channel.call({"op": "frobnicate"}, timeout=10)

@@ -32,6 +32,7 @@ from shmserve.workers.backend import (
 )
 from shmserve.workers.busy_poll import BusyPoll
 from shmserve.workers.cuda_ipc import CudaRegions, DeviceOutput
+from shmserve.workers.direct_answers import DirectAnswers
 from shmserve.workers.protocol import CUDA, INLINE_LIMIT, TensorRef
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache
 from shmserve.workers.tensors import InputResolver, map_region, output_bytes
@@ -57,7 +58,8 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def run_worker(sock: socket.socket, spec: dict[str, Any]) -> None:
+def run_worker(sock: socket.socket, spec: dict[str, Any],
+               fd_socket: socket.socket | None = None) -> None:
     pin_process(spec)
     die_with_parent()
     # Imported here, never at module level: the supervisor imports this module too and must
@@ -69,7 +71,7 @@ def run_worker(sock: socket.socket, spec: dict[str, Any]) -> None:
         format=f"%(asctime)s %(levelname)s [worker {spec['instance']['name']}] %(message)s",
         stream=sys.stderr,
     )
-    host = WorkerHost(sock, spec)
+    host = WorkerHost(sock, spec, fd_socket)
     code = host.serve()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -77,7 +79,8 @@ def run_worker(sock: socket.socket, spec: dict[str, Any]) -> None:
 
 
 class WorkerHost:
-    def __init__(self, sock: socket.socket, spec: dict[str, Any]) -> None:
+    def __init__(self, sock: socket.socket, spec: dict[str, Any],
+                 fd_socket: socket.socket | None = None) -> None:
         self._sock = sock
         self._spec = spec
         self._send_lock = threading.Lock()
@@ -95,6 +98,8 @@ class WorkerHost:
         self._incoming = BusyPoll(sock, spec.get("busy_poll_us", 0))
         self._cancelled: set[tuple[int, int]] = set()  # (batch, index) withdrawn before running
         self._last_batch = 0
+        self._direct = DirectAnswers(fd_socket)
+        self._model_version = str(spec["model"]["version"])
 
     def send(self, frame: dict[str, Any]) -> None:
         data = protocol.encode(frame)
@@ -156,6 +161,7 @@ class WorkerHost:
         self._input_arena.close()
         for arena in self._output_arenas.values():
             arena.close()
+        self._direct.close_all()
 
     def _heartbeat(self, interval: float) -> None:
         """Prove from a second thread that the process and its interpreter still make progress.
@@ -205,6 +211,10 @@ class WorkerHost:
                 self._cuda.release(region_id)
         elif kind == protocol.PING:
             self.send({"t": protocol.PONG})
+        elif kind == protocol.ATTACH:
+            self._direct.attach(frame["ch"], frame["base"])
+        elif kind == protocol.DETACH:
+            self._direct.detach(frame["ch"])
 
     def _absorb(self, unpacker: msgpack.Unpacker, pending: deque[dict[str, Any]]) -> None:
         """Take the frames that arrived already (without waiting) and apply the control
@@ -252,13 +262,25 @@ class WorkerHost:
                                time.perf_counter_ns() - infer_done])
         writing = time.perf_counter_ns()
         arena = self._lane_arena(frame.get("lane", 0))
-        arena_total = sum(_align(len(item[3])) for _, outputs in ready for item in outputs
-                          if item[4] is None and len(item[3]) > INLINE_LIMIT)
+        arena_total = sum(_align(len(item[3])) for position, outputs in ready
+                          for item in outputs if item[4] is None and len(item[3]) > INLINE_LIMIT
+                          and "ch" not in raw_requests[position])
         if arena_total:
             arena.ensure(arena_total)
         arena_offset = 0
         for position, outputs in ready:
-            results[position], arena_offset = self._write_outputs(outputs, arena, arena_offset)
+            tag = raw_requests[position].get("ch")
+            if tag is None:
+                results[position], arena_offset = self._write_outputs(outputs, arena,
+                                                                      arena_offset)
+                continue
+            # Answered through the client's channel: every output travels inline there (or is
+            # in the client's region), so nothing goes to the arena.
+            result, _ = self._write_outputs(outputs, None, 0)
+            delivered = "out" in result and self._direct.deliver(tag, self._model_version,
+                                                                 result["out"])
+            results[position] = protocol.ANSWERED if delivered else result
+        self._direct.ring_doorbells()
         if executions:
             share = (time.perf_counter_ns() - writing) // len(executions)
             for execution in executions:
@@ -341,8 +363,10 @@ class WorkerHost:
             prepared.append((name, datatype, shape, data, destination))
         return prepared
 
-    def _write_outputs(self, prepared: list[_Prepared], arena: Arena,
+    def _write_outputs(self, prepared: list[_Prepared], arena: Arena | None,
                        arena_offset: int) -> tuple[dict[str, Any], int]:
+        """Outputs into their client regions, inline, or (large, unless ``arena`` is None)
+        into the lane's arena; the packed TensorRefs or an error."""
         refs: list[list[Any]] = []
         for name, datatype, shape, data, destination in prepared:
             nbytes = len(data)
@@ -368,7 +392,7 @@ class WorkerHost:
                 _copy_into(segment.buf[target.offset:target.offset + nbytes], data)
                 refs.append(TensorRef(name, datatype, shape, target.where, target.location,
                                       target.offset, nbytes).pack())
-            elif nbytes <= INLINE_LIMIT:
+            elif nbytes <= INLINE_LIMIT or arena is None:
                 refs.append(protocol.packed_inline(name, datatype, shape, bytes(data)))
             else:
                 segment = arena.ensure(arena_offset + nbytes)

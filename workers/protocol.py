@@ -14,13 +14,16 @@ names them with a *tensor reference*:
 ``offset`` is absolute inside the segment/allocation and ``nbytes`` the tensor's byte size.
 
 Frame types (key ``t``):
-    supervisor -> worker: EXEC, CANCEL, RELEASE, PING, STOP
+    supervisor -> worker: EXEC, CANCEL, RELEASE, PING, STOP, ATTACH, DETACH
     worker -> supervisor: READY, INIT_FAILED, DONE, PONG
 
 EXEC ``{b: frame id, reqs: [request...], lane, each}`` runs its requests as one batch, or with
 ``each`` one execution per request; large outputs go to the output arena of pipeline ``lane``.
 DONE ``{b, res: [result per request], x: [[request indices, input ns, infer ns, output ns]
-per execution]}`` answers it.
+per execution]}`` answers it. A request may carry ``ch: [channel id, request id]``: the worker
+then answers its client through the local channel itself (see direct_answers.py) and its DONE
+result is ``{d: 1}``. ATTACH ``{ch, base}`` comes with the channel's fds on the fd socket;
+DETACH ``{ch}`` drops them.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ READY = "ready"
 INIT_FAILED = "init_failed"
 DONE = "done"
 PONG = "pong"
+ATTACH = "attach"
+DETACH = "detach"
+ANSWERED: dict[str, int] = {"d": 1}  # a DONE result: answered through the local channel
 
 # Tensors at or below this size travel inside the frame: cheaper than touching shared memory.
 INLINE_LIMIT = 64 * 1024

@@ -1,0 +1,173 @@
+"""Workers answer local-channel requests straight into the client's direct rings.
+
+Seen from the protocol: which ring a reply arrives in tells who wrote it (the channel's
+response ring: the supervisor; a direct ring: the worker that owns it). Real server, real
+workers, raw channel (the client library reads every ring and cannot tell).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from shmserve.client import Client
+from shmserve.client.local_channel import _handshake
+from shmserve.protos.local_ring import Ring
+from shmserve.tests.serverproc import ServerProcess, worker_pids
+
+A = np.arange(16, dtype=np.int32).reshape(1, 16)
+B = np.ones((1, 16), dtype=np.int32)
+MAIN_RING = 0
+StartServer = Callable[..., ServerProcess]
+
+
+@dataclass
+class RawChannel:
+    sock: socket.socket
+    requests: Ring
+    replies: list[Ring]
+    close: Callable[[], None]
+    next_id: int = 1
+
+    def ask(self, message: dict[str, Any], timeout: float = 30.0) -> tuple[int, dict[str, Any]]:
+        """Publish one message and wait for its reply: (index of the ring it came in, reply).
+        Ring 0 is the channel's response ring, 1.. the direct rings."""
+        request_id = self.next_id
+        self.next_id += 1
+        self.requests.put(msgpack.packb({**message, "id": request_id}))
+        self.sock.send(b"\x01")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for index, ring in enumerate(self.replies):
+                for raw in ring.get_all():
+                    reply = msgpack.unpackb(raw, raw=False)
+                    if reply["id"] == request_id:
+                        return index, reply
+            if select.select([self.sock], [], [], 0.5)[0]:
+                assert self.sock.recv(4096), "the server closed the channel"
+        raise AssertionError(f"no reply to {message['model']} in {timeout}s")
+
+
+@pytest.fixture
+def open_raw(tmp_path: Path) -> Iterator[Callable[[str], RawChannel]]:
+    opened: list[RawChannel] = []
+
+    def open_channel(path: str) -> RawChannel:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        _, memory, requests, replies = _handshake(sock)
+
+        def close() -> None:
+            requests.release()
+            replies.release()
+            memory.close()
+            sock.close()
+
+        channel = RawChannel(sock, requests, replies.rings, close)
+        opened.append(channel)
+        return channel
+
+    yield open_channel
+    for channel in opened:
+        channel.close()
+
+
+def simple(a: np.ndarray = A) -> dict[str, Any]:
+    return {"op": "infer", "model": "simple", "version": "", "rid": "", "out": [], "p": {},
+            "in": [["INPUT0", "INT32", [1, 16], "b", a.tobytes()],
+                   ["INPUT1", "INT32", [1, 16], "b", B.tobytes()]]}
+
+
+def crasher(value: int) -> dict[str, Any]:
+    return {"op": "infer", "model": "crasher", "version": "", "rid": "", "out": [], "p": {},
+            "in": [["INPUT0", "INT32", [1], "b", np.array([value], np.int32).tobytes()]]}
+
+
+def output(reply: dict[str, Any], name: str, dtype: type) -> np.ndarray:
+    (entry,) = [o for o in reply["out"] if o[0] == name]
+    return np.frombuffer(entry[3], dtype=dtype)
+
+
+def test_worker_answers_directly_and_errors_come_from_the_supervisor(
+        start_server: StartServer, open_raw: Callable[[str], RawChannel],
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    start_server(["simple"], "--local-socket", path)
+    channel = open_raw(path)
+    for i in range(20):
+        ring, reply = channel.ask(simple(A + i))
+        assert ring != MAIN_RING, "answered by the supervisor, not the worker"
+        assert reply["model_version"] == "1"
+        np.testing.assert_array_equal(output(reply, "OUTPUT0", np.int32), (A + i + 1).ravel())
+        np.testing.assert_array_equal(output(reply, "OUTPUT1", np.int32), (A + i - 1).ravel())
+    bad = simple()
+    bad["in"] = bad["in"][:1]
+    ring, reply = channel.ask(bad)
+    assert ring == MAIN_RING and reply["err"][0] == "INVALID_ARGUMENT", reply
+
+
+def test_direct_rings_are_shared_out_and_taken_back_from_dead_workers(
+        start_server: StartServer, open_raw: Callable[[str], RawChannel],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One direct ring, two workers: the first one answers directly, the other through the
+    supervisor; when the first dies its ring goes to the next worker that needs one."""
+    monkeypatch.setenv("SHMSERVE_LOCAL_DIRECT_RINGS", "1")
+    path = str(tmp_path / "s.sock")
+    start_server(["simple", "crasher"], "--local-socket", path)
+    channel = open_raw(path)
+    ring, reply = channel.ask(crasher(5))
+    assert ring == 1 and output(reply, "OUTPUT0", np.int32)[0] == 5
+    first_pid = output(reply, "PID", np.int64)[0]
+    ring, reply = channel.ask(simple())
+    assert ring == MAIN_RING, "two workers cannot own the one direct ring"
+    np.testing.assert_array_equal(output(reply, "OUTPUT0", np.int32), (A + 1).ravel())
+
+    ring, reply = channel.ask(crasher(1))  # its worker kills itself
+    assert ring == MAIN_RING and reply["err"][0] == "UNAVAILABLE", reply
+    deadline = time.monotonic() + 60
+    while True:
+        ring, reply = channel.ask(crasher(7))
+        if "err" not in reply or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert "err" not in reply, reply
+    assert output(reply, "PID", np.int64)[0] != first_pid
+    assert ring == 1, "the dead worker's ring was not given to the restarted one"
+    ring, reply = channel.ask(simple())
+    assert ring == MAIN_RING
+    np.testing.assert_array_equal(output(reply, "OUTPUT0", np.int32), (A + 1).ravel())
+
+
+def _holds_channel(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        return "shmserve-local-channel" in maps.read()
+
+
+def test_closed_channels_are_detached_from_workers(start_server: StartServer,
+                                                   tmp_path: Path) -> None:
+    """A worker drops a channel's memory and socket when the channel closes: no fd, no
+    mapping left behind however many clients came and went."""
+    path = tmp_path / "s.sock"
+    server = start_server(["simple"], "--local-socket", str(path))
+    (worker,) = worker_pids(server.pid)
+    fds_before = len(os.listdir(f"/proc/{worker}/fd"))
+    for _ in range(5):
+        with Client(f"local://{path}") as client:
+            np.testing.assert_array_equal(
+                client.infer("simple", {"INPUT0": A, "INPUT1": B})["OUTPUT0"], A + 1)
+            assert _holds_channel(worker)
+    deadline = time.monotonic() + 20
+    while _holds_channel(worker) or len(os.listdir(f"/proc/{worker}/fd")) > fds_before:
+        assert time.monotonic() < deadline, "the worker kept a closed channel's fds"
+        time.sleep(0.05)
+    assert worker_pids(server.pid) == [worker]
