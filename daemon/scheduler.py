@@ -117,6 +117,7 @@ class Scheduler:
         self._queue: deque[InferRequest] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._abandoned = 0
+        self._dispatch_scheduled = False
         self._closing = False
         self._restarts: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -182,6 +183,14 @@ class Scheduler:
         request.future.add_done_callback(partial(self._note_abandoned, request))
         self.stats.pending += 1
         self._idle.clear()
+        if not self._dispatch_scheduled:
+            # Dispatched once the loop has handled what else arrived in this iteration:
+            # requests that came together (one client doorbell) travel in one frame.
+            self._dispatch_scheduled = True
+            request.future.get_loop().call_soon(self._scheduled_dispatch)
+
+    def _scheduled_dispatch(self) -> None:
+        self._dispatch_scheduled = False
         self._dispatch()
 
     def release_regions(self, region_ids: list[int]) -> None:

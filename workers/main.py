@@ -256,31 +256,22 @@ class WorkerHost:
                 outputs = self._prepare_outputs(response, raw_requests[position]["out"])
                 if isinstance(outputs, dict):
                     results[position] = outputs
+                elif (tag := raw_requests[position].get("ch")) is not None:
+                    results[position] = self._answer_directly(tag, outputs)
                 else:
                     ready.append((position, outputs))
             executions.append([positions, input_done - started, infer_done - input_done,
                                time.perf_counter_ns() - infer_done])
+        self._direct.ring_doorbells()
         writing = time.perf_counter_ns()
         arena = self._lane_arena(frame.get("lane", 0))
-        arena_total = sum(_align(len(item[3])) for position, outputs in ready
-                          for item in outputs if item[4] is None and len(item[3]) > INLINE_LIMIT
-                          and "ch" not in raw_requests[position])
+        arena_total = sum(_align(len(item[3])) for _, outputs in ready for item in outputs
+                          if item[4] is None and len(item[3]) > INLINE_LIMIT)
         if arena_total:
             arena.ensure(arena_total)
         arena_offset = 0
         for position, outputs in ready:
-            tag = raw_requests[position].get("ch")
-            if tag is None:
-                results[position], arena_offset = self._write_outputs(outputs, arena,
-                                                                      arena_offset)
-                continue
-            # Answered through the client's channel: every output travels inline there (or is
-            # in the client's region), so nothing goes to the arena.
-            result, _ = self._write_outputs(outputs, None, 0)
-            delivered = "out" in result and self._direct.deliver(tag, self._model_version,
-                                                                 result["out"])
-            results[position] = protocol.ANSWERED if delivered else result
-        self._direct.ring_doorbells()
+            results[position], arena_offset = self._write_outputs(outputs, arena, arena_offset)
         if executions:
             share = (time.perf_counter_ns() - writing) // len(executions)
             for execution in executions:
@@ -311,6 +302,16 @@ class WorkerHost:
                                     raw.get("p") or {}, raw.get("cid", 0)))
             positions.append(index)
         return requests, positions
+
+    def _answer_directly(self, tag: list[int], outputs: list[_Prepared]) -> dict[str, Any]:
+        """Answer through the client's channel: every output travels inline there, or is in
+        the client's region, so nothing goes to the arena. What cannot be delivered is
+        returned for DONE. The doorbells ring once the whole frame ran (ringing after each
+        execution woke clients for partial results: c8 throughput fell by a fifth)."""
+        result, _ = self._write_outputs(outputs, None, 0)
+        if "out" in result and self._direct.deliver(tag, self._model_version, result["out"]):
+            return protocol.ANSWERED
+        return result
 
     def _lane_arena(self, lane: int) -> Arena:
         """Each pipeline lane has its own output arena: the supervisor reads a frame's outputs
