@@ -81,6 +81,8 @@ class Ring:
         buf, capacity, data = self._buf, self.capacity, self._data
         head, tail = _HEAD_TAIL.unpack_from(buf, self._base)
         messages: list[bytes] = []
+        if head == tail:
+            return messages
         while head < tail:
             position = head % capacity
             room_to_end = capacity - position
