@@ -112,6 +112,20 @@ def test_health_and_metadata(client: Client) -> None:
     assert all(m.state == "READY" for m in client.repository_index(ready=True))
 
 
+def settled(read: Callable[[], Any], expected: Any, timeout: float = 5.0) -> Any:
+    """``read()`` once it returns ``expected`` (or its last value after ``timeout``).
+
+    Statistics follow an answer by microseconds, not before it: a local-channel client gets
+    its answer from the worker, which reports to the supervisor right after (as Triton's
+    backends report statistics after sending responses)."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    while value != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+        value = read()
+    return value
+
+
 def test_model_statistics_count_requests(client: Client) -> None:
     def count() -> int:
         (stats,) = client.model_statistics("simple")
@@ -121,7 +135,7 @@ def test_model_statistics_count_requests(client: Client) -> None:
     before = count()
     for _ in range(3):
         client.infer("simple", {"INPUT0": A, "INPUT1": B})
-    assert count() == before + 3
+    assert settled(count, before + 3) == before + 3
     assert {s.name for s in client.model_statistics()} >= {"simple", "identity_fp32"}
 
 
