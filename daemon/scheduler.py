@@ -357,8 +357,8 @@ class Scheduler:
                                             region.offset + output.offset,
                                             output.byte_size).pack()
                 outputs.append([output.name, destination])
-            frame = {"rid": request.request_id, "in": refs, "out": outputs,
-                     "p": request.parameters, "cid": request.correlation_id}
+            frame: dict[str, Any] = {"rid": request.request_id, "in": refs, "out": outputs,
+                                     "p": request.parameters, "cid": request.correlation_id}
             if request.direct_to is not None:
                 tag = request.direct_to(worker)
                 if tag is not None:
