@@ -173,7 +173,7 @@ class WorkerProcess:
             self._send({"t": protocol.CANCEL, "b": batch_id, "i": index})
 
     def attach_channel(self, channel_id: int, memfd: int, client_socket: int,
-                       ring_base: int) -> bool:
+                       ring_base: int, ring_capacity: int) -> bool:
         """Let the worker answer this local channel's requests itself into the direct ring
         at ``ring_base`` (see workers/direct_answers.py); False if that cannot be done now."""
         if not self.alive or self._fd_socket is None:
@@ -182,7 +182,8 @@ class WorkerProcess:
             socket.send_fds(self._fd_socket, [str(channel_id).encode()], [memfd, client_socket])
         except OSError:  # full (the worker is busy for long) or gone: answer the usual way
             return False
-        self._send({"t": protocol.ATTACH, "ch": channel_id, "base": ring_base})
+        self._send({"t": protocol.ATTACH, "ch": channel_id, "base": ring_base,
+                    "cap": ring_capacity})
         return True
 
     def detach_channel(self, channel_id: int) -> None:

@@ -115,6 +115,7 @@ class ChannelLayout:
     request_base: int
     response_base: int
     direct_bases: tuple[int, ...]
+    direct_capacity: int
 
 
 def layout(ring_bytes: int, direct_rings: int = 0, direct_bytes: int = 0) -> ChannelLayout:
@@ -122,4 +123,5 @@ def layout(ring_bytes: int, direct_rings: int = 0, direct_bytes: int = 0) -> Cha
     main = HEADER + ring_capacity(ring_bytes)
     direct = HEADER + ring_capacity(direct_bytes)
     bases = tuple(2 * main + i * direct for i in range(direct_rings))
-    return ChannelLayout(2 * main + direct_rings * direct, 0, main, bases)
+    return ChannelLayout(2 * main + direct_rings * direct, 0, main, bases,
+                         ring_capacity(direct_bytes))

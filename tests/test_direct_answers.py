@@ -7,9 +7,11 @@ workers, raw channel (the client library reads every ring and cannot tell).
 
 from __future__ import annotations
 
+import array
 import os
 import select
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -170,4 +172,51 @@ def test_closed_channels_are_detached_from_workers(start_server: StartServer,
     while _holds_channel(worker) or len(os.listdir(f"/proc/{worker}/fd")) > fds_before:
         assert time.monotonic() < deadline, "the worker kept a closed channel's fds"
         time.sleep(0.05)
+    assert worker_pids(server.pid) == [worker]
+
+
+def test_a_client_cannot_resize_its_channel_memory(start_server: StartServer,
+                                                   tmp_path: Path) -> None:
+    """The channel's memfd is sealed: shrinking it would make the next access of the daemon
+    (or a worker) to its rings die of SIGBUS."""
+    path = str(tmp_path / "s.sock")
+    server = start_server(["simple"], "--local-socket", path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    fds = array.array("i")
+    _, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(fds.itemsize))
+    for _, _, payload in ancillary:
+        fds.frombytes(payload[:fds.itemsize])
+    try:
+        for size in (0, 1 << 30):
+            with pytest.raises(PermissionError):
+                os.ftruncate(fds[0], size)
+        sock.send(b"\x01")
+        with Client(f"local://{path}") as client:
+            np.testing.assert_array_equal(
+                client.infer("simple", {"INPUT0": A, "INPUT1": B})["OUTPUT0"], A + 1)
+        assert server.process.poll() is None
+    finally:
+        os.close(fds[0])
+        sock.close()
+
+
+def test_a_client_scribbling_over_its_direct_rings_does_not_hurt_the_worker(
+        start_server: StartServer, open_raw: Callable[[str], RawChannel],
+        tmp_path: Path) -> None:
+    """The client owns the rings' memory: a capacity or head it writes must neither aim the
+    worker's writes elsewhere nor crash it. Its answers still arrive."""
+    path = str(tmp_path / "s.sock")
+    server = start_server(["simple"], "--local-socket", path)
+    (worker,) = worker_pids(server.pid)
+    channel = open_raw(path)
+    far = 64 << 20  # as an offset from the ring: past the end of the channel's memory
+    for ring in channel.replies[1:]:
+        # head = tail = far (a consistent, empty ring), and a capacity that would make the
+        # position far itself rather than far modulo the real capacity.
+        struct.pack_into("<QQQ", ring._buf, ring._base, far, far, 1 << 60)
+    for i in range(3):
+        where, reply = channel.ask(simple(A + i))
+        np.testing.assert_array_equal(output(reply, "OUTPUT0", np.int32), (A + i + 1).ravel())
+        assert where != MAIN_RING, "the worker stopped answering directly"
     assert worker_pids(server.pid) == [worker]

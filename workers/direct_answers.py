@@ -17,12 +17,13 @@ import logging
 import mmap
 import os
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from shmserve.protos.local_ring import MessageTooLarge, Ring, RingFull
+from shmserve.protos.local_ring import HEADER, MessageTooLarge, Ring, RingFull
 
 log = logging.getLogger("shmserve.worker")
 _DOORBELL = b"\x01"
@@ -43,8 +44,12 @@ class DirectAnswers:
         self._unrung: set[_Channel] = set()
         self._packer = msgpack.Packer(use_bin_type=True)
 
-    def attach(self, channel_id: int, ring_base: int) -> None:
-        """Take the fds the supervisor sent with this ATTACH frame (already in the socket)."""
+    def attach(self, channel_id: int, ring_base: int, capacity: int) -> None:
+        """Take the fds the supervisor sent with this ATTACH frame (already in the socket).
+
+        The ring's capacity comes from the supervisor, never from the shared header: the client
+        can write that memory, and a capacity it chose would aim our writes past the ring.
+        """
         if self._fd_socket is None:
             return
         payload, fds, _, _ = socket.recv_fds(self._fd_socket, 64, 2)
@@ -53,13 +58,17 @@ class DirectAnswers:
                 log.error("attach of channel %d got %r with %d fds", channel_id, payload,
                           len(fds))
                 return
-            memory = mmap.mmap(fds[0], os.fstat(fds[0]).st_size)
+            size = os.fstat(fds[0]).st_size
+            if ring_base + HEADER + capacity > size:
+                log.error("channel %d: ring beyond its memory (%d bytes)", channel_id, size)
+                return
+            memory = mmap.mmap(fds[0], size)
             doorbell = socket.socket(fileno=os.dup(fds[1]))
         finally:
             for fd in fds:
                 os.close(fd)
         self.detach(channel_id)
-        self._channels[channel_id] = _Channel(memory, Ring.attach(memory, ring_base), doorbell)
+        self._channels[channel_id] = _Channel(memory, Ring(memory, ring_base, capacity), doorbell)
 
     def detach(self, channel_id: int) -> None:
         channel = self._channels.pop(channel_id, None)
@@ -82,6 +91,12 @@ class DirectAnswers:
         try:
             channel.ring.put(self._packer.pack(reply))
         except (RingFull, MessageTooLarge):
+            return False
+        except (ValueError, IndexError, struct.error) as exc:
+            # Only a client scribbling over its own ring gets here: it loses direct answers.
+            log.warning("channel %d: direct ring unusable (%s); answering through the "
+                        "supervisor", tag[0], exc)
+            self.detach(tag[0])
             return False
         self._unrung.add(channel)
         return True

@@ -212,7 +212,7 @@ class WorkerHost:
         elif kind == protocol.PING:
             self.send({"t": protocol.PONG})
         elif kind == protocol.ATTACH:
-            self._direct.attach(frame["ch"], frame["base"])
+            self._direct.attach(frame["ch"], frame["base"], frame["cap"])
         elif kind == protocol.DETACH:
             self._direct.detach(frame["ch"])
 

@@ -22,7 +22,7 @@ EXEC ``{b: frame id, reqs: [request...], lane, each}`` runs its requests as one 
 DONE ``{b, res: [result per request], x: [[request indices, input ns, infer ns, output ns]
 per execution]}`` answers it. A request may carry ``ch: [channel id, request id]``: the worker
 then answers its client through the local channel itself (see direct_answers.py) and its DONE
-result is ``{d: 1}``. ATTACH ``{ch, base}`` comes with the channel's fds on the fd socket;
+result is ``{d: 1}``. ATTACH ``{ch, base, cap}`` comes with the channel's fds on the fd socket;
 DETACH ``{ch}`` drops them.
 """
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import logging
 import mmap
@@ -97,6 +98,7 @@ class LocalChannel(asyncio.Protocol):
         self._requests = Ring.attach(memory, rings.request_base)
         self._responses = Ring.attach(memory, rings.response_base)
         self._free_direct = list(reversed(rings.direct_bases))
+        self._direct_capacity = rings.direct_capacity
         self._direct: dict[WorkerProcess, int] = {}  # attached worker -> its ring's base
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
@@ -238,7 +240,8 @@ class LocalChannel(asyncio.Protocol):
                     return None
             base = self._free_direct[-1]
             sock = self._transport.get_extra_info("socket")
-            if not worker.attach_channel(self.channel_id, self._memfd, sock.fileno(), base):
+            if not worker.attach_channel(self.channel_id, self._memfd, sock.fileno(), base,
+                                         self._direct_capacity):
                 return None
             self._direct[worker] = self._free_direct.pop()
         return [self.channel_id, request_id]
@@ -454,10 +457,14 @@ class LocalFrontend:
                                             struct.calcsize("3i"))
         peer = struct.unpack("3i", credentials)
         rings = layout(self._ring_bytes, self._direct_rings, self._direct_bytes)
-        fd = os.memfd_create("shmserve-local-channel", os.MFD_CLOEXEC)
+        fd = os.memfd_create("shmserve-local-channel", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, rings.total)
             os.fchmod(fd, 0o600)
+            # The client gets this fd: sealed, it cannot shrink the file under our mappings
+            # (the next access would kill the daemon or a worker with SIGBUS).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             memory = mmap.mmap(fd, rings.total)
             capacity = ring_capacity(self._ring_bytes)
             Ring.initialize(memory, rings.request_base, capacity)
