@@ -61,8 +61,9 @@ MAX_PENDING_RESPONSES = 4096
 DIRECT_RINGS = 8               # workers that can answer one channel directly
 DIRECT_RING_BYTES = 1 << 20
 STALLED_CLIENT_SECS = 30.0
-# Overrides for tests and tuning (no CLI flags yet): ring size per direction in bytes, and how
-# long a client may leave responses unread before its channel is closed.
+# Overrides for tests and tuning (no CLI flags yet): ring size per direction in bytes, how
+# long a client may leave responses unread before its channel is closed, and how many direct
+# rings (workers answering one channel themselves; 0 turns direct answers off) of what size.
 RING_BYTES_ENV = "SHMSERVE_LOCAL_RING_BYTES"
 STALL_SECS_ENV = "SHMSERVE_LOCAL_STALL_SECS"
 DIRECT_RINGS_ENV = "SHMSERVE_LOCAL_DIRECT_RINGS"
