@@ -181,6 +181,7 @@ class WorkerHost:
         first, so a request withdrawn while it waited behind another batch is skipped."""
         unpacker = protocol.new_unpacker()
         pending: deque[dict[str, Any]] = deque()
+        just_read = False  # the socket was just drained: nothing can have waited since
         while True:
             if not pending:
                 chunk = self._incoming.recv(1 << 20)
@@ -189,11 +190,13 @@ class WorkerHost:
                     return
                 unpacker.feed(chunk)
                 pending.extend(unpacker)
+                just_read = True
                 continue
             frame = pending.popleft()
             kind = frame["t"]
             if kind == protocol.EXEC:
-                self._absorb(unpacker, pending)
+                self._absorb(unpacker, pending, read_socket=not just_read)
+                just_read = False
                 self.send(self._execute(frame))
             elif kind == protocol.STOP:
                 return
@@ -216,13 +219,16 @@ class WorkerHost:
         elif kind == protocol.DETACH:
             self._direct.detach(frame["ch"])
 
-    def _absorb(self, unpacker: msgpack.Unpacker, pending: deque[dict[str, Any]]) -> None:
-        """Take the frames that arrived already (without waiting) and apply the control
-        frames among the pending ones; batches and STOP keep their order."""
-        chunk = self._incoming.recv_waiting(1 << 20)
-        if chunk:
-            unpacker.feed(chunk)
-            pending.extend(unpacker)
+    def _absorb(self, unpacker: msgpack.Unpacker, pending: deque[dict[str, Any]],
+                read_socket: bool) -> None:
+        """Take the frames that arrived already (without waiting; not when the socket was
+        just read) and apply the control frames among the pending ones; batches and STOP keep
+        their order."""
+        if read_socket:
+            chunk = self._incoming.recv_waiting(1 << 20)
+            if chunk:
+                unpacker.feed(chunk)
+                pending.extend(unpacker)
         if not pending:
             return
         kept = [frame for frame in pending if frame["t"] in (protocol.EXEC, protocol.STOP)]
