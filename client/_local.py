@@ -19,7 +19,7 @@ import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 import numpy as np
@@ -202,15 +202,18 @@ def status_from_reply(reply: Mapping[str, Any]) -> dict[str, Any]:
             for name, key, offset, byte_size in reply["regions"]}
 
 
-# --- the sync link --------------------------------------------------------------------------
-class LocalLink:
-    """The sync client's local channel: opened on first use, reopened after it closes."""
+# --- the links: one base for the decisions, a sync and an asyncio way to do the I/O --------
+AnyChannel = TypeVar("AnyChannel", LocalChannel, AsyncLocalChannel)
+
+
+class _Link(Generic[AnyChannel]):
+    """What the sync and the asyncio link share: state, and what to make of a connection
+    attempt (use the channel, fall back to gRPC once, or raise)."""
 
     def __init__(self, plan: LocalPlan) -> None:
         self.plan = plan
         self.registrations = Registrations()
-        self._lock = threading.Lock()
-        self._channel: LocalChannel | None = None
+        self._channel: AnyChannel | None = None
         self._opened_once = False
         self.fell_back = False
         self.path = ""
@@ -222,10 +225,67 @@ class LocalLink:
         """The gRPC address as known now (a local: url learns it from the handshake)."""
         return self._grpc_target
 
-    def current(self) -> LocalChannel | None:
+    def current(self) -> AnyChannel | None:
         """The open channel, without opening one."""
         channel = self._channel
         return channel if channel is not None and not channel.closed else None
+
+    def _reusable(self) -> AnyChannel | None:
+        """Under the link's lock: the open channel, or None after closing a dead one.
+        Raises CANCELLED once the client is closed."""
+        channel = self._channel
+        if channel is not None and not channel.closed:
+            return channel
+        if self._closed:
+            raise ShmserveError(grpc.StatusCode.CANCELLED, "the client is closed")
+        if channel is not None:
+            channel.close()
+            self._channel = None
+        return None
+
+    def _connect_failed(self, path: str, exc: OSError | ShmserveError) -> str:
+        """Why the channel could not be opened (for the fallback), or raise UNAVAILABLE when
+        there is nothing to fall back to or the channel worked before."""
+        if self._opened_once or self._grpc_target is None:
+            raise _unavailable(path, exc) from None
+        return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+    def _refused(self, path: str, channel: AnyChannel) -> str:
+        """Why the server's hello is not acceptable ('' when it is; the channel is closed
+        otherwise)."""
+        reason = _check_hello(self.plan, path, channel.hello)
+        if reason:
+            channel.close()
+            if self._opened_once:
+                raise ShmserveError(grpc.StatusCode.UNAVAILABLE, reason)
+        return reason
+
+    def _fall_back(self, path: str, reason: str) -> None:
+        assert self._grpc_target is not None
+        _log_fallback(path, reason, self._grpc_target)
+        self.fell_back = True
+
+    def _adopt(self, path: str, channel: AnyChannel) -> bool:
+        """Take ``channel`` as the link's; True when regions must be registered again on it."""
+        self.path = path
+        if self.plan.grpc_target is None:  # a local: url: follow the server's address
+            self._grpc_target = channel.grpc_address
+        reopened = self._opened_once
+        self._opened_once = True
+        return reopened
+
+    def _replay_failed(self, message: dict[str, Any], exc: ShmserveError) -> None:
+        log.warning("region '%s' could not be registered again on the new local channel: %s",
+                    message["name"], exc)
+        self.registrations.discard(message["name"])
+
+
+class LocalLink(_Link[LocalChannel]):
+    """The sync client's local channel: opened on first use, reopened after it closes."""
+
+    def __init__(self, plan: LocalPlan) -> None:
+        super().__init__(plan)
+        self._lock = threading.Lock()
 
     def channel(self) -> LocalChannel | None:
         """The open channel (opening it if needed), or None once the client fell back to gRPC.
@@ -233,63 +293,34 @@ class LocalLink:
         Raises UNAVAILABLE when the channel cannot be opened and there is no gRPC to fall
         back to (or the channel worked before: then the server is down or restarting).
         """
-        channel = self._channel
-        if channel is not None and not channel.closed:
+        channel = self.current()
+        if channel is not None or self.fell_back:
             return channel
-        if self.fell_back:
-            return None
         with self._lock:
-            channel = self._channel
-            if channel is not None and not channel.closed:
-                return channel
             if self.fell_back:
                 return None
-            if self._closed:
-                raise ShmserveError(grpc.StatusCode.CANCELLED, "the client is closed")
-            if channel is not None:
-                channel.close()
-                self._channel = None
-            return self._open()
+            return self._reusable() or self._open()
 
     def _open(self) -> LocalChannel | None:
         path, reason = (self.path, "") if self.path else _resolve_path(self.plan)
-        channel: LocalChannel | None = None
         if path:
             try:
                 channel = LocalChannel(path, CONNECT_TIMEOUT)
             except (OSError, ShmserveError) as exc:
-                if self._opened_once or self._grpc_target is None:
-                    raise _unavailable(path, exc) from None
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                reason = self._connect_failed(path, exc)
             else:
-                reason = _check_hello(self.plan, path, channel.hello)
-                if reason:
-                    channel.close()
-                    channel = None
-                    if self._opened_once:
-                        raise ShmserveError(grpc.StatusCode.UNAVAILABLE, reason)
-        if channel is None:
-            assert self._grpc_target is not None
-            _log_fallback(path, reason, self._grpc_target)
-            self.fell_back = True
-            return None
-        self.path = path
-        if self.plan.grpc_target is None:  # a local: url: follow the server's address
-            self._grpc_target = channel.grpc_address
-        if self._opened_once:
-            self._replay(channel)
-        self._opened_once = True
-        self._channel = channel
-        return channel
-
-    def _replay(self, channel: LocalChannel) -> None:
-        for message in self.registrations.messages():
-            try:
-                channel.call(message, CONNECT_TIMEOUT)
-            except ShmserveError as exc:
-                log.warning("region '%s' could not be registered again on the new local "
-                            "channel: %s", message["name"], exc)
-                self.registrations.discard(message["name"])
+                reason = self._refused(path, channel)
+                if not reason:
+                    if self._adopt(path, channel):
+                        for message in self.registrations.messages():
+                            try:
+                                channel.call(message, CONNECT_TIMEOUT)
+                            except ShmserveError as exc:
+                                self._replay_failed(message, exc)
+                    self._channel = channel
+                    return channel
+        self._fall_back(path, reason)
+        return None
 
     def grpc_target(self) -> str:
         """The gRPC address: the url's, or the one the server names in the handshake."""
@@ -306,50 +337,23 @@ class LocalLink:
             channel.close()
 
 
-# --- the asyncio link -----------------------------------------------------------------------
-class AsyncLocalLink:
+class AsyncLocalLink(_Link[AsyncLocalChannel]):
     """``LocalLink`` for ``AsyncClient``."""
 
     def __init__(self, plan: LocalPlan) -> None:
-        self.plan = plan
-        self.registrations = Registrations()
+        super().__init__(plan)
         self._lock: asyncio.Lock | None = None
-        self._channel: AsyncLocalChannel | None = None
-        self._opened_once = False
-        self.fell_back = False
-        self.path = ""
-        self._grpc_target = plan.grpc_target
-        self._closed = False
-
-    @property
-    def known_target(self) -> str | None:
-        """The gRPC address as known now (a local: url learns it from the handshake)."""
-        return self._grpc_target
-
-    def current(self) -> AsyncLocalChannel | None:
-        channel = self._channel
-        return channel if channel is not None and not channel.closed else None
 
     async def channel(self) -> AsyncLocalChannel | None:
-        channel = self._channel
-        if channel is not None and not channel.closed:
+        channel = self.current()
+        if channel is not None or self.fell_back:
             return channel
-        if self.fell_back:
-            return None
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            channel = self._channel
-            if channel is not None and not channel.closed:
-                return channel
             if self.fell_back:
                 return None
-            if self._closed:
-                raise ShmserveError(grpc.StatusCode.CANCELLED, "the client is closed")
-            if channel is not None:
-                channel.close()
-                self._channel = None
-            return await self._open()
+            return self._reusable() or await self._open()
 
     async def _open(self) -> AsyncLocalChannel | None:
         if self.path or self.plan.path:
@@ -357,40 +361,24 @@ class AsyncLocalLink:
         else:  # may resolve a host name: not on the loop
             path, reason = await asyncio.get_running_loop().run_in_executor(
                 None, _resolve_path, self.plan)
-        channel: AsyncLocalChannel | None = None
         if path:
             try:
                 channel = await AsyncLocalChannel.connect(path, CONNECT_TIMEOUT)
             except (OSError, ShmserveError) as exc:
-                if self._opened_once or self._grpc_target is None:
-                    raise _unavailable(path, exc) from None
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                reason = self._connect_failed(path, exc)
             else:
-                reason = _check_hello(self.plan, path, channel.hello)
-                if reason:
-                    channel.close()
-                    channel = None
-                    if self._opened_once:
-                        raise ShmserveError(grpc.StatusCode.UNAVAILABLE, reason)
-        if channel is None:
-            assert self._grpc_target is not None
-            _log_fallback(path, reason, self._grpc_target)
-            self.fell_back = True
-            return None
-        self.path = path
-        if self.plan.grpc_target is None:  # a local: url: follow the server's address
-            self._grpc_target = channel.grpc_address
-        if self._opened_once:
-            for message in self.registrations.messages():
-                try:
-                    await channel.call(message, CONNECT_TIMEOUT)
-                except ShmserveError as exc:
-                    log.warning("region '%s' could not be registered again on the new "
-                                "local channel: %s", message["name"], exc)
-                    self.registrations.discard(message["name"])
-        self._opened_once = True
-        self._channel = channel
-        return channel
+                reason = self._refused(path, channel)
+                if not reason:
+                    if self._adopt(path, channel):
+                        for message in self.registrations.messages():
+                            try:
+                                await channel.call(message, CONNECT_TIMEOUT)
+                            except ShmserveError as exc:
+                                self._replay_failed(message, exc)
+                    self._channel = channel
+                    return channel
+        self._fall_back(path, reason)
+        return None
 
     async def grpc_target(self) -> str:
         if self._grpc_target is None:
