@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import resource
 import sys
 
 from shmserve.daemon.settings import Settings
@@ -93,10 +95,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         worker_busy_poll_us=max(0, args.worker_busy_poll_us))
 
 
+def raise_open_file_limit() -> None:
+    """Soft open-file limit up to the hard one (workers inherit it): each local channel holds
+    a socket and a memfd here and a socket duplicate in every worker that answers it, so
+    1,024 (a login shell's usual soft limit) would cap the clients at a few hundred."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def serve(settings: Settings) -> int:
     logging.basicConfig(level=logging.DEBUG if settings.log_verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    raise_open_file_limit()
     import uvloop
 
     from shmserve.daemon.supervisor import Supervisor

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import os
+import resource
 import select
 import socket
 import struct
@@ -220,3 +221,28 @@ def test_a_client_scribbling_over_its_direct_rings_does_not_hurt_the_worker(
         np.testing.assert_array_equal(output(reply, "OUTPUT0", np.int32), (A + i + 1).ravel())
         assert where != MAIN_RING, "the worker stopped answering directly"
     assert worker_pids(server.pid) == [worker]
+
+
+def _open_file_limit(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/limits") as limits:
+        line = next(line for line in limits if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def test_the_daemon_raises_its_open_file_limit(start_server: StartServer,
+                                               tmp_path: Path) -> None:
+    """Each channel costs the daemon two fds and every worker that answers it one: a login
+    shell's soft limit of 1,024 would cap the clients at a few hundred."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 512:
+        pytest.skip(f"the hard open-file limit here is {hard}: nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        server = start_server(["simple"], "--local-socket", str(tmp_path / "s.sock"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    (worker,) = worker_pids(server.pid)
+    for pid in (server.pid, worker):
+        raised, _ = _open_file_limit(pid)
+        assert raised > 256 and (hard == resource.RLIM_INFINITY or raised == hard), raised
