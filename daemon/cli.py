@@ -97,8 +97,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def raise_open_file_limit() -> None:
     """Soft open-file limit up to the hard one (workers inherit it): each local channel holds
-    a socket and a memfd here and a socket duplicate in every worker that answers it, so
-    1,024 (a login shell's usual soft limit) would cap the clients at a few hundred."""
+    three fds here and two in every worker that answers it, so 1,024 (a login shell's usual
+    soft limit) would cap the clients at about three hundred."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
     if soft != resource.RLIM_INFINITY and soft < target:

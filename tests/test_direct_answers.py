@@ -232,8 +232,8 @@ def _open_file_limit(pid: int) -> tuple[int, int]:
 
 def test_the_daemon_raises_its_open_file_limit(start_server: StartServer,
                                                tmp_path: Path) -> None:
-    """Each channel costs the daemon two fds and every worker that answers it one: a login
-    shell's soft limit of 1,024 would cap the clients at a few hundred."""
+    """Each channel costs the daemon three fds and every worker that answers it two: a
+    login shell's soft limit of 1,024 would cap the clients at about three hundred."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 512:
         pytest.skip(f"the hard open-file limit here is {hard}: nothing to raise")
