@@ -87,7 +87,11 @@ class _Replies:
             ring.release()
 
 
-def _handshake(sock: socket.socket) -> tuple[dict[str, Any], mmap.mmap, Ring, _Replies]:
+def _handshake(sock: socket.socket, announce: bool = True
+               ) -> tuple[dict[str, Any], mmap.mmap, Ring, _Replies]:
+    """Receive the server's hello and the channel's memory; then (``announce``) tell the
+    server this client reads the direct rings, so that its workers may answer into them.
+    The announcement's reply (id 0) is ignored like any reply nobody waits for."""
     fds = array.array("i")
     data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(fds.itemsize))
     for level, kind, payload in ancillary:
@@ -108,8 +112,11 @@ def _handshake(sock: socket.socket) -> tuple[dict[str, Any], mmap.mmap, Ring, _R
     finally:
         for fd in fds:
             os.close(fd)
-    return hello, memory, Ring.attach(memory, rings.request_base), _Replies(
-        memory, [rings.response_base, *rings.direct_bases])
+    requests = Ring.attach(memory, rings.request_base)
+    if announce and rings.direct_bases:
+        requests.put(msgpack.packb({"op": "hello", "id": 0, "direct": True}))
+        sock.send(_DOORBELL)
+    return hello, memory, requests, _Replies(memory, [rings.response_base, *rings.direct_bases])
 
 
 def socket_path(url: str) -> str:

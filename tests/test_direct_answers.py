@@ -62,13 +62,13 @@ class RawChannel:
 
 
 @pytest.fixture
-def open_raw(tmp_path: Path) -> Iterator[Callable[[str], RawChannel]]:
+def open_raw(tmp_path: Path) -> Iterator[Callable[..., RawChannel]]:
     opened: list[RawChannel] = []
 
-    def open_channel(path: str) -> RawChannel:
+    def open_channel(path: str, announce: bool = True) -> RawChannel:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(path)
-        _, memory, requests, replies = _handshake(sock)
+        _, memory, requests, replies = _handshake(sock, announce)
 
         def close() -> None:
             requests.release()
@@ -102,7 +102,7 @@ def output(reply: dict[str, Any], name: str, dtype: type) -> np.ndarray:
 
 
 def test_worker_answers_directly_and_errors_come_from_the_supervisor(
-        start_server: StartServer, open_raw: Callable[[str], RawChannel],
+        start_server: StartServer, open_raw: Callable[..., RawChannel],
         tmp_path: Path) -> None:
     path = str(tmp_path / "s.sock")
     start_server(["simple"], "--local-socket", path)
@@ -119,8 +119,22 @@ def test_worker_answers_directly_and_errors_come_from_the_supervisor(
     assert ring == MAIN_RING and reply["err"][0] == "INVALID_ARGUMENT", reply
 
 
+def test_a_client_that_does_not_announce_direct_rings_is_answered_by_the_supervisor(
+        start_server: StartServer, open_raw: Callable[..., RawChannel],
+        tmp_path: Path) -> None:
+    """A client built before direct answers never reads those rings: without its hello the
+    workers must not answer into them (it would wait for ever)."""
+    path = str(tmp_path / "s.sock")
+    start_server(["simple"], "--local-socket", path)
+    channel = open_raw(path, announce=False)
+    for i in range(5):
+        ring, reply = channel.ask(simple(A + i))
+        assert ring == MAIN_RING
+        np.testing.assert_array_equal(output(reply, "OUTPUT0", np.int32), (A + i + 1).ravel())
+
+
 def test_direct_rings_are_shared_out_and_taken_back_from_dead_workers(
-        start_server: StartServer, open_raw: Callable[[str], RawChannel],
+        start_server: StartServer, open_raw: Callable[..., RawChannel],
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One direct ring, two workers: the first one answers directly, the other through the
     supervisor; when the first dies its ring goes to the next worker that needs one."""
@@ -203,7 +217,7 @@ def test_a_client_cannot_resize_its_channel_memory(start_server: StartServer,
 
 
 def test_a_client_scribbling_over_its_direct_rings_does_not_hurt_the_worker(
-        start_server: StartServer, open_raw: Callable[[str], RawChannel],
+        start_server: StartServer, open_raw: Callable[..., RawChannel],
         tmp_path: Path) -> None:
     """The client owns the rings' memory: a capacity or head it writes must neither aim the
     worker's writes elsewhere nor crash it. Its answers still arrive."""

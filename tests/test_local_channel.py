@@ -199,7 +199,8 @@ def test_requests_travel_through_the_channel(local_server: LocalServer,
             assert not any(name.startswith("@") for name in server_regions(local_server))
         (after,) = plain.model_statistics("identity_fp32")
     assert recorder.sizes == [], "inference went through gRPC"
-    assert len(spy.sizes) == 5 and max(spy.sizes) < 512, spy.sizes  # register, 3 x infer, unreg.
+    # hello, register, 3 x infer, unregister
+    assert len(spy.sizes) == 6 and max(spy.sizes) < 512, spy.sizes
     assert after.inference_count == before.inference_count + 3
     assert after.inference_stats.success.count == before.inference_stats.success.count + 3
     assert after.execution_count >= before.execution_count + 3

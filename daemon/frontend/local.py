@@ -11,9 +11,10 @@ protobuf in between) and go through the same scheduler, batching and statistics.
 channel registers live in their own namespace: a channel reaches only the regions it
 registered, and they are unregistered when the channel closes.
 
-Answers to requests a worker executed successfully skip the supervisor: the channel is
-attached to the worker (its memfd and a duplicate of this end of the socket, passed once),
-the worker owns one of the channel's direct response rings and rings the doorbell itself
+Answers to requests a worker executed successfully skip the supervisor once the client has
+announced (op "hello") that it reads the direct rings: the channel is attached to the worker
+(its memfd and a duplicate of this end of the socket, passed once), the worker owns one of
+the channel's direct response rings and rings the doorbell itself
 (workers/direct_answers.py). Errors, and anything a worker could not deliver, are answered
 from here. Each wake-up of a process costs tens of microseconds on a VM; this saves one per
 request and the supervisor's work of copying outputs into the reply.
@@ -101,6 +102,7 @@ class LocalChannel(asyncio.Protocol):
         self._free_direct = list(reversed(rings.direct_bases))
         self._direct_capacity = rings.direct_capacity
         self._direct: dict[WorkerProcess, int] = {}  # attached worker -> its ring's base
+        self._direct_ok = False  # until the client says it reads the direct rings
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._region_prefix = _region_name(channel_id, "")
@@ -162,6 +164,8 @@ class LocalChannel(asyncio.Protocol):
                 return
             elif op == "ping":
                 pass
+            elif op == "hello":  # the client reads the direct rings: workers may answer it
+                self._direct_ok = message.get("direct") is True
             else:
                 raise ServeError.from_tuple(["INVALID_ARGUMENT", f"unknown operation '{op}'"])
             self._reply({"id": request_id})
@@ -232,7 +236,8 @@ class LocalChannel(asyncio.Protocol):
         """The tag ``worker`` answers ``request_id`` under, attaching the channel to it first;
         None when it cannot (no direct ring left, channel closing)."""
         if worker not in self._direct:
-            if self.closed or self._transport is None or self._transport.is_closing():
+            if not self._direct_ok or self.closed or self._transport is None \
+                    or self._transport.is_closing():
                 return None
             if not self._free_direct:
                 for gone in [w for w in self._direct if not w.alive]:
