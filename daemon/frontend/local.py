@@ -383,6 +383,7 @@ class LocalChannel(asyncio.Protocol):
 
     # --- teardown -----------------------------------------------------------------------
     def close(self) -> None:
+        self._reclaim()  # first: the client may act as soon as it sees the end
         if self._transport is not None:
             # Workers hold duplicates of this socket: shut it down so the client sees the end.
             sock = self._transport.get_extra_info("socket")
@@ -391,7 +392,6 @@ class LocalChannel(asyncio.Protocol):
                         socket.socket(fileno=os.dup(sock.fileno())) as duplicate:
                     duplicate.shutdown(socket.SHUT_RDWR)
             self._transport.close()
-        self._reclaim()
 
     def _reclaim(self) -> None:
         if self.closed:
