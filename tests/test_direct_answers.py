@@ -13,6 +13,7 @@ import resource
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from shmserve.client import Client
+from shmserve.client import Client, ShmserveError
 from shmserve.client.local_channel import _handshake
 from shmserve.protos.local_ring import Ring
 from shmserve.tests.serverproc import ServerProcess, worker_pids
@@ -260,3 +261,42 @@ def test_the_daemon_raises_its_open_file_limit(start_server: StartServer,
     for pid in (server.pid, worker):
         raised, _ = _open_file_limit(pid)
         assert raised > 256 and (hard == resource.RLIM_INFINITY or raised == hard), raised
+
+
+def test_a_batch_mixing_channels_and_grpc_answers_each_its_own(start_server: StartServer,
+                                                                tmp_path: Path) -> None:
+    """One dynamic batch holds requests of two local channels and of gRPC, some failing: every
+    caller gets its own output or its own error, whoever delivers it."""
+    path = tmp_path / "s.sock"
+    server = start_server(["raiser"], "--local-socket", str(path))
+    clients = [Client(f"local://{path}"), Client(f"local://{path}"), Client(server.url)]
+    outcomes: dict[int, object] = {}
+
+    def call(client: Client, value: int) -> None:
+        try:
+            out = client.infer("raiser", {"INPUT0": np.array([[value]], np.int32)})["OUTPUT0"]
+            outcomes[value] = int(out[0][0])
+        except ShmserveError as exc:
+            outcomes[value] = exc.message
+
+    values = {c: [c * 1000 + k + 1 if k % 3 else -(c * 1000 + k + 1) for k in range(8)]
+              for c in range(len(clients))}
+    try:
+        (before,) = clients[2].model_statistics("raiser")
+        for _ in range(3):
+            threads = [threading.Thread(target=call, args=(clients[c], v))
+                       for c, vs in values.items() for v in vs]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            for vs in values.values():
+                for v in vs:
+                    assert outcomes[v] == (v if v > 0 else "negative input rejected"), v
+            outcomes.clear()
+        (after,) = clients[2].model_statistics("raiser")
+    finally:
+        for client in clients:
+            client.close()
+    executions = after.execution_count - before.execution_count
+    assert executions < 3 * 24 / 2, f"{executions} executions: the requests were not batched"
