@@ -45,58 +45,14 @@ if __package__ in (None, ""):  # run as a script
 
 import numpy as np
 
+from bench.procstat import host_busy_seconds, process_cpu_seconds, tree_cpu_seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 TARGETS = ("local", "grpc", "ceiling")
 A = np.arange(16, dtype=np.int32).reshape(1, 16)
 B = np.ones((1, 16), dtype=np.int32)
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-# --- /proc CPU accounting --------------------------------------------------------------------
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            text = handle.read()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2:].split()
-
-
-def tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its live descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields is not None:
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    total, stack, seen = 0, [pid], set()
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        fields = _stat(current)
-        if fields is not None:
-            total += int(fields[11]) + int(fields[12])
-            stack.extend(children.get(current, []))
-    return total / _TICK
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` alone (for shmserve: the supervisor)."""
-    fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / _TICK if fields else math.nan
-
-
-def host_busy() -> tuple[float, float]:
-    with open("/proc/stat") as handle:
-        values = [int(v) for v in handle.readline().split()[1:]]
-    idle = values[3] + values[4]
-    total = sum(values[:8])
-    return (total - idle) / _TICK, total / _TICK
 
 
 # --- the generator processes -----------------------------------------------------------------
@@ -400,14 +356,14 @@ def summarize(shares: list[Share], wall_s: float, server_cpu_s: tuple[float, flo
 
 def measure(generators: Generators, target: str, url: str, concurrency: int, args: Any,
             server_pid: int, request: bytes) -> dict[str, Any]:
-    cpu0, main0 = tree_cpu_s(server_pid), process_cpu_s(server_pid)
-    busy0, total0 = host_busy()
+    cpu0, main0 = tree_cpu_seconds(server_pid), process_cpu_seconds(server_pid)
+    busy0, total0 = host_busy_seconds()
     started = time.monotonic()
     shares = generators.run(target, url, concurrency, args.warmup, args.duration, request)
     wall = time.monotonic() - started
-    busy1, total1 = host_busy()
-    return summarize(shares, wall, (tree_cpu_s(server_pid) - cpu0,
-                                    process_cpu_s(server_pid) - main0),
+    busy1, total1 = host_busy_seconds()
+    return summarize(shares, wall, (tree_cpu_seconds(server_pid) - cpu0,
+                                    process_cpu_seconds(server_pid) - main0),
                      (busy1 - busy0, total1 - total0))
 
 
