@@ -85,13 +85,13 @@ class AsyncClient:
                  credentials: grpc.ChannelCredentials | None = None,
                  interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
                  client_id: str | None = None, transport: str | None = None,
-                 local_socket: str | None = None) -> None:
+                 local_socket: str | None = None, server_uid: int | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self.load_timeout = load_timeout
         self.client_id = client_id or new_client_id()
         self._metadata = call_metadata(self.client_id, headers)
-        plan = plan_transport(url, transport, local_socket)
+        plan = plan_transport(url, transport, local_socket, server_uid)
         self._link = AsyncLocalLink(plan) if plan is not None else None
         self._options = _channel_options(channel_options)
         self._credentials = credentials

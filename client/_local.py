@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import socket
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from shmserve.client._convert import (
 from shmserve.client.errors import ShmserveError, invalid_argument
 from shmserve.client.local_channel import AsyncLocalChannel, LocalChannel, socket_path
 from shmserve.protos import shmserve_service_pb2 as pb
+from shmserve.protos.local_socket import client_socket_path
 
 log = logging.getLogger("shmserve.client")
 
@@ -46,8 +45,8 @@ CONNECT_TIMEOUT = 5.0
 
 
 def default_socket_path(port: int) -> str:
-    """Where a server listening on gRPC ``port`` puts its socket unless told otherwise."""
-    return os.path.join(tempfile.gettempdir(), f"shmserve-{port}.sock")
+    """Where the server listening on gRPC ``port`` has its socket unless told otherwise."""
+    return client_socket_path(port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +58,11 @@ class LocalPlan:
     host: str = ""
     port: int | None = None  # the gRPC port the channel's server must report
     reason: str = ""         # why there is no socket to try (path and host empty)
+    server_uid: int | None = None  # a uid trusted to serve the socket besides ours and root
 
 
-def plan_transport(url: str, transport: str | None, local_socket: str | None
-                   ) -> LocalPlan | None:
+def plan_transport(url: str, transport: str | None, local_socket: str | None,
+                   server_uid: int | None = None) -> LocalPlan | None:
     """The local-channel plan for a url, or None for plain gRPC."""
     is_local = url.startswith("local:")
     if transport is None:
@@ -76,7 +76,7 @@ def plan_transport(url: str, transport: str | None, local_socket: str | None
         path = local_socket or socket_path(url)
         if not path:
             raise invalid_argument(f"url '{url}' names no socket path (local:///path/to.sock)")
-        return LocalPlan(path, None)
+        return LocalPlan(path, None, server_uid=server_uid)
     if transport == "grpc":
         if local_socket:
             raise invalid_argument("local_socket needs transport='shm'")
@@ -84,11 +84,11 @@ def plan_transport(url: str, transport: str | None, local_socket: str | None
     target = target_of(url)
     host, port = _split_target(target)
     if local_socket:
-        return LocalPlan(local_socket, target, host, port)
+        return LocalPlan(local_socket, target, host, port, server_uid=server_uid)
     if port is None:
         return LocalPlan("", target, reason=f"the gRPC url '{url}' names no TCP port to find "
                                             f"the server's socket by (pass local_socket=)")
-    return LocalPlan("", target, host, port)
+    return LocalPlan("", target, host, port, server_uid=server_uid)
 
 
 def _split_target(target: str) -> tuple[str, int | None]:
@@ -305,7 +305,7 @@ class LocalLink(_Link[LocalChannel]):
         path, reason = (self.path, "") if self.path else _resolve_path(self.plan)
         if path:
             try:
-                channel = LocalChannel(path, CONNECT_TIMEOUT)
+                channel = LocalChannel(path, CONNECT_TIMEOUT, self.plan.server_uid)
             except (OSError, ShmserveError) as exc:
                 reason = self._connect_failed(path, exc)
             else:
@@ -363,7 +363,8 @@ class AsyncLocalLink(_Link[AsyncLocalChannel]):
                 None, _resolve_path, self.plan)
         if path:
             try:
-                channel = await AsyncLocalChannel.connect(path, CONNECT_TIMEOUT)
+                channel = await AsyncLocalChannel.connect(path, CONNECT_TIMEOUT,
+                                                              self.plan.server_uid)
             except (OSError, ShmserveError) as exc:
                 reason = self._connect_failed(path, exc)
             else:

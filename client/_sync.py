@@ -81,6 +81,8 @@ class Client:
     shmserve's local shared-memory channel. ``transport="shm"`` with a gRPC url uses the local
     channel of that server (found at ``local_socket`` or the server's default socket path),
     falling back to gRPC with one log line when it cannot be opened; see docs/client.md.
+    Before sending anything there, the client checks who serves the socket: its own user,
+    root, the owner of a directory only that owner can write, or ``server_uid``.
     ``timeout`` is the default deadline in seconds of every call but load/unload
     (``load_timeout``); ``None`` means no deadline. ``headers`` are sent with every gRPC call,
     as is the ``shmserve-client-id`` header that scopes "unregister all" to this client's
@@ -95,13 +97,13 @@ class Client:
                  credentials: grpc.ChannelCredentials | None = None,
                  interceptors: Sequence[Any] | None = None,
                  client_id: str | None = None, transport: str | None = None,
-                 local_socket: str | None = None) -> None:
+                 local_socket: str | None = None, server_uid: int | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self.load_timeout = load_timeout
         self.client_id = client_id or new_client_id()
         self._metadata = call_metadata(self.client_id, headers)
-        plan = plan_transport(url, transport, local_socket)
+        plan = plan_transport(url, transport, local_socket, server_uid)
         self._link = LocalLink(plan) if plan is not None else None
         self._options = _channel_options(channel_options)
         self._credentials = credentials

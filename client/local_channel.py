@@ -33,6 +33,7 @@ import msgpack
 
 from shmserve.client.errors import ShmserveError
 from shmserve.protos.local_ring import MessageTooLarge, Ring, RingFull, layout
+from shmserve.protos.local_socket import check_server
 
 __all__ = ["AsyncLocalChannel", "LocalChannel", "MessageTooLarge", "socket_path"]
 
@@ -147,12 +148,14 @@ class LocalChannel:
     """Thread-safe. No reader thread: a waiting caller becomes the reader (leader/follower),
     so a lone caller reads its own reply without any thread switch."""
 
-    def __init__(self, path: str, connect_timeout: float = 5.0) -> None:
+    def __init__(self, path: str, connect_timeout: float = 5.0,
+                 server_uid: int | None = None) -> None:
         self.path = path
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(connect_timeout)
         try:
             sock.connect(path)
+            check_server(sock, path, server_uid)
             self.hello, self._memory, self._requests, self._responses = _handshake(sock)
         except BaseException:
             sock.close()
@@ -372,13 +375,15 @@ class AsyncLocalChannel:
         self._loop.add_reader(sock.fileno(), self._readable)
 
     @classmethod
-    async def connect(cls, path: str, connect_timeout: float = 5.0) -> AsyncLocalChannel:
+    async def connect(cls, path: str, connect_timeout: float = 5.0,
+                      server_uid: int | None = None) -> AsyncLocalChannel:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             async with asyncio.timeout(connect_timeout):
                 await loop.sock_connect(sock, path)
+                check_server(sock, path, server_uid)
                 hello, memory, requests, responses = await _async_handshake(loop, sock)
         except TimeoutError:
             sock.close()

@@ -64,12 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ServerReady requires every model ready (default true)")
     serve.add_argument("--shm-key-prefix", default=None,
                        help="only allow registering system shm keys with this prefix")
+    serve.add_argument("--allow-client-shm", type=_bool, nargs="?", const=True, default=False,
+                       metavar="BOOL",
+                       help="let gRPC clients register shared-memory regions (default false; "
+                            "any gRPC client can then use the server user's segments, see "
+                            "docs/security.md; the local channel checks its peer instead)")
+    serve.add_argument("--shm-allow-foreign-owners", type=_bool, nargs="?", const=True,
+                       default=False, metavar="BOOL",
+                       help="with --allow-client-shm: also segments owned by other users "
+                            "than the server's (default false)")
     serve.add_argument("--grpc-restricted-protocol", type=_restriction, action="append",
                        default=[], metavar="GROUPS:KEY=VALUE",
                        help="require header triton-grpc-protocol-KEY: VALUE for these groups")
     serve.add_argument("--local-socket", default="",
                        help="Unix socket of the local shared-memory channel (default "
-                            "<tmpdir>/shmserve-<grpc port>.sock; 'none' disables it)")
+                            "shmserve-<grpc port>.sock in $RUNTIME_DIRECTORY, /run/shmserve "
+                            "for root, or <tmpdir>/shmserve-<uid>/; 'none' disables it)")
     serve.add_argument("--pipeline-depth", type=int, default=2, metavar="N",
                        help="batches sent ahead to each model instance, so it never waits for "
                             "the next one (1 = only when idle, as tritonserver does)")
@@ -90,6 +100,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         exit_timeout_secs=args.exit_timeout_secs,
         repoagent_directory=args.repoagent_directory, log_verbose=args.log_verbose,
         strict_readiness=args.strict_readiness, shm_key_prefix=args.shm_key_prefix,
+        allow_client_shm=args.allow_client_shm,
+        shm_allow_foreign_owners=args.shm_allow_foreign_owners,
         restricted_protocols=args.grpc_restricted_protocol, local_socket=args.local_socket,
         pipeline_depth=max(1, args.pipeline_depth),
         worker_busy_poll_us=max(0, args.worker_busy_poll_us))

@@ -5,8 +5,22 @@ from __future__ import annotations
 import grpc
 
 
+# Longest error text sent to a client: a message echoing a 10,000-character name or listing
+# thousands of inputs would pass the client's metadata limit (RESOURCE_EXHAUSTED instead of
+# the real error). Longer texts keep their start and end.
+MAX_MESSAGE_CHARS = 1024
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    if len(message) <= limit:
+        return message
+    cut = len(message) - limit
+    return f"{message[:limit * 3 // 4]}... ({cut} characters cut) ...{message[-limit // 4:]}"
+
+
 class ServeError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.code = code
         self.message = message

@@ -20,6 +20,8 @@ class Settings:
     log_verbose: int = 0
     strict_readiness: bool = True
     shm_key_prefix: str | None = None
+    allow_client_shm: bool = False          # register client shm over gRPC (docs/security.md)
+    shm_allow_foreign_owners: bool = False  # ... also segments another uid owns
     local_socket: str = ""                  # "" = <tmpdir>/shmserve-<grpc port>.sock, "none" = off
     restricted_protocols: list[tuple[set[str], str, str]] = field(default_factory=list)
     pipeline_depth: int = 2                 # batches sent ahead to each instance

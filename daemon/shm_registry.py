@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import itertools
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import posix_ipc
 
 from shmserve.daemon.errors import (
     already_exists,
     internal,
     invalid_argument,
     not_found,
+    unavailable,
 )
 from shmserve.workers.shm import is_reserved_key
 
@@ -52,25 +52,43 @@ class Region:
     unregistered: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class ShmPolicy:
+    """Who may register what (docs/security.md). gRPC and HTTP carry no identity, so a
+    registration through them is allowed only when the server was started to trust its
+    network clients with shared memory, and then only for segments owned by the server's own
+    user unless foreign owners are allowed too. A local channel knows its peer's uid
+    (SO_PEERCRED) and registers only that user's segments (root's channels any)."""
+
+    allow_client_shm: bool = False
+    allow_foreign_owners: bool = False
+    key_prefix: str | None = None
+
+
+# Longest POSIX shm name Linux takes: NAME_MAX (255) bytes after the leading slash.
+MAX_KEY_BYTES = 255
+
+
 class ShmRegistry:
     def __init__(self, on_released: Callable[[list[int]], None],
-                 key_prefix: str | None = None, gpu_ids: list[int] | None = None) -> None:
+                 policy: ShmPolicy | None = None, gpu_ids: list[int] | None = None) -> None:
         self._regions: dict[str, Region] = {}
         self._on_released = on_released
-        self._key_prefix = canonical_key(key_prefix) if key_prefix else None
+        self._policy = policy or ShmPolicy()
+        self._key_prefix = canonical_key(self._policy.key_prefix) \
+            if self._policy.key_prefix else None
         self._gpu_ids = gpu_ids or []
 
     # --- registration -------------------------------------------------------------------
     def register_system(self, name: str, key: str, offset: int, byte_size: int,
-                        owner: str = "") -> None:
+                        owner: str = "", peer_uid: int | None = None) -> None:
+        """``peer_uid``: the connected user of a local channel; None for gRPC and HTTP."""
+        self._check_door(name, peer_uid)
         self._check_new_name(name)
         if name.startswith(PRIVATE_PREFIX) and not owner.startswith("local:"):
             raise invalid_argument(f"cannot register shared memory region '{name}' - names "
                                    f"beginning with '{PRIVATE_PREFIX}' are reserved")
-        if not key.strip("/"):
-            raise invalid_argument(
-                f"cannot register shared memory region '{name}' - invalid shm key '{key}'")
-        canonical = canonical_key(key)
+        canonical = checked_key(name, key)
         if is_reserved_key(canonical):
             raise invalid_argument(
                 f"cannot register shared memory region '{name}' - shm key '{key}' uses a "
@@ -79,14 +97,36 @@ class ShmRegistry:
             raise invalid_argument(
                 f"cannot register shared memory region '{name}' - shm key '{key}' does not "
                 f"start with the allowed prefix '{self._key_prefix}'")
-        segment_size = _segment_size(canonical, key)
+        segment_uid, segment_size = _segment_owner_and_size(canonical, key)
+        self._check_segment_owner(name, key, segment_uid, peer_uid)
         if offset < 0 or byte_size <= 0 or offset + byte_size > segment_size:
             raise invalid_argument(f"failed to register shared memory region '{name}': "
                                    f"invalid args")
         self._add(Region(name, "system", canonical, offset, byte_size, owner))
 
+    def _check_door(self, name: str, peer_uid: int | None) -> None:
+        if peer_uid is None and not self._policy.allow_client_shm:
+            raise unavailable(
+                f"cannot register shared memory region '{name}' - client shared memory is "
+                f"disabled on this server (start it with --allow-client-shm to register "
+                f"regions over gRPC or HTTP; co-located clients can use the local channel)")
+
+    def _check_segment_owner(self, name: str, key: str, segment_uid: int,
+                             peer_uid: int | None) -> None:
+        if peer_uid is None:
+            if segment_uid == os.geteuid() or self._policy.allow_foreign_owners:
+                return
+            raise invalid_argument(
+                f"cannot register shared memory region '{name}' - shm key '{key}' belongs to "
+                f"another user than the server's (start the server with "
+                f"--shm-allow-foreign-owners to allow it)")
+        if peer_uid not in (0, segment_uid):
+            raise invalid_argument(f"cannot register shared memory region '{name}' - shm key "
+                                   f"'{key}' belongs to another user")
+
     def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int,
-                      owner: str = "") -> None:
+                      owner: str = "", peer_uid: int | None = None) -> None:
+        self._check_door(name, peer_uid)
         self._check_new_name(name)
         if len(raw_handle) != CUDA_HANDLE_SIZE or byte_size <= 0 or device_id < 0:
             raise invalid_argument(f"failed to register shared memory region '{name}': "
@@ -167,13 +207,40 @@ class ShmRegistry:
         return counts
 
 
-def _segment_size(canonical: str, key: str) -> int:
+def checked_key(name: str, key: str) -> str:
+    """The canonical form of a client's shm key, checked before any library or system call
+    sees it (an embedded NUL crashes posix_ipc; a slash would make a path out of the key).
+    Keys shm_open itself would refuse get shm_open's answer, as Triton reports it."""
+    canonical = canonical_key(key)
+    body = canonical[1:]
+    if not body or "\x00" in key:
+        raise invalid_argument(f"cannot register shared memory region '{name}' - invalid shm "
+                               f"key {printable(key)}")
+    if "/" in body or body in (".", "..") or \
+            len(body.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise internal(f"Unable to open shared memory region: {printable(key)}")
+    return canonical
+
+
+def printable(text: str, limit: int = 400) -> str:
+    """A client-supplied string safe to quote in an error: control characters escaped and
+    long texts cut."""
+    shown = text if len(text) <= limit else text[:limit] + "..."
+    return repr(shown) if not shown.isprintable() else f"'{shown}'"
+
+
+def _segment_owner_and_size(canonical: str, key: str) -> tuple[int, int]:
+    """Open the segment as shm_open would (no symlinks) and read its owner and size from
+    the open file, so what is checked is what was opened."""
     try:
-        shm = posix_ipc.SharedMemory(canonical)
-    except (posix_ipc.Error, OSError, ValueError):
+        fd = os.open("/dev/shm" + canonical,
+                     os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except (OSError, ValueError):
         raise internal(f"Unable to open shared memory region: '{key}'") from None
     try:
-        return os.fstat(shm.fd).st_size
+        info = os.fstat(fd)
     finally:
-        shm.close_fd()
-
+        os.close(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise internal(f"Unable to open shared memory region: '{key}'")
+    return info.st_uid, info.st_size

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import signal
-import tempfile
 
 import grpc
 
@@ -26,8 +25,14 @@ from shmserve.daemon.metrics import MetricsServer
 from shmserve.daemon.model_config import detect_gpus
 from shmserve.daemon.models import ModelManager
 from shmserve.daemon.settings import Settings
-from shmserve.daemon.shm_registry import ShmRegistry
+from shmserve.daemon.shm_registry import ShmPolicy, ShmRegistry
 from shmserve.daemon.worker_process import start_fork_server
+from shmserve.protos.local_socket import (
+    prepare_socket_dir,
+    server_socket_dir,
+    socket_name,
+    writable_by_others,
+)
 from shmserve.workers.shm import remove_arenas
 
 log = logging.getLogger("shmserve")
@@ -60,7 +65,9 @@ class Supervisor:
         await loop.run_in_executor(None, start_fork_server)
         gpu_ids = detect_gpus()
         models = ModelManager(settings, self.pid, gpu_ids)
-        registry = ShmRegistry(models.release_regions, settings.shm_key_prefix, gpu_ids)
+        policy = ShmPolicy(settings.allow_client_shm, settings.shm_allow_foreign_owners,
+                           settings.shm_key_prefix)
+        registry = ShmRegistry(models.release_regions, policy, gpu_ids)
         state = ServerState(settings, models, registry)
         metrics = MetricsServer(models, settings.grpc_address, settings.metrics_port,
                                 registry) if settings.allow_metrics else None
@@ -84,7 +91,14 @@ class Supervisor:
         await server.start()
         host = settings.grpc_address
         log.info("Started GRPCInferenceService at %s:%d", host, self.bound_port)
-        local = await self._start_local(service)
+        try:
+            local = await self._start_local(service)
+        except OSError as exc:
+            log.error("cannot start the local channel: %s", exc)
+            await server.stop(0)
+            if metrics is not None:
+                await metrics.stop()
+            return 1
         for name in ("SIGTERM", "SIGINT", "SIGHUP"):
             loop.add_signal_handler(getattr(signal, name), self._signals.put_nowait, name)
         try:
@@ -115,7 +129,15 @@ class Supervisor:
         path = self.settings.local_socket
         if path == "none":
             return None
-        path = path or os.path.join(tempfile.gettempdir(), f"shmserve-{self.bound_port}.sock")
+        if path:
+            if writable_by_others(os.path.dirname(os.path.abspath(path))):
+                log.warning("the local socket %s is in a directory other users can write; "
+                            "clients of other users will refuse it (see docs/security.md)",
+                            path)
+        else:
+            directory, mode = server_socket_dir()
+            prepare_socket_dir(directory, mode)
+            path = os.path.join(directory, socket_name(self.bound_port))
         grpc_host = self.settings.grpc_address
         grpc_host = "127.0.0.1" if grpc_host in ("0.0.0.0", "::", "[::]") else grpc_host
         local = LocalFrontend(service, path, f"{grpc_host}:{self.bound_port}")

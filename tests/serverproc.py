@@ -39,7 +39,11 @@ def build_repository(target: Path, models: Sequence[str]) -> Path:
 
 
 class ServerProcess:
-    """``shmserve serve`` on 127.0.0.1 and a free port; stopped with SIGTERM."""
+    """``shmserve serve`` on 127.0.0.1 and a free port; stopped with SIGTERM.
+
+    Client shared memory over gRPC is on (``--allow-client-shm``) unless ``extra`` says
+    otherwise: most suites register regions over gRPC as Triton's clients do.
+    """
 
     def __init__(self, repository: Path, *extra: str, log_path: Path | None = None) -> None:
         self.repository = repository
@@ -48,6 +52,8 @@ class ServerProcess:
         self.log_path = log_path or repository.parent / f"server-{self.port}.log"
         self._log = open(self.log_path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if not any(arg.startswith("--allow-client-shm") for arg in extra):
+            extra = ("--allow-client-shm", *extra)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "shmserve.daemon", "serve", "--model-repository",
              str(repository), "--grpc-address", "127.0.0.1", "--grpc-port", str(self.port),

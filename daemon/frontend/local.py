@@ -143,10 +143,14 @@ class LocalChannel(asyncio.Protocol):
                 self._infer(message)
                 return
             if op == "register":
-                self._check_owner(message["name"], message["key"])
-                registry.register_system(_region_name(self.channel_id, message["name"]),
-                                         message["key"], message.get("offset", 0),
-                                         message["byte_size"], self.owner)
+                name, key = message["name"], message["key"]
+                offset, byte_size = message.get("offset", 0), message["byte_size"]
+                if not (isinstance(name, str) and isinstance(key, str)
+                        and type(offset) is int and type(byte_size) is int):
+                    raise invalid_argument("register: name and key must be strings, offset "
+                                           "and byte_size integers")
+                registry.register_system(_region_name(self.channel_id, name), key, offset,
+                                         byte_size, self.owner, self.peer_uid)
             elif op == "unregister":
                 name = message.get("name", "")
                 if name:
@@ -171,19 +175,6 @@ class LocalChannel(asyncio.Protocol):
             self._reply({"id": request_id})
         except ServeError as exc:
             self._reply_error(request_id, exc)
-
-    def _check_owner(self, name: str, key: str) -> None:
-        """A channel registers only its own user's segments (root's channels any segment):
-        the server must not read or write another user's memory on a client's behalf."""
-        if self.peer_uid == 0:
-            return
-        try:
-            owner = os.stat(os.path.join("/dev/shm", key.lstrip("/"))).st_uid
-        except OSError:
-            return  # no such segment: the registry reports it
-        if owner != self.peer_uid:
-            raise invalid_argument(f"cannot register shared memory region '{name}' - shm key "
-                                   f"'{key}' belongs to another user")
 
     def _infer(self, message: dict[str, Any]) -> None:
         """Queue an infer request; the scheduler answers it through ``_answered`` (no task

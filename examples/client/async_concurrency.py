@@ -18,7 +18,8 @@ CONCURRENCY = 32
 
 
 async def main() -> None:
-    async with AsyncClient(URL) as client, client.shared_memory(1 << 20) as region:
+    async with AsyncClient(URL, transport="shm") as client, \
+            client.shared_memory(1 << 20) as region:
         ones = region.copy(np.ones((1, 16), dtype=np.int32))
         inputs = [region.copy(np.full((1, 16), i, dtype=np.int32)) for i in range(CONCURRENCY)]
         sums = [region.ndarray((1, 16), np.int32) for _ in range(CONCURRENCY)]

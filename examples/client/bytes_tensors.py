@@ -15,7 +15,7 @@ URL = os.environ.get("SHMSERVE_URL", "127.0.0.1:8001")
 
 
 def main() -> None:
-    with Client(URL) as client, client.shared_memory(1 << 16) as region:
+    with Client(URL, transport="shm") as client, client.shared_memory(1 << 16) as region:
         # Each element is written as a uint32 little-endian length and the bytes.
         text = region.bytes_tensor(["zero", "copy", "strings"], shape=(1, 3))
         # A BYTES output's size is not known in advance: give it a byte buffer.

@@ -19,7 +19,8 @@ N = 4 * 1024 * 1024  # 16 MiB of float32
 
 
 def main() -> None:
-    with Client(URL) as client, client.shared_memory(2 * N * 4 + 4096) as region:
+    # transport="shm": the local channel (regions over gRPC need --allow-client-shm)
+    with Client(URL, transport="shm") as client, client.shared_memory(2 * N * 4 + 4096) as region:
         x = region.ndarray(N, np.float32)   # lives in the segment
         x[:] = np.random.default_rng(0).random(N, dtype=np.float32)
         y = region.ndarray(N, np.float32)   # the server writes the output here
