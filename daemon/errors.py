@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import grpc
 
-
 # Longest error text sent to a client: a message echoing a 10,000-character name or listing
 # thousands of inputs would pass the client's metadata limit (RESOURCE_EXHAUSTED instead of
 # the real error). Longer texts keep their start and end.

@@ -81,25 +81,33 @@ def serialize_bytes_tensor(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+#: Most elements one BYTES tensor may hold (a zero-length element costs 4 bytes: 64 MiB).
+MAX_BYTES_ELEMENTS = 1 << 24
+_U32 = struct.Struct("<I")
+
+
 def deserialize_bytes_tensor(buffer: bytes | memoryview | np.ndarray,
                              count: int | None = None) -> np.ndarray:
     """Parse the BYTES layout into a 1-D object array; raises ValueError on malformed input.
 
     With ``count`` the buffer must hold exactly that many elements.
     """
-    view = memoryview(buffer).cast("B")
-    total = len(view)
+    data = buffer if isinstance(buffer, bytes) else memoryview(buffer).cast("B")
+    total = len(data)
+    if count is not None and total < 4 * count:
+        raise ValueError(f"expected {count} elements, found fewer")
+    unpack = _U32.unpack_from
     items: list[bytes] = []
+    append = items.append
     pos = 0
     while pos < total:
         if pos + 4 > total:
             raise ValueError("truncated length prefix")
-        (length,) = struct.unpack_from("<I", view, pos)
-        pos += 4
-        if pos + length > total:
+        end = pos + 4 + unpack(data, pos)[0]
+        if end > total:
             raise ValueError("element length exceeds the buffer")
-        items.append(bytes(view[pos:pos + length]))
-        pos += length
+        append(bytes(data[pos + 4:end]))
+        pos = end
         if count is not None and len(items) > count:
             raise ValueError(f"expected {count} elements, found more")
     if count is not None and len(items) != count:

@@ -78,7 +78,8 @@ class InputResolver:
                 flat = deserialize_bytes_tensor(data, element_count(ref.shape))
             except ValueError as exc:
                 raise BackendError(
-                    f"failed to parse BYTES input '{ref.name}': {exc}", "INVALID_ARGUMENT"
+                    f"malformed BYTES data for inference input '{ref.name}': {exc}",
+                    "INVALID_ARGUMENT"
                 ) from exc
             return flat.reshape(ref.shape)
         dtype = _NUMPY_DTYPES.get(datatype)

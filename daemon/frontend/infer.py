@@ -22,6 +22,7 @@ from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos.datatypes import (
     CONFIG_TO_V2,
     ELEMENT_SIZE,
+    MAX_BYTES_ELEMENTS,
     deserialize_bytes_tensor,
     element_count,
 )
@@ -225,9 +226,20 @@ def _byte_size_mismatch(tensor: str, model: str, expected: int, got: int) -> Ser
                             f"'{model}'. Expected {expected}, got {got}")
 
 
+# BYTES payloads up to this size are parsed here; larger ones get O(1) checks here and are
+# parsed by the worker (the event loop never walks millions of elements).
+BYTES_CHECKED_ON_LOOP = 64 << 10
+
+
 def _check_bytes_tensor(tensor: str, model: str, data: bytes | memoryview, count: int) -> None:
+    if count > MAX_BYTES_ELEMENTS:
+        raise invalid_argument(f"BYTES input '{tensor}' for model '{model}' has {count} "
+                               f"elements, more than the {MAX_BYTES_ELEMENTS} allowed per tensor")
     try:
-        deserialize_bytes_tensor(data, count)
+        if len(data) <= BYTES_CHECKED_ON_LOOP:
+            deserialize_bytes_tensor(data, count)
+        elif len(data) < 4 * count:
+            raise ValueError(f"expected {count} elements, found fewer")
     except ValueError as exc:
         raise invalid_argument(f"malformed BYTES data for inference input '{tensor}' for model "
                                f"'{model}': {exc}") from None
