@@ -21,6 +21,7 @@ from shmserve.daemon.frontend.service import (
     ServerState,
     generic_handlers,
 )
+from shmserve.daemon.leftovers import end_leftovers
 from shmserve.daemon.metrics import MetricsServer
 from shmserve.daemon.model_config import detect_gpus
 from shmserve.daemon.models import ModelManager
@@ -33,6 +34,7 @@ from shmserve.protos.local_socket import (
     socket_name,
     writable_by_others,
 )
+from shmserve.workers.lineage import SUPERVISOR_ENV
 from shmserve.workers.shm import remove_arenas
 
 log = logging.getLogger("shmserve")
@@ -58,11 +60,15 @@ class Supervisor:
 
     async def run(self) -> int:
         settings = self.settings
+        end_leftovers()  # before the arenas: a leftover worker could still write one
         stale = remove_arenas(None)
         if stale:
             log.info("removed %d arena segment(s) left by dead servers", len(stale))
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, start_fork_server)
+        # On this thread, not an executor's: the fork server dies with the thread that
+        # started it (PR_SET_PDEATHSIG), and only the main thread lives as long as we do.
+        os.environ[SUPERVISOR_ENV] = str(self.pid)
+        start_fork_server()
         gpu_ids = detect_gpus()
         models = ModelManager(settings, self.pid, gpu_ids)
         policy = ShmPolicy(settings.allow_client_shm, settings.shm_allow_foreign_owners,

@@ -3,10 +3,14 @@ loop, error texts stay bounded. Real servers, tritonclient as the client."""
 
 from __future__ import annotations
 
+import os
+import signal
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,7 +21,8 @@ from tritonclient.utils import InferenceServerException
 from shmserve.daemon.errors import MAX_MESSAGE_CHARS
 from shmserve.protos import shmserve_service_pb2 as pb
 from shmserve.protos.datatypes import MAX_BYTES_ELEMENTS
-from shmserve.tests.serverproc import ServerProcess
+from shmserve.tests.serverproc import ServerProcess, arena_segments, build_repository
+from shmserve.workers.lineage import SUPERVISOR_ENV
 
 StartServer = Callable[..., ServerProcess]
 
@@ -103,3 +108,90 @@ def test_error_texts_are_bounded(start_server: StartServer) -> None:
         assert len(info.value.message()) <= MAX_MESSAGE_CHARS + 40
     finally:
         client.close()
+
+
+# --- 6. nothing outlives a SIGKILLed supervisor ----------------------------------------------
+def descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.add(child)
+                    pending.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_sigkilled_supervisor_leaves_no_process_behind(start_server: StartServer,
+                                                          tmp_path: Path) -> None:
+    """A worker busy in execute and a SIGSTOPped one used to stay alive (reparented to pid 1)
+    with the fork server and the resource tracker."""
+    repository = build_repository(tmp_path / "repo", ["simple", "sleeper"])
+    server = start_server(repository=repository)
+    children = descendants(server.pid)
+    fork_server = next(pid for pid in children if descendants(pid))
+    workers = descendants(fork_server)
+    assert len(workers) == 2 and len(children) >= 4, children  # + tracker, fork server
+    busy = threading.Thread(target=_sleep_request, args=(server, 60.0), daemon=True)
+    busy.start()
+    time.sleep(1.0)  # the sleeper is now inside execute
+    stopped = min(workers)
+    os.kill(stopped, signal.SIGSTOP)
+    os.kill(server.pid, signal.SIGKILL)
+    server.process.wait(10)
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [pid for pid in children if alive(pid)] == []
+    # the next start removes the dead server's arenas
+    again = start_server(repository=repository)
+    assert arena_segments(server.pid) == []
+    assert again.process.poll() is None
+
+
+def _sleep_request(server: ServerProcess, seconds: float) -> None:
+    client = grpcclient.InferenceServerClient(server.url)
+    tensor = grpcclient.InferInput("SECONDS", [1], "FP32")
+    tensor.set_data_from_numpy(np.array([seconds], np.float32))
+    try:
+        client.infer("sleeper", [tensor], client_timeout=seconds + 30)
+    except InferenceServerException:
+        pass
+    finally:
+        client.close()
+
+
+def test_a_new_start_ends_what_a_dead_server_left(start_server: StartServer) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = subprocess.Popen(["sleep", "300"],
+                                env=dict(os.environ, **{SUPERVISOR_ENV: str(dead.pid)}))
+    bystander = subprocess.Popen(["sleep", "300"])  # not marked: not ours to end
+    try:
+        server = start_server(["simple"])
+        assert leftover.wait(10) == -signal.SIGKILL
+        assert bystander.poll() is None
+        assert f"ended 1 process(es) left by dead shmserve server(s): {leftover.pid}" in \
+            server.log()
+    finally:
+        for process in (leftover, bystander):
+            process.kill()
+            process.wait()
