@@ -243,12 +243,34 @@ class _Link(Generic[AnyChannel]):
             self._channel = None
         return None
 
+    def _known_path(self) -> tuple[str, str] | None:
+        """(socket path, "") or ("", why there is none) when known without resolving a host
+        name; None when ``_resolve_path`` must find it."""
+        if self.path or self.plan.path:
+            return self.path or self.plan.path, ""
+        return ("", self.plan.reason) if self.plan.reason else None
+
     def _connect_failed(self, path: str, exc: OSError | ShmserveError) -> str:
         """Why the channel could not be opened (for the fallback), or raise UNAVAILABLE when
         there is nothing to fall back to or the channel worked before."""
         if self._opened_once or self._grpc_target is None:
             raise _unavailable(path, exc) from None
         return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+    def _accept(self, path: str, channel: AnyChannel | None, reason: str
+                ) -> list[dict[str, Any]] | None:
+        """After a connection attempt (``channel``, or None and why not): the registrations
+        to replay on the channel before the link uses it, or None when the client falls back
+        to gRPC (logged once; a refused channel is closed). Raises UNAVAILABLE when a channel
+        that worked before is refused."""
+        if channel is not None:
+            reason = self._refused(path, channel)
+            if not reason:
+                return self.registrations.messages() if self._adopt(path, channel) else []
+        assert self._grpc_target is not None
+        _log_fallback(path, reason, self._grpc_target)
+        self.fell_back = True
+        return None
 
     def _refused(self, path: str, channel: AnyChannel) -> str:
         """Why the server's hello is not acceptable ('' when it is; the channel is closed
@@ -259,11 +281,6 @@ class _Link(Generic[AnyChannel]):
             if self._opened_once:
                 raise ShmserveError(grpc.StatusCode.UNAVAILABLE, reason)
         return reason
-
-    def _fall_back(self, path: str, reason: str) -> None:
-        assert self._grpc_target is not None
-        _log_fallback(path, reason, self._grpc_target)
-        self.fell_back = True
 
     def _adopt(self, path: str, channel: AnyChannel) -> bool:
         """Take ``channel`` as the link's; True when regions must be registered again on it."""
@@ -278,6 +295,17 @@ class _Link(Generic[AnyChannel]):
         log.warning("region '%s' could not be registered again on the new local channel: %s",
                     message["name"], exc)
         self.registrations.discard(message["name"])
+
+    def _detach(self) -> AnyChannel | None:
+        """Close the link for good; the channel to close."""
+        self._closed = True
+        channel, self._channel = self._channel, None
+        return channel
+
+    def close(self) -> None:
+        channel = self._detach()
+        if channel is not None:
+            channel.close()
 
 
 class LocalLink(_Link[LocalChannel]):
@@ -302,25 +330,23 @@ class LocalLink(_Link[LocalChannel]):
             return self._reusable() or self._open()
 
     def _open(self) -> LocalChannel | None:
-        path, reason = (self.path, "") if self.path else _resolve_path(self.plan)
+        path, reason = self._known_path() or _resolve_path(self.plan)
+        channel = None
         if path:
             try:
                 channel = LocalChannel(path, CONNECT_TIMEOUT)
             except (OSError, ShmserveError) as exc:
                 reason = self._connect_failed(path, exc)
-            else:
-                reason = self._refused(path, channel)
-                if not reason:
-                    if self._adopt(path, channel):
-                        for message in self.registrations.messages():
-                            try:
-                                channel.call(message, CONNECT_TIMEOUT)
-                            except ShmserveError as exc:
-                                self._replay_failed(message, exc)
-                    self._channel = channel
-                    return channel
-        self._fall_back(path, reason)
-        return None
+        replay = self._accept(path, channel, reason)
+        if replay is None or channel is None:
+            return None
+        for message in replay:
+            try:
+                channel.call(message, CONNECT_TIMEOUT)
+            except ShmserveError as exc:
+                self._replay_failed(message, exc)
+        self._channel = channel
+        return channel
 
     def grpc_target(self) -> str:
         """The gRPC address: the url's, or the one the server names in the handshake."""
@@ -329,12 +355,9 @@ class LocalLink(_Link[LocalChannel]):
         assert self._grpc_target is not None
         return self._grpc_target
 
-    def close(self) -> None:
+    def _detach(self) -> LocalChannel | None:
         with self._lock:
-            self._closed = True
-            channel, self._channel = self._channel, None
-        if channel is not None:
-            channel.close()
+            return super()._detach()
 
 
 class AsyncLocalLink(_Link[AsyncLocalChannel]):
@@ -356,41 +379,33 @@ class AsyncLocalLink(_Link[AsyncLocalChannel]):
             return self._reusable() or await self._open()
 
     async def _open(self) -> AsyncLocalChannel | None:
-        if self.path or self.plan.path:
-            path, reason = self.path or self.plan.path, ""
-        else:  # may resolve a host name: not on the loop
-            path, reason = await asyncio.get_running_loop().run_in_executor(
-                None, _resolve_path, self.plan)
+        known = self._known_path()
+        if known is None:  # resolving a host name may block: not on the loop
+            known = await asyncio.get_running_loop().run_in_executor(None, _resolve_path,
+                                                                     self.plan)
+        path, reason = known
+        channel = None
         if path:
             try:
                 channel = await AsyncLocalChannel.connect(path, CONNECT_TIMEOUT)
             except (OSError, ShmserveError) as exc:
                 reason = self._connect_failed(path, exc)
-            else:
-                reason = self._refused(path, channel)
-                if not reason:
-                    if self._adopt(path, channel):
-                        for message in self.registrations.messages():
-                            try:
-                                await channel.call(message, CONNECT_TIMEOUT)
-                            except ShmserveError as exc:
-                                self._replay_failed(message, exc)
-                    self._channel = channel
-                    return channel
-        self._fall_back(path, reason)
-        return None
+        replay = self._accept(path, channel, reason)
+        if replay is None or channel is None:
+            return None
+        for message in replay:
+            try:
+                await channel.call(message, CONNECT_TIMEOUT)
+            except ShmserveError as exc:
+                self._replay_failed(message, exc)
+        self._channel = channel
+        return channel
 
     async def grpc_target(self) -> str:
         if self._grpc_target is None:
             await self.channel()
         assert self._grpc_target is not None
         return self._grpc_target
-
-    def close(self) -> None:
-        self._closed = True
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            channel.close()
 
 
 # --- messages -----------------------------------------------------------------------------------
