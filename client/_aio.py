@@ -35,18 +35,19 @@ from shmserve.client._core import (
     ClientCore,
     RegionContext,
     Stubs,
-    channel_gone,
-    stream_result,
     stubs_on,
-    unregister_message,
 )
 from shmserve.client._local import (
     AsyncLocalLink,
+    StreamState,
+    channel_gone,
     infer_message,
     register_message,
     status_from_reply,
     status_message,
+    stream_result,
     too_large,
+    unregister_message,
 )
 from shmserve.client._unary import Unary
 from shmserve.client._wire import decode_infer_response
@@ -234,7 +235,7 @@ class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
         iterable yields them, this generator yields the answers in completion order."""
         deadline = None if timeout is None else time.monotonic() + timeout
         queue: asyncio.Queue[StreamResult | None] = asyncio.Queue()
-        stream = _LocalStream()
+        stream = StreamState()
 
         def answer(index: int, request_id: str, region_outputs: dict[str, np.ndarray]
                    ) -> Callable[[asyncio.Future[dict[str, Any]]], None]:
@@ -353,18 +354,17 @@ class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
 
     async def unregister_system_shared_memory(self, name: str = "",
                                               timeout: float | None = UNSET) -> None:
-        if self._unregisters_by_grpc(name):
+        if self.transport == "grpc":
             await self._unary(rpc.shm_unregister(name), timeout)
             return
         assert self._link is not None
-        channel = self._link.current()
-        if channel is None:
-            return  # no channel, so nothing registered on it: its regions went with it
-        try:
-            await channel.call(unregister_message(name), self._deadline(timeout))
-        except ShmserveError as exc:
-            if not channel_gone(exc):
-                raise
+        channel = self._link.forget(name)
+        if channel is not None:
+            try:
+                await channel.call(unregister_message(name), self._deadline(timeout))
+            except ShmserveError as exc:
+                if not channel_gone(exc):
+                    raise
 
 
 async def _enumerate(items: AnyIterable[T]) -> AsyncIterator[tuple[int, T]]:
@@ -378,17 +378,6 @@ async def _enumerate(items: AnyIterable[T]) -> AsyncIterator[tuple[int, T]]:
         for item in items:
             yield index, item
             index += 1
-
-
-class _LocalStream:
-    """State shared by a local stream's sending task and its reading generator."""
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        self.outstanding = 0
-        self.producing = True
-        self.broken: BaseException | None = None
-        self.failure: BaseException | None = None
 
 
 class _AsyncRegionContext(RegionContext[AsyncClient]):

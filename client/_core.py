@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
-import numpy as np
 
 from shmserve.client._common import (
     DEFAULT_TIMEOUT,
@@ -27,7 +26,6 @@ from shmserve.client._common import (
     UNARY_RPCS,
     RegionSet,
     StreamRequest,
-    StreamResult,
     call_metadata,
     method_path,
     new_client_id,
@@ -35,14 +33,13 @@ from shmserve.client._common import (
     target_of,
 )
 from shmserve.client._common import channel_options as _channel_options
-from shmserve.client._convert import InputValue, Outputs, ParameterValue, read_reply_outputs
+from shmserve.client._convert import InputValue, Outputs, ParameterValue
 from shmserve.client._local import (
     LocalPlan,
     LocalRequest,
     _Link,
     infer_message,
     plan_transport,
-    stream_error,
     stream_item,
     too_large,
 )
@@ -86,31 +83,6 @@ def stubs_on(target: str, owned: ChannelT, channel: Any) -> Stubs[ChannelT]:
 
 def closed_error() -> ShmserveError:
     return ShmserveError(grpc.StatusCode.CANCELLED, "the client is closed")
-
-
-def channel_gone(error: ShmserveError) -> bool:
-    """Whether a local-channel call failed because the channel closed (and took its regions
-    with it)."""
-    return error.code == grpc.StatusCode.UNAVAILABLE
-
-
-def unregister_message(name: str) -> dict[str, Any]:
-    return {"op": "unregister", "name": name}
-
-
-def stream_result(index: int, request_id: str, model: str, reply: dict[str, Any],
-                  region_outputs: dict[str, np.ndarray]) -> StreamResult:
-    """The answer of one stream request sent through the local channel."""
-    if "err" in reply:
-        result = StreamResult(index, request_id, model, "")
-        result.error = stream_error(reply["err"])
-        return result
-    result = StreamResult(index, request_id, model, reply["model_version"])
-    try:
-        result.outputs = read_reply_outputs(reply["out"], region_outputs)
-    except ShmserveError as exc:
-        result.error = exc
-    return result
 
 
 class ClientCore(Generic[LinkT, ChannelT]):
@@ -249,15 +221,6 @@ class ClientCore(Generic[LinkT, ChannelT]):
         if recorded:
             assert self._link is not None
             self._link.registrations.discard(name)
-
-    def _unregisters_by_grpc(self, name: str) -> bool:
-        """Whether unregistering ``name`` goes through gRPC; if not, it is no longer replayed
-        after a reconnect, and the shell tells the open channel, if there is one."""
-        link = self._link
-        if link is None or link.fell_back:
-            return True
-        link.registrations.discard(name)
-        return False
 
 
 ClientT = TypeVar("ClientT", bound="ClientCore[Any, Any]")

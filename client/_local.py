@@ -24,13 +24,14 @@ from typing import Any, Generic, TypeVar
 import grpc
 import numpy as np
 
-from shmserve.client._common import StreamRequest, target_of
+from shmserve.client._common import StreamRequest, StreamResult, target_of
 from shmserve.client._convert import (
     InputValue,
     Locator,
     Outputs,
     ParameterValue,
     check_parameter,
+    read_reply_outputs,
     walk_inputs,
     walk_outputs,
 )
@@ -191,6 +192,10 @@ def register_message(name: str, key: str, offset: int, byte_size: int) -> dict[s
             "byte_size": byte_size}
 
 
+def unregister_message(name: str) -> dict[str, Any]:
+    return {"op": "unregister", "name": name}
+
+
 def status_message(name: str) -> dict[str, Any]:
     return {"op": "status", "name": name}
 
@@ -229,6 +234,12 @@ class _Link(Generic[AnyChannel]):
         """The open channel, without opening one."""
         channel = self._channel
         return channel if channel is not None and not channel.closed else None
+
+    def forget(self, name: str) -> AnyChannel | None:
+        """Stop registering ``name`` (with no name: every region) again after a reconnect;
+        the open channel to unregister it on, if any (a closed one took its regions along)."""
+        self.registrations.discard(name)
+        return self.current()
 
     def _reusable(self) -> AnyChannel | None:
         """Under the link's lock: the open channel, or None after closing a dead one.
@@ -475,3 +486,37 @@ def stream_item(item: StreamRequest | Mapping[str, InputValue]) -> StreamRequest
 def stream_error(reply_err: list[str]) -> ShmserveError:
     """A refused stream request: gRPC streams carry no code, only the text (UNKNOWN)."""
     return ShmserveError(grpc.StatusCode.UNKNOWN, reply_err[1])
+
+
+def channel_gone(error: ShmserveError) -> bool:
+    """Whether a call failed because the channel closed (and took its regions with it)."""
+    return error.code == grpc.StatusCode.UNAVAILABLE
+
+
+def stream_result(index: int, request_id: str, model: str, reply: dict[str, Any],
+                  region_outputs: dict[str, np.ndarray]) -> StreamResult:
+    """The answer of one stream request sent through the channel."""
+    if "err" in reply:
+        result = StreamResult(index, request_id, model, "")
+        result.error = stream_error(reply["err"])
+        return result
+    result = StreamResult(index, request_id, model, reply["model_version"])
+    try:
+        result.outputs = read_reply_outputs(reply["out"], region_outputs)
+    except ShmserveError as exc:
+        result.error = exc
+    return result
+
+
+class StreamState:
+    """What a stream through the channel tracks, in both clients: the channel's ids of its
+    requests (forgotten when the stream ends), how many answers are due, whether requests
+    are still being sent, and what ended it: the channel failing (``broken``) or a request
+    that could not be sent (``failure``, raised once the answers are in)."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.outstanding = 0
+        self.producing = True
+        self.broken: BaseException | None = None
+        self.failure: BaseException | None = None

@@ -35,18 +35,19 @@ from shmserve.client._core import (
     ClientCore,
     RegionContext,
     Stubs,
-    channel_gone,
-    stream_result,
     stubs_on,
-    unregister_message,
 )
 from shmserve.client._local import (
     LocalLink,
+    StreamState,
+    channel_gone,
     infer_message,
     register_message,
     status_from_reply,
     status_message,
+    stream_result,
     too_large,
+    unregister_message,
 )
 from shmserve.client._unary import Unary
 from shmserve.client._wire import decode_infer_response
@@ -384,18 +385,17 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
     def unregister_system_shared_memory(self, name: str = "",
                                         timeout: float | None = UNSET) -> None:
         """Unregister ``name``, or with no name every region this client registered."""
-        if self._unregisters_by_grpc(name):
+        if self.transport == "grpc":
             self._unary(rpc.shm_unregister(name), timeout)
             return
         assert self._link is not None
-        channel = self._link.current()
-        if channel is None:
-            return  # no channel, so nothing registered on it: its regions went with it
-        try:
-            channel.call(unregister_message(name), self._deadline(timeout))
-        except ShmserveError as exc:
-            if not channel_gone(exc):
-                raise
+        channel = self._link.forget(name)
+        if channel is not None:
+            try:
+                channel.call(unregister_message(name), self._deadline(timeout))
+            except ShmserveError as exc:
+                if not channel_gone(exc):
+                    raise
 
 
 class _RegionContext(RegionContext[Client]):
@@ -415,18 +415,14 @@ class _RegionContext(RegionContext[Client]):
 _STREAM_POLL_S = 0.05
 
 
-class _LocalStream:
-    """State shared by a local stream's sending thread and its reading generator."""
+class _LocalStream(StreamState):
+    """A local stream's state, shared by its sending thread and its reading generator."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.lock = threading.Lock()
         self.results: deque[StreamResult] = deque()
-        self.ids: list[int] = []
-        self.outstanding = 0
-        self.producing = True
         self.stop = False
-        self.broken: ShmserveError | None = None
-        self.failure: BaseException | None = None
 
     def finished(self) -> bool:
         return not self.producing and self.outstanding == 0 and not self.results

@@ -17,8 +17,8 @@ import pytest
 from shmserve.client import AsyncClient, Client, ShmserveError
 from shmserve.client import _unary as rpc
 from shmserve.client._common import UNARY_RPCS
-from shmserve.client._core import UNSET, ClientCore, stream_result
-from shmserve.client._local import LocalRequest
+from shmserve.client._core import UNSET, ClientCore
+from shmserve.client._local import LocalRequest, stream_result
 from shmserve.protos import shmserve_service_pb2 as pb
 
 # What the asyncio client does without I/O, so not awaitable there either.
