@@ -3,11 +3,12 @@
 The two clients are thin shells over ``ClientCore``: each does only its I/O (blocking, or
 awaited). The core owns the state (options, regions, the local-channel link, the gRPC stubs)
 and the decisions: which transport a call takes, when a request that does not fit the local
-channel may fall back to gRPC, how a stream request and its answer are read, what to do with a
-region that is opened or released, and which errors mean that the server is gone. Request
-planning and answer decoding live beside it in ``_unary`` (the unary RPCs), ``_convert`` and
-``_wire`` (ModelInferRequest bytes and answers, and which tensors travel as region
-references) and ``_local`` (the local channel's messages and link).
+channel may fall back to gRPC, how a stream request is planned, what to do with a region that
+is opened or released, and which errors mean that the server is gone. Request planning and
+answer decoding live beside it, as I/O-free as the core: ``_unary`` (the unary RPCs),
+``_convert`` and ``_wire`` (ModelInferRequest bytes and answers, and which tensors travel as
+region references) and ``_local`` (the local channel's messages, and the link that opens the
+channel or falls back to gRPC).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from shmserve.client._common import (
 from shmserve.client._common import channel_options as _channel_options
 from shmserve.client._convert import InputValue, Outputs, ParameterValue
 from shmserve.client._local import (
+    Link,
     LocalPlan,
     LocalRequest,
-    _Link,
     infer_message,
     plan_transport,
     stream_item,
@@ -52,7 +53,7 @@ UNSET: Any = object()
 SERVER_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                grpc.StatusCode.CANCELLED)
 
-LinkT = TypeVar("LinkT", bound="_Link[Any]")
+LinkT = TypeVar("LinkT", bound="Link[Any]")
 ChannelT = TypeVar("ChannelT")
 
 
@@ -195,7 +196,8 @@ class ClientCore(Generic[LinkT, ChannelT]):
 
     # --- regions -----------------------------------------------------------------------------
     def _new_region(self, byte_size: int) -> SystemRegion:
-        """A region for ``shared_memory``: the shell registers it, then ``_regions.add``s it."""
+        """A new region for ``shared_memory``; the shell registers it, then adds it to
+        ``_regions``."""
         if self._closed:
             raise closed_error()
         return SystemRegion(byte_size)
@@ -203,7 +205,7 @@ class ClientCore(Generic[LinkT, ChannelT]):
     def _leaving(self, region: SystemRegion) -> bool:
         """Start releasing ``region``: True when it is this client's and must be unregistered
         (it is unlinked already: nothing can leak in /dev/shm even if the unregister call is
-        interrupted), False when it is closed already."""
+        interrupted); False when it is not (or no longer) this client's: it is only closed."""
         if not self._regions.remove(region):
             region.close()
             return False

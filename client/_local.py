@@ -211,7 +211,7 @@ def status_from_reply(reply: Mapping[str, Any]) -> dict[str, Any]:
 AnyChannel = TypeVar("AnyChannel", LocalChannel, AsyncLocalChannel)
 
 
-class _Link(Generic[AnyChannel]):
+class Link(Generic[AnyChannel]):
     """What the sync and the asyncio link share: state, and what to make of a connection
     attempt (use the channel, fall back to gRPC once, or raise)."""
 
@@ -294,7 +294,8 @@ class _Link(Generic[AnyChannel]):
         return reason
 
     def _adopt(self, path: str, channel: AnyChannel) -> bool:
-        """Take ``channel`` as the link's; True when regions must be registered again on it."""
+        """Follow ``channel``'s server (its socket, and for a local: url its gRPC address);
+        True when regions must be registered again on it (it is not the first channel)."""
         self.path = path
         if self.plan.grpc_target is None:  # a local: url: follow the server's address
             self._grpc_target = channel.grpc_address
@@ -319,7 +320,7 @@ class _Link(Generic[AnyChannel]):
             channel.close()
 
 
-class LocalLink(_Link[LocalChannel]):
+class LocalLink(Link[LocalChannel]):
     """The sync client's local channel: opened on first use, reopened after it closes."""
 
     def __init__(self, plan: LocalPlan) -> None:
@@ -371,7 +372,7 @@ class LocalLink(_Link[LocalChannel]):
             return super()._detach()
 
 
-class AsyncLocalLink(_Link[AsyncLocalChannel]):
+class AsyncLocalLink(Link[AsyncLocalChannel]):
     """``LocalLink`` for ``AsyncClient``."""
 
     def __init__(self, plan: LocalPlan) -> None:
