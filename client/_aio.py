@@ -1,37 +1,27 @@
-"""``AsyncClient``: the asyncio client (grpc.aio)."""
+"""``AsyncClient``: the asyncio client (grpc.aio), a shell over ``ClientCore`` that awaits its
+I/O."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 import numpy as np
 
+from shmserve.client import _unary as rpc
 from shmserve.client._common import (
-    DEFAULT_TIMEOUT,
-    LOAD_TIMEOUT,
-    UNARY_RPCS,
     UNREGISTER_TIMEOUT,
-    RegionSet,
     RegionStatus,
     StreamBook,
     StreamRequest,
     StreamResult,
-    call_metadata,
-    load_request,
-    method_path,
-    new_client_id,
     prepare,
-    target_of,
-    unload_request,
 )
-from shmserve.client._common import channel_options as _channel_options
 from shmserve.client._convert import (
     InputValue,
     Outputs,
@@ -39,17 +29,27 @@ from shmserve.client._convert import (
     read_outputs,
     read_reply_outputs,
 )
+from shmserve.client._core import (
+    SERVER_GONE,
+    UNSET,
+    ClientCore,
+    RegionContext,
+    Stubs,
+    stubs_on,
+)
 from shmserve.client._local import (
     AsyncLocalLink,
+    StreamState,
+    channel_gone,
     infer_message,
-    plan_transport,
     register_message,
     status_from_reply,
     status_message,
-    stream_error,
-    stream_item,
+    stream_result,
     too_large,
+    unregister_message,
 )
+from shmserve.client._unary import Unary
 from shmserve.client._wire import decode_infer_response
 from shmserve.client.errors import ShmserveError, from_rpc_error
 from shmserve.client.local_channel import AsyncLocalChannel, MessageTooLarge
@@ -57,118 +57,62 @@ from shmserve.client.regions import SystemRegion
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos import shmserve_service_pb2 as pb
 
-_Unset: Any = object()
-_SERVER_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                grpc.StatusCode.CANCELLED)
+T = TypeVar("T")
+AnyIterable = AsyncIterable[T] | Iterable[T]
 
 
-@dataclass(slots=True)
-class _Stubs:
-    target: str
-    channel: grpc.aio.Channel
-    unary: dict[str, Any]
-    infer: Any
-    stream: Any
-
-
-class AsyncClient:
+class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
     """The asyncio twin of ``Client``: same arguments, same methods, awaitable.
 
     Create it inside a running event loop (grpc.aio binds the channel to it) and close it with
     ``await client.close()`` or ``async with AsyncClient(url) as client:``.
     """
 
-    def __init__(self, url: str = "127.0.0.1:8001", *, timeout: float | None = DEFAULT_TIMEOUT,
-                 load_timeout: float | None = LOAD_TIMEOUT,
-                 headers: Mapping[str, str] | None = None,
-                 channel_options: Sequence[tuple[str, Any]] | None = None,
-                 credentials: grpc.ChannelCredentials | None = None,
-                 interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
-                 client_id: str | None = None, transport: str | None = None,
-                 local_socket: str | None = None, server_uid: int | None = None) -> None:
-        self.url = url
-        self.timeout = timeout
-        self.load_timeout = load_timeout
-        self.client_id = client_id or new_client_id()
-        self._metadata = call_metadata(self.client_id, headers)
-        plan = plan_transport(url, transport, local_socket, server_uid)
-        self._link = AsyncLocalLink(plan) if plan is not None else None
-        self._options = _channel_options(channel_options)
-        self._credentials = credentials
-        self._interceptors = interceptors
-        self._grpc_stubs: _Stubs | None = None
-        if plan is None:
-            self._grpc_stubs = self._connect_grpc(target_of(url))
-        elif plan.grpc_target is not None:
-            self._grpc_stubs = self._connect_grpc(plan.grpc_target)
-        self._regions = RegionSet()
-        self._closed = False
+    _link_type = AsyncLocalLink
 
-    def _connect_grpc(self, target: str) -> _Stubs:
+    def _connect_grpc(self, target: str) -> Stubs[grpc.aio.Channel]:
         options, interceptors = self._options, self._interceptors
         channel = (
             grpc.aio.secure_channel(target, self._credentials, options=options,
                                     interceptors=interceptors)
             if self._credentials is not None
             else grpc.aio.insecure_channel(target, options=options, interceptors=interceptors))
-        unary = {
-            name: channel.unary_unary(method_path(name),
-                                      request_serializer=request.SerializeToString,
-                                      response_deserializer=response.FromString,
-                                      _registered_method=True)
-            for name, (request, response) in UNARY_RPCS.items()}
-        return _Stubs(target, channel, unary,
-                      channel.unary_unary(method_path("ModelInfer"), _registered_method=True),
-                      channel.stream_stream(method_path("ModelStreamInfer"),
-                                            _registered_method=True))
+        return stubs_on(target, channel, channel)
 
-    async def _stubs(self) -> _Stubs:
+    async def _stubs(self) -> Stubs[grpc.aio.Channel]:
         stubs = self._grpc_stubs
         link = self._link
         if stubs is not None and (link is None or stubs.target == link.known_target):
             return stubs
         assert link is not None
-        target = await link.grpc_target()  # a local: url: the server names it (it may move)
-        stubs = self._grpc_stubs
-        if stubs is None or stubs.target != target:
-            if self._closed:
-                raise ShmserveError(grpc.StatusCode.CANCELLED, "the client is closed")
-            old, stubs = stubs, self._connect_grpc(target)
-            self._grpc_stubs = stubs
-            if old is not None:
-                await old.channel.close()
+        stubs, old = self._swap_stubs(await link.grpc_target())
+        if old is not None:
+            await old.channel.close()
         return stubs
 
     async def _local(self) -> AsyncLocalChannel | None:
         link = self._link
         return await link.channel() if link is not None else None
 
-    @property
-    def transport(self) -> str:
-        """``"shm"`` while this client uses the local channel, else ``"grpc"``."""
-        return "shm" if self._link is not None and not self._link.fell_back else "grpc"
-
-    # --- plumbing ---------------------------------------------------------------------------
-    async def _call(self, rpc: str, request: Any, timeout: float | None = _Unset) -> Any:
+    async def _unary(self, call: Unary[T], timeout: float | None) -> T:
         try:
             stubs = await self._stubs()
-            return await stubs.unary[rpc](request, timeout=self.timeout if timeout is _Unset
-                                          else timeout, metadata=self._metadata)
+            response = await stubs.unary[call.rpc](
+                call.request, timeout=self._deadline(timeout, call.loads),
+                metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+        return call.read(response)
 
     async def close(self) -> None:
         """Release this client's remaining regions and close the channel."""
         if self._closed:
             return
-        for region in list(self._regions):
-            if isinstance(region, SystemRegion):
-                await self._release(region, raise_errors=False)
-        self._closed = True
-        if self._link is not None:
-            self._link.close()
-        if self._grpc_stubs is not None:
-            await self._grpc_stubs.channel.close()
+        for region in self.regions:
+            await self._release(region, raise_errors=False)
+        stubs = self._shut()
+        if stubs is not None:
+            await stubs.channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -178,75 +122,53 @@ class AsyncClient:
         await self.close()
 
     # --- health and metadata ----------------------------------------------------------------
-    async def is_server_live(self, timeout: float | None = _Unset) -> bool:
-        return bool((await self._call("ServerLive", pb.ServerLiveRequest(), timeout)).live)
+    async def is_server_live(self, timeout: float | None = UNSET) -> bool:
+        return await self._unary(rpc.server_live(), timeout)
 
-    async def is_server_ready(self, timeout: float | None = _Unset) -> bool:
-        return bool((await self._call("ServerReady", pb.ServerReadyRequest(), timeout)).ready)
+    async def is_server_ready(self, timeout: float | None = UNSET) -> bool:
+        return await self._unary(rpc.server_ready(), timeout)
 
     async def is_model_ready(self, name: str, version: str = "",
-                             timeout: float | None = _Unset) -> bool:
-        request = pb.ModelReadyRequest(name=name, version=version)
-        return bool((await self._call("ModelReady", request, timeout)).ready)
+                             timeout: float | None = UNSET) -> bool:
+        return await self._unary(rpc.model_ready(name, version), timeout)
 
-    async def server_metadata(self, timeout: float | None = _Unset
+    async def server_metadata(self, timeout: float | None = UNSET
                               ) -> pb.ServerMetadataResponse:
-        response: pb.ServerMetadataResponse = await self._call(
-            "ServerMetadata", pb.ServerMetadataRequest(), timeout)
-        return response
+        return await self._unary(rpc.server_metadata(), timeout)
 
     async def model_metadata(self, name: str, version: str = "",
-                             timeout: float | None = _Unset) -> pb.ModelMetadataResponse:
-        response: pb.ModelMetadataResponse = await self._call(
-            "ModelMetadata", pb.ModelMetadataRequest(name=name, version=version), timeout)
-        return response
+                             timeout: float | None = UNSET) -> pb.ModelMetadataResponse:
+        return await self._unary(rpc.model_metadata(name, version), timeout)
 
     async def model_config(self, name: str, version: str = "",
-                           timeout: float | None = _Unset) -> mc.ModelConfig:
-        response: pb.ModelConfigResponse = await self._call(
-            "ModelConfig", pb.ModelConfigRequest(name=name, version=version), timeout)
-        return response.config
+                           timeout: float | None = UNSET) -> mc.ModelConfig:
+        return await self._unary(rpc.model_config(name, version), timeout)
 
     async def model_statistics(self, name: str = "", version: str = "",
-                               timeout: float | None = _Unset) -> list[pb.ModelStatistics]:
-        response: pb.ModelStatisticsResponse = await self._call(
-            "ModelStatistics", pb.ModelStatisticsRequest(name=name, version=version), timeout)
-        return list(response.model_stats)
+                               timeout: float | None = UNSET) -> list[pb.ModelStatistics]:
+        return await self._unary(rpc.model_statistics(name, version), timeout)
 
     # --- repository -------------------------------------------------------------------------
-    async def repository_index(self, ready: bool = False, timeout: float | None = _Unset
+    async def repository_index(self, ready: bool = False, timeout: float | None = UNSET
                                ) -> list[pb.RepositoryIndexResponse.ModelIndex]:
-        response: pb.RepositoryIndexResponse = await self._call(
-            "RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), timeout)
-        return list(response.models)
+        return await self._unary(rpc.repository_index(ready), timeout)
 
     async def load_model(self, name: str, config: str | Mapping[str, Any] | None = None,
                          files: Mapping[str, bytes] | None = None,
-                         timeout: float | None = _Unset) -> None:
-        await self._call("RepositoryModelLoad", load_request(name, config, files),
-                         self.load_timeout if timeout is _Unset else timeout)
+                         timeout: float | None = UNSET) -> None:
+        await self._unary(rpc.load_model(name, config, files), timeout)
 
     async def unload_model(self, name: str, unload_dependents: bool = False,
-                           timeout: float | None = _Unset) -> None:
-        await self._call("RepositoryModelUnload", unload_request(name, unload_dependents),
-                         self.load_timeout if timeout is _Unset else timeout)
+                           timeout: float | None = UNSET) -> None:
+        await self._unary(rpc.unload_model(name, unload_dependents), timeout)
 
     # --- inference --------------------------------------------------------------------------
-    def serialize_infer_request(self, model: str, inputs: Mapping[str, InputValue],
-                                outputs: Outputs = None, version: str = "",
-                                request_id: str = "",
-                                parameters: Mapping[str, ParameterValue] | None = None
-                                ) -> bytes:
-        """The exact ModelInferRequest bytes ``infer`` would send."""
-        return prepare(model, inputs, outputs, version, request_id, parameters,
-                       self._regions).payload
-
     async def infer(self, model: str, inputs: Mapping[str, InputValue],
                     outputs: Outputs = None, version: str = "", request_id: str = "",
                     parameters: Mapping[str, ParameterValue] | None = None,
-                    timeout: float | None = _Unset) -> dict[str, np.ndarray]:
+                    timeout: float | None = UNSET) -> dict[str, np.ndarray]:
         """See ``Client.infer``."""
-        call_timeout = self.timeout if timeout is _Unset else timeout
+        call_timeout = self.timeout if timeout is UNSET else timeout
         link = self._link
         channel = None if link is None else (link.current() or await link.channel())
         if channel is not None:
@@ -260,9 +182,7 @@ class AsyncClient:
                     pass
                 else:
                     return read_reply_outputs(reply["out"], request.region_outputs)
-            if request.references:
-                raise too_large(request.payload_bytes, channel.max_message)
-            # Too large for the channel and no region in it: gRPC carries it.
+            self._past_channel(request, channel.max_message)
         prepared = prepare(model, inputs, outputs, version, request_id, parameters,
                            self._regions)
         stubs = await self._stubs()
@@ -275,9 +195,7 @@ class AsyncClient:
         return read_outputs(header, raw, prepared.region_outputs)
 
     async def stream_infer(
-            self, model: str,
-            requests: (AsyncIterable[StreamRequest | Mapping[str, InputValue]]
-                       | Iterable[StreamRequest | Mapping[str, InputValue]]),
+            self, model: str, requests: AnyIterable[StreamRequest | Mapping[str, InputValue]],
             outputs: Outputs = None, version: str = "",
             parameters: Mapping[str, ParameterValue] | None = None,
             timeout: float | None = None) -> AsyncIterator[StreamResult]:
@@ -291,16 +209,9 @@ class AsyncClient:
         book = StreamBook(model, version, outputs, parameters, self._regions)
 
         async def produce() -> AsyncIterator[bytes]:
-            index = 0
             try:
-                if isinstance(requests, AsyncIterable):
-                    async for item in requests:
-                        yield book.prepare(index, item)
-                        index += 1
-                else:
-                    for item in requests:
-                        yield book.prepare(index, item)
-                        index += 1
+                async for index, item in _enumerate(requests):
+                    yield book.prepare(index, item)
             except Exception as exc:
                 book.failure = exc
 
@@ -313,91 +224,61 @@ class AsyncClient:
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()
-        if book.failure is not None:
-            raise book.failure
+        book.finish()
 
     async def _stream_local(
             self, channel: AsyncLocalChannel, model: str,
-            requests: (AsyncIterable[StreamRequest | Mapping[str, InputValue]]
-                       | Iterable[StreamRequest | Mapping[str, InputValue]]),
+            requests: AnyIterable[StreamRequest | Mapping[str, InputValue]],
             outputs: Outputs, version: str, parameters: Mapping[str, ParameterValue] | None,
             timeout: float | None) -> AsyncIterator[StreamResult]:
         """``stream_infer`` through the local channel: a task sends the requests as the
         iterable yields them, this generator yields the answers in completion order."""
         deadline = None if timeout is None else time.monotonic() + timeout
         queue: asyncio.Queue[StreamResult | None] = asyncio.Queue()
-        ids: list[int] = []
-        state: dict[str, Any] = {"outstanding": 0, "producing": True, "broken": None,
-                                 "failure": None}
+        stream = StreamState()
 
         def answer(index: int, request_id: str, region_outputs: dict[str, np.ndarray]
                    ) -> Callable[[asyncio.Future[dict[str, Any]]], None]:
             def done(future: asyncio.Future[dict[str, Any]]) -> None:
-                state["outstanding"] -= 1
+                stream.outstanding -= 1
                 if future.cancelled():
                     queue.put_nowait(None)
                     return
                 error = future.exception()
                 if error is not None:
-                    state["broken"] = error
+                    stream.broken = error
                     queue.put_nowait(None)
                     return
-                reply = future.result()
-                result = StreamResult(index, request_id, model,
-                                      "" if "err" in reply else reply["model_version"])
-                if "err" in reply:
-                    result.error = stream_error(reply["err"])
-                else:
-                    try:
-                        result.outputs = read_reply_outputs(reply["out"], region_outputs)
-                    except ShmserveError as exc:
-                        result.error = exc
-                queue.put_nowait(result)
+                queue.put_nowait(
+                    stream_result(index, request_id, model, future.result(), region_outputs))
             return done
-
-        async def send(index: int, item: StreamRequest | Mapping[str, InputValue]) -> None:
-            one = stream_item(item)
-            request_id = one.request_id or f"{index}"
-            request = infer_message(
-                model, one.inputs, one.outputs if one.outputs is not None else outputs,
-                version, request_id, one.parameters if one.parameters is not None
-                else parameters, self._regions.locate if len(self._regions) else None,
-                None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if not request.fits(channel.max_message):
-                raise too_large(request.payload_bytes, channel.max_message, False)
-            request_id_, future = await channel.send(request.message, deadline)
-            ids.append(request_id_)
-            state["outstanding"] += 1
-            future.add_done_callback(answer(index, request_id, request.region_outputs))
 
         async def produce() -> None:
             try:
-                index = 0
-                if isinstance(requests, AsyncIterable):
-                    async for item in requests:
-                        await send(index, item)
-                        index += 1
-                else:
-                    for item in requests:
-                        await send(index, item)
-                        index += 1
-            except MessageTooLarge as exc:
-                state["failure"] = ShmserveError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{exc}: put the large inputs of stream requests in a region "
-                    f"(client.shared_memory)")
+                async for index, item in _enumerate(requests):
+                    request_id, request = self._stream_request(
+                        model, index, item, outputs, version, parameters, deadline,
+                        channel.max_message)
+                    try:
+                        sent_id, future = await channel.send(request.message, deadline)
+                    except MessageTooLarge:
+                        raise too_large(request.payload_bytes, channel.max_message,
+                                        False) from None
+                    stream.ids.append(sent_id)
+                    stream.outstanding += 1
+                    future.add_done_callback(answer(index, request_id, request.region_outputs))
             except Exception as exc:
-                state["failure"] = exc
+                stream.failure = exc
             finally:
-                state["producing"] = False
+                stream.producing = False
                 queue.put_nowait(None)
 
         producer = asyncio.get_running_loop().create_task(produce())
         try:
             while True:
-                if state["broken"] is not None:
-                    raise state["broken"]
-                if not state["producing"] and state["outstanding"] == 0 and queue.empty():
+                if stream.broken is not None:
+                    raise stream.broken
+                if not stream.producing and stream.outstanding == 0 and queue.empty():
                     break
                 try:
                     async with asyncio.timeout(None if deadline is None
@@ -410,10 +291,10 @@ class AsyncClient:
                     yield item
         finally:
             producer.cancel()
-            for request_id_ in ids:
-                channel.forget(request_id_)
-        if state["failure"] is not None:
-            raise state["failure"]
+            for sent_id in stream.ids:
+                channel.forget(sent_id)
+        if stream.failure is not None:
+            raise stream.failure
 
     # --- shared memory ----------------------------------------------------------------------
     def shared_memory(self, byte_size: int) -> _AsyncRegionContext:
@@ -426,9 +307,7 @@ class AsyncClient:
                             "CUDA shared-memory regions are not implemented in this client yet")
 
     async def _open_region(self, byte_size: int) -> SystemRegion:
-        if self._closed:
-            raise ShmserveError(grpc.StatusCode.CANCELLED, "the client is closed")
-        region = SystemRegion(byte_size)
+        region = self._new_region(byte_size)
         try:
             await self.register_system_shared_memory(region.name, region.key, region.byte_size)
         except BaseException:
@@ -438,83 +317,71 @@ class AsyncClient:
         return region
 
     async def _release(self, region: SystemRegion, raise_errors: bool) -> None:
-        if not self._regions.remove(region):
-            region.close()
+        if not self._leaving(region):
             return
-        # Unlink first: nothing can leak in /dev/shm even if the unregister call is cancelled.
-        region.unlink()
         try:
             await self.unregister_system_shared_memory(region.name,
                                                        timeout=UNREGISTER_TIMEOUT)
         except ShmserveError as exc:
-            if raise_errors and exc.code not in _SERVER_GONE:
+            if raise_errors and exc.code not in SERVER_GONE:
                 raise
         finally:
             region.close()
 
-    async def shared_memory_status(self, name: str = "", timeout: float | None = _Unset
+    async def shared_memory_status(self, name: str = "", timeout: float | None = UNSET
                                    ) -> dict[str, RegionStatus]:
         """See ``Client.shared_memory_status``."""
         channel = await self._local()
         if channel is None:
-            response: pb.SystemSharedMemoryStatusResponse = await self._call(
-                "SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest(name=name),
-                timeout)
-            return dict(response.regions)
+            return await self._unary(rpc.shm_status(name), timeout)
         return status_from_reply(await channel.call(status_message(name),
-                                                    self.timeout if timeout is _Unset else timeout))
+                                                    self._deadline(timeout)))
 
     async def register_system_shared_memory(self, name: str, key: str, byte_size: int,
                                             offset: int = 0,
-                                            timeout: float | None = _Unset) -> None:
+                                            timeout: float | None = UNSET) -> None:
         channel = await self._local()
         if channel is None:
-            await self._call("SystemSharedMemoryRegister",
-                             pb.SystemSharedMemoryRegisterRequest(
-                                 name=name, key=key, offset=offset, byte_size=byte_size),
-                             timeout)
+            await self._unary(rpc.shm_register(name, key, offset, byte_size), timeout)
             return
-        assert self._link is not None
-        registrations = self._link.registrations
-        recorded = registrations.add(name, key, offset, byte_size)
+        recorded = self._record(name, key, offset, byte_size)
         try:
             await channel.call(register_message(name, key, offset, byte_size),
-                               self.timeout if timeout is _Unset else timeout)
+                               self._deadline(timeout))
         except ShmserveError:
-            if recorded:
-                registrations.discard(name)
+            self._unrecord(name, recorded)
             raise
 
     async def unregister_system_shared_memory(self, name: str = "",
-                                              timeout: float | None = _Unset) -> None:
-        link = self._link
-        if link is None or link.fell_back:
-            await self._call("SystemSharedMemoryUnregister",
-                             pb.SystemSharedMemoryUnregisterRequest(name=name), timeout)
+                                              timeout: float | None = UNSET) -> None:
+        if self.transport == "grpc":
+            await self._unary(rpc.shm_unregister(name), timeout)
             return
-        link.registrations.discard(name)
-        channel = link.current()
-        if channel is None:
-            return  # no channel, so nothing registered on it: its regions went with it
-        try:
-            await channel.call({"op": "unregister", "name": name},
-                               self.timeout if timeout is _Unset else timeout)
-        except ShmserveError as exc:
-            if exc.code != grpc.StatusCode.UNAVAILABLE:
-                raise  # a closed channel took its regions with it
-
-    @property
-    def regions(self) -> list[SystemRegion]:
-        return [r for r in self._regions if isinstance(r, SystemRegion)]
+        assert self._link is not None
+        channel = self._link.forget(name)
+        if channel is not None:
+            try:
+                await channel.call(unregister_message(name), self._deadline(timeout))
+            except ShmserveError as exc:
+                if not channel_gone(exc):
+                    raise
 
 
-class _AsyncRegionContext:
+async def _enumerate(items: AnyIterable[T]) -> AsyncIterator[tuple[int, T]]:
+    """``enumerate`` over a plain or an async iterable."""
+    index = 0
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield index, item
+            index += 1
+    else:
+        for item in items:
+            yield index, item
+            index += 1
+
+
+class _AsyncRegionContext(RegionContext[AsyncClient]):
     """The async context manager ``AsyncClient.shared_memory`` returns."""
-
-    def __init__(self, client: AsyncClient, byte_size: int) -> None:
-        self._client = client
-        self._byte_size = byte_size
-        self._region: SystemRegion | None = None
 
     async def __aenter__(self) -> SystemRegion:
         self._region = await self._client._open_region(self._byte_size)
@@ -522,6 +389,6 @@ class _AsyncRegionContext:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        region, self._region = self._region, None
+        region = self._taken()
         if region is not None:
             await self._client._release(region, raise_errors=exc_type is None)

@@ -219,6 +219,11 @@ class StreamBook:
                                                              prepared.region_outputs))
         return prepared.payload
 
+    def finish(self) -> None:
+        """At the end of the stream: raise what stopped the requests' iterable, if anything."""
+        if self.failure is not None:
+            raise self.failure
+
     def read(self, data: bytes) -> StreamResult:
         error_message, header, raw = decode_stream_response(data)
         with self._lock:

@@ -22,13 +22,14 @@ from typing import Any, Generic, TypeVar
 import grpc
 import numpy as np
 
-from shmserve.client._common import StreamRequest, target_of
+from shmserve.client._common import StreamRequest, StreamResult, target_of
 from shmserve.client._convert import (
     InputValue,
     Locator,
     Outputs,
     ParameterValue,
     check_parameter,
+    read_reply_outputs,
     walk_inputs,
     walk_outputs,
 )
@@ -191,6 +192,10 @@ def register_message(name: str, key: str, offset: int, byte_size: int) -> dict[s
             "byte_size": byte_size}
 
 
+def unregister_message(name: str) -> dict[str, Any]:
+    return {"op": "unregister", "name": name}
+
+
 def status_message(name: str) -> dict[str, Any]:
     return {"op": "status", "name": name}
 
@@ -206,7 +211,7 @@ def status_from_reply(reply: Mapping[str, Any]) -> dict[str, Any]:
 AnyChannel = TypeVar("AnyChannel", LocalChannel, AsyncLocalChannel)
 
 
-class _Link(Generic[AnyChannel]):
+class Link(Generic[AnyChannel]):
     """What the sync and the asyncio link share: state, and what to make of a connection
     attempt (use the channel, fall back to gRPC once, or raise)."""
 
@@ -230,6 +235,12 @@ class _Link(Generic[AnyChannel]):
         channel = self._channel
         return channel if channel is not None and not channel.closed else None
 
+    def forget(self, name: str) -> AnyChannel | None:
+        """Stop registering ``name`` (with no name: every region) again after a reconnect;
+        the open channel to unregister it on, if any (a closed one took its regions along)."""
+        self.registrations.discard(name)
+        return self.current()
+
     def _reusable(self) -> AnyChannel | None:
         """Under the link's lock: the open channel, or None after closing a dead one.
         Raises CANCELLED once the client is closed."""
@@ -243,12 +254,34 @@ class _Link(Generic[AnyChannel]):
             self._channel = None
         return None
 
+    def _known_path(self) -> tuple[str, str] | None:
+        """(socket path, "") or ("", why there is none) when known without resolving a host
+        name; None when ``_resolve_path`` must find it."""
+        if self.path or self.plan.path:
+            return self.path or self.plan.path, ""
+        return ("", self.plan.reason) if self.plan.reason else None
+
     def _connect_failed(self, path: str, exc: OSError | ShmserveError) -> str:
         """Why the channel could not be opened (for the fallback), or raise UNAVAILABLE when
         there is nothing to fall back to or the channel worked before."""
         if self._opened_once or self._grpc_target is None:
             raise _unavailable(path, exc) from None
         return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+    def _accept(self, path: str, channel: AnyChannel | None, reason: str
+                ) -> list[dict[str, Any]] | None:
+        """After a connection attempt (``channel``, or None and why not): the registrations
+        to replay on the channel before the link uses it, or None when the client falls back
+        to gRPC (logged once; a refused channel is closed). Raises UNAVAILABLE when a channel
+        that worked before is refused."""
+        if channel is not None:
+            reason = self._refused(path, channel)
+            if not reason:
+                return self.registrations.messages() if self._adopt(path, channel) else []
+        assert self._grpc_target is not None
+        _log_fallback(path, reason, self._grpc_target)
+        self.fell_back = True
+        return None
 
     def _refused(self, path: str, channel: AnyChannel) -> str:
         """Why the server's hello is not acceptable ('' when it is; the channel is closed
@@ -260,13 +293,9 @@ class _Link(Generic[AnyChannel]):
                 raise ShmserveError(grpc.StatusCode.UNAVAILABLE, reason)
         return reason
 
-    def _fall_back(self, path: str, reason: str) -> None:
-        assert self._grpc_target is not None
-        _log_fallback(path, reason, self._grpc_target)
-        self.fell_back = True
-
     def _adopt(self, path: str, channel: AnyChannel) -> bool:
-        """Take ``channel`` as the link's; True when regions must be registered again on it."""
+        """Follow ``channel``'s server (its socket, and for a local: url its gRPC address);
+        True when regions must be registered again on it (it is not the first channel)."""
         self.path = path
         if self.plan.grpc_target is None:  # a local: url: follow the server's address
             self._grpc_target = channel.grpc_address
@@ -279,8 +308,19 @@ class _Link(Generic[AnyChannel]):
                     message["name"], exc)
         self.registrations.discard(message["name"])
 
+    def _detach(self) -> AnyChannel | None:
+        """Close the link for good; the channel to close."""
+        self._closed = True
+        channel, self._channel = self._channel, None
+        return channel
 
-class LocalLink(_Link[LocalChannel]):
+    def close(self) -> None:
+        channel = self._detach()
+        if channel is not None:
+            channel.close()
+
+
+class LocalLink(Link[LocalChannel]):
     """The sync client's local channel: opened on first use, reopened after it closes."""
 
     def __init__(self, plan: LocalPlan) -> None:
@@ -302,25 +342,23 @@ class LocalLink(_Link[LocalChannel]):
             return self._reusable() or self._open()
 
     def _open(self) -> LocalChannel | None:
-        path, reason = (self.path, "") if self.path else _resolve_path(self.plan)
+        path, reason = self._known_path() or _resolve_path(self.plan)
+        channel = None
         if path:
             try:
                 channel = LocalChannel(path, CONNECT_TIMEOUT, self.plan.server_uid)
             except (OSError, ShmserveError) as exc:
                 reason = self._connect_failed(path, exc)
-            else:
-                reason = self._refused(path, channel)
-                if not reason:
-                    if self._adopt(path, channel):
-                        for message in self.registrations.messages():
-                            try:
-                                channel.call(message, CONNECT_TIMEOUT)
-                            except ShmserveError as exc:
-                                self._replay_failed(message, exc)
-                    self._channel = channel
-                    return channel
-        self._fall_back(path, reason)
-        return None
+        replay = self._accept(path, channel, reason)
+        if replay is None or channel is None:
+            return None
+        for message in replay:
+            try:
+                channel.call(message, CONNECT_TIMEOUT)
+            except ShmserveError as exc:
+                self._replay_failed(message, exc)
+        self._channel = channel
+        return channel
 
     def grpc_target(self) -> str:
         """The gRPC address: the url's, or the one the server names in the handshake."""
@@ -329,15 +367,12 @@ class LocalLink(_Link[LocalChannel]):
         assert self._grpc_target is not None
         return self._grpc_target
 
-    def close(self) -> None:
+    def _detach(self) -> LocalChannel | None:
         with self._lock:
-            self._closed = True
-            channel, self._channel = self._channel, None
-        if channel is not None:
-            channel.close()
+            return super()._detach()
 
 
-class AsyncLocalLink(_Link[AsyncLocalChannel]):
+class AsyncLocalLink(Link[AsyncLocalChannel]):
     """``LocalLink`` for ``AsyncClient``."""
 
     def __init__(self, plan: LocalPlan) -> None:
@@ -356,42 +391,34 @@ class AsyncLocalLink(_Link[AsyncLocalChannel]):
             return self._reusable() or await self._open()
 
     async def _open(self) -> AsyncLocalChannel | None:
-        if self.path or self.plan.path:
-            path, reason = self.path or self.plan.path, ""
-        else:  # may resolve a host name: not on the loop
-            path, reason = await asyncio.get_running_loop().run_in_executor(
-                None, _resolve_path, self.plan)
+        known = self._known_path()
+        if known is None:  # resolving a host name may block: not on the loop
+            known = await asyncio.get_running_loop().run_in_executor(None, _resolve_path,
+                                                                     self.plan)
+        path, reason = known
+        channel = None
         if path:
             try:
                 channel = await AsyncLocalChannel.connect(path, CONNECT_TIMEOUT,
                                                               self.plan.server_uid)
             except (OSError, ShmserveError) as exc:
                 reason = self._connect_failed(path, exc)
-            else:
-                reason = self._refused(path, channel)
-                if not reason:
-                    if self._adopt(path, channel):
-                        for message in self.registrations.messages():
-                            try:
-                                await channel.call(message, CONNECT_TIMEOUT)
-                            except ShmserveError as exc:
-                                self._replay_failed(message, exc)
-                    self._channel = channel
-                    return channel
-        self._fall_back(path, reason)
-        return None
+        replay = self._accept(path, channel, reason)
+        if replay is None or channel is None:
+            return None
+        for message in replay:
+            try:
+                await channel.call(message, CONNECT_TIMEOUT)
+            except ShmserveError as exc:
+                self._replay_failed(message, exc)
+        self._channel = channel
+        return channel
 
     async def grpc_target(self) -> str:
         if self._grpc_target is None:
             await self.channel()
         assert self._grpc_target is not None
         return self._grpc_target
-
-    def close(self) -> None:
-        self._closed = True
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            channel.close()
 
 
 # --- messages -----------------------------------------------------------------------------------
@@ -461,3 +488,37 @@ def stream_item(item: StreamRequest | Mapping[str, InputValue]) -> StreamRequest
 def stream_error(reply_err: list[str]) -> ShmserveError:
     """A refused stream request: gRPC streams carry no code, only the text (UNKNOWN)."""
     return ShmserveError(grpc.StatusCode.UNKNOWN, reply_err[1])
+
+
+def channel_gone(error: ShmserveError) -> bool:
+    """Whether a call failed because the channel closed (and took its regions with it)."""
+    return error.code == grpc.StatusCode.UNAVAILABLE
+
+
+def stream_result(index: int, request_id: str, model: str, reply: dict[str, Any],
+                  region_outputs: dict[str, np.ndarray]) -> StreamResult:
+    """The answer of one stream request sent through the channel."""
+    if "err" in reply:
+        result = StreamResult(index, request_id, model, "")
+        result.error = stream_error(reply["err"])
+        return result
+    result = StreamResult(index, request_id, model, reply["model_version"])
+    try:
+        result.outputs = read_reply_outputs(reply["out"], region_outputs)
+    except ShmserveError as exc:
+        result.error = exc
+    return result
+
+
+class StreamState:
+    """What a stream through the channel tracks, in both clients: the channel's ids of its
+    requests (forgotten when the stream ends), how many answers are due, whether requests
+    are still being sent, and what ended it: the channel failing (``broken``) or a request
+    that could not be sent (``failure``, raised once the answers are in)."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.outstanding = 0
+        self.producing = True
+        self.broken: BaseException | None = None
+        self.failure: BaseException | None = None

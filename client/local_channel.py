@@ -144,7 +144,32 @@ class _Slot:
         return self.done
 
 
-class LocalChannel:
+class _Channel:
+    """What ``LocalChannel`` and ``AsyncLocalChannel`` answer alike: the server's hello, and
+    whether the channel is closed."""
+
+    hello: dict[str, Any]
+    _closed: bool
+    _waiting: dict[int, Any]
+
+    @property
+    def grpc_address(self) -> str:
+        return str(self.hello["grpc"])
+
+    @property
+    def channel_id(self) -> int:
+        return int(self.hello["channel"])
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def forget(self, request_id: int) -> None:
+        """Drop a request whose answer nobody waits for any more."""
+        self._waiting.pop(request_id, None)
+
+
+class LocalChannel(_Channel):
     """Thread-safe. No reader thread: a waiting caller becomes the reader (leader/follower),
     so a lone caller reads its own reply without any thread switch."""
 
@@ -176,18 +201,6 @@ class LocalChannel:
         self._followers = 0  # callers blocked in self._cond.wait
         self._waiting: dict[int, Callback] = {}
         self._closed = False
-
-    @property
-    def grpc_address(self) -> str:
-        return str(self.hello["grpc"])
-
-    @property
-    def channel_id(self) -> int:
-        return int(self.hello["channel"])
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     # --- sending --------------------------------------------------------------------------
     def submit(self, message: dict[str, Any], callback: Callback,
@@ -248,10 +261,6 @@ class LocalChannel:
             return False
         except OSError:
             return True
-
-    def forget(self, request_id: int) -> None:
-        """Drop the callback of a request whose answer nobody waits for any more."""
-        self._waiting.pop(request_id, None)
 
     # --- waiting --------------------------------------------------------------------------
     def wait(self, ready: Callable[[], bool], deadline: float | None = None) -> bool:
@@ -348,7 +357,7 @@ class LocalChannel:
         self._sock.close()
 
 
-class AsyncLocalChannel:
+class AsyncLocalChannel(_Channel):
     """The same channel on an asyncio loop: the loop watches the doorbell socket."""
 
     def __init__(self, path: str, hello: dict[str, Any], memory: mmap.mmap, requests: Ring,
@@ -392,14 +401,6 @@ class AsyncLocalChannel:
             sock.close()
             raise
         return cls(path, hello, memory, requests, responses, sock)
-
-    @property
-    def grpc_address(self) -> str:
-        return str(self.hello["grpc"])
-
-    @property
-    def channel_id(self) -> int:
-        return int(self.hello["channel"])
 
     def _readable(self) -> None:
         """Doorbell: the server published replies (or closed the socket)."""
@@ -447,10 +448,6 @@ class AsyncLocalChannel:
         for future in waiting.values():
             if not future.done():
                 future.set_exception(_gone(reason))
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     async def send(self, message: dict[str, Any], deadline: float | None = None
                    ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
@@ -522,9 +519,6 @@ class AsyncLocalChannel:
                 pass  # doorbells are queued already: the server will drain the ring
             except OSError as exc:
                 self._lost(f"local channel to the server failed: {exc}")
-
-    def forget(self, request_id: int) -> None:
-        self._waiting.pop(request_id, None)
 
     async def call(self, message: dict[str, Any], timeout: float | None = None
                    ) -> dict[str, Any]:

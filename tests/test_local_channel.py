@@ -650,6 +650,37 @@ def test_message_too_large_for_the_channel(client: Client) -> None:
     assert client.transport == "shm"
 
 
+@pytest.mark.parametrize("size", ["over", "edge"])
+def test_stream_request_too_large_for_the_channel(local_server: LocalServer, size: str) -> None:
+    """A stream on the channel cannot fall back to gRPC: a request too large for it ends the
+    stream with RESOURCE_EXHAUSTED once the answers before it are in, and both clients say the
+    same, whether the tensor bytes alone are over the limit or only the packed message is."""
+    with Client(local_server.url) as client:
+        assert client.is_server_ready()
+        limit = client._link.current().max_message  # type: ignore[union-attr]
+        count = 2 * limit // 4 if size == "over" else limit // 4  # "edge": the bytes fit
+        requests = [{"INPUT0": np.ones(4, np.float32)}, {"INPUT0": np.ones(count, np.float32)}]
+        answered = []
+        with pytest.raises(ShmserveError) as info:
+            for result in client.stream_infer("identity_fp32", requests):
+                answered.append(result.index)
+        sync_error = info.value
+
+    async def main() -> tuple[list[int], ShmserveError]:
+        async with AsyncClient(local_server.url) as client:
+            answered = []
+            with pytest.raises(ShmserveError) as info:
+                async for result in client.stream_infer("identity_fp32", requests):
+                    answered.append(result.index)
+            return answered, info.value
+
+    async_answered, async_error = asyncio.run(main())
+    assert answered == async_answered == [0]
+    assert sync_error.code == async_error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too large for the local channel" in sync_error.message
+    assert sync_error.message == async_error.message
+
+
 def test_deadline_through_the_channel(start_server: StartServer, tmp_path: Path) -> None:
     path = tmp_path / "s.sock"
     start_server(SLOW, "--local-socket", str(path))
