@@ -118,7 +118,12 @@ class Supervisor:
         path = path or os.path.join(tempfile.gettempdir(), f"shmserve-{self.bound_port}.sock")
         grpc_host = self.settings.grpc_address
         grpc_host = "127.0.0.1" if grpc_host in ("0.0.0.0", "::", "[::]") else grpc_host
-        local = LocalFrontend(service, path, f"{grpc_host}:{self.bound_port}")
+        settings = self.settings
+        local = LocalFrontend(service, path, f"{grpc_host}:{self.bound_port}",
+                              ring_bytes=settings.local_ring_bytes,
+                              stall_secs=settings.local_stall_secs,
+                              direct_rings=settings.local_direct_rings,
+                              direct_ring_bytes=settings.local_direct_ring_bytes)
         await local.start()
         return local
 
