@@ -11,6 +11,7 @@ import resource
 import sys
 from dataclasses import MISSING
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from shmserve.daemon import admin_shm
 from shmserve.daemon.settings import Settings, default_of, parse_bool, setting_fields
@@ -45,7 +46,7 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         if spec.flag is None:
             continue
         declared = None if item.default is MISSING else item.default
-        options: dict[str, object] = {
+        options: dict[str, Any] = {
             "dest": item.name, "type": spec.parse, "required": spec.required,
             "help": _help_with_default(spec.help, declared, spec.env),
         }
@@ -58,7 +59,7 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
             options["metavar"] = metavar
         if spec.choices is not None:
             options["choices"] = spec.choices
-        parser.add_argument(spec.flag, **options)  # type: ignore[arg-type]
+        parser.add_argument(spec.flag, **options)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -174,7 +174,7 @@ def config_to_dict(config: mc.ModelConfig) -> dict[str, Any]:
     """Triton's model_config JSON: proto field names, defaults included, int64s as numbers."""
     raw = json_format.MessageToDict(config, preserving_proto_field_name=True,
                                     always_print_fields_with_no_presence=True)
-    _int64_to_int(raw, config.DESCRIPTOR)  # type: ignore[arg-type]  # upb Descriptor
+    _int64_to_int(raw, config.DESCRIPTOR)
     return raw
 
 

@@ -87,7 +87,8 @@ def deserialize_bytes_tensor(buffer: bytes | memoryview | np.ndarray,
 
     With ``count`` the buffer must hold exactly that many elements.
     """
-    view = memoryview(buffer).cast("B")
+    # ndarray.data: the same view; numpy's stubs give ndarray the buffer protocol on 3.12+ only.
+    view = memoryview(buffer.data if isinstance(buffer, np.ndarray) else buffer).cast("B")
     total = len(view)
     items: list[bytes] = []
     pos = 0
