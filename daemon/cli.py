@@ -63,8 +63,9 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings(**{item.name: getattr(args, item.name) for item, spec in setting_fields()
-                       if spec.flag is not None})
+    """Flags as parsed; a setting without a flag from its environment variable or default."""
+    return Settings(**{item.name: getattr(args, item.name) if spec.flag is not None
+                       else default_of(item, spec) for item, spec in setting_fields()})
 
 
 class _CommandListHelp(argparse.HelpFormatter):
