@@ -513,7 +513,7 @@ def encrypt_model(
     return result
 
 
-ENCRYPT_SUMMARY = "encrypt a model directory for the 'decrypt' repository agent"
+ENCRYPT_SUMMARY = "encrypt a model for the 'decrypt' repository agent"
 ENCRYPT_DESCRIPTION = (
     "Encrypt a model directory for the 'decrypt' repository agent (AES-256-GCM). "
     "Every file becomes <file>.enc except config.pbtxt, to which the decrypt agent "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shutil
 import subprocess
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from shmserve.daemon import cli
+from shmserve.daemon import admin_shm, cli
 from shmserve.daemon.settings import Settings, SettingSpec, setting_fields
+from shmserve.repoagents import decrypt
 
 
 def _shmserve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -83,12 +85,16 @@ def test_environment_variables_give_defaults_and_flags_win(monkeypatch: pytest.M
 
 
 def test_help_lists_each_subcommand_on_one_line() -> None:
-    done = _shmserve("--help")
+    done = subprocess.run([sys.executable, "-m", "shmserve.daemon", "--help"],
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, COLUMNS="80"))
     assert done.returncode == 0
     lines = done.stdout.splitlines()
-    for command in ("serve", "shm", "encrypt-model"):
+    summaries = {"serve": "run the server on a model repository", "shm": admin_shm.SUMMARY,
+                 "encrypt-model": decrypt.ENCRYPT_SUMMARY}
+    for command, summary in summaries.items():
         [line] = [line for line in lines if re.match(rf"^\s+{command}\s", line)]
-        assert len(line.split()) > 2, f"'{command}' has no one-line summary: {line!r}"
+        assert line.split(None, 1)[1].strip() == summary, line
 
 
 def test_version() -> None:
