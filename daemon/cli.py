@@ -1,110 +1,111 @@
-"""`shmserve` command line: serve, shm housekeeping, model encryption."""
+"""`shmserve` command line: one subcommand per job, `serve`'s options built from the settings
+table (daemon/settings.py)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import os
 import resource
 import sys
+from dataclasses import MISSING
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-from shmserve.daemon.settings import Settings
-
-PROTOCOL_GROUPS = {"health", "metadata", "inference", "shared-memory", "model-config",
-                   "model-repository", "statistics", "trace", "logging"}
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+from shmserve.daemon import admin_shm
+from shmserve.daemon.settings import Settings, default_of, parse_bool, setting_fields
+from shmserve.repoagents import decrypt
 
 
-def _restriction(text: str) -> tuple[set[str], str, str]:
-    """tritonserver's --grpc-restricted-protocol=<groups>:<key>=<value>."""
-    groups_text, _, rule = text.partition(":")
-    key, _, value = rule.partition("=")
-    groups = {g.strip() for g in groups_text.split(",") if g.strip()}
-    unknown = groups - PROTOCOL_GROUPS
-    if not groups or not key or not value or unknown:
-        raise argparse.ArgumentTypeError(
-            f"expected <groups>:<key>=<value> with groups from {sorted(PROTOCOL_GROUPS)}, "
-            f"got '{text}'")
-    return groups, key, value
+def package_version() -> str:
+    try:
+        return version("shmserve")
+    except PackageNotFoundError:
+        return "unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shmserve", description=(
-        "A Triton-compatible inference server that moves tensors through shared memory."))
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the server on a model repository",
-                                description="Serve a Triton-layout model repository over "
-                                            "KServe v2 gRPC (tritonserver's flag names).")
-    serve.add_argument("--model-repository", required=True, help="model repository directory")
-    serve.add_argument("--grpc-address", default="0.0.0.0", help="address to listen on")
-    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0 = any free)")
-    serve.add_argument("--metrics-port", type=int, default=8002,
-                       help="Prometheus metrics port, GET /metrics (0 = any free)")
-    serve.add_argument("--allow-metrics", type=_bool, default=True,
-                       help="serve Prometheus metrics (default true)")
-    serve.add_argument("--model-control-mode", choices=["none", "explicit", "poll"],
-                       default="none", help="none: load all at start; explicit: load/unload "
-                                            "RPCs; poll: follow repository changes")
-    serve.add_argument("--load-model", action="append", default=[], metavar="NAME",
-                       help="with explicit mode: load NAME at start ('*' = all); repeatable")
-    serve.add_argument("--repository-poll-secs", type=float, default=15.0,
-                       help="with poll mode: seconds between repository scans")
-    serve.add_argument("--exit-timeout-secs", type=float, default=30.0,
-                       help="on SIGTERM: how long to wait for in-flight requests")
-    serve.add_argument("--repoagent-directory", default=None,
-                       help="directory of repository agents (<dir>/<name>/agent.py)")
-    serve.add_argument("--strict-readiness", type=_bool, default=True,
-                       help="ServerReady requires every model ready (default true)")
-    serve.add_argument("--shm-key-prefix", default=None,
-                       help="only allow registering system shm keys with this prefix")
-    serve.add_argument("--allow-client-shm", type=_bool, nargs="?", const=True, default=False,
-                       metavar="BOOL",
-                       help="let gRPC clients register shared-memory regions (default false; "
-                            "any gRPC client can then use the server user's segments, see "
-                            "docs/security.md; the local channel checks its peer instead)")
-    serve.add_argument("--shm-allow-foreign-owners", type=_bool, nargs="?", const=True,
-                       default=False, metavar="BOOL",
-                       help="with --allow-client-shm: also segments owned by other users "
-                            "than the server's (default false)")
-    serve.add_argument("--grpc-restricted-protocol", type=_restriction, action="append",
-                       default=[], metavar="GROUPS:KEY=VALUE",
-                       help="require header triton-grpc-protocol-KEY: VALUE for these groups")
-    serve.add_argument("--local-socket", default="",
-                       help="Unix socket of the local shared-memory channel (default "
-                            "shmserve-<grpc port>.sock in $RUNTIME_DIRECTORY, /run/shmserve "
-                            "for root, or <tmpdir>/shmserve-<uid>/; 'none' disables it)")
-    serve.add_argument("--pipeline-depth", type=int, default=2, metavar="N",
-                       help="batches sent ahead to each model instance, so it never waits for "
-                            "the next one (1 = only when idle, as tritonserver does)")
-    serve.add_argument("--worker-busy-poll-us", type=int, default=50, metavar="US",
-                       help="while requests arrive back to back, a worker polls for the next "
-                            "one up to this long before sleeping (adaptive; 0 = never poll)")
-    serve.add_argument("--log-verbose", type=int, default=0, help="verbose logging level")
-    return parser
+_METAVARS: dict[object, str] = {parse_bool: "BOOL", int: "N", float: "SECS"}
+
+
+def _help_with_default(help_text: str, shown: object, env: str | None) -> str:
+    extras = []
+    if isinstance(shown, bool):
+        extras.append(f"default: {str(shown).lower()}")
+    elif shown is not None and shown != []:
+        extras.append(f"default: {shown if shown != '' else repr('')}")
+    if env is not None:
+        extras.append(f"env {env}")
+    text = f"{help_text} ({'; '.join(extras)})" if extras else help_text
+    return text.replace("%", "%%")
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per setting with a flag; defaults from the table (or its env variable)."""
+    for item, spec in setting_fields():
+        if spec.flag is None:
+            continue
+        declared = None if item.default is MISSING else item.default
+        options: dict[str, Any] = {
+            "dest": item.name, "type": spec.parse, "required": spec.required,
+            "help": _help_with_default(spec.help, declared, spec.env),
+        }
+        if not spec.required:
+            options["default"] = default_of(item, spec)
+        if spec.repeatable:
+            options["action"] = "append"
+        if spec.parse is parse_bool:  # "--allow-client-shm" alone means true
+            options["nargs"] = "?"
+            options["const"] = True
+        metavar = spec.metavar or _METAVARS.get(spec.parse)
+        if metavar is not None and spec.choices is None:
+            options["metavar"] = metavar
+        if spec.choices is not None:
+            options["choices"] = spec.choices
+        parser.add_argument(spec.flag, **options)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings(
-        model_repository=args.model_repository, grpc_address=args.grpc_address,
-        grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-        allow_metrics=args.allow_metrics,
-        model_control_mode=args.model_control_mode, load_models=args.load_model,
-        repository_poll_secs=args.repository_poll_secs,
-        exit_timeout_secs=args.exit_timeout_secs,
-        repoagent_directory=args.repoagent_directory, log_verbose=args.log_verbose,
-        strict_readiness=args.strict_readiness, shm_key_prefix=args.shm_key_prefix,
-        allow_client_shm=args.allow_client_shm,
-        shm_allow_foreign_owners=args.shm_allow_foreign_owners,
-        restricted_protocols=args.grpc_restricted_protocol, local_socket=args.local_socket,
-        pipeline_depth=max(1, args.pipeline_depth),
-        worker_busy_poll_us=max(0, args.worker_busy_poll_us))
+    """Flags as parsed; a setting without a flag from its environment variable or default."""
+    return Settings(**{item.name: getattr(args, item.name) if spec.flag is not None
+                       else default_of(item, spec) for item, spec in setting_fields()})
+
+
+class _CommandListHelp(argparse.HelpFormatter):
+    """argparse measures subcommand names without their indent, so a long one (like
+    encrypt-model) wraps; count it, so each subcommand gets one line in ``shmserve --help``."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            self._action_max_length += self._indent_increment
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shmserve", formatter_class=_CommandListHelp,
+        description="A Triton-compatible inference server that moves tensors through shared "
+                    "memory.")
+    parser.add_argument("--version", action="version",
+                        version=f"shmserve {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, title="commands",
+                                     metavar="COMMAND")
+    serve_parser = commands.add_parser(
+        "serve", help="run the server on a model repository",
+        description="Serve a Triton-layout model repository over KServe v2 gRPC "
+                    "(tritonserver's flag names).")
+    add_setting_arguments(serve_parser)
+    serve_parser.set_defaults(run=lambda args: serve(settings_from_args(args)))
+
+    shm = commands.add_parser("shm", help=admin_shm.SUMMARY, description=admin_shm.DESCRIPTION)
+    admin_shm.add_arguments(shm)
+    shm.set_defaults(run=admin_shm.run)
+
+    encrypt = commands.add_parser("encrypt-model", help=decrypt.ENCRYPT_SUMMARY,
+                                  description=decrypt.ENCRYPT_DESCRIPTION)
+    decrypt.add_encrypt_arguments(encrypt)
+    encrypt.set_defaults(run=lambda args: decrypt.run_encrypt(args, encrypt))
+    return parser
 
 
 def raise_open_file_limit() -> None:
@@ -118,10 +119,25 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def repository_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a model repository, or None (tritonserver refuses to start)."""
+    if not os.path.exists(path):
+        return f"failed to stat file {path}: the model repository does not exist"
+    if not os.path.isdir(path):
+        return f"model repository {path} is not a directory"
+    if not os.access(path, os.R_OK | os.X_OK):
+        return f"model repository {path} is not readable"
+    return None
+
+
 def serve(settings: Settings) -> int:
     logging.basicConfig(level=logging.DEBUG if settings.log_verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    problem = repository_problem(settings.model_repository)
+    if problem is not None:
+        logging.getLogger("shmserve").error("%s", problem)
+        return 1
     raise_open_file_limit()
     import uvloop
 
@@ -130,15 +146,9 @@ def serve(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["encrypt-model"]:
-        from shmserve.repoagents.decrypt import main as encrypt_main
-        return encrypt_main(argv[1:])
-    if argv[:1] == ["shm"]:
-        from shmserve.client.housekeeping import main as shm_main
-        return shm_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return serve(settings_from_args(args))
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    code: int = args.run(args)
+    return code
 
 
 if __name__ == "__main__":

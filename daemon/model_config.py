@@ -43,8 +43,15 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
     try:
         text_format.Parse(text, config)
     except text_format.ParseError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: {user_facing(str(exc))}") from None
     return config
+
+
+def user_facing(protobuf_message: str) -> str:
+    """A protobuf parse error without our proto package: ``Message type
+    "shmserve.inference.ModelConfig" has no field ...`` reads as Triton's ``ModelConfig``
+    (the package is an implementation detail, see docs/architecture.md)."""
+    return protobuf_message.replace(f"{mc.DESCRIPTOR.package}.", "")
 
 
 def complete_config(config: mc.ModelConfig, model_dir: Path, gpu_ids: list[int]) -> None:
@@ -167,7 +174,7 @@ def config_to_dict(config: mc.ModelConfig) -> dict[str, Any]:
     """Triton's model_config JSON: proto field names, defaults included, int64s as numbers."""
     raw = json_format.MessageToDict(config, preserving_proto_field_name=True,
                                     always_print_fields_with_no_presence=True)
-    _int64_to_int(raw, config.DESCRIPTOR)  # type: ignore[arg-type]  # upb Descriptor
+    _int64_to_int(raw, config.DESCRIPTOR)
     return raw
 
 

@@ -48,6 +48,7 @@ from shmserve.daemon.model_config import (
     InstancePlan,
     config_to_dict,
     plan_instances,
+    user_facing,
 )
 from shmserve.daemon.model_source import (
     Fingerprint,
@@ -125,6 +126,7 @@ class ModelRecord:
     fingerprint: Fingerprint = ()     # of the repository directory last loaded from
     from_repository: bool = True      # False when the serving generation came from "file:"
     in_lifecycle: bool = False        # a load reached the workers once (Triton's lifecycle map)
+    failed_at_startup: bool = False   # keeps a strict server unready until loaded or unloaded
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def config(self) -> mc.ModelConfig | None:
@@ -180,15 +182,22 @@ class ModelManager:
             return self.repository_models()
         return wanted
 
-    async def load_startup_models(self) -> None:
+    async def load_startup_models(self) -> list[str]:
+        """Load what start-up loads; returns the names that failed (each already logged
+        with its reason by ``load``)."""
         names = self.startup_models()
         results = await asyncio.gather(*(self.load(name) for name in names),
                                        return_exceptions=True)
+        failed = []
         for name, result in zip(names, results, strict=True):
-            if isinstance(result, ServeError):
-                log.error("model '%s' failed to load: %s", name, result.message.rstrip())
-            elif isinstance(result, BaseException):
-                log.error("model '%s' failed to load", name, exc_info=result)
+            if isinstance(result, BaseException):
+                if not isinstance(result, ServeError):
+                    log.error("model '%s' failed to load", name, exc_info=result)
+                failed.append(name)
+                record = self._records.get(name)
+                if record is not None and not record.versions:
+                    record.failed_at_startup = True
+        return failed
 
     # --- load ---------------------------------------------------------------------------
     async def load(self, name: str, config_json: str | None = None,
@@ -230,13 +239,19 @@ class ModelManager:
             record.fingerprint = previous_fingerprint
             if not record.versions:
                 record.state, record.reason = UNAVAILABLE, exc.detail
-            log.error("Poll failed for model directory '%s': %s", name, exc.detail)
+            else:
+                _note_reload_failure(record, exc.detail)
+            log.error("Poll failed for model directory '%s': %s%s", name, exc.detail,
+                      _still_serving(record))
             raise internal(f"failed to load '{name}', failed to poll from model repository: "
                            f"{exc.detail}") from None
         except ServeError as exc:
             record.fingerprint = previous_fingerprint
             if not record.versions:
                 record.state, record.reason = UNAVAILABLE, exc.message
+            else:
+                _note_reload_failure(record, exc.message)
+            log.error("%s%s", exc.message.rstrip(), _still_serving(record))
             raise
         except BaseException:
             record.fingerprint = previous_fingerprint
@@ -256,6 +271,7 @@ class ModelManager:
                                                            generation.temp_dir)
         record.from_repository = files is None
         record.state, record.reason = READY, ""
+        record.failed_at_startup = False
         for model_version in generation.versions.values():
             model_version.state = READY
         log.info("successfully loaded '%s' version(s) %s", name, sorted(generation.versions))
@@ -318,7 +334,7 @@ class ModelManager:
             json_format.Parse(config_json, config)
         except json_format.ParseError as exc:
             # Triton: "Invalid config override: <JsonToModelConfig message>".
-            raise PollError(f"Invalid config override: {exc}") from None
+            raise PollError(f"Invalid config override: {user_facing(str(exc))}") from None
         return config
 
     async def _run_agents(self, name: str, model_dir: Path, config: mc.ModelConfig,
@@ -381,13 +397,15 @@ class ModelManager:
             return _Generation(started, prepared.agents, prepared.temp_dir)
         for version, reason in failures:
             started[version].state, started[version].reason = UNAVAILABLE, reason
-            log.error("failed to load '%s' version %d: %s", name, version, reason)
+            log.error("failed to load '%s' version %d: %s%s", name, version, reason,
+                      _still_serving(record))
         await self._abandon(started, prepared)
         if not record.versions:
             record.state, record.reason = UNAVAILABLE, failures[0][1]
+        else:
+            _note_reload_failure(record, failures[0][1])
         detail = "".join(f"version {version} is at {UNAVAILABLE} state: {reason};"
                          for version, reason in failures)
-        log.error("failed to load '%s'", name)
         # Triton (LoadUnloadModels): INVALID_ARG "load failed for model '<m>': <reasons>\n".
         raise invalid_argument(f"load failed for model '{name}': {detail}\n")
 
@@ -454,6 +472,7 @@ class ModelManager:
             record.versions = {}
             record.state, record.reason = UNAVAILABLE, UNLOADED_REASON
             record.fingerprint = ()
+            record.failed_at_startup = False
             log.info("successfully unloaded '%s'", record.name)
 
     def _retire_in_background(self, generation: _Generation) -> None:
@@ -561,14 +580,22 @@ class ModelManager:
             return False
 
     def all_ready(self) -> bool:
-        """Strict readiness: every serving version ready, no first load in progress."""
+        """Strict readiness: every serving version ready, no first load in progress, no
+        model that failed at start-up still unloaded (as tritonserver's strict readiness)."""
         for record in self._records.values():
             if not record.versions and record.state == LOADING:
+                return False
+            if record.failed_at_startup:
                 return False
             for model_version in record.versions.values():
                 if model_version.state != UNLOADING and not model_version.ready:
                     return False
         return True
+
+    def ready_count(self) -> int:
+        """Models with at least one READY version."""
+        return sum(any(v.ready for v in record.versions.values())
+                   for record in self._records.values())
 
     def records(self) -> list[ModelRecord]:
         """Known models, for the index and statistics: serving ones, ones in the middle of
@@ -591,6 +618,22 @@ class ModelManager:
 # --- helpers ------------------------------------------------------------------------------
 class _NoVersion(Exception):
     pass
+
+
+RELOAD_FAILED = "reload failed; the previous load keeps serving: "
+
+
+def _note_reload_failure(record: ModelRecord, reason: str) -> None:
+    """A failed reload leaves the serving versions READY; their index entries say why the
+    new load did not replace them (until the next load or unload succeeds)."""
+    for model_version in record.versions.values():
+        model_version.reason = RELOAD_FAILED + reason.rstrip()
+
+
+def _still_serving(record: ModelRecord) -> str:
+    if not record.versions:
+        return ""
+    return f" (version(s) {sorted(record.versions)} of the previous load keep serving)"
 
 
 def _code_string(code: grpc.StatusCode) -> str:

@@ -1,30 +1,184 @@
-"""Server settings, with tritonserver's flag names where the concept is the same."""
+"""Server settings, declared once: each field of ``Settings`` carries its flag, environment
+variable, parser and help, and ``daemon/cli.py`` builds ``shmserve serve``'s options from them.
+
+Flags follow tritonserver's names where the concept is the same. A setting with an
+environment variable takes its default from it (the flag still wins); a setting without a
+flag is internal (tests and tuning set it through its environment variable, or not at all).
+
+Environment variables that are *not* settings: ``NOTIFY_SOCKET`` (systemd's protocol, read
+by daemon/systemd.py), ``CUDA_VISIBLE_DEVICES`` (the GPUs this host offers; the server sets
+it in each GPU worker), and the variable a ``decrypt`` agent's ``key_env`` parameter names
+(the key belongs to the model's config, not to the server).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any
+
+PROTOCOL_GROUPS = {"health", "metadata", "inference", "shared-memory", "model-config",
+                   "model-repository", "statistics", "trace", "logging"}
+
+
+def parse_bool(text: str) -> bool:
+    """tritonserver's boolean flags: true/false (also 1/0, yes/no, on/off)."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def parse_restriction(text: str) -> tuple[set[str], str, str]:
+    """tritonserver's --grpc-restricted-protocol=<groups>:<key>=<value>."""
+    groups_text, _, rule = text.partition(":")
+    key, _, value = rule.partition("=")
+    groups = {g.strip() for g in groups_text.split(",") if g.strip()}
+    unknown = groups - PROTOCOL_GROUPS
+    if not groups or not key or not value or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected <groups>:<key>=<value> with groups from {sorted(PROTOCOL_GROUPS)}, "
+            f"got '{text}'")
+    return groups, key, value
+
+
+@dataclass(frozen=True, slots=True)
+class SettingSpec:
+    """How one setting is given: the table row behind a ``Settings`` field."""
+
+    help: str
+    flag: str | None = None                  # None: not on the command line
+    env: str | None = None                   # environment variable giving the default
+    parse: Callable[[str], Any] = str
+    metavar: str | None = None
+    choices: Sequence[str] | None = None
+    repeatable: bool = False                 # the flag may be given several times (a list)
+    required: bool = False
+
+
+def setting(default: Any = MISSING, *, help: str, flag: str | None = None,
+            env: str | None = None, parse: Callable[[str], Any] = str,
+            metavar: str | None = None, choices: Sequence[str] | None = None,
+            repeatable: bool = False) -> Any:
+    """A ``Settings`` field with its table row in the field's metadata."""
+    spec = SettingSpec(help=help, flag=flag, env=env, parse=parse, metavar=metavar,
+                       choices=choices, repeatable=repeatable,
+                       required=default is MISSING and not repeatable)
+    if repeatable:
+        return field(default_factory=list, metadata={"setting": spec})
+    return field(default=default, metadata={"setting": spec})
 
 
 @dataclass
 class Settings:
-    model_repository: str
-    grpc_address: str = "0.0.0.0"
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    allow_metrics: bool = True
-    model_control_mode: str = "none"          # none | explicit | poll
-    load_models: list[str] = field(default_factory=list)
-    repository_poll_secs: float = 15.0
-    exit_timeout_secs: float = 30.0
-    repoagent_directory: str | None = None
-    log_verbose: int = 0
-    strict_readiness: bool = True
-    shm_key_prefix: str | None = None
-    allow_client_shm: bool = False          # register client shm over gRPC (docs/security.md)
-    shm_allow_foreign_owners: bool = False  # ... also segments another uid owns
-    local_socket: str = ""                  # "" = <tmpdir>/shmserve-<grpc port>.sock, "none" = off
-    restricted_protocols: list[tuple[set[str], str, str]] = field(default_factory=list)
-    pipeline_depth: int = 2                 # batches sent ahead to each instance
-    worker_busy_poll_us: int = 50           # see workers/busy_poll.py (0 = always block)
-    worker_heartbeat_secs: float = 5.0
-    worker_hang_secs: float = 60.0
+    model_repository: str = setting(
+        flag="--model-repository", metavar="DIR",
+        help="model repository directory (Triton layout: <model>/config.pbtxt, "
+             "<model>/<version>/...)")
+    grpc_address: str = setting("0.0.0.0", flag="--grpc-address", metavar="ADDRESS",
+                                help="address to listen on")
+    grpc_port: int = setting(8001, flag="--grpc-port", parse=int,
+                             help="gRPC port (0 = any free)")
+    metrics_address: str = setting(
+        "", flag="--metrics-address", metavar="ADDRESS",
+        help="address of the Prometheus metrics endpoint ('' = the gRPC address)")
+    metrics_port: int = setting(8002, flag="--metrics-port", parse=int,
+                                help="Prometheus metrics port, GET /metrics (0 = any free)")
+    allow_metrics: bool = setting(True, flag="--allow-metrics", parse=parse_bool,
+                                  help="serve Prometheus metrics")
+    model_control_mode: str = setting(
+        "none", flag="--model-control-mode", choices=("none", "explicit", "poll"),
+        help="none: load all at start; explicit: load/unload RPCs; poll: follow repository "
+             "changes")
+    load_models: list[str] = setting(
+        flag="--load-model", metavar="NAME", repeatable=True,
+        help="with explicit mode: load NAME at start ('*' = all); repeatable")
+    repository_poll_secs: float = setting(
+        15.0, flag="--repository-poll-secs", parse=float,
+        help="with poll mode: seconds between repository scans")
+    exit_timeout_secs: float = setting(
+        30.0, flag="--exit-timeout-secs", parse=float,
+        help="on SIGTERM: how long to wait for in-flight requests")
+    exit_on_error: bool = setting(
+        True, flag="--exit-on-error", parse=parse_bool,
+        help="exit (status 1) when a model fails to load at start-up")
+    strict_readiness: bool = setting(
+        True, flag="--strict-readiness", parse=parse_bool,
+        help="ServerReady requires every model ready, and no model failed at start-up")
+    repoagent_directory: str | None = setting(
+        None, flag="--repoagent-directory", metavar="DIR",
+        help="directory of repository agents (<dir>/<name>/agent.py)")
+    shm_key_prefix: str | None = setting(
+        None, flag="--shm-key-prefix", metavar="PREFIX",
+        help="only allow registering system shm keys with this prefix")
+    allow_client_shm: bool = setting(
+        False, flag="--allow-client-shm", parse=parse_bool,
+        help="allow registering client shared memory over gRPC/HTTP")
+    shm_allow_foreign_owners: bool = setting(
+        False, flag="--shm-allow-foreign-owners", parse=parse_bool,
+        help="over gRPC/HTTP, allow registering segments owned by another uid than the "
+             "server's")
+    restricted_protocols: list[tuple[set[str], str, str]] = setting(
+        flag="--grpc-restricted-protocol", parse=parse_restriction, repeatable=True,
+        metavar="GROUPS:KEY=VALUE",
+        help="require header triton-grpc-protocol-KEY: VALUE for these groups")
+    local_socket: str = setting(
+        "", flag="--local-socket", metavar="PATH",
+        help="Unix socket of the local shared-memory channel ('' = "
+             "shmserve-<grpc port>.sock in $RUNTIME_DIRECTORY, /run/shmserve for root, "
+             "or <tmpdir>/shmserve-<uid>/; 'none' disables it)")
+    local_ring_bytes: int = setting(
+        8 << 20, flag="--local-ring-bytes", env="SHMSERVE_LOCAL_RING_BYTES", parse=int,
+        metavar="BYTES", help="local channel: bytes of each ring (requests, responses)")
+    local_stall_secs: float = setting(
+        30.0, flag="--local-stall-secs", env="SHMSERVE_LOCAL_STALL_SECS", parse=float,
+        help="local channel: close a client's channel when it leaves responses unread this "
+             "long")
+    local_direct_rings: int = setting(
+        8, flag="--local-direct-rings", env="SHMSERVE_LOCAL_DIRECT_RINGS", parse=int,
+        metavar="N",
+        help="local channel: workers that may answer one client directly (0 = none)")
+    local_direct_ring_bytes: int = setting(
+        1 << 20, flag="--local-direct-ring-bytes", env="SHMSERVE_LOCAL_DIRECT_RING_BYTES",
+        parse=int, metavar="BYTES", help="local channel: bytes of each direct-answer ring")
+    pipeline_depth: int = setting(
+        2, flag="--pipeline-depth", parse=int, metavar="N",
+        help="batches sent ahead to each model instance, so it never waits for the next one "
+             "(1 = only when idle, as tritonserver does)")
+    worker_busy_poll_us: int = setting(
+        50, flag="--worker-busy-poll-us", parse=int, metavar="US",
+        help="while requests arrive back to back, a worker polls for the next one up to "
+             "this long before sleeping (adaptive; 0 = never poll)")
+    worker_heartbeat_secs: float = setting(
+        5.0, help="seconds between a worker's heartbeats")
+    worker_hang_secs: float = setting(
+        60.0, help="a worker silent this long is considered hung and restarted")
+    log_verbose: int = setting(0, flag="--log-verbose", parse=int,
+                               help="verbose logging level")
+
+    def __post_init__(self) -> None:
+        self.pipeline_depth = max(1, self.pipeline_depth)
+        self.worker_busy_poll_us = max(0, self.worker_busy_poll_us)
+
+
+def setting_fields() -> list[tuple[Field[Any], SettingSpec]]:
+    """Every setting with its table row, in declaration order."""
+    return [(f, f.metadata["setting"]) for f in fields(Settings)]
+
+
+def default_of(item: Field[Any], spec: SettingSpec,
+               environ: Mapping[str, str] | None = None) -> Any:
+    """The setting's default: its environment variable when set, else the declared one."""
+    environ = os.environ if environ is None else environ
+    if spec.env is not None and environ.get(spec.env):
+        try:
+            return spec.parse(environ[spec.env])
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise SystemExit(f"shmserve: environment variable {spec.env}: {exc}") from None
+    if item.default_factory is not MISSING:
+        return item.default_factory()
+    return None if item.default is MISSING else item.default
+

@@ -75,13 +75,15 @@ class Supervisor:
                            settings.shm_key_prefix)
         registry = ShmRegistry(models.release_regions, policy, gpu_ids)
         state = ServerState(settings, models, registry)
-        metrics = MetricsServer(models, settings.grpc_address, settings.metrics_port,
+        metrics_address = settings.metrics_address or settings.grpc_address
+        metrics = MetricsServer(models, metrics_address, settings.metrics_port,
                                 registry) if settings.allow_metrics else None
         if metrics is not None:
             try:
                 await metrics.start()
             except OSError as exc:
-                log.error("cannot serve metrics on port %d: %s", settings.metrics_port, exc)
+                log.error("cannot serve metrics on %s:%d: %s", metrics_address,
+                          settings.metrics_port, exc)
                 return 1
         server = grpc.aio.server(options=GRPC_OPTIONS)
         service = InferenceService(state)
@@ -108,10 +110,17 @@ class Supervisor:
         for name in ("SIGTERM", "SIGINT", "SIGHUP"):
             loop.add_signal_handler(getattr(signal, name), self._signals.put_nowait, name)
         try:
-            await models.load_startup_models()
+            failed = await models.load_startup_models()
+            if failed and settings.exit_on_error:
+                # tritonserver: "failed to load all models", then exit.
+                log.error("exiting: %d model(s) failed to load at start-up (%s); "
+                          "--exit-on-error=false serves the others", len(failed),
+                          ", ".join(failed))
+                return 1
             systemd.notify(f"READY=1\nSTATUS=serving on port {self.bound_port}\n"
                            f"MAINPID={self.pid}")
-            log.info("shmserve ready: %d model(s)", len(models.records()))
+            log.info("shmserve ready: %d model(s)%s", models.ready_count(),
+                     f"; {len(failed)} failed to load" if failed else "")
             poller = (loop.create_task(self._poll(models))
                       if settings.model_control_mode == "poll" else None)
             while True:
@@ -135,6 +144,7 @@ class Supervisor:
         path = self.settings.local_socket
         if path == "none":
             return None
+        assert self.bound_port is not None
         if path:
             if writable_by_others(os.path.dirname(os.path.abspath(path))):
                 log.warning("the local socket %s is in a directory other users can write; "
@@ -146,7 +156,12 @@ class Supervisor:
             path = os.path.join(directory, socket_name(self.bound_port))
         grpc_host = self.settings.grpc_address
         grpc_host = "127.0.0.1" if grpc_host in ("0.0.0.0", "::", "[::]") else grpc_host
-        local = LocalFrontend(service, path, f"{grpc_host}:{self.bound_port}")
+        settings = self.settings
+        local = LocalFrontend(service, path, f"{grpc_host}:{self.bound_port}",
+                              ring_bytes=settings.local_ring_bytes,
+                              stall_secs=settings.local_stall_secs,
+                              direct_rings=settings.local_direct_rings,
+                              direct_ring_bytes=settings.local_direct_ring_bytes)
         await local.start()
         return local
 
@@ -194,9 +209,8 @@ class Supervisor:
                                        *(models.load(name) for name in changed),
                                        return_exceptions=True)
         for name, result in zip(removed + changed, results, strict=True):
-            if isinstance(result, ServeError):
-                log.error("model '%s': %s", name, result.message.rstrip())
-            elif isinstance(result, BaseException):
+            # A ServeError was logged, with its reason, where the load failed.
+            if isinstance(result, BaseException) and not isinstance(result, ServeError):
                 log.error("model '%s' failed to update", name, exc_info=result)
 
     async def _poll(self, models: ModelManager) -> None:

@@ -109,7 +109,7 @@ class WorkerProcess:
         parent_sock.setblocking(False)
         transport, _ = await loop.create_unix_connection(lambda: _ControlProtocol(self),
                                                          sock=parent_sock)
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = transport
         loop.add_reader(process.sentinel, self._on_sentinel)
         try:
             await self._ready

@@ -513,16 +513,28 @@ def encrypt_model(
     return result
 
 
+ENCRYPT_SUMMARY = "encrypt a model for the 'decrypt' repository agent"
+ENCRYPT_DESCRIPTION = (
+    "Encrypt a model directory for the 'decrypt' repository agent (AES-256-GCM). "
+    "Every file becomes <file>.enc except config.pbtxt, to which the decrypt agent "
+    "section is added."
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``shmserve encrypt-model SRC DST --key-file F`` / ``--generate-key F``."""
-    parser = argparse.ArgumentParser(
-        prog="shmserve encrypt-model",
-        description=(
-            "Encrypt a model directory for the 'decrypt' repository agent (AES-256-GCM). "
-            "Every file becomes <file>.enc except config.pbtxt, to which the decrypt agent "
-            "section is added."
-        ),
-    )
+    parser = argparse.ArgumentParser(prog="shmserve encrypt-model",
+                                     description=ENCRYPT_DESCRIPTION)
+    add_encrypt_arguments(parser)
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    return run_encrypt(args, parser)
+
+
+def add_encrypt_arguments(parser: argparse.ArgumentParser) -> None:
+    """``shmserve encrypt-model``'s options, on the parser cli.py made for it."""
     parser.add_argument("src", nargs="?", help="the plaintext model directory")
     parser.add_argument("dst", nargs="?", help="the encrypted model directory to create")
     source = parser.add_mutually_exclusive_group()
@@ -547,11 +559,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=argparse.SUPPRESS
     )
-    try:
-        args = parser.parse_args(list(argv) if argv is not None else None)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 
+
+def run_encrypt(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if (args.src is None) != (args.dst is None):
         parser.print_usage(sys.stderr)
         print("shmserve encrypt-model: error: give both SRC and DST", file=sys.stderr)

@@ -16,6 +16,7 @@ import grpc
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
 TEST_MODELS = Path(__file__).resolve().parent / "models"
+READY_LINE = "shmserve ready: "  # logged once start-up loading is over
 
 
 def free_port() -> int:
@@ -90,6 +91,19 @@ class ServerProcess:
                     pass
                 time.sleep(0.05)
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def wait_started(self, timeout: float = 60.0) -> None:
+        """Wait until start-up loading finished, whatever its outcome (a server with
+        --exit-on-error=false and a failed model stays unready while strict)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if READY_LINE in self.log():
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n"
+                                   f"{self.log()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"server did not finish starting after {timeout}s:\n{self.log()}")
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:

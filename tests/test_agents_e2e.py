@@ -191,9 +191,9 @@ def agent_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentServ
         patch.setenv("TMPDIR", str(server_tmp))
         server = ServerProcess(repo, "--model-control-mode", "explicit", "--repoagent-directory",
                                str(agents_dir), "--load-model", "simple",
-                               "--load-model", "mc_cksum_bad")
+                               "--load-model", "mc_cksum_bad", "--exit-on-error", "false")
     try:
-        server.wait_ready()
+        server.wait_started()
         client = grpcclient.InferenceServerClient(server.url)
         yield AgentServer(server, repo, server_tmp, logs, client)
         client.close()
@@ -286,7 +286,8 @@ def test_checksum_mismatch_keeps_the_model_out_while_others_serve(
                                               "reason": text}]
     assert f"Poll failed for model directory 'mc_cksum_bad': {text}" in \
         agent_server.server.log()
-    assert client.is_server_ready()
+    assert not client.is_server_ready(), "strict readiness: a start-up model failed"
+    assert client.is_model_ready("simple")
     infer_simple(client)
     error = rpc_error(lambda: infer(client, "mc_cksum_bad", [1]))
     assert _status(error) == "StatusCode.NOT_FOUND"

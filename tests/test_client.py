@@ -31,8 +31,8 @@ from shmserve.client import (
     ShmserveError,
     StreamRequest,
     SystemRegion,
-    housekeeping,
 )
+from shmserve.daemon import admin_shm
 from shmserve.protos import shmserve_service_pb2 as pb
 from shmserve.tests.serverproc import ServerProcess, free_port
 
@@ -499,7 +499,7 @@ def test_sigkilled_program_leaves_segment_that_clean_removes(example_server: Ser
         assert segment_exists(dead_key), "a SIGKILLed client cannot clean up after itself"
 
         with Client(example_server.url) as client, client.shared_memory(4096) as own:
-            listing = {s.name: s for s in housekeeping.list_segments()}
+            listing = {s.name: s for s in admin_shm.list_segments()}
             assert listing[dead_key[1:]].alive is False
             assert listing[dead_key[1:]].pid == killed.pid
             assert listing[dead_key[1:]].size == 1 << 20
@@ -529,24 +529,24 @@ def test_sigkilled_program_leaves_segment_that_clean_removes(example_server: Ser
 
 def test_owner_liveness_rules(tmp_path: Path) -> None:
     now = time.time()
-    assert housekeeping.owner_alive(os.getpid(), now) is True
+    assert admin_shm.owner_alive(os.getpid(), now) is True
     # A segment last changed long before this process started: its pid was reused.
-    assert housekeeping.owner_alive(os.getpid(), 0.0) is False
+    assert admin_shm.owner_alive(os.getpid(), 0.0) is False
     # An exited but unreaped child (a zombie) counts as gone.
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 10
-    while housekeeping.owner_alive(child.pid, now) and time.monotonic() < deadline:
+    while admin_shm.owner_alive(child.pid, now) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert housekeeping.owner_alive(child.pid, now) is False
+    assert admin_shm.owner_alive(child.pid, now) is False
     child.wait()
     # ls/clean in another directory; names that are not ours are ignored.
     (tmp_path / "shmserve_client_1_0_abcd").write_bytes(b"x" * 10)
     (tmp_path / "shmserve_arena_1_w_1").write_bytes(b"x")
     (tmp_path / "unrelated").write_bytes(b"x")
-    segments = housekeeping.list_segments(str(tmp_path))
+    segments = admin_shm.list_segments(str(tmp_path))
     assert [s.name for s in segments] == ["shmserve_client_1_0_abcd"]
-    assert housekeeping.main(["ls", "--dir", str(tmp_path), "--json"]) == 0
-    assert housekeeping.main(["clean", "--dir", str(tmp_path), "--dry-run"]) == 0
+    assert admin_shm.main(["ls", "--dir", str(tmp_path), "--json"]) == 0
+    assert admin_shm.main(["clean", "--dir", str(tmp_path), "--dry-run"]) == 0
     assert (tmp_path / "shmserve_client_1_0_abcd").exists()
 
 

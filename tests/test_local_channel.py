@@ -31,9 +31,10 @@ import numpy as np
 import pytest
 
 import shmserve.tests.test_client as suite
-from shmserve.client import AsyncClient, Client, ShmserveError, SystemRegion, housekeeping
+from shmserve.client import AsyncClient, Client, ShmserveError, SystemRegion
 from shmserve.client._local import default_socket_path
 from shmserve.client.local_channel import LocalChannel, _handshake
+from shmserve.daemon import admin_shm
 from shmserve.protos.local_ring import Ring, RingFull
 from shmserve.tests.serverproc import ServerProcess, build_repository
 
@@ -512,7 +513,7 @@ def test_sigkilled_client_is_reclaimed(start_server: StartServer, tmp_path: Path
         assert client.infer("two_instances", {"INPUT0": np.ones(1, np.int32)})["PID"].size == 1
     # Only the client's own segment is left (SIGKILL): `shm ls` lists it as a dead
     # process's, which `shm clean` removes (tests/test_client.py); remove just this one.
-    dead = {s.name: s for s in housekeeping.list_segments()}[key.lstrip("/")]
+    dead = {s.name: s for s in admin_shm.list_segments()}[key.lstrip("/")]
     assert dead.alive is False and dead.pid == child.pid
     (suite.SHM / key.lstrip("/")).unlink()
     assert "Traceback" not in server.log()

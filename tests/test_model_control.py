@@ -397,7 +397,10 @@ def test_failed_reload_keeps_the_old_version_serving(explicit: Explicit) -> None
     assert error.message().startswith(
         "load failed for model 'mc_keep': version 1 is at UNAVAILABLE state: ")
     np.testing.assert_array_equal(infer(client, "mc_keep", [0]), [5])
-    assert index(client)["mc_keep"] == [{"version": "1", "state": "READY", "reason": ""}]
+    [entry] = index(client)["mc_keep"]
+    assert entry["version"] == "1" and entry["state"] == "READY"
+    assert entry["reason"].startswith("reload failed; the previous load keeps serving: ")
+    assert "initialize failed on purpose" in entry["reason"]
 
     # Broken on disk: the reload fails, the old one serves; fixed: the next load works.
     (repo / "mc_keep" / "config.pbtxt").write_text(
@@ -407,6 +410,7 @@ def test_failed_reload_keeps_the_old_version_serving(explicit: Explicit) -> None
     (repo / "mc_keep" / "config.pbtxt").write_text(config_text("mc_keep", {"offset": "9"}))
     client.load_model("mc_keep")
     np.testing.assert_array_equal(infer(client, "mc_keep", [0]), [9])
+    assert index(client)["mc_keep"] == [{"version": "1", "state": "READY", "reason": ""}]
     client.unload_model("mc_keep")
 
 

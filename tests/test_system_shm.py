@@ -341,7 +341,8 @@ def test_bytes_tensors_in_shm(client: grpcclient.InferenceServerClient,
 
     # A length prefix that claims more than the window holds never reads past it.
     write(in_handle, 200, (1000).to_bytes(4, "little") + b"abcd")
-    expect_error(grpc.StatusCode.INVALID_ARGUMENT, "failed to parse BYTES input 'TEXT'",
+    expect_error(grpc.StatusCode.INVALID_ARGUMENT,
+                 "malformed BYTES data for inference input 'TEXT'",
                  client.infer, "string_upper",
                  [shm_input("TEXT", [1, 1], "BYTES", "text_in", 8, 200)], prefix=True)
 

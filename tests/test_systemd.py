@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +21,48 @@ from shmserve.tests.serverproc import EXAMPLES, ServerProcess, build_repository
 
 
 def test_unit_file() -> None:
-    lines = {line.split("=", 1)[0]: line.split("=", 1)[1]
-             for line in unit_text().splitlines() if "=" in line and not line.startswith("#")}
+    lines = _unit_settings()
     assert lines["Type"] == "notify"
     assert lines["KillMode"] == "mixed"
     assert lines["KillSignal"] == "SIGTERM"
     assert "kill -HUP $MAINPID" in lines["ExecReload"]
     assert "shmserve serve --model-repository" in lines["ExecStart"]
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "systemd.md"
+DOCUMENTED_VENV = "/opt/shmserve/.venv"
+
+
+def _unit_settings() -> dict[str, str]:
+    return {line.split("=", 1)[0]: line.split("=", 1)[1]
+            for line in unit_text().splitlines() if "=" in line and not line.startswith("#")}
+
+
+def test_docs_create_the_user_and_venv_the_unit_uses() -> None:
+    unit = _unit_settings()
+    docs = " ".join(DOCS.read_text().replace("\\\n", " ").split())
+    assert unit["User"] == unit["Group"] == "shmserve"
+    assert re.search(rf"useradd --system --user-group [^#]*--shell \S+ {unit['User']} ", docs)
+    assert unit["ExecStart"].startswith(f"{DOCUMENTED_VENV}/bin/shmserve serve ")
+    assert f"python3 -m venv {DOCUMENTED_VENV}" in docs
+    assert f"{DOCUMENTED_VENV}/bin/pip install" in docs
+    repository = unit["ExecStart"].split("--model-repository ")[1].split()[0]
+    assert f"mkdir -p {repository}" in docs
+
+
+def test_systemd_analyze_verify_passes_on_the_documented_layout(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed on this host")
+    # This test run's venv stands in for the documented one (which must hold shmserve).
+    venv = Path(sys.prefix)
+    assert (venv / "bin" / "shmserve").exists(), "the venv has no shmserve command"
+    unit = tmp_path / "shmserve.service"
+    unit.write_text(unit_text().replace(DOCUMENTED_VENV, str(venv)))
+    done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "shmserve.service" not in done.stderr, done.stderr
 
 
 @pytest.fixture

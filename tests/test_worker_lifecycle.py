@@ -85,7 +85,9 @@ def test_model_that_kills_its_own_process(start_server: StartServer) -> None:
 
 
 def test_broken_models_beside_good_ones(start_server: StartServer) -> None:
-    server = start_server(["simple", "init_fails", "broken_config"])
+    server = start_server(["simple", "init_fails", "broken_config"], "--exit-on-error", "false",
+                          wait=False)
+    server.wait_started()
     with grpcclient.InferenceServerClient(server.url) as client:
         assert client.is_model_ready("simple")
         assert not client.is_model_ready("init_fails")
@@ -204,7 +206,8 @@ def _input_int32() -> grpcclient.InferInput:
 
 @pytest.mark.skipif(os.path.isdir("/proc/driver/nvidia/gpus"), reason="host has GPUs")
 def test_kind_gpu_without_gpus_fails_clearly(start_server: StartServer) -> None:
-    server = start_server(["gpu_only", "simple"])
+    server = start_server(["gpu_only", "simple"], "--exit-on-error", "false", wait=False)
+    server.wait_started()
     with grpcclient.InferenceServerClient(server.url) as client:
         assert client.is_model_ready("simple")
         index = {m.name: m for m in client.get_model_repository_index().models}

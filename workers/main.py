@@ -33,6 +33,7 @@ from shmserve.workers.backend import (
 from shmserve.workers.busy_poll import BusyPoll
 from shmserve.workers.cuda_ipc import CudaRegions, DeviceOutput
 from shmserve.workers.direct_answers import DirectAnswers
+from shmserve.workers.proctitle import set_process_title, worker_title
 from shmserve.workers.protocol import CUDA, INLINE_LIMIT, TensorRef
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache
 from shmserve.workers.tensors import InputResolver, map_region, output_bytes
@@ -62,6 +63,8 @@ def run_worker(sock: socket.socket, spec: dict[str, Any],
                fd_socket: socket.socket | None = None) -> None:
     pin_process(spec)
     die_with_parent()
+    set_process_title(worker_title(spec["model"]["name"], spec["instance"]["name"]),
+                      short_name=spec["instance"]["name"])
     # Imported here, never at module level: the supervisor imports this module too and must
     # keep its own SIGTERM handling.
     from shmserve.workers.forkserver_setup import ignore_group_signals
@@ -112,7 +115,7 @@ class WorkerHost:
         except Exception as exc:
             code = exc.code if isinstance(exc, BackendError) else "INTERNAL"
             message = exc.message if isinstance(exc, BackendError) else f"{exc}"
-            log.error("initialize failed: %s", message)
+            log.debug("initialize failed: %s", message)  # the supervisor logs it, once
             with contextlib.suppress(OSError):
                 self.send({"t": protocol.INIT_FAILED, "err": protocol.error_tuple(code, message)})
             self._finalize()

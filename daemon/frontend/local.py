@@ -62,13 +62,6 @@ MAX_PENDING_RESPONSES = 4096
 DIRECT_RINGS = 8               # workers that can answer one channel directly
 DIRECT_RING_BYTES = 1 << 20
 STALLED_CLIENT_SECS = 30.0
-# Overrides for tests and tuning (no CLI flags yet): ring size per direction in bytes, how
-# long a client may leave responses unread before its channel is closed, and how many direct
-# rings (workers answering one channel themselves; 0 turns direct answers off) of what size.
-RING_BYTES_ENV = "SHMSERVE_LOCAL_RING_BYTES"
-STALL_SECS_ENV = "SHMSERVE_LOCAL_STALL_SECS"
-DIRECT_RINGS_ENV = "SHMSERVE_LOCAL_DIRECT_RINGS"
-DIRECT_RING_BYTES_ENV = "SHMSERVE_LOCAL_DIRECT_RING_BYTES"
 
 
 _InFlight = tuple["asyncio.Future[list[OutputTensor]]", "asyncio.TimerHandle | None"]
@@ -415,14 +408,16 @@ class LocalFrontend:
     """Accepts local clients on a Unix socket and gives each a pair of rings."""
 
     def __init__(self, service: InferenceService, path: str, grpc_address: str,
-                 ring_bytes: int = DEFAULT_RING_BYTES) -> None:
+                 ring_bytes: int = DEFAULT_RING_BYTES, stall_secs: float = STALLED_CLIENT_SECS,
+                 direct_rings: int = DIRECT_RINGS,
+                 direct_ring_bytes: int = DIRECT_RING_BYTES) -> None:
         self.service = service
         self.path = path
         self._grpc_address = grpc_address
-        self._ring_bytes = int(os.environ.get(RING_BYTES_ENV) or ring_bytes)
-        self._direct_rings = int(os.environ.get(DIRECT_RINGS_ENV) or DIRECT_RINGS)
-        self._direct_bytes = int(os.environ.get(DIRECT_RING_BYTES_ENV) or DIRECT_RING_BYTES)
-        self.stall_secs = float(os.environ.get(STALL_SECS_ENV) or STALLED_CLIENT_SECS)
+        self._ring_bytes = ring_bytes
+        self._direct_rings = direct_rings
+        self._direct_bytes = direct_ring_bytes
+        self.stall_secs = stall_secs
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._channels: set[LocalChannel] = set()

@@ -128,7 +128,9 @@ class _ImportedModel:
             loader.exec_module(self.module)
         except (Exception, SystemExit) as exc:
             self.forget()
-            _log.exception("importing model file %s failed", path)
+            # The supervisor logs the load failure once, with this reason; the traceback
+            # is for --log-verbose.
+            _log.debug("importing model file %s failed", path, exc_info=True)
             raise BackendError(
                 f"failed to import model file '{path}': {_exception_text(exc)}") from exc
         model_class = getattr(self.module, MODEL_CLASS, None)
@@ -194,7 +196,8 @@ def auto_complete_config(config: dict[str, Any], model_file: str) -> dict[str, A
             try:
                 returned = hook(model_config)
             except Exception as exc:
-                _log.exception("auto_complete_config of model '%s' failed", model_name)
+                _log.debug("auto_complete_config of model '%s' failed", model_name,
+                           exc_info=True)
                 raise BackendError(f"auto_complete_config of model '{model_name}' failed: "
                                    f"{_exception_text(exc)}", _error_code(exc)) from exc
             if returned is None:
@@ -267,7 +270,8 @@ class PythonBackend(Backend):
                 if inspect.isawaitable(result):
                     self._event_loop().run_until_complete(result)
         except Exception as exc:
-            _log.exception("initialize of model instance '%s' failed", instance.name)
+            _log.debug("initialize of model instance '%s' failed", instance.name,
+                       exc_info=True)
             raise BackendError(
                 f"failed to initialize model instance '{instance.name}' of model "
                 f"'{model.name}': {_exception_text(exc)}", _error_code(exc)) from exc

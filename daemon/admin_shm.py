@@ -1,5 +1,8 @@
 """``shmserve shm ls`` / ``shmserve shm clean``: find and remove segments of dead clients.
 
+An administrator's command, so it lives with the daemon; the segment naming it reads is
+the client's (``shmserve.client.regions``).
+
 Client segments are named ``shmserve_client_<pid>_<n>_<hex>`` (see ``regions.segment_key``).
 A segment's owner is alive when a process with that pid exists, is not a zombie, and started
 before the segment was last changed (a pid reused by a younger process does not count).
@@ -19,6 +22,10 @@ import sys
 from dataclasses import asdict, dataclass
 
 from shmserve.client.regions import SEGMENT_PREFIX, SHM_DIR
+
+SUMMARY = "list or remove shared-memory segments left by dead clients"
+DESCRIPTION = ("List or remove shared-memory segments that shmserve clients created (named "
+               "shmserve_client_<pid>_...).")
 
 _NAME = re.compile(rf"^{SEGMENT_PREFIX}(\d+)_(\d+)_([0-9a-f]+)$")
 # Slack for the coarse clocks involved (btime has 1 s resolution).
@@ -161,11 +168,9 @@ def _clean(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="shmserve shm", description="List or remove shared-memory segments that shmserve "
-                                         "clients created (named shmserve_client_<pid>_...).")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``shmserve shm``'s own commands, on the parser cli.py made for it."""
+    commands = parser.add_subparsers(dest="shm_command", required=True, metavar="{ls,clean}")
     ls = commands.add_parser("ls", help="list client segments, their owner pid and whether it "
                                         "is alive")
     ls.add_argument("--json", action="store_true", help="print JSON")
@@ -173,11 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     for command in (ls, clean):
         command.add_argument("--dir", default=SHM_DIR, help=argparse.SUPPRESS)
-    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    with contextlib.suppress(BrokenPipeError):
+        return _ls(args) if args.shm_command == "ls" else _clean(args)
+    return 0
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    with contextlib.suppress(BrokenPipeError):
-        return _ls(args) if args.command == "ls" else _clean(args)
-    return 0
+    """``shmserve shm ARGS`` on its own (tests, scripts)."""
+    parser = argparse.ArgumentParser(prog="shmserve shm", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
