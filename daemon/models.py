@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +61,7 @@ from shmserve.daemon.model_source import (
     validate_name,
     write_override_files,
 )
+from shmserve.daemon.request import InferRequest
 from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.settings import Settings
 from shmserve.protos import shmserve_model_config_pb2 as mc
@@ -143,8 +144,10 @@ class _Prepared:
 
 
 class ModelManager:
-    def __init__(self, settings: Settings, supervisor_pid: int, gpu_ids: list[int]) -> None:
+    def __init__(self, settings: Settings, supervisor_pid: int, gpu_ids: list[int],
+                 on_request_finished: Callable[[InferRequest], None]) -> None:
         self._settings = settings
+        self._on_request_finished = on_request_finished
         self._supervisor_pid = supervisor_pid
         self._gpu_ids = gpu_ids
         self._root = Path(settings.model_repository)
@@ -424,7 +427,8 @@ class ModelManager:
 
         batching = config.dynamic_batching if config.HasField("dynamic_batching") else None
         scheduler = Scheduler(name, version, config.max_batch_size, batching,
-                              plan_instances(config), make_spec, settings, self._supervisor_pid)
+                              plan_instances(config), make_spec, settings, self._supervisor_pid,
+                              self._on_request_finished)
         return ModelVersion(name, version, config, scheduler)
 
     # --- unload -------------------------------------------------------------------------

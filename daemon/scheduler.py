@@ -6,7 +6,7 @@ waits a round trip through the supervisor between batches). Payload inputs above
 limit are written once into the instance's input arena when the batch is dispatched;
 everything else travels as a reference. Outputs come back inline, in the worker's output
 arena (copied once here), or already written into the client's region; a local-channel
-request's answer may have gone to its client from the worker already (``direct_to``).
+request's answer may have gone to its client from the worker already (``Reply.direct_tag``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
-from shmserve.daemon.errors import ServeError, unavailable
+from shmserve.daemon.errors import ServeError, internal, unavailable
 from shmserve.daemon.model_config import InstancePlan
-from shmserve.daemon.request import ANSWERED_DIRECTLY, InferRequest, OutputTensor
+from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import Region
 from shmserve.daemon.statistics import ModelStats
@@ -100,7 +99,8 @@ class Scheduler:
     def __init__(self, model: str, version: int, max_batch_size: int, batching: Any,
                  plans: list[InstancePlan],
                  make_spec: Callable[[InstancePlan, str], dict[str, Any]],
-                 settings: Settings, supervisor_pid: int) -> None:
+                 settings: Settings, supervisor_pid: int,
+                 on_finished: Callable[[InferRequest], None]) -> None:
         self.model = model
         self.version = version
         self.stats = ModelStats()
@@ -111,6 +111,7 @@ class Scheduler:
         self._max_queue = (batching.default_queue_policy.max_queue_size
                            if batching is not None else 0)
         self._make_spec = make_spec
+        self._on_finished = on_finished  # the core's accounting, once per request
         self._settings = settings
         depth = max(1, settings.pipeline_depth)
         self._slots = [InstanceSlot(plan, supervisor_pid, depth) for plan in plans]
@@ -179,15 +180,15 @@ class Scheduler:
         if self._max_queue and len(self._queue) >= self._max_queue:
             raise unavailable("Exceeds maximum queue size")
         request.received_ns = request.received_ns or time.perf_counter_ns()
+        request.scheduler = self
         self._queue.append(request)
-        request.future.add_done_callback(partial(self._note_abandoned, request))
         self.stats.pending += 1
         self._idle.clear()
         if not self._dispatch_scheduled:
             # Dispatched once the loop has handled what else arrived in this iteration:
             # requests that came together (one client doorbell) travel in one frame.
             self._dispatch_scheduled = True
-            request.future.get_loop().call_soon(self._scheduled_dispatch)
+            asyncio.get_running_loop().call_soon(self._scheduled_dispatch)
 
     def _scheduled_dispatch(self) -> None:
         self._dispatch_scheduled = False
@@ -244,12 +245,13 @@ class Scheduler:
             count = max(1, min(count, -(-len(self._queue) // max(free, 1))))
         return count
 
-    def _note_abandoned(self, request: InferRequest,
-                        future: asyncio.Future[list[OutputTensor]]) -> None:
-        if not future.cancelled():
-            return
-        if request.withdraw is not None:  # sent ahead: the worker skips it if not started
-            request.withdraw()
+    def cancel(self, request: InferRequest) -> None:
+        """Its caller gave up: drop it from the queue, or withdraw it from the worker it was
+        sent ahead to (skipped there unless it started); its reply is not called."""
+        request.cancelled = True
+        if request.sent is not None:
+            worker, batch_id, index = request.sent
+            worker.withdraw(batch_id, index)
             return
         self._abandoned += 1
         self._dispatch()
@@ -260,7 +262,7 @@ class Scheduler:
             self._abandoned = 0
             kept: deque[InferRequest] = deque()
             for request in self._queue:
-                if request.future.done():
+                if request.cancelled:
                     self.stats.pending -= 1
                     self._finish(request, unavailable("request cancelled by the client"))
                 else:
@@ -321,7 +323,7 @@ class Scheduler:
         batch_id = worker.execute(
             frames, lane, each, lambda result: self._on_done(slot, worker, lane, batch, result))
         for index, request in enumerate(batch):
-            request.withdraw = partial(worker.withdraw, batch_id, index)
+            request.sent = (worker, batch_id, index)
 
     def _frames(self, arena: Arena, batch: list[InferRequest], worker: WorkerProcess
                 ) -> list[dict[str, Any]]:
@@ -359,8 +361,8 @@ class Scheduler:
                 outputs.append([output.name, destination])
             frame: dict[str, Any] = {"rid": request.request_id, "in": refs, "out": outputs,
                                      "p": request.parameters, "cid": request.correlation_id}
-            if request.direct_to is not None:
-                tag = request.direct_to(worker)
+            if request.reply.direct:
+                tag = request.reply.direct_tag(worker)
                 if tag is not None:
                     frame["ch"] = tag
             frames.append(frame)
@@ -374,7 +376,7 @@ class Scheduler:
         else:
             for request, answer in zip(batch, result["res"], strict=True):
                 if "d" in answer:
-                    self._finish(request, ANSWERED_DIRECTLY)
+                    self._finish(request, None)
                     continue
                 if "err" in answer:
                     self._finish(request, ServeError.from_tuple(answer["err"]))
@@ -402,25 +404,28 @@ class Scheduler:
                                 bytes(segment.buf[ref.offset:ref.offset + ref.nbytes]))
         return OutputTensor(ref.name, ref.datatype, ref.shape, None)
 
-    def _finish(self, request: InferRequest, result: list[OutputTensor] | BaseException) -> None:
+    def _finish(self, request: InferRequest,
+                result: list[OutputTensor] | BaseException | None) -> None:
+        """Account for a completed request and answer it through its reply (``None``: the
+        worker answered it directly), unless its caller gave up."""
         ok = not isinstance(result, BaseException)
         self.stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
-        request.finished()
-        future = request.future
-        if future.done():  # its caller gave up
+        self._on_finished(request)
+        if request.cancelled:
             return
-        hook = request.on_result
-        if hook is not None:
-            try:
-                hook(request, result)
-            except Exception:
-                log.exception("answering a request failed")
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-            if hook is not None:
-                future.exception()  # answered through the hook: nobody awaits the future
-        else:
-            future.set_result(result)
+        reply = request.reply
+        try:
+            if result is None:
+                reply.answered_directly()
+            elif isinstance(result, ServeError):
+                reply.fail(result)
+            elif isinstance(result, BaseException):
+                log.error("request failed: %r", result)
+                reply.fail(internal(f"{type(result).__name__}: {result}"))
+            else:
+                reply.send(result, True)
+        except Exception:
+            log.exception("answering a request failed")
 
     def _fail_queue(self, error: ServeError) -> None:
         while self._queue:
