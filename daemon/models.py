@@ -65,6 +65,8 @@ from shmserve.daemon.request import InferRequest
 from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.settings import Settings
 from shmserve.protos import shmserve_model_config_pb2 as mc
+from shmserve.workers.backend import InstanceSpec, ModelSpec
+from shmserve.workers.protocol import WorkerSpec
 
 if TYPE_CHECKING:
     from shmserve.repoagents.runner import AgentChain
@@ -98,7 +100,7 @@ class ModelVersion:
     scheduler: Scheduler
     state: str = LOADING
     reason: str = ""
-    # The frontends' validation plan (frontend/infer.py), built on the first request.
+    # The validation plan (infer_request.py), built on the first request.
     validation_plan: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -407,23 +409,15 @@ class ModelManager:
         backend = config.backend
         settings = self._settings
 
-        def make_spec(plan: InstancePlan, owner: str) -> dict[str, Any]:
-            spec: dict[str, Any] = {
-                "supervisor_pid": self._supervisor_pid,
-                "heartbeat_secs": settings.worker_heartbeat_secs,
-                "busy_poll_us": settings.worker_busy_poll_us,
-                "arena_owner": owner,
-                "backend": backend,
-                "log_level": self._log_level,
-                "model": {"name": name, "version": version, "config": config_dict,
-                          "repository_path": str(model_dir),
-                          "version_path": str(model_dir / str(version))},
-                "instance": {"name": plan.name, "kind": plan.kind, "device_id": plan.device_id,
-                             "index": plan.index},
-            }
-            if plan.kind == "KIND_GPU":
-                spec["cuda_visible_devices"] = str(plan.device_id)
-            return spec
+        def make_spec(plan: InstancePlan, owner: str, lanes: int) -> WorkerSpec:
+            return WorkerSpec(
+                model=ModelSpec(name, version, config_dict, str(model_dir),
+                                str(model_dir / str(version))),
+                instance=InstanceSpec(plan.name, plan.kind, plan.device_id, plan.index),
+                backend=backend, supervisor_pid=self._supervisor_pid, arena_owner=owner,
+                lanes=lanes, heartbeat_secs=settings.worker_heartbeat_secs,
+                busy_poll_us=settings.worker_busy_poll_us, log_level=self._log_level,
+                cuda_visible_devices=str(plan.device_id) if plan.kind == "KIND_GPU" else None)
 
         batching = config.dynamic_batching if config.HasField("dynamic_batching") else None
         scheduler = Scheduler(name, version, config.max_batch_size, batching,

@@ -32,8 +32,13 @@ from shmserve.workers.protocol import (
     CUDA,
     INLINE,
     INLINE_LIMIT,
+    RESULT_ANSWERED,
+    RESULT_OK,
     SYSTEM,
+    Done,
     TensorRef,
+    WorkerSpec,
+    packed_exec_request,
     packed_inline,
 )
 from shmserve.workers.shm import Arena, ReaderMapping
@@ -98,7 +103,7 @@ class InstanceSlot:
 class Scheduler:
     def __init__(self, model: str, version: int, max_batch_size: int, batching: Any,
                  plans: list[InstancePlan],
-                 make_spec: Callable[[InstancePlan, str], dict[str, Any]],
+                 make_spec: Callable[[InstancePlan, str, int], WorkerSpec],
                  settings: Settings, supervisor_pid: int,
                  on_finished: Callable[[InferRequest], None]) -> None:
         self.model = model
@@ -138,8 +143,7 @@ class Scheduler:
     async def _start_slot(self, slot: InstanceSlot) -> None:
         slot.generation += 1
         owner = f"w{slot.uid}g{slot.generation}"
-        spec = self._make_spec(slot.plan, owner)
-        spec["lanes"] = slot.lanes
+        spec = self._make_spec(slot.plan, owner, slot.lanes)
         worker = WorkerProcess(spec, slot.plan.name,
                                lambda w, reason: self._on_worker_exit(slot, w, reason))
         slot.worker = worker
@@ -326,7 +330,7 @@ class Scheduler:
             request.sent = (worker, batch_id, index)
 
     def _frames(self, arena: Arena, batch: list[InferRequest], worker: WorkerProcess
-                ) -> list[dict[str, Any]]:
+                ) -> list[list[Any]]:
         staged = sum(_align(len(t.data)) for r in batch for t in r.inputs
                      if t.data is not None and len(t.data) > INLINE_LIMIT)
         segment = arena.ensure(staged) if staged else None
@@ -359,35 +363,32 @@ class Scheduler:
                                             region.offset + output.offset,
                                             output.byte_size).pack()
                 outputs.append([output.name, destination])
-            frame: dict[str, Any] = {"rid": request.request_id, "in": refs, "out": outputs,
-                                     "p": request.parameters, "cid": request.correlation_id}
-            if request.reply.direct:
-                tag = request.reply.direct_tag(worker)
-                if tag is not None:
-                    frame["ch"] = tag
-            frames.append(frame)
+            reply = request.reply
+            tag = reply.direct_tag(worker) if reply.direct else None
+            frames.append(packed_exec_request(request.request_id, refs, outputs,
+                                              request.parameters, request.correlation_id, tag))
         return frames
 
     def _on_done(self, slot: InstanceSlot, worker: WorkerProcess, lane: int,
-                 batch: list[InferRequest], result: dict[str, Any] | BaseException) -> None:
+                 batch: list[InferRequest], result: Done | BaseException) -> None:
         if isinstance(result, BaseException):
             for request in batch:
                 self._finish(request, result)
         else:
-            for request, answer in zip(batch, result["res"], strict=True):
-                if "d" in answer:
+            for request, answer in zip(batch, result.results, strict=True):
+                kind = answer[0]
+                if kind == RESULT_OK:
+                    try:
+                        outputs = [self._read_output(slot, raw) for raw in answer[1]]
+                    except OSError as exc:
+                        self._finish(request, unavailable(f"failed to read outputs: {exc}"))
+                        continue
+                    self._finish(request, outputs)
+                elif kind == RESULT_ANSWERED:
                     self._finish(request, None)
-                    continue
-                if "err" in answer:
-                    self._finish(request, ServeError.from_tuple(answer["err"]))
-                    continue
-                try:
-                    outputs = [self._read_output(slot, raw) for raw in answer["out"]]
-                except OSError as exc:
-                    self._finish(request, unavailable(f"failed to read outputs: {exc}"))
-                    continue
-                self._finish(request, outputs)
-            for indices, *timings in result["x"]:
+                else:  # RESULT_ERROR
+                    self._finish(request, ServeError.from_tuple((answer[1], answer[2])))
+            for indices, *timings in result.executions:
                 self.stats.record_batch(sum(batch[i].batch_size for i in indices),
                                         len(indices), timings)
         if slot.worker is worker:  # not a replaced worker's late answer

@@ -46,6 +46,7 @@ from shmserve.daemon.errors import ServeError, invalid_argument
 from shmserve.daemon.infer_request import OutputIn, RequestItems, TensorIn
 from shmserve.daemon.reply import DirectTarget, Reply
 from shmserve.daemon.request import OutputTensor
+from shmserve.protos import local_messages as messages
 from shmserve.protos.local_ring import (
     DEFAULT_RING_BYTES,
     ChannelLayout,
@@ -57,9 +58,7 @@ from shmserve.protos.local_ring import (
 )
 
 log = logging.getLogger("shmserve.local")
-PROTOCOL_VERSION = 2
 _channel_ids = itertools.count(1)
-_HANDSHAKE_LENGTH = struct.Struct("<I")
 MAX_PENDING_RESPONSES = 4096
 DIRECT_RINGS = 8               # workers that can answer one channel directly
 DIRECT_RING_BYTES = 1 << 20
@@ -138,36 +137,36 @@ class LocalChannel(asyncio.Protocol):
         request_id = message["id"]
         registry = self._frontend.core.registry
         try:
-            if op == "infer":
+            if op == messages.OP_INFER:
                 self._infer(message)
                 return
-            if op == "register":
+            if op == messages.OP_REGISTER:
                 self._check_owner(message["name"], message["key"])
                 registry.register_system(_region_name(self.channel_id, message["name"]),
                                          message["key"], message.get("offset", 0),
                                          message["byte_size"], self.owner)
-            elif op == "unregister":
+            elif op == messages.OP_UNREGISTER:
                 name = message.get("name", "")
                 if name:
                     registry.unregister("system", _region_name(self.channel_id, name), self.owner)
                 else:
                     registry.unregister("system", "", self.owner)
-            elif op == "status":
+            elif op == messages.OP_STATUS:
                 prefix = _region_name(self.channel_id, "")
                 regions = registry.status("system", _region_name(self.channel_id, name)
                                           if (name := message.get("name", "")) else "",
                                           self.owner)
-                self._reply({"id": request_id, "regions": [
+                self._reply(messages.status_reply(request_id, [
                     [r.name[len(prefix):], r.key, r.offset, r.byte_size] for r in regions
-                    if r.owner == self.owner]})
+                    if r.owner == self.owner]))
                 return
-            elif op == "ping":
+            elif op == messages.OP_PING:
                 pass
-            elif op == "hello":  # the client reads the direct rings: workers may answer it
+            elif op == messages.OP_HELLO:  # the client reads the direct rings: workers may answer
                 self._direct_ok = message.get("direct") is True
             else:
                 raise ServeError.from_tuple(["INVALID_ARGUMENT", f"unknown operation '{op}'"])
-            self._reply({"id": request_id})
+            self._reply(messages.ok_reply(request_id))
         except ServeError as exc:
             self._reply_error(request_id, exc)
 
@@ -208,7 +207,8 @@ class LocalChannel(asyncio.Protocol):
         except Exception as exc:
             inflight.pop(request_id, None)
             log.exception("local infer failed")
-            self._reply({"id": request_id, "err": ["INTERNAL", f"{type(exc).__name__}: {exc}"]})
+            self._reply(messages.error_reply(request_id, "INTERNAL",
+                                             f"{type(exc).__name__}: {exc}"))
             return
         if deadline is not None and request_id in inflight:
             reply.timer = self._loop.call_later(deadline, self._expire, request_id)
@@ -283,7 +283,8 @@ class LocalChannel(asyncio.Protocol):
         if reply is not None:
             if reply.request is not None:
                 self._frontend.core.cancel(reply.request)  # dropped if still queued
-            self._reply({"id": request_id, "err": ["DEADLINE_EXCEEDED", "Deadline Exceeded"]})
+            self._reply(messages.error_reply(request_id, "DEADLINE_EXCEEDED",
+                                             "Deadline Exceeded"))
 
     def settle(self, reply: _ChannelReply) -> bool:
         """Forget an answered request; False if it was answered already (expired) or the
@@ -297,16 +298,17 @@ class LocalChannel(asyncio.Protocol):
     def answer(self, reply: _ChannelReply, outputs: list[OutputTensor]) -> None:
         if self.settle(reply):
             assert reply.request is not None
-            self._reply({"id": reply.request_id, "model_version": str(reply.request.version),
-                         "out": [[o.name, o.datatype, o.shape, o.data] for o in outputs]})
+            self._reply(messages.infer_reply(
+                reply.request_id, str(reply.request.version),
+                [[o.name, o.datatype, o.shape, o.data] for o in outputs]))
 
     def answer_error(self, reply: _ChannelReply, error: ServeError) -> None:
         if self.settle(reply):
             self._reply_error(reply.request_id, error)
 
     def _reply_error(self, request_id: int, error: ServeError) -> None:
-        self._reply({"id": request_id, "err": [error.code.name, error.message.replace(
-            self._region_prefix, "")]})
+        self._reply(messages.error_reply(request_id, error.code.name,
+                                         error.message.replace(self._region_prefix, "")))
 
     # --- responses ----------------------------------------------------------------------
     def _reply(self, message: dict[str, Any]) -> None:
@@ -321,9 +323,10 @@ class LocalChannel(asyncio.Protocol):
             except RingFull:
                 self._pending.append(data)
             except MessageTooLarge as exc:
-                self._responses.put(msgpack.packb({"id": message["id"], "err": [
-                    "RESOURCE_EXHAUSTED", f"response too large for the local channel ({exc}); "
-                                          f"request the outputs into a shared-memory region"]}))
+                self._responses.put(msgpack.packb(messages.error_reply(
+                    message["id"], "RESOURCE_EXHAUSTED",
+                    f"response too large for the local channel ({exc}); request the outputs "
+                    f"into a shared-memory region")))
         if self._pending:
             self._on_stall()
         self._ring()
@@ -371,7 +374,7 @@ class LocalChannel(asyncio.Protocol):
     def _ring_now(self) -> None:
         self._ring_scheduled = False
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"\x01")
+            self._transport.write(messages.DOORBELL)
 
     # --- teardown -----------------------------------------------------------------------
     def close(self) -> None:
@@ -495,13 +498,12 @@ class LocalFrontend:
             for base in rings.direct_bases:
                 Ring.initialize(memory, base, ring_capacity(self._direct_bytes))
             channel_id = next(_channel_ids)
-            hello = msgpack.packb({"v": PROTOCOL_VERSION, "channel": channel_id,
-                                   "ring_bytes": self._ring_bytes, "size": rings.total,
-                                   "direct": [self._direct_rings, self._direct_bytes],
-                                   "grpc": self._grpc_address})
+            hello = msgpack.packb(messages.server_hello(
+                channel_id, self._ring_bytes, rings.total, self._direct_rings,
+                self._direct_bytes, self._grpc_address))
             connection.setblocking(True)
             connection.settimeout(5.0)
-            connection.sendmsg([_HANDSHAKE_LENGTH.pack(len(hello)) + hello],
+            connection.sendmsg([messages.HANDSHAKE_LENGTH.pack(len(hello)) + hello],
                                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
         except BaseException:
             os.close(fd)
