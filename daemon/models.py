@@ -64,6 +64,7 @@ from shmserve.daemon.model_source import (
 from shmserve.daemon.request import InferRequest
 from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.settings import Settings
+from shmserve.daemon.worker_process import WorkerProcess
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.workers.backend import InstanceSpec, ModelSpec
 from shmserve.workers.protocol import WorkerSpec
@@ -422,7 +423,7 @@ class ModelManager:
         batching = config.dynamic_batching if config.HasField("dynamic_batching") else None
         scheduler = Scheduler(name, version, config.max_batch_size, batching,
                               plan_instances(config), make_spec, settings, self._supervisor_pid,
-                              self._on_request_finished)
+                              self._on_request_finished, WorkerProcess)
         return ModelVersion(name, version, config, scheduler)
 
     # --- unload -------------------------------------------------------------------------

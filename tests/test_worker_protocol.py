@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +32,8 @@ def _spec(owner: str, version: int = protocol.PROTOCOL_VERSION) -> protocol.Work
 
 
 def test_records_pack_to_the_arrays_they_unpack_from() -> None:
-    records = [protocol.Exec(7, [], 1, True), protocol.Cancel(7, 2), protocol.Release([3, 4]),
+    records: list[Any] = [
+               protocol.Exec(7, [], 1, True), protocol.Cancel(7, 2), protocol.Release([3, 4]),
                protocol.Attach(5, 4096, 1 << 20), protocol.Detach(5),
                protocol.Ready(protocol.PROTOCOL_VERSION, 123),
                protocol.InitFailed(protocol.PROTOCOL_VERSION, "INTERNAL", "boom"),
