@@ -9,9 +9,9 @@ doorbell bytes and tells either side when the other is gone.
 Requests are parsed into the same RequestItems as gRPC requests (no protobuf in between) and
 handed to the core (daemon/core.py), which validates them into the same InferRequest and runs
 them through the same scheduler, batching and statistics; each is answered through its
-``_ChannelReply``. Regions a
-channel registers live in their own namespace: a channel reaches only the regions it
-registered, and they are unregistered when the channel closes.
+``_ChannelReply``. The messages themselves are written down in protos/local_messages.py.
+Regions a channel registers live in their own namespace: a channel reaches only the regions
+it registered, and they are unregistered when the channel closes.
 
 Answers to requests a worker executed successfully skip the supervisor once the client has
 announced (op "hello") that it reads the direct rings: the channel is attached to the worker
