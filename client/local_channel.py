@@ -22,7 +22,6 @@ import mmap
 import os
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -32,15 +31,16 @@ import grpc
 import msgpack
 
 from shmserve.client.errors import ShmserveError
+from shmserve.protos.local_messages import DOORBELL, HANDSHAKE_LENGTH, client_hello
 from shmserve.protos.local_ring import MessageTooLarge, Ring, RingFull, layout
 from shmserve.protos.local_socket import check_server
 
 __all__ = ["AsyncLocalChannel", "LocalChannel", "MessageTooLarge", "socket_path"]
 
-_LENGTH = struct.Struct("<I")
+_LENGTH = HANDSHAKE_LENGTH
 _BACKPRESSURE_SLEEP = 0.0002
 _LIVENESS_CHECK_S = 0.05
-_DOORBELL = b"\x01"
+_DOORBELL = DOORBELL
 _SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)  # int: IntFlag math costs per call
 
 #: Called once per submitted message with (reply, None), or (None, error) when the channel
@@ -115,7 +115,7 @@ def _handshake(sock: socket.socket, announce: bool = True
             os.close(fd)
     requests = Ring.attach(memory, rings.request_base)
     if announce and rings.direct_bases:
-        requests.put(msgpack.packb({"op": "hello", "id": 0, "direct": True}))
+        requests.put(msgpack.packb(client_hello()))
         sock.send(_DOORBELL)
     return hello, memory, requests, _Replies(memory, [rings.response_base, *rings.direct_bases])
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,9 +62,13 @@ from shmserve.daemon.model_source import (
     validate_name,
     write_override_files,
 )
+from shmserve.daemon.request import InferRequest
 from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.settings import Settings
+from shmserve.daemon.worker_process import WorkerProcess
 from shmserve.protos import shmserve_model_config_pb2 as mc
+from shmserve.workers.backend import InstanceSpec, ModelSpec
+from shmserve.workers.protocol import WorkerSpec
 
 if TYPE_CHECKING:
     from shmserve.repoagents.runner import AgentChain
@@ -98,7 +102,7 @@ class ModelVersion:
     scheduler: Scheduler
     state: str = LOADING
     reason: str = ""
-    # The frontends' validation plan (frontend/infer.py), built on the first request.
+    # The validation plan (infer_request.py), built on the first request.
     validation_plan: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -145,8 +149,10 @@ class _Prepared:
 
 
 class ModelManager:
-    def __init__(self, settings: Settings, supervisor_pid: int, gpu_ids: list[int]) -> None:
+    def __init__(self, settings: Settings, supervisor_pid: int, gpu_ids: list[int],
+                 on_request_finished: Callable[[InferRequest], None]) -> None:
         self._settings = settings
+        self._on_request_finished = on_request_finished
         self._supervisor_pid = supervisor_pid
         self._gpu_ids = gpu_ids
         self._root = Path(settings.model_repository)
@@ -422,27 +428,20 @@ class ModelManager:
         backend = config.backend
         settings = self._settings
 
-        def make_spec(plan: InstancePlan, owner: str) -> dict[str, Any]:
-            spec: dict[str, Any] = {
-                "supervisor_pid": self._supervisor_pid,
-                "heartbeat_secs": settings.worker_heartbeat_secs,
-                "busy_poll_us": settings.worker_busy_poll_us,
-                "arena_owner": owner,
-                "backend": backend,
-                "log_level": self._log_level,
-                "model": {"name": name, "version": version, "config": config_dict,
-                          "repository_path": str(model_dir),
-                          "version_path": str(model_dir / str(version))},
-                "instance": {"name": plan.name, "kind": plan.kind, "device_id": plan.device_id,
-                             "index": plan.index},
-            }
-            if plan.kind == "KIND_GPU":
-                spec["cuda_visible_devices"] = str(plan.device_id)
-            return spec
+        def make_spec(plan: InstancePlan, owner: str, lanes: int) -> WorkerSpec:
+            return WorkerSpec(
+                model=ModelSpec(name, version, config_dict, str(model_dir),
+                                str(model_dir / str(version))),
+                instance=InstanceSpec(plan.name, plan.kind, plan.device_id, plan.index),
+                backend=backend, supervisor_pid=self._supervisor_pid, arena_owner=owner,
+                lanes=lanes, heartbeat_secs=settings.worker_heartbeat_secs,
+                busy_poll_us=settings.worker_busy_poll_us, log_level=self._log_level,
+                cuda_visible_devices=str(plan.device_id) if plan.kind == "KIND_GPU" else None)
 
         batching = config.dynamic_batching if config.HasField("dynamic_batching") else None
         scheduler = Scheduler(name, version, config.max_batch_size, batching,
-                              plan_instances(config), make_spec, settings, self._supervisor_pid)
+                              plan_instances(config), make_spec, settings, self._supervisor_pid,
+                              self._on_request_finished, WorkerProcess)
         return ModelVersion(name, version, config, scheduler)
 
     # --- unload -------------------------------------------------------------------------

@@ -1,13 +1,15 @@
-"""The internal request every frontend produces and the scheduler consumes."""
+"""The internal request every door produces (through the core) and the scheduler runs."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from shmserve.daemon.reply import Reply
 from shmserve.daemon.shm_registry import Region
+
+if TYPE_CHECKING:
+    from shmserve.daemon.scheduler import Scheduler
 
 
 @dataclass(slots=True)
@@ -37,36 +39,24 @@ class OutputTensor:
     data: bytes | None              # None when written into a client region
 
 
-# The result a request completes with when its worker answered the client directly.
-ANSWERED_DIRECTLY: list[OutputTensor] = []
-
-
 @dataclass(slots=True)
 class InferRequest:
+    """A validated request on its way: door builds -> core validates -> batcher ->
+    dispatcher -> worker -> ``reply``."""
+
     model: str
     version: int
     request_id: str
     inputs: list[InputTensor]
     outputs: list[RequestedOutput]
     batch_size: int
-    future: asyncio.Future[list[OutputTensor]]
+    reply: Reply
     parameters: dict[str, Any] = field(default_factory=dict)
     correlation_id: int | str = 0
     received_ns: int = 0
     regions: list[Region] = field(default_factory=list)
-    on_finished: Callable[[InferRequest], None] | None = None
-    # Called by the scheduler with the outputs or the error as the request completes (unless
-    # its caller gave up): a frontend that answers from here needs no future callback.
-    on_result: Callable[[InferRequest, list[OutputTensor] | BaseException], None] | None = None
-    # Once sent to a worker: how to withdraw it there if its caller gives up before it runs.
-    withdraw: Callable[[], None] | None = None
-    # Set by a frontend whose client the worker can answer itself (the local channel): called
-    # with the worker about to run the request, it returns the tag the worker answers under,
-    # or None (then the scheduler answers, as for any request).
-    direct_to: Callable[[Any], list[int] | None] | None = None
-
-    def finished(self) -> None:
-        """Release what the request pinned; called once when it completes or is dropped."""
-        hook, self.on_finished = self.on_finished, None
-        if hook is not None:
-            hook(self)
+    cancelled: bool = False          # its caller gave up: nobody is answered
+    done: bool = False               # completed (answered, failed or dropped)
+    scheduler: Scheduler | None = None  # the one it was queued with
+    # Once sent to a worker: (worker, frame id, index in the frame), to withdraw it there.
+    sent: tuple[Any, int, int] | None = None

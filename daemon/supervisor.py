@@ -15,18 +15,14 @@ import signal
 import grpc
 
 from shmserve.daemon import systemd
+from shmserve.daemon.core import Core
 from shmserve.daemon.frontend.local import LocalFrontend
-from shmserve.daemon.frontend.service import (
-    InferenceService,
-    ServerState,
-    generic_handlers,
-)
+from shmserve.daemon.frontend.service import InferenceService, generic_handlers
 from shmserve.daemon.leftovers import end_leftovers
 from shmserve.daemon.metrics import MetricsServer
 from shmserve.daemon.model_config import detect_gpus
 from shmserve.daemon.models import ModelManager
 from shmserve.daemon.settings import Settings
-from shmserve.daemon.shm_registry import ShmPolicy, ShmRegistry
 from shmserve.daemon.worker_process import start_fork_server
 from shmserve.protos.local_socket import (
     prepare_socket_dir,
@@ -70,14 +66,11 @@ class Supervisor:
         os.environ[SUPERVISOR_ENV] = str(self.pid)
         start_fork_server()
         gpu_ids = detect_gpus()
-        models = ModelManager(settings, self.pid, gpu_ids)
-        policy = ShmPolicy(settings.allow_client_shm, settings.shm_allow_foreign_owners,
-                           settings.shm_key_prefix)
-        registry = ShmRegistry(models.release_regions, policy, gpu_ids)
-        state = ServerState(settings, models, registry)
+        core = Core(settings, self.pid, gpu_ids)
+        models = core.models
         metrics_address = settings.metrics_address or settings.grpc_address
         metrics = MetricsServer(models, metrics_address, settings.metrics_port,
-                                registry) if settings.allow_metrics else None
+                                core.registry) if settings.allow_metrics else None
         if metrics is not None:
             try:
                 await metrics.start()
@@ -86,7 +79,7 @@ class Supervisor:
                           settings.metrics_port, exc)
                 return 1
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        service = InferenceService(state)
+        service = InferenceService(core)
         server.add_generic_rpc_handlers(generic_handlers(service))
         address = f"{settings.grpc_address}:{settings.grpc_port}"
         try:
@@ -100,7 +93,7 @@ class Supervisor:
         host = settings.grpc_address
         log.info("Started GRPCInferenceService at %s:%d", host, self.bound_port)
         try:
-            local = await self._start_local(service)
+            local = await self._start_local(core)
         except OSError as exc:
             log.error("cannot start the local channel: %s", exc)
             await server.stop(0)
@@ -135,12 +128,12 @@ class Supervisor:
             if poller is not None:
                 poller.cancel()
         finally:
-            await self._shutdown(state, server, local)
+            await self._shutdown(core, server, local)
             if metrics is not None:
                 await metrics.stop()
         return 0
 
-    async def _start_local(self, service: InferenceService) -> LocalFrontend | None:
+    async def _start_local(self, core: Core) -> LocalFrontend | None:
         path = self.settings.local_socket
         if path == "none":
             return None
@@ -157,7 +150,7 @@ class Supervisor:
         grpc_host = self.settings.grpc_address
         grpc_host = "127.0.0.1" if grpc_host in ("0.0.0.0", "::", "[::]") else grpc_host
         settings = self.settings
-        local = LocalFrontend(service, path, f"{grpc_host}:{self.bound_port}",
+        local = LocalFrontend(core, path, f"{grpc_host}:{self.bound_port}",
                               ring_bytes=settings.local_ring_bytes,
                               stall_secs=settings.local_stall_secs,
                               direct_rings=settings.local_direct_rings,
@@ -165,16 +158,14 @@ class Supervisor:
         await local.start()
         return local
 
-    async def _shutdown(self, state: ServerState, server: grpc.aio.Server,
+    async def _shutdown(self, core: Core, server: grpc.aio.Server,
                         local: LocalFrontend | None) -> None:
         systemd.notify("STOPPING=1")
-        state.exiting = True
-        timeout = self.settings.exit_timeout_secs
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(state.idle.wait(), timeout)
+        core.exiting = True
+        await core.drain(self.settings.exit_timeout_secs)
         if local is not None:
             await local.stop()
-        await state.models.shutdown()
+        await core.models.shutdown()
         await server.stop(grace=1.0)
         remove_arenas(self.pid)
         log.info("shmserve stopped")

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shmserve.daemon.errors import ServeError, unavailable
+from shmserve.daemon.errors import ServeError, internal, unavailable
 from shmserve.workers import protocol
 from shmserve.workers.shm import remove_owner_arenas
 
@@ -28,7 +28,7 @@ log = logging.getLogger("shmserve.supervisor")
 _PRELOAD = ["shmserve.workers.forkserver_setup", "shmserve.workers.main",
             "shmserve.workers.backends.python", "numpy"]
 _context: multiprocessing.context.ForkServerContext | None = None
-DoneCallback = Callable[["dict[str, Any] | BaseException"], None]
+DoneCallback = Callable[["protocol.Done | BaseException"], None]
 
 
 def start_fork_server() -> None:
@@ -64,14 +64,14 @@ class _ControlProtocol(asyncio.Protocol):
 class WorkerProcess:
     _batch_ids = itertools.count(1)
 
-    def __init__(self, spec: dict[str, Any], label: str,
+    def __init__(self, spec: protocol.WorkerSpec, label: str,
                  on_exit: Callable[[WorkerProcess, str], None]) -> None:
         self.spec = spec
         self.label = label
         self._on_exit = on_exit
         self._process: multiprocessing.process.BaseProcess | None = None
         self._transport: asyncio.Transport | None = None
-        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self._ready: asyncio.Future[protocol.Ready] | None = None
         self._inflight: dict[int, DoneCallback] = {}
         self._exited = False
         self._stopping = False
@@ -123,7 +123,7 @@ class WorkerProcess:
         if self._exited:
             return
         self._stopping = True
-        self._send({"t": protocol.STOP})
+        self._send(protocol.STOP_FRAME)
         if not await self.wait_exit(timeout):
             log.warning("worker %s did not stop in %.1fs; killing it", self.label, timeout)
             self.kill()
@@ -151,7 +151,7 @@ class WorkerProcess:
             and not self._ready.exception()
 
     # --- data path ----------------------------------------------------------------------
-    def execute(self, requests: list[dict[str, Any]], lane: int, each: bool,
+    def execute(self, requests: list[list[Any]], lane: int, each: bool,
                 on_done: DoneCallback) -> int:
         """Send one frame of requests and return its id: executed as one batch, or ``each``
         on its own, with outputs in the arena of ``lane``. ``on_done`` gets the worker's
@@ -162,15 +162,15 @@ class WorkerProcess:
             on_done(self._death_error("exited"))
             return batch_id
         self._inflight[batch_id] = on_done
-        self._send({"t": protocol.EXEC, "b": batch_id, "reqs": requests, "lane": lane,
-                    "each": each})
+        # protocol.Exec(batch_id, requests, lane, each).pack(), without the object
+        self._send([protocol.EXEC, batch_id, requests, lane, each])
         return batch_id
 
     def withdraw(self, batch_id: int, index: int) -> None:
         """The caller of request ``index`` of a sent batch gave up: the worker skips it unless
         it already started (it still answers for it, so its regions stay pinned till then)."""
         if batch_id in self._inflight:
-            self._send({"t": protocol.CANCEL, "b": batch_id, "i": index})
+            self._send(protocol.Cancel(batch_id, index).pack())
 
     def attach_channel(self, channel_id: int, memfd: int, client_socket: int,
                        ring_base: int, ring_capacity: int) -> bool:
@@ -182,37 +182,50 @@ class WorkerProcess:
             socket.send_fds(self._fd_socket, [str(channel_id).encode()], [memfd, client_socket])
         except OSError:  # full (the worker is busy for long) or gone: answer the usual way
             return False
-        self._send({"t": protocol.ATTACH, "ch": channel_id, "base": ring_base,
-                    "cap": ring_capacity})
+        self._send(protocol.Attach(channel_id, ring_base, ring_capacity).pack())
         return True
 
     def detach_channel(self, channel_id: int) -> None:
         if not self._exited:
-            self._send({"t": protocol.DETACH, "ch": channel_id})
+            self._send(protocol.Detach(channel_id).pack())
 
     def release_regions(self, region_ids: list[int]) -> None:
         if not self._exited:
-            self._send({"t": protocol.RELEASE, "ids": region_ids})
+            self._send(protocol.Release(region_ids).pack())
 
-    def _send(self, frame: dict[str, Any]) -> None:
+    def _send(self, frame: list[Any]) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(protocol.encode(frame))
 
     # --- events from the worker ---------------------------------------------------------
-    def on_frame(self, frame: dict[str, Any]) -> None:
-        kind = frame["t"]
+    def on_frame(self, frame: list[Any]) -> None:
+        kind = frame[0]
         if kind == protocol.DONE:
-            on_done = self._inflight.pop(frame["b"], None)
+            done = protocol.Done.unpack(frame)
+            on_done = self._inflight.pop(done.batch, None)
             if on_done is not None:
-                _settle(on_done, frame)
+                _settle(on_done, done)
         elif kind == protocol.PONG:
             self._last_pong = time.monotonic()
-        elif kind == protocol.READY:
-            if self._ready is not None and not self._ready.done():
-                self._ready.set_result(frame)
-        elif kind == protocol.INIT_FAILED:
-            if self._ready is not None and not self._ready.done():
-                self._ready.set_exception(ServeError.from_tuple(frame["err"]))
+        elif kind in (protocol.READY, protocol.INIT_FAILED):
+            self._on_handshake(frame)
+
+    def _on_handshake(self, frame: list[Any]) -> None:
+        """READY or INIT_FAILED: the first frame, naming the worker's protocol version."""
+        if self._ready is None or self._ready.done():
+            return
+        try:
+            protocol.check_version(frame[1], f"worker {self.label}")
+        except protocol.ProtocolMismatch as exc:
+            log.error("%s", exc)
+            self._ready.set_exception(internal(str(exc)))
+            self.kill()
+            return
+        if frame[0] == protocol.READY:
+            self._ready.set_result(protocol.Ready.unpack(frame))
+        else:
+            failed = protocol.InitFailed.unpack(frame)
+            self._ready.set_exception(ServeError.from_tuple((failed.code, failed.message)))
 
     def on_channel_closed(self) -> None:
         # EOF usually comes a moment before the exit status: give the sentinel a short while
@@ -240,8 +253,9 @@ class WorkerProcess:
             self._transport.close()
         if self._fd_socket is not None:
             self._fd_socket.close()
-        for lane in range(self.spec.get("lanes", 1)):
-            remove_owner_arenas(self.spec["supervisor_pid"], f"{self.spec['arena_owner']}o{lane}")
+        spec = self.spec
+        for lane in range(spec.lanes):
+            remove_owner_arenas(spec.supervisor_pid, f"{spec.arena_owner}o{lane}")
         with contextlib.suppress(ValueError):
             self._process.close()
         if not self._stopping and self.became_ready:
@@ -270,7 +284,7 @@ class WorkerProcess:
                 return
 
 
-def _settle(on_done: DoneCallback, result: dict[str, Any] | BaseException) -> None:
+def _settle(on_done: DoneCallback, result: protocol.Done | BaseException) -> None:
     """A failing callback must not stop the reader from handling the frames after it."""
     try:
         on_done(result)

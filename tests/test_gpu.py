@@ -340,10 +340,10 @@ def test_pin_process_sets_cuda_visible_devices_first() -> None:
         import json, os, sys
         from shmserve.workers.main import pin_process
         before = os.environ.get("CUDA_VISIBLE_DEVICES")
-        pin_process({"cuda_visible_devices": "3", "cpus": [0]})
+        pin_process("3", [0])
         pinned = os.environ.get("CUDA_VISIBLE_DEVICES")
         os.environ["CUDA_VISIBLE_DEVICES"] = "5"
-        pin_process({})                     # a CPU instance: the environment is left alone
+        pin_process(None, None)             # a CPU instance: the environment is left alone
         print(json.dumps({
             "before": before, "pinned": pinned, "cpu": os.environ["CUDA_VISIBLE_DEVICES"],
             "affinity": sorted(os.sched_getaffinity(0)),

@@ -23,10 +23,11 @@ from typing import Any
 
 import msgpack
 
+from shmserve.protos.local_messages import DOORBELL, infer_reply
 from shmserve.protos.local_ring import HEADER, MessageTooLarge, Ring, RingFull
+from shmserve.workers.protocol import INLINE
 
 log = logging.getLogger("shmserve.worker")
-_DOORBELL = b"\x01"
 _SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 
 
@@ -86,8 +87,9 @@ class DirectAnswers:
         channel = self._channels.get(tag[0])
         if channel is None:
             return False
-        reply = {"id": tag[1], "model_version": model_version,
-                 "out": [[o[0], o[1], o[2], o[4] if o[3] == "i" else None] for o in outputs]}
+        reply = infer_reply(tag[1], model_version,
+                            [[o[0], o[1], o[2], o[4] if o[3] == INLINE else None]
+                             for o in outputs])
         try:
             channel.ring.put(self._packer.pack(reply))
         except (RingFull, MessageTooLarge):
@@ -107,7 +109,7 @@ class DirectAnswers:
             # Full: doorbells are queued already. Broken: the client is gone, the supervisor
             # detaches the channel once it notices.
             with contextlib.suppress(OSError):
-                channel.doorbell.send(_DOORBELL, _SEND_FLAGS)
+                channel.doorbell.send(DOORBELL, _SEND_FLAGS)
         self._unrung.clear()
 
     def close_all(self) -> None:

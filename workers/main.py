@@ -24,8 +24,6 @@ from shmserve.workers import protocol
 from shmserve.workers.backend import (
     Backend,
     BackendError,
-    InstanceSpec,
-    ModelSpec,
     Request,
     Response,
     resolve_backend,
@@ -34,7 +32,7 @@ from shmserve.workers.busy_poll import BusyPoll
 from shmserve.workers.cuda_ipc import CudaRegions, DeviceOutput
 from shmserve.workers.direct_answers import DirectAnswers
 from shmserve.workers.proctitle import set_process_title, worker_title
-from shmserve.workers.protocol import CUDA, INLINE_LIMIT, TensorRef
+from shmserve.workers.protocol import CUDA, INLINE_LIMIT, ExecRequest, TensorRef, WorkerSpec
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache
 from shmserve.workers.tensors import InputResolver, map_region, output_bytes
 
@@ -43,12 +41,10 @@ log = logging.getLogger("shmserve.worker")
 _PR_SET_PDEATHSIG = 1
 
 
-def pin_process(spec: dict[str, Any]) -> None:
+def pin_process(visible: str | None, cpus: list[int] | None) -> None:
     """Pin the process to its device and CPUs. Must run before anything imports CUDA."""
-    visible = spec.get("cuda_visible_devices")
     if visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(visible)
-    cpus = spec.get("cpus")
     if cpus:
         os.sched_setaffinity(0, set(cpus))
 
@@ -59,19 +55,19 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def run_worker(sock: socket.socket, spec: dict[str, Any],
+def run_worker(sock: socket.socket, spec: WorkerSpec,
                fd_socket: socket.socket | None = None) -> None:
-    pin_process(spec)
+    pin_process(spec.cuda_visible_devices, spec.cpus)
     die_with_parent()
-    set_process_title(worker_title(spec["model"]["name"], spec["instance"]["name"]),
-                      short_name=spec["instance"]["name"])
+    set_process_title(worker_title(spec.model.name, spec.instance.name),
+                      short_name=spec.instance.name)
     # Imported here, never at module level: the supervisor imports this module too and must
     # keep its own SIGTERM handling.
     from shmserve.workers.forkserver_setup import ignore_group_signals
     ignore_group_signals()
     logging.basicConfig(
-        level=spec.get("log_level", logging.WARNING),
-        format=f"%(asctime)s %(levelname)s [worker {spec['instance']['name']}] %(message)s",
+        level=spec.log_level,
+        format=f"%(asctime)s %(levelname)s [worker {spec.instance.name}] %(message)s",
         stream=sys.stderr,
     )
     host = WorkerHost(sock, spec, fd_socket)
@@ -82,7 +78,7 @@ def run_worker(sock: socket.socket, spec: dict[str, Any],
 
 
 class WorkerHost:
-    def __init__(self, sock: socket.socket, spec: dict[str, Any],
+    def __init__(self, sock: socket.socket, spec: WorkerSpec,
                  fd_socket: socket.socket | None = None) -> None:
         self._sock = sock
         self._spec = spec
@@ -90,40 +86,42 @@ class WorkerHost:
         self._stopped = threading.Event()
         self._regions = SegmentCache()
         self._input_arena = ReaderMapping()
-        instance = spec["instance"]
+        self._model = spec.model
+        self._instance = spec.instance
         # Opens client CUDA IPC handles on first use (imports cuda-python/torch only then).
-        self._cuda = CudaRegions(instance["device_id"] if instance["kind"] == "KIND_GPU"
-                                 else None)
+        self._cuda = CudaRegions(spec.instance.device_id
+                                 if spec.instance.kind == "KIND_GPU" else None)
         self._resolver = InputResolver(self._regions, self._input_arena, self._cuda)
         self._output_arenas: dict[int, Arena] = {}
         self._backend: Backend | None = None
         self._hooks_done: list[str] = []
-        self._incoming = BusyPoll(sock, spec.get("busy_poll_us", 0))
+        self._incoming = BusyPoll(sock, spec.busy_poll_us)
         self._cancelled: set[tuple[int, int]] = set()  # (batch, index) withdrawn before running
         self._last_batch = 0
         self._direct = DirectAnswers(fd_socket)
-        self._model_version = str(spec["model"]["version"])
+        self._model_version = str(spec.model.version)
 
-    def send(self, frame: dict[str, Any]) -> None:
+    def send(self, frame: list[Any]) -> None:
         data = protocol.encode(frame)
         with self._send_lock:
             self._sock.sendall(data)
 
     def serve(self) -> int:
         try:
+            protocol.check_version(self._spec.protocol_version, "the supervisor")
             self._initialize()
         except Exception as exc:
             code = exc.code if isinstance(exc, BackendError) else "INTERNAL"
             message = exc.message if isinstance(exc, BackendError) else f"{exc}"
             log.debug("initialize failed: %s", message)  # the supervisor logs it, once
             with contextlib.suppress(OSError):
-                self.send({"t": protocol.INIT_FAILED, "err": protocol.error_tuple(code, message)})
+                self.send(protocol.InitFailed(protocol.PROTOCOL_VERSION, code, message).pack())
             self._finalize()
             return 3
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True,
-                                     args=(self._spec.get("heartbeat_secs", 5.0),))
+                                     args=(self._spec.heartbeat_secs,))
         heartbeat.start()
-        self.send({"t": protocol.READY, "pid": os.getpid()})
+        self.send(protocol.Ready(protocol.PROTOCOL_VERSION, os.getpid()).pack())
         try:
             self._loop()
         finally:
@@ -133,16 +131,10 @@ class WorkerHost:
 
     def _initialize(self) -> None:
         spec = self._spec
-        model = spec["model"]
-        instance = spec["instance"]
-        self._model = ModelSpec(model["name"], model["version"], model["config"],
-                                model["repository_path"], model["version_path"])
-        self._instance = InstanceSpec(instance["name"], instance["kind"], instance["device_id"],
-                                      instance["index"])
-        backend_cls = resolve_backend(spec["backend"])
+        backend_cls = resolve_backend(spec.backend)
         backend = backend_cls()
         self._backend = backend
-        backend.backend_initialize(spec.get("backend_config", {}))
+        backend.backend_initialize(spec.backend_config)
         self._hooks_done.append("backend")
         backend.model_initialize(self._model)
         self._hooks_done.append("model")
@@ -174,7 +166,7 @@ class WorkerHost:
         """
         while not self._stopped.wait(interval):
             try:
-                self.send({"t": protocol.PONG})
+                self.send(protocol.PONG_FRAME)
             except OSError:
                 return
 
@@ -183,7 +175,7 @@ class WorkerHost:
         waiting are read: control frames among them (cancel, release, ping) take effect
         first, so a request withdrawn while it waited behind another batch is skipped."""
         unpacker = protocol.new_unpacker()
-        pending: deque[dict[str, Any]] = deque()
+        pending: deque[list[Any]] = deque()
         just_read = False  # the socket was just drained: nothing can have waited since
         while True:
             if not pending:
@@ -196,33 +188,37 @@ class WorkerHost:
                 just_read = True
                 continue
             frame = pending.popleft()
-            kind = frame["t"]
+            kind = frame[0]
             if kind == protocol.EXEC:
                 self._absorb(unpacker, pending, read_socket=not just_read)
                 just_read = False
-                self.send(self._execute(frame))
+                self.send(self._execute(protocol.Exec.unpack(frame)))
             elif kind == protocol.STOP:
                 return
             else:
                 self._control(frame)
 
-    def _control(self, frame: dict[str, Any]) -> None:
-        kind = frame["t"]
+    def _control(self, frame: list[Any]) -> None:
+        kind = frame[0]
         if kind == protocol.CANCEL:
-            if frame["b"] > self._last_batch:
-                self._cancelled.add((frame["b"], frame["i"]))
+            cancel = protocol.Cancel.unpack(frame)
+            if cancel.batch > self._last_batch:
+                self._cancelled.add((cancel.batch, cancel.index))
         elif kind == protocol.RELEASE:
-            for region_id in frame["ids"]:
+            for region_id in protocol.Release.unpack(frame).region_ids:
                 self._regions.release(region_id)
                 self._cuda.release(region_id)
         elif kind == protocol.PING:
-            self.send({"t": protocol.PONG})
+            self.send(protocol.PONG_FRAME)
         elif kind == protocol.ATTACH:
-            self._direct.attach(frame["ch"], frame["base"], frame["cap"])
+            attach = protocol.Attach.unpack(frame)
+            self._direct.attach(attach.channel, attach.base, attach.capacity)
         elif kind == protocol.DETACH:
-            self._direct.detach(frame["ch"])
+            self._direct.detach(protocol.Detach.unpack(frame).channel)
+        else:
+            log.error("unknown frame kind %r", kind)
 
-    def _absorb(self, unpacker: msgpack.Unpacker, pending: deque[dict[str, Any]],
+    def _absorb(self, unpacker: msgpack.Unpacker, pending: deque[list[Any]],
                 read_socket: bool) -> None:
         """Take the frames that arrived already (without waiting; not when the socket was
         just read) and apply the control frames among the pending ones; batches and STOP keep
@@ -234,38 +230,42 @@ class WorkerHost:
                 pending.extend(unpacker)
         if not pending:
             return
-        kept = [frame for frame in pending if frame["t"] in (protocol.EXEC, protocol.STOP)]
+        kept = [frame for frame in pending if frame[0] in (protocol.EXEC, protocol.STOP)]
         if len(kept) != len(pending):
             for frame in pending:
-                if frame["t"] not in (protocol.EXEC, protocol.STOP):
+                if frame[0] not in (protocol.EXEC, protocol.STOP):
                     self._control(frame)
             pending.clear()
             pending.extend(kept)
 
-    def _execute(self, frame: dict[str, Any]) -> dict[str, Any]:
-        """Run one EXEC frame: its requests as one batch, or (``each``) one execute per
-        request; outputs go to the arena of the frame's pipeline lane once all ran."""
-        raw_requests = frame["reqs"]
-        batch_id = frame["b"]
+    def _execute(self, frame: protocol.Exec) -> list[Any]:
+        """Run one Exec frame: its requests as one batch, or (``each``) one execute per
+        request; outputs go to the arena of the frame's pipeline lane once all ran. Returns
+        the Done frame."""
+        exec_requests = [ExecRequest.unpack(raw) for raw in frame.requests]
+        batch_id = frame.batch
         self._last_batch = batch_id
-        count = len(raw_requests)
-        groups = [[i] for i in range(count)] if frame.get("each") else [list(range(count))]
-        results: list[dict[str, Any] | None] = [None] * count
+        count = len(exec_requests)
+        groups = [[i] for i in range(count)] if frame.each else [list(range(count))]
+        results: list[list[Any] | None] = [None] * count
         ready: list[tuple[int, list[_Prepared]]] = []
         executions: list[list[Any]] = []  # [request indices, input ns, infer ns, output ns]
         for group in groups:
             started = time.perf_counter_ns()
-            requests, positions = self._requests(batch_id, raw_requests, group, results)
+            requests, positions = self._requests(batch_id, exec_requests, group, results)
             if not requests:
                 continue
             input_done = time.perf_counter_ns()
             responses = self._run_backend(requests)
             infer_done = time.perf_counter_ns()
             for position, response in zip(positions, responses, strict=True):
-                outputs = self._prepare_outputs(response, raw_requests[position]["out"])
-                if isinstance(outputs, dict):
-                    results[position] = outputs
-                elif (tag := raw_requests[position].get("ch")) is not None:
+                try:
+                    outputs = self._prepare_outputs(response, exec_requests[position].outputs)
+                except BackendError as exc:
+                    results[position] = protocol.error_result(exc.code, exc.message)
+                    continue
+                tag = exec_requests[position].tag
+                if tag is not None:
                     results[position] = self._answer_directly(tag, outputs)
                 else:
                     ready.append((position, outputs))
@@ -273,22 +273,28 @@ class WorkerHost:
                                time.perf_counter_ns() - infer_done])
         self._direct.ring_doorbells()
         writing = time.perf_counter_ns()
-        arena = self._lane_arena(frame.get("lane", 0))
+        arena = self._lane_arena(frame.lane)
         arena_total = sum(_align(len(item[3])) for _, outputs in ready for item in outputs
                           if item[4] is None and len(item[3]) > INLINE_LIMIT)
         if arena_total:
             arena.ensure(arena_total)
         arena_offset = 0
         for position, outputs in ready:
-            results[position], arena_offset = self._write_outputs(outputs, arena, arena_offset)
+            try:
+                refs, arena_offset = self._write_outputs(outputs, arena, arena_offset)
+            except BackendError as exc:
+                results[position] = protocol.error_result(exc.code, exc.message)
+                continue
+            results[position] = protocol.ok_result(refs)
         if executions:
             share = (time.perf_counter_ns() - writing) // len(executions)
             for execution in executions:
                 execution[3] += share
-        return {"t": protocol.DONE, "b": batch_id, "res": results, "x": executions}
+        # protocol.Done(batch_id, results, executions).pack(), without the object
+        return [protocol.DONE, batch_id, results, executions]
 
-    def _requests(self, batch_id: int, raw_requests: list[dict[str, Any]], group: list[int],
-                  results: list[dict[str, Any] | None]) -> tuple[list[Request], list[int]]:
+    def _requests(self, batch_id: int, exec_requests: list[ExecRequest], group: list[int],
+                  results: list[list[Any] | None]) -> tuple[list[Request], list[int]]:
         """The group's requests with their inputs mapped; withdrawn or unreadable ones are
         answered in ``results`` instead."""
         requests: list[Request] = []
@@ -296,31 +302,35 @@ class WorkerHost:
         for index in group:
             if self._cancelled and (batch_id, index) in self._cancelled:
                 self._cancelled.discard((batch_id, index))
-                results[index] = {"err": ["CANCELLED", "request cancelled by the client"]}
+                results[index] = protocol.error_result("CANCELLED",
+                                                       "request cancelled by the client")
                 continue
-            raw = raw_requests[index]
+            raw = exec_requests[index]
             try:
                 inputs = {}
-                for packed in raw["in"]:
+                for packed in raw.inputs:
                     ref = TensorRef.unpack(packed)
                     inputs[ref.name] = self._resolver.array(ref)
             except BackendError as exc:
-                results[index] = {"err": [exc.code, exc.message]}
+                results[index] = protocol.error_result(exc.code, exc.message)
                 continue
-            requests.append(Request(raw["rid"], inputs, [o[0] for o in raw["out"]],
-                                    raw.get("p") or {}, raw.get("cid", 0)))
+            requests.append(Request(raw.request_id, inputs, [o[0] for o in raw.outputs],
+                                    raw.parameters or {}, raw.correlation_id))
             positions.append(index)
         return requests, positions
 
-    def _answer_directly(self, tag: list[int], outputs: list[_Prepared]) -> dict[str, Any]:
+    def _answer_directly(self, tag: list[int], outputs: list[_Prepared]) -> list[Any]:
         """Answer through the client's channel: every output travels inline there, or is in
         the client's region, so nothing goes to the arena. What cannot be delivered is
-        returned for DONE. The doorbells ring once the whole frame ran (ringing after each
+        returned for Done. The doorbells ring once the whole frame ran (ringing after each
         execution woke clients for partial results: c8 throughput fell by a fifth)."""
-        result, _ = self._write_outputs(outputs, None, 0)
-        if "out" in result and self._direct.deliver(tag, self._model_version, result["out"]):
+        try:
+            refs, _ = self._write_outputs(outputs, None, 0)
+        except BackendError as exc:
+            return protocol.error_result(exc.code, exc.message)
+        if self._direct.deliver(tag, self._model_version, refs):
             return protocol.ANSWERED
-        return result
+        return protocol.ok_result(refs)
 
     def _lane_arena(self, lane: int) -> Arena:
         """Each pipeline lane has its own output arena: the supervisor reads a frame's outputs
@@ -328,7 +338,7 @@ class WorkerHost:
         arena = self._output_arenas.get(lane)
         if arena is None:
             arena = self._output_arenas[lane] = Arena(
-                self._spec["supervisor_pid"], f"{self._spec['arena_owner']}o{lane}")
+                self._spec.supervisor_pid, f"{self._spec.arena_owner}o{lane}")
         return arena
 
     def _run_backend(self, requests: list[Request]) -> list[Response]:
@@ -346,59 +356,53 @@ class WorkerHost:
             return [Response(error=error) for _ in requests]
 
     def _prepare_outputs(self, response: Response,
-                         requested: list[list[Any]]) -> list[_Prepared] | dict[str, Any]:
-        """The outputs to send as (name, datatype, shape, bytes, destination), or an error."""
+                         requested: list[list[Any]]) -> list[_Prepared]:
+        """The outputs to send as (name, datatype, shape, bytes, destination); raises
+        BackendError for the request's error."""
         if response.error is not None:
-            return {"err": [response.error.code, response.error.message]}
+            raise response.error
         outputs = response.outputs
         destinations = {entry[0]: entry[1] for entry in requested} if requested else {}
         prepared: list[_Prepared] = []
         for name in destinations or outputs:
             if name not in outputs:
-                return {"err": ["INVALID_ARGUMENT",
-                                f"unexpected inference output '{name}' for model "
-                                f"'{self._model.name}'"]}
+                raise BackendError(f"unexpected inference output '{name}' for model "
+                                   f"'{self._model.name}'", "INVALID_ARGUMENT")
             try:
                 datatype, shape, data = output_bytes(outputs[name])
             except (ValueError, TypeError) as exc:
-                return {"err": ["INTERNAL", f"output '{name}' cannot be sent: {exc}"]}
+                raise BackendError(f"output '{name}' cannot be sent: {exc}") from None
             destination = destinations.get(name)
             if destination is not None:
                 capacity = destination[6]
                 if len(data) > capacity:
-                    return {"err": ["INTERNAL",
-                                    f"shared memory size specified with the request for output "
-                                    f"'{name}' ({capacity} bytes) should be at least "
-                                    f"{len(data)} bytes to hold the results"]}
+                    raise BackendError(f"shared memory size specified with the request for "
+                                       f"output '{name}' ({capacity} bytes) should be at "
+                                       f"least {len(data)} bytes to hold the results")
             prepared.append((name, datatype, shape, data, destination))
         return prepared
 
     def _write_outputs(self, prepared: list[_Prepared], arena: Arena | None,
-                       arena_offset: int) -> tuple[dict[str, Any], int]:
+                       arena_offset: int) -> tuple[list[list[Any]], int]:
         """Outputs into their client regions, inline, or (large, unless ``arena`` is None)
-        into the lane's arena; the packed TensorRefs or an error."""
+        into the lane's arena: the packed TensorRefs and the arena offset after them. Raises
+        BackendError (the arena offset is then unchanged)."""
         refs: list[list[Any]] = []
         for name, datatype, shape, data, destination in prepared:
             nbytes = len(data)
             if destination is not None:
                 target = TensorRef.unpack(destination)
                 if target.where == CUDA:
-                    try:     # one device-to-device (or host-to-device) copy
-                        self._cuda.write(target, data, name)
-                    except BackendError as exc:
-                        return {"err": [exc.code, exc.message]}, arena_offset
+                    self._cuda.write(target, data, name)  # one device-to-device/host copy
                     refs.append(TensorRef(name, datatype, shape, CUDA, target.location,
                                           target.offset, nbytes).pack())
                     continue
                 region_id, key = target.location
-                try:
-                    segment = map_region(self._regions, region_id, key)
-                except BackendError as exc:
-                    return {"err": [exc.code, exc.message]}, arena_offset
+                segment = map_region(self._regions, region_id, key)
                 if target.offset < 0 or target.offset + nbytes > segment.size:
                     # The client replaced its segment by a smaller one after registering.
-                    return {"err": ["INTERNAL", f"output '{name}' lies outside its shared "
-                                                f"memory segment"]}, arena_offset
+                    raise BackendError(f"output '{name}' lies outside its shared memory "
+                                       f"segment")
                 _copy_into(segment.buf[target.offset:target.offset + nbytes], data)
                 refs.append(TensorRef(name, datatype, shape, target.where, target.location,
                                       target.offset, nbytes).pack())
@@ -410,7 +414,7 @@ class WorkerHost:
                 refs.append(TensorRef(name, datatype, shape, protocol.ARENA, segment.key,
                                       arena_offset, nbytes).pack())
                 arena_offset += _align(nbytes)
-        return {"out": refs}, arena_offset
+        return refs, arena_offset
 
 
 _Prepared = tuple[str, str, list[int], "memoryview | bytes | DeviceOutput", Any]

@@ -1,8 +1,14 @@
-"""Control frames between the supervisor and a worker.
+"""Every frame between the supervisor and a worker, as typed records.
 
-Frames are msgpack maps streamed over a Unix socketpair (msgpack is self-delimiting, so no
-length prefix is needed). Tensor bytes never travel in a frame unless they are tiny; a frame
-names them with a *tensor reference*:
+Frames are msgpack arrays streamed over a Unix socketpair (msgpack is self-delimiting, so no
+length prefix is needed): ``[kind, field, ...]`` in the order of the record's fields; each
+record packs to and unpacks from that array (``pack``/``unpack``), like ``TensorRef``. A new
+field goes at the end of its record here and nowhere else; a change of layout bumps
+``PROTOCOL_VERSION``, which the worker checks against its spec and the supervisor against
+READY (a mismatch fails the load with both versions named).
+
+Tensor bytes never travel in a frame unless they are tiny; a frame names them with a
+*tensor reference*:
 
     TensorRef = [name, datatype, shape, where, location, offset, nbytes]
 
@@ -13,46 +19,69 @@ names them with a *tensor reference*:
     CUDA    -- ``location`` is [region_id, raw_handle, device_id]: a client CUDA IPC region
 ``offset`` is absolute inside the segment/allocation and ``nbytes`` the tensor's byte size.
 
-Frame types (key ``t``):
-    supervisor -> worker: EXEC, CANCEL, RELEASE, PING, STOP, ATTACH, DETACH
-    worker -> supervisor: READY, INIT_FAILED, DONE, PONG
+Frames:
+    supervisor -> worker: Exec, Cancel, Release, Ping, Stop, Attach, Detach
+    worker -> supervisor: Ready, InitFailed, Done, Pong
 
-EXEC ``{b: frame id, reqs: [request...], lane, each}`` runs its requests as one batch, or with
-``each`` one execution per request; large outputs go to the output arena of pipeline ``lane``.
-DONE ``{b, res: [result per request], x: [[request indices, input ns, infer ns, output ns]
-per execution]}`` answers it. A request may carry ``ch: [channel id, request id]``: the worker
-then answers its client through the local channel itself (see direct_answers.py) and its DONE
-result is ``{d: 1}``. ATTACH ``{ch, base, cap}`` comes with the channel's fds on the fd socket;
-DETACH ``{ch}`` drops them.
+``Exec`` runs its requests (``ExecRequest``) as one batch, or with ``each`` one execution per
+request; large outputs go to the output arena of pipeline ``lane``. ``Done`` answers it with
+one *result* per request (``ok_result``, ``error_result`` or ``ANSWERED``) and one
+``[request indices, input ns, infer ns, output ns]`` per execution. A request may carry a
+``tag`` ``[channel id, request id]``: the worker then answers its client through the local
+channel itself (see direct_answers.py) and its result is ``ANSWERED``. ``Attach`` comes with
+the channel's fds on the fd socket; ``Detach`` drops them.
+
+The per-request path builds and reads the arrays directly (``packed_exec_request``,
+``packed_inline``, the ``RESULT_*`` kinds) instead of going through a record object.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import msgpack
+
+from shmserve.workers.backend import InstanceSpec, ModelSpec
+
+PROTOCOL_VERSION = 2  # 1: the msgpack maps before typed records
 
 INLINE = "i"
 ARENA = "a"
 SYSTEM = "s"
 CUDA = "c"
 
-EXEC = "exec"
-CANCEL = "cancel"   # skip request "i" of batch "b" if it has not started
-RELEASE = "release"
-PING = "ping"
-STOP = "stop"
-READY = "ready"
-INIT_FAILED = "init_failed"
-DONE = "done"
-PONG = "pong"
-ATTACH = "attach"
-DETACH = "detach"
-ANSWERED: dict[str, int] = {"d": 1}  # a DONE result: answered through the local channel
+# Frame kinds: the first element of every frame.
+EXEC = 1
+CANCEL = 2
+RELEASE = 3
+PING = 4
+STOP = 5
+ATTACH = 6
+DETACH = 7
+READY = 10
+INIT_FAILED = 11
+DONE = 12
+PONG = 13
+
+# Result kinds: the first element of each request's result in DONE.
+RESULT_OK = 0          # [RESULT_OK, [packed TensorRef, ...]]
+RESULT_ERROR = 1       # [RESULT_ERROR, grpc status code name, message]
+RESULT_ANSWERED = 2    # [RESULT_ANSWERED]: answered through the local channel
 
 # Tensors at or below this size travel inside the frame: cheaper than touching shared memory.
 INLINE_LIMIT = 64 * 1024
+
+
+class ProtocolMismatch(Exception):
+    """The two sides of a control channel speak different protocol versions."""
+
+
+def check_version(theirs: Any, who: str) -> None:
+    if theirs != PROTOCOL_VERSION:
+        raise ProtocolMismatch(f"{who} speaks worker protocol version {theirs!r}, this side "
+                               f"{PROTOCOL_VERSION}: the supervisor and its workers must come "
+                               f"from the same shmserve installation")
 
 
 @dataclass(slots=True)
@@ -74,22 +103,207 @@ class TensorRef:
         return cls(raw[0], raw[1], list(raw[2]), raw[3], raw[4], raw[5], raw[6])
 
 
-
 def packed_inline(name: str, datatype: str, shape: list[int], data: bytes) -> list[Any]:
     """``TensorRef(..., INLINE, data, 0, len(data)).pack()`` without building the object
     (the per-request path for small tensors)."""
     return [name, datatype, shape, INLINE, data, 0, len(data)]
 
 
-def encode(frame: dict[str, Any]) -> bytes:
+# --- results ------------------------------------------------------------------------------
+def ok_result(outputs: list[list[Any]]) -> list[Any]:
+    """A request's outputs as packed TensorRefs."""
+    return [RESULT_OK, outputs]
+
+
+def error_result(code: str, message: str) -> list[Any]:
+    """A failed request: ``code`` is a gRPC status code name such as INVALID_ARGUMENT."""
+    return [RESULT_ERROR, code, message]
+
+
+ANSWERED: list[Any] = [RESULT_ANSWERED]
+
+
+# --- frames -------------------------------------------------------------------------------
+@dataclass(slots=True)
+class ExecRequest:
+    """One request of an Exec frame."""
+
+    request_id: str
+    inputs: list[list[Any]]                 # packed TensorRefs
+    outputs: list[list[Any]]                # [name, packed destination TensorRef or None]
+    parameters: dict[str, Any]
+    correlation_id: int | str = 0
+    tag: list[int] | None = None            # [channel id, request id]: answer it directly
+
+    def pack(self) -> list[Any]:
+        return [self.request_id, self.inputs, self.outputs, self.parameters,
+                self.correlation_id, self.tag]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> ExecRequest:
+        return cls(raw[0], raw[1], raw[2], raw[3], raw[4], raw[5])
+
+
+def packed_exec_request(request_id: str, inputs: list[list[Any]], outputs: list[list[Any]],
+                        parameters: dict[str, Any], correlation_id: int | str,
+                        tag: list[int] | None) -> list[Any]:
+    """``ExecRequest(...).pack()`` without building the object (the per-request path)."""
+    return [request_id, inputs, outputs, parameters, correlation_id, tag]
+
+
+@dataclass(slots=True)
+class Exec:
+    KIND: ClassVar[int] = EXEC
+    batch: int
+    requests: list[list[Any]]               # packed ExecRequests
+    lane: int
+    each: bool
+
+    def pack(self) -> list[Any]:
+        return [EXEC, self.batch, self.requests, self.lane, self.each]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> Exec:
+        return cls(raw[1], raw[2], raw[3], raw[4])
+
+
+@dataclass(slots=True)
+class Cancel:
+    """Skip request ``index`` of frame ``batch`` if it has not started."""
+
+    KIND: ClassVar[int] = CANCEL
+    batch: int
+    index: int
+
+    def pack(self) -> list[Any]:
+        return [CANCEL, self.batch, self.index]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> Cancel:
+        return cls(raw[1], raw[2])
+
+
+@dataclass(slots=True)
+class Release:
+    """Unmap these client regions (they were unregistered and no request uses them)."""
+
+    KIND: ClassVar[int] = RELEASE
+    region_ids: list[int]
+
+    def pack(self) -> list[Any]:
+        return [RELEASE, self.region_ids]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> Release:
+        return cls(raw[1])
+
+
+@dataclass(slots=True)
+class Attach:
+    """Answer channel ``channel`` directly into the ring at ``base`` (fds on the fd socket)."""
+
+    KIND: ClassVar[int] = ATTACH
+    channel: int
+    base: int
+    capacity: int
+
+    def pack(self) -> list[Any]:
+        return [ATTACH, self.channel, self.base, self.capacity]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> Attach:
+        return cls(raw[1], raw[2], raw[3])
+
+
+@dataclass(slots=True)
+class Detach:
+    KIND: ClassVar[int] = DETACH
+    channel: int
+
+    def pack(self) -> list[Any]:
+        return [DETACH, self.channel]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> Detach:
+        return cls(raw[1])
+
+
+@dataclass(slots=True)
+class Ready:
+    """The worker's initialize hooks ran: it serves, speaking ``version``."""
+
+    KIND: ClassVar[int] = READY
+    version: int
+    pid: int
+
+    def pack(self) -> list[Any]:
+        return [READY, self.version, self.pid]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> Ready:
+        return cls(raw[1], raw[2])
+
+
+@dataclass(slots=True)
+class InitFailed:
+    KIND: ClassVar[int] = INIT_FAILED
+    version: int
+    code: str
+    message: str
+
+    def pack(self) -> list[Any]:
+        return [INIT_FAILED, self.version, self.code, self.message]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> InitFailed:
+        return cls(raw[1], raw[2], raw[3])
+
+
+@dataclass(slots=True)
+class Done:
+    KIND: ClassVar[int] = DONE
+    batch: int
+    results: list[list[Any]]                # one result per request (ok/error/ANSWERED)
+    executions: list[list[Any]]             # [request indices, input ns, infer ns, output ns]
+
+    def pack(self) -> list[Any]:
+        return [DONE, self.batch, self.results, self.executions]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> Done:
+        return cls(raw[1], raw[2], raw[3])
+
+
+# Frames without fields.
+PING_FRAME: list[Any] = [PING]
+STOP_FRAME: list[Any] = [STOP]
+PONG_FRAME: list[Any] = [PONG]
+
+
+# --- the worker's spec --------------------------------------------------------------------
+@dataclass(slots=True)
+class WorkerSpec:
+    """Everything a worker process is started with (passed once, at start)."""
+
+    model: ModelSpec
+    instance: InstanceSpec
+    backend: str
+    supervisor_pid: int
+    arena_owner: str                        # names this worker's arenas
+    lanes: int = 1                          # pipeline lanes: one output arena each
+    heartbeat_secs: float = 5.0
+    busy_poll_us: int = 0
+    log_level: int = 30                     # logging.WARNING
+    cuda_visible_devices: str | None = None  # set for KIND_GPU instances
+    cpus: list[int] | None = None           # CPU affinity, if pinned
+    backend_config: dict[str, Any] = field(default_factory=dict)
+    protocol_version: int = PROTOCOL_VERSION
+
+
+def encode(frame: list[Any]) -> bytes:
     return msgpack.packb(frame, use_bin_type=True)
 
 
 def new_unpacker() -> msgpack.Unpacker:
     # Large tensors never travel inline, but a batch of tiny ones may add up.
     return msgpack.Unpacker(raw=False, max_buffer_size=1 << 31)
-
-
-def error_tuple(code: str, message: str) -> list[str]:
-    """Errors cross the process boundary as [grpc status code name, message]."""
-    return [code, message]

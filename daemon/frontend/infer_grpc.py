@@ -1,15 +1,14 @@
-"""ModelInferRequest -> the frontend-neutral request items, and the ModelInferResponse back."""
+"""ModelInferRequest -> the door-neutral request items, and the ModelInferResponse back."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from shmserve.daemon.errors import ServeError, invalid_argument, unimplemented
-from shmserve.daemon.frontend.infer import OutputIn, ShmRef, TensorIn
+from shmserve.daemon.infer_request import OutputIn, RequestItems, ShmRef, TensorIn
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.protos import shmserve_service_pb2 as pb
 from shmserve.protos.datatypes import element_count, serialize_bytes_tensor
@@ -27,18 +26,10 @@ _SHM_KEYS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte
 _SHM_USAGE = "'shared_memory_byte_size' must be specified along with 'shared_memory_region'"
 
 
-@dataclass(slots=True)
-class ParsedRequest:
-    inputs: list[TensorIn]
-    outputs: list[OutputIn]
-    parameters: dict[str, Any]
-    late_fault: ServeError | None   # raw_input_contents left over
-
-
 def parse_request(message: pb.ModelInferRequest,
-                  raw: Sequence[bytes | memoryview] | None = None) -> ParsedRequest:
-    """``raw`` replaces ``message.raw_input_contents`` when the frontend sliced them off the
-    wire."""
+                  raw: Sequence[bytes | memoryview] | None = None) -> RequestItems:
+    """``raw`` replaces ``message.raw_input_contents`` when the door sliced them off the
+    wire. Regions are looked up in the anonymous scope (owner "")."""
     if raw is None:
         raw = message.raw_input_contents
     model = message.model_name
@@ -85,7 +76,7 @@ def parse_request(message: pb.ModelInferRequest,
             output.fault = exc
         outputs.append(output)
     parameters = {key: parameter_value(value) for key, value in message.parameters.items()}
-    return ParsedRequest(inputs, outputs, parameters, late_fault)
+    return RequestItems(inputs, outputs, parameters, message.id, "", late_fault)
 
 
 def _shm_params(params: Any, what: str) -> ShmRef | None:

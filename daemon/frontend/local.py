@@ -6,10 +6,12 @@ passes the fd over the socket (SCM_RIGHTS). The segment has no name, so nothing 
 left in /dev/shm and no other process can open it. From then on the socket only carries
 doorbell bytes and tells either side when the other is gone.
 
-Requests are validated into the same InferRequest as gRPC requests (frontend/infer.py, no
-protobuf in between) and go through the same scheduler, batching and statistics. Regions a
-channel registers live in their own namespace: a channel reaches only the regions it
-registered, and they are unregistered when the channel closes.
+Requests are parsed into the same RequestItems as gRPC requests (no protobuf in between) and
+handed to the core (daemon/core.py), which validates them into the same InferRequest and runs
+them through the same scheduler, batching and statistics; each is answered through its
+``_ChannelReply``. The messages themselves are written down in protos/local_messages.py.
+Regions a channel registers live in their own namespace: a channel reaches only the regions
+it registered, and they are unregistered when the channel closes.
 
 Answers to requests a worker executed successfully skip the supervisor once the client has
 announced (op "hello") that it reads the direct rings: the channel is attached to the worker
@@ -34,16 +36,17 @@ import socket
 import struct
 import time
 from collections import deque
+from functools import partial
 from typing import Any
 
 import msgpack
 
+from shmserve.daemon.core import Core
 from shmserve.daemon.errors import ServeError, invalid_argument
-from shmserve.daemon.frontend.infer import OutputIn, TensorIn, build_request
-from shmserve.daemon.frontend.service import InferenceService
-from shmserve.daemon.models import ModelVersion
-from shmserve.daemon.request import ANSWERED_DIRECTLY, InferRequest, OutputTensor
-from shmserve.daemon.worker_process import WorkerProcess
+from shmserve.daemon.infer_request import OutputIn, RequestItems, TensorIn
+from shmserve.daemon.reply import DirectTarget, Reply
+from shmserve.daemon.request import OutputTensor
+from shmserve.protos import local_messages as messages
 from shmserve.protos.local_ring import (
     DEFAULT_RING_BYTES,
     ChannelLayout,
@@ -55,16 +58,11 @@ from shmserve.protos.local_ring import (
 )
 
 log = logging.getLogger("shmserve.local")
-PROTOCOL_VERSION = 2
 _channel_ids = itertools.count(1)
-_HANDSHAKE_LENGTH = struct.Struct("<I")
 MAX_PENDING_RESPONSES = 4096
 DIRECT_RINGS = 8               # workers that can answer one channel directly
 DIRECT_RING_BYTES = 1 << 20
 STALLED_CLIENT_SECS = 30.0
-
-
-_InFlight = tuple["asyncio.Future[list[OutputTensor]]", "asyncio.TimerHandle | None"]
 
 
 def _region_ref(prefix: str, entry: list[Any], what: str) -> tuple[str, int, int]:
@@ -94,13 +92,13 @@ class LocalChannel(asyncio.Protocol):
         self._responses = Ring.attach(memory, rings.response_base)
         self._free_direct = list(reversed(rings.direct_bases))
         self._direct_capacity = rings.direct_capacity
-        self._direct: dict[WorkerProcess, int] = {}  # attached worker -> its ring's base
+        self._direct: dict[DirectTarget, int] = {}  # attached worker -> its ring's base
         self._direct_ok = False  # until the client says it reads the direct rings
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._region_prefix = _region_name(channel_id, "")
-        # Requests not answered yet: (future, deadline timer), None while being submitted.
-        self._inflight: dict[int, _InFlight | None] = {}
+        # Requests not answered yet, by the client's request id.
+        self._inflight: dict[int, _ChannelReply] = {}
         self._pending: deque[bytes] = deque()
         self._stalled_since = 0.0
         self._retry: asyncio.TimerHandle | None = None
@@ -130,12 +128,12 @@ class LocalChannel(asyncio.Protocol):
     def _handle(self, message: dict[str, Any]) -> None:
         op = message["op"]
         request_id = message["id"]
-        registry = self._frontend.service.registry
+        registry = self._frontend.core.registry
         try:
-            if op == "infer":
+            if op == messages.OP_INFER:
                 self._infer(message)
                 return
-            if op == "register":
+            if op == messages.OP_REGISTER:
                 name, key = message["name"], message["key"]
                 offset, byte_size = message.get("offset", 0), message["byte_size"]
                 if not (isinstance(name, str) and isinstance(key, str)
@@ -144,34 +142,34 @@ class LocalChannel(asyncio.Protocol):
                                            "and byte_size integers")
                 registry.register_system(_region_name(self.channel_id, name), key, offset,
                                          byte_size, self.owner, self.peer_uid)
-            elif op == "unregister":
+            elif op == messages.OP_UNREGISTER:
                 name = message.get("name", "")
                 if name:
                     registry.unregister("system", _region_name(self.channel_id, name), self.owner)
                 else:
                     registry.unregister("system", "", self.owner)
-            elif op == "status":
+            elif op == messages.OP_STATUS:
                 prefix = _region_name(self.channel_id, "")
                 regions = registry.status("system", _region_name(self.channel_id, name)
                                           if (name := message.get("name", "")) else "",
                                           self.owner)
-                self._reply({"id": request_id, "regions": [
+                self._reply(messages.status_reply(request_id, [
                     [r.name[len(prefix):], r.key, r.offset, r.byte_size] for r in regions
-                    if r.owner == self.owner]})
+                    if r.owner == self.owner]))
                 return
-            elif op == "ping":
+            elif op == messages.OP_PING:
                 pass
-            elif op == "hello":  # the client reads the direct rings: workers may answer it
+            elif op == messages.OP_HELLO:  # the client reads the direct rings: workers may answer
                 self._direct_ok = message.get("direct") is True
             else:
                 raise ServeError.from_tuple(["INVALID_ARGUMENT", f"unknown operation '{op}'"])
-            self._reply({"id": request_id})
+            self._reply(messages.ok_reply(request_id))
         except ServeError as exc:
             self._reply_error(request_id, exc)
 
     def _infer(self, message: dict[str, Any]) -> None:
-        """Queue an infer request; the scheduler answers it through ``_answered`` (no task
-        and no future callback per request: this is the hot path)."""
+        """Hand an infer request to the core; it is answered through its ``_ChannelReply``
+        (no task and no future per request: this is the hot path)."""
         request_id = message["id"]
         # "t": the client's deadline in seconds; as with gRPC, a request still queued when it
         # passes is dropped.
@@ -180,12 +178,12 @@ class LocalChannel(asyncio.Protocol):
             self._reply_error(request_id, invalid_argument(
                 f"malformed local-channel request: deadline {deadline!r}"))
             return
+        reply = _ChannelReply(self, request_id)
         inflight = self._inflight
-        inflight[request_id] = None  # it may be answered before submit returns
+        inflight[request_id] = reply  # it may be answered before submit returns
         try:
-            internal = self._frontend.service.submit(
-                message["model"], message.get("version", ""),
-                lambda model, loop: self._build(model, loop, message, request_id))
+            self._frontend.core.submit(message["model"], message.get("version", ""),
+                                       partial(self._items, message), reply)
         except ServeError as exc:
             inflight.pop(request_id, None)
             self._reply_error(request_id, exc)
@@ -193,15 +191,13 @@ class LocalChannel(asyncio.Protocol):
         except Exception as exc:
             inflight.pop(request_id, None)
             log.exception("local infer failed")
-            self._reply({"id": request_id, "err": ["INTERNAL", f"{type(exc).__name__}: {exc}"]})
+            self._reply(messages.error_reply(request_id, "INTERNAL",
+                                             f"{type(exc).__name__}: {exc}"))
             return
-        if request_id in inflight:
-            timer = None if deadline is None else self._loop.call_later(
-                deadline, self._expire, request_id)
-            inflight[request_id] = (internal.future, timer)
+        if deadline is not None and request_id in inflight:
+            reply.timer = self._loop.call_later(deadline, self._expire, request_id)
 
-    def _build(self, model: ModelVersion, loop: asyncio.AbstractEventLoop,
-               message: dict[str, Any], channel_request_id: int) -> InferRequest:
+    def _items(self, message: dict[str, Any]) -> RequestItems:
         try:
             inputs, outputs, parameters = self._parse(message)
             request_id = message.get("rid", "")
@@ -209,14 +205,9 @@ class LocalChannel(asyncio.Protocol):
                 raise TypeError("rid must be a string")
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise invalid_argument(f"malformed local-channel request: {exc}") from None
-        request = build_request(model, self._frontend.service.registry, inputs, outputs,
-                                parameters, request_id, self.owner, loop)
-        request.on_result = lambda done, result: self._answered(channel_request_id, done,
-                                                                result)
-        request.direct_to = lambda worker: self._direct_tag(worker, channel_request_id)
-        return request
+        return RequestItems(inputs, outputs, parameters, request_id, self.owner)
 
-    def _direct_tag(self, worker: WorkerProcess, request_id: int) -> list[int] | None:
+    def direct_tag(self, worker: DirectTarget, request_id: int) -> list[int] | None:
         """The tag ``worker`` answers ``request_id`` under, attaching the channel to it first;
         None when it cannot (no direct ring left, channel closing)."""
         if worker not in self._direct:
@@ -272,33 +263,36 @@ class LocalChannel(asyncio.Protocol):
         return inputs, outputs, parameters
 
     def _expire(self, request_id: int) -> None:
-        entry = self._inflight.pop(request_id, None)
-        if entry is not None:
-            entry[0].cancel()  # the scheduler drops it if still queued
-            self._reply({"id": request_id, "err": ["DEADLINE_EXCEEDED", "Deadline Exceeded"]})
+        reply = self._inflight.pop(request_id, None)
+        if reply is not None:
+            if reply.request is not None:
+                self._frontend.core.cancel(reply.request)  # dropped if still queued
+            self._reply(messages.error_reply(request_id, "DEADLINE_EXCEEDED",
+                                             "Deadline Exceeded"))
 
-    def _answered(self, request_id: int, request: InferRequest,
-                  result: list[OutputTensor] | BaseException) -> None:
-        if request_id not in self._inflight:  # expired (answered then) or channel closed
-            return
-        entry = self._inflight.pop(request_id)
-        if entry is not None and entry[1] is not None:
-            entry[1].cancel()
-        if result is ANSWERED_DIRECTLY:
-            return
-        if not isinstance(result, BaseException):
-            self._reply({"id": request_id, "model_version": str(request.version),
-                         "out": [[o.name, o.datatype, o.shape, o.data] for o in result]})
-        elif isinstance(result, ServeError):
-            self._reply_error(request_id, result)
-        else:
-            log.error("local infer failed: %r", result)
-            self._reply({"id": request_id, "err": ["INTERNAL",
-                                                   f"{type(result).__name__}: {result}"]})
+    def settle(self, reply: _ChannelReply) -> bool:
+        """Forget an answered request; False if it was answered already (expired) or the
+        channel closed."""
+        if self._inflight.pop(reply.request_id, None) is None:
+            return False
+        if reply.timer is not None:
+            reply.timer.cancel()
+        return True
+
+    def answer(self, reply: _ChannelReply, outputs: list[OutputTensor]) -> None:
+        if self.settle(reply):
+            assert reply.request is not None
+            self._reply(messages.infer_reply(
+                reply.request_id, str(reply.request.version),
+                [[o.name, o.datatype, o.shape, o.data] for o in outputs]))
+
+    def answer_error(self, reply: _ChannelReply, error: ServeError) -> None:
+        if self.settle(reply):
+            self._reply_error(reply.request_id, error)
 
     def _reply_error(self, request_id: int, error: ServeError) -> None:
-        self._reply({"id": request_id, "err": [error.code.name, error.message.replace(
-            self._region_prefix, "")]})
+        self._reply(messages.error_reply(request_id, error.code.name,
+                                         error.message.replace(self._region_prefix, "")))
 
     # --- responses ----------------------------------------------------------------------
     def _reply(self, message: dict[str, Any]) -> None:
@@ -313,9 +307,10 @@ class LocalChannel(asyncio.Protocol):
             except RingFull:
                 self._pending.append(data)
             except MessageTooLarge as exc:
-                self._responses.put(msgpack.packb({"id": message["id"], "err": [
-                    "RESOURCE_EXHAUSTED", f"response too large for the local channel ({exc}); "
-                                          f"request the outputs into a shared-memory region"]}))
+                self._responses.put(msgpack.packb(messages.error_reply(
+                    message["id"], "RESOURCE_EXHAUSTED",
+                    f"response too large for the local channel ({exc}); request the outputs "
+                    f"into a shared-memory region")))
         if self._pending:
             self._on_stall()
         self._ring()
@@ -363,7 +358,7 @@ class LocalChannel(asyncio.Protocol):
     def _ring_now(self) -> None:
         self._ring_scheduled = False
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"\x01")
+            self._transport.write(messages.DOORBELL)
 
     # --- teardown -----------------------------------------------------------------------
     def close(self) -> None:
@@ -384,13 +379,12 @@ class LocalChannel(asyncio.Protocol):
         if self._retry is not None:
             self._retry.cancel()
         inflight, self._inflight = self._inflight, {}
-        for entry in inflight.values():
-            if entry is not None:
-                future, timer = entry
-                future.cancel()
-                if timer is not None:
-                    timer.cancel()
-        self._frontend.service.registry.unregister("system", "", self.owner)
+        for reply in inflight.values():
+            if reply.timer is not None:
+                reply.timer.cancel()
+            if reply.request is not None:
+                self._frontend.core.cancel(reply.request)
+        self._frontend.core.registry.unregister("system", "", self.owner)
         for worker in self._direct:
             worker.detach_channel(self.channel_id)
         self._direct.clear()
@@ -404,14 +398,40 @@ class LocalChannel(asyncio.Protocol):
         log.info("local channel %d (pid %d) closed", self.channel_id, self.peer_pid)
 
 
+class _ChannelReply(Reply):
+    """A local-channel request's reply: answered into the channel's response ring, or by the
+    worker itself through a direct ring."""
+
+    __slots__ = ("channel", "request_id", "timer")
+    direct = True
+
+    def __init__(self, channel: LocalChannel, request_id: int) -> None:
+        self.request = None
+        self.channel = channel
+        self.request_id = request_id
+        self.timer: asyncio.TimerHandle | None = None  # the client's deadline
+
+    def send(self, response: list[OutputTensor], final: bool) -> None:
+        self.channel.answer(self, response)
+
+    def fail(self, error: ServeError) -> None:
+        self.channel.answer_error(self, error)
+
+    def direct_tag(self, worker: DirectTarget) -> list[int] | None:
+        return self.channel.direct_tag(worker, self.request_id)
+
+    def answered_directly(self) -> None:
+        self.channel.settle(self)
+
+
 class LocalFrontend:
     """Accepts local clients on a Unix socket and gives each a pair of rings."""
 
-    def __init__(self, service: InferenceService, path: str, grpc_address: str,
+    def __init__(self, core: Core, path: str, grpc_address: str,
                  ring_bytes: int = DEFAULT_RING_BYTES, stall_secs: float = STALLED_CLIENT_SECS,
                  direct_rings: int = DIRECT_RINGS,
                  direct_ring_bytes: int = DIRECT_RING_BYTES) -> None:
-        self.service = service
+        self.core = core
         self.path = path
         self._grpc_address = grpc_address
         self._ring_bytes = ring_bytes
@@ -464,13 +484,12 @@ class LocalFrontend:
             for base in rings.direct_bases:
                 Ring.initialize(memory, base, ring_capacity(self._direct_bytes))
             channel_id = next(_channel_ids)
-            hello = msgpack.packb({"v": PROTOCOL_VERSION, "channel": channel_id,
-                                   "ring_bytes": self._ring_bytes, "size": rings.total,
-                                   "direct": [self._direct_rings, self._direct_bytes],
-                                   "grpc": self._grpc_address})
+            hello = msgpack.packb(messages.server_hello(
+                channel_id, self._ring_bytes, rings.total, self._direct_rings,
+                self._direct_bytes, self._grpc_address))
             connection.setblocking(True)
             connection.settimeout(5.0)
-            connection.sendmsg([_HANDSHAKE_LENGTH.pack(len(hello)) + hello],
+            connection.sendmsg([messages.HANDSHAKE_LENGTH.pack(len(hello)) + hello],
                                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
         except BaseException:
             os.close(fd)

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from shmserve.daemon.core import Core
 from shmserve.daemon.errors import (
     SERVER_EXITING,
     ServeError,
@@ -19,7 +20,6 @@ from shmserve.daemon.errors import (
     unimplemented,
     unknown_model,
 )
-from shmserve.daemon.frontend.infer import build_request, config_datatype
 from shmserve.daemon.frontend.infer_grpc import parse_request, response_parts
 from shmserve.daemon.frontend.wire import (
     WireError,
@@ -27,10 +27,11 @@ from shmserve.daemon.frontend.wire import (
     serialize_infer_response,
     serialize_stream_response,
 )
-from shmserve.daemon.models import UNAVAILABLE, ModelManager, ModelVersion
+from shmserve.daemon.infer_request import config_datatype
+from shmserve.daemon.models import UNAVAILABLE
+from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
-from shmserve.daemon.shm_registry import ShmRegistry
 from shmserve.protos import shmserve_health_pb2 as health_pb
 from shmserve.protos import shmserve_service_pb2 as pb
 
@@ -83,17 +84,22 @@ RPCS: dict[str, tuple[Any, Any, bool, str]] = {
 }
 
 
-class ServerState:
-    """What the RPCs share with the supervisor."""
+class _FutureReply(Reply):
+    """A unary RPC's reply: the one response (or the error) completes the awaited future."""
 
-    def __init__(self, settings: Settings, models: ModelManager, registry: ShmRegistry) -> None:
-        self.settings = settings
-        self.models = models
-        self.registry = registry
-        self.exiting = False
-        self.inflight = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[list[OutputTensor]]) -> None:
+        self.request = None
+        self.future = future
+
+    def send(self, response: list[OutputTensor], final: bool) -> None:
+        if not self.future.done():  # done: the caller gave up meanwhile
+            self.future.set_result(response)
+
+    def fail(self, error: ServeError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
 
 
 def _client_id(context: grpc.aio.ServicerContext) -> str:
@@ -105,10 +111,12 @@ def _client_id(context: grpc.aio.ServicerContext) -> str:
 
 
 class InferenceService:
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
-        self.models = state.models
-        self.registry = state.registry
+    """The gRPC door: holds the core, nothing of another door."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.models = core.models
+        self.registry = core.registry
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- health -------------------------------------------------------------------------
@@ -120,7 +128,7 @@ class InferenceService:
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
         self._check_exiting()
-        ready = self.models.all_ready() if self.state.settings.strict_readiness else True
+        ready = self.models.all_ready() if self.core.settings.strict_readiness else True
         return pb.ServerReadyResponse(ready=ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
@@ -129,7 +137,7 @@ class InferenceService:
         return pb.ModelReadyResponse(ready=self.models.is_ready(request.name, request.version))
 
     def _check_exiting(self) -> None:
-        if self.state.exiting:
+        if self.core.exiting:
             raise unavailable(SERVER_EXITING)
 
     # --- metadata -----------------------------------------------------------------------
@@ -173,57 +181,22 @@ class InferenceService:
     async def infer_outputs(self, request: pb.ModelInferRequest,
                             raw: list[memoryview] | None = None
                             ) -> tuple[InferRequest, list[OutputTensor]]:
-        """gRPC inference: validate, schedule, wait. Raises ServeError."""
-        def build(model: ModelVersion, loop: asyncio.AbstractEventLoop) -> InferRequest:
-            parsed = parse_request(request, raw)
-            return build_request(model, self.registry, parsed.inputs, parsed.outputs,
-                                 parsed.parameters, request.id, "", loop, parsed.late_fault)
-
-        internal = self.submit(request.model_name, request.model_version, build)
-        try:
-            outputs = await internal.future
-        except asyncio.CancelledError:
-            # The caller gave up (deadline, cancel): a queued request is dropped; one
-            # already executing keeps its regions pinned until the worker is done.
-            internal.future.cancel()
-            raise
-        return internal, outputs
-
-    def submit(self, model_name: str, version: str,
-               build: Callable[[ModelVersion, asyncio.AbstractEventLoop], InferRequest]
-               ) -> InferRequest:
-        """Every frontend's way in: resolve the model, ``build`` (validate) the request and
-        queue it; its future completes with the outputs or a ServeError. Raises ServeError."""
-        state = self.state
-        if state.exiting:
-            raise unavailable(SERVER_EXITING)
-        model = self.models.resolve(model_name, version)
-        if model.config.model_transaction_policy.decoupled:
-            raise unimplemented(f"ModelInfer RPC doesn't support models with decoupled "
-                                f"transaction policy; use ModelStreamInfer for model "
-                                f"'{model.name}'")
+        """gRPC inference: hand the request to the core, wait for its reply. Raises
+        ServeError."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        internal = build(model, loop)
-        state.inflight += 1
-        state.idle.clear()
-        internal.on_finished = self._finished
+        reply = _FutureReply(loop.create_future())
+        internal = self.core.submit(request.model_name, request.model_version,
+                                    lambda: parse_request(request, raw), reply)
         try:
-            model.scheduler.submit(internal)
-        except BaseException:
-            internal.finished()
+            outputs = await reply.future
+        except asyncio.CancelledError:
+            # The caller gave up (deadline, cancel): a queued request is dropped; one
+            # already executing keeps its regions pinned until the worker is done.
+            self.core.cancel(internal)
             raise
-        return internal
-
-    def _finished(self, request: InferRequest) -> None:
-        """Once per submitted request, when the scheduler is done with it."""
-        for region in request.regions:
-            self.registry.release(region)
-        state = self.state
-        state.inflight -= 1
-        if state.inflight == 0:
-            state.idle.set()
+        return internal, outputs
 
     async def ModelStreamInfer(self, requests: AsyncIterator[bytes],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -333,7 +306,7 @@ class InferenceService:
         return pb.RepositoryModelUnloadResponse()
 
     def _check_explicit(self) -> None:
-        mode = self.state.settings.model_control_mode
+        mode = self.core.settings.model_control_mode
         if mode == "poll":
             raise unavailable("explicit model load / unload is not allowed if polling is "
                               "enabled")
@@ -396,7 +369,7 @@ class InferenceService:
 
     async def LogSettings(self, request: pb.LogSettingsRequest,
                           context: grpc.aio.ServicerContext) -> pb.LogSettingsResponse:
-        settings = self.state.settings
+        settings = self.core.settings
         for key, value in request.settings.items():
             choice = value.WhichOneof("parameter_choice")
             if key == "log_verbose_level" and choice == "uint32_param":
@@ -511,7 +484,7 @@ def _serializer(message_type: Any) -> Callable[[Any], bytes] | None:
 
 
 def generic_handlers(service: InferenceService) -> list[grpc.GenericRpcHandler]:
-    settings = service.state.settings
+    settings = service.core.settings
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for name, (request_type, response_type, streaming, group) in RPCS.items():
         check = _restriction_check(settings, group)
@@ -524,7 +497,7 @@ def generic_handlers(service: InferenceService) -> list[grpc.GenericRpcHandler]:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
                 _unary(method, check), request_deserializer=_deserializer(request_type),
                 response_serializer=_serializer(response_type))
-    health = _unary(_health_check(service.state), _restriction_check(settings, "health"))
+    health = _unary(_health_check(service.core), _restriction_check(settings, "health"))
     return [
         grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),
         grpc.method_handlers_generic_handler(HEALTH_SERVICE_NAME, {
@@ -535,15 +508,15 @@ def generic_handlers(service: InferenceService) -> list[grpc.GenericRpcHandler]:
     ]
 
 
-def _health_check(state: ServerState) -> Handler:
+def _health_check(core: Core) -> Handler:
     async def check(request: health_pb.HealthCheckRequest,
                     context: grpc.aio.ServicerContext) -> health_pb.HealthCheckResponse:
         status = health_pb.HealthCheckResponse
         if request.service not in ("", SERVICE_NAME, "inference"):
             raise ServeError(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
-        serving = not state.exiting
+        serving = not core.exiting
         with contextlib.suppress(Exception):
-            serving = serving and state.models.all_ready()
+            serving = serving and core.models.all_ready()
         return status(status=status.SERVING if serving else status.NOT_SERVING)
 
     return check

@@ -1,21 +1,21 @@
-"""Validating an inference request against its model's config, whichever frontend parsed it.
+"""Validating an inference request against its model's config, whichever door parsed it.
 
-A frontend turns its wire format into ``TensorIn``/``OutputIn`` items (gRPC: infer_grpc.py,
-the local channel: local.py) and ``build_request`` checks them, in Triton's order and with
-Triton's texts, into the ``InferRequest`` the scheduler runs. What a frontend finds wrong
-while parsing (malformed shared-memory parameters, missing raw contents) travels as a
+A door turns its wire format into ``RequestItems`` (gRPC: frontend/infer_grpc.py, the local
+channel: frontend/local.py) and the core's ``build_request`` checks them, in Triton's order
+and with Triton's texts, into the ``InferRequest`` the scheduler runs. What a door finds
+wrong while parsing (malformed shared-memory parameters, missing raw contents) travels as a
 ``fault`` and is raised where Triton would report it, so error precedence does not depend on
 the transport.
 """
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 from shmserve.daemon.errors import ServeError, invalid_argument
 from shmserve.daemon.models import ModelVersion
+from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, InputTensor, RequestedOutput
 from shmserve.daemon.shm_registry import Region, ShmRegistry
 from shmserve.protos import shmserve_model_config_pb2 as mc
@@ -49,6 +49,18 @@ class OutputIn:
     name: str
     shm: ShmRef | None = None
     fault: ServeError | None = None         # raised once the name is known to be valid
+
+
+@dataclass(slots=True)
+class RequestItems:
+    """A request as a door parsed it, before validation."""
+
+    inputs: list[TensorIn]
+    outputs: list[OutputIn]
+    parameters: dict[str, Any]
+    request_id: str
+    owner: str                              # whose regions it may use ("" = anonymous)
+    late_fault: ServeError | None = None    # raised after the inputs were checked
 
 
 @dataclass(slots=True, frozen=True)
@@ -96,29 +108,29 @@ def _make_plan(name: str, config: mc.ModelConfig) -> ModelPlan:
                      frozenset(tensor.name for tensor in config.output))
 
 
-def build_request(model: ModelVersion, registry: ShmRegistry, inputs: list[TensorIn],
-                  outputs: list[OutputIn], parameters: dict[str, Any], request_id: str,
-                  owner: str, loop: asyncio.AbstractEventLoop,
-                  late_fault: ServeError | None = None) -> InferRequest:
+def build_request(model: ModelVersion, registry: ShmRegistry, items: RequestItems,
+                  reply: Reply) -> InferRequest:
     """Validate a request against the model's config; pins the regions it references.
 
-    ``late_fault`` is raised after the inputs were checked and before the outputs are.
+    ``items.late_fault`` is raised after the inputs were checked and before the outputs are.
     """
     regions: list[Region] = []
+    owner = items.owner
     try:
         plan = model_plan(model)
-        tensors, batch_size = _inputs(plan, registry, inputs, regions, owner)
-        if late_fault is not None:
-            raise late_fault
-        requested = _outputs(plan, registry, outputs, regions, owner)
+        tensors, batch_size = _inputs(plan, registry, items.inputs, regions, owner)
+        if items.late_fault is not None:
+            raise items.late_fault
+        requested = _outputs(plan, registry, items.outputs, regions, owner)
     except BaseException:
         for region in regions:
             registry.release(region)
         raise
+    parameters = items.parameters
     sequence_id = parameters.get("sequence_id", 0)
     correlation = sequence_id if isinstance(sequence_id, int | str) else 0
-    return InferRequest(plan.name, model.version, request_id, tensors, requested, batch_size,
-                        loop.create_future(), parameters, correlation, 0, regions)
+    return InferRequest(plan.name, model.version, items.request_id, tensors, requested,
+                        batch_size, reply, parameters, correlation, 0, regions)
 
 
 def _inputs(plan: ModelPlan, registry: ShmRegistry, inputs: list[TensorIn],

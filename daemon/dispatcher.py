@@ -1,0 +1,343 @@
+"""Dispatch: a model version's instances, their lanes, staging, in-flight frames, restarts.
+
+An instance executes one batch at a time; up to ``pipeline_depth`` batches are sent to it
+ahead, so the next one is already in the worker's socket when the current one ends. Each
+batch in flight holds a *lane*: its own input arena here and output arena in the worker.
+Payload inputs above the inline limit are written once into the lane's input arena; the rest
+travels as a reference. Outputs come back inline, in the worker's output arena (copied once
+here), or already written into the client's region; a local-channel request's answer may
+have gone to its client from the worker already (``Reply.direct_tag``).
+
+Workers come from a factory (``WorkerProcess`` in the server; a fake in tests), and results
+go back to the ``DispatchOwner`` (the model's Scheduler), which answers the requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from shmserve.daemon.errors import ServeError, unavailable
+from shmserve.daemon.model_config import InstancePlan
+from shmserve.daemon.reply import DirectTarget
+from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.daemon.settings import Settings
+from shmserve.daemon.shm_registry import Region
+from shmserve.workers.protocol import (
+    ARENA,
+    CUDA,
+    INLINE,
+    INLINE_LIMIT,
+    RESULT_ANSWERED,
+    RESULT_OK,
+    SYSTEM,
+    Done,
+    TensorRef,
+    WorkerSpec,
+    packed_exec_request,
+    packed_inline,
+)
+from shmserve.workers.shm import Arena, ReaderMapping
+
+log = logging.getLogger("shmserve.scheduler")
+_slot_ids = itertools.count(1)
+_STABLE_SECS = 30.0
+
+DoneCallback = Callable[["Done | BaseException"], None]
+
+
+class WorkerHandle(DirectTarget, Protocol):
+    """What the dispatcher needs of a worker process (daemon/worker_process.py)."""
+
+    pid: int | None
+
+    @property
+    def became_ready(self) -> bool: ...
+
+    async def start(self, heartbeat_secs: float, hang_secs: float) -> None: ...
+
+    async def stop(self, timeout: float) -> None: ...
+
+    def execute(self, requests: list[list[Any]], lane: int, each: bool,
+                on_done: DoneCallback) -> int: ...
+
+    def withdraw(self, batch_id: int, index: int) -> None: ...
+
+    def release_regions(self, region_ids: list[int]) -> None: ...
+
+
+# (spec, label, on_exit(worker, reason)) -> a worker not started yet
+WorkerFactory = Callable[[WorkerSpec, str, Callable[[Any, str], None]], WorkerHandle]
+
+
+class DispatchOwner(Protocol):
+    """Where the dispatcher reports (the model's Scheduler)."""
+
+    def finish(self, request: InferRequest,
+               result: list[OutputTensor] | BaseException | None) -> None: ...
+
+    def executed(self, batch_size: int, requests: int, timings: list[int]) -> None: ...
+
+    def dispatch(self) -> None: ...
+
+    def no_live_instance(self, error: ServeError) -> None: ...
+
+
+def _align(nbytes: int) -> int:
+    return (nbytes + 63) // 64 * 64
+
+
+def _region_location(region: Region) -> tuple[str, list[Any]]:
+    """(where, location) of a client region in a TensorRef.
+
+    CUDA regions travel as [id, raw 64-byte handle, device id]: the worker opens the handle.
+    """
+    if region.kind == "cuda":
+        return CUDA, [region.region_id, region.raw_handle, region.device_id]
+    return SYSTEM, [region.region_id, region.key]
+
+
+class InstanceSlot:
+    """One model instance: its current worker process and the arenas it shares with it."""
+
+    def __init__(self, plan: InstancePlan, supervisor_pid: int, lanes: int) -> None:
+        self.plan = plan
+        self.uid = next(_slot_ids)
+        self.worker: WorkerHandle | None = None
+        self.lanes = lanes
+        self.free_lanes = list(range(lanes))
+        self.generation = 0
+        self.failures = 0
+        self.started_at = 0.0
+        self.input_arenas = [Arena(supervisor_pid, f"w{self.uid}i{lane}")
+                             for lane in range(lanes)]
+        self.output_reader = ReaderMapping(capacity=2 * lanes)
+
+    @property
+    def inflight(self) -> int:
+        """Frames sent and not answered yet."""
+        return self.lanes - len(self.free_lanes)
+
+    @property
+    def alive(self) -> bool:
+        return self.worker is not None and self.worker.alive
+
+    def close(self) -> None:
+        for arena in self.input_arenas:
+            arena.close()
+        self.output_reader.close()
+
+
+class Dispatcher:
+    def __init__(self, model: str, plans: list[InstancePlan],
+                 make_spec: Callable[[InstancePlan, str, int], WorkerSpec],
+                 settings: Settings, supervisor_pid: int, worker_factory: WorkerFactory,
+                 owner: DispatchOwner) -> None:
+        self.model = model
+        self._make_spec = make_spec
+        self._settings = settings
+        self._new_worker = worker_factory
+        self._owner = owner
+        depth = max(1, settings.pipeline_depth)
+        self.slots = [InstanceSlot(plan, supervisor_pid, depth) for plan in plans]
+        self.closing = False
+        self._restarts: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start every instance; the first failure stops the others and is raised."""
+        results = await asyncio.gather(*(self._start_slot(slot) for slot in self.slots),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.stop(timeout=5.0)
+            error = errors[0]
+            raise error if isinstance(error, ServeError) else unavailable(str(error))
+
+    async def _start_slot(self, slot: InstanceSlot) -> None:
+        slot.generation += 1
+        owner = f"w{slot.uid}g{slot.generation}"
+        spec = self._make_spec(slot.plan, owner, slot.lanes)
+        worker = self._new_worker(spec, slot.plan.name,
+                                  lambda w, reason: self._on_worker_exit(slot, w, reason))
+        slot.worker = worker
+        slot.output_reader.close()
+        await worker.start(self._settings.worker_heartbeat_secs, self._settings.worker_hang_secs)
+        slot.started_at = time.monotonic()
+        slot.free_lanes = list(range(slot.lanes))
+
+    async def stop(self, timeout: float) -> None:
+        self.closing = True
+        for task in list(self._restarts):
+            task.cancel()
+        await asyncio.gather(*(slot.worker.stop(timeout) for slot in self.slots
+                               if slot.worker is not None), return_exceptions=True)
+        for slot in self.slots:
+            slot.close()
+
+    @property
+    def ready(self) -> bool:
+        return not self.closing and all(slot.alive for slot in self.slots)
+
+    @property
+    def busy(self) -> bool:
+        """Some frame is in flight."""
+        return any(slot.inflight for slot in self.slots)
+
+    def release_regions(self, region_ids: list[int]) -> None:
+        for slot in self.slots:
+            if slot.worker is not None:
+                slot.worker.release_regions(region_ids)
+
+    # --- sending ------------------------------------------------------------------------
+    def least_loaded(self) -> InstanceSlot | None:
+        """The live instance with the most free lanes, if it has one."""
+        best: InstanceSlot | None = None
+        for slot in self.slots:
+            if slot.free_lanes and (best is None or len(slot.free_lanes) > len(best.free_lanes))\
+                    and slot.alive:
+                best = slot
+                if len(slot.free_lanes) == slot.lanes:
+                    break
+        return best
+
+    def free_instances(self) -> int:
+        return sum(1 for slot in self.slots if slot.free_lanes and slot.alive)
+
+    @staticmethod
+    def withdraw(request: InferRequest) -> None:
+        """A request sent ahead whose caller gave up: the worker skips it if not started."""
+        if request.sent is not None:
+            worker, batch_id, index = request.sent
+            worker.withdraw(batch_id, index)
+
+    def send(self, slot: InstanceSlot, batch: list[InferRequest], each: bool) -> None:
+        """Stage ``batch`` into a free lane of ``slot`` and send it as one frame."""
+        worker = slot.worker
+        assert worker is not None
+        lane = slot.free_lanes.pop()
+        try:
+            frames = self._frames(slot.input_arenas[lane], batch, worker)
+        except Exception as exc:  # e.g. /dev/shm full while growing the arena
+            slot.free_lanes.append(lane)
+            error = exc if isinstance(exc, ServeError) else unavailable(
+                f"failed to stage inputs in shared memory: {exc}")
+            for request in batch:
+                self._owner.finish(request, error)
+            self._owner.dispatch()
+            return
+        batch_id = worker.execute(
+            frames, lane, each, lambda result: self._on_done(slot, worker, lane, batch, result))
+        for index, request in enumerate(batch):
+            request.sent = (worker, batch_id, index)
+
+    def _frames(self, arena: Arena, batch: list[InferRequest], worker: WorkerHandle
+                ) -> list[list[Any]]:
+        staged = sum(_align(len(t.data)) for r in batch for t in r.inputs
+                     if t.data is not None and len(t.data) > INLINE_LIMIT)
+        segment = arena.ensure(staged) if staged else None
+        offset = 0
+        frames = []
+        for request in batch:
+            refs = []
+            for tensor in request.inputs:
+                if tensor.region is not None:
+                    region = tensor.region
+                    refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape,
+                                          *_region_location(region),
+                                          region.offset + tensor.offset, tensor.nbytes).pack())
+                elif tensor.data is not None and len(tensor.data) > INLINE_LIMIT:
+                    assert segment is not None
+                    size = len(tensor.data)
+                    segment.buf[offset:offset + size] = tensor.data
+                    refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape, ARENA,
+                                          segment.key, offset, size).pack())
+                    offset += _align(size)
+                else:
+                    refs.append(packed_inline(tensor.name, tensor.datatype, tensor.shape,
+                                              bytes(tensor.data or b"")))
+            outputs: list[list[Any]] = []
+            for output in request.outputs:
+                destination = None
+                if output.region is not None:
+                    region = output.region
+                    destination = TensorRef(output.name, "", [], *_region_location(region),
+                                            region.offset + output.offset,
+                                            output.byte_size).pack()
+                outputs.append([output.name, destination])
+            reply = request.reply
+            tag = reply.direct_tag(worker) if reply.direct else None
+            frames.append(packed_exec_request(request.request_id, refs, outputs,
+                                              request.parameters, request.correlation_id, tag))
+        return frames
+
+    # --- answers ------------------------------------------------------------------------
+    def _on_done(self, slot: InstanceSlot, worker: WorkerHandle, lane: int,
+                 batch: list[InferRequest], result: Done | BaseException) -> None:
+        finish = self._owner.finish
+        if isinstance(result, BaseException):
+            for request in batch:
+                finish(request, result)
+        else:
+            for request, answer in zip(batch, result.results, strict=True):
+                kind = answer[0]
+                if kind == RESULT_OK:
+                    try:
+                        outputs = [self._read_output(slot, raw) for raw in answer[1]]
+                    except OSError as exc:
+                        finish(request, unavailable(f"failed to read outputs: {exc}"))
+                        continue
+                    finish(request, outputs)
+                elif kind == RESULT_ANSWERED:
+                    finish(request, None)
+                else:  # RESULT_ERROR
+                    finish(request, ServeError.from_tuple((answer[1], answer[2])))
+            for indices, *timings in result.executions:
+                self._owner.executed(sum(batch[i].batch_size for i in indices), len(indices),
+                                     timings)
+        if slot.worker is worker:  # not a replaced worker's late answer
+            slot.free_lanes.append(lane)  # only now: its outputs were read above
+        self._owner.dispatch()
+
+    def _read_output(self, slot: InstanceSlot, raw: list[Any]) -> OutputTensor:
+        if raw[3] == INLINE:  # the common small case, read off the packed TensorRef
+            return OutputTensor(raw[0], raw[1], raw[2], raw[4])
+        ref = TensorRef.unpack(raw)
+        if ref.where == ARENA:
+            segment = slot.output_reader.view(ref.location)
+            return OutputTensor(ref.name, ref.datatype, ref.shape,
+                                bytes(segment.buf[ref.offset:ref.offset + ref.nbytes]))
+        return OutputTensor(ref.name, ref.datatype, ref.shape, None)
+
+    # --- worker death -------------------------------------------------------------------
+    def _on_worker_exit(self, slot: InstanceSlot, worker: WorkerHandle, reason: str) -> None:
+        if slot.worker is not worker or self.closing or not worker.became_ready:
+            return
+        slot.free_lanes = list(range(slot.lanes))
+        lived = time.monotonic() - slot.started_at
+        slot.failures = 0 if lived > _STABLE_SECS else slot.failures + 1
+        task = asyncio.get_running_loop().create_task(self._restart(slot))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, slot: InstanceSlot) -> None:
+        while not self.closing:
+            delay = min(0.05 * (2 ** slot.failures), 10.0) if slot.failures else 0.0
+            await asyncio.sleep(delay)
+            try:
+                await self._start_slot(slot)
+            except ServeError as exc:
+                slot.failures += 1
+                log.error("restart of %s failed: %s", slot.plan.name, exc.message)
+                if not any(s.alive for s in self.slots):
+                    self._owner.no_live_instance(unavailable(
+                        f"model '{self.model}' has no live instance: {exc.message}"))
+                continue
+            log.info("instance %s restarted (pid %s)", slot.plan.name, slot.worker and
+                     slot.worker.pid)
+            self._owner.dispatch()
+            return

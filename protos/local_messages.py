@@ -1,0 +1,82 @@
+"""The local channel's messages: what client, daemon and workers put into its rings.
+
+Every message is a msgpack map (packed with ``use_bin_type=True``) in a ring of
+``local_ring.py``; after publishing, the producer sends ``DOORBELL`` on the channel's Unix
+socket.
+
+Handshake (on the socket, once): the server sends ``HANDSHAKE_LENGTH`` (u32, little endian)
+and a ``server_hello`` map, with the channel's memfd as SCM_RIGHTS::
+
+    {"v": PROTOCOL_VERSION, "channel": id, "ring_bytes": n, "size": memfd bytes,
+     "direct": [direct rings, bytes per direct ring], "grpc": "host:port"}
+
+Requests (client -> server, request ring); every one carries ``"id"`` (the client's number,
+echoed in the reply) and ``"op"``:
+
+    infer       "model", "version", "rid" (request id), "in", "out", "p" (parameters),
+                "t" (deadline in seconds, optional)
+                "in":  [name, datatype, shape, INPUT_REGION, region, offset, byte size]
+                       or [name, datatype, shape, INPUT_BYTES, bytes]
+                "out": [name] or [name, region, offset, byte size]
+    register    "name", "key", "offset", "byte_size"      (a system region, channel scope)
+    unregister  "name" ("" = all of the channel's)
+    status      "name" ("" = all)
+    ping
+    hello       "direct": True -- the client reads the direct rings (``client_hello``)
+
+Replies (server or worker -> client, response ring or a direct ring):
+
+    infer       {"id", "model_version", "out": [[name, datatype, shape, bytes or None]]}
+                (None: the output was written into the requested region)
+    status      {"id", "regions": [[name, key, offset, byte size], ...]}
+    others      {"id"}
+    refused     {"id", "err": [grpc status code name, message]}  (``error_reply``)
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+PROTOCOL_VERSION = 2
+HANDSHAKE_LENGTH = struct.Struct("<I")
+DOORBELL = b"\x01"
+
+OP_INFER = "infer"
+OP_REGISTER = "register"
+OP_UNREGISTER = "unregister"
+OP_STATUS = "status"
+OP_PING = "ping"
+OP_HELLO = "hello"
+
+INPUT_REGION = "r"   # the input's bytes lie in a registered region
+INPUT_BYTES = "b"    # the bytes travel in the message (the server reads any marker but "r" so)
+
+
+def server_hello(channel: int, ring_bytes: int, size: int, direct_rings: int,
+                 direct_bytes: int, grpc_address: str) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "channel": channel, "ring_bytes": ring_bytes, "size": size,
+            "direct": [direct_rings, direct_bytes], "grpc": grpc_address}
+
+
+def client_hello() -> dict[str, Any]:
+    """The client's first message: it reads the direct rings (workers may answer into them)."""
+    return {"op": OP_HELLO, "id": 0, "direct": True}
+
+
+def infer_reply(request_id: int, model_version: str, outputs: list[list[Any]]
+                ) -> dict[str, Any]:
+    """``outputs``: [name, datatype, shape, bytes or None] each."""
+    return {"id": request_id, "model_version": model_version, "out": outputs}
+
+
+def error_reply(request_id: int, code: str, message: str) -> dict[str, Any]:
+    return {"id": request_id, "err": [code, message]}
+
+
+def status_reply(request_id: int, regions: list[list[Any]]) -> dict[str, Any]:
+    return {"id": request_id, "regions": regions}
+
+
+def ok_reply(request_id: int) -> dict[str, Any]:
+    return {"id": request_id}
