@@ -76,6 +76,9 @@ class FakeWorker:
     def withdraw(self, batch_id: int, index: int) -> None:
         self.withdrawn.append((batch_id, index))
 
+    def trim_arenas(self) -> None:
+        pass
+
     def release_regions(self, region_ids: list[int]) -> None:
         pass
 

@@ -59,6 +59,7 @@ PING = 4
 STOP = 5
 ATTACH = 6
 DETACH = 7
+TRIM = 8     # the instance is idle: give back the memory grown arenas hold
 READY = 10
 INIT_FAILED = 11
 DONE = 12
@@ -278,6 +279,7 @@ class Done:
 PING_FRAME: list[Any] = [PING]
 STOP_FRAME: list[Any] = [STOP]
 PONG_FRAME: list[Any] = [PONG]
+TRIM_FRAME: list[Any] = [TRIM]
 
 
 # --- the worker's spec --------------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Any
 import msgpack
 
 from shmserve.daemon.core import Core
-from shmserve.daemon.errors import ServeError, invalid_argument
+from shmserve.daemon.errors import ServeError, invalid_argument, resource_exhausted
 from shmserve.daemon.infer_request import OutputIn, RequestItems, TensorIn
 from shmserve.daemon.reply import DirectTarget, Reply
 from shmserve.daemon.request import OutputTensor
@@ -231,6 +231,7 @@ class LocalChannel(asyncio.Protocol):
                ) -> tuple[list[TensorIn], list[OutputIn], dict[str, Any]]:
         prefix = self._region_prefix
         inputs: list[TensorIn] = []
+        payload = 0
         for entry in message["in"]:
             name, datatype, shape = entry[0], entry[1], entry[2]
             if type(name) is not str or type(datatype) is not str or type(shape) is not list \
@@ -243,7 +244,12 @@ class LocalChannel(asyncio.Protocol):
                 data = entry[4]
                 if type(data) is not bytes:
                     raise TypeError(f"input {name!r}: tensor data must be bytes")
+                payload += len(data)
                 inputs.append(TensorIn(name, datatype, shape, data))
+        limit = self._frontend.core.settings.max_request_bytes
+        if payload > limit:
+            raise resource_exhausted(f"request tensor data of {payload} bytes is larger than "
+                                     f"--max-request-bytes ({limit})")
         outputs: list[OutputIn] = []
         for entry in message.get("out") or ():
             name = entry[0]
