@@ -177,7 +177,11 @@ class InferenceService:
         until the response is sent, this way they are freed once staged into the arena.
         """
         internal, reply = self._submit(await context.read())
-        outputs = await self._outcome(internal, reply)
+        try:
+            outputs = await reply.future
+        except asyncio.CancelledError:
+            self.core.cancel(internal)  # as in _outcome, without a coroutine more per request
+            raise
         response, raw = response_parts(internal, outputs)
         message = serialize_infer_response(response, raw)
         del raw
