@@ -35,6 +35,7 @@ from shmserve.tests.serverproc import (
     build_repository,
     worker_pids,
 )
+from shmserve.workers.shm import ARENA_INITIAL_BYTES, Arena
 
 MIB = 1 << 20
 CHANNEL_ARGS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
@@ -199,3 +200,25 @@ def test_max_request_bytes_over_the_local_channel(tmp_path: Path) -> None:
             assert info.value.message == (f"request tensor data of {2 * MIB} bytes is larger "
                                           f"than --max-request-bytes ({MIB})")
             assert client.transport == "shm"
+
+
+def test_segment_file_io_matches_the_mapping() -> None:
+    """Large tensors go through pwrite/pread, small ones through the mapping: same bytes."""
+    arena = Arena(os.getpid(), "memtest")
+    try:
+        segment = arena.ensure(4 * MIB)
+        large = np.random.default_rng(1).integers(0, 255, 2 * MIB, dtype=np.uint8)
+        segment.write(64, memoryview(large))
+        assert bytes(segment.buf[64:64 + large.nbytes]) == large.tobytes()
+        assert segment.read(64, large.nbytes) == large.tobytes()
+        small = b"\x07" * 1000
+        segment.write(3 * MIB, small)
+        assert segment.read(3 * MIB, len(small)) == small
+        assert arena.grown
+        key = segment.key
+        assert arena.shrink() and arena.segment is None
+        assert not os.path.exists(f"/dev/shm{key}")
+        assert not arena.shrink()  # nothing grown any more
+        assert arena.ensure(100).size == ARENA_INITIAL_BYTES and not arena.grown
+    finally:
+        arena.close()

@@ -36,6 +36,7 @@ def arena_key(supervisor_pid: int, owner: str, generation: int) -> str:
 # descriptor instead of through the mapping: the pages then never enter this process's
 # resident set (only the segment holds them), and no page faults are taken.
 FILE_IO_BYTES = 1 << 20
+_MAX_READ = 0x7FFFF000  # Linux transfers at most this much in one read(); beyond, the mapping
 
 
 class Segment:
@@ -92,10 +93,10 @@ class Segment:
 
     def read(self, offset: int, size: int) -> bytes:
         """A copy of ``size`` bytes at ``offset``: large tensors through the file descriptor."""
-        if self.fd < 0 or size < FILE_IO_BYTES:
+        if self.fd < 0 or size < FILE_IO_BYTES or size > _MAX_READ:
             return bytes(self.buf[offset:offset + size])
         data = os.pread(self.fd, size, offset)
-        if len(data) != size:  # tmpfs reads whole ranges below 2 GiB; anything else is odd
+        if len(data) != size:  # tmpfs reads whole ranges up to _MAX_READ; anything else is odd
             raise OSError(f"short read of shared memory segment '{self.key}': "
                           f"{len(data)} of {size} bytes")
         return data
