@@ -97,6 +97,7 @@ class LocalChannel(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._region_prefix = _region_name(channel_id, "")
+        self._max_request_bytes = frontend.core.settings.max_request_bytes
         # Requests not answered yet, by the client's request id.
         self._inflight: dict[int, _ChannelReply] = {}
         self._pending: deque[bytes] = deque()
@@ -246,10 +247,9 @@ class LocalChannel(asyncio.Protocol):
                     raise TypeError(f"input {name!r}: tensor data must be bytes")
                 payload += len(data)
                 inputs.append(TensorIn(name, datatype, shape, data))
-        limit = self._frontend.core.settings.max_request_bytes
-        if payload > limit:
+        if payload > self._max_request_bytes:
             raise resource_exhausted(f"request tensor data of {payload} bytes is larger than "
-                                     f"--max-request-bytes ({limit})")
+                                     f"--max-request-bytes ({self._max_request_bytes})")
         outputs: list[OutputIn] = []
         for entry in message.get("out") or ():
             name = entry[0]
