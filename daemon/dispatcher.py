@@ -3,10 +3,13 @@
 An instance executes one batch at a time; up to ``pipeline_depth`` batches are sent to it
 ahead, so the next one is already in the worker's socket when the current one ends. Each
 batch in flight holds a *lane*: its own input arena here and output arena in the worker.
-Payload inputs above the inline limit are written once into the lane's input arena; the rest
-travels as a reference. Outputs come back inline, in the worker's output arena (copied once
-here), or already written into the client's region; a local-channel request's answer may
-have gone to its client from the worker already (``Reply.direct_tag``).
+Payload inputs above the inline limit are written once into the lane's input arena (and the
+request lets go of them); the rest travels as a reference. Outputs come back inline, in the
+worker's output arena (copied once here), or already written into the client's region; a
+local-channel request's answer may have gone to its client from the worker already
+(``Reply.direct_tag``). Large tensors cross the arenas with pwrite/pread, so their pages stay
+out of the supervisor's resident set; an instance idle for ``arena_idle_secs`` after a large
+request shrinks the arenas on both sides back to their initial size.
 
 Workers come from a factory (``WorkerProcess`` in the server; a fake in tests), and results
 go back to the ``DispatchOwner`` (the model's Scheduler), which answers the requests.
@@ -41,11 +44,12 @@ from shmserve.workers.protocol import (
     packed_exec_request,
     packed_inline,
 )
-from shmserve.workers.shm import Arena, ReaderMapping
+from shmserve.workers.shm import ARENA_INITIAL_BYTES, Arena, ReaderMapping, trim_heap
 
 log = logging.getLogger("shmserve.scheduler")
 _slot_ids = itertools.count(1)
 _STABLE_SECS = 30.0
+_TRIM_AFTER_STAGING = 64 << 20  # bytes staged in one frame
 
 DoneCallback = Callable[["Done | BaseException"], None]
 
@@ -70,6 +74,7 @@ class WorkerHandle(DirectTarget, Protocol):
     def release_regions(self, region_ids: list[int]) -> None: ...
 
     def share_region_fd(self, region_id: int, fd: int) -> bool: ...
+    def trim_arenas(self) -> None: ...
 
 
 # (spec, label, on_exit(worker, reason)) -> a worker not started yet
@@ -122,7 +127,10 @@ class InstanceSlot:
         self.started_at = 0.0
         self.input_arenas = [Arena(supervisor_pid, f"w{self.uid}i{lane}")
                              for lane in range(lanes)]
-        self.output_reader = ReaderMapping(capacity=2 * lanes)
+        self.output_reader = ReaderMapping(capacity=2 * lanes, keep_fd=True)
+        self.output_grown = False  # the worker's output arena grew past its initial size
+        self.frames_done = 0       # frames answered; unchanged over a period = idle
+        self.frames_seen = 0       # frames_done at the last idle check
 
     @property
     def inflight(self) -> int:
@@ -137,6 +145,23 @@ class InstanceSlot:
         for arena in self.input_arenas:
             arena.close()
         self.output_reader.close()
+
+    def trim_if_idle(self) -> bool:
+        """Shrink the grown arenas of an instance that answered nothing since the last check
+        and has nothing in flight. True if memory was given back."""
+        if self.inflight or self.frames_done != self.frames_seen:
+            self.frames_seen = self.frames_done
+            return False
+        trimmed = False
+        for arena in self.input_arenas:
+            trimmed = arena.shrink() or trimmed
+        if self.output_grown:
+            self.output_grown = False
+            self.output_reader.close()
+            trimmed = True
+        if trimmed and self.worker is not None and self.worker.alive:
+            self.worker.trim_arenas()  # it unmaps our input arenas, shrinks its output ones
+        return trimmed
 
 
 class Dispatcher:
@@ -153,6 +178,7 @@ class Dispatcher:
         self.slots = [InstanceSlot(plan, supervisor_pid, depth) for plan in plans]
         self.closing = False
         self._restarts: set[asyncio.Task[None]] = set()
+        self._trim_timer: asyncio.TimerHandle | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -164,6 +190,20 @@ class Dispatcher:
             await self.stop(timeout=5.0)
             error = errors[0]
             raise error if isinstance(error, ServeError) else unavailable(str(error))
+        self._schedule_trim()
+
+    def _schedule_trim(self) -> None:
+        period = self._settings.arena_idle_secs
+        if period > 0 and not self.closing:
+            self._trim_timer = asyncio.get_running_loop().call_later(period, self._trim_idle)
+
+    def _trim_idle(self) -> None:
+        """Every ``arena_idle_secs``: instances idle since the last check shrink their arenas;
+        the heap's free pages go back to the system after a large request."""
+        trimmed = [slot.trim_if_idle() for slot in self.slots]
+        if any(trimmed):
+            trim_heap()
+        self._schedule_trim()
 
     async def _start_slot(self, slot: InstanceSlot) -> None:
         slot.generation += 1
@@ -179,6 +219,8 @@ class Dispatcher:
 
     async def stop(self, timeout: float) -> None:
         self.closing = True
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
         for task in list(self._restarts):
             task.cancel()
         await asyncio.gather(*(slot.worker.stop(timeout) for slot in self.slots
@@ -260,7 +302,8 @@ class Dispatcher:
                 elif tensor.data is not None and len(tensor.data) > INLINE_LIMIT:
                     assert segment is not None
                     size = len(tensor.data)
-                    segment.buf[offset:offset + size] = tensor.data
+                    segment.write(offset, tensor.data)
+                    tensor.data = None  # staged: the door's buffer can go
                     refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape, ARENA,
                                           segment.key, offset, size).pack())
                     offset += _align(size)
@@ -281,6 +324,8 @@ class Dispatcher:
             tag = reply.direct_tag(worker) if reply.direct else None
             frames.append(packed_exec_request(request.request_id, refs, outputs,
                                               request.parameters, request.correlation_id, tag))
+        if staged >= _TRIM_AFTER_STAGING:
+            trim_heap()  # gRPC's receive buffers for it were freed: give their pages back now
         return frames
 
     # --- answers ------------------------------------------------------------------------
@@ -309,6 +354,7 @@ class Dispatcher:
                                      timings)
         if slot.worker is worker:  # not a replaced worker's late answer
             slot.free_lanes.append(lane)  # only now: its outputs were read above
+        slot.frames_done += 1
         self._owner.dispatch()
 
     def _read_output(self, slot: InstanceSlot, raw: list[Any]) -> OutputTensor:
@@ -317,8 +363,10 @@ class Dispatcher:
         ref = TensorRef.unpack(raw)
         if ref.where == ARENA:
             segment = slot.output_reader.view(ref.location)
+            if segment.size > ARENA_INITIAL_BYTES:
+                slot.output_grown = True
             return OutputTensor(ref.name, ref.datatype, ref.shape,
-                                bytes(segment.buf[ref.offset:ref.offset + ref.nbytes]))
+                                segment.read(ref.offset, ref.nbytes))
         return OutputTensor(ref.name, ref.datatype, ref.shape, None)
 
     # --- worker death -------------------------------------------------------------------

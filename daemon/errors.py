@@ -55,6 +55,10 @@ def already_exists(message: str) -> ServeError:
     return ServeError(grpc.StatusCode.ALREADY_EXISTS, message)
 
 
+def resource_exhausted(message: str) -> ServeError:
+    return ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
 def unimplemented(message: str) -> ServeError:
     return ServeError(grpc.StatusCode.UNIMPLEMENTED, message)
 

@@ -144,6 +144,16 @@ class Settings:
     local_direct_ring_bytes: int = setting(
         1 << 20, flag="--local-direct-ring-bytes", env="SHMSERVE_LOCAL_DIRECT_RING_BYTES",
         parse=int, metavar="BYTES", help="local channel: bytes of each direct-answer ring")
+    max_request_bytes: int = setting(
+        2**31 - 1, flag="--max-request-bytes", env="SHMSERVE_MAX_REQUEST_BYTES", parse=int,
+        metavar="BYTES",
+        help="largest inference request accepted: a gRPC message (gRPC's own receive limit, "
+             "RESOURCE_EXHAUSTED) or a local-channel request's tensor bytes")
+    arena_idle_secs: float = setting(
+        30.0, flag="--arena-idle-secs", env="SHMSERVE_ARENA_IDLE_SECS", parse=float,
+        metavar="SECS",
+        help="an instance idle this long gives back the memory a large request grew: its "
+             "input and output arenas shrink to their initial size (0 = never)")
     pipeline_depth: int = setting(
         2, flag="--pipeline-depth", parse=int, metavar="N",
         help="batches sent ahead to each model instance, so it never waits for the next one "
@@ -162,6 +172,7 @@ class Settings:
     def __post_init__(self) -> None:
         self.pipeline_depth = max(1, self.pipeline_depth)
         self.worker_busy_poll_us = max(0, self.worker_busy_poll_us)
+        self.max_request_bytes = min(max(1, self.max_request_bytes), 2**31 - 1)
 
 
 def setting_fields() -> list[tuple[Field[Any], SettingSpec]]:

@@ -38,7 +38,6 @@ log = logging.getLogger("shmserve")
 INT32_MAX = 2**31 - 1
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", INT32_MAX),
-    ("grpc.max_receive_message_length", INT32_MAX),
     ("grpc.so_reuseport", 0),
     # Accept client keepalive pings every 10 s, also between calls (tritonclient's
     # KeepAliveOptions users would otherwise get GOAWAY "too_many_pings").
@@ -78,7 +77,9 @@ class Supervisor:
                 log.error("cannot serve metrics on %s:%d: %s", metrics_address,
                           settings.metrics_port, exc)
                 return 1
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        # gRPC refuses a larger request before any of it is handed to Python.
+        server = grpc.aio.server(options=[
+            *GRPC_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)])
         service = InferenceService(core)
         server.add_generic_rpc_handlers(generic_handlers(service))
         address = f"{settings.grpc_address}:{settings.grpc_port}"

@@ -219,6 +219,11 @@ class WorkerProcess:
         if not self._exited:
             self._send(protocol.Release(region_ids).pack())
 
+    def trim_arenas(self) -> None:
+        """The instance is idle: it shrinks its grown output arenas and unmaps ours."""
+        if not self._exited:
+            self._send(protocol.TRIM_FRAME)
+
     def _send(self, frame: list[Any]) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(protocol.encode(frame))

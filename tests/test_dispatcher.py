@@ -36,6 +36,7 @@ class FakeWorker:
         self.hold = False
         self.frames: list[tuple[int, list[list[Any]], bool]] = []
         self.withdrawn: list[tuple[int, int]] = []
+        self.trims = 0
         self._inflight: dict[int, DoneCallback] = {}
         self._ids = 0
 
@@ -75,6 +76,9 @@ class FakeWorker:
 
     def withdraw(self, batch_id: int, index: int) -> None:
         self.withdrawn.append((batch_id, index))
+
+    def trim_arenas(self) -> None:
+        self.trims += 1
 
     def release_regions(self, region_ids: list[int]) -> None:
         pass
@@ -227,6 +231,34 @@ def test_a_cancelled_request_is_dropped_when_queued_and_withdrawn_when_sent() ->
         cancelled = replies([also_sent, queued])
         assert all(r.outputs is None and r.error is None for r in cancelled)
         assert finished == [queued, sent, also_sent]
+        await sched.stop(1.0)
+
+    asyncio.run(run())
+
+
+def test_a_staged_input_is_let_go_and_an_idle_instance_shrinks_its_grown_arena() -> None:
+    async def run() -> None:
+        finished: list[InferRequest] = []
+        made.clear()
+        sched = Scheduler("m", 1, 0, None, [InstancePlan("m_0_0", "KIND_CPU", 0, 0)],
+                          make_spec, Settings(model_repository="", arena_idle_secs=0.05),
+                          os.getpid(), finished.append, fake_factory)
+        await sched.start()
+        big = request(0)
+        big.inputs[0].data = bytes(2 << 20)
+        big.inputs[0].shape = [1 << 19]
+        sched.submit(big)
+        await settle()
+        assert replies([big])[0].outputs is not None
+        assert big.inputs[0].data is None  # staged: the request no longer holds the bytes
+        slot = sched._dispatcher.slots[0]
+        assert any(arena.grown for arena in slot.input_arenas)
+        small = request(1)
+        sched.submit(small)  # small requests keep the instance busy, but do not grow it
+        await settle()
+        await asyncio.sleep(0.3)
+        assert not any(arena.grown for arena in slot.input_arenas)
+        assert made[0].trims == 1
         await sched.stop(1.0)
 
     asyncio.run(run())

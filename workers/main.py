@@ -34,7 +34,7 @@ from shmserve.workers.direct_answers import DirectAnswers
 from shmserve.workers.proctitle import set_process_title, worker_title
 from shmserve.workers.protocol import CUDA, INLINE_LIMIT, ExecRequest, TensorRef, WorkerSpec
 from shmserve.workers.region_fds import adopt_region_fd
-from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache
+from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache, trim_heap
 from shmserve.workers.tensors import InputResolver, map_region, output_bytes
 
 log = logging.getLogger("shmserve.worker")
@@ -220,6 +220,8 @@ class WorkerHost:
         elif kind == protocol.SHARE_REGION:
             adopt_region_fd(self._fd_socket, self._regions,
                             protocol.ShareRegion.unpack(frame).region_id)
+        elif kind == protocol.TRIM:
+            self._trim_arenas()
         else:
             log.error("unknown frame kind %r", kind)
 
@@ -337,6 +339,15 @@ class WorkerHost:
             return protocol.ANSWERED
         return protocol.ok_result(refs)
 
+    def _trim_arenas(self) -> None:
+        """The supervisor saw this instance idle after a large request: unmap its input
+        arenas (it unlinked the grown ones; our mappings would keep their pages) and shrink
+        our grown output arenas."""
+        self._input_arena.close()
+        for arena in self._output_arenas.values():
+            arena.shrink()
+        trim_heap()
+
     def _lane_arena(self, lane: int) -> Arena:
         """Each pipeline lane has its own output arena: the supervisor reads a frame's outputs
         while the next frame (another lane) already runs here."""
@@ -415,7 +426,10 @@ class WorkerHost:
                 refs.append(protocol.packed_inline(name, datatype, shape, bytes(data)))
             else:
                 segment = arena.ensure(arena_offset + nbytes)
-                _copy_into(segment.buf[arena_offset:arena_offset + nbytes], data)
+                if isinstance(data, DeviceOutput):
+                    data.write_to(segment.buf[arena_offset:arena_offset + nbytes])
+                else:
+                    segment.write(arena_offset, data)
                 refs.append(TensorRef(name, datatype, shape, protocol.ARENA, segment.key,
                                       arena_offset, nbytes).pack())
                 arena_offset += _align(nbytes)

@@ -46,7 +46,7 @@ import msgpack
 
 from shmserve.workers.backend import InstanceSpec, ModelSpec
 
-PROTOCOL_VERSION = 3  # 1: the msgpack maps before typed records; 2: before ShareRegion
+PROTOCOL_VERSION = 4  # 1: msgpack maps before typed records; 2: before ShareRegion; 3: before Trim
 
 INLINE = "i"
 ARENA = "a"
@@ -62,6 +62,7 @@ STOP = 5
 ATTACH = 6
 DETACH = 7
 SHARE_REGION = 8
+TRIM = 9     # the instance is idle: give back the memory grown arenas hold
 READY = 10
 INIT_FAILED = 11
 DONE = 12
@@ -302,6 +303,7 @@ class Done:
 PING_FRAME: list[Any] = [PING]
 STOP_FRAME: list[Any] = [STOP]
 PONG_FRAME: list[Any] = [PONG]
+TRIM_FRAME: list[Any] = [TRIM]
 
 
 # --- the worker's spec --------------------------------------------------------------------

@@ -7,14 +7,17 @@ whose resource tracker may unlink a client's segment when this process exits.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
+from typing import Any
 
 import posix_ipc
 
 # Keys of segments the server owns. Clients may never register a key with this prefix.
 ARENA_PREFIX = "/shmserve_arena_"
 SHM_DIR = "/dev/shm"
+ARENA_INITIAL_BYTES = 1 << 20
 
 
 def normalize_key(key: str) -> str:
@@ -29,19 +32,28 @@ def arena_key(supervisor_pid: int, owner: str, generation: int) -> str:
     return f"{ARENA_PREFIX}{supervisor_pid}_{owner}_{generation}"
 
 
+# Tensors at least this large are written and read with pwrite/pread on the segment's file
+# descriptor instead of through the mapping: the pages then never enter this process's
+# resident set (only the segment holds them), and no page faults are taken.
+FILE_IO_BYTES = 1 << 20
+_MAX_READ = 0x7FFFF000  # Linux transfers at most this much in one read(); beyond, the mapping
+
+
 class Segment:
-    """A mapped POSIX shm segment. ``buf`` is a writable memoryview of the whole segment."""
+    """A mapped POSIX shm segment. ``buf`` is a writable memoryview of the whole segment;
+    ``fd`` (-1 unless kept) serves ``write``/``read`` of large tensors."""
 
-    __slots__ = ("_mmap", "buf", "key", "size")
+    __slots__ = ("_mmap", "buf", "fd", "key", "size")
 
-    def __init__(self, key: str, mapped: mmap.mmap, size: int) -> None:
+    def __init__(self, key: str, mapped: mmap.mmap, size: int, fd: int = -1) -> None:
         self.key = key
         self._mmap = mapped
         self.size = size
         self.buf = memoryview(mapped)
+        self.fd = fd
 
     @classmethod
-    def open(cls, key: str) -> Segment:
+    def open(cls, key: str, keep_fd: bool = False) -> Segment:
         """Map an existing segment; raises OSError/posix_ipc.Error when it cannot be opened."""
         shm = posix_ipc.SharedMemory(normalize_key(key))
         try:
@@ -49,20 +61,51 @@ class Segment:
             if size == 0:
                 raise OSError(f"shared memory segment '{key}' is empty")
             mapped = mmap.mmap(shm.fd, size)
-        finally:
+        except BaseException:
             shm.close_fd()
-        return cls(key, mapped, size)
+            raise
+        fd = shm.fd if keep_fd else -1
+        if not keep_fd:
+            shm.close_fd()
+        return cls(key, mapped, size, fd)
 
     @classmethod
     def create(cls, key: str, size: int) -> Segment:
+        """A new segment (mode 0600), its file descriptor kept for ``write``/``read``."""
         shm = posix_ipc.SharedMemory(normalize_key(key), posix_ipc.O_CREX, mode=0o600, size=size)
         try:
             mapped = mmap.mmap(shm.fd, size)
-        finally:
+        except BaseException:
             shm.close_fd()
-        return cls(key, mapped, size)
+            raise
+        return cls(key, mapped, size, shm.fd)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Copy ``data`` in at ``offset``: large tensors through the file descriptor."""
+        size = len(data)
+        if self.fd < 0 or size < FILE_IO_BYTES:
+            self.buf[offset:offset + size] = data
+            return
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < size:
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """A copy of ``size`` bytes at ``offset``: large tensors through the file descriptor."""
+        if self.fd < 0 or size < FILE_IO_BYTES or size > _MAX_READ:
+            return bytes(self.buf[offset:offset + size])
+        data = os.pread(self.fd, size, offset)
+        if len(data) != size:  # tmpfs reads whole ranges up to _MAX_READ; anything else is odd
+            raise OSError(f"short read of shared memory segment '{self.key}': "
+                          f"{len(data)} of {size} bytes")
+        return data
 
     def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
         self.buf.release()
         # A NumPy view a backend kept alive still exports the buffer: leave the mapping to
         # the garbage collector rather than fail.
@@ -122,7 +165,8 @@ class Arena:
     (mappings of it stay valid until closed).
     """
 
-    def __init__(self, supervisor_pid: int, owner: str, initial_size: int = 1 << 20) -> None:
+    def __init__(self, supervisor_pid: int, owner: str,
+                 initial_size: int = ARENA_INITIAL_BYTES) -> None:
         self._supervisor_pid = supervisor_pid
         self._owner = owner
         self._generation = 0
@@ -142,11 +186,48 @@ class Arena:
             arena_key(self._supervisor_pid, self._owner, self._generation), size)
         return self.segment
 
+    @property
+    def grown(self) -> bool:
+        """The segment is larger than the initial size (a large request grew it)."""
+        return self.segment is not None and self.segment.size > self._initial_size
+
+    def shrink(self) -> bool:
+        """Give a grown segment's memory back; the next ``ensure`` starts a fresh one of the
+        size then needed. True if there was one to give back."""
+        if not self.grown:
+            return False
+        self.close()
+        return True
+
     def close(self) -> None:
         if self.segment is not None:
             self.segment.unlink()
             self.segment.close()
             self.segment = None
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``). After a large
+    request, gRPC's and Python's freed buffers would otherwise stay in the resident set:
+    glibc raises its mmap threshold once a large block was freed, so the next ones up to
+    32 MiB come from heaps it does not shrink by itself."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_MALLOC_TRIM: list[Any] = []
+
+
+def _malloc_trim() -> Any:
+    if not _MALLOC_TRIM:
+        function = None
+        with contextlib.suppress(OSError, AttributeError):
+            function = ctypes.CDLL("libc.so.6").malloc_trim
+            function.argtypes = [ctypes.c_size_t]
+            function.restype = ctypes.c_int
+        _MALLOC_TRIM.append(function)
+    return _MALLOC_TRIM[0]
 
 
 def _next_power_of_two(value: int) -> int:
@@ -157,8 +238,9 @@ class ReaderMapping:
     """The reader's side of a peer's arenas (one per pipeline lane): each key is mapped once;
     the oldest mapping is dropped beyond ``capacity`` (an arena that grew has a new key)."""
 
-    def __init__(self, capacity: int = 4) -> None:
+    def __init__(self, capacity: int = 4, keep_fd: bool = False) -> None:
         self.capacity = capacity
+        self._keep_fd = keep_fd
         self._segments: dict[str, Segment] = {}
 
     def view(self, key: str) -> Segment:
@@ -167,8 +249,12 @@ class ReaderMapping:
             if len(self._segments) >= self.capacity:
                 oldest = next(iter(self._segments))
                 self._segments.pop(oldest).close()
-            segment = self._segments[key] = Segment.open(key)
+            segment = self._segments[key] = Segment.open(key, self._keep_fd)
         return segment
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(segment.size for segment in self._segments.values())
 
     def close(self) -> None:
         segments, self._segments = self._segments, {}

@@ -42,7 +42,7 @@ from typing import Any
 import msgpack
 
 from shmserve.daemon.core import Core
-from shmserve.daemon.errors import ServeError, invalid_argument
+from shmserve.daemon.errors import ServeError, invalid_argument, resource_exhausted
 from shmserve.daemon.frontend.local_fds import FdDoor, register_memfd
 from shmserve.daemon.infer_request import OutputIn, RequestItems, TensorIn
 from shmserve.daemon.reply import DirectTarget, Reply
@@ -100,6 +100,7 @@ class LocalChannel(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._region_prefix = _region_name(channel_id, "")
+        self._max_request_bytes = frontend.core.settings.max_request_bytes
         # Requests not answered yet, by the client's request id.
         self._inflight: dict[int, _ChannelReply] = {}
         self._pending: deque[bytes] = deque()
@@ -237,6 +238,7 @@ class LocalChannel(asyncio.Protocol):
                ) -> tuple[list[TensorIn], list[OutputIn], dict[str, Any]]:
         prefix = self._region_prefix
         inputs: list[TensorIn] = []
+        payload = 0
         for entry in message["in"]:
             name, datatype, shape = entry[0], entry[1], entry[2]
             if type(name) is not str or type(datatype) is not str or type(shape) is not list \
@@ -249,7 +251,11 @@ class LocalChannel(asyncio.Protocol):
                 data = entry[4]
                 if type(data) is not bytes:
                     raise TypeError(f"input {name!r}: tensor data must be bytes")
+                payload += len(data)
                 inputs.append(TensorIn(name, datatype, shape, data))
+        if payload > self._max_request_bytes:
+            raise resource_exhausted(f"request tensor data of {payload} bytes is larger than "
+                                     f"--max-request-bytes ({self._max_request_bytes})")
         outputs: list[OutputIn] = []
         for entry in message.get("out") or ():
             name = entry[0]

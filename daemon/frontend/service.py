@@ -169,9 +169,51 @@ class InferenceService:
         return pb.ModelConfigResponse(config=model.config)
 
     # --- inference ----------------------------------------------------------------------
-    async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """Takes and returns wire bytes: tensor bytes are sliced, not copied (see wire.py)."""
-        return await self._infer(_parse_request(data))
+    async def ModelInfer(self, requests: object, context: grpc.aio.ServicerContext) -> bytes:
+        """Takes and returns wire bytes: tensor bytes are sliced, not copied (see wire.py).
+
+        Registered as stream-unary (the wire is the same for a unary client) and read once
+        with ``context.read()``: gRPC's unary handler keeps the request bytes referenced
+        until the response is sent, this way they are freed once staged into the arena.
+        """
+        internal, reply = self._submit(await context.read())
+        try:
+            outputs = await reply.future
+        except asyncio.CancelledError:
+            self.core.cancel(internal)  # as in _outcome, without a coroutine more per request
+            raise
+        response, raw = response_parts(internal, outputs)
+        message = serialize_infer_response(response, raw)
+        del raw
+        outputs.clear()  # the reply's future holds this list: let the output bytes go now
+        return message
+
+    def _submit(self, data: bytes | object) -> tuple[InferRequest, _FutureReply]:
+        """Parse and queue one ModelInferRequest; from here on only the queued request holds
+        (slices of) ``data``."""
+        if not isinstance(data, bytes):  # grpc.aio.EOF: the client sent no message
+            raise invalid_argument("malformed ModelInferRequest: no request message")
+        return self._queue(*_parse_request(data))
+
+    def _queue(self, request: pb.ModelInferRequest, raw: list[memoryview] | None
+               ) -> tuple[InferRequest, _FutureReply]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        reply = _FutureReply(loop.create_future())
+        internal = self.core.submit(request.model_name, request.model_version,
+                                    lambda: parse_request(request, raw), reply)
+        return internal, reply
+
+    async def _outcome(self, internal: InferRequest, reply: _FutureReply
+                       ) -> list[OutputTensor]:
+        try:
+            return await reply.future
+        except asyncio.CancelledError:
+            # The caller gave up (deadline, cancel): a queued request is dropped; one
+            # already executing keeps its regions pinned until the worker is done.
+            self.core.cancel(internal)
+            raise
 
     async def _infer(self, parsed: tuple[pb.ModelInferRequest, list[memoryview]]) -> bytes:
         internal, outputs = await self.infer_outputs(*parsed)
@@ -183,20 +225,8 @@ class InferenceService:
                             ) -> tuple[InferRequest, list[OutputTensor]]:
         """gRPC inference: hand the request to the core, wait for its reply. Raises
         ServeError."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        reply = _FutureReply(loop.create_future())
-        internal = self.core.submit(request.model_name, request.model_version,
-                                    lambda: parse_request(request, raw), reply)
-        try:
-            outputs = await reply.future
-        except asyncio.CancelledError:
-            # The caller gave up (deadline, cancel): a queued request is dropped; one
-            # already executing keeps its regions pinned until the worker is done.
-            self.core.cancel(internal)
-            raise
-        return internal, outputs
+        internal, reply = self._queue(request, raw)
+        return internal, await self._outcome(internal, reply)
 
     async def ModelStreamInfer(self, requests: AsyncIterator[bytes],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -422,6 +452,8 @@ def _fill_statistics(target: pb.ModelStatistics, name: str, version: int, stats:
 
 
 # --- wiring ---------------------------------------------------------------------------------
+# Unary RPCs whose handler reads the one request itself (see ModelInfer).
+_READ_ONCE = frozenset({"ModelInfer"})
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
@@ -489,7 +521,10 @@ def generic_handlers(service: InferenceService) -> list[grpc.GenericRpcHandler]:
     for name, (request_type, response_type, streaming, group) in RPCS.items():
         check = _restriction_check(settings, group)
         method = getattr(service, name)
-        if streaming:
+        if name in _READ_ONCE:
+            handlers[name] = grpc.stream_unary_rpc_method_handler(
+                _unary(method, check), response_serializer=_serializer(response_type))
+        elif streaming:
             handlers[name] = grpc.stream_stream_rpc_method_handler(
                 _stream(method, check), request_deserializer=_deserializer(request_type),
                 response_serializer=_serializer(response_type))
