@@ -21,7 +21,10 @@ Tensor bytes never travel in a frame unless they are tiny; a frame names them wi
 
 Frames:
     supervisor -> worker: Exec, Cancel, Release, Ping, Stop, Attach, Detach
-    worker -> supervisor: Ready, InitFailed, Done, Pong
+    worker -> supervisor: Stage, Ready, InitFailed, Done, Pong
+
+While it initializes, the worker names each hook before running it (``Stage``), so an
+initialize that overruns its timeout is reported by stage.
 
 ``Exec`` runs its requests (``ExecRequest``) as one batch, or with ``each`` one execution per
 request; large outputs go to the output arena of pipeline ``lane``. ``Done`` answers it with
@@ -44,7 +47,7 @@ import msgpack
 
 from shmserve.workers.backend import InstanceSpec, ModelSpec
 
-PROTOCOL_VERSION = 2  # 1: the msgpack maps before typed records
+PROTOCOL_VERSION = 3  # 1: the msgpack maps before typed records; 2: before Stage
 
 INLINE = "i"
 ARENA = "a"
@@ -63,6 +66,7 @@ READY = 10
 INIT_FAILED = 11
 DONE = 12
 PONG = 13
+STAGE = 14
 
 # Result kinds: the first element of each request's result in DONE.
 RESULT_OK = 0          # [RESULT_OK, [packed TensorRef, ...]]
@@ -242,6 +246,21 @@ class Ready:
     @classmethod
     def unpack(cls, raw: list[Any]) -> Ready:
         return cls(raw[1], raw[2])
+
+
+@dataclass(slots=True)
+class Stage:
+    """The worker starts the initialize hook ``name`` (e.g. model_initialize)."""
+
+    KIND: ClassVar[int] = STAGE
+    name: str
+
+    def pack(self) -> list[Any]:
+        return [STAGE, self.name]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> Stage:
+        return cls(raw[1])
 
 
 @dataclass(slots=True)
