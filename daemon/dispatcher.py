@@ -113,6 +113,11 @@ def _region_location(region: Region) -> tuple[str, list[Any]]:
     return SYSTEM, [region.region_id, region.key]
 
 
+def _restarts(slot: InstanceSlot) -> str:
+    count = slot.generation - 1
+    return f"{count} restart{'' if count == 1 else 's'}"
+
+
 class InstanceSlot:
     """One model instance: its current worker process and the arenas it shares with it."""
 
@@ -218,8 +223,7 @@ class Dispatcher:
                 waiting = f"; next restart in {slot.backoff:.1f}s" if slot.backoff else ""
                 reasons.append(
                     f"instance {slot.plan.name} failed {slot.failures} starts in a row before "
-                    f"serving ({slot.generation - 1} restarts; last exit: {slot.last_exit})"
-                    f"{waiting}")
+                    f"serving ({_restarts(slot)}; last exit: {slot.last_exit}){waiting}")
         return "crash-looping: " + "; ".join(reasons) if reasons else ""
 
     @property
@@ -374,8 +378,8 @@ class Dispatcher:
             if delay:
                 slot.backoff = delay
                 log.warning("model '%s' instance %s failed %d start(s) in a row before serving "
-                            "(%d restarts; last exit: %s)%s; restarting in %.1fs", self.model,
-                            slot.plan.name, slot.failures, slot.generation - 1, slot.last_exit,
+                            "(%s; last exit: %s)%s; restarting in %.1fs", self.model,
+                            slot.plan.name, slot.failures, _restarts(slot), slot.last_exit,
                             "; crash-looping" if slot.crash_looping else "", delay)
                 try:
                     await asyncio.sleep(delay)
