@@ -312,9 +312,13 @@ class WorkerProcess:
         the instance is replaced and its requests fail."""
         self._last_pong = time.monotonic()
         timeout = limits.heartbeat_timeout_secs
+        interval = limits.watch_interval
         while not self._exited:
-            await asyncio.sleep(limits.watch_interval)
+            before = time.monotonic()
+            await asyncio.sleep(interval)
             now = time.monotonic()
+            if now - before > 2 * interval + 0.5:
+                continue  # our own loop was stalled: the pongs it holds are read first
             silent = now - self._last_pong
             if silent > timeout:
                 log.error("worker %s sent no heartbeat for %.1fs (timeout %gs); killing it",
