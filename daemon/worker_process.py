@@ -148,6 +148,7 @@ class WorkerProcess:
         self._send(protocol.STOP_FRAME)
         if not await self.wait_exit(timeout):
             log.warning("worker %s did not stop in %.1fs; killing it", self.label, timeout)
+            self._kill_reason = f"was killed when it did not stop within {timeout:.1f}s"
             self.kill()
             await self.wait_exit(5.0)
 
@@ -296,8 +297,10 @@ class WorkerProcess:
         self._on_exit(self, reason)
 
     def _death_error(self, reason: str) -> ServeError:
+        then = ("the model is being unloaded" if self._stopping
+                else "the instance is being restarted")
         return unavailable(f"worker for model instance '{self.label}' {reason} while "
-                           f"executing the request; the instance is being restarted")
+                           f"executing the request; {then}")
 
     def _fail_inflight(self, reason: str) -> None:
         inflight, self._inflight = self._inflight, {}
