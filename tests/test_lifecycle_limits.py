@@ -97,8 +97,8 @@ def test_restarts_after_repeated_external_kills_stay_quick(start_server: StartSe
             times.append(_wait_for(_served_again(client, pid), 30, "serving after a kill"))
             pid = _pid_of(client)
             time.sleep(0.1)
-    assert max(times) < 1.5, times
-    assert times[-1] < times[0] + 1.0, times  # not growing
+    assert max(times) < 3.0, times
+    assert sum(times[4:]) < sum(times[:4]) + 2.0, times  # not growing
 
 
 @pytest.mark.parametrize("mode", ["init", "after"])
@@ -182,7 +182,7 @@ def test_a_hung_execute_is_replaced_after_the_execution_timeout(start_server: St
 
 def test_a_stopped_worker_is_replaced_after_the_heartbeat_timeout(
         start_server: StartServer) -> None:
-    server = start_server(["crash_loop", "simple"], "--worker-heartbeat-timeout-secs", "2")
+    server = start_server(["crash_loop", "simple"], "--worker-heartbeat-timeout-secs", "3")
     with grpcclient.InferenceServerClient(server.url) as client:
         pid = _pid_of(client)
         os.kill(pid, signal.SIGSTOP)
@@ -190,9 +190,9 @@ def test_a_stopped_worker_is_replaced_after_the_heartbeat_timeout(
         _wait_for(lambda: not client.is_model_ready("crash_loop"), 10,
                   "ModelReady false while stopped")
         assert _alive(pid)  # not ready before it is killed
-        assert time.monotonic() - stopped < 2
+        assert time.monotonic() - stopped < 3
         _wait_for(lambda: not _alive(pid), 10, "the stopped worker killed")
-        assert time.monotonic() - stopped < 4
+        assert time.monotonic() - stopped < 5.5
         _wait_for(_served_again(client, pid), 10, "serving again")
         assert client.is_model_ready("crash_loop") and client.is_model_ready("simple")
     assert "sent no heartbeat" in server.log()
@@ -221,7 +221,7 @@ def test_sigterm_with_a_hung_instance_ends_within_the_exit_timeout(
     elapsed = time.monotonic() - started
     thread.join(10)
     assert code == 0, server.log()
-    assert elapsed < 3 + 1.5, (elapsed, server.log())
+    assert elapsed < 3 + 2.0, (elapsed, server.log())
     error = outcome.get("error")
     assert isinstance(error, InferenceServerException), outcome
     assert error.status() == "StatusCode.UNAVAILABLE"
