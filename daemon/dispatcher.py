@@ -13,6 +13,13 @@ request shrinks the arenas on both sides back to their initial size.
 
 Workers come from a factory (``WorkerProcess`` in the server; a fake in tests), and results
 go back to the ``DispatchOwner`` (the model's Scheduler), which answers the requests.
+
+Restarts: an instance whose worker served a request (or lived a while) before it died is
+restarted at once: an external kill, or one poison request, costs one restart. One whose
+worker failed to initialize, or died soon after start without serving, is a failing start:
+those back off (0.1 s doubling, capped by --restart-backoff-max-secs), each step logged once,
+and from the second in a row the instance is *crash-looping* (RepositoryIndex reason, the
+shmserve_instance_crash_looping metric) until a worker of it serves again.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from shmserve.daemon.reply import DirectTarget
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import Region
+from shmserve.daemon.worker_limits import WorkerLimits, limits_for, restart_delay
 from shmserve.workers.protocol import (
     ARENA,
     CUDA,
@@ -48,8 +56,11 @@ from shmserve.workers.shm import ARENA_INITIAL_BYTES, Arena, ReaderMapping, trim
 
 log = logging.getLogger("shmserve.scheduler")
 _slot_ids = itertools.count(1)
-_STABLE_SECS = 30.0
 _TRIM_AFTER_STAGING = 64 << 20  # bytes staged in one frame
+# A worker that lived this long did not die "right after start", even if it served nothing.
+_SETTLED_SECS = 5.0
+# Failing starts in a row from which an instance is reported as crash-looping.
+CRASH_LOOP_AFTER = 2
 
 DoneCallback = Callable[["Done | BaseException"], None]
 
@@ -58,11 +69,12 @@ class WorkerHandle(DirectTarget, Protocol):
     """What the dispatcher needs of a worker process (daemon/worker_process.py)."""
 
     pid: int | None
+    unresponsive: bool  # its heartbeat is late: it does not count as serving
 
     @property
     def became_ready(self) -> bool: ...
 
-    async def start(self, heartbeat_secs: float, hang_secs: float) -> None: ...
+    async def start(self, limits: WorkerLimits) -> None: ...
 
     async def stop(self, timeout: float) -> None: ...
 
@@ -113,6 +125,11 @@ def _region_location(region: Region, worker: WorkerHandle) -> tuple[str, list[An
     return SYSTEM, [region.region_id, region.key]
 
 
+def _restarts(slot: InstanceSlot) -> str:
+    count = slot.generation - 1
+    return f"{count} restart{'' if count == 1 else 's'}"
+
+
 class InstanceSlot:
     """One model instance: its current worker process and the arenas it shares with it."""
 
@@ -123,7 +140,10 @@ class InstanceSlot:
         self.lanes = lanes
         self.free_lanes = list(range(lanes))
         self.generation = 0
-        self.failures = 0
+        self.failures = 0            # failing starts in a row (see the module's docstring)
+        self.served = False          # the current worker answered a batch
+        self.last_exit = ""          # why its last worker ended (or failed to start)
+        self.backoff = 0.0           # the delay before the pending restart, while waiting
         self.started_at = 0.0
         self.input_arenas = [Arena(supervisor_pid, f"w{self.uid}i{lane}")
                              for lane in range(lanes)]
@@ -140,6 +160,16 @@ class InstanceSlot:
     @property
     def alive(self) -> bool:
         return self.worker is not None and self.worker.alive
+
+    @property
+    def serving(self) -> bool:
+        """Alive and answering its heartbeat."""
+        worker = self.worker
+        return worker is not None and worker.alive and not worker.unresponsive
+
+    @property
+    def crash_looping(self) -> bool:
+        return self.failures >= CRASH_LOOP_AFTER and not self.alive
 
     def close(self) -> None:
         for arena in self.input_arenas:
@@ -168,10 +198,11 @@ class Dispatcher:
     def __init__(self, model: str, plans: list[InstancePlan],
                  make_spec: Callable[[InstancePlan, str, int], WorkerSpec],
                  settings: Settings, supervisor_pid: int, worker_factory: WorkerFactory,
-                 owner: DispatchOwner) -> None:
+                 owner: DispatchOwner, limits: WorkerLimits | None = None) -> None:
         self.model = model
         self._make_spec = make_spec
         self._settings = settings
+        self.limits = limits if limits is not None else limits_for(settings, {})
         self._new_worker = worker_factory
         self._owner = owner
         depth = max(1, settings.pipeline_depth)
@@ -213,7 +244,8 @@ class Dispatcher:
                                   lambda w, reason: self._on_worker_exit(slot, w, reason))
         slot.worker = worker
         slot.output_reader.close()
-        await worker.start(self._settings.worker_heartbeat_secs, self._settings.worker_hang_secs)
+        slot.served = False
+        await worker.start(self.limits)
         slot.started_at = time.monotonic()
         slot.free_lanes = list(range(slot.lanes))
 
@@ -230,7 +262,18 @@ class Dispatcher:
 
     @property
     def ready(self) -> bool:
-        return not self.closing and all(slot.alive for slot in self.slots)
+        return not self.closing and all(slot.serving for slot in self.slots)
+
+    def crash_loop_reason(self) -> str:
+        """Why the version is not serving, while an instance of it is crash-looping."""
+        reasons = []
+        for slot in self.slots:
+            if slot.crash_looping:
+                waiting = f"; next restart in {slot.backoff:.1f}s" if slot.backoff else ""
+                reasons.append(
+                    f"instance {slot.plan.name} failed {slot.failures} starts in a row before "
+                    f"serving ({_restarts(slot)}; last exit: {slot.last_exit}){waiting}")
+        return "crash-looping: " + "; ".join(reasons) if reasons else ""
 
     @property
     def busy(self) -> bool:
@@ -336,6 +379,7 @@ class Dispatcher:
             for request in batch:
                 finish(request, result)
         else:
+            slot.served = True
             for request, answer in zip(batch, result.results, strict=True):
                 kind = answer[0]
                 if kind == RESULT_OK:
@@ -374,21 +418,36 @@ class Dispatcher:
         if slot.worker is not worker or self.closing or not worker.became_ready:
             return
         slot.free_lanes = list(range(slot.lanes))
+        slot.last_exit = reason
         lived = time.monotonic() - slot.started_at
-        slot.failures = 0 if lived > _STABLE_SECS else slot.failures + 1
+        if slot.served or lived >= _SETTLED_SECS:
+            slot.failures = 0  # not a failing start: restart at once
+        else:
+            slot.failures += 1
         task = asyncio.get_running_loop().create_task(self._restart(slot))
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
 
     async def _restart(self, slot: InstanceSlot) -> None:
         while not self.closing:
-            delay = min(0.05 * (2 ** slot.failures), 10.0) if slot.failures else 0.0
-            await asyncio.sleep(delay)
+            delay = restart_delay(slot.failures, self._settings.restart_backoff_max_secs)
+            if delay:
+                slot.backoff = delay
+                log.warning("model '%s' instance %s failed %d start(s) in a row before serving "
+                            "(%s; last exit: %s)%s; restarting in %.1fs", self.model,
+                            slot.plan.name, slot.failures, _restarts(slot), slot.last_exit,
+                            "; crash-looping" if slot.crash_looping else "", delay)
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    slot.backoff = 0.0
+                if self.closing:
+                    return
             try:
                 await self._start_slot(slot)
             except ServeError as exc:
                 slot.failures += 1
-                log.error("restart of %s failed: %s", slot.plan.name, exc.message)
+                slot.last_exit = exc.message
                 if not any(s.alive for s in self.slots):
                     self._owner.no_live_instance(unavailable(
                         f"model '{self.model}' has no live instance: {exc.message}"))

@@ -68,6 +68,8 @@ def render(models: ModelManager, registry: ShmRegistry | None = None) -> str:
                per_version(lambda stats, f=field: _us(stats, f)))
     instances = []
     restarts = []
+    crash_looping = []
+    backoff = []
     for name, version, scheduler in versions:
         for slot in scheduler.instances:
             worker = slot.worker
@@ -76,12 +78,19 @@ def render(models: ModelManager, registry: ShmRegistry | None = None) -> str:
                           device=slot.plan.device_id if slot.plan.kind == "KIND_GPU" else "cpu",
                           pid=worker.pid if worker is not None else "")
             instances.append((_labels(**labels), 1.0 if slot.alive else 0.0))
-            restarts.append((_labels(model=name, version=version, instance=slot.plan.name),
-                             float(slot.generation - 1)))
+            instance = _labels(model=name, version=version, instance=slot.plan.name)
+            restarts.append((instance, float(slot.generation - 1)))
+            crash_looping.append((instance, 1.0 if slot.crash_looping else 0.0))
+            backoff.append((instance, slot.backoff))
     family("shmserve_instance_up", "1 when the model instance's worker is alive; labels say "
            "where it runs", "gauge", instances)
     family("shmserve_instance_restarts_total", "Worker restarts of the model instance",
            "counter", restarts)
+    family("shmserve_instance_crash_looping", "1 while the model instance keeps failing at "
+           "start (before serving a request) and its restarts back off", "gauge",
+           crash_looping)
+    family("shmserve_instance_restart_backoff_seconds", "Delay before the model instance's "
+           "pending restart (0 when none is waiting)", "gauge", backoff)
     if registry is not None:
         family("shmserve_shared_memory_regions", "Registered shared-memory regions by kind and "
                "owner (a gRPC client id, or local:<channel>)", "gauge",

@@ -65,6 +65,8 @@ from shmserve.daemon.model_source import (
 from shmserve.daemon.request import InferRequest
 from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.settings import Settings
+from shmserve.daemon.time_budget import TimeBudget
+from shmserve.daemon.worker_limits import LimitError, WorkerLimits, limits_for
 from shmserve.daemon.worker_process import WorkerProcess
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.workers.backend import InstanceSpec, ModelSpec
@@ -101,13 +103,26 @@ class ModelVersion:
     config: mc.ModelConfig
     scheduler: Scheduler
     state: str = LOADING
-    reason: str = ""
+    note: str = ""  # the reason of the last state change (see ``reason``)
     # The validation plan (infer_request.py), built on the first request.
     validation_plan: Any = field(default=None, repr=False, compare=False)
 
     @property
     def ready(self) -> bool:
         return self.state == READY and self.scheduler.ready
+
+    @property
+    def reason(self) -> str:
+        """RepositoryIndex's reason: a crash loop while it lasts, else the last note."""
+        if self.state == READY:
+            crash_loop = self.scheduler.crash_loop_reason()
+            if crash_loop:
+                return f"{crash_loop}; {self.note}" if self.note else crash_loop
+        return self.note
+
+    @reason.setter
+    def reason(self, text: str) -> None:
+        self.note = text
 
 
 @dataclass
@@ -146,6 +161,7 @@ class _Prepared:
     versions: list[int]
     agents: AgentChain | None
     temp_dir: str | None
+    limits: WorkerLimits
 
 
 class ModelManager:
@@ -324,6 +340,11 @@ class ModelManager:
                       overridden=config_json is not None)
             if not versions:
                 raise _NoVersion()
+            try:
+                limits = limits_for(self._settings, {key: value.string_value for key, value
+                                                     in config.parameters.items()})
+            except LimitError as exc:
+                raise PollError(str(exc)) from None
         except _NoVersion:
             await _fail_agents(chain)
             remove_dir(temp_dir)
@@ -332,7 +353,7 @@ class ModelManager:
             await _fail_agents(chain)
             remove_dir(temp_dir)
             raise
-        return _Prepared(config, model_dir, versions, chain, temp_dir)
+        return _Prepared(config, model_dir, versions, chain, temp_dir, limits)
 
     def _parse_override(self, config_json: str) -> mc.ModelConfig:
         config = mc.ModelConfig()
@@ -385,7 +406,7 @@ class ModelManager:
         name = record.name
         record.in_lifecycle = True
         started = {version: self._new_version(name, version, prepared.config,
-                                              prepared.model_dir)
+                                              prepared.model_dir, prepared.limits)
                    for version in prepared.versions}
         try:
             results = await asyncio.gather(*(v.scheduler.start() for v in started.values()),
@@ -423,7 +444,7 @@ class ModelManager:
         remove_dir(prepared.temp_dir)
 
     def _new_version(self, name: str, version: int, config: mc.ModelConfig,
-                     model_dir: Path) -> ModelVersion:
+                     model_dir: Path, limits: WorkerLimits) -> ModelVersion:
         config_dict = config_to_dict(config)
         backend = config.backend
         settings = self._settings
@@ -434,19 +455,20 @@ class ModelManager:
                                 str(model_dir / str(version))),
                 instance=InstanceSpec(plan.name, plan.kind, plan.device_id, plan.index),
                 backend=backend, supervisor_pid=self._supervisor_pid, arena_owner=owner,
-                lanes=lanes, heartbeat_secs=settings.worker_heartbeat_secs,
+                lanes=lanes, heartbeat_secs=limits.heartbeat_secs,
                 busy_poll_us=settings.worker_busy_poll_us, log_level=self._log_level,
                 cuda_visible_devices=str(plan.device_id) if plan.kind == "KIND_GPU" else None)
 
         batching = config.dynamic_batching if config.HasField("dynamic_batching") else None
         scheduler = Scheduler(name, version, config.max_batch_size, batching,
                               plan_instances(config), make_spec, settings, self._supervisor_pid,
-                              self._on_request_finished, WorkerProcess)
+                              self._on_request_finished, WorkerProcess, limits)
         return ModelVersion(name, version, config, scheduler)
 
     # --- unload -------------------------------------------------------------------------
-    async def unload(self, name: str) -> None:
-        """Unload every version of ``name``; returns once drained and stopped.
+    async def unload(self, name: str, budget: TimeBudget | None = None) -> None:
+        """Unload every version of ``name``; returns once drained and stopped, within
+        ``budget`` (default: --exit-timeout-secs from now, for draining and stopping).
 
         Unloading a model that is not loaded (or not known) succeeds and does nothing, as
         in Triton.
@@ -455,9 +477,9 @@ class ModelManager:
         if record is None:
             return
         async with record.lock:
-            await self._unload_locked(record)
+            await self._unload_locked(record, budget)
 
-    async def _unload_locked(self, record: ModelRecord) -> None:
+    async def _unload_locked(self, record: ModelRecord, budget: TimeBudget | None) -> None:
         if not record.versions and record.agents is None and not record.temp_dir:
             return
         generation = _Generation(record.versions, record.agents, record.temp_dir)
@@ -466,7 +488,7 @@ class ModelManager:
         for model_version in generation.versions.values():
             model_version.state = UNLOADING
         try:
-            await self._retire(generation)
+            await self._retire(generation, budget)
         finally:
             record.versions = {}
             record.state, record.reason = UNAVAILABLE, UNLOADED_REASON
@@ -484,17 +506,21 @@ class ModelManager:
         if not task.cancelled() and task.exception() is not None:
             log.error("retiring an old model generation failed", exc_info=task.exception())
 
-    async def _retire(self, generation: _Generation) -> None:
-        """UNLOAD -> drain in-flight requests -> stop the workers -> UNLOAD_COMPLETE."""
+    async def _retire(self, generation: _Generation, budget: TimeBudget | None = None) -> None:
+        """UNLOAD -> drain in-flight requests -> stop the workers -> UNLOAD_COMPLETE, all
+        within one ``budget`` (default: --exit-timeout-secs from now)."""
         versions, agents = generation.versions, generation.agents
         for model_version in versions.values():
             model_version.state = UNLOADING
-        timeout = self._settings.exit_timeout_secs
+        if budget is None:
+            budget = TimeBudget(self._settings.exit_timeout_secs)
         try:
             if agents is not None:
                 await _agents_call(agents, "unload")
-            await asyncio.gather(*(v.scheduler.drain(timeout) for v in versions.values()))
-            await asyncio.gather(*(v.scheduler.stop(timeout) for v in versions.values()),
+            drain = budget.for_draining()
+            await asyncio.gather(*(v.scheduler.drain(drain) for v in versions.values()))
+            stop = budget.for_stopping()
+            await asyncio.gather(*(v.scheduler.stop(stop) for v in versions.values()),
                                  return_exceptions=True)
             for model_version in versions.values():
                 model_version.state, model_version.reason = UNAVAILABLE, UNLOADED_REASON
@@ -505,13 +531,16 @@ class ModelManager:
                 await asyncio.shield(_agents_call(agents, "close"))
             remove_dir(generation.temp_dir)
 
-    async def shutdown(self) -> None:
-        """Unload everything (agents UNLOAD/UNLOAD_COMPLETE, then close every chain)."""
+    async def shutdown(self, budget: TimeBudget | None = None) -> None:
+        """Unload everything (agents UNLOAD/UNLOAD_COMPLETE, then close every chain), within
+        ``budget`` (the server's exit budget; default --exit-timeout-secs from now)."""
         self._closing = True
-        await asyncio.gather(*(self.unload(name) for name in list(self._records)),
+        if budget is None:
+            budget = TimeBudget(self._settings.exit_timeout_secs)
+        await asyncio.gather(*(self.unload(name, budget) for name in list(self._records)),
                              return_exceptions=True)
-        while self._retiring:
-            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+        while self._retiring and budget.left() > 0:
+            await asyncio.wait(list(self._retiring), timeout=budget.left())
         for record in self._records.values():
             if record.agents is not None:
                 await _agents_call(record.agents, "close")

@@ -23,6 +23,7 @@ from shmserve.daemon.model_config import InstancePlan
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.statistics import ModelStats
+from shmserve.daemon.worker_limits import WorkerLimits
 from shmserve.workers.protocol import WorkerSpec
 
 log = logging.getLogger("shmserve.scheduler")
@@ -34,7 +35,7 @@ class Scheduler:
                  make_spec: Callable[[InstancePlan, str, int], WorkerSpec],
                  settings: Settings, supervisor_pid: int,
                  on_finished: Callable[[InferRequest], None],
-                 worker_factory: WorkerFactory) -> None:
+                 worker_factory: WorkerFactory, limits: WorkerLimits | None = None) -> None:
         self.model = model
         self.version = version
         self.stats = ModelStats()
@@ -43,7 +44,7 @@ class Scheduler:
                            if batching is not None else 0)
         self._on_finished = on_finished  # the core's accounting, once per request
         self._dispatcher = Dispatcher(model, plans, make_spec, settings, supervisor_pid,
-                                      worker_factory, self)
+                                      worker_factory, self, limits)
         self._queue: deque[InferRequest] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._abandoned = 0
@@ -60,6 +61,10 @@ class Scheduler:
     @property
     def ready(self) -> bool:
         return not self._closing and self._dispatcher.ready
+
+    def crash_loop_reason(self) -> str:
+        """'crash-looping: ...' while an instance keeps failing at start, else ''."""
+        return self._dispatcher.crash_loop_reason()
 
     @property
     def instances(self) -> list[InstanceSlot]:

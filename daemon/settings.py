@@ -101,7 +101,8 @@ class Settings:
         help="with poll mode: seconds between repository scans")
     exit_timeout_secs: float = setting(
         30.0, flag="--exit-timeout-secs", parse=float,
-        help="on SIGTERM: how long to wait for in-flight requests")
+        help="on SIGTERM: the whole shutdown (draining in-flight requests, then stopping "
+             "the workers) takes at most this long; keep it below systemd's TimeoutStopSec")
     exit_on_error: bool = setting(
         True, flag="--exit-on-error", parse=parse_bool,
         help="exit (status 1) when a model fails to load at start-up")
@@ -162,10 +163,29 @@ class Settings:
         50, flag="--worker-busy-poll-us", parse=int, metavar="US",
         help="while requests arrive back to back, a worker polls for the next one up to "
              "this long before sleeping (adaptive; 0 = never poll)")
+    model_init_timeout_secs: float = setting(
+        300.0, flag="--model-init-timeout-secs", parse=float,
+        help="a model instance's worker must finish backend, model and instance initialize "
+             "within this long, or it is killed and the load fails (0 = no limit; a model "
+             "may override it: parameter shmserve.init_timeout_secs)")
+    model_execution_timeout_secs: float = setting(
+        0.0, flag="--model-execution-timeout-secs", parse=float,
+        help="a batch executing longer is treated as hung: the instance's worker is killed "
+             "and replaced, its requests fail (0 = no limit; a model may override it: "
+             "parameter shmserve.execution_timeout_secs)")
+    worker_heartbeat_timeout_secs: float = setting(
+        10.0, flag="--worker-heartbeat-timeout-secs", parse=float,
+        help="a worker that sends no heartbeat this long (stopped, or its interpreter "
+             "stuck) is killed and replaced; from half of it the instance counts as not "
+             "ready")
+    restart_backoff_max_secs: float = setting(
+        10.0, flag="--restart-backoff-max-secs", parse=float,
+        help="an instance whose worker keeps failing at start (before serving a request) is "
+             "restarted after 0.1 s, doubling up to this long; one that served is restarted "
+             "at once")
     worker_heartbeat_secs: float = setting(
-        5.0, help="seconds between a worker's heartbeats")
-    worker_hang_secs: float = setting(
-        60.0, help="a worker silent this long is considered hung and restarted")
+        2.0, help="at most this many seconds between a worker's heartbeats (also at most a "
+                  "fifth of the heartbeat timeout)")
     log_verbose: int = setting(0, flag="--log-verbose", parse=int,
                                help="verbose logging level")
 

@@ -23,6 +23,7 @@ from shmserve.daemon.metrics import MetricsServer
 from shmserve.daemon.model_config import detect_gpus
 from shmserve.daemon.models import ModelManager
 from shmserve.daemon.settings import Settings
+from shmserve.daemon.time_budget import TimeBudget
 from shmserve.daemon.worker_process import start_fork_server
 from shmserve.protos.local_socket import (
     prepare_socket_dir,
@@ -161,13 +162,16 @@ class Supervisor:
 
     async def _shutdown(self, core: Core, server: grpc.aio.Server,
                         local: LocalFrontend | None) -> None:
+        # One budget for everything: drain, then stop the workers (killing one still
+        # executing), then close the server; within systemd's TimeoutStopSec.
+        budget = TimeBudget(self.settings.exit_timeout_secs)
         systemd.notify("STOPPING=1")
         core.exiting = True
-        await core.drain(self.settings.exit_timeout_secs)
+        await core.drain(budget.for_draining())
         if local is not None:
             await local.stop()
-        await core.models.shutdown()
-        await server.stop(grace=1.0)
+        await core.models.shutdown(budget)
+        await server.stop(grace=min(1.0, budget.left()))
         remove_arenas(self.pid)
         log.info("shmserve stopped")
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shmserve.daemon.errors import ServeError, internal, unavailable
+from shmserve.daemon.worker_limits import SUSPECT_SHARE, WorkerLimits
 from shmserve.workers import protocol
 from shmserve.workers.protocol import region_fd_tag
 from shmserve.workers.shm import remove_owner_arenas
@@ -80,11 +81,18 @@ class WorkerProcess:
         self._heartbeat: asyncio.Task[None] | None = None
         self._fd_socket: socket.socket | None = None
         self._shared_regions: set[int] = set()  # memfd regions whose fd the worker has
+        self._stage = "worker start"        # the initialize hook running, while initializing
+        self._execution_timeout = 0.0
+        self._head_since = 0.0              # when the oldest batch in flight began executing
+        self._kill_reason: str | None = None  # why the supervisor killed it, if it did
+        self.unresponsive = False           # heartbeat late: not serving, about to be killed
         self.pid: int | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
-    async def start(self, heartbeat_secs: float, hang_secs: float) -> None:
-        """Start the process and wait until its initialize hooks finished (or failed)."""
+    async def start(self, limits: WorkerLimits) -> None:
+        """Start the process and wait until its initialize hooks finished (or failed, or
+        overran ``limits.init_timeout_secs``: then it is killed and the error names the
+        stage)."""
         loop = asyncio.get_running_loop()
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Local-channel fds for direct answers travel on their own socket, so the control
@@ -113,12 +121,26 @@ class WorkerProcess:
                                                          sock=parent_sock)
         self._transport = transport
         loop.add_reader(process.sentinel, self._on_sentinel)
+        ready = self._ready
         try:
-            await self._ready
+            await asyncio.wait_for(asyncio.shield(ready), limits.init_timeout_secs or None)
+        except TimeoutError:
+            error = unavailable(
+                f"worker for model instance '{self.label}' did not finish initializing within "
+                f"the initialization timeout of {limits.init_timeout_secs:g}s (stuck in "
+                f"{self._stage}); it was killed")
+            if not ready.done():
+                ready.set_exception(error)
+                ready.exception()  # retrieved here: raised below
+            self._kill_reason = "was killed after the initialization timeout"
+            self.kill()
+            await self.wait_exit(5.0)
+            raise error from None
         except BaseException:
             await self.wait_exit(5.0)
             raise
-        self._heartbeat = loop.create_task(self._watch(heartbeat_secs, hang_secs))
+        self._execution_timeout = limits.execution_timeout_secs
+        self._heartbeat = loop.create_task(self._watch(limits))
 
     async def stop(self, timeout: float) -> None:
         """Ask the worker to finalize and exit; kill it if it does not within ``timeout``."""
@@ -128,6 +150,7 @@ class WorkerProcess:
         self._send(protocol.STOP_FRAME)
         if not await self.wait_exit(timeout):
             log.warning("worker %s did not stop in %.1fs; killing it", self.label, timeout)
+            self._kill_reason = f"was killed when it did not stop within {timeout:.1f}s"
             self.kill()
             await self.wait_exit(5.0)
 
@@ -163,6 +186,8 @@ class WorkerProcess:
         if self._exited:
             on_done(self._death_error("exited"))
             return batch_id
+        if self._execution_timeout and not self._inflight:
+            self._head_since = time.monotonic()
         self._inflight[batch_id] = on_done
         # protocol.Exec(batch_id, requests, lane, each).pack(), without the object
         self._send([protocol.EXEC, batch_id, requests, lane, each])
@@ -234,12 +259,19 @@ class WorkerProcess:
         if kind == protocol.DONE:
             done = protocol.Done.unpack(frame)
             on_done = self._inflight.pop(done.batch, None)
+            if self._execution_timeout and self._inflight:
+                self._head_since = time.monotonic()  # the next batch starts now
             if on_done is not None:
                 _settle(on_done, done)
         elif kind == protocol.PONG:
             self._last_pong = time.monotonic()
+            if self.unresponsive:
+                self.unresponsive = False
+                log.warning("worker %s answers its heartbeat again", self.label)
         elif kind in (protocol.READY, protocol.INIT_FAILED):
             self._on_handshake(frame)
+        elif kind == protocol.STAGE:
+            self._stage = protocol.Stage.unpack(frame).name
 
     def _on_handshake(self, frame: list[Any]) -> None:
         """READY or INIT_FAILED: the first frame, naming the worker's protocol version."""
@@ -262,7 +294,7 @@ class WorkerProcess:
         # EOF usually comes a moment before the exit status: give the sentinel a short while
         # to report why (signal, exit code), then fail in-flight work regardless.
         asyncio.get_running_loop().call_later(0.5, self._fail_inflight,
-                                              "closed its control channel")
+                                              self._kill_reason or "closed its control channel")
 
     def _on_sentinel(self) -> None:
         assert self._process is not None
@@ -270,7 +302,9 @@ class WorkerProcess:
         self._process.join(0)
         code = self._process.exitcode
         self._exited = True
-        if code is not None and code < 0:
+        if self._kill_reason is not None:
+            reason = self._kill_reason
+        elif code is not None and code < 0:
             reason = f"was killed by signal {signal.Signals(-code).name}"
         else:
             reason = f"exited with code {code}"
@@ -294,23 +328,49 @@ class WorkerProcess:
         self._on_exit(self, reason)
 
     def _death_error(self, reason: str) -> ServeError:
+        then = ("the model is being unloaded" if self._stopping
+                else "the instance is being restarted")
         return unavailable(f"worker for model instance '{self.label}' {reason} while "
-                           f"executing the request; the instance is being restarted")
+                           f"executing the request; {then}")
 
     def _fail_inflight(self, reason: str) -> None:
         inflight, self._inflight = self._inflight, {}
         for on_done in inflight.values():
             _settle(on_done, self._death_error(reason))
 
-    async def _watch(self, interval: float, hang_secs: float) -> None:
-        """Heartbeat: the worker sends a pong every interval from its own thread; a worker
-        silent for ``hang_secs`` is hung (its interpreter makes no progress) and is killed."""
+    async def _watch(self, limits: WorkerLimits) -> None:
+        """Heartbeat: the worker sends a pong every ``heartbeat_secs`` from its own thread;
+        a worker silent for half the heartbeat timeout stops counting as serving, one silent
+        for the whole timeout is hung (stopped, or its interpreter makes no progress) and is
+        killed. A batch executing longer than the execution timeout is hung too: killed, so
+        the instance is replaced and its requests fail."""
         self._last_pong = time.monotonic()
+        timeout = limits.heartbeat_timeout_secs
+        interval = limits.watch_interval
         while not self._exited:
+            before = time.monotonic()
             await asyncio.sleep(interval)
-            if time.monotonic() - self._last_pong > hang_secs:
-                log.error("worker %s sent no heartbeat for %.0fs; killing it",
-                          self.label, hang_secs)
+            now = time.monotonic()
+            if now - before > 2 * interval + 0.5:
+                continue  # our own loop was stalled: the pongs it holds are read first
+            silent = now - self._last_pong
+            if silent > timeout:
+                log.error("worker %s sent no heartbeat for %.1fs (timeout %gs); killing it",
+                          self.label, silent, timeout)
+                self._kill_reason = (f"was killed after sending no heartbeat for "
+                                     f"{timeout:g}s")
+                self.kill()
+                return
+            if silent > timeout * SUSPECT_SHARE and not self.unresponsive:
+                self.unresponsive = True
+                log.warning("worker %s sent no heartbeat for %.1fs; not ready until it does",
+                            self.label, silent)
+            limit = self._execution_timeout
+            if limit and self._inflight and now - self._head_since > limit:
+                log.error("worker %s executed a batch for more than the execution timeout of "
+                          "%gs; killing it", self.label, limit)
+                self._kill_reason = (f"was killed after a batch exceeded the execution "
+                                     f"timeout of {limit:g}s")
                 self.kill()
                 return
 

@@ -17,6 +17,7 @@ from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, InputTensor, OutputTensor
 from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.settings import Settings
+from shmserve.daemon.worker_limits import WorkerLimits
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.workers import protocol
 from shmserve.workers.backend import InstanceSpec, ModelSpec
@@ -33,6 +34,7 @@ class FakeWorker:
         self.pid: int | None = None
         self.alive = False
         self.became_ready = False
+        self.unresponsive = False
         self.hold = False
         self.frames: list[tuple[int, list[list[Any]], bool]] = []
         self.withdrawn: list[tuple[int, int]] = []
@@ -40,7 +42,7 @@ class FakeWorker:
         self._inflight: dict[int, DoneCallback] = {}
         self._ids = 0
 
-    async def start(self, heartbeat_secs: float, hang_secs: float) -> None:
+    async def start(self, limits: WorkerLimits) -> None:
         self.alive = self.became_ready = True
         self.pid = 1000 + len(made)
 

@@ -13,6 +13,7 @@ import pytest
 
 from shmserve.daemon.errors import ServeError
 from shmserve.daemon.model_config import complete_config, config_to_dict, read_config
+from shmserve.daemon.worker_limits import WorkerLimits
 from shmserve.daemon.worker_process import WorkerProcess
 from shmserve.workers import protocol
 from shmserve.workers.backend import InstanceSpec, ModelSpec
@@ -35,7 +36,7 @@ def test_records_pack_to_the_arrays_they_unpack_from() -> None:
     records: list[Any] = [
                protocol.Exec(7, [], 1, True), protocol.Cancel(7, 2), protocol.Release([3, 4]),
                protocol.Attach(5, 4096, 1 << 20), protocol.Detach(5), protocol.ShareRegion(6),
-               protocol.Ready(protocol.PROTOCOL_VERSION, 123),
+               protocol.Stage("model_initialize"), protocol.Ready(protocol.PROTOCOL_VERSION, 123),
                protocol.InitFailed(protocol.PROTOCOL_VERSION, "INTERNAL", "boom"),
                protocol.Done(7, [protocol.ANSWERED], [[[0], 1, 2, 3]])]
     unpacker = protocol.new_unpacker()
@@ -56,7 +57,7 @@ def test_records_pack_to_the_arrays_they_unpack_from() -> None:
 async def _run_worker(spec: protocol.WorkerSpec) -> protocol.Done | BaseException:
     worker = WorkerProcess(spec, spec.instance.name, lambda w, reason: None)
     try:
-        await worker.start(heartbeat_secs=5.0, hang_secs=60.0)
+        await worker.start(WorkerLimits())
         answered: asyncio.Future[protocol.Done | BaseException] = \
             asyncio.get_running_loop().create_future()
         data = np.arange(4, dtype=np.float32).tobytes()

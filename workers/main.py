@@ -136,10 +136,13 @@ class WorkerHost:
         backend_cls = resolve_backend(spec.backend)
         backend = backend_cls()
         self._backend = backend
+        self.send(protocol.Stage("backend_initialize").pack())
         backend.backend_initialize(spec.backend_config)
         self._hooks_done.append("backend")
+        self.send(protocol.Stage("model_initialize").pack())
         backend.model_initialize(self._model)
         self._hooks_done.append("model")
+        self.send(protocol.Stage("instance_initialize").pack())
         backend.instance_initialize(self._model, self._instance)
         self._hooks_done.append("instance")
 

@@ -20,8 +20,11 @@ Tensor bytes never travel in a frame unless they are tiny; a frame names them wi
 ``offset`` is absolute inside the segment/allocation and ``nbytes`` the tensor's byte size.
 
 Frames:
-    supervisor -> worker: Exec, Cancel, Release, Ping, Stop, Attach, Detach, ShareRegion
-    worker -> supervisor: Ready, InitFailed, Done, Pong
+    supervisor -> worker: Exec, Cancel, Release, Ping, Stop, Attach, Detach, ShareRegion, Trim
+    worker -> supervisor: Stage, Ready, InitFailed, Done, Pong
+
+While it initializes, the worker names each hook before running it (``Stage``), so an
+initialize that overruns its timeout is reported by stage.
 
 ``Exec`` runs its requests (``ExecRequest``) as one batch, or with ``each`` one execution per
 request; large outputs go to the output arena of pipeline ``lane``. ``Done`` answers it with
@@ -46,7 +49,8 @@ import msgpack
 
 from shmserve.workers.backend import InstanceSpec, ModelSpec
 
-PROTOCOL_VERSION = 4  # 1: msgpack maps before typed records; 2: before ShareRegion; 3: before Trim
+# 1: msgpack maps before typed records; 2: before ShareRegion; 3: before Trim; 4: before Stage
+PROTOCOL_VERSION = 5
 
 INLINE = "i"
 ARENA = "a"
@@ -67,6 +71,7 @@ READY = 10
 INIT_FAILED = 11
 DONE = 12
 PONG = 13
+STAGE = 14
 
 # Result kinds: the first element of each request's result in DONE.
 RESULT_OK = 0          # [RESULT_OK, [packed TensorRef, ...]]
@@ -267,6 +272,21 @@ class Ready:
     @classmethod
     def unpack(cls, raw: list[Any]) -> Ready:
         return cls(raw[1], raw[2])
+
+
+@dataclass(slots=True)
+class Stage:
+    """The worker starts the initialize hook ``name`` (e.g. model_initialize)."""
+
+    KIND: ClassVar[int] = STAGE
+    name: str
+
+    def pack(self) -> list[Any]:
+        return [STAGE, self.name]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> Stage:
+        return cls(raw[1])
 
 
 @dataclass(slots=True)
