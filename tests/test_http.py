@@ -213,6 +213,17 @@ def test_every_datatype(client: httpclient.InferenceServerClient, binary: bool) 
     assert "binary_data_size" in response["OUT_FP16"]["parameters"]  # never JSON
 
 
+@pytest.mark.parametrize("response_algorithm", [None, "gzip"])
+def test_large_binary_payload(client: httpclient.InferenceServerClient,
+                              response_algorithm: str | None) -> None:
+    data = np.random.default_rng(7).random(1 << 20, dtype=np.float32)  # 4 MiB each way
+    tensor = httpclient.InferInput("INPUT0", [data.size], "FP32")
+    tensor.set_data_from_numpy(data)
+    result = client.infer("identity_fp32", [tensor],
+                          response_compression_algorithm=response_algorithm)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
+
+
 def test_nested_and_flat_json_data(server: ServerProcess) -> None:
     body = {"inputs": [
         {"name": "INPUT0", "datatype": "INT32", "shape": [2, 16],

@@ -49,6 +49,9 @@ HTTP_STATUS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
 }
 JSON_TYPE = "application/json"
+# Responses up to this size are sent as one joined body; larger ones write the outputs' bytes
+# as they are, after the JSON header.
+SMALL_RESPONSE = 64 << 10
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -361,11 +364,16 @@ class HttpDoor:
         encoding = _pick_encoding(accept)
         if encoding is not None:
             return _compressed(head, parts, encoding)
-        response = web.StreamResponse(headers={"Content-Type": JSON_TYPE if not parts else
-                                               "application/octet-stream"})
-        if parts:
-            response.headers[HEADER_LENGTH] = str(len(head))
-        response.content_length = len(head) + sum(len(part) for part in parts)
+        if not parts:
+            return web.Response(body=head, content_type=JSON_TYPE)
+        size = len(head) + sum(len(part) for part in parts)
+        headers = {HEADER_LENGTH: str(len(head))}
+        if size <= SMALL_RESPONSE:  # one write beats several for small answers
+            return web.Response(body=b"".join([head, *parts]), headers=headers,
+                                content_type="application/octet-stream")
+        response = web.StreamResponse(headers=headers)
+        response.content_type = "application/octet-stream"
+        response.content_length = size
         await response.prepare(request)
         await response.write(head)
         for part in parts:
