@@ -124,6 +124,8 @@ def test_health_and_metadata(client: httpclient.InferenceServerClient,
 def test_readiness_probe_is_plain_http(server: ServerProcess) -> None:
     status, _, body = _raw(server, "GET", "/v2/health/ready")
     assert (status, body) == (200, b"")
+    status, _, body = _raw(server, "GET", "/v2/nothing/here")
+    assert status == 404 and _error(body) == "Not Found: GET /v2/nothing/here"
     assert _raw(server, "GET", "/v2/models/simple/ready")[0] == 200
     assert _raw(server, "GET", "/v2/models/nope/ready")[0] == 400
 
@@ -504,7 +506,8 @@ def test_unknown_model_is_404_with_grpc_text(client: httpclient.InferenceServerC
     assert config.value.message() == rpc_config.value.message()
 
 
-@pytest.mark.parametrize("case", ["datatype", "shape", "missing", "unknown_input", "bytesize"])
+@pytest.mark.parametrize("case", ["datatype", "shape", "missing", "unknown_input", "bytesize",
+                                  "batch", "unknown_output", "bytes_for_int32"])
 def test_invalid_requests_match_grpc(client: httpclient.InferenceServerClient,
                                      grpc_client: grpcclient.InferenceServerClient,
                                      case: str) -> None:
@@ -518,6 +521,12 @@ def test_invalid_requests_match_grpc(client: httpclient.InferenceServerClient,
         elif case == "shape":
             first = module.InferInput("INPUT0", [1, 8], "INT32")
             first.set_data_from_numpy(np.zeros((1, 8), dtype=np.int32))
+        elif case == "batch":
+            first = module.InferInput("INPUT0", [9, 16], "INT32")
+            first.set_data_from_numpy(np.zeros((9, 16), dtype=np.int32))
+        elif case == "bytes_for_int32":
+            first = module.InferInput("INPUT0", [1, 16], "BYTES")
+            first.set_data_from_numpy(np.array([[b"x"] * 16], dtype=np.object_))
         elif case == "unknown_input":
             first = module.InferInput("BOGUS", [1, 16], "INT32")
             first.set_data_from_numpy(a)
@@ -533,8 +542,14 @@ def test_invalid_requests_match_grpc(client: httpclient.InferenceServerClient,
         second.set_data_from_numpy(a)
         return [first] if case == "missing" else [first, second]
 
-    http_error, grpc_error = _both(client, grpc_client, "simple", build(httpclient),
-                                   build(grpcclient))
+    def outputs(module: Any) -> list[Any] | None:
+        return [module.InferRequestedOutput("BOGUS")] if case == "unknown_output" else None
+
+    with pytest.raises(InferenceServerException) as over_http:
+        client.infer("simple", build(httpclient), outputs=outputs(httpclient))
+    with pytest.raises(InferenceServerException) as over_grpc:
+        grpc_client.infer("simple", build(grpcclient), outputs=outputs(grpcclient))
+    http_error, grpc_error = over_http.value, over_grpc.value
     assert http_error.status() == "400"
     assert http_error.message() == grpc_error.message()
 

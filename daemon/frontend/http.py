@@ -176,6 +176,7 @@ class HttpDoor:
                 get(f"{prefix}/trace/setting", self.trace),
                 post(f"{prefix}/trace/setting", self.trace),
             ]
+        routes.append(web.route("*", "/{path:.*}", self.unknown_path))
         app.add_routes([web.route(r.method, r.path, _errors(r.handler)) for r in routes])
         return app
 
@@ -221,6 +222,9 @@ class HttpDoor:
     @staticmethod
     def _version(request: web.Request) -> str:
         return request.match_info.get("version", "")
+
+    async def unknown_path(self, request: web.Request) -> web.StreamResponse:
+        return error_response(404, f"Not Found: {request.method} {request.path[:256]}")
 
     # --- health and metadata ------------------------------------------------------------
     async def live(self, request: web.Request) -> web.StreamResponse:
