@@ -96,6 +96,10 @@ class Settings:
     http_max_body_bytes: int = setting(
         2**31 - 1, flag="--http-max-body-bytes", parse=int, metavar="BYTES",
         help="HTTP: largest request body, after decompression (larger: 413)")
+    http_idle_secs: float = setting(
+        75.0, flag="--http-idle-secs", parse=float, metavar="S",
+        help="HTTP: close a connection that has not completed a request for this long "
+             "(idle keep-alive connections, and headers that trickle in)")
     metrics_address: str = setting(
         "", flag="--metrics-address", metavar="ADDRESS",
         help="address of the Prometheus metrics endpoint ('' = the gRPC address)")

@@ -627,6 +627,28 @@ def test_oversized_body_and_huge_header(server: ServerProcess,
     _still_serving(client)
 
 
+def test_slow_headers_are_cut_off(tmp_path: Path) -> None:
+    repo = build_repository(tmp_path / "repo", ["simple"])
+    with ServerProcess(repo, "--http-idle-secs", "1") as server:
+        server.wait_ready()
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+            started = time.monotonic()
+            closed = False
+            for piece in [b"GET /v2/health/ready HTTP/1.1\r\n"] + [b"X-Slow: y\r\n"] * 40:
+                try:
+                    sock.sendall(piece)
+                    time.sleep(0.2)
+                except OSError:
+                    closed = True
+                    break
+            if not closed:
+                sock.settimeout(5)
+                closed = sock.recv(1024) == b""
+            assert closed and time.monotonic() - started < 6
+        with httpclient.InferenceServerClient(server.http_url) as client:
+            _still_serving(client)
+
+
 def test_server_exiting_is_503(tmp_path: Path) -> None:
     repo = build_repository(tmp_path / "repo", ["sleeper"])
     server = ServerProcess(repo)

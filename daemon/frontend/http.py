@@ -144,7 +144,10 @@ class HttpDoor:
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body, handler_args={
             "max_line_size": self.core.settings.http_max_header_bytes,
-            "max_field_size": self.core.settings.http_max_header_bytes})
+            "max_field_size": self.core.settings.http_max_header_bytes,
+            # aiohttp closes a connection whose handler still waits for a complete request
+            # this long after the connection opened or after its last response.
+            "keepalive_timeout": self.core.settings.http_idle_secs})
         get, post = web.get, web.post
         model = "/v2/models/{model}"
         versioned = "/v2/models/{model}/versions/{version}"
