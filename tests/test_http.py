@@ -256,10 +256,28 @@ def test_fp16_as_json_is_refused(server: ServerProcess) -> None:
     assert "must be sent as binary data" in _error(answer)
 
 
-def test_request_parameters_reach_the_model(client: httpclient.InferenceServerClient) -> None:
+def test_request_parameters(client: httpclient.InferenceServerClient) -> None:
     inputs, a, b = _simple_inputs(True)
     result = client.infer("simple", inputs, parameters={"custom": "value", "n": 3})
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    with pytest.raises(InferenceServerException) as nested:
+        client.infer("simple", inputs, parameters={"custom": {"a": 1}})
+    assert nested.value.message() == "request parameter 'custom' must be a boolean, number " \
+                                     "or string"
+
+
+def test_versioned_paths(client: httpclient.InferenceServerClient,
+                         grpc_client: grpcclient.InferenceServerClient) -> None:
+    inputs, a, b = _simple_inputs(True)
+    result = client.infer("simple", inputs, model_version="1")
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    assert result.get_response()["model_version"] == "1"
+    with pytest.raises(InferenceServerException) as over_http:
+        client.infer("simple", inputs, model_version="3")
+    rpc_inputs, _, _ = _simple_inputs(True, grpcclient)
+    with pytest.raises(InferenceServerException) as over_grpc:
+        grpc_client.infer("simple", rpc_inputs, model_version="3")
+    assert over_http.value.message() == over_grpc.value.message()
 
 
 @pytest.mark.parametrize("request_algorithm,response_algorithm",
@@ -431,7 +449,7 @@ def test_shm_registered_over_http_used_over_grpc_and_back(
         shm.destroy_shared_memory_region(out_handle)
 
 
-def test_shm_errors_match_grpc(client: httpclient.InferenceServerClient,
+def test_shm_errors_match_grpc(server: ServerProcess, client: httpclient.InferenceServerClient,
                                grpc_client: grpcclient.InferenceServerClient) -> None:
     with pytest.raises(InferenceServerException) as over_http:
         client.register_system_shared_memory("missing", f"{PREFIX}missing", 64)
@@ -448,6 +466,15 @@ def test_shm_errors_match_grpc(client: httpclient.InferenceServerClient,
         grpc_client.infer("simple", rpc_inputs)
     assert infer_http.value.message() == infer_grpc.value.message()
     assert infer_http.value.status() == "404"  # gRPC's NOT_FOUND
+    body = {"inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": [1, 16],
+                        "data": [0] * 16, "parameters": {"shared_memory_region": "nowhere",
+                                                         "shared_memory_byte_size": 64}},
+                       {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16],
+                        "data": [0] * 16}]}
+    status, _, answer = _raw(server, "POST", "/v2/models/simple/infer", json.dumps(body).encode())
+    assert status == 400
+    assert _error(answer) == ("unexpected 'content' provided when using shared memory for "
+                              "input 'INPUT0' for model 'simple'")
     status = client.get_cuda_shared_memory_status()
     assert status == []
     with pytest.raises(InferenceServerException) as cuda_http:

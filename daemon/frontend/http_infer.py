@@ -84,6 +84,9 @@ def parse_infer(model: str, header: dict[str, Any], binary: memoryview) -> HttpI
         item = TensorIn(name, datatype, shape)
         try:
             item.shm = _shm_params(params, f"input '{name}'")
+            if item.shm is not None and "data" in entry:
+                raise invalid_argument(f"unexpected 'content' provided when using shared "
+                                       f"memory for input '{name}' for model '{model}'")
         except ServeError as exc:
             item.fault = exc
         size = params.get("binary_data_size")
@@ -132,6 +135,11 @@ def parse_infer(model: str, header: dict[str, Any], binary: memoryview) -> HttpI
         outputs.append(output)
     parameters = dict(_object(header.get("parameters", {}), "request parameters"))
     binary_default = bool(parameters.pop("binary_data_output", False))
+    for key, value in parameters.items():
+        # What InferParameter can hold over gRPC: the model sees the same either way.
+        if not isinstance(value, bool | int | float | str):
+            raise invalid_argument(f"request parameter '{key}' must be a boolean, number or "
+                                   f"string")
     request_id = header.get("id", "")
     if not isinstance(request_id, str):
         raise _json_error("'id' must be a string")
