@@ -119,6 +119,8 @@ def test_health_and_metadata(client: httpclient.InferenceServerClient,
     assert config["input"][0]["dims"] == [16]
     assert config["input"][0]["data_type"] == expected["input"][0]["data_type"]
     assert [t["name"] for t in config["output"]] == ["OUTPUT0", "OUTPUT1"]
+    batching = client.get_model_config("string_upper")["dynamic_batching"]
+    assert batching["max_queue_delay_microseconds"] == 100  # uint64 as a JSON number
 
 
 def test_readiness_probe_is_plain_http(server: ServerProcess) -> None:
