@@ -344,6 +344,33 @@ def test_keep_alive_and_pipelining(server: ServerProcess) -> None:
         assert b'"name":"simple"' in received
 
 
+def test_generate(server: ServerProcess,
+                  grpc_client: grpcclient.InferenceServerClient) -> None:
+    status, _, answer = _raw(server, "POST", "/v2/models/string_upper/generate",
+                             json.dumps({"TEXT": "hello", "id": "g1", "note": 3}).encode())
+    assert status == 200, answer
+    assert json.loads(answer) == {"model_name": "string_upper", "model_version": "1",
+                                  "id": "g1", "UPPER": "HELLO"}
+    body = {"INPUT0": list(range(16)), "INPUT1": [2] * 16}
+    status, _, answer = _raw(server, "POST", "/v2/models/simple/versions/1/generate",
+                             json.dumps(body).encode())
+    assert status == 200, answer
+    value = json.loads(answer)
+    assert value["OUTPUT0"] == [i + 2 for i in range(16)]
+    assert value["OUTPUT1"] == [i - 2 for i in range(16)]
+    status, _, answer = _raw(server, "POST", "/v2/models/nope/generate", b"{}")
+    assert status == 404
+    assert _error(answer) == "Request for unknown model: 'nope' is not found"
+    status, _, answer = _raw(server, "POST", "/v2/models/simple/generate",
+                             json.dumps({"INPUT0": list(range(16))}).encode())
+    rpc_inputs, _, _ = _simple_inputs(True, grpcclient)
+    with pytest.raises(InferenceServerException) as over_grpc:
+        grpc_client.infer("simple", rpc_inputs[:1])
+    assert status == 400 and _error(answer) == over_grpc.value.message()
+    status, _, answer = _raw(server, "POST", "/v2/models/simple/generate_stream", b"{}")
+    assert status == 501 and "generate_stream" in _error(answer)
+
+
 # --- repository, logging, trace ----------------------------------------------------------------
 
 def test_repository_index(client: httpclient.InferenceServerClient) -> None:

@@ -24,19 +24,21 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from shmserve.daemon.core import Core
-from shmserve.daemon.errors import ServeError, invalid_argument
+from shmserve.daemon.errors import ServeError, invalid_argument, unimplemented
 from shmserve.daemon.frontend.http_infer import (
     HEADER_LENGTH,
     HttpInfer,
     binary_rule,
+    parse_generate,
     parse_infer,
+    render_generate,
     render_response,
     split_body,
 )
 from shmserve.daemon.infer_request import RequestItems
 from shmserve.daemon.operations import Operations
 from shmserve.daemon.reply import Reply
-from shmserve.daemon.request import OutputTensor
+from shmserve.daemon.request import InferRequest, OutputTensor
 
 log = logging.getLogger("shmserve.http")
 
@@ -176,6 +178,8 @@ class HttpDoor:
                 get(prefix, self.model_metadata), get(f"{prefix}/ready", self.model_ready),
                 get(f"{prefix}/config", self.model_config),
                 get(f"{prefix}/stats", self.statistics), post(f"{prefix}/infer", self.infer),
+                post(f"{prefix}/generate", self.generate),
+                post(f"{prefix}/generate_stream", self.generate_stream),
                 get(f"{prefix}/trace/setting", self.trace),
                 post(f"{prefix}/trace/setting", self.trace),
             ]
@@ -346,6 +350,29 @@ class HttpDoor:
         self.operations.trace_setting()
         return web.Response()
 
+    async def _run(self, model: str, version: str, parse: Callable[[], RequestItems]
+                   ) -> tuple[InferRequest, list[OutputTensor]]:
+        future: asyncio.Future[list[OutputTensor]] = asyncio.get_running_loop().create_future()
+        internal = self.core.submit(model, version, parse, _FutureReply(future))
+        try:
+            return internal, await future
+        except asyncio.CancelledError:
+            self.core.cancel(internal)  # the client went away
+            raise
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        """Triton's generate extension, one response (generate_stream: the streaming issue)."""
+        model, version = request.match_info["model"], self._version(request)
+        body = await self._body_json(request)
+        config = self.operations.model_config(model, version)
+        internal, outputs = await self._run(model, version,
+                                            lambda: parse_generate(model, body, config))
+        return web.Response(body=render_generate(internal, outputs), content_type=JSON_TYPE)
+
+    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+        raise unimplemented("generate_stream (server-sent events) is not supported by shmserve "
+                            "yet; use generate")
+
     # --- inference ----------------------------------------------------------------------
     async def infer(self, request: web.Request) -> web.StreamResponse:
         model, version = request.match_info["model"], self._version(request)
@@ -359,13 +386,7 @@ class HttpDoor:
             parsed.append(parse_infer(model, header, binary))
             return parsed[0].items
 
-        future: asyncio.Future[list[OutputTensor]] = asyncio.get_running_loop().create_future()
-        internal = self.core.submit(model, version, parse, _FutureReply(future))
-        try:
-            outputs = await future
-        except asyncio.CancelledError:
-            self.core.cancel(internal)  # the client went away
-            raise
+        internal, outputs = await self._run(model, version, parse)
         head, parts = render_response(internal, outputs, binary_rule(parsed[0]))
         accept = request.headers.get("Accept-Encoding", "")
         encoding = _pick_encoding(accept)

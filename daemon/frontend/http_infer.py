@@ -17,8 +17,15 @@ from typing import Any
 import numpy as np
 
 from shmserve.daemon.errors import ServeError, invalid_argument, unimplemented
-from shmserve.daemon.infer_request import OutputIn, RequestItems, ShmRef, TensorIn
+from shmserve.daemon.infer_request import (
+    OutputIn,
+    RequestItems,
+    ShmRef,
+    TensorIn,
+    config_datatype,
+)
 from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos.datatypes import (
     deserialize_bytes_tensor,
     element_count,
@@ -292,3 +299,55 @@ def _region_of(request: InferRequest, output: str) -> str:
         if requested.name == output and requested.region is not None:
             return requested.region.name
     return ""
+
+
+# --- Triton's generate extension (POST /v2/models/{m}/generate) ------------------------------
+
+def parse_generate(model: str, body: dict[str, Any], config: mc.ModelConfig) -> RequestItems:
+    """Top-level keys named like the model's inputs are the inputs (a scalar or a flat or
+    nested array, shape taken from it, a batch of 1 prepended for a batching model); every
+    other key, and the members of "parameters", is a request parameter."""
+    inputs: list[TensorIn] = []
+    names = set()
+    for tensor in config.input:
+        names.add(tensor.name)
+        if tensor.name not in body:
+            continue  # a missing required input is the core's to report
+        value = body[tensor.name]
+        shape = _generate_shape(value)
+        if config.max_batch_size > 0:
+            shape = [1, *shape]
+        item = TensorIn(tensor.name, config_datatype(tensor.data_type), shape)
+        item.data = json_tensor_bytes(tensor.name, item.datatype, shape, value, model)
+        inputs.append(item)
+    parameters = dict(_object(body.get("parameters", {}), "'parameters'"))
+    for key, value in body.items():
+        if key not in names and key not in ("parameters", "id"):
+            parameters[key] = value
+    for key, value in parameters.items():
+        if not isinstance(value, bool | int | float | str):
+            raise invalid_argument(f"request parameter '{key}' must be a boolean, number or "
+                                   f"string")
+    request_id = body.get("id", "")
+    return RequestItems(inputs, [], parameters, request_id if isinstance(request_id, str)
+                        else "", "")
+
+
+def _generate_shape(value: Any) -> list[int]:
+    shape: list[int] = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        value = value[0] if value else None
+    return shape or [1]
+
+
+def render_generate(request: InferRequest, outputs: list[OutputTensor]) -> bytes:
+    """Each output under its own name: a single element as a scalar, else a flat array."""
+    answer: dict[str, Any] = {"model_name": request.model,
+                              "model_version": str(request.version)}
+    if request.request_id:
+        answer["id"] = request.request_id
+    for output in outputs:
+        values = _json_data(output) if output.data is not None else []
+        answer[output.name] = values[0] if len(values) == 1 else values
+    return json.dumps(answer, separators=(",", ":")).encode()
