@@ -22,7 +22,8 @@ from shmserve.client._common import (
 )
 from shmserve.client._sync import Client
 from shmserve.client.errors import RegionFullError, ShmserveError
-from shmserve.client.regions import ALIGNMENT, BytesTensor, Region, SystemRegion
+from shmserve.client.memfd_region import MemfdRegion
+from shmserve.client.regions import ALIGNMENT, BytesTensor, HostRegion, Region, SystemRegion
 from shmserve.protos.datatypes import deserialize_bytes_tensor, serialize_bytes_tensor
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "AsyncClient",
     "BytesTensor",
     "Client",
+    "HostRegion",
+    "MemfdRegion",
     "Region",
     "RegionFullError",
     "RegionStatus",

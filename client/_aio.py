@@ -53,7 +53,8 @@ from shmserve.client._unary import Unary
 from shmserve.client._wire import decode_infer_response
 from shmserve.client.errors import ShmserveError, from_rpc_error
 from shmserve.client.local_channel import AsyncLocalChannel, MessageTooLarge
-from shmserve.client.regions import SystemRegion
+from shmserve.client.memfd_region import MemfdRegion, with_passed_fd
+from shmserve.client.regions import HostRegion
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos import shmserve_service_pb2 as pb
 
@@ -306,17 +307,28 @@ class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
         raise ShmserveError(grpc.StatusCode.UNIMPLEMENTED,
                             "CUDA shared-memory regions are not implemented in this client yet")
 
-    async def _open_region(self, byte_size: int) -> SystemRegion:
-        region = self._new_region(byte_size)
+    async def _open_region(self, byte_size: int) -> HostRegion:
+        channel = await self._local()
+        region = self._new_region(byte_size, channel)
         try:
-            await self.register_system_shared_memory(region.name, region.key, region.byte_size)
+            if isinstance(region, MemfdRegion):
+                assert channel is not None
+                message, recorded = self._record_memfd(region)
+                try:
+                    await channel.call(with_passed_fd(channel.fd_door, message), self.timeout)
+                except ShmserveError:
+                    self._unrecord(region.name, recorded)
+                    raise
+            else:
+                await self.register_system_shared_memory(region.name, region.key,
+                                                         region.byte_size)
         except BaseException:
             region.close()
             raise
         self._regions.add(region)
         return region
 
-    async def _release(self, region: SystemRegion, raise_errors: bool) -> None:
+    async def _release(self, region: HostRegion, raise_errors: bool) -> None:
         if not self._leaving(region):
             return
         try:
@@ -383,7 +395,7 @@ async def _enumerate(items: AnyIterable[T]) -> AsyncIterator[tuple[int, T]]:
 class _AsyncRegionContext(RegionContext[AsyncClient]):
     """The async context manager ``AsyncClient.shared_memory`` returns."""
 
-    async def __aenter__(self) -> SystemRegion:
+    async def __aenter__(self) -> HostRegion:
         self._region = await self._client._open_region(self._byte_size)
         return self._region
 

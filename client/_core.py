@@ -45,7 +45,8 @@ from shmserve.client._local import (
     too_large,
 )
 from shmserve.client.errors import ShmserveError
-from shmserve.client.regions import SystemRegion
+from shmserve.client.memfd_region import FdChannel, MemfdRegion, new_region
+from shmserve.client.regions import HostRegion
 
 #: The default of every ``timeout=`` argument: the client's ``timeout`` (``load_timeout``).
 UNSET: Any = object()
@@ -131,9 +132,9 @@ class ClientCore(Generic[LinkT, ChannelT]):
         return "shm" if self._link is not None and not self._link.fell_back else "grpc"
 
     @property
-    def regions(self) -> list[SystemRegion]:
+    def regions(self) -> list[HostRegion]:
         """This client's open regions."""
-        return [r for r in self._regions if isinstance(r, SystemRegion)]
+        return [r for r in self._regions if isinstance(r, HostRegion)]
 
     def _deadline(self, timeout: float | None, loads: bool = False) -> float | None:
         if timeout is not UNSET:
@@ -195,14 +196,22 @@ class ClientCore(Generic[LinkT, ChannelT]):
         return request_id, request
 
     # --- regions -----------------------------------------------------------------------------
-    def _new_region(self, byte_size: int) -> SystemRegion:
-        """A new region for ``shared_memory``; the shell registers it, then adds it to
-        ``_regions``."""
+    def _new_region(self, byte_size: int, channel: FdChannel | None = None) -> HostRegion:
+        """A new region for ``shared_memory``: a sealed memfd on a local ``channel`` that takes
+        them (the shell registers it with ``_record_memfd``), else a POSIX segment; the shell
+        registers it, then adds it to ``_regions``."""
         if self._closed:
             raise closed_error()
-        return SystemRegion(byte_size)
+        return new_region(channel, byte_size)
 
-    def _leaving(self, region: SystemRegion) -> bool:
+    def _record_memfd(self, region: MemfdRegion) -> tuple[dict[str, Any], bool]:
+        """The register message of a memfd region (its fd still to be passed, see
+        ``with_passed_fd``), remembered like ``_record`` does."""
+        assert self._link is not None
+        message = region.register_message()
+        return message, self._link.registrations.add_message(region.name, message)
+
+    def _leaving(self, region: HostRegion) -> bool:
         """Start releasing ``region``: True when it is this client's and must be unregistered
         (it is unlinked already: nothing can leak in /dev/shm even if the unregister call is
         interrupted); False when it is not (or no longer) this client's: it is only closed."""
@@ -235,9 +244,9 @@ class RegionContext(Generic[ClientT]):
     def __init__(self, client: ClientT, byte_size: int) -> None:
         self._client = client
         self._byte_size = byte_size
-        self._region: SystemRegion | None = None
+        self._region: HostRegion | None = None
 
-    def _taken(self) -> SystemRegion | None:
+    def _taken(self) -> HostRegion | None:
         """The region, for the block's exit (once)."""
         region, self._region = self._region, None
         return region

@@ -35,6 +35,7 @@ from shmserve.client._convert import (
 )
 from shmserve.client.errors import ShmserveError, invalid_argument
 from shmserve.client.local_channel import AsyncLocalChannel, LocalChannel, socket_path
+from shmserve.client.memfd_region import with_passed_fd
 from shmserve.protos import shmserve_service_pb2 as pb
 from shmserve.protos.local_socket import client_socket_path
 
@@ -167,13 +168,17 @@ class Registrations:
     """The regions registered on the channel: replayed on a new channel after a reconnect."""
 
     def __init__(self) -> None:
-        self._items: dict[str, tuple[str, int, int]] = {}
+        self._items: dict[str, dict[str, Any]] = {}  # name -> its register message
 
     def add(self, name: str, key: str, offset: int, byte_size: int) -> bool:
         """Record ``name``; False when it is recorded already (the server will refuse it)."""
+        return self.add_message(name, register_message(name, key, offset, byte_size))
+
+    def add_message(self, name: str, message: dict[str, Any]) -> bool:
+        """``add`` for a prepared register message (a memfd region's, see memfd_region.py)."""
         if name in self._items:
             return False
-        self._items[name] = (key, offset, byte_size)
+        self._items[name] = message
         return True
 
     def discard(self, name: str) -> None:
@@ -183,8 +188,7 @@ class Registrations:
             self._items.clear()
 
     def messages(self) -> list[dict[str, Any]]:
-        return [register_message(name, key, offset, byte_size)
-                for name, (key, offset, byte_size) in list(self._items.items())]
+        return [dict(message) for message in list(self._items.values())]
 
 
 def register_message(name: str, key: str, offset: int, byte_size: int) -> dict[str, Any]:
@@ -354,7 +358,7 @@ class LocalLink(Link[LocalChannel]):
             return None
         for message in replay:
             try:
-                channel.call(message, CONNECT_TIMEOUT)
+                channel.call(with_passed_fd(channel.fd_door, message), CONNECT_TIMEOUT)
             except ShmserveError as exc:
                 self._replay_failed(message, exc)
         self._channel = channel
@@ -408,7 +412,7 @@ class AsyncLocalLink(Link[AsyncLocalChannel]):
             return None
         for message in replay:
             try:
-                await channel.call(message, CONNECT_TIMEOUT)
+                await channel.call(with_passed_fd(channel.fd_door, message), CONNECT_TIMEOUT)
             except ShmserveError as exc:
                 self._replay_failed(message, exc)
         self._channel = channel

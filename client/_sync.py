@@ -53,7 +53,8 @@ from shmserve.client._unary import Unary
 from shmserve.client._wire import decode_infer_response
 from shmserve.client.errors import ShmserveError, from_rpc_error
 from shmserve.client.local_channel import Callback, LocalChannel, MessageTooLarge
-from shmserve.client.regions import SystemRegion
+from shmserve.client.memfd_region import MemfdRegion, with_passed_fd
+from shmserve.client.regions import HostRegion
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos import shmserve_service_pb2 as pb
 
@@ -335,17 +336,27 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
         raise ShmserveError(grpc.StatusCode.UNIMPLEMENTED,
                             "CUDA shared-memory regions are not implemented in this client yet")
 
-    def _open_region(self, byte_size: int) -> SystemRegion:
-        region = self._new_region(byte_size)
+    def _open_region(self, byte_size: int) -> HostRegion:
+        channel = self._local()
+        region = self._new_region(byte_size, channel)
         try:
-            self.register_system_shared_memory(region.name, region.key, region.byte_size)
+            if isinstance(region, MemfdRegion):
+                assert channel is not None
+                message, recorded = self._record_memfd(region)
+                try:
+                    channel.call(with_passed_fd(channel.fd_door, message), self.timeout)
+                except ShmserveError:
+                    self._unrecord(region.name, recorded)
+                    raise
+            else:
+                self.register_system_shared_memory(region.name, region.key, region.byte_size)
         except BaseException:
             region.close()
             raise
         self._regions.add(region)
         return region
 
-    def _release(self, region: SystemRegion, raise_errors: bool) -> None:
+    def _release(self, region: HostRegion, raise_errors: bool) -> None:
         """Unregister (best effort when the server is gone), then unlink and unmap."""
         if not self._leaving(region):
             return
@@ -403,7 +414,7 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
 class _RegionContext(RegionContext[Client]):
     """The context manager ``Client.shared_memory`` returns."""
 
-    def __enter__(self) -> SystemRegion:
+    def __enter__(self) -> HostRegion:
         self._region = self._client._open_region(self._byte_size)
         return self._region
 

@@ -31,6 +31,7 @@ import grpc
 import msgpack
 
 from shmserve.client.errors import ShmserveError
+from shmserve.client.memfd_region import FdDoor
 from shmserve.protos.local_messages import DOORBELL, HANDSHAKE_LENGTH, client_hello
 from shmserve.protos.local_ring import MessageTooLarge, Ring, RingFull, layout
 from shmserve.protos.local_socket import check_server
@@ -88,13 +89,14 @@ class _Replies:
             ring.release()
 
 
-def _handshake(sock: socket.socket, announce: bool = True
+def _handshake(sock: socket.socket, announce: bool = True, kept: list[int] | None = None
                ) -> tuple[dict[str, Any], mmap.mmap, Ring, _Replies]:
     """Receive the server's hello and the channel's memory; then (``announce``) tell the
     server this client reads the direct rings, so that its workers may answer into them.
-    The announcement's reply (id 0) is ignored like any reply nobody waits for."""
+    The announcement's reply (id 0) is ignored like any reply nobody waits for.
+    ``kept`` receives the fds after the first (the fd door), which are closed otherwise."""
     fds = array.array("i")
-    data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(fds.itemsize))
+    data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(2 * fds.itemsize))
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
@@ -111,13 +113,26 @@ def _handshake(sock: socket.socket, announce: bool = True
         rings = layout(hello["ring_bytes"], *hello.get("direct", (0, 0)))
         memory = mmap.mmap(fds[0], rings.total)
     finally:
-        for fd in fds:
-            os.close(fd)
+        for index, fd in enumerate(fds):
+            if index and kept is not None:
+                kept.append(fd)
+            else:
+                os.close(fd)
     requests = Ring.attach(memory, rings.request_base)
     if announce and rings.direct_bases:
         requests.put(msgpack.packb(client_hello()))
         sock.send(_DOORBELL)
     return hello, memory, requests, _Replies(memory, [rings.response_base, *rings.direct_bases])
+
+
+def fd_door(hello: dict[str, Any], kept: list[int]) -> FdDoor | None:
+    """The channel's fd door, when the server passed one (hello "fd_door"); fds the client
+    does not know what to do with are closed."""
+    door = FdDoor(kept.pop(0)) if kept and hello.get("fd_door") == 1 else None
+    for fd in kept:
+        os.close(fd)
+    kept.clear()
+    return door
 
 
 def socket_path(url: str) -> str:
@@ -149,6 +164,8 @@ class _Channel:
     whether the channel is closed."""
 
     hello: dict[str, Any]
+    #: Where memfd regions' fds go to the server (None: it takes none).
+    fd_door: FdDoor | None
     _closed: bool
     _waiting: dict[int, Any]
 
@@ -178,13 +195,18 @@ class LocalChannel(_Channel):
         self.path = path
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(connect_timeout)
+        kept: list[int] = []
         try:
             sock.connect(path)
             check_server(sock, path, server_uid)
-            self.hello, self._memory, self._requests, self._responses = _handshake(sock)
+            self.hello, self._memory, self._requests, self._responses = _handshake(sock,
+                                                                                   kept=kept)
         except BaseException:
             sock.close()
+            for fd in kept:
+                os.close(fd)
             raise
+        self.fd_door = fd_door(self.hello, kept)
         sock.setblocking(False)
         self._sock = sock
         self._poll = select.poll()
@@ -355,15 +377,18 @@ class LocalChannel(_Channel):
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+        if self.fd_door is not None:
+            self.fd_door.close()
 
 
 class AsyncLocalChannel(_Channel):
     """The same channel on an asyncio loop: the loop watches the doorbell socket."""
 
     def __init__(self, path: str, hello: dict[str, Any], memory: mmap.mmap, requests: Ring,
-                 responses: _Replies, sock: socket.socket) -> None:
+                 responses: _Replies, sock: socket.socket, door: FdDoor | None = None) -> None:
         self.path = path
         self.hello = hello
+        self.fd_door = door
         self._memory = memory
         self._requests = requests
         self._responses = responses
@@ -389,18 +414,20 @@ class AsyncLocalChannel(_Channel):
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
+        kept: list[int] = []
         try:
             async with asyncio.timeout(connect_timeout):
                 await loop.sock_connect(sock, path)
                 check_server(sock, path, server_uid)
-                hello, memory, requests, responses = await _async_handshake(loop, sock)
-        except TimeoutError:
+                hello, memory, requests, responses = await _async_handshake(loop, sock, kept)
+        except BaseException as exc:
             sock.close()
-            raise OSError(errno.ETIMEDOUT, "local channel handshake timed out") from None
-        except BaseException:
-            sock.close()
+            for fd in kept:
+                os.close(fd)
+            if isinstance(exc, TimeoutError):
+                raise OSError(errno.ETIMEDOUT, "local channel handshake timed out") from None
             raise
-        return cls(path, hello, memory, requests, responses, sock)
+        return cls(path, hello, memory, requests, responses, sock, fd_door(hello, kept))
 
     def _readable(self) -> None:
         """Doorbell: the server published replies (or closed the socket)."""
@@ -437,6 +464,8 @@ class AsyncLocalChannel(_Channel):
         if self._sock.fileno() != -1:  # once: the number may belong to another socket later
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
+            if self.fd_door is not None:
+                self.fd_door.close()
 
     def _fail_all(self, reason: str) -> None:
         self._closed = True
@@ -567,7 +596,8 @@ class AsyncLocalChannel(_Channel):
         self._lost("local channel closed by the client")
 
 
-async def _async_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
+async def _async_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                           kept: list[int] | None = None
                            ) -> tuple[dict[str, Any], mmap.mmap, Ring, _Replies]:
     """``_handshake`` on a non-blocking socket: wait until readable, then read it."""
     readable: asyncio.Future[None] = loop.create_future()
@@ -583,6 +613,6 @@ async def _async_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
         loop.remove_reader(sock.fileno())
     sock.settimeout(1.0)  # the hello is one small message: it is all there or nearly
     try:
-        return _handshake(sock)
+        return _handshake(sock, kept=kept)
     finally:
         sock.setblocking(False)

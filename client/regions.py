@@ -1,9 +1,11 @@
-"""Client-owned POSIX shared-memory regions with a bump allocator for tensors.
+"""Client-owned shared-memory regions with a bump allocator for tensors.
 
-A region is one POSIX segment, created with posix_ipc and mapped with mmap (never
-``multiprocessing.shared_memory``: its resource tracker unlinks segments behind our back).
-Segments are named ``/shmserve_client_<pid>_<n>_<hex>`` so that ``shmserve shm ls`` and
-``shmserve shm clean`` can tell which process created them and whether it is still alive.
+``HostRegion`` is the allocator over a mapping. ``SystemRegion`` is one POSIX segment,
+created with posix_ipc and mapped with mmap (never ``multiprocessing.shared_memory``: its
+resource tracker unlinks segments behind our back). Segments are named
+``/shmserve_client_<pid>_<n>_<hex>`` so that ``shmserve shm ls`` and ``shmserve shm clean``
+can tell which process created them and whether it is still alive. ``MemfdRegion``
+(client/memfd_region.py) is the sealed memfd the client uses on a local channel instead.
 
 Registration with a server is the client's business (``Client.shared_memory``); this module
 only owns the memory.
@@ -107,43 +109,42 @@ class BytesTensor:
         return deserialize_bytes_tensor(self.data.data, count).reshape(self.shape)
 
 
-class SystemRegion:
-    """A POSIX shared-memory segment mapped into this process, with a 64-byte bump allocator.
+class HostRegion:
+    """Host memory mapped into this process, with a 64-byte bump allocator.
 
-    ``ndarray(shape, dtype)`` hands out C-contiguous arrays that live in the segment; when such an
-    array (or a C-contiguous view of it) is an input to ``Client.infer``, the request carries a
-    reference to the region instead of the tensor's bytes. Allocations are never freed one by one:
-    ``reset()`` starts over at offset 0 (arrays handed out earlier then alias new ones).
+    ``ndarray(shape, dtype)`` hands out C-contiguous arrays that live in the region; when such
+    an array (or a C-contiguous view of it) is an input to ``Client.infer``, the request carries
+    a reference to the region instead of the tensor's bytes. Allocations are never freed one by
+    one: ``reset()`` starts over at offset 0 (arrays handed out earlier then alias new ones).
+
+    Subclasses say where the memory comes from: ``SystemRegion`` (a named POSIX segment) and
+    ``MemfdRegion`` (a sealed memfd passed to the server over the local channel).
     """
 
     kind = "system"
+    name: str
+    key: str
 
     def __init__(self, byte_size: int) -> None:
         if byte_size <= 0:
             raise invalid_argument(f"a shared-memory region needs a positive size, got "
                                    f"{byte_size}")
-        self.key = segment_key()
-        self.name = self.key[1:]
         self.byte_size = int(byte_size)
         self._lock = threading.Lock()
         self._next = 0
         self._closed = False
-        shm = posix_ipc.SharedMemory(self.key, posix_ipc.O_CREX, mode=0o600,
-                                     size=self.byte_size)
-        try:
-            self._mmap: mmap.mmap | None = mmap.mmap(shm.fd, self.byte_size)
-        except BaseException:
-            shm.close_fd()
-            posix_ipc.unlink_shared_memory(self.key)
-            raise
-        shm.close_fd()
-        self._finalizer = weakref.finalize(self, _unlink, self.key, os.getpid())
-        self._bytes: np.ndarray | None = np.frombuffer(self._mmap, dtype=np.uint8)
+        self._mmap: mmap.mmap | None = None
+        self._bytes: np.ndarray | None = None
+        self.address = 0
+
+    def _use_mapping(self, mapped: mmap.mmap) -> None:
+        self._mmap = mapped
+        self._bytes = np.frombuffer(mapped, dtype=np.uint8)
         self.address = array_address(self._bytes)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self._next}/{self.byte_size} bytes used"
-        return f"<SystemRegion {self.name} {state}>"
+        return f"<{type(self).__name__} {self.name} {state}>"
 
     # --- allocation -------------------------------------------------------------------------
     @property
@@ -230,13 +231,13 @@ class SystemRegion:
 
     # --- teardown ---------------------------------------------------------------------------
     def unlink(self) -> None:
-        """Remove the segment's name from /dev/shm (the mapping stays usable)."""
-        self._finalizer.detach()
-        with contextlib.suppress(posix_ipc.ExistentialError):
-            posix_ipc.unlink_shared_memory(self.key)
+        """Remove the region's name from the system, if it has one (the mapping stays usable)."""
+
+    def _release_memory(self) -> None:
+        """Give back what holds the memory besides the mapping (called once, by ``close``)."""
 
     def close(self) -> None:
-        """Unlink the segment and unmap it.
+        """Unlink the region (if it has a name), release it and unmap it.
 
         Arrays handed out earlier keep the mapping alive until they are garbage collected, so
         they never point at unmapped memory; the client just stops treating them as region
@@ -252,6 +253,41 @@ class SystemRegion:
         if mapped is not None:
             with contextlib.suppress(BufferError):
                 mapped.close()
+        self._release_memory()
+
+    def __getstate__(self) -> Any:
+        raise TypeError(f"a {type(self).__name__} belongs to the process that created it; pass "
+                        f"arrays instead")
+
+
+class SystemRegion(HostRegion):
+    """A POSIX shared-memory segment mapped into this process (see ``HostRegion``).
+
+    Its ``key`` names it in /dev/shm until it is closed; ``Client.shared_memory`` makes these
+    for gRPC (and for a local channel whose server cannot take sealed memfds).
+    """
+
+    def __init__(self, byte_size: int) -> None:
+        super().__init__(byte_size)
+        self.key = segment_key()
+        self.name = self.key[1:]
+        shm = posix_ipc.SharedMemory(self.key, posix_ipc.O_CREX, mode=0o600,
+                                     size=self.byte_size)
+        try:
+            mapped = mmap.mmap(shm.fd, self.byte_size)
+        except BaseException:
+            shm.close_fd()
+            posix_ipc.unlink_shared_memory(self.key)
+            raise
+        shm.close_fd()
+        self._finalizer = weakref.finalize(self, _unlink, self.key, os.getpid())
+        self._use_mapping(mapped)
+
+    def unlink(self) -> None:
+        """Remove the segment's name from /dev/shm (the mapping stays usable)."""
+        self._finalizer.detach()
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_shared_memory(self.key)
 
     def __getstate__(self) -> Any:
         raise TypeError("a SystemRegion belongs to the process that created it; pass arrays "

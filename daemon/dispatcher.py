@@ -69,6 +69,8 @@ class WorkerHandle(DirectTarget, Protocol):
 
     def release_regions(self, region_ids: list[int]) -> None: ...
 
+    def share_region_fd(self, region_id: int, fd: int) -> bool: ...
+
 
 # (spec, label, on_exit(worker, reason)) -> a worker not started yet
 WorkerFactory = Callable[[WorkerSpec, str, Callable[[Any, str], None]], WorkerHandle]
@@ -91,13 +93,18 @@ def _align(nbytes: int) -> int:
     return (nbytes + 63) // 64 * 64
 
 
-def _region_location(region: Region) -> tuple[str, list[Any]]:
+def _region_location(region: Region, worker: WorkerHandle) -> tuple[str, list[Any]]:
     """(where, location) of a client region in a TensorRef.
 
     CUDA regions travel as [id, raw 64-byte handle, device id]: the worker opens the handle.
+    A memfd region (key "") is passed to the worker by fd the first time it needs it.
     """
     if region.kind == "cuda":
         return CUDA, [region.region_id, region.raw_handle, region.device_id]
+    if region.fd >= 0 and not worker.share_region_fd(region.region_id, region.fd):
+        raise unavailable(f"could not pass shared memory region "
+                          f"'{region.name.partition(':')[2] or region.name}' to a worker; "
+                          f"retry the request")
     return SYSTEM, [region.region_id, region.key]
 
 
@@ -248,7 +255,7 @@ class Dispatcher:
                 if tensor.region is not None:
                     region = tensor.region
                     refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape,
-                                          *_region_location(region),
+                                          *_region_location(region, worker),
                                           region.offset + tensor.offset, tensor.nbytes).pack())
                 elif tensor.data is not None and len(tensor.data) > INLINE_LIMIT:
                     assert segment is not None
@@ -265,7 +272,8 @@ class Dispatcher:
                 destination = None
                 if output.region is not None:
                     region = output.region
-                    destination = TensorRef(output.name, "", [], *_region_location(region),
+                    destination = TensorRef(output.name, "", [], *_region_location(region,
+                                                                                   worker),
                                             region.offset + output.offset,
                                             output.byte_size).pack()
                 outputs.append([output.name, destination])

@@ -50,6 +50,7 @@ class Region:
     region_id: int = 0
     users: int = 0
     unregistered: bool = False
+    fd: int = -1              # a sealed memfd (local channel; key ""), closed once released
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,16 @@ class ShmRegistry:
             raise invalid_argument(f"cannot register shared memory region '{name}' - shm key "
                                    f"'{key}' belongs to another user")
 
+    def register_memfd(self, name: str, fd: int, offset: int, byte_size: int,
+                       owner: str) -> None:
+        """A local channel's sealed memfd (checked by frontend/local_fds.py). The registry owns
+        ``fd`` once this returns and closes it when the region is released."""
+        self._check_new_name(name)
+        if not name.startswith(PRIVATE_PREFIX) or not owner.startswith("local:"):
+            raise invalid_argument(f"cannot register shared memory region '{name}' - memfd "
+                                   f"regions belong to a local channel")
+        self._add(Region(name, "system", "", offset, byte_size, owner, fd=fd))
+
     def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int,
                       owner: str = "", peer_uid: int | None = None) -> None:
         self._check_door(name, peer_uid)
@@ -164,7 +175,7 @@ class ShmRegistry:
         del self._regions[region.name]
         region.unregistered = True
         if region.users == 0:
-            self._on_released([region.region_id])
+            self._released(region)
 
     def status(self, kind: str, name: str, owner: str = "") -> list[Region]:
         if name:
@@ -193,7 +204,13 @@ class ShmRegistry:
     def release(self, region: Region) -> None:
         region.users -= 1
         if region.users == 0 and region.unregistered:
-            self._on_released([region.region_id])
+            self._released(region)
+
+    def _released(self, region: Region) -> None:
+        if region.fd >= 0:
+            os.close(region.fd)
+            region.fd = -1
+        self._on_released([region.region_id])
 
     def __len__(self) -> int:
         return len(self._regions)

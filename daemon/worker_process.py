@@ -21,6 +21,7 @@ from typing import Any
 
 from shmserve.daemon.errors import ServeError, internal, unavailable
 from shmserve.workers import protocol
+from shmserve.workers.protocol import region_fd_tag
 from shmserve.workers.shm import remove_owner_arenas
 
 log = logging.getLogger("shmserve.supervisor")
@@ -78,6 +79,7 @@ class WorkerProcess:
         self._last_pong = time.monotonic()
         self._heartbeat: asyncio.Task[None] | None = None
         self._fd_socket: socket.socket | None = None
+        self._shared_regions: set[int] = set()  # memfd regions whose fd the worker has
         self.pid: int | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -185,11 +187,35 @@ class WorkerProcess:
         self._send(protocol.Attach(channel_id, ring_base, ring_capacity).pack())
         return True
 
+    def share_region_fd(self, region_id: int, fd: int) -> bool:
+        """Give the worker its own duplicate of a memfd region's fd (once per region); False if
+        that cannot be done now.
+
+        Passed over the fd socket (SCM_RIGHTS) rather than opened by the worker as
+        /proc/<supervisor>/fd/<n>: that open is checked against the memfd's mode and owner,
+        which the client chose (another uid when the server runs as its own user), and needs
+        /proc access to the supervisor (ptrace rules, hidepid, a non-dumpable process); a
+        passed fd needs none of that, and the worker holds the file itself, whatever the
+        supervisor closes later.
+        """
+        if region_id in self._shared_regions:
+            return True
+        if not self.alive or self._fd_socket is None:
+            return False
+        try:
+            socket.send_fds(self._fd_socket, [region_fd_tag(region_id)], [fd])
+        except OSError:  # full (the worker is busy for long) or gone
+            return False
+        self._send(protocol.ShareRegion(region_id).pack())
+        self._shared_regions.add(region_id)
+        return True
+
     def detach_channel(self, channel_id: int) -> None:
         if not self._exited:
             self._send(protocol.Detach(channel_id).pack())
 
     def release_regions(self, region_ids: list[int]) -> None:
+        self._shared_regions.difference_update(region_ids)
         if not self._exited:
             self._send(protocol.Release(region_ids).pack())
 

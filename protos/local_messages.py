@@ -5,10 +5,17 @@ Every message is a msgpack map (packed with ``use_bin_type=True``) in a ring of
 socket.
 
 Handshake (on the socket, once): the server sends ``HANDSHAKE_LENGTH`` (u32, little endian)
-and a ``server_hello`` map, with the channel's memfd as SCM_RIGHTS::
+and a ``server_hello`` map, with the channel's memfd and its *fd door* as SCM_RIGHTS
+(``[memfd, door]``; a client that knows no door closes the second fd)::
 
     {"v": PROTOCOL_VERSION, "channel": id, "ring_bytes": n, "size": memfd bytes,
-     "direct": [direct rings, bytes per direct ring], "grpc": "host:port"}
+     "direct": [direct rings, bytes per direct ring], "grpc": "host:port", "fd_door": 1}
+
+The fd door is one end of a SOCK_SEQPACKET socketpair, private to the channel. Over it the
+client passes the memfds of its regions: one datagram each, ``FD_TAG`` (u64, little endian,
+a number the client chose, unique on the channel) with exactly one fd as SCM_RIGHTS, sent
+before the "register" message that names that tag (daemon/frontend/local_fds.py checks it:
+sealed against shrinking, not against writes, open read-write, big enough).
 
 Requests (client -> server, request ring); every one carries ``"id"`` (the client's number,
 echoed in the reply) and ``"op"``:
@@ -19,6 +26,8 @@ echoed in the reply) and ``"op"``:
                        or [name, datatype, shape, INPUT_BYTES, bytes]
                 "out": [name] or [name, region, offset, byte size]
     register    "name", "key", "offset", "byte_size"      (a system region, channel scope)
+                or "name", "fd", "offset", "byte_size"    (a sealed memfd passed over the fd
+                door under tag "fd"; status shows it with key "")
     unregister  "name" ("" = all of the channel's)
     status      "name" ("" = all)
     ping
@@ -41,6 +50,7 @@ from typing import Any
 PROTOCOL_VERSION = 2
 HANDSHAKE_LENGTH = struct.Struct("<I")
 DOORBELL = b"\x01"
+FD_TAG = struct.Struct("<Q")
 
 OP_INFER = "infer"
 OP_REGISTER = "register"
@@ -54,9 +64,14 @@ INPUT_BYTES = "b"    # the bytes travel in the message (the server reads any mar
 
 
 def server_hello(channel: int, ring_bytes: int, size: int, direct_rings: int,
-                 direct_bytes: int, grpc_address: str) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "channel": channel, "ring_bytes": ring_bytes, "size": size,
-            "direct": [direct_rings, direct_bytes], "grpc": grpc_address}
+                 direct_bytes: int, grpc_address: str, fd_door: bool = False
+                 ) -> dict[str, Any]:
+    hello: dict[str, Any] = {"v": PROTOCOL_VERSION, "channel": channel,
+                             "ring_bytes": ring_bytes, "size": size,
+                             "direct": [direct_rings, direct_bytes], "grpc": grpc_address}
+    if fd_door:
+        hello["fd_door"] = 1
+    return hello
 
 
 def client_hello() -> dict[str, Any]:

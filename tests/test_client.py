@@ -6,6 +6,7 @@ Every test checks that it leaves no client segment in /dev/shm (the ``no_leaks``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,8 @@ from shmserve.client import (
     AsyncClient,
     BytesTensor,
     Client,
+    HostRegion,
+    MemfdRegion,
     RegionFullError,
     ShmserveError,
     StreamRequest,
@@ -47,9 +50,21 @@ def client_segments() -> set[str]:
     return {name for name in os.listdir(SHM) if name.startswith("shmserve_client_")}
 
 
-def segment_exists(region_or_key: SystemRegion | str) -> bool:
+def segment_exists(region_or_key: HostRegion | str) -> bool:
+    """Whether a region's memory is still held: its name in /dev/shm, or for a memfd region
+    (the local channel's, nameless) an fd of this process open on it."""
+    if isinstance(region_or_key, MemfdRegion):
+        return memfd_open(region_or_key.name)
     key = region_or_key if isinstance(region_or_key, str) else region_or_key.key
     return (SHM / key.lstrip("/")).exists()
+
+
+def memfd_open(name: str) -> bool:
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{name} "):
+                return True
+    return False
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 FRONTEND = Path(__file__).parent.parent / "daemon" / "frontend"
 # door -> its modules in daemon/frontend
-DOORS = {"grpc": {"service", "infer_grpc", "wire"}, "local": {"local"},
+DOORS = {"grpc": {"service", "infer_grpc", "wire"}, "local": {"local", "local_fds"},
          "http": {"http", "http_infer"}}
 NEVER = {"shmserve.daemon.worker_process", "shmserve.daemon.scheduler",
          "shmserve.daemon.dispatcher"}

@@ -21,6 +21,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import numpy as np
 import pytest
 
 import shmserve.tests.test_client as suite
-from shmserve.client import AsyncClient, Client, ShmserveError, SystemRegion
+from shmserve.client import AsyncClient, Client, HostRegion, ShmserveError, SystemRegion
 from shmserve.client._local import default_socket_path
 from shmserve.client.local_channel import LocalChannel, _handshake
 from shmserve.daemon import admin_shm
@@ -132,10 +133,10 @@ CLIENT_TESTS = [
     suite.test_exception_inside_with_leaves_nothing,
     suite.test_stream_infer,
 ]
+# Not here: the suite's tests of POSIX segments a dead program leaves in /dev/shm. Through the
+# channel the client's regions are memfds, which leave nothing (test_sigkilled_client_...).
 SERVER_TESTS = [
     suite.test_unregister_all_touches_only_this_clients_regions,
-    suite.test_program_raising_inside_with_leaves_nothing,
-    suite.test_sigkilled_program_leaves_segment_that_clean_removes,
     suite.test_close_and_garbage_collection_release_regions,
     suite.test_async_client_methods,
     suite.test_async_client_concurrency_32,
@@ -276,7 +277,9 @@ def test_errors_are_identical_to_grpc(local_server: LocalServer) -> None:
             assert got == expected, f"case {index}: {got} != {expected}"
 
         # Region errors name the client's own region: the same text but for that name.
-        with local.shared_memory(4096) as mine, plain.shared_memory(4096) as theirs:
+        # A segment made elsewhere, registered by key (the channel's own regions are memfds).
+        with local.shared_memory(4096) as mine, plain.shared_memory(4096) as theirs, \
+                closing(SystemRegion(4096)) as segment:
             seen = []
             for client, region in ((local, mine), (plain, theirs)):
                 rows = region.copy(np.tile(A, (2, 1)))
@@ -287,11 +290,11 @@ def test_errors_are_identical_to_grpc(local_server: LocalServer) -> None:
                     return c.infer("simple", {"INPUT0": rows, "INPUT1": rows},
                                    outputs={"OUTPUT0": tiny})
 
-                def twice(c: Client, region: SystemRegion = region) -> None:
-                    c.register_system_shared_memory(region.name, region.key, 64)
+                def twice(c: Client, region: HostRegion = region) -> None:
+                    c.register_system_shared_memory(region.name, segment.key, 64)
 
-                def too_big(c: Client, region: SystemRegion = region) -> None:
-                    c.register_system_shared_memory("too_big", region.key, 1 << 20)
+                def too_big(c: Client) -> None:
+                    c.register_system_shared_memory("too_big", segment.key, 1 << 20)
 
                 seen.append([(code, text.replace(region.name, "<region>")) for code, text in
                              (outcome(client, call) for call in (small_output, twice,
@@ -484,7 +487,7 @@ import numpy as np
 from shmserve.client import Client
 with Client(sys.argv[1]) as client, client.shared_memory(1 << 16) as region:
     x = region.copy(np.ones(1, np.int32))
-    print(region.key, client._link.current().channel_id, flush=True)
+    print(region.name, client._link.current().channel_id, flush=True)
     while True:  # two_instances sleeps 0.3 s per request: killed while one is in flight
         client.infer("two_instances", {"INPUT0": x})
 """
@@ -496,7 +499,7 @@ def test_sigkilled_client_is_reclaimed(start_server: StartServer, tmp_path: Path
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CHILD_LOOPS),
                               f"local://{path}"], stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
-    key, channel_id = child.stdout.readline().split()
+    name, channel_id = child.stdout.readline().split()
     assert channel_regions(server, channel_id) >= 1
     time.sleep(0.5)
     child.send_signal(signal.SIGKILL)
@@ -511,11 +514,9 @@ def test_sigkilled_client_is_reclaimed(start_server: StartServer, tmp_path: Path
             np.testing.assert_array_equal(
                 c.infer("simple", {"INPUT0": A, "INPUT1": B})["OUTPUT0"], A + 1)
         assert client.infer("two_instances", {"INPUT0": np.ones(1, np.int32)})["PID"].size == 1
-    # Only the client's own segment is left (SIGKILL): `shm ls` lists it as a dead
-    # process's, which `shm clean` removes (tests/test_client.py); remove just this one.
-    dead = {s.name: s for s in admin_shm.list_segments()}[key.lstrip("/")]
-    assert dead.alive is False and dead.pid == child.pid
-    (suite.SHM / key.lstrip("/")).unlink()
+    # Nothing is left behind: the client's region was a memfd, gone with its last fd.
+    assert name.startswith("shmserve_memfd_")
+    assert name not in {s.name for s in admin_shm.list_segments()}
     assert "Traceback" not in server.log()
 
 

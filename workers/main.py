@@ -33,6 +33,7 @@ from shmserve.workers.cuda_ipc import CudaRegions, DeviceOutput
 from shmserve.workers.direct_answers import DirectAnswers
 from shmserve.workers.proctitle import set_process_title, worker_title
 from shmserve.workers.protocol import CUDA, INLINE_LIMIT, ExecRequest, TensorRef, WorkerSpec
+from shmserve.workers.region_fds import adopt_region_fd
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache
 from shmserve.workers.tensors import InputResolver, map_region, output_bytes
 
@@ -99,6 +100,7 @@ class WorkerHost:
         self._cancelled: set[tuple[int, int]] = set()  # (batch, index) withdrawn before running
         self._last_batch = 0
         self._direct = DirectAnswers(fd_socket)
+        self._fd_socket = fd_socket
         self._model_version = str(spec.model.version)
 
     def send(self, frame: list[Any]) -> None:
@@ -215,6 +217,9 @@ class WorkerHost:
             self._direct.attach(attach.channel, attach.base, attach.capacity)
         elif kind == protocol.DETACH:
             self._direct.detach(protocol.Detach.unpack(frame).channel)
+        elif kind == protocol.SHARE_REGION:
+            adopt_region_fd(self._fd_socket, self._regions,
+                            protocol.ShareRegion.unpack(frame).region_id)
         else:
             log.error("unknown frame kind %r", kind)
 

@@ -20,7 +20,7 @@ Tensor bytes never travel in a frame unless they are tiny; a frame names them wi
 ``offset`` is absolute inside the segment/allocation and ``nbytes`` the tensor's byte size.
 
 Frames:
-    supervisor -> worker: Exec, Cancel, Release, Ping, Stop, Attach, Detach
+    supervisor -> worker: Exec, Cancel, Release, Ping, Stop, Attach, Detach, ShareRegion
     worker -> supervisor: Ready, InitFailed, Done, Pong
 
 ``Exec`` runs its requests (``ExecRequest``) as one batch, or with ``each`` one execution per
@@ -29,7 +29,9 @@ one *result* per request (``ok_result``, ``error_result`` or ``ANSWERED``) and o
 ``[request indices, input ns, infer ns, output ns]`` per execution. A request may carry a
 ``tag`` ``[channel id, request id]``: the worker then answers its client through the local
 channel itself (see direct_answers.py) and its result is ``ANSWERED``. ``Attach`` comes with
-the channel's fds on the fd socket; ``Detach`` drops them.
+the channel's fds on the fd socket; ``Detach`` drops them. ``ShareRegion`` comes with a memfd
+region's fd on the fd socket (payload ``region_fd_tag``): SYSTEM locations of that region
+have an empty key and are mapped from that fd; ``Release`` drops it.
 
 The per-request path builds and reads the arrays directly (``packed_exec_request``,
 ``packed_inline``, the ``RESULT_*`` kinds) instead of going through a record object.
@@ -44,7 +46,7 @@ import msgpack
 
 from shmserve.workers.backend import InstanceSpec, ModelSpec
 
-PROTOCOL_VERSION = 2  # 1: the msgpack maps before typed records
+PROTOCOL_VERSION = 3  # 1: the msgpack maps before typed records; 2: before ShareRegion
 
 INLINE = "i"
 ARENA = "a"
@@ -59,6 +61,7 @@ PING = 4
 STOP = 5
 ATTACH = 6
 DETACH = 7
+SHARE_REGION = 8
 READY = 10
 INIT_FAILED = 11
 DONE = 12
@@ -226,6 +229,27 @@ class Detach:
     @classmethod
     def unpack(cls, raw: list[Any]) -> Detach:
         return cls(raw[1])
+
+
+@dataclass(slots=True)
+class ShareRegion:
+    """Map memfd region ``region_id`` from the fd that came with this frame on the fd socket
+    (payload ``region_fd_tag(region_id)``)."""
+
+    KIND: ClassVar[int] = SHARE_REGION
+    region_id: int
+
+    def pack(self) -> list[Any]:
+        return [SHARE_REGION, self.region_id]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> ShareRegion:
+        return cls(raw[1])
+
+
+def region_fd_tag(region_id: int) -> bytes:
+    """The fd socket payload that comes with ``ShareRegion(region_id)``."""
+    return b"region:%d" % region_id
 
 
 @dataclass(slots=True)

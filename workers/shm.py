@@ -83,9 +83,24 @@ class SegmentCache:
     def get(self, region_id: int, key: str) -> Segment:
         segment = self._segments.get(region_id)
         if segment is None:
+            if not key:  # a memfd region: mapped by ``adopt`` when its fd came
+                raise OSError(f"the memfd of region {region_id} was not passed to this worker")
             segment = Segment.open(key)
             self._segments[region_id] = segment
         return segment
+
+    def adopt(self, region_id: int, fd: int) -> None:
+        """Map a memfd region from its fd (closed here; the mapping keeps the memory). The
+        server checked that it is sealed against shrinking: this mapping can never SIGBUS."""
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise OSError(f"the memfd of region {region_id} is empty")
+            mapped = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.release(region_id)
+        self._segments[region_id] = Segment(f"memfd region {region_id}", mapped, size)
 
     def release(self, region_id: int) -> None:
         segment = self._segments.pop(region_id, None)

@@ -43,6 +43,7 @@ import msgpack
 
 from shmserve.daemon.core import Core
 from shmserve.daemon.errors import ServeError, invalid_argument
+from shmserve.daemon.frontend.local_fds import FdDoor, register_memfd
 from shmserve.daemon.infer_request import OutputIn, RequestItems, TensorIn
 from shmserve.daemon.reply import DirectTarget, Reply
 from shmserve.daemon.request import OutputTensor
@@ -81,8 +82,10 @@ class LocalChannel(asyncio.Protocol):
     """One connected client: its rings, its regions, its in-flight requests."""
 
     def __init__(self, frontend: LocalFrontend, channel_id: int, memfd: int, memory: mmap.mmap,
-                 rings: ChannelLayout, peer: tuple[int, int, int]) -> None:
+                 rings: ChannelLayout, peer: tuple[int, int, int],
+                 fd_door: FdDoor | None = None) -> None:
         self._frontend = frontend
+        self._fd_door = fd_door  # sealed memfd regions come through it (local_fds.py)
         self.channel_id = channel_id
         self.peer_pid, self.peer_uid, _ = peer
         self.owner = f"local:{channel_id}"
@@ -133,7 +136,10 @@ class LocalChannel(asyncio.Protocol):
             if op == messages.OP_INFER:
                 self._infer(message)
                 return
-            if op == messages.OP_REGISTER:
+            if op == messages.OP_REGISTER and "fd" in message:  # a sealed memfd: local_fds.py
+                register_memfd(self._frontend.core, self._fd_door, self._region_prefix,
+                               message, self.owner)
+            elif op == messages.OP_REGISTER:
                 name, key = message["name"], message["key"]
                 offset, byte_size = message.get("offset", 0), message["byte_size"]
                 if not (isinstance(name, str) and isinstance(key, str)
@@ -385,6 +391,8 @@ class LocalChannel(asyncio.Protocol):
             if reply.request is not None:
                 self._frontend.core.cancel(reply.request)
         self._frontend.core.registry.unregister("system", "", self.owner)
+        if self._fd_door is not None:
+            self._fd_door.close()
         for worker in self._direct:
             worker.detach_channel(self.channel_id)
         self._direct.clear()
@@ -470,6 +478,7 @@ class LocalFrontend:
         peer = struct.unpack("3i", credentials)
         rings = layout(self._ring_bytes, self._direct_rings, self._direct_bytes)
         fd = os.memfd_create("shmserve-local-channel", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        door = FdDoor()
         try:
             os.ftruncate(fd, rings.total)
             os.fchmod(fd, 0o600)
@@ -486,16 +495,19 @@ class LocalFrontend:
             channel_id = next(_channel_ids)
             hello = msgpack.packb(messages.server_hello(
                 channel_id, self._ring_bytes, rings.total, self._direct_rings,
-                self._direct_bytes, self._grpc_address))
+                self._direct_bytes, self._grpc_address, fd_door=True))
             connection.setblocking(True)
             connection.settimeout(5.0)
             connection.sendmsg([messages.HANDSHAKE_LENGTH.pack(len(hello)) + hello],
-                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                 array.array("i", [fd, door.client_fd()]))])
+            door.handed_over()
         except BaseException:
             os.close(fd)
+            door.close()
             raise
         connection.setblocking(False)
-        channel = LocalChannel(self, channel_id, fd, memory, rings, peer)
+        channel = LocalChannel(self, channel_id, fd, memory, rings, peer, door)
         self._channels.add(channel)
         await asyncio.get_running_loop().create_unix_connection(lambda: channel,
                                                                 sock=connection)
