@@ -82,6 +82,24 @@ class Settings:
                                 help="address to listen on")
     grpc_port: int = setting(8001, flag="--grpc-port", parse=int,
                              help="gRPC port (0 = any free)")
+    allow_grpc: bool = setting(True, flag="--allow-grpc", parse=parse_bool,
+                               help="serve the KServe v2 gRPC protocol")
+    allow_http: bool = setting(True, flag="--allow-http", parse=parse_bool,
+                               help="serve the KServe v2 HTTP/REST protocol")
+    http_address: str = setting("0.0.0.0", flag="--http-address", metavar="ADDRESS",
+                                help="address the HTTP/REST endpoint listens on")
+    http_port: int = setting(8000, flag="--http-port", parse=int,
+                             help="HTTP/REST port (0 = any free)")
+    http_max_header_bytes: int = setting(
+        16384, flag="--http-max-header-bytes", parse=int, metavar="BYTES",
+        help="HTTP: longest request line or header field (longer: 400)")
+    http_max_body_bytes: int = setting(
+        2**31 - 1, flag="--http-max-body-bytes", parse=int, metavar="BYTES",
+        help="HTTP: largest request body, after decompression (larger: 413)")
+    http_idle_secs: float = setting(
+        75.0, flag="--http-idle-secs", parse=float, metavar="S",
+        help="HTTP: close a connection that has not completed a request for this long "
+             "(idle keep-alive connections, and headers that trickle in)")
     metrics_address: str = setting(
         "", flag="--metrics-address", metavar="ADDRESS",
         help="address of the Prometheus metrics endpoint ('' = the gRPC address)")

@@ -16,6 +16,7 @@ import grpc
 
 from shmserve.daemon import systemd
 from shmserve.daemon.core import Core
+from shmserve.daemon.frontend.http import HttpDoor
 from shmserve.daemon.frontend.local import LocalFrontend
 from shmserve.daemon.frontend.service import InferenceService, generic_handlers
 from shmserve.daemon.leftovers import end_leftovers
@@ -53,6 +54,7 @@ class Supervisor:
         self.pid = os.getpid()
         self._signals: asyncio.Queue[str] = asyncio.Queue()
         self.bound_port: int | None = None
+        self.http_port: int | None = None
 
     async def run(self) -> int:
         settings = self.settings
@@ -78,27 +80,32 @@ class Supervisor:
                 log.error("cannot serve metrics on %s:%d: %s", metrics_address,
                           settings.metrics_port, exc)
                 return 1
-        # gRPC refuses a larger request before any of it is handed to Python.
-        server = grpc.aio.server(options=[
-            *GRPC_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)])
-        service = InferenceService(core)
-        server.add_generic_rpc_handlers(generic_handlers(service))
-        address = f"{settings.grpc_address}:{settings.grpc_port}"
-        try:
-            self.bound_port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            log.error("cannot listen on %s: %s", address, exc)
+        server = await self._start_grpc(core) if settings.allow_grpc else None
+        if settings.allow_grpc and server is None:
             if metrics is not None:
                 await metrics.stop()
             return 1
-        await server.start()
-        host = settings.grpc_address
-        log.info("Started GRPCInferenceService at %s:%d", host, self.bound_port)
+        http = HttpDoor(core) if settings.allow_http else None
+        local: LocalFrontend | None = None
         try:
-            local = await self._start_local(core)
-        except OSError as exc:
-            log.error("cannot start the local channel: %s", exc)
-            await server.stop(0)
+            if http is not None:
+                try:
+                    self.http_port = await http.start(settings.http_address, settings.http_port)
+                except OSError as exc:
+                    log.error("cannot listen for HTTP on %s:%d: %s", settings.http_address,
+                              settings.http_port, exc)
+                    raise
+                log.info("Started HTTPService at %s:%d", settings.http_address, self.http_port)
+            try:
+                local = await self._start_local(core)
+            except OSError as exc:
+                log.error("cannot start the local channel: %s", exc)
+                raise
+        except OSError:
+            if http is not None:
+                await http.stop()
+            if server is not None:
+                await server.stop(0)
             if metrics is not None:
                 await metrics.stop()
             return 1
@@ -112,7 +119,10 @@ class Supervisor:
                           "--exit-on-error=false serves the others", len(failed),
                           ", ".join(failed))
                 return 1
-            systemd.notify(f"READY=1\nSTATUS=serving on port {self.bound_port}\n"
+            ports = ", ".join(f"{door} {port}" for door, port in
+                              (("gRPC", self.bound_port), ("HTTP", self.http_port))
+                              if port is not None)
+            systemd.notify(f"READY=1\nSTATUS=serving on {ports or 'the local channel'}\n"
                            f"MAINPID={self.pid}")
             log.info("shmserve ready: %d model(s)%s", models.ready_count(),
                      f"; {len(failed)} failed to load" if failed else "")
@@ -130,16 +140,35 @@ class Supervisor:
             if poller is not None:
                 poller.cancel()
         finally:
-            await self._shutdown(core, server, local)
+            await self._shutdown(core, server, http, local)
             if metrics is not None:
                 await metrics.stop()
         return 0
+
+    async def _start_grpc(self, core: Core) -> grpc.aio.Server | None:
+        settings = self.settings
+        # gRPC refuses a larger request before any of it is handed to Python.
+        server = grpc.aio.server(options=[
+            *GRPC_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)])
+        service = InferenceService(core)
+        server.add_generic_rpc_handlers(generic_handlers(service))
+        address = f"{settings.grpc_address}:{settings.grpc_port}"
+        try:
+            self.bound_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            log.error("cannot listen on %s: %s", address, exc)
+            return None
+        await server.start()
+        log.info("Started GRPCInferenceService at %s:%d", settings.grpc_address,
+                 self.bound_port)
+        return server
 
     async def _start_local(self, core: Core) -> LocalFrontend | None:
         path = self.settings.local_socket
         if path == "none":
             return None
-        assert self.bound_port is not None
+        # Without gRPC the socket is still named after the configured gRPC port.
+        grpc_port = self.bound_port if self.bound_port is not None else self.settings.grpc_port
         if path:
             if writable_by_others(os.path.dirname(os.path.abspath(path))):
                 log.warning("the local socket %s is in a directory other users can write; "
@@ -148,11 +177,11 @@ class Supervisor:
         else:
             directory, mode = server_socket_dir()
             prepare_socket_dir(directory, mode)
-            path = os.path.join(directory, socket_name(self.bound_port))
+            path = os.path.join(directory, socket_name(grpc_port))
         grpc_host = self.settings.grpc_address
         grpc_host = "127.0.0.1" if grpc_host in ("0.0.0.0", "::", "[::]") else grpc_host
         settings = self.settings
-        local = LocalFrontend(core, path, f"{grpc_host}:{self.bound_port}",
+        local = LocalFrontend(core, path, f"{grpc_host}:{grpc_port}",
                               ring_bytes=settings.local_ring_bytes,
                               stall_secs=settings.local_stall_secs,
                               direct_rings=settings.local_direct_rings,
@@ -160,10 +189,10 @@ class Supervisor:
         await local.start()
         return local
 
-    async def _shutdown(self, core: Core, server: grpc.aio.Server,
-                        local: LocalFrontend | None) -> None:
+    async def _shutdown(self, core: Core, server: grpc.aio.Server | None,
+                        http: HttpDoor | None, local: LocalFrontend | None) -> None:
         # One budget for everything: drain, then stop the workers (killing one still
-        # executing), then close the server; within systemd's TimeoutStopSec.
+        # executing), then close the servers; within systemd's TimeoutStopSec.
         budget = TimeBudget(self.settings.exit_timeout_secs)
         systemd.notify("STOPPING=1")
         core.exiting = True
@@ -171,7 +200,11 @@ class Supervisor:
         if local is not None:
             await local.stop()
         await core.models.shutdown(budget)
-        await server.stop(grace=min(1.0, budget.left()))
+        if http is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(http.stop(), max(0.1, budget.left()))
+        if server is not None:
+            await server.stop(grace=min(1.0, budget.left()))
         remove_arenas(self.pid)
         log.info("shmserve stopped")
 

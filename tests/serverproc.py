@@ -50,6 +50,8 @@ class ServerProcess:
         self.repository = repository
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.http_port = free_port()
+        self.http_url = f"127.0.0.1:{self.http_port}"
         self.log_path = log_path or repository.parent / f"server-{self.port}.log"
         self._log = open(self.log_path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -58,6 +60,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "shmserve.daemon", "serve", "--model-repository",
              str(repository), "--grpc-address", "127.0.0.1", "--grpc-port", str(self.port),
+             "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
              "--exit-timeout-secs", "10", "--metrics-port", "0", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 FRONTEND = Path(__file__).parent.parent / "daemon" / "frontend"
 # door -> its modules in daemon/frontend
-DOORS = {"grpc": {"service", "infer_grpc", "wire"}, "local": {"local", "local_fds"}}
+DOORS = {"grpc": {"service", "infer_grpc", "wire"}, "local": {"local", "local_fds"},
+         "http": {"http", "http_infer"}}
 NEVER = {"shmserve.daemon.worker_process", "shmserve.daemon.scheduler",
          "shmserve.daemon.dispatcher"}
 
@@ -37,4 +38,5 @@ def test_no_door_imports_another_door_or_the_worker_side() -> None:
             imported = _imports(module)
             assert not imported & others, f"{module}.py imports another door"
             assert not imported & NEVER, f"{module}.py reaches past the core"
-            assert "shmserve.daemon.core" in imported or module in ("infer_grpc", "wire")
+            assert "shmserve.daemon.core" in imported or module in ("infer_grpc", "wire",
+                                                                     "http_infer")

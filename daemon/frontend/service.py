@@ -13,12 +13,9 @@ from google.protobuf.message import DecodeError
 
 from shmserve.daemon.core import Core
 from shmserve.daemon.errors import (
-    SERVER_EXITING,
     ServeError,
     invalid_argument,
     unavailable,
-    unimplemented,
-    unknown_model,
 )
 from shmserve.daemon.frontend.infer_grpc import parse_request, response_parts
 from shmserve.daemon.frontend.wire import (
@@ -27,8 +24,7 @@ from shmserve.daemon.frontend.wire import (
     serialize_infer_response,
     serialize_stream_response,
 )
-from shmserve.daemon.infer_request import config_datatype
-from shmserve.daemon.models import UNAVAILABLE
+from shmserve.daemon.operations import Operations
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
@@ -39,11 +35,6 @@ log = logging.getLogger("shmserve.frontend")
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
-SERVER_NAME = "shmserve"
-SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["model_repository", "model_configuration", "system_shared_memory",
-              "cuda_shared_memory", "binary_tensor_data", "parameters", "statistics",
-              "logging", "schedule_policy"]
 CLIENT_ID_HEADER = "shmserve-client-id"
 
 # RPC -> (request type, response type, streaming, protocol group)
@@ -115,58 +106,35 @@ class InferenceService:
 
     def __init__(self, core: Core) -> None:
         self.core = core
-        self.models = core.models
-        self.registry = core.registry
+        self.operations = Operations(core)
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    # --- health -------------------------------------------------------------------------
+    # --- health and metadata (daemon/operations.py) -----------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
-        self._check_exiting()
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self.operations.server_live())
 
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        self._check_exiting()
-        ready = self.models.all_ready() if self.core.settings.strict_readiness else True
-        return pb.ServerReadyResponse(ready=ready)
+        return pb.ServerReadyResponse(ready=self.operations.server_ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        self._check_exiting()
-        return pb.ModelReadyResponse(ready=self.models.is_ready(request.name, request.version))
+        return pb.ModelReadyResponse(
+            ready=self.operations.model_ready(request.name, request.version))
 
-    def _check_exiting(self) -> None:
-        if self.core.exiting:
-            raise unavailable(SERVER_EXITING)
-
-    # --- metadata -----------------------------------------------------------------------
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
-                                         extensions=EXTENSIONS)
+        return self.operations.server_metadata()
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        model = self.models.resolve(request.name, request.version)
-        config = model.config
-        record = self.models.record(request.name)
-        batch = [-1] if config.max_batch_size > 0 else []
-        response = pb.ModelMetadataResponse(
-            name=model.name, platform=config.platform or config.backend,
-            versions=[str(v) for v in sorted(record.versions)])
-        for tensor in config.input:
-            response.inputs.add(name=tensor.name, datatype=config_datatype(tensor.data_type),
-                                shape=batch + list(tensor.dims))
-        for output in config.output:
-            response.outputs.add(name=output.name, datatype=config_datatype(output.data_type),
-                                 shape=batch + list(output.dims))
-        return response
+        return self.operations.model_metadata(request.name, request.version)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest,
                           context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
-        model = self.models.resolve(request.name, request.version)
-        return pb.ModelConfigResponse(config=model.config)
+        return pb.ModelConfigResponse(
+            config=self.operations.model_config(request.name, request.version))
 
     # --- inference ----------------------------------------------------------------------
     async def ModelInfer(self, requests: object, context: grpc.aio.ServicerContext) -> bytes:
@@ -267,153 +235,88 @@ class InferenceService:
             for task in list(pending):
                 task.cancel()
 
-    # --- statistics ---------------------------------------------------------------------
+    # --- statistics, repository, shared memory, logging (daemon/operations.py) ---------
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
-        response = pb.ModelStatisticsResponse()
-        records = self.models.records()
-        if request.name:
-            record = self.models.record(request.name)
-            if not record.versions:
-                raise unknown_model(request.name)
-            records = [record]
-        for record in records:
-            for version, model in sorted(record.versions.items()):
-                if request.version and request.version != str(version):
-                    continue
-                _fill_statistics(response.model_stats.add(), model.name, version,
-                                 model.scheduler.stats)
-        if request.name and not response.model_stats:
-            raise invalid_argument(f"requested model version is not available for model "
-                                   f"'{request.name}'")
-        return response
+        return self.operations.model_statistics(request.name, request.version)
 
-    # --- repository ---------------------------------------------------------------------
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
-        response = pb.RepositoryIndexResponse()
-        known = {record.name: record for record in self.models.records()}
-        for name in sorted(set(known) | set(self.models.repository_models())):
-            record = known.get(name)
-            if record is None:
-                if not request.ready:
-                    response.models.add(name=name)
-                continue
-            if record.versions:
-                for version, model in sorted(record.versions.items()):
-                    if request.ready and not model.ready:
-                        continue
-                    response.models.add(name=name, version=str(version), state=model.state,
-                                        reason=model.reason)
-            elif not request.ready:
-                response.models.add(name=name, state=record.state or UNAVAILABLE,
-                                    reason=record.reason)
-        return response
+        return self.operations.repository_index(request.ready)
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context: grpc.aio.ServicerContext
                                   ) -> pb.RepositoryModelLoadResponse:
-        self._check_explicit()
-        config_json: str | None = None
-        files: dict[str, bytes] = {}
+        parameters = []
         for key, param in request.parameters.items():
             choice = param.WhichOneof("parameter_choice")
-            if key == "config" and choice == "string_param":
-                config_json = param.string_param
-            elif key.startswith("file:") and choice == "bytes_param":
-                files[key[len("file:"):]] = param.bytes_param
-            else:
-                raise invalid_argument(f"Unrecognized load parameter '{key}' with type "
-                                       f"'{choice}'")
-        await self.models.load(request.model_name, config_json, files or None)
+            parameters.append((key, getattr(param, choice) if choice else None, choice))
+        await self.operations.load_model(request.model_name, parameters)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     context: grpc.aio.ServicerContext
                                     ) -> pb.RepositoryModelUnloadResponse:
-        self._check_explicit()
-        await self.models.unload(request.model_name)
+        await self.operations.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    def _check_explicit(self) -> None:
-        mode = self.core.settings.model_control_mode
-        if mode == "poll":
-            raise unavailable("explicit model load / unload is not allowed if polling is "
-                              "enabled")
-        if mode != "explicit":
-            raise unavailable("explicit model load / unload is not allowed in model control "
-                              "mode 'none'; start with --model-control-mode=explicit")
-
-    # --- shared memory ------------------------------------------------------------------
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
                                        context: grpc.aio.ServicerContext
                                        ) -> pb.SystemSharedMemoryStatusResponse:
-        response = pb.SystemSharedMemoryStatusResponse()
-        for region in self.registry.status("system", request.name):
-            response.regions[region.name].CopyFrom(
-                pb.SystemSharedMemoryStatusResponse.RegionStatus(
-                    name=region.name, key=region.key, offset=region.offset,
-                    byte_size=region.byte_size))
-        return response
+        return self.operations.system_shm_status(request.name)
 
     async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
                                          context: grpc.aio.ServicerContext
                                          ) -> pb.SystemSharedMemoryRegisterResponse:
-        self.registry.register_system(request.name, request.key, request.offset,
-                                      request.byte_size, _client_id(context))
+        self.operations.system_shm_register(request.name, request.key, request.offset,
+                                            request.byte_size, _client_id(context))
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
                                            context: grpc.aio.ServicerContext
                                            ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self.registry.unregister("system", request.name, _client_id(context))
+        self.operations.shm_unregister("system", request.name, _client_id(context))
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest,
                                      context: grpc.aio.ServicerContext
                                      ) -> pb.CudaSharedMemoryStatusResponse:
-        response = pb.CudaSharedMemoryStatusResponse()
-        for region in self.registry.status("cuda", request.name):
-            response.regions[region.name].CopyFrom(
-                pb.CudaSharedMemoryStatusResponse.RegionStatus(
-                    name=region.name, device_id=region.device_id, byte_size=region.byte_size))
-        return response
+        return self.operations.cuda_shm_status(request.name)
 
     async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest,
                                        context: grpc.aio.ServicerContext
                                        ) -> pb.CudaSharedMemoryRegisterResponse:
-        self.registry.register_cuda(request.name, request.raw_handle, request.device_id,
-                                    request.byte_size, _client_id(context))
+        self.operations.cuda_shm_register(request.name, request.raw_handle, request.device_id,
+                                          request.byte_size, _client_id(context))
         return pb.CudaSharedMemoryRegisterResponse()
 
     async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
                                          context: grpc.aio.ServicerContext
                                          ) -> pb.CudaSharedMemoryUnregisterResponse:
-        self.registry.unregister("cuda", request.name, _client_id(context))
+        self.operations.shm_unregister("cuda", request.name, _client_id(context))
         return pb.CudaSharedMemoryUnregisterResponse()
 
-    # --- trace and logging --------------------------------------------------------------
     async def TraceSetting(self, request: pb.TraceSettingRequest,
                            context: grpc.aio.ServicerContext) -> pb.TraceSettingResponse:
-        raise unimplemented("tracing is not supported by shmserve")
+        self.operations.trace_setting()
+        return pb.TraceSettingResponse()
 
     async def LogSettings(self, request: pb.LogSettingsRequest,
                           context: grpc.aio.ServicerContext) -> pb.LogSettingsResponse:
-        settings = self.core.settings
+        updates = []
         for key, value in request.settings.items():
             choice = value.WhichOneof("parameter_choice")
-            if key == "log_verbose_level" and choice == "uint32_param":
-                settings.log_verbose = value.uint32_param
-                logging.getLogger("shmserve").setLevel(
-                    logging.DEBUG if settings.log_verbose else logging.INFO)
-            else:
-                raise invalid_argument(f"unsupported log setting '{key}'")
+            updates.append((key, getattr(value, choice) if choice else None, choice))
+        current = self.operations.update_log_settings(updates)
         response = pb.LogSettingsResponse()
-        response.settings["log_verbose_level"].uint32_param = settings.log_verbose
-        for key in ("log_info", "log_warning", "log_error"):
-            response.settings[key].bool_param = True
-        response.settings["log_format"].string_param = "default"
-        response.settings["log_file"].string_param = ""
+        for key, setting in current.items():
+            target = response.settings[key]
+            if isinstance(setting, bool):
+                target.bool_param = setting
+            elif isinstance(setting, int):
+                target.uint32_param = setting
+            else:
+                target.string_param = setting
         return response
 
 
@@ -429,26 +332,6 @@ def _stream_error(request: pb.ModelInferRequest, message: str) -> bytes:
         error_message=message,
         infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name)
     ).SerializeToString()
-
-
-def _fill_statistics(target: pb.ModelStatistics, name: str, version: int, stats: Any) -> None:
-    target.name = name
-    target.version = str(version)
-    target.last_inference = stats.last_inference_ms
-    target.inference_count = stats.inference_count
-    target.execution_count = stats.execution_count
-    inference = target.inference_stats
-    for field in ("success", "fail", "queue", "compute_input", "compute_infer",
-                  "compute_output"):
-        source = getattr(stats, field)
-        getattr(inference, field).count = source.count
-        getattr(inference, field).ns = source.ns
-    for size, batch in sorted(stats.batches.items()):
-        entry = target.batch_stats.add(batch_size=size)
-        for field in ("compute_input", "compute_infer", "compute_output"):
-            source = getattr(batch, field)
-            getattr(entry, field).count = source.count
-            getattr(entry, field).ns = source.ns
 
 
 # --- wiring ---------------------------------------------------------------------------------

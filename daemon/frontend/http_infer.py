@@ -1,0 +1,353 @@
+"""The HTTP door's inference bodies: KServe v2 JSON plus Triton's binary tensor data extension.
+
+A request body is a JSON header, optionally followed (``Inference-Header-Content-Length``
+gives the header's length) by the inputs' binary data in input order, each input naming its
+size in ``parameters.binary_data_size``. Binary inputs become memoryview slices of the body
+(no copy here; the dispatcher copies them once into the instance's arena). A response is a
+JSON header and, for outputs sent binary, their bytes appended as they came from the worker.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shmserve.daemon.errors import ServeError, invalid_argument, unimplemented
+from shmserve.daemon.infer_request import (
+    OutputIn,
+    RequestItems,
+    ShmRef,
+    TensorIn,
+    config_datatype,
+)
+from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.protos import shmserve_model_config_pb2 as mc
+from shmserve.protos.datatypes import (
+    deserialize_bytes_tensor,
+    element_count,
+    serialize_bytes_tensor,
+    to_numpy_dtype,
+)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+_SHM_KEYS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
+_SHM_USAGE = "'shared_memory_byte_size' must be specified along with 'shared_memory_region'"
+# Datatypes JSON cannot carry faithfully: only as binary data (Triton's rule).
+_BINARY_ONLY = frozenset({"FP16", "BF16"})
+
+
+@dataclass(slots=True)
+class HttpInfer:
+    """A parsed request and how its outputs are to be answered."""
+
+    items: RequestItems
+    binary_default: bool                 # request parameter binary_data_output
+    binary_outputs: dict[str, bool]      # outputs' own binary_data parameter
+
+
+def _json_error(message: str) -> ServeError:
+    return invalid_argument(f"failed to parse the request JSON buffer: {message}")
+
+
+def split_body(body: bytes | bytearray, header_length: str | None
+               ) -> tuple[Any, memoryview]:
+    """(the JSON header, the binary data after it)."""
+    view = memoryview(body)
+    if header_length is None:
+        size = len(view)
+    else:
+        try:
+            size = int(header_length)
+        except ValueError:
+            raise invalid_argument(f"{HEADER_LENGTH} must be an integer, got "
+                                   f"'{header_length[:64]}'") from None
+        if size < 0 or size > len(view):
+            raise invalid_argument(f"{HEADER_LENGTH} is {size} but the request body has "
+                                   f"{len(view)} bytes")
+    try:
+        header = json.loads(view[:size].tobytes()) if size else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _json_error(str(exc)) from None
+    if not isinstance(header, dict):
+        raise _json_error("the request must be a JSON object")
+    return header, view[size:]
+
+
+def parse_infer(model: str, header: dict[str, Any], binary: memoryview) -> HttpInfer:
+    inputs_json = header.get("inputs")
+    if not isinstance(inputs_json, list):
+        raise _json_error("'inputs' must be an array")
+    position = 0
+    inputs: list[TensorIn] = []
+    for entry in inputs_json:
+        if not isinstance(entry, dict):
+            raise _json_error("each input must be a JSON object")
+        name, datatype, shape = _tensor_head(entry)
+        params = _object(entry.get("parameters", {}), f"parameters of input '{name}'")
+        item = TensorIn(name, datatype, shape)
+        try:
+            item.shm = _shm_params(params, f"input '{name}'")
+            if item.shm is not None and "data" in entry:
+                raise invalid_argument(f"unexpected 'content' provided when using shared "
+                                       f"memory for input '{name}' for model '{model}'")
+        except ServeError as exc:
+            item.fault = exc
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise invalid_argument(f"'binary_data_size' of input '{name}' must be a "
+                                       f"non-negative integer")
+            if position + size > len(binary):
+                raise invalid_argument(
+                    f"unexpected end of the binary data for input '{name}' for model "
+                    f"'{model}': it declares {size} bytes at offset {position} but only "
+                    f"{len(binary)} bytes of binary data were sent")
+            item.data = binary[position:position + size]
+            position += size
+        elif item.shm is None and item.fault is None:
+            if "data" not in entry:
+                item.fault = invalid_argument(f"expected tensor data for input '{name}' for "
+                                              f"model '{model}'")
+            else:
+                try:
+                    item.data = json_tensor_bytes(name, datatype, shape, entry["data"], model)
+                except ServeError as exc:
+                    item.fault = exc
+        inputs.append(item)
+    if position != len(binary):
+        raise invalid_argument(f"the request body has {len(binary) - position} bytes of binary "
+                               f"data past what its inputs declare for model '{model}'")
+    outputs: list[OutputIn] = []
+    binary_outputs: dict[str, bool] = {}
+    outputs_json = header.get("outputs", [])
+    if not isinstance(outputs_json, list):
+        raise _json_error("'outputs' must be an array")
+    for entry in outputs_json:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise _json_error("each output must be a JSON object with a 'name'")
+        output = OutputIn(entry["name"])
+        params = _object(entry.get("parameters", {}), f"parameters of output '{output.name}'")
+        try:
+            if "classification" in params:
+                raise unimplemented("classification outputs are not supported by shmserve")
+            output.shm = _shm_params(params, f"output '{output.name}'")
+        except ServeError as exc:
+            output.fault = exc
+        if "binary_data" in params:
+            binary_outputs[output.name] = bool(params["binary_data"])
+        outputs.append(output)
+    parameters = dict(_object(header.get("parameters", {}), "request parameters"))
+    binary_default = bool(parameters.pop("binary_data_output", False))
+    for key, value in parameters.items():
+        # What InferParameter can hold over gRPC: the model sees the same either way.
+        if not isinstance(value, bool | int | float | str):
+            raise invalid_argument(f"request parameter '{key}' must be a boolean, number or "
+                                   f"string")
+    request_id = header.get("id", "")
+    if not isinstance(request_id, str):
+        raise _json_error("'id' must be a string")
+    return HttpInfer(RequestItems(inputs, outputs, parameters, request_id, ""),
+                     binary_default, binary_outputs)
+
+
+def _tensor_head(entry: dict[str, Any]) -> tuple[str, str, list[int]]:
+    name, datatype, shape = entry.get("name"), entry.get("datatype"), entry.get("shape")
+    if not isinstance(name, str):
+        raise _json_error("each input needs a string 'name'")
+    if not isinstance(datatype, str):
+        raise _json_error(f"input '{name}' needs a string 'datatype'")
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise _json_error(f"input '{name}' needs a 'shape' array of integers")
+    return name, datatype, shape
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _json_error(f"{what} must be a JSON object")
+    return value
+
+
+def _shm_params(params: dict[str, Any], what: str) -> ShmRef | None:
+    """The same rules and texts as the gRPC door's."""
+    present = [key for key in _SHM_KEYS if key in params]
+    if not present:
+        return None
+    if "shared_memory_region" not in params:
+        raise invalid_argument(f"{_SHM_USAGE} for {what}: got {', '.join(present)} without "
+                               f"'shared_memory_region'")
+    if "shared_memory_byte_size" not in params:
+        raise invalid_argument(f"{_SHM_USAGE} for {what}")
+    region = params["shared_memory_region"]
+    if not isinstance(region, str):
+        raise invalid_argument(f"{_SHM_USAGE} for {what}: 'shared_memory_region' must be a "
+                               f"string")
+    values = []
+    for key in ("shared_memory_offset", "shared_memory_byte_size"):
+        value = params.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise invalid_argument(f"{_SHM_USAGE} for {what}: '{key}' must be an integer")
+        values.append(value)
+    return region, values[0], values[1]
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    if not any(isinstance(item, list) for item in data):
+        return data
+    flat: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any,
+                      model: str) -> bytes:
+    """An input's JSON ``data`` (nested or flat) as tensor bytes."""
+    if datatype in _BINARY_ONLY:
+        raise invalid_argument(f"input '{name}' of datatype {datatype} must be sent as binary "
+                               f"data (binary_data_size) for model '{model}'")
+    values = _flatten(data)
+    count = element_count(shape)
+    if len(values) != count:
+        raise invalid_argument(f"unexpected number of elements {len(values)} in 'data' for "
+                               f"inference input '{name}' for model '{model}', expecting "
+                               f"{count}")
+    if datatype == "BYTES":
+        if not all(isinstance(v, str) for v in values):
+            raise invalid_argument(f"'data' of BYTES input '{name}' for model '{model}' must "
+                                   f"be strings")
+        return serialize_bytes_tensor(np.array([v.encode() for v in values], dtype=object))
+    try:
+        dtype = to_numpy_dtype(datatype)
+    except (KeyError, ValueError):
+        raise invalid_argument(f"input '{name}' has unknown datatype '{datatype}' for model "
+                               f"'{model}'") from None
+    if datatype == "BOOL":
+        ok = all(isinstance(v, bool) for v in values)
+    elif dtype.kind in "iu":
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    else:
+        ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    if not ok:
+        raise invalid_argument(f"'data' of input '{name}' for model '{model}' holds values "
+                               f"that are not {datatype}")
+    try:
+        return np.array(values, dtype=dtype).tobytes()
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise invalid_argument(f"'data' of input '{name}' for model '{model}' does not fit "
+                               f"{datatype}: {exc}") from None
+
+
+def render_response(request: InferRequest, outputs: list[OutputTensor],
+                    binary_for: Callable[[str, str], bool]
+                    ) -> tuple[bytes, list[bytes | memoryview]]:
+    """(JSON header, binary parts): outputs sent binary are appended as they are."""
+    parts: list[bytes | memoryview] = []
+    rendered = []
+    for output in outputs:
+        entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype,
+                                 "shape": output.shape}
+        if output.data is None:
+            entry["parameters"] = {"shared_memory_region": _region_of(request, output.name)}
+        elif binary_for(output.name, output.datatype):
+            entry["parameters"] = {"binary_data_size": len(output.data)}
+            parts.append(output.data)
+        else:
+            entry["data"] = _json_data(output)
+        rendered.append(entry)
+    answer: dict[str, Any] = {"model_name": request.model,
+                              "model_version": str(request.version), "outputs": rendered}
+    if request.request_id:
+        answer["id"] = request.request_id
+    return json.dumps(answer, separators=(",", ":")).encode(), parts
+
+
+def binary_rule(parsed: HttpInfer) -> Callable[[str, str], bool]:
+    def binary_for(name: str, datatype: str) -> bool:
+        if datatype in _BINARY_ONLY:
+            return True
+        return parsed.binary_outputs.get(name, parsed.binary_default)
+
+    return binary_for
+
+
+def _json_data(output: OutputTensor) -> list[Any]:
+    assert output.data is not None
+    if output.datatype == "BYTES":
+        items = deserialize_bytes_tensor(output.data, element_count(output.shape))
+        return [bytes(item).decode("utf-8", errors="replace") for item in items]
+    values: list[Any] = np.frombuffer(output.data, dtype=to_numpy_dtype(output.datatype)
+                                      ).tolist()
+    return values
+
+
+def _region_of(request: InferRequest, output: str) -> str:
+    for requested in request.outputs:
+        if requested.name == output and requested.region is not None:
+            return requested.region.name
+    return ""
+
+
+# --- Triton's generate extension (POST /v2/models/{m}/generate) ------------------------------
+
+def parse_generate(model: str, body: dict[str, Any], config: mc.ModelConfig) -> RequestItems:
+    """Top-level keys named like the model's inputs are the inputs (a scalar or a flat or
+    nested array, shape taken from it, a batch of 1 prepended for a batching model); every
+    other key, and the members of "parameters", is a request parameter."""
+    inputs: list[TensorIn] = []
+    names = set()
+    for tensor in config.input:
+        names.add(tensor.name)
+        if tensor.name not in body:
+            continue  # a missing required input is the core's to report
+        value = body[tensor.name]
+        shape = _generate_shape(value)
+        if config.max_batch_size > 0:
+            shape = [1, *shape]
+        item = TensorIn(tensor.name, config_datatype(tensor.data_type), shape)
+        item.data = json_tensor_bytes(tensor.name, item.datatype, shape, value, model)
+        inputs.append(item)
+    parameters = dict(_object(body.get("parameters", {}), "'parameters'"))
+    for key, value in body.items():
+        if key not in names and key not in ("parameters", "id"):
+            parameters[key] = value
+    for key, value in parameters.items():
+        if not isinstance(value, bool | int | float | str):
+            raise invalid_argument(f"request parameter '{key}' must be a boolean, number or "
+                                   f"string")
+    request_id = body.get("id", "")
+    return RequestItems(inputs, [], parameters, request_id if isinstance(request_id, str)
+                        else "", "")
+
+
+def _generate_shape(value: Any) -> list[int]:
+    shape: list[int] = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        value = value[0] if value else None
+    return shape or [1]
+
+
+def render_generate(request: InferRequest, outputs: list[OutputTensor]) -> bytes:
+    """Each output under its own name: a single element as a scalar, else a flat array."""
+    answer: dict[str, Any] = {"model_name": request.model,
+                              "model_version": str(request.version)}
+    if request.request_id:
+        answer["id"] = request.request_id
+    for output in outputs:
+        values = _json_data(output) if output.data is not None else []
+        answer[output.name] = values[0] if len(values) == 1 else values
+    return json.dumps(answer, separators=(",", ":")).encode()
