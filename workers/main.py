@@ -7,10 +7,8 @@ never inherits gRPC or CUDA state. The control socket carries msgpack frames (se
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -31,6 +29,7 @@ from shmserve.workers.backend import (
 from shmserve.workers.busy_poll import BusyPoll
 from shmserve.workers.cuda_ipc import CudaRegions, DeviceOutput
 from shmserve.workers.direct_answers import DirectAnswers
+from shmserve.workers.lineage import set_parent_death_signal
 from shmserve.workers.proctitle import set_process_title, worker_title
 from shmserve.workers.protocol import CUDA, INLINE_LIMIT, ExecRequest, TensorRef, WorkerSpec
 from shmserve.workers.region_fds import adopt_region_fd
@@ -38,8 +37,6 @@ from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache, trim_heap
 from shmserve.workers.tensors import InputResolver, map_region, output_bytes
 
 log = logging.getLogger("shmserve.worker")
-
-_PR_SET_PDEATHSIG = 1
 
 
 def pin_process(visible: str | None, cpus: list[int] | None) -> None:
@@ -50,16 +47,10 @@ def pin_process(visible: str | None, cpus: list[int] | None) -> None:
         os.sched_setaffinity(0, set(cpus))
 
 
-def die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def run_worker(sock: socket.socket, spec: WorkerSpec,
                fd_socket: socket.socket | None = None) -> None:
     pin_process(spec.cuda_visible_devices, spec.cpus)
-    die_with_parent()
+    set_parent_death_signal()  # the fork server's death (it dies with the supervisor)
     set_process_title(worker_title(spec.model.name, spec.instance.name),
                       short_name=spec.instance.name)
     # Imported here, never at module level: the supervisor imports this module too and must
