@@ -31,11 +31,15 @@ class InstancePlan:
     index: int
 
 
-def read_config(model_dir: Path) -> mc.ModelConfig:
+def read_config(model_dir: Path, missing_ok: bool = False) -> mc.ModelConfig:
+    """The folder's config.pbtxt; with ``missing_ok`` an absent file is an empty config (Triton
+    with auto-complete on: the backend and the python model's hook fill it in)."""
     path = model_dir / CONFIG_FILE
     try:
         text = path.read_text()
     except FileNotFoundError:
+        if missing_ok:
+            return mc.ModelConfig()
         raise ConfigError(f"{path}: file not found (every model needs a {CONFIG_FILE})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None

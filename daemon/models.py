@@ -35,6 +35,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import json_format
 
+from shmserve.daemon.auto_complete import (
+    AutoCompleteError,
+    infer_backend,
+    may_define_hook,
+    python_auto_complete,
+    python_model_file,
+)
 from shmserve.daemon.errors import (
     SERVER_EXITING,
     ServeError,
@@ -45,6 +52,7 @@ from shmserve.daemon.errors import (
     unknown_model,
 )
 from shmserve.daemon.model_config import (
+    CONFIG_FILE,
     InstancePlan,
     config_to_dict,
     plan_instances,
@@ -67,7 +75,7 @@ from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.time_budget import TimeBudget
 from shmserve.daemon.worker_limits import LimitError, WorkerLimits, limits_for
-from shmserve.daemon.worker_process import WorkerProcess
+from shmserve.daemon.worker_process import WorkerProcess, fork_context
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.workers.backend import InstanceSpec, ModelSpec
 from shmserve.workers.protocol import WorkerSpec
@@ -336,6 +344,8 @@ class ModelManager:
                 chain, model_dir, config = await self._run_agents(name, model_dir, config,
                                                                   versions, config_json)
                 versions = select_model_versions(model_dir, config)
+            config = await self._auto_complete(name, config, model_dir, named_dir, versions,
+                                               overridden=config_json is not None)
             complete_for(config, model_dir, named_dir, self._gpu_ids,
                       overridden=config_json is not None)
             if not versions:
@@ -354,6 +364,34 @@ class ModelManager:
             remove_dir(temp_dir)
             raise
         return _Prepared(config, model_dir, versions, chain, temp_dir, limits)
+
+    async def _auto_complete(self, name: str, config: mc.ModelConfig, model_dir: Path,
+                             named_dir: Path, versions: list[int], overridden: bool
+                             ) -> mc.ModelConfig:
+        """Triton's auto-completion: the backend from the default model file, then a python
+        model's ``auto_complete_config`` hook (run outside the supervisor, auto_complete.py)."""
+        if overridden:
+            where = "load parameter 'config'"
+        else:
+            where = str((model_dir if model_dir != named_dir else named_dir) / CONFIG_FILE)
+        try:
+            infer_backend(config, model_dir, where)
+        except AutoCompleteError as exc:
+            raise PollError(exc.message) from None
+        if config.backend != "python" or not versions:
+            return config
+        version = max(versions)
+        model_file = python_model_file(config, model_dir, version)
+        if not may_define_hook(model_file):
+            return config
+        try:
+            return await python_auto_complete(config, model_file, fork_context())
+        except AutoCompleteError as exc:
+            code = grpc.StatusCode[exc.code] if exc.code in grpc.StatusCode.__members__ \
+                else grpc.StatusCode.INTERNAL
+            raise invalid_argument(
+                f"load failed for model '{name}': version {version} is at {UNAVAILABLE} "
+                f"state: {_code_string(code)}: {exc.message};\n") from None
 
     def _parse_override(self, config_json: str) -> mc.ModelConfig:
         config = mc.ModelConfig()
