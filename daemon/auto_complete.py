@@ -98,7 +98,8 @@ def may_define_hook(model_file: Path) -> bool:
 
 
 async def python_auto_complete(config: mc.ModelConfig, model_file: Path,
-                               context: multiprocessing.context.ForkServerContext) -> mc.ModelConfig:
+                               context: multiprocessing.context.ForkServerContext
+                               ) -> mc.ModelConfig:
     """Run the hook in a child of ``context`` (the fork server); return the completed config."""
     from shmserve.workers.auto_complete import AutoCompleteResult, run_auto_complete
     if not config.name:

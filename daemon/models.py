@@ -117,7 +117,17 @@ class ModelVersion:
 
     @property
     def ready(self) -> bool:
-        return self.state == READY and self.scheduler.ready
+        return self.state == READY and self.scheduler.ready and self.model_says_ready
+
+    @property
+    def model_says_ready(self) -> bool:
+        """False while a live instance's own ``is_ready()`` last answered false (Triton's
+        python backend readiness hook; instances without one do not count)."""
+        for slot in self.scheduler.instances:
+            report = slot.worker.report if slot.worker is not None else None
+            if report is not None and report.ready == 0:
+                return False
+        return True
 
     @property
     def reason(self) -> str:

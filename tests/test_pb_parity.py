@@ -4,8 +4,12 @@ warm-up. Model folders are written per test so each feature is exercised in isol
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import textwrap
+import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,7 +133,6 @@ def test_backend_is_inferred_from_the_model_file(start_server: StartServer,
 
 def test_config_override_without_backend_is_inferred(start_server: StartServer,
                                                      repository: Path) -> None:
-    import json
     model_py = (PYBACKEND / "identity" / "1" / "model.py").read_text()
     write_model(repository, "overridden", model_py, "backend: \"python\"\n" + IDENTITY_CONFIG)
     server = explicit_server(start_server, repository)
@@ -138,3 +141,134 @@ def test_config_override_without_backend_is_inferred(start_server: StartServer,
                 "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [-1]}]}
     client.load_model("overridden", config=json.dumps(override))
     assert client.get_model_config("overridden", as_json=True)["config"]["backend"] == "python"
+
+
+# -- custom metrics, Logger, request accessors, is_ready -------------------------------------
+
+def metrics_page(server: ServerProcess) -> str:
+    port = re.search(r"Started Metrics Service at [\d.]+:(\d+)", server.log())
+    assert port is not None, server.log()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=5) as page:
+        return str(page.read().decode())
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+METRICS_MODEL = """
+    import json
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            self.requests = pb_utils.MetricFamily(
+                name="custom_requests_total", description="Requests seen by the model",
+                kind=pb_utils.MetricFamily.COUNTER).Metric(labels={"stage": "pre"})
+            self.depth = pb_utils.MetricFamily(
+                name="custom_depth", description="Last input size",
+                kind=pb_utils.MetricFamily.GAUGE).Metric(labels={"stage": "pre"})
+            self.sizes = pb_utils.MetricFamily(
+                name="custom_sizes", description="Input sizes",
+                kind=pb_utils.MetricFamily.HISTOGRAM).Metric(labels={}, buckets=[1, 4])
+            pb_utils.Logger.log_info("metrics model initialized")
+
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+                self.requests.increment(1)
+                self.depth.set(data.size)
+                self.sizes.observe(data.size)
+                pb_utils.Logger.log_info("info line from execute")
+                pb_utils.Logger.log_warn("warn line from execute")
+                pb_utils.Logger.log_error("error line from execute")
+                pb_utils.Logger.log_verbose("verbose line from execute")
+                report = json.dumps({"parameters": json.loads(request.parameters()),
+                                     "flags": request.flags(),
+                                     "correlation_id": request.correlation_id(),
+                                     "timeout": request.timeout()})
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("OUTPUT0", data),
+                    pb_utils.Tensor("REPORT", np.array([report.encode()], dtype=np.object_))]))
+            return responses
+"""
+
+METRICS_CONFIG = """
+    backend: "python"
+    max_batch_size: 0
+    input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ -1 ] } ]
+    output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ -1 ] },
+             { name: "REPORT", data_type: TYPE_STRING, dims: [ 1 ] } ]
+"""
+
+
+def test_custom_metrics_logger_and_request_accessors(start_server: StartServer,
+                                                      repository: Path) -> None:
+    write_model(repository, "metrics_model", METRICS_MODEL, METRICS_CONFIG)
+    server = start_server(None, repository=repository)
+    client = grpcclient.InferenceServerClient(server.url)
+    for size in (3, 6):
+        tensor = grpcclient.InferInput("INPUT0", [size], "FP32")
+        tensor.set_data_from_numpy(np.ones(size, dtype=np.float32))
+        result = client.infer("metrics_model", [tensor], sequence_id=42, sequence_end=True,
+                              timeout=5000, parameters={"color": "red"})
+    report = json.loads(result.as_numpy("REPORT")[0])
+    assert report == {"parameters": {"color": "red"}, "flags": 2, "correlation_id": 42,
+                      "timeout": 5000}
+
+    def metrics_arrived() -> bool:
+        return 'custom_requests_total{stage="pre"} 2' in metrics_page(server)
+    wait_for(metrics_arrived)
+    page = metrics_page(server)
+    assert "# TYPE custom_requests_total counter" in page
+    assert "# HELP custom_depth Last input size" in page
+    assert 'custom_depth{stage="pre"} 6' in page
+    assert "# TYPE custom_sizes histogram" in page
+    assert 'custom_sizes_bucket{le="1"} 0' in page
+    assert 'custom_sizes_bucket{le="4"} 1' in page
+    assert 'custom_sizes_bucket{le="+Inf"} 2' in page
+    assert "custom_sizes_sum 9" in page and "custom_sizes_count 2" in page
+
+    log = server.log()
+    assert re.search(r"INFO \[model metrics_model version 1, instance [^\]]+\] model\.py:\d+: "
+                     r"metrics model initialized", log), log
+    assert "INFO [model metrics_model" in log and "info line from execute" in log
+    assert "WARNING [model metrics_model" in log and "warn line from execute" in log
+    assert "ERROR [model metrics_model" in log and "error line from execute" in log
+    assert "verbose line from execute" not in log, "log_verbose shows only with --log-verbose"
+
+
+READINESS_MODEL = """
+    import os
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            self.flag = os.path.join(args["model_repository"], "not_ready")
+
+        def is_ready(self):
+            return not os.path.exists(self.flag)
+
+        def execute(self, requests):
+            return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+                "OUTPUT0", pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy())])
+                for r in requests]
+"""
+
+
+def test_is_ready_is_reflected_in_model_ready(start_server: StartServer,
+                                             repository: Path) -> None:
+    folder = write_model(repository, "moody", READINESS_MODEL,
+                         'backend: "python"\n' + IDENTITY_CONFIG)
+    server = start_server(None, repository=repository)
+    client = grpcclient.InferenceServerClient(server.url)
+    assert client.is_model_ready("moody")
+    (folder / "not_ready").write_text("")
+    wait_for(lambda: not client.is_model_ready("moody"))
+    (folder / "not_ready").unlink()
+    wait_for(lambda: client.is_model_ready("moody"))

@@ -44,6 +44,7 @@ from shmserve.workers.backend import (
     Response,
 )
 
+from . import custom_metrics
 from . import triton_python_backend_utils as pb_utils
 
 __all__ = ["PythonBackend", "auto_complete_config", "install_pb_utils", "pb_utils",
@@ -290,6 +291,28 @@ class PythonBackend(Backend):
         if self._loop is not None:
             self._loop.close()
             self._loop = None
+
+    def model_readiness(self) -> bool | None:
+        """Triton's optional ``is_ready()``: an exception or a non-bool answer is not ready."""
+        model_object = self._model_object
+        is_ready = getattr(model_object, "is_ready", None) if model_object is not None else None
+        if is_ready is None:
+            return None
+        try:
+            answer = is_ready()
+        except Exception as exc:
+            _log.error("is_ready() of model instance '%s' raised %s; reporting not ready",
+                       self._label(), _exception_text(exc))
+            return False
+        if not isinstance(answer, bool):
+            _log.error("is_ready() of model instance '%s' returned %s, not a bool; reporting "
+                       "not ready", self._label(), type(answer).__name__)
+            return False
+        return answer
+
+    def custom_metrics(self) -> tuple[int, list[Any]]:
+        return custom_metrics.generation, (custom_metrics.snapshot()
+                                           if custom_metrics.generation else [])
 
     def model_finalize(self) -> None:
         if self._model_object is not None:
