@@ -272,3 +272,133 @@ def test_is_ready_is_reflected_in_model_ready(start_server: StartServer,
     wait_for(lambda: not client.is_model_ready("moody"))
     (folder / "not_ready").unlink()
     wait_for(lambda: client.is_model_ready("moody"))
+
+
+# -- responses checked against the config -----------------------------------------------------
+
+BAD_OUTPUT_MODEL = """
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+                mode = int(data[0])
+                if mode == 0:
+                    out = pb_utils.Tensor("OUTPUT0", data)
+                elif mode == 1:
+                    out = pb_utils.Tensor("OUTPUTO", data)          # misspelled
+                elif mode == 2:
+                    out = pb_utils.Tensor("OUTPUT0", data.astype(np.float64))
+                else:
+                    out = pb_utils.Tensor("OUTPUT0", data.reshape(1, -1))  # extra dimension
+                responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+            return responses
+"""
+
+
+def test_outputs_are_checked_against_the_config(start_server: StartServer,
+                                               repository: Path) -> None:
+    write_model(repository, "sloppy", BAD_OUTPUT_MODEL, 'backend: "python"\n' + IDENTITY_CONFIG)
+    server = start_server(None, repository=repository)
+    client = grpcclient.InferenceServerClient(server.url)
+    good = identity_infer(client, "sloppy", np.array([0, 1], dtype=np.float32))
+    assert good.dtype == np.float32
+
+    def error_for(mode: float) -> InferenceServerException:
+        with pytest.raises(InferenceServerException) as info:
+            identity_infer(client, "sloppy", np.array([mode, 1], dtype=np.float32))
+        return info.value
+
+    model_file = str(repository / "sloppy" / "1" / "model.py")
+    misspelled = error_for(1)
+    assert misspelled.status() == "StatusCode.INTERNAL"
+    assert "returned output 'OUTPUTO', which is not declared in its configuration" in \
+        str(misspelled.message())
+    assert "error in the model, not in the request" in str(misspelled.message())
+    wrong_type = error_for(2)
+    assert ("configuration expects datatype TYPE_FP32 for output 'OUTPUT0', model provides "
+            "TYPE_FP64") in str(wrong_type.message())
+    wrong_shape = error_for(3)
+    assert "with shape [1,2], which does not match the configured dims [-1]" in \
+        str(wrong_shape.message())
+    wait_for(lambda: server.log().count(model_file) >= 3)
+    assert "ERROR" in server.log()
+    # The model keeps serving good requests.
+    np.testing.assert_array_equal(
+        identity_infer(client, "sloppy", np.array([0, 5], dtype=np.float32)), [0, 5])
+
+
+# -- model_warmup -----------------------------------------------------------------------------
+
+WARMUP_MODEL = """
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            self.seen = 0
+
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+                if request.request_id().startswith("warmup"):
+                    self.seen += 1
+                    pb_utils.Logger.log_info(
+                        f"warm-up {self.seen}: {request.request_id()} shape {list(data.shape)} "
+                        f"sum {float(data.sum())}")
+                    if data.size and float(data.reshape(-1)[0]) == 7.0:
+                        raise ValueError("warm-up data rejected")
+                out = np.full(data.shape, float(self.seen), dtype=np.float32)
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor("OUTPUT0", out)]))
+            return responses
+"""
+
+WARMUP_CONFIG = """
+    backend: "python"
+    max_batch_size: 4
+    input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 3 ] } ]
+    output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 3 ] } ]
+"""
+
+
+def test_warmup_runs_before_ready_and_a_failing_one_fails_the_load(
+        start_server: StartServer, repository: Path) -> None:
+    write_model(repository, "warm", WARMUP_MODEL, WARMUP_CONFIG + """
+        model_warmup [
+          { name: "zeros" batch_size: 2 count: 2
+            inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 3 ] zero_data: true } } },
+          { name: "from_file" batch_size: 1
+            inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 3 ]
+                                            input_data_file: "ones" } } }
+        ]
+        """)
+    (repository / "warm" / "warmup").mkdir()
+    (repository / "warm" / "warmup" / "ones").write_bytes(np.ones(3, np.float32).tobytes())
+    write_model(repository, "cold", WARMUP_MODEL, WARMUP_CONFIG + """
+        model_warmup [ { name: "sevens" batch_size: 1
+          inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 3 ]
+                                          input_data_file: "sevens" } } } ]
+        """)
+    (repository / "cold" / "warmup").mkdir()
+    (repository / "cold" / "warmup" / "sevens").write_bytes(np.full(3, 7, np.float32).tobytes())
+    server = explicit_server(start_server, repository)
+    client = grpcclient.InferenceServerClient(server.url)
+    client.load_model("warm")
+    log = server.log()
+    assert "warm-up 1: warmup_zeros shape [2, 3] sum 0.0" in log
+    assert "warm-up 2: warmup_zeros shape [2, 3] sum 0.0" in log
+    assert "warm-up 3: warmup_from_file shape [1, 3] sum 3.0" in log
+    # The instance that answers has run all three warm-up executions.
+    answer = identity_infer(client, "warm", np.zeros((1, 3), np.float32))
+    np.testing.assert_array_equal(answer, np.full((1, 3), 3.0, np.float32))
+
+    message = load_error(client, "cold")
+    assert "load failed for model 'cold'" in message
+    assert "failed to run warmup sample 'sevens'" in message
+    assert "warm-up data rejected" in message
+    assert not client.is_model_ready("cold")

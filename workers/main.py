@@ -38,6 +38,7 @@ from shmserve.workers.region_fds import adopt_region_fd
 from shmserve.workers.reporter import start_reporter
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache, trim_heap
 from shmserve.workers.tensors import InputResolver, map_region, output_bytes
+from shmserve.workers.warmup import run_warmup
 
 log = logging.getLogger("shmserve.worker")
 
@@ -159,6 +160,9 @@ class WorkerHost:
         self.send(protocol.Stage("instance_initialize").pack())
         backend.instance_initialize(self._model, self._instance)
         self._hooks_done.append("instance")
+        if self._model.config.get("model_warmup"):
+            self.send(protocol.Stage("model_warmup").pack())
+            run_warmup(backend, self._model)
 
     def _finalize(self) -> None:
         backend = self._backend

@@ -46,6 +46,7 @@ from shmserve.workers.backend import (
 
 from . import custom_metrics
 from . import triton_python_backend_utils as pb_utils
+from .output_check import OutputChecker
 
 __all__ = ["PythonBackend", "auto_complete_config", "install_pb_utils", "pb_utils",
            "visible_device_id"]
@@ -225,6 +226,7 @@ class PythonBackend(Backend):
         self._default_outputs: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._force_cpu_inputs = True
+        self._output_checker: OutputChecker | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -249,6 +251,7 @@ class PythonBackend(Backend):
         self._default_outputs = [str(out["name"]) for out in model.config.get("output", [])
                                  if "name" in out]
         self._force_cpu_inputs = _force_cpu_only_inputs(model.config)
+        self._output_checker = OutputChecker(model.config, str(path))
 
     def instance_initialize(self, model: ModelSpec, instance: InstanceSpec) -> None:
         if self._imported is None:
@@ -399,9 +402,15 @@ class PythonBackend(Backend):
                                                pb_utils.grpc_code_name(error.code())))
         wanted = request.requested_outputs
         outputs: dict[str, Any] = {}
+        checker = self._output_checker
         try:
             for tensor in pb_response._output_tensors:
                 name = tensor._name
+                if checker is not None:
+                    problem = checker.problem(name, tensor._data)
+                    if problem is not None:
+                        _log.error("%s", problem)
+                        return Response(error=BackendError(problem, "INTERNAL"))
                 if wanted and name not in wanted:
                     continue
                 data = tensor._data
