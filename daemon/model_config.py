@@ -10,10 +10,15 @@ from typing import Any
 from google.protobuf import json_format, text_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from shmserve.daemon.ensemble_config import (
+    ENSEMBLE_PLATFORM,
+    EnsembleConfigError,
+    validate_scheduling,
+)
 from shmserve.protos import shmserve_model_config_pb2 as mc
 
 CONFIG_FILE = "config.pbtxt"
-PLATFORM_BACKENDS = {"pytorch_libtorch": "pytorch", "python": "python"}
+PLATFORM_BACKENDS = {"pytorch_libtorch": "pytorch", "python": "python", "ensemble": "ensemble"}
 _INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64,
                 FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED64,
                 FieldDescriptor.TYPE_SFIXED64}
@@ -83,6 +88,12 @@ def complete_config(config: mc.ModelConfig, model_dir: Path, gpu_ids: list[int])
         if preferred > config.max_batch_size:
             raise ConfigError(f"{where}: field 'dynamic_batching.preferred_batch_size' "
                               f"{preferred} exceeds max_batch_size {config.max_batch_size}")
+    if config.platform == ENSEMBLE_PLATFORM or config.HasField("ensemble_scheduling"):
+        try:
+            validate_scheduling(config)
+        except EnsembleConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return  # an ensemble has no instances of its own
     _complete_instance_groups(where, config, gpu_ids)
 
 
