@@ -217,3 +217,49 @@ def test_ensemble_validation_errors(start_server: StartServer, repository: Path)
         assert not client.is_model_ready(name)
     client.load_model("pipeline")  # the good one still loads next to them
     assert client.is_model_ready("pipeline")
+
+
+PICKY_MODEL = """
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            responses = []
+            for r in requests:
+                data = pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()
+                if (data < 0).any():
+                    responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        "negative values are not allowed")))
+                else:
+                    responses.append(pb_utils.InferenceResponse(
+                        output_tensors=[pb_utils.Tensor("OUTPUT0", data)]))
+            return responses
+"""
+
+
+def test_step_errors_and_bad_requests_get_tritons_texts(start_server: StartServer,
+                                                        repository: Path) -> None:
+    write(repository, "picky", model_config("picky"), PICKY_MODEL)
+    write(repository, "guarded", ensemble_config("guarded", [
+        step("pre", {"INPUT0": "IN"}, {"OUTPUT0": "t1"}),
+        step("picky", {"INPUT0": "t1"}, {"OUTPUT0": "OUT"}),
+    ]))
+    server = start_server(None, repository=repository)
+    client = grpcclient.InferenceServerClient(server.url)
+    np.testing.assert_allclose(infer(client, "guarded", np.array([1.0], np.float32),
+                                     ["OUT"])["OUT"], [2.0])
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, "guarded", np.array([-5.0], np.float32), ["OUT"])
+    assert "negative values are not allowed" in str(info.value.message())
+    wrong = grpcclient.InferInput("IN", [1], "INT32")
+    wrong.set_data_from_numpy(np.array([1], np.int32))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("guarded", [wrong])
+    assert str(info.value.message()) == ("inference input 'IN' data-type is 'INT32', but model "
+                                         "'guarded' expects 'FP32'")
+    stats = client.get_inference_statistics("guarded", as_json=True)["model_stats"][0]
+    assert int(stats["inference_stats"]["success"]["count"]) == 1
+    assert int(stats["inference_stats"]["fail"]["count"]) == 1
+    # The ensemble keeps serving after a failed step.
+    np.testing.assert_allclose(infer(client, "guarded", np.array([3.0], np.float32),
+                                     ["OUT"])["OUT"], [4.0])
