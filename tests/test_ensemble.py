@@ -263,3 +263,31 @@ def test_step_errors_and_bad_requests_get_tritons_texts(start_server: StartServe
     # The ensemble keeps serving after a failed step.
     np.testing.assert_allclose(infer(client, "guarded", np.array([3.0], np.float32),
                                      ["OUT"])["OUT"], [4.0])
+
+
+def test_ensemble_inputs_and_outputs_in_client_shared_memory(start_server: StartServer,
+                                                            repository: Path) -> None:
+    import tritonclient.utils.shared_memory as shm
+    server = start_server(None, repository=repository)
+    client = grpcclient.InferenceServerClient(server.url)
+    data = np.arange(50_000, dtype=np.float32)
+    size = data.nbytes
+    key = f"/shmserve_ens_test_{server.pid}"
+    handle = shm.create_shared_memory_region("ens", key, 3 * size, create_only=True)
+    try:
+        shm.set_shared_memory_region(handle, [data])
+        client.register_system_shared_memory("ens_region", key, 3 * size)
+        tensor = grpcclient.InferInput("IN", [data.size], "FP32")
+        tensor.set_shared_memory("ens_region", size)
+        out = grpcclient.InferRequestedOutput("OUT")
+        out.set_shared_memory("ens_region", size, offset=size)
+        side = grpcclient.InferRequestedOutput("SIDE")
+        side.set_shared_memory("ens_region", size, offset=2 * size)
+        client.infer("pipeline", [tensor], outputs=[out, side])
+        got = shm.get_contents_as_numpy(handle, np.float32, [data.size], offset=size)
+        np.testing.assert_allclose(got, (data + 1) * 2 - 3)
+        got_side = shm.get_contents_as_numpy(handle, np.float32, [data.size], offset=2 * size)
+        np.testing.assert_allclose(got_side, (data + 1) * 10)
+        client.unregister_system_shared_memory("ens_region")
+    finally:
+        shm.destroy_shared_memory_region(handle)
