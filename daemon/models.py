@@ -403,7 +403,8 @@ class ModelManager:
             infer_backend(config, model_dir, where)
         except AutoCompleteError as exc:
             raise PollError(exc.message) from None
-        if config.backend != "python" or not versions:
+        if (config.backend != "python" or not versions
+                or self._settings.disable_auto_complete_config):
             return config
         version = max(versions)
         model_file = python_model_file(config, model_dir, version)

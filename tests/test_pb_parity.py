@@ -93,6 +93,16 @@ def test_config_less_model_is_served_by_auto_complete(start_server: StartServer,
                                   data * 3)
 
 
+def test_disable_auto_complete_config_skips_the_hook(start_server: StartServer,
+                                                     repository: Path) -> None:
+    (repository / "auto_only").mkdir()
+    shutil.copytree(PYBACKEND / "auto_complete" / "1", repository / "auto_only" / "1")
+    server = explicit_server(start_server, repository, "--disable-auto-complete-config")
+    client = grpcclient.InferenceServerClient(server.url)
+    message = load_error(client, "auto_only")
+    assert "model must have at least one 'output'" in message
+
+
 def test_failing_auto_complete_fails_the_load(start_server: StartServer,
                                               repository: Path) -> None:
     write_model(repository, "bad_hook", """
