@@ -412,3 +412,39 @@ def test_warmup_runs_before_ready_and_a_failing_one_fails_the_load(
     assert "failed to run warmup sample 'sevens'" in message
     assert "warm-up data rejected" in message
     assert not client.is_model_ready("cold")
+
+
+# -- pb_utils metric objects (pure logic) -----------------------------------------------------
+
+def test_metric_objects_follow_tritons_rules() -> None:
+    from shmserve.workers.backends.python import custom_metrics
+    from shmserve.workers.backends.python import triton_python_backend_utils as pb_utils
+    family = pb_utils.MetricFamily("unit_total", "Unit counter", pb_utils.MetricFamily.COUNTER)
+    assert pb_utils.MetricFamily("unit_total", "Unit counter",
+                                 pb_utils.MetricFamily.COUNTER) is family
+    with pytest.raises(pb_utils.TritonModelException):
+        pb_utils.MetricFamily("unit_total", "Other", pb_utils.MetricFamily.GAUGE)
+    first = family.Metric(labels={"a": "1"})
+    same = family.Metric(labels={"a": "1"})
+    before = custom_metrics.generation
+    first.increment(2)
+    same.increment(3)
+    assert first.value() == 5 and custom_metrics.generation > before
+    with pytest.raises(pb_utils.TritonModelException):
+        first.increment(-1)
+    with pytest.raises(pb_utils.TritonModelException):
+        first.set(1)
+    with pytest.raises(pb_utils.TritonModelException):
+        first.observe(1)
+    histogram = pb_utils.MetricFamily("unit_hist", "Unit histogram",
+                                      pb_utils.MetricFamily.HISTOGRAM)
+    with pytest.raises(pb_utils.TritonModelException):
+        histogram.Metric(labels={})
+    observed = histogram.Metric(labels={}, buckets=[1.0, 2.0])
+    for value in (0.5, 1.5, 9):
+        observed.observe(value)
+    with pytest.raises(pb_utils.TritonModelException):
+        observed.value()
+    snapshot = {name: (kind, metrics) for name, _, kind, metrics in custom_metrics.snapshot()}
+    assert snapshot["unit_total"] == ("counter", [[[["a", "1"]], 5.0]])
+    assert snapshot["unit_hist"] == ("histogram", [[[], [[1.0, 2.0], [1, 1, 1], 11.0, 3]]])
