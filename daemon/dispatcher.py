@@ -47,6 +47,7 @@ from shmserve.workers.protocol import (
     RESULT_OK,
     SYSTEM,
     Done,
+    Report,
     TensorRef,
     WorkerSpec,
     packed_exec_request,
@@ -70,6 +71,7 @@ class WorkerHandle(DirectTarget, Protocol):
 
     pid: int | None
     unresponsive: bool  # its heartbeat is late: it does not count as serving
+    report: Report | None  # the model's own readiness and custom metrics
 
     @property
     def became_ready(self) -> bool: ...

@@ -86,6 +86,7 @@ class WorkerProcess:
         self._head_since = 0.0              # when the oldest batch in flight began executing
         self._kill_reason: str | None = None  # why the supervisor killed it, if it did
         self.unresponsive = False           # heartbeat late: not serving, about to be killed
+        self.report: protocol.Report | None = None  # the model's last word on itself
         self.pid: int | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -272,6 +273,8 @@ class WorkerProcess:
             self._on_handshake(frame)
         elif kind == protocol.STAGE:
             self._stage = protocol.Stage.unpack(frame).name
+        elif kind == protocol.REPORT:
+            self.report = protocol.Report.unpack(frame)
 
     def _on_handshake(self, frame: list[Any]) -> None:
         """READY or INIT_FAILED: the first frame, naming the worker's protocol version."""

@@ -20,6 +20,7 @@ import msgpack
 
 from shmserve.workers import protocol
 from shmserve.workers.backend import (
+    MODEL_LOGGER,
     Backend,
     BackendError,
     Request,
@@ -33,8 +34,10 @@ from shmserve.workers.lineage import set_parent_death_signal
 from shmserve.workers.proctitle import set_process_title, worker_title
 from shmserve.workers.protocol import CUDA, INLINE_LIMIT, ExecRequest, TensorRef, WorkerSpec
 from shmserve.workers.region_fds import adopt_region_fd
+from shmserve.workers.reporter import start_reporter
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache, trim_heap
 from shmserve.workers.tensors import InputResolver, map_region, output_bytes
+from shmserve.workers.warmup import run_warmup
 
 log = logging.getLogger("shmserve.worker")
 
@@ -62,6 +65,16 @@ def run_worker(sock: socket.socket, spec: WorkerSpec,
         format=f"%(asctime)s %(levelname)s [worker {spec.instance.name}] %(message)s",
         stream=sys.stderr,
     )
+    # Model code's pb_utils.Logger: log_info is on by default, as in Triton (GetLogSettings
+    # reports log_info true), while the rest of the worker logs warnings only.
+    model_log = logging.getLogger(MODEL_LOGGER)
+    model_log.setLevel(min(spec.log_level, logging.INFO))
+    model_handler = logging.StreamHandler(sys.stderr)
+    model_handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s [model {spec.model.name} version {spec.model.version}, "
+        f"instance {spec.instance.name}] %(filename)s:%(lineno)d: %(message)s"))
+    model_log.addHandler(model_handler)
+    model_log.propagate = False
     host = WorkerHost(sock, spec, fd_socket)
     code = host.serve()
     sys.stdout.flush()
@@ -115,6 +128,8 @@ class WorkerHost:
                                      args=(self._spec.heartbeat_secs,))
         heartbeat.start()
         self.send(protocol.Ready(protocol.PROTOCOL_VERSION, os.getpid()).pack())
+        if self._backend is not None:
+            start_reporter(self._backend, self.send, self._stopped)
         try:
             self._loop()
         finally:
@@ -136,6 +151,9 @@ class WorkerHost:
         self.send(protocol.Stage("instance_initialize").pack())
         backend.instance_initialize(self._model, self._instance)
         self._hooks_done.append("instance")
+        if self._model.config.get("model_warmup"):
+            self.send(protocol.Stage("model_warmup").pack())
+            run_warmup(backend, self._model)
 
     def _finalize(self) -> None:
         backend = self._backend
