@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from shmserve.daemon.errors import ServeError, internal, unavailable
 from shmserve.daemon.worker_limits import SUSPECT_SHARE, WorkerLimits
@@ -65,6 +65,9 @@ class _ControlProtocol(asyncio.Protocol):
 
 class WorkerProcess:
     _batch_ids = itertools.count(1)
+    #: Takes the supervisor's end of each new worker's BLS socket (daemon/frontend/bls.py);
+    #: set by the supervisor. None: workers get no BLS socket (BLS calls fail UNAVAILABLE).
+    bls_door: ClassVar[Callable[[socket.socket], None] | None] = None
 
     def __init__(self, spec: protocol.WorkerSpec, label: str,
                  on_exit: Callable[[WorkerProcess, str], None]) -> None:
@@ -100,9 +103,12 @@ class WorkerProcess:
         fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         fd_parent.setblocking(False)
         self._fd_socket = fd_parent
+        door = WorkerProcess.bls_door
+        bls_parent, bls_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) \
+            if door is not None else (None, None)
         from shmserve.workers.main import run_worker
         process = fork_context().Process(target=run_worker,
-                                         args=(child_sock, self.spec, fd_child),
+                                         args=(child_sock, self.spec, fd_child, bls_child),
                                          name=f"shmserve-worker-{self.label}", daemon=True)
         self._ready = loop.create_future()
         try:
@@ -110,10 +116,16 @@ class WorkerProcess:
         except BaseException:
             parent_sock.close()
             fd_parent.close()
+            if bls_parent is not None:
+                bls_parent.close()
             raise
         finally:
             child_sock.close()
             fd_child.close()
+            if bls_child is not None:
+                bls_child.close()
+        if door is not None and bls_parent is not None:
+            door(bls_parent)
         self._process = process
         self.pid = process.pid
         parent_sock.setblocking(False)

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from shmserve.workers import protocol
+from shmserve.workers import bls, protocol
 from shmserve.workers.backend import (
     Backend,
     BackendError,
@@ -57,7 +57,8 @@ def die_with_parent() -> None:
 
 
 def run_worker(sock: socket.socket, spec: WorkerSpec,
-               fd_socket: socket.socket | None = None) -> None:
+               fd_socket: socket.socket | None = None,
+               bls_socket: socket.socket | None = None) -> None:
     pin_process(spec.cuda_visible_devices, spec.cpus)
     die_with_parent()
     set_process_title(worker_title(spec.model.name, spec.instance.name),
@@ -71,6 +72,7 @@ def run_worker(sock: socket.socket, spec: WorkerSpec,
         format=f"%(asctime)s %(levelname)s [worker {spec.instance.name}] %(message)s",
         stream=sys.stderr,
     )
+    bls.install(bls_socket, spec.model.name, spec.instance_count)
     host = WorkerHost(sock, spec, fd_socket)
     code = host.serve()
     sys.stdout.flush()

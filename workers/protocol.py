@@ -344,6 +344,7 @@ class WorkerSpec:
     cpus: list[int] | None = None           # CPU affinity, if pinned
     backend_config: dict[str, Any] = field(default_factory=dict)
     protocol_version: int = PROTOCOL_VERSION
+    instance_count: int = 1                 # instances of the model (BLS self-call check)
 
 
 def encode(frame: list[Any]) -> bytes:
