@@ -90,6 +90,7 @@ class WorkerProcess:
         self._kill_reason: str | None = None  # why the supervisor killed it, if it did
         self.unresponsive = False           # heartbeat late: not serving, about to be killed
         self.pid: int | None = None
+        self.concurrency = 1                # frames it takes at once (its Ready says)
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self, limits: WorkerLimits) -> None:
@@ -297,7 +298,9 @@ class WorkerProcess:
             self.kill()
             return
         if frame[0] == protocol.READY:
-            self._ready.set_result(protocol.Ready.unpack(frame))
+            ready = protocol.Ready.unpack(frame)
+            self.concurrency = max(1, int(ready.concurrency))
+            self._ready.set_result(ready)
         else:
             failed = protocol.InitFailed.unpack(frame)
             self._ready.set_exception(ServeError.from_tuple((failed.code, failed.message)))
@@ -331,7 +334,7 @@ class WorkerProcess:
         if self._fd_socket is not None:
             self._fd_socket.close()
         spec = self.spec
-        for lane in range(spec.lanes):
+        for lane in range(max(spec.lanes, self.concurrency)):
             remove_owner_arenas(spec.supervisor_pid, f"{spec.arena_owner}o{lane}")
         with contextlib.suppress(ValueError):
             self._process.close()

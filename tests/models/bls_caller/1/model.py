@@ -51,7 +51,7 @@ class TritonPythonModel:
         elif mode == "pipeline":
             response = self.pipeline(data, 1)
         elif mode == "big_pipeline":
-            response = self.pipeline(data, 4 << 20)   # a 16 MiB intermediate tensor
+            response = self.pipeline(data, 1 << 20)   # 16 B in: a 16 MiB intermediate tensor
         else:
             raise ValueError(f"unknown mode {mode}")
         if response.has_error():
