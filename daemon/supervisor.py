@@ -16,8 +16,8 @@ import grpc
 
 from shmserve.daemon import systemd
 from shmserve.daemon.core import Core
-from shmserve.daemon.frontend.http import HttpDoor
 from shmserve.daemon.frontend.bls import BlsDoor
+from shmserve.daemon.frontend.http import HttpDoor
 from shmserve.daemon.frontend.local import LocalFrontend
 from shmserve.daemon.frontend.service import InferenceService, generic_handlers
 from shmserve.daemon.leftovers import end_leftovers

@@ -30,7 +30,8 @@ import numpy as np
 
 from shmserve.client._convert import read_reply_outputs
 from shmserve.client.errors import ShmserveError
-from shmserve.client.local_channel import LocalChannel
+from shmserve.client.local_channel import LocalChannel, MessageTooLarge
+from shmserve.workers.cuda_ipc import DeviceOutput
 from shmserve.workers.protocol import INLINE_LIMIT
 from shmserve.workers.tensors import output_bytes
 
@@ -111,6 +112,9 @@ class BlsClient:
         self.instance_count = instance_count
         self._channel: LocalChannel | None = None
         self._lock = threading.Lock()
+        #: The instance runs executions concurrently (async def execute): one awaiting a
+        #: BLS answer leaves the instance free for others.
+        self.concurrent = False
 
     def _open(self) -> LocalChannel:
         with self._lock:
@@ -123,19 +127,26 @@ class BlsClient:
                 channel = self._channel = LocalChannel.over(self._sock)
             return channel
 
-    def check_target(self, model_name: str) -> None:
-        """Fail where Triton would hang: the only instance of a model waiting on itself."""
-        if model_name == self.model_name and self.instance_count <= 1:
+    def check_target(self, model_name: str, blocking: bool) -> None:
+        """Fail where Triton would hang: the only instance of a model waiting on itself
+        (``blocking``: the caller holds the instance while it waits, as ``exec`` does; an
+        awaited ``async_exec`` of a concurrent instance does not)."""
+        if model_name == self.model_name and self.instance_count <= 1 \
+                and (blocking or not self.concurrent):
             raise BlsError(
                 "INVALID_ARGUMENT",
                 f"BLS request to model '{model_name}' from its own only instance would "
                 f"deadlock: the instance waits for itself (give the model more instances in "
                 f"instance_group, or call another model)")
 
-    def infer(self, request: BlsRequest) -> dict[str, np.ndarray]:
+    def infer(self, request: BlsRequest, blocking: bool = True) -> dict[str, np.ndarray]:
         """Run ``request`` through the core; raises BlsError with Triton's code and text."""
-        self.check_target(request.model_name)
-        channel = self._open()
+        self.check_target(request.model_name, blocking)
+        try:
+            channel = self._open()
+        except (OSError, ShmserveError) as exc:
+            raise BlsError("UNAVAILABLE", f"cannot open the BLS channel to the server: "
+                                          f"{exc}") from None
         regions: list[_Memfd] = []
         try:
             message, region_outputs = self._message(channel, request, regions)
@@ -146,6 +157,9 @@ class BlsClient:
                 reply = channel.call(message, timeout)
             except ShmserveError as exc:
                 raise BlsError(exc.code.name, exc.message) from None
+            except MessageTooLarge as exc:
+                raise BlsError("RESOURCE_EXHAUSTED", f"BLS request to model "
+                                                     f"'{request.model_name}': {exc}") from None
             try:
                 return read_reply_outputs(reply["out"], region_outputs)
             except ShmserveError as exc:
@@ -164,11 +178,16 @@ class BlsClient:
                 raise BlsError("INVALID_ARGUMENT", f"input '{name}': {exc}") from None
             nbytes = len(data)
             if nbytes <= INLINE_LIMIT:
-                inputs.append([name, datatype, shape, "b", bytes(data)])
+                inputs.append([name, datatype, shape, "b", _host_bytes(data)])
                 continue
             region = _Memfd(nbytes)
             regions.append(region)
-            region.memory.write(data)  # the one copy of the input's bytes
+            target = memoryview(region.memory)
+            if isinstance(data, DeviceOutput):
+                data.write_to(target[:nbytes])  # one device-to-host copy
+            else:
+                target[:nbytes] = data  # the one copy of the input's bytes
+            target.release()
             region.register(channel)
             inputs.append([name, datatype, shape, "r", region.name, 0, nbytes])
         outputs: list[list[Any]] = []
@@ -188,6 +207,14 @@ class BlsClient:
         if parameters:
             message["p"] = parameters
         return message, region_outputs
+
+
+def _host_bytes(data: memoryview | bytes | DeviceOutput) -> bytes:
+    if isinstance(data, DeviceOutput):
+        host = bytearray(len(data))
+        data.write_to(memoryview(host))
+        return bytes(host)
+    return bytes(data)
 
 
 def _version(version: int) -> str:
@@ -210,9 +237,16 @@ def client() -> BlsClient:
     return _client
 
 
-def infer(request: BlsRequest) -> dict[str, np.ndarray]:
-    return client().infer(request)
+def infer(request: BlsRequest, blocking: bool = True) -> dict[str, np.ndarray]:
+    return client().infer(request, blocking)
 
 
-__all__ = ["BlsClient", "BlsError", "BlsRequest", "client", "infer", "install"]
+def set_concurrent(concurrent: bool) -> None:
+    """The worker's backend runs executions concurrently (after its initialize hooks)."""
+    if _client is not None:
+        _client.concurrent = concurrent
+
+
+__all__ = ["BlsClient", "BlsError", "BlsRequest", "client", "infer", "install",
+           "set_concurrent"]
 

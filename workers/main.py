@@ -127,6 +127,7 @@ class WorkerHost:
                                      args=(self._spec.heartbeat_secs,))
         heartbeat.start()
         concurrent = self._backend is not None and self._backend.concurrent
+        bls.set_concurrent(concurrent)
         self.send(protocol.Ready(protocol.PROTOCOL_VERSION, os.getpid(),
                                  protocol.CONCURRENT_FRAMES if concurrent else 1).pack())
         try:

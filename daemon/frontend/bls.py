@@ -30,6 +30,7 @@ class BlsDoor:
                                        stall_secs=stall_secs, direct_rings=direct_rings,
                                        direct_ring_bytes=direct_ring_bytes)
         self._waiting: set[socket.socket] = set()
+        self._opening: set[asyncio.Task[None]] = set()
 
     def adopt(self, sock: socket.socket) -> None:
         """Our end of a new worker's BLS socket: its channel is opened when it asks."""
@@ -48,7 +49,9 @@ class BlsDoor:
         if not asked:  # the worker exited without using BLS
             sock.close()
             return
-        loop.create_task(self._open(sock))
+        task = loop.create_task(self._open(sock))
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
 
     async def _open(self, sock: socket.socket) -> None:
         try:

@@ -512,6 +512,9 @@ class InferenceRequest:
         """BLS: run this request on ``model_name`` through the server's core (validation,
         batching, statistics as any request) and return its response; a failure is a
         response with ``has_error()``, as in Triton."""
+        return self._exec(decoupled, True)
+
+    def _exec(self, decoupled: bool, blocking: bool) -> InferenceResponse:
         if decoupled:
             raise TritonModelException(
                 f"InferenceRequest.exec(decoupled=True) to model '{self._model_name}': "
@@ -523,7 +526,8 @@ class InferenceRequest:
                 self._model_name, self._model_version,
                 [(tensor._name, tensor._data) for tensor in self._inputs],
                 list(self._requested_output_names), self._request_id, self._correlation_id,
-                parameters if isinstance(parameters, dict) else {}, int(self._timeout or 0)))
+                parameters if isinstance(parameters, dict) else {}, int(self._timeout or 0)),
+                blocking)
         except bls.BlsError as exc:
             return InferenceResponse(error=TritonError(exc.message, _triton_code(exc.code)))
         return InferenceResponse([_wrap_tensor(name, array) for name, array in outputs.items()])
@@ -532,7 +536,8 @@ class InferenceRequest:
         """``exec`` awaited: the call waits in a thread, so an ``async def execute`` can
         await several at once."""
         import asyncio
-        return await asyncio.get_running_loop().run_in_executor(None, self.exec, decoupled)
+        return await asyncio.get_running_loop().run_in_executor(None, self._exec, decoupled,
+                                                                False)
 
     def __repr__(self) -> str:
         names = [tensor.name() for tensor in self._inputs]
