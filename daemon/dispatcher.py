@@ -159,6 +159,7 @@ class InstanceSlot:
         while self.lanes < lanes:
             self.input_arenas.append(Arena(self._supervisor_pid, f"w{self.uid}i{self.lanes}"))
             self.lanes += 1
+        self.output_reader.capacity = max(self.output_reader.capacity, 2 * self.lanes)
 
     @property
     def inflight(self) -> int:
