@@ -120,6 +120,12 @@ def test_call_to_own_single_instance_fails_instead_of_deadlocking(server: Server
         in caught.value.message()
 
 
+def test_awaited_call_to_own_concurrent_instance_is_served(server: ServerProcess) -> None:
+    """async_exec in an async def execute holds no instance: calling itself is fine."""
+    data = np.arange(3, dtype=np.float32)
+    np.testing.assert_array_equal(_infer(server, data, "self_async"), data * 2)
+
+
 def test_timeout_bounds_the_wait(server: ServerProcess) -> None:
     started = time.monotonic()
     with pytest.raises(InferenceServerException) as caught:

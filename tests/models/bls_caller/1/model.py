@@ -45,6 +45,10 @@ class TritonPythonModel:
             response = call("bls_double", [pb_utils.Tensor("IN", data.astype(np.int32))]).exec()
         elif mode == "self":
             response = call("bls_caller", [pb_utils.Tensor("IN", data)]).exec()
+        elif mode == "self_async":
+            # Awaited: this instance runs the inner request meanwhile (async def execute).
+            response = await call("bls_caller", [pb_utils.Tensor("IN", data)],
+                                  parameters={"mode": "sync"}).async_exec()
         elif mode == "timeout":
             response = call("bls_double", [pb_utils.Tensor("IN", data)],
                             parameters={"slow": 1}, timeout=50_000).exec()
