@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.serverproc import ServerProcess, build_repository
 
-MODELS = ["bls_double", "bls_pre", "bls_caller", "async_sleeper"]
+MODELS = ["bls_double", "bls_pre", "bls_caller", "async_sleeper", "bls_bounce"]
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # through the supervisor, not a ring that is too small for them.
     proc = ServerProcess(repo, "--model-control-mode", "explicit", "--load-model", "bls_double",
                          "--load-model", "bls_pre", "--load-model", "async_sleeper",
+                         "--load-model", "bls_bounce",
                          "--local-ring-bytes", str(128 << 20))
     try:
         proc.wait_ready()
@@ -118,6 +119,23 @@ def test_call_to_own_single_instance_fails_instead_of_deadlocking(server: Server
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "BLS request to model 'bls_caller' from its own only instance would deadlock" \
         in caught.value.message()
+
+
+def test_cycle_through_another_model_fails_instead_of_deadlocking(
+        server: ServerProcess) -> None:
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException) as caught:
+        _infer(server, np.ones(2, np.float32), "cycle")
+    assert time.monotonic() - started < 10
+    assert caught.value.status() == "StatusCode.UNAVAILABLE"
+    assert "BLS request to model 'bls_caller' would deadlock: all 1 instance(s) of it wait " \
+           "for this chain of BLS calls (bls_caller -> bls_bounce -> bls_caller)" \
+        in caught.value.message()
+
+
+def test_chain_without_a_cycle_is_served(server: ServerProcess) -> None:
+    data = np.arange(3, dtype=np.float32)
+    np.testing.assert_array_equal(_infer(server, data, "via_bounce"), data * 2)
 
 
 def test_awaited_call_to_own_concurrent_instance_is_served(server: ServerProcess) -> None:

@@ -17,6 +17,7 @@ ring.
 
 from __future__ import annotations
 
+import contextvars
 import fcntl
 import itertools
 import mmap
@@ -35,6 +36,11 @@ from shmserve.workers.cuda_ipc import DeviceOutput
 from shmserve.workers.protocol import INLINE_LIMIT
 from shmserve.workers.tensors import output_bytes
 
+#: The request parameter naming the instances a BLS request's callers hold while they wait:
+#: "model|instance|instances of the model" entries, joined by ",".
+CHAIN_PARAMETER = "shmserve_bls_chain"
+#: The chain of the requests this execution serves (set by the worker around each execution).
+current_chain: contextvars.ContextVar[str] = contextvars.ContextVar("bls_chain", default="")
 #: Asks the supervisor for the channel on the BLS socket.
 CONNECT = b"c"
 #: Virtual size of each output's memfd: an output may be this large. Only written pages cost.
@@ -106,9 +112,11 @@ def _ignore(reply: dict[str, Any] | None, error: ShmserveError | None) -> None:
 class BlsClient:
     """One worker's door into the core; thread-safe (``async_exec`` runs in threads)."""
 
-    def __init__(self, sock: socket.socket, model_name: str, instance_count: int) -> None:
+    def __init__(self, sock: socket.socket, model_name: str, instance_name: str,
+                 instance_count: int) -> None:
         self._sock = sock
         self.model_name = model_name
+        self.instance_name = instance_name
         self.instance_count = instance_count
         self._channel: LocalChannel | None = None
         self._lock = threading.Lock()
@@ -139,9 +147,37 @@ class BlsClient:
                 f"deadlock: the instance waits for itself (give the model more instances in "
                 f"instance_group, or call another model)")
 
+    def chain(self, model_name: str, blocking: bool) -> str:
+        """The chain a request to ``model_name`` carries; raises BlsError when every instance
+        of that model already waits in it (the request could never run: Triton hangs)."""
+        chain = current_chain.get()
+        if blocking or not self.concurrent:
+            own = f"{self.model_name}|{self.instance_name}|{self.instance_count}"
+            chain = f"{chain},{own}" if chain else own
+        if not chain:
+            return ""
+        held: set[str] = set()
+        instances = 0
+        path: list[str] = []
+        for entry in chain.split(","):
+            model, instance, count = entry.rsplit("|", 2)
+            path.append(model)
+            if model == model_name:
+                held.add(instance)
+                instances = int(count)
+        if held and len(held) >= instances:
+            raise BlsError(
+                "UNAVAILABLE",
+                f"BLS request to model '{model_name}' would deadlock: all {instances} "
+                f"instance(s) of it wait for this chain of BLS calls "
+                f"({' -> '.join([*path, model_name])}) to be answered (give '{model_name}' "
+                f"more instances, or break the cycle)")
+        return chain
+
     def infer(self, request: BlsRequest, blocking: bool = True) -> dict[str, np.ndarray]:
         """Run ``request`` through the core; raises BlsError with Triton's code and text."""
         self.check_target(request.model_name, blocking)
+        chain = self.chain(request.model_name, blocking)
         try:
             channel = self._open()
         except (OSError, ShmserveError) as exc:
@@ -150,6 +186,8 @@ class BlsClient:
         regions: list[_Memfd] = []
         try:
             message, region_outputs = self._message(channel, request, regions)
+            if chain:
+                message.setdefault("p", {})[CHAIN_PARAMETER] = chain
             timeout = request.timeout_us / 1e6 if request.timeout_us > 0 else None
             if timeout is not None:
                 message["t"] = timeout
@@ -224,10 +262,19 @@ def _version(version: int) -> str:
 _client: BlsClient | None = None
 
 
-def install(sock: socket.socket | None, model_name: str, instance_count: int) -> None:
+def install(sock: socket.socket | None, model_name: str, instance_name: str,
+            instance_count: int) -> None:
     """Called once by the worker at start, before any hook runs."""
     global _client
-    _client = BlsClient(sock, model_name, instance_count) if sock is not None else None
+    _client = BlsClient(sock, model_name, instance_name, instance_count) \
+        if sock is not None else None
+
+
+def chain_of(parameters: list[dict[str, Any]]) -> str:
+    """The BLS chain of an execution's requests (their parameters): the instances their
+    callers hold. Empty for requests that no BLS call sent."""
+    chains = [p[CHAIN_PARAMETER] for p in parameters if p and CHAIN_PARAMETER in p]
+    return ",".join(chain for chain in chains if isinstance(chain, str))
 
 
 def client() -> BlsClient:
@@ -247,6 +294,15 @@ def set_concurrent(concurrent: bool) -> None:
         _client.concurrent = concurrent
 
 
-__all__ = ["BlsClient", "BlsError", "BlsRequest", "client", "infer", "install",
-           "set_concurrent"]
+__all__ = [
+    "BlsClient",
+    "BlsError",
+    "BlsRequest",
+    "chain_of",
+    "client",
+    "current_chain",
+    "infer",
+    "install",
+    "set_concurrent",
+]
 

@@ -73,7 +73,7 @@ def run_worker(sock: socket.socket, spec: WorkerSpec,
         format=f"%(asctime)s %(levelname)s [worker {spec.instance.name}] %(message)s",
         stream=sys.stderr,
     )
-    bls.install(bls_socket, spec.model.name, spec.instance_count)
+    bls.install(bls_socket, spec.model.name, spec.instance.name, spec.instance_count)
     host = WorkerHost(sock, spec, fd_socket)
     code = host.serve()
     sys.stdout.flush()
@@ -314,7 +314,15 @@ class WorkerHost:
             if not requests:
                 continue
             input_done = time.perf_counter_ns()
-            responses = self._run_backend(requests)
+            chain = _bls_chain(requests)
+            if chain:  # requests sent by BLS calls: calls they make extend their chain
+                token = bls.current_chain.set(chain)
+                try:
+                    responses = self._run_backend(requests)
+                finally:
+                    bls.current_chain.reset(token)
+            else:
+                responses = self._run_backend(requests)
             self._finish_group(run, positions, responses, started, input_done)
         return self._finish_frame(frame, run)
 
@@ -331,6 +339,7 @@ class WorkerHost:
             if not requests:
                 continue
             input_done = time.perf_counter_ns()
+            bls.current_chain.set(_bls_chain(requests))  # this task's own context
             try:
                 responses = await backend.execute_async(requests)
                 if not isinstance(responses, list) or len(responses) != len(requests):
@@ -524,6 +533,14 @@ class WorkerHost:
 
 
 _Prepared = tuple[str, str, list[int], "memoryview | bytes | DeviceOutput", Any]
+
+
+def _bls_chain(requests: list[Request]) -> str:
+    """The BLS chain the requests carry ("" for requests no BLS call sent: the usual case)."""
+    for request in requests:
+        if request.parameters:
+            return bls.chain_of([r.parameters for r in requests])
+    return ""
 
 
 class _FrameRun:

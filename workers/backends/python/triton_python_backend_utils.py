@@ -61,6 +61,7 @@ TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 _RESERVED_PARAMETERS = frozenset({
     "sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers",
     "binary_data_output", "triton_enable_empty_final_response",
+    "shmserve_bls_chain",  # workers/bls.py: the instances a BLS request's callers hold
 })
 
 # ---------------------------------------------------------------------------------------------
@@ -536,8 +537,11 @@ class InferenceRequest:
         """``exec`` awaited: the call waits in a thread, so an ``async def execute`` can
         await several at once."""
         import asyncio
-        return await asyncio.get_running_loop().run_in_executor(None, self._exec, decoupled,
-                                                                False)
+        import contextvars
+        # The thread runs in this task's context: it carries the BLS chain of the request.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            None, context.run, self._exec, decoupled, False)
 
     def __repr__(self) -> str:
         names = [tensor.name() for tensor in self._inputs]

@@ -49,6 +49,13 @@ class TritonPythonModel:
             # Awaited: this instance runs the inner request meanwhile (async def execute).
             response = await call("bls_caller", [pb_utils.Tensor("IN", data)],
                                   parameters={"mode": "sync"}).async_exec()
+        elif mode == "cycle":
+            # bls_caller -> bls_bounce -> bls_caller: this only instance waits meanwhile.
+            response = call("bls_bounce", [pb_utils.Tensor("IN", data)],
+                            parameters={"target": "bls_caller"}).exec()
+        elif mode == "via_bounce":
+            response = call("bls_bounce", [pb_utils.Tensor("IN", data)],
+                            parameters={"target": "bls_double"}).exec()
         elif mode == "timeout":
             response = call("bls_double", [pb_utils.Tensor("IN", data)],
                             parameters={"slow": 1}, timeout=50_000).exec()
