@@ -195,3 +195,30 @@ def test_async_execute_runs_requests_of_one_instance_concurrently(
     elapsed = _infer_many(server, "async_sleeper", "", 8)
     # One after the other: 3.2 s. Concurrently: about 0.4 s; the bound is generous.
     assert elapsed < 4 * one, f"8 requests took {elapsed:.2f}s on one instance"
+
+
+def test_chain_rule_counts_held_instances() -> None:
+    """The deadlock rule itself (pure logic, no server): a call fails only when every
+    instance of its target waits in the chain; entries that are not ours are ignored."""
+    import socket
+
+    from shmserve.workers import bls
+
+    left, right = socket.socketpair()
+    try:
+        client = bls.BlsClient(left, "b", "b_0", 1)
+        token = bls.current_chain.set("a|a_0|2,junk,x|y|z")
+        try:
+            assert client.chain("a", blocking=True) == "a|a_0|2,junk,x|y|z,b|b_0|1"
+            bls.current_chain.set("a|a_0|2,a|a_1|2")
+            with pytest.raises(bls.BlsError, match=r"all 2 instance\(s\) of it wait .*"
+                                                   r"\(a -> a -> b -> a\)"):
+                client.chain("a", blocking=True)
+            client.concurrent = True
+            bls.current_chain.set("")
+            assert client.chain("b", blocking=False) == ""  # an awaited call holds nothing
+        finally:
+            bls.current_chain.reset(token)
+    finally:
+        left.close()
+        right.close()

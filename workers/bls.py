@@ -160,7 +160,10 @@ class BlsClient:
         instances = 0
         path: list[str] = []
         for entry in chain.split(","):
-            model, instance, count = entry.rsplit("|", 2)
+            parts = entry.rsplit("|", 2)
+            if len(parts) != 3 or not parts[2].isdigit():
+                continue  # not ours (a client may send any parameter): ignored
+            model, instance, count = parts
             path.append(model)
             if model == model_name:
                 held.add(instance)
