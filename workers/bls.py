@@ -17,6 +17,7 @@ ring.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextvars
 import fcntl
 import itertools
@@ -273,6 +274,22 @@ def install(sock: socket.socket | None, model_name: str, instance_name: str,
         if sock is not None else None
 
 
+_waiters: concurrent.futures.ThreadPoolExecutor | None = None
+_waiters_lock = threading.Lock()
+#: Threads that wait for ``async_exec`` answers: they only wait, so many are cheap (the
+#: loop's default executor has cpu + 4, which would bound the calls in flight).
+WAITING_THREADS = 64
+
+
+def waiters() -> concurrent.futures.ThreadPoolExecutor:
+    global _waiters
+    with _waiters_lock:
+        if _waiters is None:
+            _waiters = concurrent.futures.ThreadPoolExecutor(WAITING_THREADS,
+                                                             thread_name_prefix="bls")
+        return _waiters
+
+
 def chain_of(parameters: list[dict[str, Any]]) -> str:
     """The BLS chain of an execution's requests (their parameters): the instances their
     callers hold. Empty for requests that no BLS call sent."""
@@ -307,5 +324,6 @@ __all__ = [
     "infer",
     "install",
     "set_concurrent",
+    "waiters",
 ]
 

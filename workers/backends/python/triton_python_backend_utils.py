@@ -538,10 +538,12 @@ class InferenceRequest:
         await several at once."""
         import asyncio
         import contextvars
+
+        from shmserve.workers import bls
         # The thread runs in this task's context: it carries the BLS chain of the request.
         context = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(
-            None, context.run, self._exec, decoupled, False)
+            bls.waiters(), context.run, self._exec, decoupled, False)
 
     def __repr__(self) -> str:
         names = [tensor.name() for tensor in self._inputs]
