@@ -206,6 +206,26 @@ class LocalChannel(_Channel):
             for fd in kept:
                 os.close(fd)
             raise
+        self._setup(sock, kept)
+
+    @classmethod
+    def over(cls, sock: socket.socket) -> LocalChannel:
+        """A channel on a socket already connected to the server (a worker's BLS socket,
+        daemon/frontend/bls.py): the server's hello is read from it."""
+        channel = cls.__new__(cls)
+        channel.path = ""
+        kept: list[int] = []
+        try:
+            channel.hello, channel._memory, channel._requests, channel._responses = \
+                _handshake(sock, kept=kept)
+        except BaseException:
+            for fd in kept:
+                os.close(fd)
+            raise
+        channel._setup(sock, kept)
+        return channel
+
+    def _setup(self, sock: socket.socket, kept: list[int]) -> None:
         self.fd_door = fd_door(self.hello, kept)
         sock.setblocking(False)
         self._sock = sock

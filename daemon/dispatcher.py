@@ -140,6 +140,7 @@ class InstanceSlot:
         self.uid = next(_slot_ids)
         self.worker: WorkerHandle | None = None
         self.lanes = lanes
+        self._supervisor_pid = supervisor_pid
         self.free_lanes = list(range(lanes))
         self.generation = 0
         self.failures = 0            # failing starts in a row (see the module's docstring)
@@ -153,6 +154,14 @@ class InstanceSlot:
         self.output_grown = False  # the worker's output arena grew past its initial size
         self.frames_done = 0       # frames answered; unchanged over a period = idle
         self.frames_seen = 0       # frames_done at the last idle check
+
+    def add_lanes(self, lanes: int) -> None:
+        """Up to ``lanes`` frames in flight: a worker whose backend runs executions
+        concurrently (``async def execute``) takes more than the pipeline depth."""
+        while self.lanes < lanes:
+            self.input_arenas.append(Arena(self._supervisor_pid, f"w{self.uid}i{self.lanes}"))
+            self.lanes += 1
+        self.output_reader.capacity = max(self.output_reader.capacity, 2 * self.lanes)
 
     @property
     def inflight(self) -> int:
@@ -249,6 +258,7 @@ class Dispatcher:
         slot.served = False
         await worker.start(self.limits)
         slot.started_at = time.monotonic()
+        slot.add_lanes(getattr(worker, "concurrency", 1))
         slot.free_lanes = list(range(slot.lanes))
 
     async def stop(self, timeout: float) -> None:

@@ -562,6 +562,8 @@ class ModelManager:
         backend = config.backend
         settings = self._settings
 
+        instance_count = len(plan_instances(config))
+
         def make_spec(plan: InstancePlan, owner: str, lanes: int) -> WorkerSpec:
             return WorkerSpec(
                 model=ModelSpec(name, version, config_dict, str(model_dir),
@@ -570,7 +572,8 @@ class ModelManager:
                 backend=backend, supervisor_pid=self._supervisor_pid, arena_owner=owner,
                 lanes=lanes, heartbeat_secs=limits.heartbeat_secs,
                 busy_poll_us=settings.worker_busy_poll_us, log_level=self._log_level,
-                cuda_visible_devices=str(plan.device_id) if plan.kind == "KIND_GPU" else None)
+                cuda_visible_devices=str(plan.device_id) if plan.kind == "KIND_GPU" else None,
+                instance_count=instance_count)
 
         batching = config.dynamic_batching if config.HasField("dynamic_batching") else None
         scheduler = Scheduler(name, version, config.max_batch_size, batching,

@@ -16,6 +16,7 @@ import grpc
 
 from shmserve.daemon import systemd
 from shmserve.daemon.core import Core
+from shmserve.daemon.frontend.bls import BlsDoor
 from shmserve.daemon.frontend.http import HttpDoor
 from shmserve.daemon.frontend.local import LocalFrontend
 from shmserve.daemon.frontend.service import InferenceService, generic_handlers
@@ -25,7 +26,7 @@ from shmserve.daemon.model_config import detect_gpus
 from shmserve.daemon.models import ModelManager
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.time_budget import TimeBudget
-from shmserve.daemon.worker_process import start_fork_server
+from shmserve.daemon.worker_process import WorkerProcess, start_fork_server
 from shmserve.protos.local_socket import (
     prepare_socket_dir,
     server_socket_dir,
@@ -111,6 +112,11 @@ class Supervisor:
             return 1
         for name in ("SIGTERM", "SIGINT", "SIGHUP"):
             loop.add_signal_handler(getattr(signal, name), self._signals.put_nowait, name)
+        bls = BlsDoor(core, f"{settings.grpc_address}:{self.bound_port or settings.grpc_port}",
+                      ring_bytes=settings.local_ring_bytes, stall_secs=settings.local_stall_secs,
+                      direct_rings=max(1, settings.local_direct_rings),
+                      direct_ring_bytes=settings.local_direct_ring_bytes)
+        WorkerProcess.bls_door = bls.adopt
         try:
             failed = await models.load_startup_models()
             if failed and settings.exit_on_error:
@@ -141,6 +147,8 @@ class Supervisor:
                 poller.cancel()
         finally:
             await self._shutdown(core, server, http, local)
+            WorkerProcess.bls_door = None
+            await bls.stop()
             if metrics is not None:
                 await metrics.stop()
         return 0

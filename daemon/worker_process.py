@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from shmserve.daemon.errors import ServeError, internal, unavailable
 from shmserve.daemon.worker_limits import SUSPECT_SHARE, WorkerLimits
@@ -65,6 +65,9 @@ class _ControlProtocol(asyncio.Protocol):
 
 class WorkerProcess:
     _batch_ids = itertools.count(1)
+    #: Takes the supervisor's end of each new worker's BLS socket (daemon/frontend/bls.py);
+    #: set by the supervisor. None: workers get no BLS socket (BLS calls fail UNAVAILABLE).
+    bls_door: ClassVar[Callable[[socket.socket], None] | None] = None
 
     def __init__(self, spec: protocol.WorkerSpec, label: str,
                  on_exit: Callable[[WorkerProcess, str], None]) -> None:
@@ -88,6 +91,7 @@ class WorkerProcess:
         self.unresponsive = False           # heartbeat late: not serving, about to be killed
         self.report: protocol.Report | None = None  # the model's last word on itself
         self.pid: int | None = None
+        self.concurrency = 1                # frames it takes at once (its Ready says)
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self, limits: WorkerLimits) -> None:
@@ -101,9 +105,12 @@ class WorkerProcess:
         fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         fd_parent.setblocking(False)
         self._fd_socket = fd_parent
+        door = WorkerProcess.bls_door
+        bls_parent, bls_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) \
+            if door is not None else (None, None)
         from shmserve.workers.main import run_worker
         process = fork_context().Process(target=run_worker,
-                                         args=(child_sock, self.spec, fd_child),
+                                         args=(child_sock, self.spec, fd_child, bls_child),
                                          name=f"shmserve-worker-{self.label}", daemon=True)
         self._ready = loop.create_future()
         try:
@@ -111,10 +118,16 @@ class WorkerProcess:
         except BaseException:
             parent_sock.close()
             fd_parent.close()
+            if bls_parent is not None:
+                bls_parent.close()
             raise
         finally:
             child_sock.close()
             fd_child.close()
+            if bls_child is not None:
+                bls_child.close()
+        if door is not None and bls_parent is not None:
+            door(bls_parent)
         self._process = process
         self.pid = process.pid
         parent_sock.setblocking(False)
@@ -288,7 +301,9 @@ class WorkerProcess:
             self.kill()
             return
         if frame[0] == protocol.READY:
-            self._ready.set_result(protocol.Ready.unpack(frame))
+            ready = protocol.Ready.unpack(frame)
+            self.concurrency = max(1, int(ready.concurrency))
+            self._ready.set_result(ready)
         else:
             failed = protocol.InitFailed.unpack(frame)
             self._ready.set_exception(ServeError.from_tuple((failed.code, failed.message)))
@@ -322,7 +337,7 @@ class WorkerProcess:
         if self._fd_socket is not None:
             self._fd_socket.close()
         spec = self.spec
-        for lane in range(spec.lanes):
+        for lane in range(max(spec.lanes, self.concurrency)):
             remove_owner_arenas(spec.supervisor_pid, f"{spec.arena_owner}o{lane}")
         with contextlib.suppress(ValueError):
             self._process.close()

@@ -6,8 +6,9 @@ import ast
 from pathlib import Path
 
 FRONTEND = Path(__file__).parent.parent / "daemon" / "frontend"
-# door -> its modules in daemon/frontend
-DOORS = {"grpc": {"service", "infer_grpc", "wire"}, "local": {"local", "local_fds"},
+# door -> its modules in daemon/frontend (BLS requests come through the local door: its
+# channels opened on workers' sockets, bls.py)
+DOORS = {"grpc": {"service", "infer_grpc", "wire"}, "local": {"local", "local_fds", "bls"},
          "http": {"http", "http_infer"}}
 NEVER = {"shmserve.daemon.worker_process", "shmserve.daemon.scheduler",
          "shmserve.daemon.dispatcher"}

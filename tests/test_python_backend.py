@@ -322,13 +322,13 @@ def test_wrong_execute_return_fails_every_request(load: Loaded, mode: str,
     assert ok(response) == {}
 
 
-def test_bls_is_unimplemented(load: Loaded) -> None:
+def test_bls_outside_a_worker_is_an_error_response(load: Loaded) -> None:
+    """In-process (no worker, no server) there is nothing to call: exec() answers with an
+    error response, which this model raises. BLS itself: tests/test_bls.py."""
     backend = load("bls_caller")
     (response,) = backend.execute([request({"INPUT0": np.zeros(1, dtype=np.float32)})])
     error = failed(response)
-    assert error.code == "UNIMPLEMENTED"
-    assert "business logic scripting (BLS) is not supported" in error.message
-    assert "'simple'" in error.message
+    assert "BLS is not available in this process" in error.message
 
 
 def test_decoupled_models_are_rejected() -> None:
@@ -573,10 +573,13 @@ def test_unsupported_features_say_so() -> None:
         incoming.get_response_sender()
     bls = pb_utils.InferenceRequest(model_name="other", requested_output_names=["B"],
                                     inputs=[pb_utils.Tensor("A", np.zeros(1))])
-    for call in (bls.exec, bls.async_exec):
-        with pytest.raises(pb_utils.TritonError, match="BLS") as info:
-            call()
-        assert info.value.code() == pb_utils.TritonError.UNSUPPORTED
+    with pytest.raises(pb_utils.TritonModelException, match="decoupled BLS responses are "
+                                                            "not supported"):
+        bls.exec(decoupled=True)
+    response = bls.exec()
+    assert response.has_error()
+    error = response.error()
+    assert error is not None and error.code() == pb_utils.TritonError.UNAVAILABLE
 
 
 def test_dlpack_round_trips_share_memory() -> None:

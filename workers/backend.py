@@ -94,6 +94,15 @@ class Backend:
     def execute(self, requests: list[Request]) -> list[Response]:
         raise NotImplementedError
 
+    #: True when ``execute_async`` should be used: the worker then runs several executions
+    #: at once on one asyncio loop (Triton's ``async def execute``). Read after the
+    #: initialize hooks.
+    concurrent = False
+
+    async def execute_async(self, requests: list[Request]) -> list[Response]:
+        """The concurrent form of ``execute``: awaited on the worker's loop, several at once."""
+        return self.execute(requests)
+
     def instance_finalize(self) -> None:
         """Release what instance_initialize took."""
 

@@ -6,6 +6,7 @@ never inherits gRPC or CUDA state. The control socket carries msgpack frames (se
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from shmserve.workers import protocol
+from shmserve.workers import bls, protocol
 from shmserve.workers.backend import (
     MODEL_LOGGER,
     Backend,
@@ -51,7 +52,8 @@ def pin_process(visible: str | None, cpus: list[int] | None) -> None:
 
 
 def run_worker(sock: socket.socket, spec: WorkerSpec,
-               fd_socket: socket.socket | None = None) -> None:
+               fd_socket: socket.socket | None = None,
+               bls_socket: socket.socket | None = None) -> None:
     pin_process(spec.cuda_visible_devices, spec.cpus)
     set_parent_death_signal()  # the fork server's death (it dies with the supervisor)
     set_process_title(worker_title(spec.model.name, spec.instance.name),
@@ -75,6 +77,7 @@ def run_worker(sock: socket.socket, spec: WorkerSpec,
         f"instance {spec.instance.name}] %(filename)s:%(lineno)d: %(message)s"))
     model_log.addHandler(model_handler)
     model_log.propagate = False
+    bls.install(bls_socket, spec.model.name, spec.instance.name, spec.instance_count)
     host = WorkerHost(sock, spec, fd_socket)
     code = host.serve()
     sys.stdout.flush()
@@ -127,11 +130,17 @@ class WorkerHost:
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True,
                                      args=(self._spec.heartbeat_secs,))
         heartbeat.start()
-        self.send(protocol.Ready(protocol.PROTOCOL_VERSION, os.getpid()).pack())
+        concurrent = self._backend is not None and self._backend.concurrent
+        bls.set_concurrent(concurrent)
+        self.send(protocol.Ready(protocol.PROTOCOL_VERSION, os.getpid(),
+                                 protocol.CONCURRENT_FRAMES if concurrent else 1).pack())
         if self._backend is not None:
             start_reporter(self._backend, self.send, self._stopped)
         try:
-            self._loop()
+            if concurrent:
+                asyncio.run(self._concurrent_loop())
+            else:
+                self._loop()
         finally:
             self._stopped.set()
             self._finalize()
@@ -212,6 +221,50 @@ class WorkerHost:
             else:
                 self._control(frame)
 
+    async def _concurrent_loop(self) -> None:
+        """The loop of a concurrent backend: every Exec frame runs as a task on this asyncio
+        loop (Triton's ``async def execute``: requests of one instance overlap while they
+        await), control frames are handled as they arrive. STOP waits for the running
+        frames."""
+        loop = asyncio.get_running_loop()
+        unpacker = protocol.new_unpacker()
+        running: set[asyncio.Task[None]] = set()
+        finished: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            try:
+                # The socket stays blocking for the sends (Done, heartbeat): read without it.
+                chunk = self._sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                log.info("supervisor closed the control channel; exiting")
+                if not finished.done():
+                    finished.set_result(None)
+                return
+            unpacker.feed(chunk)
+            for frame in unpacker:
+                kind = frame[0]
+                if kind == protocol.EXEC:
+                    task = loop.create_task(self._execute_async(protocol.Exec.unpack(frame)))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                elif kind == protocol.STOP:
+                    if not finished.done():
+                        finished.set_result(None)
+                else:
+                    self._control(frame)
+
+        loop.add_reader(self._sock.fileno(), readable)
+        try:
+            await finished
+        finally:
+            loop.remove_reader(self._sock.fileno())
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+
     def _control(self, frame: list[Any]) -> None:
         kind = frame[0]
         if kind == protocol.CANCEL:
@@ -261,44 +314,84 @@ class WorkerHost:
         """Run one Exec frame: its requests as one batch, or (``each``) one execute per
         request; outputs go to the arena of the frame's pipeline lane once all ran. Returns
         the Done frame."""
-        exec_requests = [ExecRequest.unpack(raw) for raw in frame.requests]
-        batch_id = frame.batch
-        self._last_batch = batch_id
-        count = len(exec_requests)
-        groups = [[i] for i in range(count)] if frame.each else [list(range(count))]
-        results: list[list[Any] | None] = [None] * count
-        ready: list[tuple[int, list[_Prepared]]] = []
-        executions: list[list[Any]] = []  # [request indices, input ns, infer ns, output ns]
-        for group in groups:
+        run = _FrameRun(frame)
+        self._last_batch = run.batch_id
+        for group in run.groups:
             started = time.perf_counter_ns()
-            requests, positions = self._requests(batch_id, exec_requests, group, results)
+            requests, positions = self._requests(run.batch_id, run.exec_requests, group,
+                                                 run.results)
             if not requests:
                 continue
             input_done = time.perf_counter_ns()
-            responses = self._run_backend(requests)
-            infer_done = time.perf_counter_ns()
-            for position, response in zip(positions, responses, strict=True):
+            chain = _bls_chain(requests)
+            if chain:  # requests sent by BLS calls: calls they make extend their chain
+                token = bls.current_chain.set(chain)
                 try:
-                    outputs = self._prepare_outputs(response, exec_requests[position].outputs)
-                except BackendError as exc:
-                    results[position] = protocol.error_result(exc.code, exc.message)
-                    continue
-                tag = exec_requests[position].tag
-                if tag is not None:
-                    results[position] = self._answer_directly(tag, outputs)
-                else:
-                    ready.append((position, outputs))
-            executions.append([positions, input_done - started, infer_done - input_done,
+                    responses = self._run_backend(requests)
+                finally:
+                    bls.current_chain.reset(token)
+            else:
+                responses = self._run_backend(requests)
+            self._finish_group(run, positions, responses, started, input_done)
+        return self._finish_frame(frame, run)
+
+    async def _execute_async(self, frame: protocol.Exec) -> None:
+        """``_execute`` for a concurrent backend, on the worker's loop; sends Done itself."""
+        run = _FrameRun(frame)
+        self._last_batch = max(self._last_batch, run.batch_id)
+        backend = self._backend
+        assert backend is not None
+        for group in run.groups:
+            started = time.perf_counter_ns()
+            requests, positions = self._requests(run.batch_id, run.exec_requests, group,
+                                                 run.results)
+            if not requests:
+                continue
+            input_done = time.perf_counter_ns()
+            bls.current_chain.set(_bls_chain(requests))  # this task's own context
+            try:
+                responses = await backend.execute_async(requests)
+                if not isinstance(responses, list) or len(responses) != len(requests):
+                    raise BackendError(f"backend returned no list of {len(requests)} "
+                                       f"responses")
+            except Exception as exc:
+                log.exception("execute failed")
+                error = exc if isinstance(exc, BackendError) else BackendError(f"{exc}")
+                responses = [Response(error=error) for _ in requests]
+            self._finish_group(run, positions, responses, started, input_done)
+        self.send(self._finish_frame(frame, run))
+
+    def _finish_group(self, run: _FrameRun, positions: list[int], responses: list[Response],
+                      started: int, input_done: int) -> None:
+        """One execution's responses: answered directly, or kept for the lane's arena."""
+        infer_done = time.perf_counter_ns()
+        exec_requests, results, ready = run.exec_requests, run.results, run.ready
+        for position, response in zip(positions, responses, strict=True):
+            try:
+                outputs = self._prepare_outputs(response, exec_requests[position].outputs)
+            except BackendError as exc:
+                results[position] = protocol.error_result(exc.code, exc.message)
+                continue
+            tag = exec_requests[position].tag
+            if tag is not None:
+                results[position] = self._answer_directly(tag, outputs)
+            else:
+                ready.append((position, outputs))
+        run.executions.append([positions, input_done - started, infer_done - input_done,
                                time.perf_counter_ns() - infer_done])
+
+    def _finish_frame(self, frame: protocol.Exec, run: _FrameRun) -> list[Any]:
+        """Ring the doorbells, write the outputs to the lane's arena: the Done frame."""
         self._direct.ring_doorbells()
+        results, executions = run.results, run.executions
         writing = time.perf_counter_ns()
         arena = self._lane_arena(frame.lane)
-        arena_total = sum(_align(len(item[3])) for _, outputs in ready for item in outputs
+        arena_total = sum(_align(len(item[3])) for _, outputs in run.ready for item in outputs
                           if item[4] is None and len(item[3]) > INLINE_LIMIT)
         if arena_total:
             arena.ensure(arena_total)
         arena_offset = 0
-        for position, outputs in ready:
+        for position, outputs in run.ready:
             try:
                 refs, arena_offset = self._write_outputs(outputs, arena, arena_offset)
             except BackendError as exc:
@@ -310,7 +403,7 @@ class WorkerHost:
             for execution in executions:
                 execution[3] += share
         # protocol.Done(batch_id, results, executions).pack(), without the object
-        return [protocol.DONE, batch_id, results, executions]
+        return [protocol.DONE, run.batch_id, results, executions]
 
     def _requests(self, batch_id: int, exec_requests: list[ExecRequest], group: list[int],
                   results: list[list[Any] | None]) -> tuple[list[Request], list[int]]:
@@ -449,6 +542,30 @@ class WorkerHost:
 
 
 _Prepared = tuple[str, str, list[int], "memoryview | bytes | DeviceOutput", Any]
+
+
+def _bls_chain(requests: list[Request]) -> str:
+    """The BLS chain the requests carry ("" for requests no BLS call sent: the usual case)."""
+    for request in requests:
+        if request.parameters:
+            return bls.chain_of([r.parameters for r in requests])
+    return ""
+
+
+class _FrameRun:
+    """What one Exec frame collects while it runs."""
+
+    __slots__ = ("batch_id", "exec_requests", "executions", "groups", "ready", "results")
+
+    def __init__(self, frame: protocol.Exec) -> None:
+        self.exec_requests = [ExecRequest.unpack(raw) for raw in frame.requests]
+        self.batch_id = frame.batch
+        count = len(self.exec_requests)
+        self.groups = [[i] for i in range(count)] if frame.each else [list(range(count))]
+        self.results: list[list[Any] | None] = [None] * count
+        self.ready: list[tuple[int, list[_Prepared]]] = []
+        # [request indices, input ns, infer ns, output ns] per execution
+        self.executions: list[list[Any]] = []
 
 
 def _copy_into(target: memoryview, data: memoryview | bytes | DeviceOutput) -> None:

@@ -53,8 +53,8 @@ import msgpack
 from shmserve.workers.backend import InstanceSpec, ModelSpec
 
 # 1: msgpack maps before typed records; 2: before ShareRegion; 3: before Trim; 4: before Stage;
-# 5: before Report
-PROTOCOL_VERSION = 6
+# 5: before Report; 6: before Ready.concurrency
+PROTOCOL_VERSION = 7
 
 INLINE = "i"
 ARENA = "a"
@@ -82,6 +82,9 @@ REPORT = 15  # the model's own readiness and custom metrics changed
 RESULT_OK = 0          # [RESULT_OK, [packed TensorRef, ...]]
 RESULT_ERROR = 1       # [RESULT_ERROR, grpc status code name, message]
 RESULT_ANSWERED = 2    # [RESULT_ANSWERED]: answered through the local channel
+
+# Frames a concurrent backend (``Backend.concurrent``) may have in flight at once.
+CONCURRENT_FRAMES = 16
 
 # Tensors at or below this size travel inside the frame: cheaper than touching shared memory.
 INLINE_LIMIT = 64 * 1024
@@ -265,18 +268,21 @@ def region_fd_tag(region_id: int) -> bytes:
 
 @dataclass(slots=True)
 class Ready:
-    """The worker's initialize hooks ran: it serves, speaking ``version``."""
+    """The worker's initialize hooks ran: it serves, speaking ``version``. ``concurrency``
+    frames may be in flight to it at once (more than the pipeline depth: its backend runs
+    executions concurrently, e.g. ``async def execute``)."""
 
     KIND: ClassVar[int] = READY
     version: int
     pid: int
+    concurrency: int = 1
 
     def pack(self) -> list[Any]:
-        return [READY, self.version, self.pid]
+        return [READY, self.version, self.pid, self.concurrency]
 
     @classmethod
     def unpack(cls, raw: list[Any]) -> Ready:
-        return cls(raw[1], raw[2])
+        return cls(raw[1], raw[2], raw[3])
 
 
 @dataclass(slots=True)
@@ -371,6 +377,7 @@ class WorkerSpec:
     cpus: list[int] | None = None           # CPU affinity, if pinned
     backend_config: dict[str, Any] = field(default_factory=dict)
     protocol_version: int = PROTOCOL_VERSION
+    instance_count: int = 1                 # instances of the model (BLS self-call check)
 
 
 def encode(frame: list[Any]) -> bytes:

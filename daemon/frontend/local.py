@@ -473,12 +473,13 @@ class LocalFrontend:
         while True:
             connection, _ = await loop.sock_accept(self._listener)
             try:
-                await self._open_channel(connection)
+                await self.open_channel(connection)
             except OSError as exc:
                 log.warning("local handshake failed: %s", exc)
                 connection.close()
 
-    async def _open_channel(self, connection: socket.socket) -> None:
+    async def open_channel(self, connection: socket.socket) -> None:
+        """Give a connected client (or a worker's BLS socket, frontend/bls.py) its rings."""
         credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                             struct.calcsize("3i"))
         peer = struct.unpack("3i", credentials)
@@ -529,5 +530,6 @@ class LocalFrontend:
             self._listener.close()
         for channel in list(self._channels):
             channel.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self.path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)

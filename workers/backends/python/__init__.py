@@ -280,6 +280,8 @@ class PythonBackend(Backend):
                 f"failed to initialize model instance '{instance.name}' of model "
                 f"'{model.name}': {_exception_text(exc)}", _error_code(exc)) from exc
         self._model_object = model_object
+        # Triton's async execute: the worker runs several executions at once on its loop.
+        self.concurrent = inspect.iscoroutinefunction(getattr(model_object, "execute", None))
 
     def instance_finalize(self) -> None:
         model_object, self._model_object = self._model_object, None
@@ -332,16 +334,57 @@ class PythonBackend(Backend):
         try:
             return self._execute(requests)
         except Exception as exc:   # never raise out of execute
-            _log.exception("python backend failed on a batch for '%s'", self._label())
-            return self._fail_all(requests, BackendError(
-                f"python backend failed to process the request(s) for model instance "
-                f"'{self._label()}': {_exception_text(exc)}"))
+            return self._failed(requests, exc)
+
+    async def execute_async(self, requests: list[Request]) -> list[Response]:
+        """``async def execute``, awaited on the worker's loop beside other executions."""
+        try:
+            model_object = self._model_object
+            if self._model is None or model_object is None:
+                return self._not_initialized(requests)
+            pb_requests = self._pb_requests(requests)
+            try:
+                result = model_object.execute(pb_requests)
+                if type(result) is not list and inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:
+                return self._raised(requests, exc)
+            return self._responses(requests, result)
+        except Exception as exc:   # never raise out of execute
+            return self._failed(requests, exc)
 
     def _execute(self, requests: list[Request]) -> list[Response]:
-        model, model_object = self._model, self._model_object
-        if model is None or model_object is None:
-            return self._fail_all(requests, BackendError(
-                f"model instance '{self._label()}' is not initialized", "UNAVAILABLE"))
+        model_object = self._model_object
+        if self._model is None or model_object is None:
+            return self._not_initialized(requests)
+        pb_requests = self._pb_requests(requests)
+        try:
+            result = model_object.execute(pb_requests)
+            if type(result) is not list and inspect.isawaitable(result):
+                result = self._event_loop().run_until_complete(result)
+        except Exception as exc:
+            return self._raised(requests, exc)
+        return self._responses(requests, result)
+
+    def _not_initialized(self, requests: list[Request]) -> list[Response]:
+        return self._fail_all(requests, BackendError(
+            f"model instance '{self._label()}' is not initialized", "UNAVAILABLE"))
+
+    def _failed(self, requests: list[Request], exc: Exception) -> list[Response]:
+        _log.exception("python backend failed on a batch for '%s'", self._label())
+        return self._fail_all(requests, BackendError(
+            f"python backend failed to process the request(s) for model instance "
+            f"'{self._label()}': {_exception_text(exc)}"))
+
+    def _raised(self, requests: list[Request], exc: Exception) -> list[Response]:
+        _log.exception("execute of model instance '%s' raised", self._label())
+        return self._fail_all(requests, BackendError(
+            f"Failed to process the request(s) for model instance '{self._label()}', "
+            f"message: {_exception_text(exc)}", _error_code(exc)))
+
+    def _pb_requests(self, requests: list[Request]) -> list[pb_utils.InferenceRequest]:
+        model = self._model
+        assert model is not None
         name, version = model.name, model.version
         force_cpu, default_outputs = self._force_cpu_inputs, self._default_outputs
         pb_requests: list[pb_utils.InferenceRequest] = []
@@ -354,15 +397,9 @@ class PythonBackend(Backend):
                 # A copy: the model may change the list it is given.
                 list(request.requested_outputs or default_outputs),
                 request.parameters, name, version))
-        try:
-            result = model_object.execute(pb_requests)
-            if type(result) is not list and inspect.isawaitable(result):
-                result = self._event_loop().run_until_complete(result)
-        except Exception as exc:
-            _log.exception("execute of model instance '%s' raised", self._label())
-            return self._fail_all(requests, BackendError(
-                f"Failed to process the request(s) for model instance '{self._label()}', "
-                f"message: {_exception_text(exc)}", _error_code(exc)))
+        return pb_requests
+
+    def _responses(self, requests: list[Request], result: Any) -> list[Response]:
         problem = self._check_result(result, len(requests))
         if problem is not None:
             _log.error("%s", problem)

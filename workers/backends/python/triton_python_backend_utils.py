@@ -66,6 +66,7 @@ TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 _RESERVED_PARAMETERS = frozenset({
     "sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers",
     "binary_data_output", "triton_enable_empty_final_response",
+    "shmserve_bls_chain",  # workers/bls.py: the instances a BLS request's callers hold
 })
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +117,14 @@ _GRPC_CODE_NAMES: dict[int, str] = {
     TritonError.ALREADY_EXISTS: "ALREADY_EXISTS",
     TritonError.CANCELLED: "CANCELLED",
 }
+
+
+_TRITON_CODES: dict[str, int] = {name: code for code, name in _GRPC_CODE_NAMES.items()}
+
+
+def _triton_code(grpc_name: str) -> int:
+    """The TritonError code of a gRPC status code name (others become INTERNAL)."""
+    return _TRITON_CODES.get(grpc_name, TritonError.INTERNAL)
 
 
 def grpc_code_name(code: int) -> str:
@@ -506,16 +515,40 @@ class InferenceRequest:
             "backend yet; return one InferenceResponse per request from execute()")
 
     def exec(self, decoupled: bool = False) -> InferenceResponse:
-        raise self._bls_unsupported("exec")
+        """BLS: run this request on ``model_name`` through the server's core (validation,
+        batching, statistics as any request) and return its response; a failure is a
+        response with ``has_error()``, as in Triton."""
+        return self._exec(decoupled, True)
 
-    def async_exec(self, decoupled: bool = False) -> Any:
-        raise self._bls_unsupported("async_exec")
+    def _exec(self, decoupled: bool, blocking: bool) -> InferenceResponse:
+        if decoupled:
+            raise TritonModelException(
+                f"InferenceRequest.exec(decoupled=True) to model '{self._model_name}': "
+                "decoupled BLS responses are not supported by shmserve yet")
+        from shmserve.workers import bls
+        try:
+            parameters = json.loads(self._parameters) if self._parameters else {}
+            outputs = bls.infer(bls.BlsRequest(
+                self._model_name, self._model_version,
+                [(tensor._name, tensor._data) for tensor in self._inputs],
+                list(self._requested_output_names), self._request_id, self._correlation_id,
+                parameters if isinstance(parameters, dict) else {}, int(self._timeout or 0)),
+                blocking)
+        except bls.BlsError as exc:
+            return InferenceResponse(error=TritonError(exc.message, _triton_code(exc.code)))
+        return InferenceResponse([_wrap_tensor(name, array) for name, array in outputs.items()])
 
-    def _bls_unsupported(self, method: str) -> TritonError:
-        target = f" to model '{self._model_name}'" if self._model_name else ""
-        return TritonError(
-            f"InferenceRequest.{method}(){target}: business logic scripting (BLS) is not "
-            "supported by shmserve's python backend yet", TritonError.UNSUPPORTED)
+    async def async_exec(self, decoupled: bool = False) -> InferenceResponse:
+        """``exec`` awaited: the call waits in a thread, so an ``async def execute`` can
+        await several at once."""
+        import asyncio
+        import contextvars
+
+        from shmserve.workers import bls
+        # The thread runs in this task's context: it carries the BLS chain of the request.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            bls.waiters(), context.run, self._exec, decoupled, False)
 
     def __repr__(self) -> str:
         names = [tensor.name() for tensor in self._inputs]

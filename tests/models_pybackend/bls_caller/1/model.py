@@ -1,4 +1,4 @@
-"""Calls another model through BLS, which shmserve does not support yet."""
+"""Calls another model through BLS (in-process tests: there is no server to call)."""
 
 from typing import Any
 

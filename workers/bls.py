@@ -1,0 +1,329 @@
+"""BLS: requests a model sends from its own worker into the core.
+
+The worker is a client of its supervisor's core over a local channel of its own (the same
+shared-memory ring protocol as ``local://`` clients, daemon/frontend/local.py): the supervisor
+gives every worker one end of a socketpair at start (daemon/frontend/bls.py holds the other),
+and the first BLS call asks for the channel on it (one byte) and receives the rings like any
+local client. A request then goes through ``Core.submit`` like any other: validation,
+batching, statistics, Triton's error texts.
+
+Tensor bytes never pass through the supervisor except tiny ones (at most ``INLINE_LIMIT``,
+inline in the ring): a larger input is copied once into a sealed memfd registered on the
+channel (the target worker maps it by fd), and every named output is requested into a sparse
+memfd of its own (pages exist only where the target worker writes them), which the caller
+reads in place. The answer itself comes from the target worker through the channel's direct
+ring.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextvars
+import fcntl
+import itertools
+import mmap
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shmserve.client._convert import read_reply_outputs
+from shmserve.client.errors import ShmserveError
+from shmserve.client.local_channel import LocalChannel, MessageTooLarge
+from shmserve.workers.cuda_ipc import DeviceOutput
+from shmserve.workers.protocol import INLINE_LIMIT
+from shmserve.workers.tensors import output_bytes
+
+#: The request parameter naming the instances a BLS request's callers hold while they wait:
+#: "model|instance|instances of the model" entries, joined by ",".
+CHAIN_PARAMETER = "shmserve_bls_chain"
+#: The chain of the requests this execution serves (set by the worker around each execution).
+current_chain: contextvars.ContextVar[str] = contextvars.ContextVar("bls_chain", default="")
+#: Asks the supervisor for the channel on the BLS socket.
+CONNECT = b"c"
+#: Virtual size of each output's memfd: an output may be this large. Only written pages cost.
+OUTPUT_CAPACITY = 1 << 32
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_names = itertools.count(1)
+
+
+@dataclass(slots=True)
+class BlsRequest:
+    """What ``pb_utils.InferenceRequest`` hands over for ``exec``."""
+
+    model_name: str
+    model_version: int
+    inputs: list[tuple[str, Any]]           # (name, array)
+    requested_outputs: list[str]
+    request_id: str = ""
+    correlation_id: int | str = 0
+    parameters: dict[str, Any] | None = None
+    timeout_us: int = 0
+
+
+class BlsError(Exception):
+    """A BLS request failed: a gRPC status code name and Triton's message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Memfd:
+    """A sealed memfd mapped here; its fd is closed once passed to the server."""
+
+    def __init__(self, size: int) -> None:
+        self.name = f"bls_{os.getpid()}_{next(_names)}"
+        self.size = size
+        fd = os.memfd_create(self.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            self.memory = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def register(self, channel: LocalChannel) -> None:
+        door = channel.fd_door
+        if door is None:
+            raise BlsError("UNAVAILABLE", "the server's BLS channel takes no memfd regions")
+        try:
+            tag = door.pass_fd(self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+        channel.submit({"op": "register", "name": self.name, "fd": tag, "offset": 0,
+                        "byte_size": self.size}, _ignore)
+
+    def unregister(self, channel: LocalChannel) -> None:
+        if not channel.closed:
+            channel.submit({"op": "unregister", "name": self.name}, _ignore)
+
+
+def _ignore(reply: dict[str, Any] | None, error: ShmserveError | None) -> None:
+    """Registration replies: a failed one fails the infer that names the region anyway."""
+
+
+class BlsClient:
+    """One worker's door into the core; thread-safe (``async_exec`` runs in threads)."""
+
+    def __init__(self, sock: socket.socket, model_name: str, instance_name: str,
+                 instance_count: int) -> None:
+        self._sock = sock
+        self.model_name = model_name
+        self.instance_name = instance_name
+        self.instance_count = instance_count
+        self._channel: LocalChannel | None = None
+        self._lock = threading.Lock()
+        #: The instance runs executions concurrently (async def execute): one awaiting a
+        #: BLS answer leaves the instance free for others.
+        self.concurrent = False
+
+    def _open(self) -> LocalChannel:
+        with self._lock:
+            channel = self._channel
+            if channel is None or channel.closed:
+                if channel is not None:
+                    raise BlsError("UNAVAILABLE", "the BLS channel to the server is closed")
+                self._sock.settimeout(10.0)
+                self._sock.sendall(CONNECT)
+                channel = self._channel = LocalChannel.over(self._sock)
+            return channel
+
+    def check_target(self, model_name: str, blocking: bool) -> None:
+        """Fail where Triton would hang: the only instance of a model waiting on itself
+        (``blocking``: the caller holds the instance while it waits, as ``exec`` does; an
+        awaited ``async_exec`` of a concurrent instance does not)."""
+        if model_name == self.model_name and self.instance_count <= 1 \
+                and (blocking or not self.concurrent):
+            raise BlsError(
+                "INVALID_ARGUMENT",
+                f"BLS request to model '{model_name}' from its own only instance would "
+                f"deadlock: the instance waits for itself (give the model more instances in "
+                f"instance_group, or call another model)")
+
+    def chain(self, model_name: str, blocking: bool) -> str:
+        """The chain a request to ``model_name`` carries; raises BlsError when every instance
+        of that model already waits in it (the request could never run: Triton hangs)."""
+        chain = current_chain.get()
+        if blocking or not self.concurrent:
+            own = f"{self.model_name}|{self.instance_name}|{self.instance_count}"
+            chain = f"{chain},{own}" if chain else own
+        if not chain:
+            return ""
+        held: set[str] = set()
+        instances = 0
+        path: list[str] = []
+        for entry in chain.split(","):
+            parts = entry.rsplit("|", 2)
+            if len(parts) != 3 or not parts[2].isdigit():
+                continue  # not ours (a client may send any parameter): ignored
+            model, instance, count = parts
+            path.append(model)
+            if model == model_name:
+                held.add(instance)
+                instances = int(count)
+        if held and len(held) >= instances:
+            raise BlsError(
+                "UNAVAILABLE",
+                f"BLS request to model '{model_name}' would deadlock: all {instances} "
+                f"instance(s) of it wait for this chain of BLS calls "
+                f"({' -> '.join([*path, model_name])}) to be answered (give '{model_name}' "
+                f"more instances, or break the cycle)")
+        return chain
+
+    def infer(self, request: BlsRequest, blocking: bool = True) -> dict[str, np.ndarray]:
+        """Run ``request`` through the core; raises BlsError with Triton's code and text."""
+        self.check_target(request.model_name, blocking)
+        chain = self.chain(request.model_name, blocking)
+        try:
+            channel = self._open()
+        except (OSError, ShmserveError) as exc:
+            raise BlsError("UNAVAILABLE", f"cannot open the BLS channel to the server: "
+                                          f"{exc}") from None
+        regions: list[_Memfd] = []
+        try:
+            message, region_outputs = self._message(channel, request, regions)
+            if chain:
+                message.setdefault("p", {})[CHAIN_PARAMETER] = chain
+            timeout = request.timeout_us / 1e6 if request.timeout_us > 0 else None
+            if timeout is not None:
+                message["t"] = timeout
+            try:
+                reply = channel.call(message, timeout)
+            except ShmserveError as exc:
+                raise BlsError(exc.code.name, exc.message) from None
+            except MessageTooLarge as exc:
+                raise BlsError("RESOURCE_EXHAUSTED", f"BLS request to model "
+                                                     f"'{request.model_name}': {exc}") from None
+            try:
+                return read_reply_outputs(reply["out"], region_outputs)
+            except ShmserveError as exc:
+                raise BlsError(exc.code.name, exc.message) from None
+        finally:
+            for region in regions:
+                region.unregister(channel)
+
+    def _message(self, channel: LocalChannel, request: BlsRequest, regions: list[_Memfd]
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        inputs: list[list[Any]] = []
+        for name, value in request.inputs:
+            try:
+                datatype, shape, data = output_bytes(value)
+            except (TypeError, ValueError) as exc:
+                raise BlsError("INVALID_ARGUMENT", f"input '{name}': {exc}") from None
+            nbytes = len(data)
+            if nbytes <= INLINE_LIMIT:
+                inputs.append([name, datatype, shape, "b", _host_bytes(data)])
+                continue
+            region = _Memfd(nbytes)
+            regions.append(region)
+            target = memoryview(region.memory)
+            if isinstance(data, DeviceOutput):
+                data.write_to(target[:nbytes])  # one device-to-host copy
+            else:
+                target[:nbytes] = data  # the one copy of the input's bytes
+            target.release()
+            region.register(channel)
+            inputs.append([name, datatype, shape, "r", region.name, 0, nbytes])
+        outputs: list[list[Any]] = []
+        region_outputs: dict[str, np.ndarray] = {}
+        for name in request.requested_outputs:
+            region = _Memfd(OUTPUT_CAPACITY)
+            regions.append(region)
+            region.register(channel)
+            outputs.append([name, region.name, 0, OUTPUT_CAPACITY])
+            region_outputs[name] = np.frombuffer(region.memory, dtype=np.uint8)
+        message: dict[str, Any] = {"op": "infer", "model": request.model_name,
+                                   "version": _version(request.model_version),
+                                   "rid": request.request_id, "in": inputs, "out": outputs}
+        parameters = dict(request.parameters or {})
+        if request.correlation_id:
+            parameters["sequence_id"] = request.correlation_id
+        if parameters:
+            message["p"] = parameters
+        return message, region_outputs
+
+
+def _host_bytes(data: memoryview | bytes | DeviceOutput) -> bytes:
+    if isinstance(data, DeviceOutput):
+        host = bytearray(len(data))
+        data.write_to(memoryview(host))
+        return bytes(host)
+    return bytes(data)
+
+
+def _version(version: int) -> str:
+    return "" if version is None or int(version) < 0 else str(int(version))
+
+
+_client: BlsClient | None = None
+
+
+def install(sock: socket.socket | None, model_name: str, instance_name: str,
+            instance_count: int) -> None:
+    """Called once by the worker at start, before any hook runs."""
+    global _client
+    _client = BlsClient(sock, model_name, instance_name, instance_count) \
+        if sock is not None else None
+
+
+_waiters: concurrent.futures.ThreadPoolExecutor | None = None
+_waiters_lock = threading.Lock()
+#: Threads that wait for ``async_exec`` answers: they only wait, so many are cheap (the
+#: loop's default executor has cpu + 4, which would bound the calls in flight).
+WAITING_THREADS = 64
+
+
+def waiters() -> concurrent.futures.ThreadPoolExecutor:
+    global _waiters
+    with _waiters_lock:
+        if _waiters is None:
+            _waiters = concurrent.futures.ThreadPoolExecutor(WAITING_THREADS,
+                                                             thread_name_prefix="bls")
+        return _waiters
+
+
+def chain_of(parameters: list[dict[str, Any]]) -> str:
+    """The BLS chain of an execution's requests (their parameters): the instances their
+    callers hold. Empty for requests that no BLS call sent."""
+    chains = [p[CHAIN_PARAMETER] for p in parameters if p and CHAIN_PARAMETER in p]
+    return ",".join(chain for chain in chains if isinstance(chain, str))
+
+
+def client() -> BlsClient:
+    if _client is None:
+        raise BlsError("UNAVAILABLE", "BLS is not available in this process (it runs only "
+                                      "inside a shmserve worker)")
+    return _client
+
+
+def infer(request: BlsRequest, blocking: bool = True) -> dict[str, np.ndarray]:
+    return client().infer(request, blocking)
+
+
+def set_concurrent(concurrent: bool) -> None:
+    """The worker's backend runs executions concurrently (after its initialize hooks)."""
+    if _client is not None:
+        _client.concurrent = concurrent
+
+
+__all__ = [
+    "BlsClient",
+    "BlsError",
+    "BlsRequest",
+    "chain_of",
+    "client",
+    "current_chain",
+    "infer",
+    "install",
+    "set_concurrent",
+    "waiters",
+]
+
