@@ -35,7 +35,8 @@ class Scheduler:
                  make_spec: Callable[[InstancePlan, str, int], WorkerSpec],
                  settings: Settings, supervisor_pid: int,
                  on_finished: Callable[[InferRequest], None],
-                 worker_factory: WorkerFactory, limits: WorkerLimits | None = None) -> None:
+                 worker_factory: WorkerFactory, limits: WorkerLimits | None = None,
+                 decoupled: bool = False) -> None:
         self.model = model
         self.version = version
         self.stats = ModelStats()
@@ -44,7 +45,7 @@ class Scheduler:
                            if batching is not None else 0)
         self._on_finished = on_finished  # the core's accounting, once per request
         self._dispatcher = Dispatcher(model, plans, make_spec, settings, supervisor_pid,
-                                      worker_factory, self, limits)
+                                      worker_factory, self, limits, decoupled)
         self._queue: deque[InferRequest] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._abandoned = 0
@@ -194,6 +195,29 @@ class Scheduler:
                 reply.fail(internal(f"{type(result).__name__}: {result}"))
             else:
                 reply.send(result, True)
+        except Exception:
+            log.exception("answering a request failed")
+
+    def respond(self, request: InferRequest, result: list[OutputTensor] | ServeError | None,
+                final: bool) -> None:
+        """One response of a decoupled request (``None``: only the final flag); the final one
+        completes it."""
+        if result is not None:
+            self.stats.responses += 1
+        if final:
+            ok = not isinstance(result, ServeError)
+            self.stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
+            self._on_finished(request)
+        if request.cancelled:
+            return
+        reply = request.reply
+        try:
+            if result is None:
+                reply.end()
+            elif isinstance(result, ServeError):
+                reply.send_error(result, final)
+            else:
+                reply.send(result, final)
         except Exception:
             log.exception("answering a request failed")
 

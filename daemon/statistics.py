@@ -35,6 +35,7 @@ class ModelStats:
     execution_count: int = 0
     last_inference_ms: int = 0
     pending: int = 0
+    responses: int = 0  # responses sent by decoupled models (unary answers not counted)
     batches: dict[int, BatchStat] = field(default_factory=dict)
 
     def record_batch(self, batch_size: int, requests: int, timings: list[int]) -> None:
