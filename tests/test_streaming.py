@@ -1,0 +1,287 @@
+"""Decoupled python-backend models and gRPC ModelStreamInfer, through tritonclient's streaming
+API against a real server: many responses per request, errors mid-stream, responses sent after
+execute returned, cancellation seen by the model, a worker killed mid-stream, drain."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from shmserve.tests.conftest import StartServer, serve_models
+from shmserve.tests.serverproc import ServerProcess, worker_pids
+
+MODELS = ["repeat_int32", "square_int32", "midstream_error", "simple"]
+FINAL = "triton_final_response"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    yield from serve_models(tmp_path_factory, MODELS)
+
+
+class Stream:
+    """tritonclient's stream, with its callbacks' results in a queue."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.client = grpcclient.InferenceServerClient(url)
+        self.results: queue.Queue[Any] = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.results.put(
+            error if error is not None else result), **options)
+
+    def get(self, timeout: float = 20.0) -> Any:
+        return self.results.get(timeout=timeout)
+
+    def close(self, cancel: bool = False) -> None:
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
+
+
+def _final(result: Any) -> bool:
+    return result.get_response().parameters[FINAL].bool_param
+
+
+def _repeat_inputs(values: list[int], delay_ms: int) -> list[grpcclient.InferInput]:
+    data = grpcclient.InferInput("IN", [len(values)], "INT32")
+    data.set_data_from_numpy(np.array(values, dtype=np.int32))
+    delay = grpcclient.InferInput("DELAY_MS", [1], "INT32")
+    delay.set_data_from_numpy(np.array([delay_ms], dtype=np.int32))
+    return [data, delay]
+
+
+def _int_input(value: int) -> list[grpcclient.InferInput]:
+    tensor = grpcclient.InferInput("IN", [1], "INT32")
+    tensor.set_data_from_numpy(np.array([value], dtype=np.int32))
+    return [tensor]
+
+
+def _collect(stream: Stream, request_id: str, finals: int = 1) -> list[Any]:
+    """Results until ``finals`` final responses came (other requests' ones included)."""
+    got = []
+    while finals:
+        result = stream.get()
+        got.append(result)
+        if not isinstance(result, InferenceServerException) and _final(result):
+            finals -= 1
+    return got
+
+
+def test_repeat_model_streams_each_response_as_it_is_sent(server: ServerProcess) -> None:
+    stream = Stream(server.url)
+    try:
+        started = time.monotonic()
+        stream.client.async_stream_infer("repeat_int32", _repeat_inputs([4, 5, 6], 300),
+                                         request_id="r1",
+                                         enable_empty_final_response=True)
+        first = stream.get()
+        first_after = time.monotonic() - started
+        rest = _collect(stream, "r1")
+    finally:
+        stream.close()
+    results = [first, *rest]
+    assert first_after < 0.6  # the first response did not wait for the other two
+    assert [r.as_numpy("OUT").tolist() for r in results[:3]] == [[4], [5], [6]]
+    assert [r.as_numpy("IDX").tolist() for r in results[:3]] == [[0], [1], [2]]
+    assert all(r.get_response().id == "r1" for r in results)
+    assert [_final(r) for r in results] == [False, False, False, True]
+    assert results[3].get_response().outputs == []  # the empty final response
+
+
+def test_without_empty_final_only_the_responses_come(server: ServerProcess) -> None:
+    stream = Stream(server.url)
+    try:
+        stream.client.async_stream_infer("repeat_int32", _repeat_inputs([1, 2], 0),
+                                         request_id="a")
+        got = [stream.get(), stream.get()]
+        with pytest.raises(queue.Empty):
+            stream.get(timeout=0.5)
+    finally:
+        stream.close()
+    assert [r.as_numpy("OUT").tolist() for r in got] == [[1], [2]]
+    assert [_final(r) for r in got] == [False, False]
+
+
+def test_square_model_sends_from_a_thread_after_execute_returned(server: ServerProcess
+                                                                ) -> None:
+    stream = Stream(server.url)
+    try:
+        for count in (3, 0, 2):
+            stream.client.async_stream_infer("square_int32", _int_input(count),
+                                             request_id=f"sq{count}",
+                                             enable_empty_final_response=True)
+        results = _collect(stream, "", finals=3)
+    finally:
+        stream.close()
+    by_id: dict[str, list[Any]] = {}
+    for result in results:
+        by_id.setdefault(result.get_response().id, []).append(result)
+    for count in (3, 0, 2):
+        got = by_id[f"sq{count}"]
+        assert len(got) == count + 1, got
+        assert [r.as_numpy("OUT").tolist() for r in got[:count]] == [[count]] * count
+        assert [_final(r) for r in got] == [False] * count + [True]
+
+
+def test_many_requests_in_flight_on_one_stream(server: ServerProcess) -> None:
+    stream = Stream(server.url)
+    try:
+        for index in range(6):
+            stream.client.async_stream_infer("square_int32", _int_input(2),
+                                             request_id=f"m{index}",
+                                             enable_empty_final_response=True)
+        results = _collect(stream, "", finals=6)
+    finally:
+        stream.close()
+    ids = sorted(r.get_response().id for r in results)
+    assert ids == sorted([f"m{i}" for i in range(6)] * 3)
+
+
+def test_error_mid_stream_keeps_the_stream_open(server: ServerProcess) -> None:
+    stream = Stream(server.url)
+    try:
+        stream.client.async_stream_infer("midstream_error", _int_input(7), request_id="e1",
+                                         enable_empty_final_response=True)
+        got = [stream.get() for _ in range(4)]
+        # The stream still serves: another request on it is answered.
+        stream.client.async_stream_infer("square_int32", _int_input(1), request_id="after")
+        after = stream.get()
+    finally:
+        stream.close()
+    assert got[0].as_numpy("OUT").tolist() == [7]
+    assert isinstance(got[1], InferenceServerException)
+    assert "midstream failure" in got[1].message()
+    assert got[2].as_numpy("OUT").tolist() == [7]
+    assert isinstance(got[3], InferenceServerException)
+    assert "model gave up" in got[3].message()
+    assert after.as_numpy("OUT").tolist() == [1]
+
+
+def test_non_decoupled_model_on_the_stream_says_final(server: ServerProcess) -> None:
+    stream = Stream(server.url)
+    try:
+        tensors = []
+        for name in ("INPUT0", "INPUT1"):
+            tensor = grpcclient.InferInput(name, [1, 16], "INT32")
+            tensor.set_data_from_numpy(np.arange(16, dtype=np.int32).reshape(1, 16))
+            tensors.append(tensor)
+        stream.client.async_stream_infer("simple", tensors, request_id="s1")
+        result = stream.get()
+    finally:
+        stream.close()
+    assert result.get_response().id == "s1" and _final(result)
+    assert result.as_numpy("OUTPUT0").tolist() == [list(range(0, 32, 2))]
+
+
+def test_unary_infer_on_a_decoupled_model_is_refused(server: ServerProcess) -> None:
+    with grpcclient.InferenceServerClient(server.url) as client:
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("square_int32", _int_input(1))
+    assert info.value.status() == "StatusCode.UNIMPLEMENTED"
+    assert ("ModelInfer RPC doesn't support models with decoupled transaction policy"
+            in info.value.message())
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_cancelled_stream_is_seen_by_the_model(server: ServerProcess, tmp_path: Path,
+                                               in_thread: bool) -> None:
+    cancel_log = tmp_path / "cancelled.txt"
+    failed_before = _failed(server)
+    stream = Stream(server.url)
+    inputs = _repeat_inputs(list(range(100)), 50)
+    stream.client.async_stream_infer("repeat_int32", inputs, request_id="c1",
+                                     parameters={"cancel_log": str(cancel_log),
+                                                 "in_thread": in_thread})
+    first = stream.get()
+    assert first.as_numpy("IDX").tolist() == [0]
+    stream.close(cancel=True)
+    deadline = time.monotonic() + 10
+    while not cancel_log.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = cancel_log.read_text()
+    assert text.startswith("c1 cancelled at ")
+    assert int(text.split()[-1]) < 50
+    # The request was ended (and its regions released) at once, counted as failed.
+    assert _failed(server) == failed_before + 1
+    # The instance is free again.
+    stream = Stream(server.url)
+    try:
+        stream.client.async_stream_infer("repeat_int32", _repeat_inputs([9], 0),
+                                         request_id="next")
+        assert stream.get(timeout=5).as_numpy("OUT").tolist() == [9]
+    finally:
+        stream.close()
+
+
+def _failed(server: ServerProcess) -> int:
+    with grpcclient.InferenceServerClient(server.url) as client:
+        stats = client.get_inference_statistics("repeat_int32").model_stats[0]
+    return int(stats.inference_stats.fail.count)
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_worker_killed_mid_stream_ends_the_request(start_server: StartServer,
+                                                   in_thread: bool) -> None:
+    server = start_server(["repeat_int32"])
+    stream = Stream(server.url)
+    try:
+        stream.client.async_stream_infer("repeat_int32", _repeat_inputs(list(range(100)), 50),
+                                         request_id="k1", parameters={"in_thread": in_thread})
+        assert stream.get().as_numpy("IDX").tolist() == [0]
+        (pid,) = worker_pids(server.pid)
+        os.kill(pid, signal.SIGKILL)
+        while True:
+            result = stream.get()
+            if isinstance(result, InferenceServerException):
+                break
+    finally:
+        stream.close()
+    assert "repeat_int32_0_0" in result.message() and "SIGKILL" in result.message()
+    # Sent from a thread, the request outlived its execute: ended as an open stream.
+    assert ("while the request's responses were being sent" in result.message()) == in_thread
+
+
+def test_drain_waits_for_open_streams(start_server: StartServer) -> None:
+    server = start_server(["repeat_int32"])
+    stream = Stream(server.url)
+    try:
+        stream.client.async_stream_infer("repeat_int32", _repeat_inputs(list(range(8)), 100),
+                                         request_id="d1", enable_empty_final_response=True)
+        assert stream.get().as_numpy("IDX").tolist() == [0]
+        server.process.send_signal(signal.SIGTERM)
+        got = _collect(stream, "d1")
+    finally:
+        stream.close()
+    assert [r.as_numpy("IDX").tolist() for r in got[:-1]] == [[i] for i in range(1, 8)]
+    assert _final(got[-1])
+    assert server.process.wait(20) == 0
+
+
+def test_drain_ends_streams_past_the_exit_timeout(start_server: StartServer) -> None:
+    server = start_server(["repeat_int32"], "--exit-timeout-secs", "2")
+    stream = Stream(server.url)
+    try:
+        stream.client.async_stream_infer("repeat_int32",
+                                         _repeat_inputs(list(range(1000)), 50),
+                                         request_id="d2")
+        assert stream.get().as_numpy("IDX").tolist() == [0]
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        while True:
+            result = stream.get()
+            if isinstance(result, InferenceServerException):
+                break
+    finally:
+        stream.close()
+    assert time.monotonic() - started < 6
+    assert "repeat_int32" in result.message()
+    threading.Thread(target=server.process.wait, daemon=True).start()
