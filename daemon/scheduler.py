@@ -49,6 +49,8 @@ class Scheduler:
         self._queue: deque[InferRequest] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._abandoned = 0
+        # Decoupled requests that responded: (responses so far, when the last one came).
+        self._responded: dict[int, tuple[int, int]] = {}
         self._dispatch_scheduled = False
         self._closing = False
         self._idle = asyncio.Event()
@@ -181,6 +183,8 @@ class Scheduler:
         worker answered it directly), unless its caller gave up."""
         ok = not isinstance(result, BaseException)
         self.stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
+        if self._responded:
+            self._responded.pop(id(request), None)
         self._on_finished(request)
         if request.cancelled:
             return
@@ -202,8 +206,15 @@ class Scheduler:
                 final: bool) -> None:
         """One response of a decoupled request (``None``: only the final flag); the final one
         completes it."""
-        if result is not None:
-            self.stats.responses += 1
+        now = time.perf_counter_ns()
+        index, since = self._responded.get(id(request), (0, request.received_ns))
+        kind = ("empty_response" if result is None
+                else "fail" if isinstance(result, ServeError) else "success")
+        self.stats.record_response(index, kind, now - since)
+        if final:
+            self._responded.pop(id(request), None)
+        else:
+            self._responded[id(request)] = (index + 1, now)
         if final:
             ok = not isinstance(result, ServeError)
             self.stats.record_request(ok, time.perf_counter_ns() - request.received_ns)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -285,3 +287,48 @@ def test_drain_ends_streams_past_the_exit_timeout(start_server: StartServer) -> 
     assert time.monotonic() - started < 6
     assert "repeat_int32" in result.message()
     threading.Thread(target=server.process.wait, daemon=True).start()
+
+
+def test_statistics_and_metrics_count_responses(start_server: StartServer) -> None:
+    server = start_server(["square_int32", "midstream_error"])
+    stream = Stream(server.url)
+    try:
+        for count in (3, 1):
+            stream.client.async_stream_infer("square_int32", _int_input(count),
+                                             request_id=f"n{count}")
+        stream.client.async_stream_infer("midstream_error", _int_input(1), request_id="err")
+        for _ in range(3 + 1 + 4):
+            stream.get()
+    finally:
+        stream.close()
+    with grpcclient.InferenceServerClient(server.url) as client:
+        deadline = time.monotonic() + 5
+        while True:
+            square = client.get_inference_statistics("square_int32").model_stats[0]
+            if square.inference_stats.success.count == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        errors = client.get_inference_statistics("midstream_error").model_stats[0]
+    stats = square.response_stats
+    # Responses by index: the first two requests' k-th responses, then the final flags alone.
+    assert stats["0"].success.count == 2 and stats["1"].empty_response.count == 1
+    assert stats["1"].success.count == 1 and stats["2"].success.count == 1
+    assert stats["3"].empty_response.count == 1
+    assert stats["0"].success.ns > 0
+    assert square.inference_stats.success.count == 2
+    errors_by_index = errors.response_stats
+    assert errors_by_index["0"].success.count == 1 and errors_by_index["1"].fail.count == 1
+    assert errors_by_index["3"].fail.count == 1
+    assert errors.inference_stats.fail.count == 1
+    assert _metric(server, "shmserve_inference_response_count", "square_int32") == 4
+    assert _metric(server, "shmserve_inference_response_count", "midstream_error") == 4
+
+
+def _metric(server: ServerProcess, name: str, model: str) -> float:
+    port = re.search(r"Started Metrics Service at [\d.]+:(\d+)", server.log())
+    assert port is not None, server.log()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    found = re.search(rf'^{name}{{model="{model}",[^}}]*}} (\S+)$', text, re.MULTILINE)
+    assert found is not None, text
+    return float(found.group(1))
