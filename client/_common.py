@@ -235,6 +235,7 @@ class StreamBook:
         error_message, header, raw = decode_stream_response(data)
         flag = header.parameters.get(FINAL_RESPONSE)
         final = flag is None or flag.bool_param
+        region_outputs: dict[str, np.ndarray]
         with self._lock:
             waiting = self._pending.get(header.id)
             if not waiting:
