@@ -354,7 +354,10 @@ class LocalChannel(_Channel):
             return
         for raw in self._responses.get_all():
             reply = msgpack.unpackb(raw, raw=False)
-            callback = self._waiting.pop(reply["id"], None)
+            if "more" in reply:  # a streamed request's reply that more follow
+                callback = self._waiting.get(reply["id"])
+            else:
+                callback = self._waiting.pop(reply["id"], None)
             if callback is not None:
                 callback(reply, None)
 
@@ -400,6 +403,8 @@ class AsyncLocalChannel(_Channel):
         self._ids = itertools.count(1)
         self._packer = msgpack.Packer(use_bin_type=True)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # Streamed requests' replies that more follow go here (``send(on_partial=...)``).
+        self._partials: dict[int, Callable[[dict[str, Any]], None]] = {}
         self._deadlines: dict[int, float] = {}  # request id -> loop time, for calls that have one
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -445,6 +450,14 @@ class AsyncLocalChannel(_Channel):
         try:
             for raw in self._responses.get_all():
                 reply = msgpack.unpackb(raw, raw=False)
+                if self._partials:
+                    if "more" in reply:  # a streamed request's reply that more follow
+                        on_partial = self._partials.get(reply["id"])
+                        if on_partial is not None:
+                            on_partial(reply)
+                            delivered = True
+                        continue
+                    self._partials.pop(reply["id"], None)
                 future = self._waiting.pop(reply["id"], None)
                 if future is not None and not future.done():
                     future.set_result(reply)
@@ -478,14 +491,22 @@ class AsyncLocalChannel(_Channel):
             if not future.done():
                 future.set_exception(_gone(reason))
 
-    async def send(self, message: dict[str, Any], deadline: float | None = None
+    def forget(self, request_id: int) -> None:
+        self._waiting.pop(request_id, None)
+        self._partials.pop(request_id, None)
+
+    async def send(self, message: dict[str, Any], deadline: float | None = None,
+                   on_partial: Callable[[dict[str, Any]], None] | None = None
                    ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
-        """Publish ``message``; the future gets the reply (a refusal carries "err").
+        """Publish ``message``; the future gets the reply (a refusal carries "err"), and
+        ``on_partial`` the replies before it of a streamed request (``"more"``).
 
         Raises MessageTooLarge (nothing sent), UNAVAILABLE when the channel is closed, and
         DEADLINE_EXCEEDED when the ring stays full past ``deadline`` (time.monotonic()).
         """
         request_id, future, unsent = self._submit(message)
+        if on_partial is not None:
+            self._partials[request_id] = on_partial
         if unsent is not None:
             await self._put_when_room(request_id, unsent, deadline)
         return request_id, future

@@ -21,7 +21,8 @@ Requests (client -> server, request ring); every one carries ``"id"`` (the clien
 echoed in the reply) and ``"op"``:
 
     infer       "model", "version", "rid" (request id), "in", "out", "p" (parameters),
-                "t" (deadline in seconds, optional)
+                "t" (deadline in seconds, optional), "s" (True: a stream's request,
+                which may have several replies: decoupled models)
                 "in":  [name, datatype, shape, INPUT_REGION, region, offset, byte size]
                        or [name, datatype, shape, INPUT_BYTES, bytes]
                 "out": [name] or [name, region, offset, byte size]
@@ -40,6 +41,11 @@ Replies (server or worker -> client, response ring or a direct ring):
     status      {"id", "regions": [[name, key, offset, byte size], ...]}
     others      {"id"}
     refused     {"id", "err": [grpc status code name, message]}  (``error_reply``)
+
+A streamed request ("s") of a decoupled model has any number of replies: those with
+``"more": True`` (an infer reply or an error reply) are followed by others; the last is an
+infer or error reply without "more", or ``{"id", "end": True, "empty": bool}`` (the final flag
+alone; "empty": the request asked for an empty final response).
 """
 
 from __future__ import annotations
@@ -87,6 +93,11 @@ def infer_reply(request_id: int, model_version: str, outputs: list[list[Any]]
 
 def error_reply(request_id: int, code: str, message: str) -> dict[str, Any]:
     return {"id": request_id, "err": [code, message]}
+
+
+def end_reply(request_id: int, empty: bool) -> dict[str, Any]:
+    """A streamed request's final flag alone (``empty``: show it as an empty response)."""
+    return {"id": request_id, "end": True, "empty": empty}
 
 
 def status_reply(request_id: int, regions: list[list[Any]]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from shmserve.tests.conftest import assert_no_arenas
 from shmserve.tests.serverproc import ServerProcess, build_repository
 
 MODELS = ["repeat_int32", "square_int32", "midstream_error"]
-DOORS = ["grpc"]
+DOORS = ["grpc", "local"]
 
 
 @pytest.fixture(scope="module")
