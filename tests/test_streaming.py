@@ -332,3 +332,43 @@ def _metric(server: ServerProcess, name: str, model: str) -> float:
     found = re.search(rf'^{name}{{model="{model}",[^}}]*}} (\S+)$', text, re.MULTILINE)
     assert found is not None, text
     return float(found.group(1))
+
+
+def test_slow_reader_fails_the_stream_instead_of_buffering(start_server: StartServer,
+                                                            tmp_path: Path) -> None:
+    """The client reads nothing while the model produces 5000 small responses; with a
+    limit of 8 waiting responses the stream ends with RESOURCE_EXHAUSTED and the model sees
+    its request cancelled."""
+    import grpc
+
+    from shmserve.protos import shmserve_service_pb2 as pb
+    server = start_server(["repeat_int32"], "--stream-max-pending-responses", "8")
+    cancel_log = tmp_path / "cancelled.txt"
+    request = pb.ModelInferRequest(model_name="repeat_int32", id="slow")
+    request.parameters["cancel_log"].string_param = str(cancel_log)
+    for name, values in (("IN", list(range(5000))), ("DELAY_MS", [0])):
+        tensor = request.inputs.add(name=name, datatype="INT32", shape=[len(values)])
+        tensor.contents.int_contents.extend(values)
+    with grpc.insecure_channel(server.url) as channel:
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=pb.ModelStreamInferResponse.FromString)
+        gate = threading.Event()
+
+        def requests() -> Iterator[pb.ModelInferRequest]:
+            yield request
+            gate.wait(30)
+
+        responses = call(requests())
+        time.sleep(3)  # read nothing meanwhile
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in responses:
+                pass
+        gate.set()
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--stream-max-pending-responses" in (info.value.details() or "")
+    deadline = time.monotonic() + 10
+    while not cancel_log.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cancel_log.read_text().startswith("slow cancelled at ")

@@ -202,7 +202,7 @@ class InferenceService:
         for a decoupled model, each with ``triton_final_response``); an error goes in
         ``error_message`` and the stream stays open. A stream that ends or is cancelled
         cancels its requests still open."""
-        stream = _Stream()
+        stream = _Stream(self.core.settings.stream_max_pending_responses)
 
         async def read() -> None:
             try:
@@ -231,6 +231,8 @@ class InferenceService:
             for reply in stream.close():
                 if reply.request is not None:
                     self.core.cancel(reply.request)
+        if stream.overflowed:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, stream.overflow_message())
 
     def _submit_streamed(self, stream: _Stream, request: pb.ModelInferRequest,
                          raw: list[memoryview]) -> _StreamReply:
@@ -348,19 +350,34 @@ class _Stream:
     """One ModelStreamInfer call: the responses waiting to be written, and the requests
     still open (their final response not sent yet)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._open: set[_StreamReply] = set()
         self._reading = True
         self._closed = False
+        self._limit = limit
+        self.overflowed = False
+
+    def overflow_message(self) -> str:
+        return (f"the stream's client reads its responses slower than they are produced: "
+                f"more than {self._limit} were waiting (--stream-max-pending-responses); "
+                f"the stream was ended and its requests cancelled")
 
     def opened(self, reply: _StreamReply) -> None:
         if not reply.finished:
             self._open.add(reply)
 
     def put(self, message: bytes | None) -> None:
-        if message is not None and not self._closed:
-            self._queue.put_nowait(message)
+        if message is None or self._closed or self.overflowed:
+            return
+        if self._limit and self._queue.qsize() >= self._limit:
+            # A slow reader: end the stream rather than hold its responses without bound.
+            self.overflowed = True
+            while not self._queue.empty():  # what the client did not read is dropped
+                self._queue.get_nowait()
+            self._queue.put_nowait(None)
+            return
+        self._queue.put_nowait(message)
 
     def finished(self, reply: _StreamReply) -> None:
         self._open.discard(reply)
