@@ -4,6 +4,8 @@ execute returned, cancellation seen by the model, a worker killed mid-stream, dr
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import queue
 import re
@@ -372,3 +374,41 @@ def test_slow_reader_fails_the_stream_instead_of_buffering(start_server: StartSe
     while not cancel_log.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert cancel_log.read_text().startswith("slow cancelled at ")
+
+
+def _events(server: ServerProcess, model: str, body: dict[str, Any]
+            ) -> Iterator[tuple[float, dict[str, Any]]]:
+    """POST generate_stream; each server-sent event as it arrives (seconds since the start,
+    its JSON value)."""
+    started = time.monotonic()
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        connection.request("POST", f"/v2/models/{model}/generate_stream",
+                           body=json.dumps(body).encode())
+        answer = connection.getresponse()
+        assert answer.status == 200, answer.read()
+        assert answer.getheader("Content-Type", "").startswith("text/event-stream")
+        while line := answer.readline():
+            if line.startswith(b"data: "):
+                yield time.monotonic() - started, json.loads(line[len(b"data: "):])
+    finally:
+        connection.close()
+
+
+def test_generate_stream_sends_each_response_as_an_event(server: ServerProcess) -> None:
+    events = list(_events(server, "repeat_int32",
+                          {"IN": [7, 8, 9], "DELAY_MS": 300, "id": "sse1"}))
+    assert [value["OUT"] for _, value in events] == [7, 8, 9]
+    assert [value["IDX"] for _, value in events] == [0, 1, 2]
+    assert all(value["id"] == "sse1" and value["model_name"] == "repeat_int32"
+               for _, value in events)
+    assert events[0][0] < 0.5 < events[2][0]  # each sent as it came, not all at the end
+
+
+def test_generate_stream_errors_are_events(server: ServerProcess) -> None:
+    events = [value for _, value in _events(server, "midstream_error", {"IN": 4})]
+    assert events[0]["OUT"] == 4 and "midstream failure" in events[1]["error"]
+    assert events[2]["OUT"] == 4 and "model gave up" in events[3]["error"]
+    assert len(events) == 4
+    empty = [value for _, value in _events(server, "square_int32", {"IN": 0})]
+    assert empty == []
