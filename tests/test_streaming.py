@@ -412,3 +412,27 @@ def test_generate_stream_errors_are_events(server: ServerProcess) -> None:
     assert len(events) == 4
     empty = [value for _, value in _events(server, "square_int32", {"IN": 0})]
     assert empty == []
+
+
+def test_decoupled_model_with_dynamic_batching(start_server: StartServer) -> None:
+    server = start_server(["square_batched"])
+    stream = Stream(server.url)
+    try:
+        for count in (1, 2, 3, 0):
+            tensor = grpcclient.InferInput("IN", [1, 1], "INT32")
+            tensor.set_data_from_numpy(np.array([[count]], dtype=np.int32))
+            stream.client.async_stream_infer("square_batched", [tensor],
+                                             request_id=f"b{count}",
+                                             enable_empty_final_response=True)
+        results = _collect(stream, "", finals=4)
+    finally:
+        stream.close()
+    by_id: dict[str, list[Any]] = {}
+    for result in results:
+        by_id.setdefault(result.get_response().id, []).append(result)
+    for count in (1, 2, 3, 0):
+        got = by_id[f"b{count}"]
+        assert [r.as_numpy("OUT").tolist() for r in got[:count]] == [[[count]]] * count
+        assert _final(got[-1]) and len(got) == count + 1
+    batches = {r.as_numpy("BATCH")[0][0] for r in results if r.as_numpy("BATCH") is not None}
+    assert max(batches) > 1  # the requests were batched
