@@ -305,7 +305,7 @@ class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
         finally:
             producer.cancel()
             for sent_id in stream.ids:
-                channel.forget(sent_id)
+                channel.cancel(sent_id)  # a request still open: cancelled
         if stream.failure is not None:
             raise stream.failure
 

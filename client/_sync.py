@@ -319,7 +319,7 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
         finally:
             stream.stop = True
             for request_id in stream.ids:
-                channel.forget(request_id)
+                channel.cancel(request_id)  # a request still open: cancelled
         if stream.failure is not None:
             raise stream.failure
 

@@ -32,7 +32,7 @@ import msgpack
 
 from shmserve.client.errors import ShmserveError
 from shmserve.client.memfd_region import FdDoor
-from shmserve.protos.local_messages import DOORBELL, HANDSHAKE_LENGTH, client_hello
+from shmserve.protos.local_messages import DOORBELL, HANDSHAKE_LENGTH, OP_CANCEL, client_hello
 from shmserve.protos.local_ring import MessageTooLarge, Ring, RingFull, layout
 from shmserve.protos.local_socket import check_server
 
@@ -185,6 +185,16 @@ class _Channel:
         """Drop a request whose answer nobody waits for any more."""
         self._waiting.pop(request_id, None)
 
+    def cancel(self, request_id: int) -> None:
+        """Drop a request and tell the server (a stream closed early): it cancels it for
+        its model. Best effort: a closed or full channel is left alone."""
+        if self._waiting.pop(request_id, None) is None or self._closed:
+            return
+        self._send_cancel({"op": OP_CANCEL, "target": request_id})
+
+    def _send_cancel(self, message: dict[str, Any]) -> None:
+        raise NotImplementedError
+
 
 class LocalChannel(_Channel):
     """Thread-safe. No reader thread: a waiting caller becomes the reader (leader/follower),
@@ -255,6 +265,10 @@ class LocalChannel(_Channel):
                 self._fail_all(f"local channel to the server failed: {exc}")
                 self.notify()
         return request_id
+
+    def _send_cancel(self, message: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):  # never waits for room: best effort
+            self.submit(message, lambda reply, error: None, deadline=time.monotonic())
 
     def _put_when_room(self, data: bytes, deadline: float | None) -> None:
         """Backpressure: wait while the request ring is full (nothing is dropped)."""
@@ -494,6 +508,15 @@ class AsyncLocalChannel(_Channel):
     def forget(self, request_id: int) -> None:
         self._waiting.pop(request_id, None)
         self._partials.pop(request_id, None)
+
+    def _send_cancel(self, message: dict[str, Any]) -> None:
+        try:
+            request_id, future, unsent = self._submit(message)
+        except Exception:
+            return
+        if unsent is not None:  # the ring is full: not worth waiting for
+            self._waiting.pop(request_id, None)
+            future.cancel()
 
     async def send(self, message: dict[str, Any], deadline: float | None = None,
                    on_partial: Callable[[dict[str, Any]], None] | None = None

@@ -33,6 +33,8 @@ echoed in the reply) and ``"op"``:
     status      "name" ("" = all)
     ping
     hello       "direct": True -- the client reads the direct rings (``client_hello``)
+    cancel      "target": the id of a request the client gave up (a stream closed early):
+                it is dropped or cancelled for its model, and gets no further reply
 
 Replies (server or worker -> client, response ring or a direct ring):
 
@@ -64,6 +66,7 @@ OP_UNREGISTER = "unregister"
 OP_STATUS = "status"
 OP_PING = "ping"
 OP_HELLO = "hello"
+OP_CANCEL = "cancel"
 
 INPUT_REGION = "r"   # the input's bytes lie in a registered region
 INPUT_BYTES = "b"    # the bytes travel in the message (the server reads any marker but "r" so)

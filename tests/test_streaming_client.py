@@ -4,6 +4,7 @@ and through the local channel, with the sync and the async client."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,3 +83,39 @@ def test_error_mid_stream_comes_as_a_result(server: tuple[ServerProcess, Path],
     assert results[1].error is not None and "midstream failure" in results[1].error.message
     assert [r.final for r in results] == [False, False, False, True]
     assert all(r.index == 0 for r in results)
+
+
+@pytest.mark.parametrize("door", DOORS)
+@pytest.mark.parametrize("use_async", [False, True])
+def test_closing_the_stream_early_cancels_for_the_model(server: tuple[ServerProcess, Path],
+                                                        door: str, use_async: bool,
+                                                        tmp_path: Path) -> None:
+    cancel_log = tmp_path / "cancelled.txt"
+    request = StreamRequest({"IN": np.arange(100, dtype=np.int32),
+                             "DELAY_MS": np.array([50], dtype=np.int32)},
+                            parameters={"cancel_log": str(cancel_log)})
+
+    def seen_by_model() -> bool:
+        """While the client stays connected (closing it would cancel everything anyway)."""
+        deadline = time.monotonic() + 10
+        while not cancel_log.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return cancel_log.exists() and int(cancel_log.read_text().split()[-1]) < 50
+
+    def sync_run() -> tuple[StreamResult, bool]:
+        with Client(_url(server, door)) as client:
+            results = client.stream_infer("repeat_int32", [request], timeout=30)
+            first = next(results)
+            results.close()
+            return first, seen_by_model()
+
+    async def async_run() -> tuple[StreamResult, bool]:
+        async with AsyncClient(_url(server, door)) as client:
+            results = client.stream_infer("repeat_int32", [request], timeout=30)
+            first = await anext(results)
+            await results.aclose()
+            return first, await asyncio.to_thread(seen_by_model)
+
+    first, seen = asyncio.run(async_run()) if use_async else sync_run()
+    assert first.outputs["IDX"].tolist() == [0] and not first.final
+    assert seen, "the model did not see the request cancelled"

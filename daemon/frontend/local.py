@@ -168,6 +168,8 @@ class LocalChannel(asyncio.Protocol):
                 pass
             elif op == messages.OP_HELLO:  # the client reads the direct rings: workers may answer
                 self._direct_ok = message.get("direct") is True
+            elif op == messages.OP_CANCEL:
+                self._cancel(message.get("target"))
             else:
                 raise ServeError.from_tuple(["INVALID_ARGUMENT", f"unknown operation '{op}'"])
             self._reply(messages.ok_reply(request_id))
@@ -274,6 +276,15 @@ class LocalChannel(asyncio.Protocol):
                 raise invalid_argument(f"unsupported parameter value {value!r} (use bool, int, "
                                        f"float or str)")
         return inputs, outputs, parameters
+
+    def _cancel(self, request_id: object) -> None:
+        """The client gave the request up: it gets no further reply."""
+        reply = self._inflight.pop(request_id, None) if type(request_id) is int else None
+        if reply is not None:
+            if reply.timer is not None:
+                reply.timer.cancel()
+            if reply.request is not None:
+                self._frontend.core.cancel(reply.request)
 
     def _expire(self, request_id: int) -> None:
         reply = self._inflight.pop(request_id, None)
