@@ -436,3 +436,23 @@ def test_decoupled_model_with_dynamic_batching(start_server: StartServer) -> Non
         assert _final(got[-1]) and len(got) == count + 1
     batches = {r.as_numpy("BATCH")[0][0] for r in results if r.as_numpy("BATCH") is not None}
     assert max(batches) > 1  # the requests were batched
+
+
+def test_generate_on_a_decoupled_model_takes_exactly_one_response(server: ServerProcess
+                                                                  ) -> None:
+    def generate(model: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+        try:
+            connection.request("POST", f"/v2/models/{model}/generate",
+                               body=json.dumps(body).encode())
+            answer = connection.getresponse()
+            return answer.status, json.loads(answer.read())
+        finally:
+            connection.close()
+
+    status, value = generate("square_int32", {"IN": 1, "id": "g"})
+    assert status == 200 and value["OUT"] == 1 and value["id"] == "g"
+    status, value = generate("square_int32", {"IN": 2})
+    assert status == 400 and "exactly one response" in value["error"]
+    status, value = generate("square_int32", {"IN": 0})
+    assert status == 400 and "sent none" in value["error"]

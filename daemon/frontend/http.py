@@ -114,6 +114,33 @@ class _FutureReply(Reply):
             self.future.set_exception(error)
 
 
+class _OneResponseReply(_FutureReply):
+    """generate: exactly one response, also from a decoupled model (which may send it with
+    the final flag or before the final flag alone); more, or none, is an error."""
+
+    __slots__ = ("response",)
+
+    def __init__(self, future: asyncio.Future[list[OutputTensor]]) -> None:
+        super().__init__(future)
+        self.response: list[OutputTensor] | None = None
+
+    def send(self, response: list[OutputTensor], final: bool) -> None:
+        if self.response is not None:
+            self.fail(invalid_argument("generate expects exactly one response, the model sent "
+                                       "more; use generate_stream"))
+            return
+        self.response = response
+        if final:
+            super().send(response, True)
+
+    def end(self) -> None:
+        if self.response is None:
+            self.fail(invalid_argument("generate expects exactly one response, the model sent "
+                                       "none"))
+        else:
+            super().send(self.response, True)
+
+
 class _EventReply(Reply):
     """A generate_stream request's reply: each response rendered as a server-sent event. A
     client that lets more than ``limit`` events wait gets an error event and the end."""
@@ -396,10 +423,12 @@ class HttpDoor:
         self.operations.trace_setting()
         return web.Response()
 
-    async def _run(self, model: str, version: str, parse: Callable[[], RequestItems]
-                   ) -> tuple[InferRequest, list[OutputTensor]]:
+    async def _run(self, model: str, version: str, parse: Callable[[], RequestItems],
+                   one_of_many: bool = False) -> tuple[InferRequest, list[OutputTensor]]:
+        """``one_of_many``: a decoupled model may answer, with exactly one response."""
         future: asyncio.Future[list[OutputTensor]] = asyncio.get_running_loop().create_future()
-        internal = self.core.submit(model, version, parse, _FutureReply(future))
+        reply = _OneResponseReply(future) if one_of_many else _FutureReply(future)
+        internal = self.core.submit(model, version, parse, reply, streaming=one_of_many)
         try:
             return internal, await future
         except asyncio.CancelledError:
@@ -412,7 +441,8 @@ class HttpDoor:
         body = await self._body_json(request)
         config = self.operations.model_config(model, version)
         internal, outputs = await self._run(model, version,
-                                            lambda: parse_generate(model, body, config))
+                                            lambda: parse_generate(model, body, config),
+                                            one_of_many=True)
         return web.Response(body=render_generate(internal, outputs), content_type=JSON_TYPE)
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
@@ -424,7 +454,7 @@ class HttpDoor:
         events = _EventReply(self.core.settings.stream_max_pending_responses)
         internal = self.core.submit(model, version, lambda: parse_generate(model, body, config),
                                     events, streaming=True)
-        answer = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+        answer = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                              "Cache-Control": "no-cache"})
         try:
             await answer.prepare(request)
