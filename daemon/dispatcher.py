@@ -289,8 +289,8 @@ class Dispatcher:
 
     @property
     def busy(self) -> bool:
-        """Some frame is in flight."""
-        return any(slot.inflight for slot in self.slots)
+        """Some frame is in flight, or a decoupled request is still open."""
+        return any(slot.inflight or slot.streams for slot in self.slots)
 
     def release_regions(self, region_ids: list[int]) -> None:
         for slot in self.slots:
@@ -328,6 +328,7 @@ class Dispatcher:
                 del slot.streams[(batch_id, index)]
         if not request.done:
             self._owner.finish(request, unavailable("request cancelled by the client"))
+        self._owner.dispatch()  # (the version may be idle now)
 
     def send(self, slot: InstanceSlot, batch: list[InferRequest], each: bool) -> None:
         """Stage ``batch`` into a free lane of ``slot`` and send it as one frame."""

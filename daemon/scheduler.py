@@ -219,6 +219,7 @@ class Scheduler:
             ok = not isinstance(result, ServeError)
             self.stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
             self._on_finished(request)
+            self.dispatch()  # an open request less: the version may be idle (unload drains)
         if request.cancelled:
             return
         reply = request.reply

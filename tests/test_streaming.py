@@ -456,3 +456,27 @@ def test_generate_on_a_decoupled_model_takes_exactly_one_response(server: Server
     assert status == 400 and "exactly one response" in value["error"]
     status, value = generate("square_int32", {"IN": 0})
     assert status == 400 and "sent none" in value["error"]
+
+
+def test_unload_drains_open_streams(start_server: StartServer) -> None:
+    """Unloading waits for a decoupled request whose responses are still coming, although its
+    execute (sending from a thread) returned long ago."""
+    server = start_server(["repeat_int32"], "--model-control-mode", "explicit",
+                          "--load-model", "*")
+    stream = Stream(server.url)
+    try:
+        stream.client.async_stream_infer("repeat_int32", _repeat_inputs(list(range(6)), 150),
+                                         request_id="u1", enable_empty_final_response=True,
+                                         parameters={"in_thread": True})
+        assert stream.get().as_numpy("IDX").tolist() == [0]
+        with grpcclient.InferenceServerClient(server.url) as control:
+            unloading = threading.Thread(target=control.unload_model, args=("repeat_int32",))
+            unloading.start()
+            got = _collect(stream, "u1")
+            finished = time.monotonic()
+            unloading.join(20)
+            assert time.monotonic() - finished < 3  # not held until the exit timeout
+    finally:
+        stream.close()
+    assert [r.as_numpy("IDX").tolist() for r in got[:-1]] == [[i] for i in range(1, 6)]
+    assert _final(got[-1])
