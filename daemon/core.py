@@ -25,6 +25,7 @@ class Core:
     def __init__(self, settings: Settings, supervisor_pid: int, gpu_ids: list[int]) -> None:
         self.settings = settings
         self.models = ModelManager(settings, supervisor_pid, gpu_ids, self._finished)
+        self.models.step_door = self  # ensembles submit their steps through the core
         policy = ShmPolicy(settings.allow_client_shm, settings.shm_allow_foreign_owners,
                            settings.shm_key_prefix)
         self.registry = ShmRegistry(self.models.release_regions, policy, gpu_ids)

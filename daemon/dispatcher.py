@@ -49,6 +49,7 @@ from shmserve.workers.protocol import (
     SYSTEM,
     Done,
     Partial,
+    Report,
     TensorRef,
     WorkerSpec,
     packed_exec_request,
@@ -73,6 +74,7 @@ class WorkerHandle(DirectTarget, Protocol):
     pid: int | None
     unresponsive: bool  # its heartbeat is late: it does not count as serving
     on_partial: Callable[[list[Any]], None] | None  # decoupled models' Partial frames
+    report: Report | None  # the model's own readiness and custom metrics
 
     @property
     def became_ready(self) -> bool: ...

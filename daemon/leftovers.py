@@ -14,7 +14,7 @@ import os
 import signal
 import time
 
-from shmserve.workers.lineage import SUPERVISOR_ENV
+from shmserve.workers.lineage import SUPERVISOR_ENV, process_alive
 
 log = logging.getLogger("shmserve")
 _MARKER = SUPERVISOR_ENV.encode() + b"="
@@ -34,16 +34,6 @@ def _supervisor_of(pid: int) -> int | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def find_leftovers() -> list[int]:
     """Pids of this user's processes whose shmserve supervisor is dead."""
     me, uid = os.getpid(), os.geteuid()
@@ -53,7 +43,7 @@ def find_leftovers() -> list[int]:
             continue
         pid = int(entry)
         supervisor = _supervisor_of(pid)
-        if supervisor is None or supervisor == me or _alive(supervisor):
+        if supervisor is None or supervisor == me or process_alive(supervisor):
             continue
         with contextlib.suppress(OSError):
             if os.stat(f"/proc/{pid}").st_uid == uid:
@@ -68,7 +58,7 @@ def end_leftovers(timeout: float = 5.0) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.01)
     if pids:
         log.warning("ended %d process(es) left by dead shmserve server(s): %s", len(pids),

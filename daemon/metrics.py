@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from shmserve.daemon.models import ModelManager
 from shmserve.daemon.shm_registry import ShmRegistry
 from shmserve.daemon.statistics import ModelStats
+from shmserve.workers.protocol import Report
 
 log = logging.getLogger("shmserve.metrics")
 
@@ -94,12 +96,57 @@ def render(models: ModelManager, registry: ShmRegistry | None = None) -> str:
            crash_looping)
     family("shmserve_instance_restart_backoff_seconds", "Delay before the model instance's "
            "pending restart (0 when none is waiting)", "gauge", backoff)
+    _custom_families(lines, [slot.worker.report for _, _, scheduler in versions
+                             for slot in scheduler.instances
+                             if slot.worker is not None and slot.worker.report is not None])
     if registry is not None:
         family("shmserve_shared_memory_regions", "Registered shared-memory regions by kind and "
                "owner (a gRPC client id, or local:<channel>)", "gauge",
                [(_labels(kind=kind, owner=owner), float(count))
                 for (kind, owner), count in sorted(registry.counts().items())])
     return "\n".join(lines) + "\n"
+
+
+def _custom_families(lines: list[str], reports: list[Report]) -> None:
+    """Models' own metrics (pb_utils.MetricFamily), as each live instance last reported them.
+    Instances of one model share a family by name, as in Triton's one registry: counters and
+    histograms add up across instances, a gauge shows the last instance's value."""
+    families: dict[str, tuple[str, str, dict[str, Any]]] = {}
+    for report in reports:
+        for name, description, kind, metrics in report.metrics:
+            _, _, values = families.setdefault(name, (description, kind, {}))
+            for labels, value in metrics:
+                key = _labels(**dict(labels)) if labels else ""
+                if kind == "histogram":
+                    bounds, counts, total, count = value
+                    held = values.get(key)
+                    if held is None:
+                        values[key] = [bounds, list(counts), total, count]
+                    else:
+                        held[1] = [a + b for a, b in zip(held[1], counts, strict=False)]
+                        held[2] += total
+                        held[3] += count
+                elif kind == "counter":
+                    values[key] = values.get(key, 0.0) + value
+                else:
+                    values[key] = value
+    for name, (description, kind, values) in families.items():
+        lines.append(f"# HELP {name} {description}")
+        lines.append(f"# TYPE {name} {kind}")
+        for key, value in values.items():
+            if kind != "histogram":
+                lines.append(f"{name}{key} {value:g}")
+                continue
+            bounds, counts, total, count = value
+            inner = key[1:-1]
+            cumulative = 0
+            for bound, bucket in zip([*bounds, float("inf")], counts, strict=False):
+                cumulative += bucket
+                le = "+Inf" if bound == float("inf") else f"{bound:g}"
+                labels = "{" + (inner + "," if inner else "") + f'le="{le}"' + "}"
+                lines.append(f"{name}_bucket{labels} {cumulative}")
+            lines.append(f"{name}_sum{key} {total:g}")
+            lines.append(f"{name}_count{key} {count}")
 
 
 def _us(stats: ModelStats, field: str) -> float:

@@ -10,10 +10,15 @@ from typing import Any
 from google.protobuf import json_format, text_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from shmserve.daemon.ensemble_config import (
+    ENSEMBLE_PLATFORM,
+    EnsembleConfigError,
+    validate_scheduling,
+)
 from shmserve.protos import shmserve_model_config_pb2 as mc
 
 CONFIG_FILE = "config.pbtxt"
-PLATFORM_BACKENDS = {"pytorch_libtorch": "pytorch", "python": "python"}
+PLATFORM_BACKENDS = {"pytorch_libtorch": "pytorch", "python": "python", "ensemble": "ensemble"}
 _INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64,
                 FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED64,
                 FieldDescriptor.TYPE_SFIXED64}
@@ -31,11 +36,15 @@ class InstancePlan:
     index: int
 
 
-def read_config(model_dir: Path) -> mc.ModelConfig:
+def read_config(model_dir: Path, missing_ok: bool = False) -> mc.ModelConfig:
+    """The folder's config.pbtxt; with ``missing_ok`` an absent file is an empty config (Triton
+    with auto-complete on: the backend and the python model's hook fill it in)."""
     path = model_dir / CONFIG_FILE
     try:
         text = path.read_text()
     except FileNotFoundError:
+        if missing_ok:
+            return mc.ModelConfig()
         raise ConfigError(f"{path}: file not found (every model needs a {CONFIG_FILE})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
@@ -79,6 +88,12 @@ def complete_config(config: mc.ModelConfig, model_dir: Path, gpu_ids: list[int])
         if preferred > config.max_batch_size:
             raise ConfigError(f"{where}: field 'dynamic_batching.preferred_batch_size' "
                               f"{preferred} exceeds max_batch_size {config.max_batch_size}")
+    if config.platform == ENSEMBLE_PLATFORM or config.HasField("ensemble_scheduling"):
+        try:
+            validate_scheduling(config)
+        except EnsembleConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return  # an ensemble has no instances of its own
     _complete_instance_groups(where, config, gpu_ids)
 
 

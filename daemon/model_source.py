@@ -51,7 +51,7 @@ def validate_name(name: str) -> None:
 
 def read_repository_config(model_dir: Path) -> mc.ModelConfig:
     try:
-        return read_config(model_dir)
+        return read_config(model_dir, missing_ok=True)
     except ConfigError as exc:
         raise PollError(str(exc)) from None
 

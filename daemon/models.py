@@ -25,6 +25,7 @@ state: <Code>: <reason>;".
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import tempfile
 from collections.abc import Callable, Mapping
@@ -35,6 +36,19 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import json_format
 
+from shmserve.daemon.auto_complete import (
+    AutoCompleteError,
+    infer_backend,
+    may_define_hook,
+    python_auto_complete,
+    python_model_file,
+)
+from shmserve.daemon.ensemble_config import (
+    EnsembleConfigError,
+    composing_models,
+    is_ensemble,
+    validate_steps,
+)
 from shmserve.daemon.errors import (
     SERVER_EXITING,
     ServeError,
@@ -45,6 +59,7 @@ from shmserve.daemon.errors import (
     unknown_model,
 )
 from shmserve.daemon.model_config import (
+    CONFIG_FILE,
     InstancePlan,
     config_to_dict,
     plan_instances,
@@ -67,15 +82,20 @@ from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.time_budget import TimeBudget
 from shmserve.daemon.worker_limits import LimitError, WorkerLimits, limits_for
-from shmserve.daemon.worker_process import WorkerProcess
+from shmserve.daemon.worker_process import WorkerProcess, fork_context
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.workers.backend import InstanceSpec, ModelSpec
 from shmserve.workers.protocol import WorkerSpec
 
 if TYPE_CHECKING:
+    from shmserve.daemon.ensemble import EnsembleScheduler, StepDoor
     from shmserve.repoagents.runner import AgentChain
 
 log = logging.getLogger("shmserve.models")
+
+#: The ensembles whose composing models are being loaded by this task (cycle detection).
+_ENSEMBLE_CHAIN: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "ensemble_chain", default=())
 
 READY = "READY"
 LOADING = "LOADING"
@@ -101,7 +121,7 @@ class ModelVersion:
     name: str
     version: int
     config: mc.ModelConfig
-    scheduler: Scheduler
+    scheduler: Scheduler | EnsembleScheduler
     state: str = LOADING
     note: str = ""  # the reason of the last state change (see ``reason``)
     # The validation plan (infer_request.py), built on the first request.
@@ -109,7 +129,17 @@ class ModelVersion:
 
     @property
     def ready(self) -> bool:
-        return self.state == READY and self.scheduler.ready
+        return self.state == READY and self.scheduler.ready and self.model_says_ready
+
+    @property
+    def model_says_ready(self) -> bool:
+        """False while a live instance's own ``is_ready()`` last answered false (Triton's
+        python backend readiness hook; instances without one do not count)."""
+        for slot in self.scheduler.instances:
+            report = slot.worker.report if slot.worker is not None else None
+            if report is not None and report.ready == 0:
+                return False
+        return True
 
     @property
     def reason(self) -> str:
@@ -175,6 +205,7 @@ class ModelManager:
         self._records: dict[str, ModelRecord] = {}
         self._log_level = logging.DEBUG if settings.log_verbose else logging.WARNING
         self._retiring: dict[asyncio.Task[None], _Generation] = {}
+        self.step_door: StepDoor | None = None  # the core's submit, for ensembles
         self._closing = False
 
     # --- discovery ----------------------------------------------------------------------
@@ -336,10 +367,14 @@ class ModelManager:
                 chain, model_dir, config = await self._run_agents(name, model_dir, config,
                                                                   versions, config_json)
                 versions = select_model_versions(model_dir, config)
+            config = await self._auto_complete(name, config, model_dir, named_dir, versions,
+                                               overridden=config_json is not None)
             complete_for(config, model_dir, named_dir, self._gpu_ids,
                       overridden=config_json is not None)
             if not versions:
                 raise _NoVersion()
+            if is_ensemble(config):
+                await self._load_composing(name, config)
             try:
                 limits = limits_for(self._settings, {key: value.string_value for key, value
                                                      in config.parameters.items()})
@@ -354,6 +389,78 @@ class ModelManager:
             remove_dir(temp_dir)
             raise
         return _Prepared(config, model_dir, versions, chain, temp_dir, limits)
+
+    async def _auto_complete(self, name: str, config: mc.ModelConfig, model_dir: Path,
+                             named_dir: Path, versions: list[int], overridden: bool
+                             ) -> mc.ModelConfig:
+        """Triton's auto-completion: the backend from the default model file, then a python
+        model's ``auto_complete_config`` hook (run outside the supervisor, auto_complete.py)."""
+        if overridden:
+            where = "load parameter 'config'"
+        else:
+            where = str((model_dir if model_dir != named_dir else named_dir) / CONFIG_FILE)
+        try:
+            infer_backend(config, model_dir, where)
+        except AutoCompleteError as exc:
+            raise PollError(exc.message) from None
+        if (config.backend != "python" or not versions
+                or self._settings.disable_auto_complete_config):
+            return config
+        version = max(versions)
+        model_file = python_model_file(config, model_dir, version)
+        if not may_define_hook(model_file):
+            return config
+        try:
+            return await python_auto_complete(config, model_file, fork_context())
+        except AutoCompleteError as exc:
+            code = grpc.StatusCode[exc.code] if exc.code in grpc.StatusCode.__members__ \
+                else grpc.StatusCode.INTERNAL
+            raise invalid_argument(
+                f"load failed for model '{name}': version {version} is at {UNAVAILABLE} "
+                f"state: {_code_string(code)}: {exc.message};\n") from None
+
+    async def _load_composing(self, name: str, config: mc.ModelConfig) -> None:
+        """An ensemble's composing models: loaded first when they have no version serving
+        (explicit mode loads them with the ensemble, as Triton), then each step is checked
+        against its model's config (ensemble_config.py)."""
+        chain = _ENSEMBLE_CHAIN.get()
+        if name in chain:
+            cycle = " -> ".join((*chain[chain.index(name):], name))
+            raise invalid_argument(f"circular dependency between ensembles: {cycle}")
+        token = _ENSEMBLE_CHAIN.set((*chain, name))
+        try:
+            configs: dict[str, mc.ModelConfig] = {}
+            for model, version in composing_models(config):
+                record = self._records.get(model)
+                if record is None or not record.versions:
+                    try:
+                        await self.load(model)
+                    except ServeError as exc:
+                        raise invalid_argument(
+                            f"ensemble '{name}' depends on '{model}' which has no loaded "
+                            f"version. Model '{model}' loading failed with error: "
+                            f"{exc.message.strip()}") from None
+                try:
+                    step_version = self.resolve(model, str(version) if version > 0 else "")
+                except ServeError as exc:
+                    raise invalid_argument(f"ensemble '{name}' depends on '{model}' which "
+                                           f"has no loaded version: {exc.message}") from None
+                if step_version.config.model_transaction_policy.decoupled:
+                    raise invalid_argument(
+                        f"in ensemble {name}, step model {model} is decoupled: ensembles with "
+                        f"decoupled steps are not supported by shmserve yet")
+                configs[model] = step_version.config
+            try:
+                validate_steps(config, configs)
+            except EnsembleConfigError as exc:
+                raise invalid_argument(str(exc)) from None
+        finally:
+            _ENSEMBLE_CHAIN.reset(token)
+
+    def _composing_ready(self, config: mc.ModelConfig) -> Callable[[], bool]:
+        steps = [(model, str(version) if version > 0 else "")
+                 for model, version in composing_models(config)]
+        return lambda: all(self.is_ready(model, version) for model, version in steps)
 
     def _parse_override(self, config_json: str) -> mc.ModelConfig:
         config = mc.ModelConfig()
@@ -445,6 +552,12 @@ class ModelManager:
 
     def _new_version(self, name: str, version: int, config: mc.ModelConfig,
                      model_dir: Path, limits: WorkerLimits) -> ModelVersion:
+        if is_ensemble(config):
+            from shmserve.daemon.ensemble import EnsembleScheduler
+            assert self.step_door is not None, "the core sets step_door"
+            return ModelVersion(name, version, config, EnsembleScheduler(
+                name, version, config, self.step_door, self._composing_ready(config),
+                self._on_request_finished))
         config_dict = config_to_dict(config)
         backend = config.backend
         settings = self._settings
@@ -634,7 +747,7 @@ class ModelManager:
                 if record.versions or record.state in (LOADING, UNLOADING)
                 or (self._root / name).is_dir()]
 
-    def schedulers(self) -> list[Scheduler]:
+    def schedulers(self) -> list[Scheduler | EnsembleScheduler]:
         serving = [v.scheduler for r in self._records.values() for v in r.versions.values()]
         retiring = [v.scheduler for g in self._retiring.values() for v in g.versions.values()]
         return serving + retiring

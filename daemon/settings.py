@@ -127,6 +127,10 @@ class Settings:
     strict_readiness: bool = setting(
         True, flag="--strict-readiness", parse=parse_bool,
         help="ServerReady requires every model ready, and no model failed at start-up")
+    disable_auto_complete_config: bool = setting(
+        False, flag="--disable-auto-complete-config", parse=parse_bool,
+        help="do not run python models' auto_complete_config hook at load (Triton's flag; "
+             "the backend is still inferred from the default model file)")
     repoagent_directory: str | None = setting(
         None, flag="--repoagent-directory", metavar="DIR",
         help="directory of repository agents (<dir>/<name>/agent.py)")

@@ -88,6 +88,7 @@ class WorkerProcess:
         self.unresponsive = False           # heartbeat late: not serving, about to be killed
         # Decoupled models' responses (Partial frames) go here (set by the dispatcher).
         self.on_partial: Callable[[list[Any]], None] | None = None
+        self.report: protocol.Report | None = None  # the model's last word on itself
         self.pid: int | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -282,6 +283,8 @@ class WorkerProcess:
             self._on_handshake(frame)
         elif kind == protocol.STAGE:
             self._stage = protocol.Stage.unpack(frame).name
+        elif kind == protocol.REPORT:
+            self.report = protocol.Report.unpack(frame)
 
     def _on_handshake(self, frame: list[Any]) -> None:
         """READY or INIT_FAILED: the first frame, naming the worker's protocol version."""

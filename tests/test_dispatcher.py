@@ -35,6 +35,7 @@ class FakeWorker:
         self.alive = False
         self.became_ready = False
         self.unresponsive = False
+        self.report = None
         self.hold = False
         self.frames: list[tuple[int, list[list[Any]], bool]] = []
         self.withdrawn: list[tuple[int, int]] = []

@@ -189,9 +189,23 @@ def test_a_new_start_ends_what_a_dead_server_left(start_server: StartServer) -> 
         server = start_server(["simple"])
         assert leftover.wait(10) == -signal.SIGKILL
         assert bystander.poll() is None
-        assert f"ended 1 process(es) left by dead shmserve server(s): {leftover.pid}" in \
-            server.log()
+        # Any server starting meanwhile (a parallel test run) may be the one that ended it.
+        line = f"ended 1 process(es) left by dead shmserve server(s): {leftover.pid}"
+        assert line in server.log() or _another_server_running(server.pid)
     finally:
         for process in (leftover, bystander):
             process.kill()
             process.wait()
+
+
+def _another_server_running(own: int) -> bool:
+    """Whether another shmserve supervisor runs on this host (it may have ended the leftover)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != own:
+            try:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"shmserve" in command and b"serve\x00--model-repository" in command:
+                return True
+    return False

@@ -66,9 +66,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
         [tensor("INPUT0", "TYPE_INT32", [16]), tensor("INPUT1", "TYPE_INT32", [16])],
         [tensor("OUTPUT0", "TYPE_INT32", [16]), tensor("OUTPUT1", "TYPE_INT32", [16])]),
     "bytes_model": config(
-        "bytes_model", [tensor("INPUT0", "TYPE_STRING", [-1])],
-        [tensor("UPPER", "TYPE_STRING", [-1]), tensor("REVERSED", "TYPE_STRING", [-1]),
-         tensor("LENGTHS", "TYPE_INT32", [-1])]),
+        "bytes_model", [tensor("INPUT0", "TYPE_STRING", [-1, -1])],
+        [tensor("UPPER", "TYPE_STRING", [-1, -1]), tensor("REVERSED", "TYPE_STRING", [-1, -1]),
+         tensor("LENGTHS", "TYPE_INT32", [-1, -1])]),
     "partial_error": config(
         "partial_error", [tensor("INPUT0", "TYPE_FP32", [4])],
         [tensor("OUTPUT0", "TYPE_FP32", [4])], max_batch_size=8, dynamic_batching={}),
@@ -441,7 +441,7 @@ def test_initialize_args_and_request_accessors(load: Loaded,
         parameters={"temperature": 0.5, "tag": "x", "sequence_start": True, "sequence_id": 99})])
     outputs = ok(response)
     np.testing.assert_array_equal(outputs["DOUBLE"], data * 2)
-    report = json.loads(outputs["ECHO"][0])
+    report = json.loads(outputs["ECHO"][0][0])
     args = report["args"]
     assert report["arg_types"] == ["str"]
     assert json.loads(args["model_config"]) == CONFIGS["introspect"]
@@ -475,7 +475,7 @@ def test_gpu_instance_kind_and_device(monkeypatch: pytest.MonkeyPatch) -> None:
                                                requested=["ECHO"])])
         outputs = ok(response)
         assert list(outputs) == ["ECHO"]
-        report = json.loads(outputs["ECHO"][0])
+        report = json.loads(outputs["ECHO"][0][0])
         assert report["args"]["model_instance_kind"] == "GPU"
         assert report["args"]["model_instance_device_id"] == "0"
         assert report["requested_output_names"] == ["ECHO"]

@@ -23,6 +23,10 @@ from typing import Any, Protocol
 ENTRY_POINT_GROUP = "shmserve.backends"
 
 
+#: The logger model code logs through (pb_utils.Logger); the worker gives it its own format.
+MODEL_LOGGER = "shmserve.model"
+
+
 class BackendError(Exception):
     """An error a backend reports; ``code`` is a gRPC status code name such as INVALID_ARGUMENT."""
 
@@ -106,6 +110,16 @@ class Backend:
 
     def instance_finalize(self) -> None:
         """Release what instance_initialize took."""
+
+    def model_readiness(self) -> bool | None:
+        """The model's own readiness (Triton's optional ``is_ready()``), None when it has none.
+        Called from the worker's reporter thread, concurrently with execute."""
+        return None
+
+    def custom_metrics(self) -> tuple[int, list[Any]]:
+        """(generation, families) of the model's custom metrics (see protocol ``Report``);
+        the generation changes whenever a value does. Called from the reporter thread."""
+        return 0, []
 
     def model_finalize(self) -> None:
         """Release what model_initialize took."""

@@ -32,3 +32,14 @@ def die_with_supervisor() -> None:
     supervisor = os.environ.get(SUPERVISOR_ENV)
     if supervisor and os.getppid() != int(supervisor):
         os._exit(1)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` exists (another user's process counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -7,10 +7,8 @@ never inherits gRPC or CUDA state. The control socket carries msgpack frames (se
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -22,6 +20,7 @@ import msgpack
 
 from shmserve.workers import protocol
 from shmserve.workers.backend import (
+    MODEL_LOGGER,
     Backend,
     BackendError,
     Request,
@@ -31,15 +30,16 @@ from shmserve.workers.backend import (
 from shmserve.workers.busy_poll import BusyPoll
 from shmserve.workers.cuda_ipc import CudaRegions, DeviceOutput
 from shmserve.workers.direct_answers import DirectAnswers
+from shmserve.workers.lineage import set_parent_death_signal
 from shmserve.workers.proctitle import set_process_title, worker_title
 from shmserve.workers.protocol import CUDA, INLINE_LIMIT, ExecRequest, TensorRef, WorkerSpec
 from shmserve.workers.region_fds import adopt_region_fd
+from shmserve.workers.reporter import start_reporter
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache, trim_heap
 from shmserve.workers.tensors import InputResolver, map_region, output_bytes
+from shmserve.workers.warmup import run_warmup
 
 log = logging.getLogger("shmserve.worker")
-
-_PR_SET_PDEATHSIG = 1
 
 
 def pin_process(visible: str | None, cpus: list[int] | None) -> None:
@@ -50,16 +50,10 @@ def pin_process(visible: str | None, cpus: list[int] | None) -> None:
         os.sched_setaffinity(0, set(cpus))
 
 
-def die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def run_worker(sock: socket.socket, spec: WorkerSpec,
                fd_socket: socket.socket | None = None) -> None:
     pin_process(spec.cuda_visible_devices, spec.cpus)
-    die_with_parent()
+    set_parent_death_signal()  # the fork server's death (it dies with the supervisor)
     set_process_title(worker_title(spec.model.name, spec.instance.name),
                       short_name=spec.instance.name)
     # Imported here, never at module level: the supervisor imports this module too and must
@@ -71,6 +65,16 @@ def run_worker(sock: socket.socket, spec: WorkerSpec,
         format=f"%(asctime)s %(levelname)s [worker {spec.instance.name}] %(message)s",
         stream=sys.stderr,
     )
+    # Model code's pb_utils.Logger: log_info is on by default, as in Triton (GetLogSettings
+    # reports log_info true), while the rest of the worker logs warnings only.
+    model_log = logging.getLogger(MODEL_LOGGER)
+    model_log.setLevel(min(spec.log_level, logging.INFO))
+    model_handler = logging.StreamHandler(sys.stderr)
+    model_handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s [model {spec.model.name} version {spec.model.version}, "
+        f"instance {spec.instance.name}] %(filename)s:%(lineno)d: %(message)s"))
+    model_log.addHandler(model_handler)
+    model_log.propagate = False
     host = WorkerHost(sock, spec, fd_socket)
     code = host.serve()
     sys.stdout.flush()
@@ -131,6 +135,8 @@ class WorkerHost:
                                      args=(self._spec.heartbeat_secs,))
         heartbeat.start()
         self.send(protocol.Ready(protocol.PROTOCOL_VERSION, os.getpid()).pack())
+        if self._backend is not None:
+            start_reporter(self._backend, self.send, self._stopped)
         try:
             self._loop()
         finally:
@@ -152,6 +158,9 @@ class WorkerHost:
         self.send(protocol.Stage("instance_initialize").pack())
         backend.instance_initialize(self._model, self._instance)
         self._hooks_done.append("instance")
+        if self._model.config.get("model_warmup"):
+            self.send(protocol.Stage("model_warmup").pack())
+            run_warmup(backend, self._model)
 
     def _finalize(self) -> None:
         backend = self._backend

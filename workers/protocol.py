@@ -21,7 +21,10 @@ Tensor bytes never travel in a frame unless they are tiny; a frame names them wi
 
 Frames:
     supervisor -> worker: Exec, Cancel, Release, Ping, Stop, Attach, Detach, ShareRegion, Trim
-    worker -> supervisor: Stage, Ready, InitFailed, Done, Pong, Partial
+    worker -> supervisor: Stage, Ready, InitFailed, Done, Pong, Report, Partial
+
+``Report`` comes from the worker's reporter thread (workers/reporter.py) when what the model
+says about itself changed: its own readiness (``is_ready()``) and its custom metrics.
 
 While it initializes, the worker names each hook before running it (``Stage``), so an
 initialize that overruns its timeout is reported by stage.
@@ -57,8 +60,8 @@ import msgpack
 from shmserve.workers.backend import InstanceSpec, ModelSpec
 
 # 1: msgpack maps before typed records; 2: before ShareRegion; 3: before Trim; 4: before Stage;
-# 5: before Partial
-PROTOCOL_VERSION = 6
+# 5: before Report; 6: before Partial
+PROTOCOL_VERSION = 7
 
 INLINE = "i"
 ARENA = "a"
@@ -80,7 +83,8 @@ INIT_FAILED = 11
 DONE = 12
 PONG = 13
 STAGE = 14
-PARTIAL = 15  # one response of a decoupled request
+REPORT = 15  # the model's own readiness and custom metrics changed
+PARTIAL = 16  # one response of a decoupled request
 
 # Result kinds: the first element of each request's result in DONE.
 RESULT_OK = 0          # [RESULT_OK, [packed TensorRef, ...]]
@@ -352,6 +356,28 @@ class Partial:
 # Frames without fields.
 PING_FRAME: list[Any] = [PING]
 STOP_FRAME: list[Any] = [STOP]
+#: ``Report.ready``: the model defines no ``is_ready()``, or what it last answered.
+READY_UNDEFINED = -1
+
+
+@dataclass(slots=True)
+class Report:
+    """What the model says about itself: ``ready`` (READY_UNDEFINED, 0 or 1) and its custom
+    metric families, each ``[name, description, kind, [[labels, value], ...]]`` where labels
+    is ``[[key, value], ...]`` and a histogram's value is ``[bounds, counts, sum, count]``."""
+
+    KIND: ClassVar[int] = REPORT
+    ready: int
+    metrics: list[Any]
+
+    def pack(self) -> list[Any]:
+        return [REPORT, self.ready, self.metrics]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> Report:
+        return cls(int(raw[1]), list(raw[2]))
+
+
 PONG_FRAME: list[Any] = [PONG]
 TRIM_FRAME: list[Any] = [TRIM]
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import posix_ipc
 
+from shmserve.workers.lineage import process_alive
+
 # Keys of segments the server owns. Clients may never register a key with this prefix.
 ARENA_PREFIX = "/shmserve_arena_"
 SHM_DIR = "/dev/shm"
@@ -279,7 +281,7 @@ def remove_arenas(supervisor_pid: int | None = None) -> list[str]:
         pid = int(pid_text)
         if supervisor_pid is not None and pid != supervisor_pid:
             continue
-        if supervisor_pid is None and _process_alive(pid):
+        if supervisor_pid is None and process_alive(pid):
             continue
         with contextlib.suppress(posix_ipc.ExistentialError):
             posix_ipc.unlink_shared_memory("/" + name)
@@ -294,13 +296,3 @@ def remove_owner_arenas(supervisor_pid: int, owner: str) -> None:
             if name.startswith(prefix) and name[len(prefix):].isdigit():
                 with contextlib.suppress(posix_ipc.ExistentialError):
                     posix_ipc.unlink_shared_memory("/" + name)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -44,7 +44,9 @@ from shmserve.workers.backend import (
     Response,
 )
 
+from . import custom_metrics
 from . import triton_python_backend_utils as pb_utils
+from .output_check import OutputChecker
 
 __all__ = ["PythonBackend", "auto_complete_config", "install_pb_utils", "pb_utils",
            "visible_device_id"]
@@ -225,6 +227,7 @@ class PythonBackend(Backend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._force_cpu_inputs = True
         self._decoupled = False
+        self._output_checker: OutputChecker | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -245,6 +248,7 @@ class PythonBackend(Backend):
         self._default_outputs = [str(out["name"]) for out in model.config.get("output", [])
                                  if "name" in out]
         self._force_cpu_inputs = _force_cpu_only_inputs(model.config)
+        self._output_checker = OutputChecker(model.config, str(path))
 
     def instance_initialize(self, model: ModelSpec, instance: InstanceSpec) -> None:
         if self._imported is None:
@@ -287,6 +291,28 @@ class PythonBackend(Backend):
         if self._loop is not None:
             self._loop.close()
             self._loop = None
+
+    def model_readiness(self) -> bool | None:
+        """Triton's optional ``is_ready()``: an exception or a non-bool answer is not ready."""
+        model_object = self._model_object
+        is_ready = getattr(model_object, "is_ready", None) if model_object is not None else None
+        if is_ready is None:
+            return None
+        try:
+            answer = is_ready()
+        except Exception as exc:
+            _log.error("is_ready() of model instance '%s' raised %s; reporting not ready",
+                       self._label(), _exception_text(exc))
+            return False
+        if not isinstance(answer, bool):
+            _log.error("is_ready() of model instance '%s' returned %s, not a bool; reporting "
+                       "not ready", self._label(), type(answer).__name__)
+            return False
+        return answer
+
+    def custom_metrics(self) -> tuple[int, list[Any]]:
+        return custom_metrics.generation, (custom_metrics.snapshot()
+                                           if custom_metrics.generation else [])
 
     def model_finalize(self) -> None:
         if self._model_object is not None:
@@ -425,9 +451,15 @@ class PythonBackend(Backend):
                                                pb_utils.grpc_code_name(error.code())))
         wanted = request.requested_outputs
         outputs: dict[str, Any] = {}
+        checker = self._output_checker
         try:
             for tensor in pb_response._output_tensors:
                 name = tensor._name
+                if checker is not None:
+                    problem = checker.problem(name, tensor._data)
+                    if problem is not None:
+                        _log.error("%s", problem)
+                        return Response(error=BackendError(problem, "INTERNAL"))
                 if wanted and name not in wanted:
                     continue
                 data = tensor._data

@@ -24,6 +24,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from shmserve.protos import datatypes as _dt
+from shmserve.workers.backend import MODEL_LOGGER
+
+from .custom_metrics import Metric, MetricFamily
 
 __all__ = [
     "TRITONSERVER_REQUEST_FLAG_SEQUENCE_END",
@@ -35,6 +38,8 @@ __all__ = [
     "InferenceResponseSender",
     "LogLevel",
     "Logger",
+    "Metric",
+    "MetricFamily",
     "ModelConfig",
     "Tensor",
     "TritonError",
@@ -51,7 +56,7 @@ __all__ = [
     "using_decoupled_model_transaction_policy",
 ]
 
-_log = logging.getLogger("shmserve.workers.backends.python.model")
+_log = logging.getLogger(MODEL_LOGGER)
 
 # Request flags (tritonserver.h TRITONSERVER_RequestFlag) and response flags.
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
@@ -780,26 +785,27 @@ _LEVELS = {LogLevel.INFO: logging.INFO, LogLevel.WARNING: logging.WARNING,
 
 
 class Logger:
-    """``pb_utils.Logger.log_info("...")``: model logs go to Python logging."""
+    """``pb_utils.Logger.log_info("...")``: model logs go to the server's log (the worker's
+    stderr) with the model's name and the calling file and line (workers/main.py)."""
 
     LogLevel = LogLevel
 
     @staticmethod
     def log(message: str, level: int = LogLevel.INFO) -> None:
-        _log.log(_LEVELS.get(LogLevel(level), logging.INFO), "%s", message)
+        _log.log(_LEVELS.get(LogLevel(level), logging.INFO), "%s", message, stacklevel=2)
 
     @staticmethod
     def log_info(message: str) -> None:
-        _log.info("%s", message)
+        _log.info("%s", message, stacklevel=2)
 
     @staticmethod
     def log_warn(message: str) -> None:
-        _log.warning("%s", message)
+        _log.warning("%s", message, stacklevel=2)
 
     @staticmethod
     def log_error(message: str) -> None:
-        _log.error("%s", message)
+        _log.error("%s", message, stacklevel=2)
 
     @staticmethod
     def log_verbose(message: str) -> None:
-        _log.debug("%s", message)
+        _log.debug("%s", message, stacklevel=2)

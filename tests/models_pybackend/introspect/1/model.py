@@ -30,7 +30,7 @@ class TritonPythonModel:
                 "shape": data.shape(),
                 "is_cpu": data.is_cpu(),
             }
-            echo = np.array([json.dumps(report).encode("utf-8")], dtype=np.object_)
+            echo = np.array([[json.dumps(report).encode("utf-8")]], dtype=np.object_)  # [batch, 1]
             responses.append(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("ECHO", echo),
                 pb_utils.Tensor("DOUBLE", data.as_numpy() * 2),

@@ -1,0 +1,293 @@
+"""Ensembles at run time: a small DAG over the core's own submit, one Reply per step.
+
+An ensemble version has no worker. Its scheduler (``EnsembleScheduler``) takes the validated
+ensemble request from the core and runs the steps of ``ensemble_scheduling``: a step is
+submitted through the core (the same validation, batching and statistics as any request to
+its model) as soon as every tensor it reads exists, so independent steps run in parallel;
+the ensemble answers once every step finished, or fails with the first step's error (the
+steps still in flight are cancelled).
+
+Where tensor bytes go:
+* ensemble inputs in a client's shared-memory region are handed to the steps that read them
+  by reference to the region (no copy); other inputs are the door's bytes, shared by every
+  step that reads them;
+* an ensemble output the client asked for in a shared-memory region is written there by the
+  worker of the step that produces it;
+* intermediate tensors do cross the supervisor: above the inline limit they are read from
+  the producing worker's output arena (one pread) and staged into the consuming worker's
+  input arena (one pwrite); below it they travel inside the frames. Handing the producer's
+  arena slice to the consumer by reference needs the dispatcher to keep that output lane
+  until the consumer is done with it; not done yet.
+
+Decoupled composing models are refused at load (streaming ensembles come later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from shmserve.daemon.dispatcher import InstanceSlot
+from shmserve.daemon.errors import ServeError, internal, unavailable
+from shmserve.daemon.infer_request import OutputIn, RequestItems, ShmRef, TensorIn
+from shmserve.daemon.reply import Reply
+from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.daemon.statistics import ModelStats
+from shmserve.protos import shmserve_model_config_pb2 as mc
+from shmserve.protos.datatypes import ELEMENT_SIZE, element_count
+
+log = logging.getLogger("shmserve.ensemble")
+
+
+class StepDoor(Protocol):
+    """What an ensemble needs of the core: its submit and cancel (daemon/core.py)."""
+
+    def submit(self, model_name: str, version: str, parse: Callable[[], RequestItems],
+               reply: Reply) -> InferRequest: ...
+
+    def cancel(self, request: InferRequest) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    model: str
+    version: str                    # "" = the latest ready version
+    inputs: dict[str, str]          # model input -> ensemble tensor
+    outputs: dict[str, str]         # model output -> ensemble tensor
+
+
+@dataclass(slots=True)
+class _Value:
+    datatype: str
+    shape: list[int]
+    data: bytes | memoryview | None
+    shm: ShmRef | None = None
+
+
+class _StepReply(Reply):
+    __slots__ = ("_index", "_run")
+
+    def __init__(self, run: _Run, index: int) -> None:
+        super().__init__()
+        self._run = run
+        self._index = index
+
+    def send(self, response: list[OutputTensor], final: bool) -> None:
+        self._run.step_done(self._index, response)
+
+    def fail(self, error: ServeError) -> None:
+        self._run.step_failed(self._index, error)
+
+
+class _Run:
+    """One ensemble request on its way through the steps."""
+
+    def __init__(self, owner: EnsembleScheduler, request: InferRequest) -> None:
+        self.owner = owner
+        self.request = request
+        self.values: dict[str, _Value] = {}
+        self.waiting = set(range(len(owner.steps)))
+        self.inflight: dict[int, InferRequest] = {}
+        self.finished = False
+        self.shm_owner = request.regions[0].owner if request.regions else ""
+        # Ensemble outputs the client wants in its shared memory: tensor -> (ref, region).
+        self.output_regions: dict[str, ShmRef] = {
+            output.name: (output.region.name, output.offset, output.byte_size)
+            for output in request.outputs if output.region is not None}
+
+    def start(self) -> None:
+        for tensor in self.request.inputs:
+            shm = ((tensor.region.name, tensor.offset, tensor.nbytes)
+                   if tensor.region is not None else None)
+            self.values[tensor.name] = _Value(tensor.datatype, list(tensor.shape), tensor.data,
+                                              shm)
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        steps = self.owner.steps
+        for index in sorted(self.waiting):
+            if self.finished:
+                return
+            step = steps[index]
+            if all(name in self.values for name in step.inputs.values()):
+                self.waiting.discard(index)
+                self._launch(index, step)
+        if not self.finished and not self.waiting and not self.inflight:
+            self._complete()
+
+    def _launch(self, index: int, step: _Step) -> None:
+        request = self.request
+
+        def parse() -> RequestItems:
+            inputs = []
+            for model_input, tensor_name in step.inputs.items():
+                value = self.values[tensor_name]
+                inputs.append(TensorIn(model_input, value.datatype, list(value.shape),
+                                       value.data, value.shm))
+            outputs = [OutputIn(model_output, self.output_regions.get(tensor_name))
+                       for model_output, tensor_name in step.outputs.items()]
+            return RequestItems(inputs, outputs, dict(request.parameters),
+                                request.request_id, self.shm_owner)
+
+        try:
+            self.inflight[index] = self.owner.door.submit(step.model, step.version, parse,
+                                                          _StepReply(self, index))
+        except ServeError as exc:
+            self.step_failed(index, exc)
+
+    def step_done(self, index: int, outputs: list[OutputTensor]) -> None:
+        self.inflight.pop(index, None)
+        if self.finished:
+            return
+        step = self.owner.steps[index]
+        for output in outputs:
+            tensor_name = step.outputs.get(output.name)
+            if tensor_name is None:
+                continue
+            shm = None
+            if output.data is None:
+                ref = self.output_regions.get(tensor_name)
+                if ref is None:
+                    self.step_failed(index, internal(
+                        f"output '{output.name}' of model '{step.model}' came back without "
+                        f"data"))
+                    return
+                size = ELEMENT_SIZE.get(output.datatype, -1)
+                nbytes = size * element_count(output.shape) if size > 0 else ref[2]
+                shm = (ref[0], ref[1], nbytes)
+            self.values[tensor_name] = _Value(output.datatype, list(output.shape), output.data,
+                                              shm)
+        self._launch_ready()
+
+    def step_failed(self, index: int, error: ServeError) -> None:
+        self.inflight.pop(index, None)
+        if self.finished:
+            return
+        self._finish(error)
+
+    def cancel(self) -> None:
+        self.request.cancelled = True
+        self._finish(None)
+
+    def _complete(self) -> None:
+        request = self.request
+        wanted = [output.name for output in request.outputs] or self.owner.output_names
+        response = []
+        for name in wanted:
+            value = self.values.get(name)
+            if value is None:
+                self._finish(internal(f"ensemble '{self.owner.model}' produced no data for "
+                                      f"output '{name}'"))
+                return
+            in_region = name in self.output_regions
+            response.append(OutputTensor(name, value.datatype, value.shape,
+                                         None if in_region else bytes(value.data or b"")))
+        self._finish(response)
+
+    def _finish(self, result: list[OutputTensor] | ServeError | None) -> None:
+        """``result``: the response, the error, or None when the caller gave up."""
+        if self.finished:
+            return
+        self.finished = True
+        for step_request in list(self.inflight.values()):
+            self.owner.door.cancel(step_request)
+        self.inflight.clear()
+        self.owner.finished(self, result)
+
+
+class EnsembleScheduler:
+    """Stands where a worker-backed Scheduler stands for a model version (models.py)."""
+
+    def __init__(self, model: str, version: int, config: mc.ModelConfig, door: StepDoor,
+                 composing_ready: Callable[[], bool],
+                 on_finished: Callable[[InferRequest], None]) -> None:
+        self.model = model
+        self.version = version
+        self.stats = ModelStats()
+        self.door = door
+        self.steps = [_Step(step.model_name,
+                            str(step.model_version) if step.model_version > 0 else "",
+                            dict(step.input_map), dict(step.output_map))
+                      for step in config.ensemble_scheduling.step]
+        self.output_names = [output.name for output in config.output]
+        self._composing_ready = composing_ready
+        self._on_finished = on_finished
+        self._runs: dict[int, _Run] = {}
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- what models.py, metrics and statistics read ---------------------------------------
+    @property
+    def ready(self) -> bool:
+        return not self._closing and self._composing_ready()
+
+    @property
+    def instances(self) -> list[InstanceSlot]:
+        return []
+
+    def crash_loop_reason(self) -> str:
+        return ""
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Nothing to start: the composing models were loaded before (models.py)."""
+
+    async def drain(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+    async def stop(self, timeout: float) -> None:
+        self._closing = True
+        await self.drain(timeout)
+        for run in list(self._runs.values()):
+            run._finish(unavailable(f"model '{self.model}' is being unloaded"))
+
+    def release_regions(self, region_ids: list[int]) -> None:
+        """Regions are held by the steps' own requests."""
+
+    # --- requests --------------------------------------------------------------------------
+    def submit(self, request: InferRequest) -> None:
+        if self._closing:
+            raise unavailable(f"model '{self.model}' is being unloaded")
+        request.received_ns = request.received_ns or time.perf_counter_ns()
+        request.scheduler = self  # type: ignore[assignment]  # the core cancels through it
+        run = _Run(self, request)
+        self._runs[id(request)] = run
+        self._idle.clear()
+        self.stats.pending += 1
+        run.start()
+
+    def cancel(self, request: InferRequest) -> None:
+        run = self._runs.get(id(request))
+        if run is not None:
+            run.cancel()
+
+    def finished(self, run: _Run, result: list[OutputTensor] | ServeError | None) -> None:
+        request = run.request
+        self._runs.pop(id(request), None)
+        if not self._runs:
+            self._idle.set()
+        stats = self.stats
+        stats.pending -= 1
+        ok = isinstance(result, list)
+        stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
+        if ok:
+            stats.inference_count += request.batch_size
+            stats.execution_count += 1
+            stats.last_inference_ms = int(time.time() * 1000)
+        self._on_finished(request)
+        if result is None or request.cancelled:
+            return
+        try:
+            if isinstance(result, ServeError):
+                request.reply.fail(result)
+            else:
+                request.reply.send(result, True)
+        except Exception:
+            log.exception("answering an ensemble request failed")

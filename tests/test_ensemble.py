@@ -1,0 +1,293 @@
+"""Ensembles on a real server (issue 16 item 3): a pre-process -> model -> post-process
+pipeline, independent steps in parallel, Triton's validation texts one by one, readiness
+and explicit loading of composing models, statistics for the ensemble and its steps."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from shmserve.tests.conftest import StartServer
+from shmserve.tests.serverproc import ServerProcess
+
+ARITHMETIC_MODEL = """
+    import time
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            import json
+            params = json.loads(args["model_config"]).get("parameters", {})
+            self.add = float(params.get("add", {}).get("string_value", "0"))
+            self.mul = float(params.get("mul", {}).get("string_value", "1"))
+            self.sleep = float(params.get("sleep", {}).get("string_value", "0"))
+
+        def execute(self, requests):
+            time.sleep(self.sleep)
+            return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+                "OUTPUT0", ((pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy() + self.add)
+                            * self.mul).astype(np.DTYPE))]) for r in requests]
+"""
+
+
+def model_config(name: str, *, add: float = 0, mul: float = 1, sleep: float = 0,
+                 dims: str = "-1", data_type: str = "TYPE_FP32") -> str:
+    return f"""
+        name: "{name}"
+        backend: "python"
+        max_batch_size: 0
+        input [ {{ name: "INPUT0", data_type: {data_type}, dims: [ {dims} ] }} ]
+        output [ {{ name: "OUTPUT0", data_type: {data_type}, dims: [ {dims} ] }} ]
+        parameters {{ key: "add" value: {{ string_value: "{add}" }} }}
+        parameters {{ key: "mul" value: {{ string_value: "{mul}" }} }}
+        parameters {{ key: "sleep" value: {{ string_value: "{sleep}" }} }}
+    """
+
+
+def write(repo: Path, name: str, config: str, model_py: str | None = None) -> None:
+    folder = repo / name
+    (folder / "1").mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(textwrap.dedent(config))
+    if model_py is not None:
+        (folder / "1" / "model.py").write_text(textwrap.dedent(model_py))
+
+
+def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+    ins = " ".join(f'input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
+    outs = " ".join(f'output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())
+    return f'{{ model_name: "{model}" model_version: -1 {ins} {outs} }}'
+
+
+def ensemble_config(name: str, steps: list[str], *, inputs: str = "IN", outputs: str = "OUT",
+                    data_type: str = "TYPE_FP32", dims: str = "-1") -> str:
+    ins = ", ".join(f'{{ name: "{n}", data_type: {data_type}, dims: [ {dims} ] }}'
+                    for n in inputs.split(","))
+    outs = ", ".join(f'{{ name: "{n}", data_type: TYPE_FP32, dims: [ -1 ] }}'
+                     for n in outputs.split(","))
+    return f"""
+        name: "{name}"
+        platform: "ensemble"
+        max_batch_size: 0
+        input [ {ins} ]
+        output [ {outs} ]
+        ensemble_scheduling {{ step [ {", ".join(steps)} ] }}
+    """
+
+
+def arithmetic(repo: Path, name: str, **kwargs: object) -> None:
+    dtype = "int32" if kwargs.get("data_type") == "TYPE_INT32" else "float32"
+    write(repo, name, model_config(name, **kwargs),  # type: ignore[arg-type]
+          ARITHMETIC_MODEL.replace("DTYPE", dtype))
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Iterator[Path]:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    arithmetic(repo, "pre", add=1)
+    arithmetic(repo, "mid", mul=2)
+    arithmetic(repo, "post", add=-3)
+    arithmetic(repo, "side", mul=10)
+    write(repo, "pipeline", ensemble_config("pipeline", [
+        step("post", {"INPUT0": "t2"}, {"OUTPUT0": "OUT"}),     # listed first, runs last
+        step("pre", {"INPUT0": "IN"}, {"OUTPUT0": "t1"}),
+        step("mid", {"INPUT0": "t1"}, {"OUTPUT0": "t2"}),
+        step("side", {"INPUT0": "t1"}, {"OUTPUT0": "SIDE"}),
+    ], outputs="OUT,SIDE"))
+    yield repo
+
+
+def infer(client: grpcclient.InferenceServerClient, model: str, data: np.ndarray,
+          outputs: list[str]) -> dict[str, np.ndarray]:
+    tensor = grpcclient.InferInput("IN", list(data.shape), "FP32")
+    tensor.set_data_from_numpy(data)
+    result = client.infer(model, [tensor])
+    return {name: result.as_numpy(name) for name in outputs}
+
+
+def explicit(start_server: StartServer, repo: Path) -> ServerProcess:
+    return start_server(None, "--model-control-mode", "explicit", repository=repo)
+
+
+def test_pipeline_ensemble_answers_and_loads_its_steps(start_server: StartServer,
+                                                      repository: Path) -> None:
+    server = explicit(start_server, repository)
+    client = grpcclient.InferenceServerClient(server.url)
+    client.load_model("pipeline")
+    for model in ("pre", "mid", "post", "side", "pipeline"):
+        assert client.is_model_ready(model), model
+    data = np.array([1.0, 2.5, -4.0], dtype=np.float32)
+    got = infer(client, "pipeline", data, ["OUT", "SIDE"])
+    np.testing.assert_allclose(got["OUT"], (data + 1) * 2 - 3)
+    np.testing.assert_allclose(got["SIDE"], (data + 1) * 10)
+    big = np.arange(100_000, dtype=np.float32)  # above the inline limit: through the arenas
+    np.testing.assert_allclose(infer(client, "pipeline", big, ["OUT"])["OUT"],
+                               (big + 1) * 2 - 3)
+
+    stats = client.get_inference_statistics("pipeline", as_json=True)["model_stats"][0]
+    assert int(stats["inference_count"]) == 2
+    assert int(stats["inference_stats"]["success"]["count"]) == 2
+    for model in ("pre", "mid", "post", "side"):
+        step_stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        assert int(step_stats["inference_stats"]["success"]["count"]) == 2, model
+
+    client.unload_model("mid")
+    deadline = time.monotonic() + 10
+    while client.is_model_ready("pipeline") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not client.is_model_ready("pipeline"), "ready although a composing model is gone"
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, "pipeline", data, ["OUT"])
+    assert "mid" in str(info.value.message())
+
+
+def test_independent_steps_run_in_parallel(start_server: StartServer, tmp_path: Path) -> None:
+    repo = tmp_path / "par"
+    repo.mkdir()
+    arithmetic(repo, "slow_a", add=1, sleep=1.0)
+    arithmetic(repo, "slow_b", add=2, sleep=1.0)
+    write(repo, "fan_out", ensemble_config("fan_out", [
+        step("slow_a", {"INPUT0": "IN"}, {"OUTPUT0": "A"}),
+        step("slow_b", {"INPUT0": "IN"}, {"OUTPUT0": "B"}),
+    ], outputs="A,B"))
+    server = start_server(None, repository=repo)
+    client = grpcclient.InferenceServerClient(server.url)
+    data = np.zeros(2, np.float32)
+    started = time.monotonic()
+    got = infer(client, "fan_out", data, ["A", "B"])
+    elapsed = time.monotonic() - started
+    np.testing.assert_allclose(got["A"], [1, 1])
+    np.testing.assert_allclose(got["B"], [2, 2])
+    assert elapsed < 1.8, f"two 1 s steps took {elapsed:.2f} s: not run in parallel"
+
+
+BAD_ENSEMBLES = {
+    "bad_unknown": (
+        [step("nowhere", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})],
+        {}, "ensemble 'bad_unknown' depends on 'nowhere' which has no loaded version"),
+    "bad_cycle": (
+        [step("pre", {"INPUT0": "t2"}, {"OUTPUT0": "t1"}),
+         step("mid", {"INPUT0": "t1"}, {"OUTPUT0": "t2"}),
+         step("post", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})],
+        {}, "ensemble tensor t1 is redundant as no data will be written to it for ensemble "
+            "bad_cycle"),
+    "bad_twice": (
+        [step("pre", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"}),
+         step("mid", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})],
+        {}, "ensemble tensor OUT can appear in an output map only once for ensemble bad_twice"),
+    "bad_unmapped_output": (
+        [step("pre", {"INPUT0": "IN"}, {"OUTPUT0": "t1"}),
+         step("mid", {"INPUT0": "t1"}, {"OUTPUT0": "OTHER"})],
+        {}, "must map ensemble output OUT for ensemble bad_unmapped_output"),
+    "bad_input_name": (
+        [step("pre", {"INPUT9": "IN"}, {"OUTPUT0": "OUT"})],
+        {}, "in ensemble bad_input_name, ensemble tensor IN is mapping to non-existing input "
+            "INPUT9 in model pre"),
+    "bad_dtype": (
+        [step("pre", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})],
+        {"data_type": "TYPE_INT32"},
+        "in ensemble bad_dtype, ensemble tensor IN: inconsistent data type: TYPE_INT32 is "
+        "inferred from model bad_dtype while TYPE_FP32 is inferred from model pre"),
+    "bad_shape": (
+        [step("fixed4", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})],
+        {"dims": "3"},
+        "in ensemble bad_shape, ensemble tensor IN: inconsistent shape: [3] is inferred from "
+        "model bad_shape while [4] is inferred from model fixed4"),
+}
+
+
+def test_ensemble_validation_errors(start_server: StartServer, repository: Path) -> None:
+    arithmetic(repository, "fixed4", dims="4")
+    for name, (steps, options, _) in BAD_ENSEMBLES.items():
+        write(repository, name, ensemble_config(name, steps, **options))  # type: ignore[arg-type]
+    server = explicit(start_server, repository)
+    client = grpcclient.InferenceServerClient(server.url)
+    for name, (_, _, expected) in BAD_ENSEMBLES.items():
+        with pytest.raises(InferenceServerException) as info:
+            client.load_model(name)
+        assert expected in str(info.value.message()), (name, info.value.message())
+        assert not client.is_model_ready(name)
+    client.load_model("pipeline")  # the good one still loads next to them
+    assert client.is_model_ready("pipeline")
+
+
+PICKY_MODEL = """
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            responses = []
+            for r in requests:
+                data = pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()
+                if (data < 0).any():
+                    responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        "negative values are not allowed")))
+                else:
+                    responses.append(pb_utils.InferenceResponse(
+                        output_tensors=[pb_utils.Tensor("OUTPUT0", data)]))
+            return responses
+"""
+
+
+def test_step_errors_and_bad_requests_get_tritons_texts(start_server: StartServer,
+                                                        repository: Path) -> None:
+    write(repository, "picky", model_config("picky"), PICKY_MODEL)
+    write(repository, "guarded", ensemble_config("guarded", [
+        step("pre", {"INPUT0": "IN"}, {"OUTPUT0": "t1"}),
+        step("picky", {"INPUT0": "t1"}, {"OUTPUT0": "OUT"}),
+    ]))
+    server = start_server(None, repository=repository)
+    client = grpcclient.InferenceServerClient(server.url)
+    np.testing.assert_allclose(infer(client, "guarded", np.array([1.0], np.float32),
+                                     ["OUT"])["OUT"], [2.0])
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, "guarded", np.array([-5.0], np.float32), ["OUT"])
+    assert "negative values are not allowed" in str(info.value.message())
+    wrong = grpcclient.InferInput("IN", [1], "INT32")
+    wrong.set_data_from_numpy(np.array([1], np.int32))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("guarded", [wrong])
+    assert str(info.value.message()) == ("inference input 'IN' data-type is 'INT32', but model "
+                                         "'guarded' expects 'FP32'")
+    stats = client.get_inference_statistics("guarded", as_json=True)["model_stats"][0]
+    assert int(stats["inference_stats"]["success"]["count"]) == 1
+    assert int(stats["inference_stats"]["fail"]["count"]) == 1
+    # The ensemble keeps serving after a failed step.
+    np.testing.assert_allclose(infer(client, "guarded", np.array([3.0], np.float32),
+                                     ["OUT"])["OUT"], [4.0])
+
+
+def test_ensemble_inputs_and_outputs_in_client_shared_memory(start_server: StartServer,
+                                                            repository: Path) -> None:
+    import tritonclient.utils.shared_memory as shm
+    server = start_server(None, repository=repository)
+    client = grpcclient.InferenceServerClient(server.url)
+    data = np.arange(50_000, dtype=np.float32)
+    size = data.nbytes
+    key = f"/shmserve_ens_test_{server.pid}"
+    handle = shm.create_shared_memory_region("ens", key, 3 * size, create_only=True)
+    try:
+        shm.set_shared_memory_region(handle, [data])
+        client.register_system_shared_memory("ens_region", key, 3 * size)
+        tensor = grpcclient.InferInput("IN", [data.size], "FP32")
+        tensor.set_shared_memory("ens_region", size)
+        out = grpcclient.InferRequestedOutput("OUT")
+        out.set_shared_memory("ens_region", size, offset=size)
+        side = grpcclient.InferRequestedOutput("SIDE")
+        side.set_shared_memory("ens_region", size, offset=2 * size)
+        client.infer("pipeline", [tensor], outputs=[out, side])
+        got = shm.get_contents_as_numpy(handle, np.float32, [data.size], offset=size)
+        np.testing.assert_allclose(got, (data + 1) * 2 - 3)
+        got_side = shm.get_contents_as_numpy(handle, np.float32, [data.size], offset=2 * size)
+        np.testing.assert_allclose(got_side, (data + 1) * 10)
+        client.unregister_system_shared_memory("ens_region")
+    finally:
+        shm.destroy_shared_memory_region(handle)

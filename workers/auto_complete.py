@@ -1,0 +1,39 @@
+"""Runs a python model's static ``auto_complete_config`` in a throwaway child of the fork server.
+
+The supervisor never imports user code (model files import torch and may do anything at import
+time); it forks this from the fork server (which has numpy and the python backend preloaded),
+sends the config, and reads back the completed config or the error. The child exits after one
+answer, so nothing the model imported outlives the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class AutoCompleteResult:
+    """The completed config (Triton's model_config JSON as a dict), or an error."""
+
+    config: dict[str, Any] | None
+    error_code: str = ""
+    error_message: str = ""
+
+
+def run_auto_complete(conn: Connection, config: dict[str, Any], model_file: str) -> None:
+    """The child's entry point: answer exactly once on ``conn``, then exit."""
+    from shmserve.workers.backend import BackendError
+    from shmserve.workers.backends.python import auto_complete_config, install_pb_utils
+    try:
+        install_pb_utils()
+        result = AutoCompleteResult(auto_complete_config(config, model_file))
+    except BackendError as exc:
+        result = AutoCompleteResult(None, exc.code, exc.message)
+    except BaseException as exc:  # anything the model did is reported, not raised
+        result = AutoCompleteResult(None, "INTERNAL", f"{type(exc).__name__}: {exc}")
+    try:
+        conn.send(result)
+    finally:
+        conn.close()
