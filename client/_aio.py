@@ -250,9 +250,18 @@ class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
                     stream.broken = error
                     queue.put_nowait(None)
                     return
-                queue.put_nowait(
-                    stream_result(index, request_id, model, future.result(), region_outputs))
+                # None (a final flag alone) still wakes the reader: the request is done.
+                queue.put_nowait(stream_result(index, request_id, model, future.result(),
+                                               region_outputs))
             return done
+
+        def partial(index: int, request_id: str, region_outputs: dict[str, np.ndarray]
+                    ) -> Callable[[dict[str, Any]], None]:
+            def more(reply: dict[str, Any]) -> None:
+                result = stream_result(index, request_id, model, reply, region_outputs)
+                if result is not None:
+                    queue.put_nowait(result)
+            return more
 
         async def produce() -> None:
             try:
@@ -260,8 +269,11 @@ class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
                     request_id, request = self._stream_request(
                         model, index, item, outputs, version, parameters, deadline,
                         channel.max_message)
+                    request.message["s"] = True  # may have several replies (decoupled)
                     try:
-                        sent_id, future = await channel.send(request.message, deadline)
+                        sent_id, future = await channel.send(
+                            request.message, deadline,
+                            partial(index, request_id, request.region_outputs))
                     except MessageTooLarge:
                         raise too_large(request.payload_bytes, channel.max_message,
                                         False) from None
@@ -293,7 +305,7 @@ class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
         finally:
             producer.cancel()
             for sent_id in stream.ids:
-                channel.forget(sent_id)
+                channel.cancel(sent_id)  # a request still open: cancelled
         if stream.failure is not None:
             raise stream.failure
 

@@ -185,12 +185,19 @@ class StreamResult:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     parameters: dict[str, ParameterValue | None] = field(default_factory=dict)
     error: ShmserveError | None = None
+    # The request's last answer. A decoupled model's request may have any number of answers
+    # (none, or an empty final one with the request parameter
+    # triton_enable_empty_final_response).
+    final: bool = True
 
     def unwrap(self) -> dict[str, np.ndarray]:
         """The outputs, or raise the request's error."""
         if self.error is not None:
             raise self.error
         return self.outputs
+
+
+FINAL_RESPONSE = "triton_final_response"
 
 
 class StreamBook:
@@ -226,13 +233,21 @@ class StreamBook:
 
     def read(self, data: bytes) -> StreamResult:
         error_message, header, raw = decode_stream_response(data)
+        flag = header.parameters.get(FINAL_RESPONSE)
+        final = flag is None or flag.bool_param
+        region_outputs: dict[str, np.ndarray]
         with self._lock:
             waiting = self._pending.get(header.id)
-            index, region_outputs = waiting.pop(0) if waiting else (-1, {})
-            if waiting is not None and not waiting:
-                del self._pending[header.id]
+            if not waiting:
+                index, region_outputs = -1, {}
+            elif final:
+                index, region_outputs = waiting.pop(0)
+                if not waiting:
+                    del self._pending[header.id]
+            else:  # more answers of this request follow
+                index, region_outputs = waiting[0]
         result = StreamResult(index, header.id, header.model_name or self.model,
-                              header.model_version)
+                              header.model_version, final=final)
         if error_message:
             result.error = ShmserveError(grpc.StatusCode.UNKNOWN, error_message)
             return result

@@ -500,13 +500,17 @@ def channel_gone(error: ShmserveError) -> bool:
 
 
 def stream_result(index: int, request_id: str, model: str, reply: dict[str, Any],
-                  region_outputs: dict[str, np.ndarray]) -> StreamResult:
-    """The answer of one stream request sent through the channel."""
+                  region_outputs: dict[str, np.ndarray]) -> StreamResult | None:
+    """The answer of one stream request sent through the channel (None: a decoupled
+    request's final flag alone, not to be shown)."""
+    final = not reply.get("more")
+    if "end" in reply:
+        return StreamResult(index, request_id, model, "") if reply.get("empty") else None
     if "err" in reply:
-        result = StreamResult(index, request_id, model, "")
+        result = StreamResult(index, request_id, model, "", final=final)
         result.error = stream_error(reply["err"])
         return result
-    result = StreamResult(index, request_id, model, reply["model_version"])
+    result = StreamResult(index, request_id, model, reply["model_version"], final=final)
     try:
         result.outputs = read_reply_outputs(reply["out"], region_outputs)
     except ShmserveError as exc:

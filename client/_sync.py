@@ -263,12 +263,15 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
                    ) -> Callback:
             def done(reply: dict[str, Any] | None, error: ShmserveError | None) -> None:
                 with stream.lock:
-                    stream.outstanding -= 1
                     if reply is None:
+                        stream.outstanding -= 1
                         stream.broken = error
                         return
-                    stream.results.append(
-                        stream_result(index, request_id, model, reply, region_outputs))
+                    if "more" not in reply:
+                        stream.outstanding -= 1
+                    result = stream_result(index, request_id, model, reply, region_outputs)
+                    if result is not None:
+                        stream.results.append(result)
             return done
 
         def produce() -> None:
@@ -279,6 +282,7 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
                     request_id, request = self._stream_request(
                         model, index, item, outputs, version, parameters, deadline,
                         channel.max_message)
+                    request.message["s"] = True  # may have several replies (decoupled)
                     with stream.lock:
                         stream.outstanding += 1
                     try:
@@ -315,7 +319,7 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
         finally:
             stream.stop = True
             for request_id in stream.ids:
-                channel.forget(request_id)
+                channel.cancel(request_id)  # a request still open: cancelled
         if stream.failure is not None:
             raise stream.failure
 

@@ -32,7 +32,7 @@ import msgpack
 
 from shmserve.client.errors import ShmserveError
 from shmserve.client.memfd_region import FdDoor
-from shmserve.protos.local_messages import DOORBELL, HANDSHAKE_LENGTH, client_hello
+from shmserve.protos.local_messages import DOORBELL, HANDSHAKE_LENGTH, OP_CANCEL, client_hello
 from shmserve.protos.local_ring import MessageTooLarge, Ring, RingFull, layout
 from shmserve.protos.local_socket import check_server
 
@@ -185,6 +185,16 @@ class _Channel:
         """Drop a request whose answer nobody waits for any more."""
         self._waiting.pop(request_id, None)
 
+    def cancel(self, request_id: int) -> None:
+        """Drop a request and tell the server (a stream closed early): it cancels it for
+        its model. Best effort: a closed or full channel is left alone."""
+        if self._waiting.pop(request_id, None) is None or self._closed:
+            return
+        self._send_cancel({"op": OP_CANCEL, "target": request_id})
+
+    def _send_cancel(self, message: dict[str, Any]) -> None:
+        raise NotImplementedError
+
 
 class LocalChannel(_Channel):
     """Thread-safe. No reader thread: a waiting caller becomes the reader (leader/follower),
@@ -275,6 +285,10 @@ class LocalChannel(_Channel):
                 self._fail_all(f"local channel to the server failed: {exc}")
                 self.notify()
         return request_id
+
+    def _send_cancel(self, message: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):  # never waits for room: best effort
+            self.submit(message, lambda reply, error: None, deadline=time.monotonic())
 
     def _put_when_room(self, data: bytes, deadline: float | None) -> None:
         """Backpressure: wait while the request ring is full (nothing is dropped)."""
@@ -374,7 +388,10 @@ class LocalChannel(_Channel):
             return
         for raw in self._responses.get_all():
             reply = msgpack.unpackb(raw, raw=False)
-            callback = self._waiting.pop(reply["id"], None)
+            if "more" in reply:  # a streamed request's reply that more follow
+                callback = self._waiting.get(reply["id"])
+            else:
+                callback = self._waiting.pop(reply["id"], None)
             if callback is not None:
                 callback(reply, None)
 
@@ -420,6 +437,8 @@ class AsyncLocalChannel(_Channel):
         self._ids = itertools.count(1)
         self._packer = msgpack.Packer(use_bin_type=True)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # Streamed requests' replies that more follow go here (``send(on_partial=...)``).
+        self._partials: dict[int, Callable[[dict[str, Any]], None]] = {}
         self._deadlines: dict[int, float] = {}  # request id -> loop time, for calls that have one
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -465,6 +484,14 @@ class AsyncLocalChannel(_Channel):
         try:
             for raw in self._responses.get_all():
                 reply = msgpack.unpackb(raw, raw=False)
+                if self._partials:
+                    if "more" in reply:  # a streamed request's reply that more follow
+                        on_partial = self._partials.get(reply["id"])
+                        if on_partial is not None:
+                            on_partial(reply)
+                            delivered = True
+                        continue
+                    self._partials.pop(reply["id"], None)
                 future = self._waiting.pop(reply["id"], None)
                 if future is not None and not future.done():
                     future.set_result(reply)
@@ -498,14 +525,31 @@ class AsyncLocalChannel(_Channel):
             if not future.done():
                 future.set_exception(_gone(reason))
 
-    async def send(self, message: dict[str, Any], deadline: float | None = None
+    def forget(self, request_id: int) -> None:
+        self._waiting.pop(request_id, None)
+        self._partials.pop(request_id, None)
+
+    def _send_cancel(self, message: dict[str, Any]) -> None:
+        try:
+            request_id, future, unsent = self._submit(message)
+        except Exception:
+            return
+        if unsent is not None:  # the ring is full: not worth waiting for
+            self._waiting.pop(request_id, None)
+            future.cancel()
+
+    async def send(self, message: dict[str, Any], deadline: float | None = None,
+                   on_partial: Callable[[dict[str, Any]], None] | None = None
                    ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
-        """Publish ``message``; the future gets the reply (a refusal carries "err").
+        """Publish ``message``; the future gets the reply (a refusal carries "err"), and
+        ``on_partial`` the replies before it of a streamed request (``"more"``).
 
         Raises MessageTooLarge (nothing sent), UNAVAILABLE when the channel is closed, and
         DEADLINE_EXCEEDED when the ring stays full past ``deadline`` (time.monotonic()).
         """
         request_id, future, unsent = self._submit(message)
+        if on_partial is not None:
+            self._partials[request_id] = on_partial
         if unsent is not None:
             await self._put_when_room(request_id, unsent, deadline)
         return request_id, future

@@ -35,14 +35,16 @@ class Core:
         self._idle.set()
 
     def submit(self, model_name: str, version: str, parse: Callable[[], RequestItems],
-               reply: Reply) -> InferRequest:
+               reply: Reply, streaming: bool = False) -> InferRequest:
         """Every door's way in: resolve the model, ``parse`` the door's message (after the
         model is known, so its errors come in Triton's order), validate and queue it. The
-        scheduler answers through ``reply``. Raises ServeError (nothing was queued then)."""
+        scheduler answers through ``reply``; a door whose ``reply`` takes several responses
+        (``streaming``) may send to decoupled models. Raises ServeError (nothing was queued
+        then)."""
         if self.exiting:
             raise unavailable(SERVER_EXITING)
         model = self.models.resolve(model_name, version)
-        if model.config.model_transaction_policy.decoupled:
+        if not streaming and model.config.model_transaction_policy.decoupled:
             raise unimplemented(f"ModelInfer RPC doesn't support models with decoupled "
                                 f"transaction policy; use ModelStreamInfer for model "
                                 f"'{model.name}'")

@@ -45,8 +45,10 @@ from shmserve.workers.protocol import (
     INLINE_LIMIT,
     RESULT_ANSWERED,
     RESULT_OK,
+    RESULT_STREAMING,
     SYSTEM,
     Done,
+    Partial,
     Report,
     TensorRef,
     WorkerSpec,
@@ -71,6 +73,7 @@ class WorkerHandle(DirectTarget, Protocol):
 
     pid: int | None
     unresponsive: bool  # its heartbeat is late: it does not count as serving
+    on_partial: Callable[[list[Any]], None] | None  # decoupled models' Partial frames
     report: Report | None  # the model's own readiness and custom metrics
 
     @property
@@ -83,7 +86,7 @@ class WorkerHandle(DirectTarget, Protocol):
     def execute(self, requests: list[list[Any]], lane: int, each: bool,
                 on_done: DoneCallback) -> int: ...
 
-    def withdraw(self, batch_id: int, index: int) -> None: ...
+    def withdraw(self, batch_id: int, index: int, streaming: bool = False) -> None: ...
 
     def release_regions(self, region_ids: list[int]) -> None: ...
 
@@ -102,6 +105,9 @@ class DispatchOwner(Protocol):
                result: list[OutputTensor] | BaseException | None) -> None: ...
 
     def executed(self, batch_size: int, requests: int, timings: list[int]) -> None: ...
+
+    def respond(self, request: InferRequest, result: list[OutputTensor] | ServeError | None,
+                final: bool) -> None: ...
 
     def dispatch(self) -> None: ...
 
@@ -154,6 +160,8 @@ class InstanceSlot:
         self.output_grown = False  # the worker's output arena grew past its initial size
         self.frames_done = 0       # frames answered; unchanged over a period = idle
         self.frames_seen = 0       # frames_done at the last idle check
+        # Decoupled requests sent and not final yet, by (frame id, index in the frame).
+        self.streams: dict[tuple[int, int], InferRequest] = {}
 
     def add_lanes(self, lanes: int) -> None:
         """Up to ``lanes`` frames in flight: a worker whose backend runs executions
@@ -209,8 +217,10 @@ class Dispatcher:
     def __init__(self, model: str, plans: list[InstancePlan],
                  make_spec: Callable[[InstancePlan, str, int], WorkerSpec],
                  settings: Settings, supervisor_pid: int, worker_factory: WorkerFactory,
-                 owner: DispatchOwner, limits: WorkerLimits | None = None) -> None:
+                 owner: DispatchOwner, limits: WorkerLimits | None = None,
+                 decoupled: bool = False) -> None:
         self.model = model
+        self.decoupled = decoupled
         self._make_spec = make_spec
         self._settings = settings
         self.limits = limits if limits is not None else limits_for(settings, {})
@@ -254,6 +264,8 @@ class Dispatcher:
         worker = self._new_worker(spec, slot.plan.name,
                                   lambda w, reason: self._on_worker_exit(slot, w, reason))
         slot.worker = worker
+        if self.decoupled:
+            worker.on_partial = lambda frame: self._on_partial(slot, worker, frame)
         slot.output_reader.close()
         slot.served = False
         await worker.start(self.limits)
@@ -289,8 +301,8 @@ class Dispatcher:
 
     @property
     def busy(self) -> bool:
-        """Some frame is in flight."""
-        return any(slot.inflight for slot in self.slots)
+        """Some frame is in flight, or a decoupled request is still open."""
+        return any(slot.inflight or slot.streams for slot in self.slots)
 
     def release_regions(self, region_ids: list[int]) -> None:
         for slot in self.slots:
@@ -312,12 +324,23 @@ class Dispatcher:
     def free_instances(self) -> int:
         return sum(1 for slot in self.slots if slot.free_lanes and slot.alive)
 
-    @staticmethod
-    def withdraw(request: InferRequest) -> None:
-        """A request sent ahead whose caller gave up: the worker skips it if not started."""
-        if request.sent is not None:
-            worker, batch_id, index = request.sent
+    def withdraw(self, request: InferRequest) -> None:
+        """A request sent ahead whose caller gave up: the worker skips it if not started.
+        A decoupled request is over at once (its regions released): the model sees
+        is_cancelled(), and what it still sends is dropped."""
+        if request.sent is None:
+            return
+        worker, batch_id, index = request.sent
+        if not self.decoupled:
             worker.withdraw(batch_id, index)
+            return
+        worker.withdraw(batch_id, index, streaming=True)
+        for slot in self.slots:
+            if slot.streams.get((batch_id, index)) is request:
+                del slot.streams[(batch_id, index)]
+        if not request.done:
+            self._owner.finish(request, unavailable("request cancelled by the client"))
+        self._owner.dispatch()  # (the version may be idle now)
 
     def send(self, slot: InstanceSlot, batch: list[InferRequest], each: bool) -> None:
         """Stage ``batch`` into a free lane of ``slot`` and send it as one frame."""
@@ -334,10 +357,13 @@ class Dispatcher:
                 self._owner.finish(request, error)
             self._owner.dispatch()
             return
+        on_done = self._on_done_streams if self.decoupled else self._on_done
         batch_id = worker.execute(
-            frames, lane, each, lambda result: self._on_done(slot, worker, lane, batch, result))
+            frames, lane, each, lambda result: on_done(slot, worker, lane, batch, result))
         for index, request in enumerate(batch):
             request.sent = (worker, batch_id, index)
+            if self.decoupled and not request.done:
+                slot.streams[(batch_id, index)] = request
 
     def _frames(self, arena: Arena, batch: list[InferRequest], worker: WorkerHandle
                 ) -> list[list[Any]]:
@@ -413,6 +439,70 @@ class Dispatcher:
         slot.frames_done += 1
         self._owner.dispatch()
 
+    def _on_done_streams(self, slot: InstanceSlot, worker: WorkerHandle, lane: int,
+                         batch: list[InferRequest], result: Done | BaseException) -> None:
+        """Done of a decoupled model's frame: a request answered STREAMING stays open until
+        its final Partial (which may have come already); any other result ends it."""
+        finish = self._owner.finish
+        answers: list[Any] = ([None] * len(batch) if isinstance(result, BaseException)
+                              else result.results)
+        for request, answer in zip(batch, answers, strict=True):
+            if request.done:
+                continue
+            if answer is not None and answer[0] == RESULT_STREAMING:
+                continue
+            if request.sent is not None:
+                slot.streams.pop(request.sent[1:], None)
+            if answer is None:
+                assert isinstance(result, BaseException)
+                finish(request, result)
+            elif answer[0] == RESULT_OK:
+                try:
+                    finish(request, [self._read_output(slot, raw) for raw in answer[1]])
+                except OSError as exc:
+                    finish(request, unavailable(f"failed to read outputs: {exc}"))
+            else:
+                finish(request, ServeError.from_tuple((answer[1], answer[2])))
+        if not isinstance(result, BaseException):
+            slot.served = True
+            for indices, *timings in result.executions:
+                self._owner.executed(sum(batch[i].batch_size for i in indices), len(indices),
+                                     timings)
+        if slot.worker is worker:
+            slot.free_lanes.append(lane)
+        slot.frames_done += 1
+        self._owner.dispatch()
+
+    def _on_partial(self, slot: InstanceSlot, worker: WorkerHandle, frame: list[Any]) -> None:
+        """One response of a decoupled request, from the worker."""
+        partial = Partial.unpack(frame)
+        key = (partial.batch, partial.index)
+        request = slot.streams.get(key)
+        if request is None or request.sent is None or request.sent[0] is not worker:
+            return  # cancelled, or already ended (the worker's late words)
+        if partial.final:
+            del slot.streams[key]
+        answer = partial.result
+        response: list[OutputTensor] | ServeError | None = None
+        if answer is not None:
+            if answer[0] == RESULT_OK:
+                try:
+                    response = [self._read_output(slot, raw) for raw in answer[1]]
+                except OSError as exc:
+                    response = unavailable(f"failed to read outputs: {exc}")
+            else:
+                response = ServeError.from_tuple((answer[1], answer[2]))
+        self._owner.respond(request, response, partial.final)
+
+    def _fail_streams(self, slot: InstanceSlot, worker: WorkerHandle, reason: str) -> None:
+        """The worker is gone: its decoupled requests still open end with an error."""
+        for key, request in list(slot.streams.items()):
+            if request.sent is not None and request.sent[0] is worker:
+                del slot.streams[key]
+                self._owner.finish(request, unavailable(
+                    f"worker for model instance '{slot.plan.name}' {reason} while the "
+                    f"request's responses were being sent; the request is ended"))
+
     def _read_output(self, slot: InstanceSlot, raw: list[Any]) -> OutputTensor:
         if raw[3] == INLINE:  # the common small case, read off the packed TensorRef
             return OutputTensor(raw[0], raw[1], raw[2], raw[4])
@@ -427,6 +517,8 @@ class Dispatcher:
 
     # --- worker death -------------------------------------------------------------------
     def _on_worker_exit(self, slot: InstanceSlot, worker: WorkerHandle, reason: str) -> None:
+        if slot.streams:
+            self._fail_streams(slot, worker, reason)
         if slot.worker is not worker or self.closing or not worker.became_ready:
             return
         slot.free_lanes = list(range(slot.lanes))

@@ -63,6 +63,9 @@ def render(models: ModelManager, registry: ShmRegistry | None = None) -> str:
            per_version(lambda stats: stats.inference_count))
     family("nv_inference_exec_count", "Number of model executions performed", "counter",
            per_version(lambda stats: stats.execution_count))
+    family("shmserve_inference_response_count", "Responses sent by decoupled models (each "
+           "request may have any number)", "counter",
+           per_version(lambda stats: stats.responses))
     family("nv_inference_pending_request_count", "Instantaneous number of pending requests",
            "gauge", per_version(lambda stats: max(stats.pending, 0)))
     for name, help_text, field in _DURATIONS:

@@ -578,7 +578,8 @@ class ModelManager:
         batching = config.dynamic_batching if config.HasField("dynamic_batching") else None
         scheduler = Scheduler(name, version, config.max_batch_size, batching,
                               plan_instances(config), make_spec, settings, self._supervisor_pid,
-                              self._on_request_finished, WorkerProcess, limits)
+                              self._on_request_finished, WorkerProcess, limits,
+                              decoupled=config.model_transaction_policy.decoupled)
         return ModelVersion(name, version, config, scheduler)
 
     # --- unload -------------------------------------------------------------------------

@@ -217,6 +217,13 @@ def _fill_statistics(target: pb.ModelStatistics, name: str, version: int, stats:
         source = getattr(stats, field)
         getattr(inference, field).count = source.count
         getattr(inference, field).ns = source.ns
+    for index, response in sorted(stats.response_stats.items()):
+        entry = target.response_stats[str(index)]
+        for field in ("compute_infer", "compute_output", "success", "fail", "empty_response",
+                      "cancel"):
+            source = getattr(response, field)
+            getattr(entry, field).count = source.count
+            getattr(entry, field).ns = source.ns
     for size, batch in sorted(stats.batches.items()):
         entry = target.batch_stats.add(batch_size=size)
         for field in ("compute_input", "compute_infer", "compute_output"):

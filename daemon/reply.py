@@ -1,10 +1,11 @@
 """How a door answers a request: one reply object per request, handed to the core with it.
 
 The core calls ``send`` with a response (the request's outputs) and ``final`` set on the
-last one, or ``fail`` with the error; a request may carry several responses (streaming),
-the unary doors take exactly one. A door whose client a worker can answer itself (the local
-channel) overrides ``direct_tag``; the dispatcher then calls ``answered_directly`` instead of
-``send`` for a request the worker answered.
+last one, or ``fail`` with the error; a request of a decoupled model may carry any number of
+responses and error responses (``send_error``), and its final flag may come alone
+(``end``). The unary doors take exactly one response. A door whose client a worker can
+answer itself (the local channel) overrides ``direct_tag``; the dispatcher then calls
+``answered_directly`` instead of ``send`` for a request the worker answered.
 """
 
 from __future__ import annotations
@@ -41,8 +42,20 @@ class Reply:
     def send(self, response: list[OutputTensor], final: bool) -> None:
         raise NotImplementedError
 
+    def end(self) -> None:
+        """A decoupled request's final flag, alone (no response with it). Doors that take
+        one response never see it: the request ended without one."""
+        from shmserve.daemon.errors import internal
+        self.fail(internal("the model sent no response for the request"))
+
     def fail(self, error: ServeError) -> None:
+        """The request failed: no response follows."""
         raise NotImplementedError
+
+    def send_error(self, error: ServeError, final: bool) -> None:
+        """An error response of a decoupled request; more may follow unless ``final``.
+        Doors that take one response treat it as the failure."""
+        self.fail(error)
 
     def direct_tag(self, worker: DirectTarget) -> list[int] | None:
         """The tag ``worker`` answers this request under, or None: the dispatcher answers."""

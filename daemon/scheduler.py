@@ -35,7 +35,8 @@ class Scheduler:
                  make_spec: Callable[[InstancePlan, str, int], WorkerSpec],
                  settings: Settings, supervisor_pid: int,
                  on_finished: Callable[[InferRequest], None],
-                 worker_factory: WorkerFactory, limits: WorkerLimits | None = None) -> None:
+                 worker_factory: WorkerFactory, limits: WorkerLimits | None = None,
+                 decoupled: bool = False) -> None:
         self.model = model
         self.version = version
         self.stats = ModelStats()
@@ -44,10 +45,12 @@ class Scheduler:
                            if batching is not None else 0)
         self._on_finished = on_finished  # the core's accounting, once per request
         self._dispatcher = Dispatcher(model, plans, make_spec, settings, supervisor_pid,
-                                      worker_factory, self, limits)
+                                      worker_factory, self, limits, decoupled)
         self._queue: deque[InferRequest] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._abandoned = 0
+        # Decoupled requests that responded: (responses so far, when the last one came).
+        self._responded: dict[int, tuple[int, int]] = {}
         self._dispatch_scheduled = False
         self._closing = False
         self._idle = asyncio.Event()
@@ -180,6 +183,8 @@ class Scheduler:
         worker answered it directly), unless its caller gave up."""
         ok = not isinstance(result, BaseException)
         self.stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
+        if self._responded:
+            self._responded.pop(id(request), None)
         self._on_finished(request)
         if request.cancelled:
             return
@@ -194,6 +199,37 @@ class Scheduler:
                 reply.fail(internal(f"{type(result).__name__}: {result}"))
             else:
                 reply.send(result, True)
+        except Exception:
+            log.exception("answering a request failed")
+
+    def respond(self, request: InferRequest, result: list[OutputTensor] | ServeError | None,
+                final: bool) -> None:
+        """One response of a decoupled request (``None``: only the final flag); the final one
+        completes it."""
+        now = time.perf_counter_ns()
+        index, since = self._responded.get(id(request), (0, request.received_ns))
+        kind = ("empty_response" if result is None
+                else "fail" if isinstance(result, ServeError) else "success")
+        self.stats.record_response(index, kind, now - since)
+        if final:
+            self._responded.pop(id(request), None)
+        else:
+            self._responded[id(request)] = (index + 1, now)
+        if final:
+            ok = not isinstance(result, ServeError)
+            self.stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
+            self._on_finished(request)
+            self.dispatch()  # an open request less: the version may be idle (unload drains)
+        if request.cancelled:
+            return
+        reply = request.reply
+        try:
+            if result is None:
+                reply.end()
+            elif isinstance(result, ServeError):
+                reply.send_error(result, final)
+            else:
+                reply.send(result, final)
         except Exception:
             log.exception("answering a request failed")
 

@@ -24,6 +24,20 @@ class BatchStat:
 
 
 @dataclass(slots=True)
+class ResponseStat:
+    """Triton's InferResponseStatistics for the k-th response of decoupled requests. The
+    worker does not time a response's infer and output apart: ``compute_infer`` and
+    ``success`` hold the time since the request's previous response (or since it arrived)."""
+
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    empty_response: Duration = field(default_factory=Duration)
+    cancel: Duration = field(default_factory=Duration)
+
+
+@dataclass(slots=True)
 class ModelStats:
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
@@ -35,7 +49,22 @@ class ModelStats:
     execution_count: int = 0
     last_inference_ms: int = 0
     pending: int = 0
+    responses: int = 0  # responses sent by decoupled models (unary answers not counted)
     batches: dict[int, BatchStat] = field(default_factory=dict)
+    response_stats: dict[int, ResponseStat] = field(default_factory=dict)
+
+    def record_response(self, index: int, kind: str, duration_ns: int) -> None:
+        """The ``index``-th response of a decoupled request: kind success, fail or
+        empty_response (the final flag alone)."""
+        stat = self.response_stats.get(index)
+        if stat is None:
+            stat = self.response_stats[index] = ResponseStat()
+        getattr(stat, kind).add(duration_ns)
+        if kind == "success":
+            stat.compute_infer.add(duration_ns)
+            stat.compute_output.add(0)
+        if kind != "empty_response":
+            self.responses += 1
 
     def record_batch(self, batch_size: int, requests: int, timings: list[int]) -> None:
         compute_input, compute_infer, compute_output = timings

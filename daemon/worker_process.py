@@ -89,6 +89,8 @@ class WorkerProcess:
         self._head_since = 0.0              # when the oldest batch in flight began executing
         self._kill_reason: str | None = None  # why the supervisor killed it, if it did
         self.unresponsive = False           # heartbeat late: not serving, about to be killed
+        # Decoupled models' responses (Partial frames) go here (set by the dispatcher).
+        self.on_partial: Callable[[list[Any]], None] | None = None
         self.report: protocol.Report | None = None  # the model's last word on itself
         self.pid: int | None = None
         self.concurrency = 1                # frames it takes at once (its Ready says)
@@ -207,10 +209,12 @@ class WorkerProcess:
         self._send([protocol.EXEC, batch_id, requests, lane, each])
         return batch_id
 
-    def withdraw(self, batch_id: int, index: int) -> None:
+    def withdraw(self, batch_id: int, index: int, streaming: bool = False) -> None:
         """The caller of request ``index`` of a sent batch gave up: the worker skips it unless
-        it already started (it still answers for it, so its regions stay pinned till then)."""
-        if batch_id in self._inflight:
+        it already started (it still answers for it, so its regions stay pinned till then).
+        A decoupled request (``streaming``) is cancelled for its model even after its frame
+        was answered."""
+        if batch_id in self._inflight or (streaming and not self._exited):
             self._send(protocol.Cancel(batch_id, index).pack())
 
     def attach_channel(self, channel_id: int, memfd: int, client_socket: int,
@@ -277,6 +281,12 @@ class WorkerProcess:
                 self._head_since = time.monotonic()  # the next batch starts now
             if on_done is not None:
                 _settle(on_done, done)
+        elif kind == protocol.PARTIAL:
+            if self.on_partial is not None:
+                try:
+                    self.on_partial(frame)
+                except Exception:
+                    log.exception("handling a worker's partial response failed")
         elif kind == protocol.PONG:
             self._last_pong = time.monotonic()
             if self.unresponsive:

@@ -21,7 +21,8 @@ Requests (client -> server, request ring); every one carries ``"id"`` (the clien
 echoed in the reply) and ``"op"``:
 
     infer       "model", "version", "rid" (request id), "in", "out", "p" (parameters),
-                "t" (deadline in seconds, optional)
+                "t" (deadline in seconds, optional), "s" (True: a stream's request,
+                which may have several replies: decoupled models)
                 "in":  [name, datatype, shape, INPUT_REGION, region, offset, byte size]
                        or [name, datatype, shape, INPUT_BYTES, bytes]
                 "out": [name] or [name, region, offset, byte size]
@@ -32,6 +33,8 @@ echoed in the reply) and ``"op"``:
     status      "name" ("" = all)
     ping
     hello       "direct": True -- the client reads the direct rings (``client_hello``)
+    cancel      "target": the id of a request the client gave up (a stream closed early):
+                it is dropped or cancelled for its model, and gets no further reply
 
 Replies (server or worker -> client, response ring or a direct ring):
 
@@ -40,6 +43,11 @@ Replies (server or worker -> client, response ring or a direct ring):
     status      {"id", "regions": [[name, key, offset, byte size], ...]}
     others      {"id"}
     refused     {"id", "err": [grpc status code name, message]}  (``error_reply``)
+
+A streamed request ("s") of a decoupled model has any number of replies: those with
+``"more": True`` (an infer reply or an error reply) are followed by others; the last is an
+infer or error reply without "more", or ``{"id", "end": True, "empty": bool}`` (the final flag
+alone; "empty": the request asked for an empty final response).
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ OP_UNREGISTER = "unregister"
 OP_STATUS = "status"
 OP_PING = "ping"
 OP_HELLO = "hello"
+OP_CANCEL = "cancel"
 
 INPUT_REGION = "r"   # the input's bytes lie in a registered region
 INPUT_BYTES = "b"    # the bytes travel in the message (the server reads any marker but "r" so)
@@ -87,6 +96,11 @@ def infer_reply(request_id: int, model_version: str, outputs: list[list[Any]]
 
 def error_reply(request_id: int, code: str, message: str) -> dict[str, Any]:
     return {"id": request_id, "err": [code, message]}
+
+
+def end_reply(request_id: int, empty: bool) -> dict[str, Any]:
+    """A streamed request's final flag alone (``empty``: show it as an empty response)."""
+    return {"id": request_id, "end": True, "empty": empty}
 
 
 def status_reply(request_id: int, regions: list[list[Any]]) -> dict[str, Any]:

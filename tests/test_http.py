@@ -367,8 +367,11 @@ def test_generate(server: ServerProcess,
     with pytest.raises(InferenceServerException) as over_grpc:
         grpc_client.infer("simple", rpc_inputs[:1])
     assert status == 400 and _error(answer) == over_grpc.value.message()
-    status, _, answer = _raw(server, "POST", "/v2/models/simple/generate_stream", b"{}")
-    assert status == 501 and "generate_stream" in _error(answer)
+    status, headers, answer = _raw(server, "POST", "/v2/models/simple/generate_stream",
+                                   json.dumps(body).encode())
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    assert answer.startswith(b"data: ") and answer.endswith(b"\n\n")
+    assert json.loads(answer[len(b"data: "):])["OUTPUT0"] == [i + 2 for i in range(16)]
 
 
 # --- repository, logging, trace ----------------------------------------------------------------

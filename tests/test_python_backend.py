@@ -75,6 +75,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "execute_raises": config("execute_raises", **FP32_IO),
     "init_raises": config("init_raises", **FP32_IO),
     "no_class": config("no_class", **FP32_IO),
+    "decoupled_echo": config(
+        "decoupled_echo", [tensor("INPUT0", "TYPE_FP32", [-1])],
+        [tensor("OUTPUT0", "TYPE_FP32", [-1])], model_transaction_policy={"decoupled": True}),
+    "sender_answers": config(
+        "sender_answers", [tensor("INPUT0", "TYPE_FP32", [1])],
+        [tensor("OUTPUT0", "TYPE_FP32", [1])]),
     "identity": config(
         "identity", [tensor("INPUT0", "TYPE_FP32", [-1])], [tensor("OUTPUT0", "TYPE_FP32", [-1])]),
     "bad_return": config(
@@ -331,13 +337,63 @@ def test_bls_outside_a_worker_is_an_error_response(load: Loaded) -> None:
     assert "BLS is not available in this process" in error.message
 
 
-def test_decoupled_models_are_rejected() -> None:
-    model = model_spec("simple", {**CONFIGS["simple"],
-                                  "model_transaction_policy": {"decoupled": True}})
-    with pytest.raises(BackendError) as info:
-        PythonBackend().model_initialize(model)
-    assert info.value.code == "UNIMPLEMENTED"
-    assert "decoupled" in info.value.message
+def test_decoupled_model_answers_through_its_requests_sinks(load: Loaded) -> None:
+    """A decoupled model gets a sender per request, wired to the request's sink; execute
+    answers each request as streamed."""
+    backend = load("decoupled_echo")
+    sink = _ListSink()
+    item = request({"INPUT0": np.array([3.0], dtype=np.float32)})
+    item.sink = sink
+    (response,) = backend.execute([item])
+    assert response.streamed
+    assert [(r.outputs["OUTPUT0"].tolist() if r else None, final) for r, final in sink.sent] \
+        == [([3.0], False), ([3.0], False), (None, True)]
+
+
+class _ListSink:
+    def __init__(self) -> None:
+        self.sent: list[tuple[Response | None, bool]] = []
+
+    def send(self, response: Response | None, final: bool) -> None:
+        self.sent.append((response, final))
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+def test_non_decoupled_model_may_answer_through_response_senders(load: Loaded) -> None:
+    backend = load("sender_answers")
+    first, second = backend.execute([request({"INPUT0": np.array([1.0], dtype=np.float32)}),
+                                     request({"INPUT0": np.array([2.0], dtype=np.float32)})])
+    assert ok(first)["OUTPUT0"].tolist() == [2.0]
+    assert ok(second)["OUTPUT0"].tolist() == [4.0]  # sent from a thread after execute
+
+
+def test_response_sender_texts_are_tritons() -> None:
+    sent: list[Any] = []
+    sender = pb_utils.InferenceResponseSender(lambda r, f: sent.append((r, f)))
+    with pytest.raises(pb_utils.TritonModelException) as info:
+        sender.send()
+    assert str(info.value) == ("Inference Response object must be provided when the response "
+                               "flags is set to zero.")
+    with pytest.raises(pb_utils.TritonModelException) as info:
+        sender.send(pb_utils.InferenceResponse(), flags=4)
+    assert str(info.value) == "Unable to send response. Unsupported flag provided."
+    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    with pytest.raises(pb_utils.TritonModelException) as info:
+        sender.send(pb_utils.InferenceResponse())
+    assert str(info.value) == "Unable to send response. Response sender has been closed."
+    assert sent == [(None, True)]
+    plain = pb_utils.InferenceResponseSender(None, decoupled=False)
+    with pytest.raises(pb_utils.TritonModelException) as info:
+        plain.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    assert str(info.value) == ("Unable to send response. Non-decoupled model cannot send "
+                               "complete final before sending a response.")
+    plain.send(pb_utils.InferenceResponse())
+    with pytest.raises(pb_utils.TritonModelException) as info:
+        plain.send(pb_utils.InferenceResponse(), pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    assert str(info.value) == ("Unable to send response. Non-decoupled model cannot send more "
+                               "than one response.")
 
 
 def test_execute_before_initialize_is_an_error_not_a_crash() -> None:
@@ -567,10 +623,6 @@ def test_triton_error_codes() -> None:
 
 
 def test_unsupported_features_say_so() -> None:
-    incoming = pb_utils.InferenceRequest._from_backend(
-        "id", 0, {"A": np.zeros(1)}, ["B"], {}, "m", 1)
-    with pytest.raises(pb_utils.TritonModelException, match="decoupled"):
-        incoming.get_response_sender()
     bls = pb_utils.InferenceRequest(model_name="other", requested_output_names=["B"],
                                     inputs=[pb_utils.Tensor("A", np.zeros(1))])
     with pytest.raises(pb_utils.TritonModelException, match="decoupled BLS responses are "

@@ -8,7 +8,9 @@ A worker process hosts exactly one model instance. It calls, in order:
 ``execute`` is never called concurrently within a worker; instances run in parallel in their own
 processes. A backend raises :class:`BackendError` (or any exception) from an initialize hook to
 fail the load, and returns one :class:`Response` per request from ``execute`` -- a response with
-``error`` set fails only that request.
+``error`` set fails only that request. For a decoupled model each request carries a ``sink``
+and the backend answers through it (any number of responses, the last one final), returning
+``Response(streamed=True)`` for it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Protocol
 
 ENTRY_POINT_GROUP = "shmserve.backends"
 
@@ -57,6 +59,15 @@ class InstanceSpec:
     index: int                    # instance number within the model
 
 
+class ResponseSink(Protocol):
+    """Where a decoupled model's responses for one request go (any thread, any time until
+    the final one): ``send(None, True)`` only closes the request."""
+
+    def send(self, response: Response | None, final: bool) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
 @dataclass(slots=True)
 class Request:
     """One inference request as a backend sees it.
@@ -71,12 +82,15 @@ class Request:
     requested_outputs: list[str]
     parameters: dict[str, Any] = field(default_factory=dict)
     correlation_id: int | str = 0
+    sink: ResponseSink | None = None  # set for decoupled models: responses go there
 
 
 @dataclass(slots=True)
 class Response:
     outputs: dict[str, Any] = field(default_factory=dict)   # name -> np.ndarray (or torch tensor)
     error: BackendError | None = None
+    # The request is answered through its sink (decoupled), not by this response.
+    streamed: bool = False
 
 
 class Backend:

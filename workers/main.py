@@ -109,6 +109,13 @@ class WorkerHost:
         self._direct = DirectAnswers(fd_socket)
         self._fd_socket = fd_socket
         self._model_version = str(spec.model.version)
+        policy = spec.model.config.get("model_transaction_policy") or {}
+        self._decoupled = bool(policy.get("decoupled", False))
+        self._streams: dict[tuple[int, int], StreamSink] = {}  # decoupled requests not final
+        self._unpacker = protocol.new_unpacker()
+        self._pending: deque[list[Any]] = deque()
+        self._executing = False
+        self._main_thread = threading.get_ident()
 
     def send(self, frame: list[Any]) -> None:
         data = protocol.encode(frame)
@@ -197,8 +204,8 @@ class WorkerHost:
         """Frames are handled in order, except that before each batch runs the frames already
         waiting are read: control frames among them (cancel, release, ping) take effect
         first, so a request withdrawn while it waited behind another batch is skipped."""
-        unpacker = protocol.new_unpacker()
-        pending: deque[list[Any]] = deque()
+        unpacker = self._unpacker
+        pending = self._pending
         just_read = False  # the socket was just drained: nothing can have waited since
         while True:
             if not pending:
@@ -215,7 +222,12 @@ class WorkerHost:
             if kind == protocol.EXEC:
                 self._absorb(unpacker, pending, read_socket=not just_read)
                 just_read = False
-                self.send(self._execute(protocol.Exec.unpack(frame)))
+                self._executing = True
+                try:
+                    done = self._execute(protocol.Exec.unpack(frame))
+                finally:
+                    self._executing = False
+                self.send(done)
             elif kind == protocol.STOP:
                 return
             else:
@@ -269,7 +281,10 @@ class WorkerHost:
         kind = frame[0]
         if kind == protocol.CANCEL:
             cancel = protocol.Cancel.unpack(frame)
-            if cancel.batch > self._last_batch:
+            stream = self._streams.get((cancel.batch, cancel.index))
+            if stream is not None:
+                stream.cancelled = True
+            elif cancel.batch > self._last_batch:
                 self._cancelled.add((cancel.batch, cancel.index))
         elif kind == protocol.RELEASE:
             for region_id in protocol.Release.unpack(frame).region_ids:
@@ -367,6 +382,9 @@ class WorkerHost:
         infer_done = time.perf_counter_ns()
         exec_requests, results, ready = run.exec_requests, run.results, run.ready
         for position, response in zip(positions, responses, strict=True):
+            if response.streamed:  # answered through Partial frames (decoupled)
+                results[position] = protocol.STREAMING
+                continue
             try:
                 outputs = self._prepare_outputs(response, exec_requests[position].outputs)
             except BackendError as exc:
@@ -426,8 +444,13 @@ class WorkerHost:
             except BackendError as exc:
                 results[index] = protocol.error_result(exc.code, exc.message)
                 continue
-            requests.append(Request(raw.request_id, inputs, [o[0] for o in raw.outputs],
-                                    raw.parameters or {}, raw.correlation_id))
+            request = Request(raw.request_id, inputs, [o[0] for o in raw.outputs],
+                              raw.parameters or {}, raw.correlation_id)
+            if self._decoupled:
+                sink = StreamSink(self, batch_id, index, raw.outputs)
+                self._streams[(batch_id, index)] = sink
+                request.sink = sink
+            requests.append(request)
             positions.append(index)
         return requests, positions
 
@@ -443,6 +466,28 @@ class WorkerHost:
         if self._direct.deliver(tag, self._model_version, refs):
             return protocol.ANSWERED
         return protocol.ok_result(refs)
+
+    def send_partial(self, sink: StreamSink, response: Response | None, final: bool) -> None:
+        """One response of a decoupled request, from any thread: outputs inline or into
+        the client's region (the lane's arena may already serve another frame)."""
+        result: list[Any] | None = None
+        if response is not None:
+            try:
+                prepared = self._prepare_outputs(response, sink.outputs)
+                refs, _ = self._write_outputs(prepared, None, 0)
+                result = protocol.ok_result(refs)
+            except BackendError as exc:
+                result = protocol.error_result(exc.code, exc.message)
+        if final:
+            self._streams.pop((sink.batch, sink.index), None)
+        with contextlib.suppress(OSError):  # the supervisor is gone: nothing to answer
+            self.send(protocol.Partial(sink.batch, sink.index, result, final).pack())
+
+    def poll_control(self) -> None:
+        """Apply the control frames (Cancel) that arrived while the model executes; only
+        from the main thread inside execute (it owns the socket's reader then)."""
+        if self._executing and threading.get_ident() == self._main_thread:
+            self._absorb(self._unpacker, self._pending, read_socket=True)
 
     def _trim_arenas(self) -> None:
         """The supervisor saw this instance idle after a large request: unmap its input
@@ -539,6 +584,28 @@ class WorkerHost:
                                       arena_offset, nbytes).pack())
                 arena_offset += _align(nbytes)
         return refs, arena_offset
+
+
+class StreamSink:
+    """Where a decoupled model sends one request's responses (workers/backend.py)."""
+
+    __slots__ = ("_host", "batch", "cancelled", "index", "outputs")
+
+    def __init__(self, host: WorkerHost, batch: int, index: int,
+                 outputs: list[list[Any]]) -> None:
+        self._host = host
+        self.batch = batch
+        self.index = index
+        self.outputs = outputs
+        self.cancelled = False
+
+    def send(self, response: Response | None, final: bool) -> None:
+        self._host.send_partial(self, response, final)
+
+    def is_cancelled(self) -> bool:
+        if not self.cancelled:
+            self._host.poll_control()
+        return self.cancelled
 
 
 _Prepared = tuple[str, str, list[int], "memoryview | bytes | DeviceOutput", Any]

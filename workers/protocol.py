@@ -21,7 +21,7 @@ Tensor bytes never travel in a frame unless they are tiny; a frame names them wi
 
 Frames:
     supervisor -> worker: Exec, Cancel, Release, Ping, Stop, Attach, Detach, ShareRegion, Trim
-    worker -> supervisor: Stage, Ready, InitFailed, Done, Pong, Report
+    worker -> supervisor: Stage, Ready, InitFailed, Done, Pong, Report, Partial
 
 ``Report`` comes from the worker's reporter thread (workers/reporter.py) when what the model
 says about itself changed: its own readiness (``is_ready()``) and its custom metrics.
@@ -39,6 +39,13 @@ the channel's fds on the fd socket; ``Detach`` drops them. ``ShareRegion`` comes
 region's fd on the fd socket (payload ``region_fd_tag``): SYSTEM locations of that region
 have an empty key and are mapped from that fd; ``Release`` drops it.
 
+A decoupled model answers a request with any number of responses (``Partial``: request
+``index`` of frame ``batch``, an ``ok_result``/``error_result`` or None, and ``final``); its
+result in ``Done`` is then ``STREAMING``: the request stays in flight until a Partial with
+``final`` (which may come before or after Done). A ``Cancel`` for such a request, after it
+started, marks it cancelled for the model (``is_cancelled()``). Partial outputs travel inline
+or into the client's region, never through a lane's arena (the lane is free once Done).
+
 The per-request path builds and reads the arrays directly (``packed_exec_request``,
 ``packed_inline``, the ``RESULT_*`` kinds) instead of going through a record object.
 """
@@ -53,8 +60,8 @@ import msgpack
 from shmserve.workers.backend import InstanceSpec, ModelSpec
 
 # 1: msgpack maps before typed records; 2: before ShareRegion; 3: before Trim; 4: before Stage;
-# 5: before Report; 6: before Ready.concurrency
-PROTOCOL_VERSION = 7
+# 5: before Report; 6: before Ready.concurrency; 7: before Partial
+PROTOCOL_VERSION = 8
 
 INLINE = "i"
 ARENA = "a"
@@ -77,11 +84,13 @@ DONE = 12
 PONG = 13
 STAGE = 14
 REPORT = 15  # the model's own readiness and custom metrics changed
+PARTIAL = 16  # one response of a decoupled request
 
 # Result kinds: the first element of each request's result in DONE.
 RESULT_OK = 0          # [RESULT_OK, [packed TensorRef, ...]]
 RESULT_ERROR = 1       # [RESULT_ERROR, grpc status code name, message]
 RESULT_ANSWERED = 2    # [RESULT_ANSWERED]: answered through the local channel
+RESULT_STREAMING = 3   # [RESULT_STREAMING]: answered in Partial frames (decoupled)
 
 # Frames a concurrent backend (``Backend.concurrent``) may have in flight at once.
 CONCURRENT_FRAMES = 16
@@ -138,6 +147,7 @@ def error_result(code: str, message: str) -> list[Any]:
 
 
 ANSWERED: list[Any] = [RESULT_ANSWERED]
+STREAMING: list[Any] = [RESULT_STREAMING]
 
 
 # --- frames -------------------------------------------------------------------------------
@@ -328,6 +338,25 @@ class Done:
     @classmethod
     def unpack(cls, raw: list[Any]) -> Done:
         return cls(raw[1], raw[2], raw[3])
+
+
+@dataclass(slots=True)
+class Partial:
+    """One response of request ``index`` of frame ``batch`` (a decoupled model): ``result``
+    is an ok_result, an error_result, or None (only the final flag)."""
+
+    KIND: ClassVar[int] = PARTIAL
+    batch: int
+    index: int
+    result: list[Any] | None
+    final: bool
+
+    def pack(self) -> list[Any]:
+        return [PARTIAL, self.batch, self.index, self.result, self.final]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> Partial:
+        return cls(raw[1], raw[2], raw[3], raw[4])
 
 
 # Frames without fields.

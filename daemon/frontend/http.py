@@ -24,7 +24,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from shmserve.daemon.core import Core
-from shmserve.daemon.errors import ServeError, invalid_argument, unimplemented
+from shmserve.daemon.errors import ServeError, invalid_argument
 from shmserve.daemon.frontend.http_infer import (
     HEADER_LENGTH,
     HttpInfer,
@@ -112,6 +112,79 @@ class _FutureReply(Reply):
     def fail(self, error: ServeError) -> None:
         if not self.future.done():
             self.future.set_exception(error)
+
+
+class _OneResponseReply(_FutureReply):
+    """generate: exactly one response, also from a decoupled model (which may send it with
+    the final flag or before the final flag alone); more, or none, is an error."""
+
+    __slots__ = ("response",)
+
+    def __init__(self, future: asyncio.Future[list[OutputTensor]]) -> None:
+        super().__init__(future)
+        self.response: list[OutputTensor] | None = None
+
+    def send(self, response: list[OutputTensor], final: bool) -> None:
+        if self.response is not None:
+            self.fail(invalid_argument("generate expects exactly one response, the model sent "
+                                       "more; use generate_stream"))
+            return
+        self.response = response
+        if final:
+            super().send(response, True)
+
+    def end(self) -> None:
+        if self.response is None:
+            self.fail(invalid_argument("generate expects exactly one response, the model sent "
+                                       "none"))
+        else:
+            super().send(self.response, True)
+
+
+class _EventReply(Reply):
+    """A generate_stream request's reply: each response rendered as a server-sent event. A
+    client that lets more than ``limit`` events wait gets an error event and the end."""
+
+    __slots__ = ("limit", "overflowed", "queue")
+
+    def __init__(self, limit: int) -> None:
+        self.request = None
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.limit = limit
+        self.overflowed = False
+
+    def _put(self, event: bytes, final: bool) -> None:
+        if self.overflowed:
+            return
+        if self.limit and self.queue.qsize() >= self.limit:
+            self.overflowed = True
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            event = _event({"error": f"the client reads its responses slower than they are "
+                                     f"produced: more than {self.limit} were waiting "
+                                     f"(--stream-max-pending-responses); the stream was ended"})
+            final = True
+        self.queue.put_nowait(event)
+        if final:
+            self.queue.put_nowait(None)
+
+    def send(self, response: list[OutputTensor], final: bool) -> None:
+        assert self.request is not None
+        self._put(b"data: " + render_generate(self.request, response) + b"\n\n", final)
+
+    def send_error(self, error: ServeError, final: bool) -> None:
+        self._put(_event({"error": error.message}), final)
+
+    def fail(self, error: ServeError) -> None:
+        self.send_error(error, True)
+
+    def end(self) -> None:
+        if not self.overflowed:
+            self.queue.put_nowait(None)
+
+
+def _event(value: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(value, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _errors(handler: Handler) -> Handler:
@@ -350,10 +423,12 @@ class HttpDoor:
         self.operations.trace_setting()
         return web.Response()
 
-    async def _run(self, model: str, version: str, parse: Callable[[], RequestItems]
-                   ) -> tuple[InferRequest, list[OutputTensor]]:
+    async def _run(self, model: str, version: str, parse: Callable[[], RequestItems],
+                   one_of_many: bool = False) -> tuple[InferRequest, list[OutputTensor]]:
+        """``one_of_many``: a decoupled model may answer, with exactly one response."""
         future: asyncio.Future[list[OutputTensor]] = asyncio.get_running_loop().create_future()
-        internal = self.core.submit(model, version, parse, _FutureReply(future))
+        reply = _OneResponseReply(future) if one_of_many else _FutureReply(future)
+        internal = self.core.submit(model, version, parse, reply, streaming=one_of_many)
         try:
             return internal, await future
         except asyncio.CancelledError:
@@ -366,12 +441,32 @@ class HttpDoor:
         body = await self._body_json(request)
         config = self.operations.model_config(model, version)
         internal, outputs = await self._run(model, version,
-                                            lambda: parse_generate(model, body, config))
+                                            lambda: parse_generate(model, body, config),
+                                            one_of_many=True)
         return web.Response(body=render_generate(internal, outputs), content_type=JSON_TYPE)
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
-        raise unimplemented("generate_stream (server-sent events) is not supported by shmserve "
-                            "yet; use generate")
+        """Triton's generate_stream: each response as a server-sent event (``data: {...}``),
+        an error as ``data: {"error": ...}``; the stream ends after the final response."""
+        model, version = request.match_info["model"], self._version(request)
+        body = await self._body_json(request)
+        config = self.operations.model_config(model, version)
+        events = _EventReply(self.core.settings.stream_max_pending_responses)
+        internal = self.core.submit(model, version, lambda: parse_generate(model, body, config),
+                                    events, streaming=True)
+        answer = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                             "Cache-Control": "no-cache"})
+        try:
+            await answer.prepare(request)
+            while (event := await events.queue.get()) is not None:
+                await answer.write(event)
+        except BaseException:  # the client went away (or the server is closing)
+            self.core.cancel(internal)
+            raise
+        if events.overflowed:
+            self.core.cancel(internal)
+        await answer.write_eof()
+        return answer
 
     # --- inference ----------------------------------------------------------------------
     async def infer(self, request: web.Request) -> web.StreamResponse:

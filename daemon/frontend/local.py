@@ -168,6 +168,8 @@ class LocalChannel(asyncio.Protocol):
                 pass
             elif op == messages.OP_HELLO:  # the client reads the direct rings: workers may answer
                 self._direct_ok = message.get("direct") is True
+            elif op == messages.OP_CANCEL:
+                self._cancel(message.get("target"))
             else:
                 raise ServeError.from_tuple(["INVALID_ARGUMENT", f"unknown operation '{op}'"])
             self._reply(messages.ok_reply(request_id))
@@ -190,7 +192,8 @@ class LocalChannel(asyncio.Protocol):
         inflight[request_id] = reply  # it may be answered before submit returns
         try:
             self._frontend.core.submit(message["model"], message.get("version", ""),
-                                       partial(self._items, message), reply)
+                                       partial(self._items, message), reply,
+                                       message.get("s") is True)
         except ServeError as exc:
             inflight.pop(request_id, None)
             self._reply_error(request_id, exc)
@@ -274,6 +277,15 @@ class LocalChannel(asyncio.Protocol):
                                        f"float or str)")
         return inputs, outputs, parameters
 
+    def _cancel(self, request_id: object) -> None:
+        """The client gave the request up: it gets no further reply."""
+        reply = self._inflight.pop(request_id, None) if type(request_id) is int else None
+        if reply is not None:
+            if reply.timer is not None:
+                reply.timer.cancel()
+            if reply.request is not None:
+                self._frontend.core.cancel(reply.request)
+
     def _expire(self, request_id: int) -> None:
         reply = self._inflight.pop(request_id, None)
         if reply is not None:
@@ -301,6 +313,29 @@ class LocalChannel(asyncio.Protocol):
     def answer_error(self, reply: _ChannelReply, error: ServeError) -> None:
         if self.settle(reply):
             self._reply_error(reply.request_id, error)
+
+    def answer_more(self, reply: _ChannelReply, outputs: list[OutputTensor] | None,
+                    error: ServeError | None) -> None:
+        """A response of a streamed request that more follow."""
+        if reply.request_id not in self._inflight:
+            return
+        if error is not None:
+            message = messages.error_reply(reply.request_id, error.code.name,
+                                           error.message.replace(self._region_prefix, ""))
+        else:
+            assert reply.request is not None and outputs is not None
+            message = messages.infer_reply(
+                reply.request_id, str(reply.request.version),
+                [[o.name, o.datatype, o.shape, o.data] for o in outputs])
+        message["more"] = True
+        self._reply(message)
+
+    def answer_end(self, reply: _ChannelReply) -> None:
+        """A streamed request's final flag alone."""
+        if self.settle(reply):
+            assert reply.request is not None
+            empty = bool(reply.request.parameters.get("triton_enable_empty_final_response"))
+            self._reply(messages.end_reply(reply.request_id, empty))
 
     def _reply_error(self, request_id: int, error: ServeError) -> None:
         self._reply(messages.error_reply(request_id, error.code.name,
@@ -426,10 +461,22 @@ class _ChannelReply(Reply):
         self.timer: asyncio.TimerHandle | None = None  # the client's deadline
 
     def send(self, response: list[OutputTensor], final: bool) -> None:
-        self.channel.answer(self, response)
+        if final:
+            self.channel.answer(self, response)
+        else:
+            self.channel.answer_more(self, response, None)
 
     def fail(self, error: ServeError) -> None:
         self.channel.answer_error(self, error)
+
+    def send_error(self, error: ServeError, final: bool) -> None:
+        if final:
+            self.channel.answer_error(self, error)
+        else:
+            self.channel.answer_more(self, None, error)
+
+    def end(self) -> None:
+        self.channel.answer_end(self)
 
     def direct_tag(self, worker: DirectTarget) -> list[int] | None:
         return self.channel.direct_tag(worker, self.request_id)

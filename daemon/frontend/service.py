@@ -198,42 +198,48 @@ class InferenceService:
 
     async def ModelStreamInfer(self, requests: AsyncIterator[bytes],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        """Requests run concurrently; each answer (or error) is sent as it completes."""
-        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
-        pending: set[asyncio.Task[None]] = set()
-
-        async def answer(data: bytes) -> None:
-            request = pb.ModelInferRequest()
-            try:
-                parsed = _parse_request(data)
-                request = parsed[0]
-                await answers.put(serialize_stream_response(await self._infer(parsed)))
-            except ServeError as exc:
-                await answers.put(_stream_error(request, exc.message))
-            except Exception as exc:
-                log.exception("stream request failed")
-                await answers.put(_stream_error(request, f"{type(exc).__name__}: {exc}"))
+        """Requests run concurrently, each answered by its responses as they come (several
+        for a decoupled model, each with ``triton_final_response``); an error goes in
+        ``error_message`` and the stream stays open. A stream that ends or is cancelled
+        cancels its requests still open."""
+        stream = _Stream(self.core.settings.stream_max_pending_responses)
 
         async def read() -> None:
-            async for request in requests:
-                task = asyncio.create_task(answer(request))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            while pending:
-                await asyncio.gather(*list(pending))
-            await answers.put(None)
+            try:
+                async for data in requests:
+                    request = pb.ModelInferRequest()
+                    try:
+                        request, raw = _parse_request(data)
+                        stream.opened(self._submit_streamed(stream, request, raw))
+                    except ServeError as exc:
+                        stream.put(_stream_error(request, exc.message))
+                    except Exception as exc:
+                        log.exception("stream request failed")
+                        stream.put(_stream_error(request, f"{type(exc).__name__}: {exc}"))
+            finally:
+                stream.reading_done()
 
         reader = asyncio.create_task(read())
         try:
             while True:
-                item = await answers.get()
+                item = await stream.get()
                 if item is None:
                     break
                 yield item
         finally:
             reader.cancel()
-            for task in list(pending):
-                task.cancel()
+            for reply in stream.close():
+                if reply.request is not None:
+                    self.core.cancel(reply.request)
+        if stream.overflowed:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, stream.overflow_message())
+
+    def _submit_streamed(self, stream: _Stream, request: pb.ModelInferRequest,
+                         raw: list[memoryview]) -> _StreamReply:
+        reply = _StreamReply(stream, _empty_final(request))
+        self.core.submit(request.model_name, request.model_version,
+                         lambda: parse_request(request, raw), reply, streaming=True)
+        return reply
 
     # --- statistics, repository, shared memory, logging (daemon/operations.py) ---------
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
@@ -327,11 +333,124 @@ def _parse_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]]
         raise invalid_argument(f"malformed ModelInferRequest: {exc}") from None
 
 
-def _stream_error(request: pb.ModelInferRequest, message: str) -> bytes:
-    return pb.ModelStreamInferResponse(
-        error_message=message,
-        infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name)
-    ).SerializeToString()
+def _stream_error(request: pb.ModelInferRequest, message: str, final: bool = True) -> bytes:
+    response = pb.ModelInferResponse(id=request.id, model_name=request.model_name,
+                                     model_version=request.model_version)
+    response.parameters[FINAL_RESPONSE].bool_param = final
+    return pb.ModelStreamInferResponse(error_message=message,
+                                       infer_response=response).SerializeToString()
+
+
+def _empty_final(request: pb.ModelInferRequest) -> bool:
+    value = request.parameters.get(EMPTY_FINAL_RESPONSE)
+    return value is not None and value.bool_param
+
+
+class _Stream:
+    """One ModelStreamInfer call: the responses waiting to be written, and the requests
+    still open (their final response not sent yet)."""
+
+    def __init__(self, limit: int) -> None:
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._open: set[_StreamReply] = set()
+        self._reading = True
+        self._closed = False
+        self._limit = limit
+        self.overflowed = False
+
+    def overflow_message(self) -> str:
+        return (f"the stream's client reads its responses slower than they are produced: "
+                f"more than {self._limit} were waiting (--stream-max-pending-responses); "
+                f"the stream was ended and its requests cancelled")
+
+    def opened(self, reply: _StreamReply) -> None:
+        if not reply.finished:
+            self._open.add(reply)
+
+    def put(self, message: bytes | None) -> None:
+        if message is None or self._closed or self.overflowed:
+            return
+        if self._limit and self._queue.qsize() >= self._limit:
+            # A slow reader: end the stream rather than hold its responses without bound.
+            self.overflowed = True
+            while not self._queue.empty():  # what the client did not read is dropped
+                self._queue.get_nowait()
+            self._queue.put_nowait(None)
+            return
+        self._queue.put_nowait(message)
+
+    def finished(self, reply: _StreamReply) -> None:
+        self._open.discard(reply)
+        self._maybe_end()
+
+    def reading_done(self) -> None:
+        self._reading = False
+        self._maybe_end()
+
+    def _maybe_end(self) -> None:
+        if not self._reading and not self._open and not self._closed:
+            self._queue.put_nowait(None)
+
+    async def get(self) -> bytes | None:
+        return await self._queue.get()
+
+    def close(self) -> list[_StreamReply]:
+        """The call ended: the requests still open, to cancel."""
+        self._closed = True
+        still_open, self._open = list(self._open), set()
+        return still_open
+
+
+class _StreamReply(Reply):
+    """A streamed request's reply: each response is serialized and queued on its stream."""
+
+    __slots__ = ("_stream", "empty_final", "finished")
+
+    def __init__(self, stream: _Stream, empty_final: bool) -> None:
+        self.request = None
+        self._stream = stream
+        self.empty_final = empty_final
+        self.finished = False
+
+    def send(self, response: list[OutputTensor], final: bool) -> None:
+        request = self.request
+        assert request is not None
+        message, raw = response_parts(request, response)
+        message.parameters[FINAL_RESPONSE].bool_param = final
+        self._stream.put(serialize_stream_response(serialize_infer_response(message, raw)))
+        if final:
+            self._end()
+
+    def end(self) -> None:
+        """The final flag alone: an empty final response if the request asked for one."""
+        request = self.request
+        assert request is not None
+        if self.empty_final:
+            message = pb.ModelInferResponse(model_name=request.model, id=request.request_id,
+                                            model_version=str(request.version))
+            message.parameters[FINAL_RESPONSE].bool_param = True
+            self._stream.put(serialize_stream_response(message.SerializeToString()))
+        self._end()
+
+    def send_error(self, error: ServeError, final: bool) -> None:
+        request = self.request
+        assert request is not None
+        message = pb.ModelInferRequest(id=request.request_id, model_name=request.model,
+                                       model_version=str(request.version))
+        self._stream.put(_stream_error(message, error.message, final))
+        if final:
+            self._end()
+
+    def fail(self, error: ServeError) -> None:
+        self.send_error(error, True)
+
+    def _end(self) -> None:
+        self.finished = True
+        self._stream.finished(self)
+
+
+FINAL_RESPONSE = "triton_final_response"
+EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
 
 
 # --- wiring ---------------------------------------------------------------------------------

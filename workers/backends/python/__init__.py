@@ -226,6 +226,7 @@ class PythonBackend(Backend):
         self._default_outputs: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._force_cpu_inputs = True
+        self._decoupled = False
         self._output_checker: OutputChecker | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -235,11 +236,7 @@ class PythonBackend(Backend):
         if not path.is_file():
             raise BackendError(f"unable to find model file '{path}' for model '{model.name}' "
                                f"version {model.version}", "NOT_FOUND")
-        if pb_utils.using_decoupled_model_transaction_policy(model.config):
-            raise BackendError(
-                f"model '{model.name}': decoupled mode (model_transaction_policy "
-                "{ decoupled: true }) is not supported by shmserve's python backend yet",
-                "UNIMPLEMENTED")
+        self._decoupled = pb_utils.using_decoupled_model_transaction_policy(model.config)
         self._added_sys_path = _append_sys_path(_sys_path_entries(path))
         try:
             self._imported = _ImportedModel(path, model.name)
@@ -281,7 +278,9 @@ class PythonBackend(Backend):
                 f"'{model.name}': {_exception_text(exc)}", _error_code(exc)) from exc
         self._model_object = model_object
         # Triton's async execute: the worker runs several executions at once on its loop.
-        self.concurrent = inspect.iscoroutinefunction(getattr(model_object, "execute", None))
+        # A decoupled model answers through senders, one execution at a time.
+        self.concurrent = not self._decoupled and inspect.iscoroutinefunction(
+            getattr(model_object, "execute", None))
 
     def instance_finalize(self) -> None:
         model_object, self._model_object = self._model_object, None
@@ -358,12 +357,16 @@ class PythonBackend(Backend):
         if self._model is None or model_object is None:
             return self._not_initialized(requests)
         pb_requests = self._pb_requests(requests)
+        if self._decoupled:
+            return self._execute_decoupled(model_object, requests, pb_requests)
         try:
             result = model_object.execute(pb_requests)
             if type(result) is not list and inspect.isawaitable(result):
                 result = self._event_loop().run_until_complete(result)
         except Exception as exc:
             return self._raised(requests, exc)
+        if result is None:
+            result = self._sent_responses(pb_requests)
         return self._responses(requests, result)
 
     def _not_initialized(self, requests: list[Request]) -> list[Response]:
@@ -409,6 +412,54 @@ class PythonBackend(Backend):
         for request, pb_response in zip(requests, result, strict=True):
             responses.append(to_response(request, pb_response))
         return responses
+
+    def _sent_responses(self, pb_requests: list[pb_utils.InferenceRequest]) -> Any:
+        """A non-decoupled model that answered through response senders (execute returned
+        None): each request's one response, once its final flag was sent (perhaps from a
+        thread of the model's). None if execute used no sender at all."""
+        if all(pb_request._sender is None for pb_request in pb_requests):
+            return None  # reported by _check_result
+        responses: list[pb_utils.InferenceResponse] = []
+        for pb_request in pb_requests:
+            response = pb_request.get_response_sender()._wait_final()
+            if response is None:
+                return None
+            responses.append(response)
+        return responses
+
+    def _execute_decoupled(self, model_object: Any, requests: list[Request],
+                           pb_requests: list[pb_utils.InferenceRequest]) -> list[Response]:
+        """Each request answers through its sender (Request.sink), from any thread and even
+        after execute returned; execute's own result is ignored (Triton wants None). If
+        execute raises, every request not closed yet gets the error as its final response."""
+        to_response = self._to_response
+        senders = []
+        for request, pb_request in zip(requests, pb_requests, strict=True):
+            sink = request.sink
+            if sink is None:
+                raise BackendError("decoupled request without a response sink")
+
+            def deliver(response: pb_utils.InferenceResponse | None, final: bool,
+                        request: Request = request, sink: Any = sink) -> None:
+                sink.send(None if response is None else to_response(request, response), final)
+
+            sender = pb_utils.InferenceResponseSender(deliver, True, sink.is_cancelled)
+            pb_request._sender = sender
+            senders.append(sender)
+        try:
+            result = model_object.execute(pb_requests)
+            if inspect.isawaitable(result):
+                self._event_loop().run_until_complete(result)
+        except Exception as exc:
+            _log.exception("execute of model instance '%s' raised", self._label())
+            error = pb_utils.TritonError(
+                f"Failed to process the request(s) for model instance '{self._label()}', "
+                f"message: {_exception_text(exc)}")
+            for sender in senders:
+                if not sender._closed:
+                    sender.send(pb_utils.InferenceResponse(error=error),
+                                pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return [Response(streamed=True) for _ in requests]
 
     def _check_result(self, result: Any, expected: int) -> str | None:
         if isinstance(result, list) and len(result) == expected:

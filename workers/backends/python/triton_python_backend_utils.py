@@ -3,7 +3,7 @@
 User code imports this module as ``import triton_python_backend_utils as pb_utils``; the python
 backend registers it in ``sys.modules`` under that name before it imports a model. Everything is
 written against Triton's python_backend README: names, argument order and behaviour match where
-shmserve supports the feature, and the rest (decoupled response senders, BLS) raises a clear error.
+shmserve supports the feature, and the rest (BLS) raises a clear error.
 
 Tensors hold the arrays they are given: an input's ``as_numpy()`` is the very array the worker
 mapped from shared memory (no copy). Torch is never imported here unless a model hands us a torch
@@ -16,6 +16,7 @@ import ctypes
 import importlib
 import json
 import logging
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
 from typing import Any, ClassVar
@@ -34,6 +35,7 @@ __all__ = [
     "TRITON_STRING_TO_NUMPY",
     "InferenceRequest",
     "InferenceResponse",
+    "InferenceResponseSender",
     "LogLevel",
     "Logger",
     "Metric",
@@ -417,7 +419,7 @@ class InferenceRequest:
 
     __slots__ = ("_correlation_id", "_flags", "_inputs", "_model_name", "_model_version",
                  "_parameters", "_raw_parameters", "_request_id", "_requested_output_names",
-                 "_timeout")
+                 "_sender", "_timeout")
     _parameters: str | None             # None until parameters() serializes _raw_parameters
     _raw_parameters: Mapping[str, Any] | None
 
@@ -437,6 +439,7 @@ class InferenceRequest:
         self._timeout = timeout
         self._parameters = _parameters_json(parameters)
         self._raw_parameters = None
+        self._sender: InferenceResponseSender | None = None
 
     @classmethod
     def _from_backend(cls, request_id: str, correlation_id: int | str,
@@ -460,6 +463,7 @@ class InferenceRequest:
         request._requested_output_names = requested_output_names
         request._model_name = model_name
         request._model_version = model_version
+        request._sender = None  # made on first use (non-decoupled) or by the backend
         if parameters:
             flags = 0
             if parameters.get("sequence_start"):
@@ -507,12 +511,16 @@ class InferenceRequest:
         return self._model_name
 
     def is_cancelled(self) -> bool:
-        return False
+        sender = self._sender
+        return sender is not None and sender.is_cancelled()
 
-    def get_response_sender(self) -> Any:
-        raise TritonModelException(
-            "get_response_sender(): decoupled mode is not supported by shmserve's python "
-            "backend yet; return one InferenceResponse per request from execute()")
+    def get_response_sender(self) -> InferenceResponseSender:
+        if self._sender is None:
+            with _sender_lock:  # the model's threads and the backend may ask at once
+                if self._sender is None:
+                    # A non-decoupled model's sender: its one response answers the request.
+                    self._sender = InferenceResponseSender(None, decoupled=False)
+        return self._sender
 
     def exec(self, decoupled: bool = False) -> InferenceResponse:
         """BLS: run this request on ``model_name`` through the server's core (validation,
@@ -587,6 +595,69 @@ class InferenceResponse:
 
     def parameters(self) -> str:
         return self._parameters
+
+
+_sender_lock = threading.Lock()
+
+
+class InferenceResponseSender:
+    """``request.get_response_sender()``: sends a request's responses, from any thread, until
+    the one flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL``. Texts are the python_backend's.
+
+    ``deliver(response, final)`` takes each response (decoupled models); without one (a
+    non-decoupled model) the one response is kept for the backend to answer with.
+    """
+
+    __slots__ = ("_cancelled", "_closed", "_decoupled", "_deliver", "_final", "_response",
+                 "_sent")
+
+    def __init__(self, deliver: Any, decoupled: bool = True, cancelled: Any = None) -> None:
+        self._deliver = deliver
+        self._decoupled = decoupled
+        self._cancelled = cancelled
+        self._closed = False
+        self._sent = 0
+        self._response: InferenceResponse | None = None
+        self._final = threading.Event()
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        final = flags == TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if not self._decoupled:
+            if response is not None and self._sent > 0:
+                raise TritonModelException("Unable to send response. Non-decoupled model "
+                                           "cannot send more than one response.")
+            if response is None and final and self._sent == 0:
+                raise TritonModelException("Unable to send response. Non-decoupled model "
+                                           "cannot send complete final before sending a "
+                                           "response.")
+        if self._closed:
+            raise TritonModelException(
+                "Unable to send response. Response sender has been closed.")
+        if flags != TRITONSERVER_RESPONSE_COMPLETE_FINAL and flags != 0:
+            raise TritonModelException("Unable to send response. Unsupported flag provided.")
+        if flags == 0 and response is None:
+            raise TritonModelException("Inference Response object must be provided when the "
+                                       "response flags is set to zero.")
+        if response is not None and not isinstance(response, InferenceResponse):
+            raise TritonModelException(f"send() expects a pb_utils.InferenceResponse, got "
+                                       f"{type(response).__name__}")
+        if final:
+            self._closed = True
+        self._sent += 1
+        if self._deliver is not None:
+            self._deliver(response, final)
+        elif response is not None:
+            self._response = response
+        if final:
+            self._final.set()
+
+    def is_cancelled(self) -> bool:
+        return bool(self._cancelled()) if self._cancelled is not None else False
+
+    def _wait_final(self, timeout: float | None = None) -> InferenceResponse | None:
+        """Backend side (non-decoupled): the one response, once the final flag was sent."""
+        self._final.wait(timeout)
+        return self._response if self._closed else None
 
 
 def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:
