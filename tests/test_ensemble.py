@@ -291,3 +291,51 @@ def test_ensemble_inputs_and_outputs_in_client_shared_memory(start_server: Start
         client.unregister_system_shared_memory("ens_region")
     finally:
         shm.destroy_shared_memory_region(handle)
+
+
+BLS_PIPELINE_MODEL = """
+    import triton_python_backend_utils as pb_utils
+
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                tensor = pb_utils.Tensor("INPUT0", pb_utils.get_input_tensor_by_name(
+                    request, "IN").as_numpy())
+                for model in ("pre", "mid", "post"):
+                    answer = pb_utils.InferenceRequest(
+                        model_name=model, inputs=[tensor],
+                        requested_output_names=["OUTPUT0"]).exec()
+                    if answer.has_error():
+                        raise pb_utils.TritonModelException(answer.error().message())
+                    tensor = pb_utils.Tensor("INPUT0", pb_utils.get_output_tensor_by_name(
+                        answer, "OUTPUT0").as_numpy())
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor("OUT", tensor.as_numpy())]))
+            return responses
+"""
+
+
+def test_the_same_pipeline_as_an_ensemble_and_as_bls_answers_alike(
+        start_server: StartServer, repository: Path) -> None:
+    """pre -> mid -> post, once as ensemble steps in the core, once as BLS calls from a
+    model: the same answers, small and above the inline limit."""
+    write(repository, "bls_pipeline", """
+        name: "bls_pipeline"
+        backend: "python"
+        max_batch_size: 0
+        input [ { name: "IN", data_type: TYPE_FP32, dims: [ -1 ] } ]
+        output [ { name: "OUT", data_type: TYPE_FP32, dims: [ -1 ] } ]
+    """, BLS_PIPELINE_MODEL)
+    server = start_server(None, repository=repository)
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        for data in (np.array([1.0, 2.5, -4.0], dtype=np.float32),
+                     np.linspace(-1, 1, 100_000, dtype=np.float32)):
+            ensemble = infer(client, "pipeline", data, ["OUT"])["OUT"]
+            bls = infer(client, "bls_pipeline", data, ["OUT"])["OUT"]
+            np.testing.assert_array_equal(ensemble, bls)
+            np.testing.assert_allclose(bls, (data + 1) * 2 - 3)
+    finally:
+        client.close()
