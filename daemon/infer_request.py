@@ -10,8 +10,9 @@ the transport.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from shmserve.daemon.errors import ServeError, invalid_argument
 from shmserve.daemon.models import ModelVersion
@@ -28,6 +29,39 @@ from shmserve.protos.datatypes import (
 )
 
 ShmRef = tuple[str, int, int]  # (region name, offset, byte size)
+ParamT = TypeVar("ParamT")
+SHM_KEYS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
+SHM_USAGE = "'shared_memory_byte_size' must be specified along with 'shared_memory_region'"
+
+
+def shm_reference(params: Mapping[str, ParamT], what: str,
+                  region_of: Callable[[ParamT], str | None], string_kind: str,
+                  int_of: Callable[[ParamT], int | None], int_kind: str) -> ShmRef | None:
+    """(region, offset, byte_size) from a tensor's parameters, or None; every door's rules.
+
+    A door says how to read its own parameter values (``region_of``/``int_of`` give None for
+    a value of the wrong kind, named ``string_kind``/``int_kind`` in the error). Every
+    malformed combination gets Triton's one message, with what was wrong appended.
+    """
+    present = [key for key in SHM_KEYS if key in params]
+    if not present:
+        return None
+    if "shared_memory_region" not in params:
+        raise invalid_argument(f"{SHM_USAGE} for {what}: got {', '.join(present)} without "
+                               f"'shared_memory_region'")
+    if "shared_memory_byte_size" not in params:
+        raise invalid_argument(f"{SHM_USAGE} for {what}")
+    region = region_of(params["shared_memory_region"])
+    if region is None:
+        raise invalid_argument(f"{SHM_USAGE} for {what}: 'shared_memory_region' must be "
+                               f"{string_kind}")
+    values = []
+    for key in ("shared_memory_offset", "shared_memory_byte_size"):
+        value = int_of(params[key]) if key in params else 0
+        if value is None:
+            raise invalid_argument(f"{SHM_USAGE} for {what}: '{key}' must be {int_kind}")
+        values.append(value)
+    return region, values[0], values[1]
 
 
 @dataclass(slots=True)

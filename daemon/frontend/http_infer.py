@@ -23,6 +23,7 @@ from shmserve.daemon.infer_request import (
     ShmRef,
     TensorIn,
     config_datatype,
+    shm_reference,
 )
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.protos import shmserve_model_config_pb2 as mc
@@ -34,8 +35,6 @@ from shmserve.protos.datatypes import (
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-_SHM_KEYS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
-_SHM_USAGE = "'shared_memory_byte_size' must be specified along with 'shared_memory_region'"
 # Datatypes JSON cannot carry faithfully: only as binary data (Triton's rule).
 _BINARY_ONLY = frozenset({"FP16", "BF16"})
 
@@ -174,25 +173,15 @@ def _object(value: Any, what: str) -> dict[str, Any]:
 
 def _shm_params(params: dict[str, Any], what: str) -> ShmRef | None:
     """The same rules and texts as the gRPC door's."""
-    present = [key for key in _SHM_KEYS if key in params]
-    if not present:
-        return None
-    if "shared_memory_region" not in params:
-        raise invalid_argument(f"{_SHM_USAGE} for {what}: got {', '.join(present)} without "
-                               f"'shared_memory_region'")
-    if "shared_memory_byte_size" not in params:
-        raise invalid_argument(f"{_SHM_USAGE} for {what}")
-    region = params["shared_memory_region"]
-    if not isinstance(region, str):
-        raise invalid_argument(f"{_SHM_USAGE} for {what}: 'shared_memory_region' must be a "
-                               f"string")
-    values = []
-    for key in ("shared_memory_offset", "shared_memory_byte_size"):
-        value = params.get(key, 0)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise invalid_argument(f"{_SHM_USAGE} for {what}: '{key}' must be an integer")
-        values.append(value)
-    return region, values[0], values[1]
+    return shm_reference(params, what, _json_string, "a string", _json_int, "an integer")
+
+
+def _json_string(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _json_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _flatten(data: Any) -> list[Any]:

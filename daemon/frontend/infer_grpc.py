@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from shmserve.daemon.errors import ServeError, invalid_argument, unimplemented
-from shmserve.daemon.infer_request import OutputIn, RequestItems, ShmRef, TensorIn
+from shmserve.daemon.infer_request import OutputIn, RequestItems, ShmRef, TensorIn, shm_reference
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.protos import shmserve_service_pb2 as pb
 from shmserve.protos.datatypes import element_count, serialize_bytes_tensor
@@ -22,8 +22,6 @@ _CONTENTS_FIELD = {
     "UINT64": ("uint64_contents", np.uint64), "FP32": ("fp32_contents", np.float32),
     "FP64": ("fp64_contents", np.float64),
 }
-_SHM_KEYS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
-_SHM_USAGE = "'shared_memory_byte_size' must be specified along with 'shared_memory_region'"
 
 
 def parse_request(message: pb.ModelInferRequest,
@@ -80,32 +78,18 @@ def parse_request(message: pb.ModelInferRequest,
 
 
 def _shm_params(params: Any, what: str) -> ShmRef | None:
-    """(region, offset, byte_size) from a tensor's parameters, or None.
+    return shm_reference(params, what, _string_param, "a string_param", _int_param,
+                         "an int64_param")
 
-    Every malformed combination gets Triton's one message, with what was wrong appended.
-    """
-    present = [key for key in _SHM_KEYS if key in params]
-    if not present:
-        return None
-    if "shared_memory_region" not in params:
-        raise invalid_argument(f"{_SHM_USAGE} for {what}: got {', '.join(present)} without "
-                               f"'shared_memory_region'")
-    if "shared_memory_byte_size" not in params:
-        raise invalid_argument(f"{_SHM_USAGE} for {what}")
-    region = params["shared_memory_region"]
-    if region.WhichOneof("parameter_choice") != "string_param":
-        raise invalid_argument(f"{_SHM_USAGE} for {what}: 'shared_memory_region' must be a "
-                               f"string_param")
-    values = []
-    for key in ("shared_memory_offset", "shared_memory_byte_size"):
-        if key not in params:
-            values.append(0)
-            continue
-        choice = params[key].WhichOneof("parameter_choice")
-        if choice not in ("int64_param", "uint64_param"):
-            raise invalid_argument(f"{_SHM_USAGE} for {what}: '{key}' must be an int64_param")
-        values.append(getattr(params[key], choice))
-    return region.string_param, values[0], values[1]
+
+def _string_param(value: Any) -> str | None:
+    return value.string_param if value.WhichOneof("parameter_choice") == "string_param" \
+        else None
+
+
+def _int_param(value: Any) -> int | None:
+    choice = value.WhichOneof("parameter_choice")
+    return getattr(value, choice) if choice in ("int64_param", "uint64_param") else None
 
 
 def _contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor, model: str) -> bytes:
