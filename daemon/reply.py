@@ -10,6 +10,7 @@ answer itself (the local channel) overrides ``direct_tag``; the dispatcher then 
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -63,3 +64,21 @@ class Reply:
 
     def answered_directly(self) -> None:
         """The worker delivered the (final) response itself."""
+
+
+class FutureReply(Reply):
+    """A unary door's reply: the one response (or the error) completes an awaited future."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[list[OutputTensor]]) -> None:
+        self.request = None
+        self.future = future
+
+    def send(self, response: list[OutputTensor], final: bool) -> None:
+        if not self.future.done():  # done: the caller gave up meanwhile
+            self.future.set_result(response)
+
+    def fail(self, error: ServeError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)

@@ -37,7 +37,7 @@ from shmserve.daemon.frontend.http_infer import (
 )
 from shmserve.daemon.infer_request import RequestItems
 from shmserve.daemon.operations import Operations
-from shmserve.daemon.reply import Reply
+from shmserve.daemon.reply import FutureReply, Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
 
 log = logging.getLogger("shmserve.http")
@@ -98,23 +98,7 @@ def _numbers(message: Message, value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-class _FutureReply(Reply):
-    __slots__ = ("future",)
-
-    def __init__(self, future: asyncio.Future[list[OutputTensor]]) -> None:
-        self.request = None
-        self.future = future
-
-    def send(self, response: list[OutputTensor], final: bool) -> None:
-        if not self.future.done():
-            self.future.set_result(response)
-
-    def fail(self, error: ServeError) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-
-
-class _OneResponseReply(_FutureReply):
+class _OneResponseReply(FutureReply):
     """generate: exactly one response, also from a decoupled model (which may send it with
     the final flag or before the final flag alone); more, or none, is an error."""
 
@@ -427,7 +411,7 @@ class HttpDoor:
                    one_of_many: bool = False) -> tuple[InferRequest, list[OutputTensor]]:
         """``one_of_many``: a decoupled model may answer, with exactly one response."""
         future: asyncio.Future[list[OutputTensor]] = asyncio.get_running_loop().create_future()
-        reply = _OneResponseReply(future) if one_of_many else _FutureReply(future)
+        reply = _OneResponseReply(future) if one_of_many else FutureReply(future)
         internal = self.core.submit(model, version, parse, reply, streaming=one_of_many)
         try:
             return internal, await future

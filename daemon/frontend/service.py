@@ -25,7 +25,7 @@ from shmserve.daemon.frontend.wire import (
     serialize_stream_response,
 )
 from shmserve.daemon.operations import Operations
-from shmserve.daemon.reply import Reply
+from shmserve.daemon.reply import FutureReply, Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
 from shmserve.protos import shmserve_health_pb2 as health_pb
@@ -73,24 +73,6 @@ RPCS: dict[str, tuple[Any, Any, bool, str]] = {
     "TraceSetting": (pb.TraceSettingRequest, pb.TraceSettingResponse, False, "trace"),
     "LogSettings": (pb.LogSettingsRequest, pb.LogSettingsResponse, False, "logging"),
 }
-
-
-class _FutureReply(Reply):
-    """A unary RPC's reply: the one response (or the error) completes the awaited future."""
-
-    __slots__ = ("future",)
-
-    def __init__(self, future: asyncio.Future[list[OutputTensor]]) -> None:
-        self.request = None
-        self.future = future
-
-    def send(self, response: list[OutputTensor], final: bool) -> None:
-        if not self.future.done():  # done: the caller gave up meanwhile
-            self.future.set_result(response)
-
-    def fail(self, error: ServeError) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
 
 
 def _client_id(context: grpc.aio.ServicerContext) -> str:
@@ -156,7 +138,7 @@ class InferenceService:
         outputs.clear()  # the reply's future holds this list: let the output bytes go now
         return message
 
-    def _submit(self, data: bytes | object) -> tuple[InferRequest, _FutureReply]:
+    def _submit(self, data: bytes | object) -> tuple[InferRequest, FutureReply]:
         """Parse and queue one ModelInferRequest; from here on only the queued request holds
         (slices of) ``data``."""
         if not isinstance(data, bytes):  # grpc.aio.EOF: the client sent no message
@@ -164,16 +146,16 @@ class InferenceService:
         return self._queue(*_parse_request(data))
 
     def _queue(self, request: pb.ModelInferRequest, raw: list[memoryview] | None
-               ) -> tuple[InferRequest, _FutureReply]:
+               ) -> tuple[InferRequest, FutureReply]:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        reply = _FutureReply(loop.create_future())
+        reply = FutureReply(loop.create_future())
         internal = self.core.submit(request.model_name, request.model_version,
                                     lambda: parse_request(request, raw), reply)
         return internal, reply
 
-    async def _outcome(self, internal: InferRequest, reply: _FutureReply
+    async def _outcome(self, internal: InferRequest, reply: FutureReply
                        ) -> list[OutputTensor]:
         try:
             return await reply.future
