@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,6 +72,21 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def metrics_page(self) -> str:
+        """The Prometheus page, from the metrics port the server logged."""
+        port = re.search(r"Started Metrics Service at [\d.]+:(\d+)", self.log())
+        assert port is not None, self.log()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics",
+                                    timeout=10) as page:
+            return str(page.read().decode())
+
+    def metric(self, name: str, model: str) -> float:
+        """The value of a per-model series ``name{model="<model>",...}``."""
+        text = self.metrics_page()
+        found = re.search(rf'^{name}{{model="{model}",[^}}]*}} (\S+)$', text, re.MULTILINE)
+        assert found is not None, text
+        return float(found.group(1))
 
     def wait_ready(self, timeout: float = 60.0, models_ready: bool = True) -> None:
         """Wait until ServerReady (or only ServerLive, with models_ready=False) answers true."""

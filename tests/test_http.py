@@ -768,11 +768,9 @@ def test_allow_flags(tmp_path: Path) -> None:
 
 def test_metrics_count_http_requests(server: ServerProcess,
                                      client: httpclient.InferenceServerClient) -> None:
-    port = int(re.search(r"Started Metrics Service at [\d.]+:(\d+)", server.log()).group(1))
 
     def success() -> int:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-            text = answer.read().decode()
+        text = server.metrics_page()
         found = re.search(r'nv_inference_request_success\{model="string_upper",version="1"\} '
                           r'(\d+)', text)
         return int(found.group(1)) if found else 0

@@ -11,7 +11,6 @@ import re
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from shmserve.tests.conftest import StartServer
-from shmserve.tests.serverproc import ServerProcess, build_repository, worker_pids
+from shmserve.tests.serverproc import build_repository, worker_pids
 
 
 def _int_input(value: int) -> list[grpcclient.InferInput]:
@@ -59,16 +58,6 @@ def _index_entry(client: grpcclient.InferenceServerClient, model: str) -> tuple[
         if entry.name == model:
             return entry.state, entry.reason
     raise KeyError(model)
-
-
-def _metric(server: ServerProcess, name: str, model: str) -> float:
-    port = re.search(r"Started Metrics Service at [\d.]+:(\d+)", server.log())
-    assert port is not None, server.log()
-    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=5) as page:
-        text = page.read().decode()
-    found = re.search(rf'^{name}{{model="{model}",[^}}]*}} (\S+)$', text, re.MULTILINE)
-    assert found is not None, text
-    return float(found.group(1))
 
 
 def _pid_of(client: grpcclient.InferenceServerClient, model: str = "crash_loop") -> int:
@@ -124,7 +113,7 @@ def test_a_crash_looping_model_is_visible(start_server: StartServer, tmp_path: P
         assert state == "READY"  # loaded; its instance is not serving
         assert "crash_loop_0_0" in reason and re.search(r"\d+ restarts?;", reason), reason
         assert "SIGABRT" in reason or "exited" in reason or "initializing" in reason, reason
-        assert _metric(server, "shmserve_instance_crash_looping", "crash_loop") == 1.0
+        assert server.metric("shmserve_instance_crash_looping", "crash_loop") == 1.0
         assert client.is_model_ready("simple")
         steps = re.findall(r"instance crash_loop_0_0 failed \d+ start\(s\) in a row.*"
                            r"restarting in", server.log())
@@ -133,7 +122,7 @@ def test_a_crash_looping_model_is_visible(start_server: StartServer, tmp_path: P
         _wait_for(lambda: client.is_model_ready("crash_loop"), 20, "ready again")
         assert _pid_of(client) != pid
         assert "crash-looping" not in _index_entry(client, "crash_loop")[1]
-        assert _metric(server, "shmserve_instance_crash_looping", "crash_loop") == 0.0
+        assert server.metric("shmserve_instance_crash_looping", "crash_loop") == 0.0
 
 
 # --- timeouts -------------------------------------------------------------------------------

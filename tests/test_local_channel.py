@@ -96,13 +96,8 @@ def channel_regions(server: LocalServer | ServerProcess, channel_id: object = No
     gRPC status never shows a channel's regions: their names and keys are private.
     """
     import re
-    import urllib.request
     process = server.server if isinstance(server, LocalServer) else server
-    port = re.search(r"Started Metrics Service at [\d.]+:(\d+)", process.log())
-    assert port is not None
-    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics",
-                                timeout=10) as answer:
-        text = answer.read().decode()
+    text = process.metrics_page()
     owner = f"local:{channel_id}" if channel_id is not None else "local:[0-9]+"
     return sum(int(float(count)) for count in re.findall(
         r'shmserve_shared_memory_regions\{kind="system",owner="' + owner + r'"\} (\S+)', text))

@@ -9,7 +9,6 @@ import re
 import shutil
 import textwrap
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,13 +154,6 @@ def test_config_override_without_backend_is_inferred(start_server: StartServer,
 
 # -- custom metrics, Logger, request accessors, is_ready -------------------------------------
 
-def metrics_page(server: ServerProcess) -> str:
-    port = re.search(r"Started Metrics Service at [\d.]+:(\d+)", server.log())
-    assert port is not None, server.log()
-    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=5) as page:
-        return str(page.read().decode())
-
-
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -232,9 +224,9 @@ def test_custom_metrics_logger_and_request_accessors(start_server: StartServer,
                       "timeout": 5000}
 
     def metrics_arrived() -> bool:
-        return 'custom_requests_total{stage="pre"} 2' in metrics_page(server)
+        return 'custom_requests_total{stage="pre"} 2' in server.metrics_page()
     wait_for(metrics_arrived)
-    page = metrics_page(server)
+    page = server.metrics_page()
     assert "# TYPE custom_requests_total counter" in page
     assert "# HELP custom_depth Last input size" in page
     assert 'custom_depth{stage="pre"} 6' in page

@@ -261,12 +261,9 @@ def test_supervisor_keeps_sigterm_after_starting_workers(tmp_path: Path) -> None
 def test_prometheus_metrics(server: ServerProcess,
                             client: grpcclient.InferenceServerClient) -> None:
     import re
-    import urllib.request
-    port = int(re.search(r"Started Metrics Service at [\d.]+:(\d+)", server.log()).group(1))
     inputs, _, _ = _simple_inputs()
     client.infer("simple", inputs)
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
+    text = server.metrics_page()
     success = re.search(r'nv_inference_request_success\{model="simple",version="1"\} (\d+)',
                         text)
     assert success and int(success.group(1)) >= 1

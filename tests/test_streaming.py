@@ -8,11 +8,9 @@ import http.client
 import json
 import os
 import queue
-import re
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -322,18 +320,8 @@ def test_statistics_and_metrics_count_responses(start_server: StartServer) -> No
     assert errors_by_index["0"].success.count == 1 and errors_by_index["1"].fail.count == 1
     assert errors_by_index["3"].fail.count == 1
     assert errors.inference_stats.fail.count == 1
-    assert _metric(server, "shmserve_inference_response_count", "square_int32") == 4
-    assert _metric(server, "shmserve_inference_response_count", "midstream_error") == 4
-
-
-def _metric(server: ServerProcess, name: str, model: str) -> float:
-    port = re.search(r"Started Metrics Service at [\d.]+:(\d+)", server.log())
-    assert port is not None, server.log()
-    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=5) as page:
-        text = page.read().decode()
-    found = re.search(rf'^{name}{{model="{model}",[^}}]*}} (\S+)$', text, re.MULTILINE)
-    assert found is not None, text
-    return float(found.group(1))
+    assert server.metric("shmserve_inference_response_count", "square_int32") == 4
+    assert server.metric("shmserve_inference_response_count", "midstream_error") == 4
 
 
 def test_slow_reader_fails_the_stream_instead_of_buffering(start_server: StartServer,
