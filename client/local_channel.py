@@ -468,6 +468,21 @@ class AsyncLocalChannel(_Channel):
             raise
         return cls(path, hello, memory, requests, responses, sock, fd_door(hello, kept))
 
+    @classmethod
+    async def over(cls, sock: socket.socket) -> AsyncLocalChannel:
+        """A channel on a socket already connected to the server (a frontend process's,
+        daemon/frontend_process): the server's hello is read from it."""
+        sock.setblocking(False)
+        kept: list[int] = []
+        try:
+            hello, memory, requests, responses = await _async_handshake(
+                asyncio.get_running_loop(), sock, kept)
+        except BaseException:
+            for fd in kept:
+                os.close(fd)
+            raise
+        return cls("", hello, memory, requests, responses, sock, fd_door(hello, kept))
+
     def _readable(self) -> None:
         """Doorbell: the server published replies (or closed the socket)."""
         try:
@@ -552,6 +567,20 @@ class AsyncLocalChannel(_Channel):
             self._partials[request_id] = on_partial
         if unsent is not None:
             await self._put_when_room(request_id, unsent, deadline)
+        return request_id, future
+
+    def send_nowait(self, message: dict[str, Any],
+                    on_partial: Callable[[dict[str, Any]], None] | None = None
+                    ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+        """``send`` without awaiting: while the request ring is full the message waits in a
+        task, and a failure to send it fails the future. Raises MessageTooLarge and
+        UNAVAILABLE (closed channel) at once."""
+        request_id, future, unsent = self._submit(message)
+        if on_partial is not None:
+            self._partials[request_id] = on_partial
+        if unsent is not None:
+            task = self._loop.create_task(self._put_when_room(request_id, unsent, None))
+            task.add_done_callback(lambda done: _fail_unsent(done, future))
         return request_id, future
 
     def _submit(self, message: dict[str, Any]
@@ -658,6 +687,12 @@ class AsyncLocalChannel(_Channel):
 
     def close(self) -> None:
         self._lost("local channel closed by the client")
+
+
+def _fail_unsent(task: asyncio.Task[None], future: asyncio.Future[dict[str, Any]]) -> None:
+    error = None if task.cancelled() else task.exception()
+    if error is not None and not future.done():
+        future.set_exception(error)
 
 
 async def _async_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from shmserve.daemon.models import ModelManager
@@ -162,6 +163,8 @@ class MetricsServer:
         self._port = port
         self._server: asyncio.base_events.Server | None = None
         self.port: int | None = None
+        #: More exposition lines, rendered at each scrape (the frontend processes' counters).
+        self.extra: Callable[[], list[str]] | None = None
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self._address, self._port)
@@ -175,7 +178,10 @@ class MetricsServer:
                 pass
             parts = request_line.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                body = render(self._models, self._registry).encode()
+                text = render(self._models, self._registry)
+                if self.extra is not None:
+                    text += "".join(line + "\n" for line in self.extra())
+                body = text.encode()
                 status = "200 OK"
                 content_type = "text/plain; version=0.0.4; charset=utf-8"
             else:

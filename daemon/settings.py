@@ -84,6 +84,11 @@ class Settings:
                              help="gRPC port (0 = any free)")
     allow_grpc: bool = setting(True, flag="--allow-grpc", parse=parse_bool,
                                help="serve the KServe v2 gRPC protocol")
+    grpc_frontends: int = setting(
+        0, flag="--grpc-frontends", env="SHMSERVE_GRPC_FRONTENDS", parse=int, metavar="N",
+        help="processes serving the gRPC port (SO_REUSEPORT), each forwarding to the core "
+             "through shared memory; 1 = the supervisor serves gRPC itself; 0 = one per four "
+             "cores (1 on up to 7 cores, at most 8)")
     allow_http: bool = setting(True, flag="--allow-http", parse=parse_bool,
                                help="serve the KServe v2 HTTP/REST protocol")
     http_address: str = setting("0.0.0.0", flag="--http-address", metavar="ADDRESS",

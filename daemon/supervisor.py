@@ -20,6 +20,9 @@ from shmserve.daemon.frontend.bls import BlsDoor
 from shmserve.daemon.frontend.http import HttpDoor
 from shmserve.daemon.frontend.local import LocalFrontend
 from shmserve.daemon.frontend.service import InferenceService, generic_handlers
+from shmserve.daemon.frontend_process.grpc_server import GRPC_OPTIONS, grpc_server
+from shmserve.daemon.frontend_process.pool import FrontendPool, frontend_count
+from shmserve.daemon.frontend_process.records import RpcCall
 from shmserve.daemon.leftovers import end_leftovers
 from shmserve.daemon.metrics import MetricsServer
 from shmserve.daemon.model_config import detect_gpus
@@ -38,15 +41,7 @@ from shmserve.workers.shm import remove_arenas
 
 log = logging.getLogger("shmserve")
 
-INT32_MAX = 2**31 - 1
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", INT32_MAX),
-    ("grpc.so_reuseport", 0),
-    # Accept client keepalive pings every 10 s, also between calls (tritonclient's
-    # KeepAliveOptions users would otherwise get GOAWAY "too_many_pings").
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
+__all__ = ["GRPC_OPTIONS", "Supervisor"]
 
 
 class Supervisor:
@@ -56,6 +51,7 @@ class Supervisor:
         self._signals: asyncio.Queue[str] = asyncio.Queue()
         self.bound_port: int | None = None
         self.http_port: int | None = None
+        self.frontends: FrontendPool | None = None  # --grpc-frontends N > 1
 
     async def run(self) -> int:
         settings = self.settings
@@ -81,8 +77,18 @@ class Supervisor:
                 log.error("cannot serve metrics on %s:%d: %s", metrics_address,
                           settings.metrics_port, exc)
                 return 1
-        server = await self._start_grpc(core) if settings.allow_grpc else None
-        if settings.allow_grpc and server is None:
+        frontends = frontend_count(settings.grpc_frontends) if settings.allow_grpc else 1
+        server: grpc.aio.Server | None = None
+        if frontends > 1:
+            if not await self._start_frontends(core, frontends):
+                if metrics is not None:
+                    await metrics.stop()
+                return 1
+            if metrics is not None and self.frontends is not None:
+                metrics.extra = self.frontends.metrics
+        elif settings.allow_grpc:
+            server = await self._start_grpc(core)
+        if settings.allow_grpc and server is None and self.frontends is None:
             if metrics is not None:
                 await metrics.stop()
             return 1
@@ -107,6 +113,8 @@ class Supervisor:
                 await http.stop()
             if server is not None:
                 await server.stop(0)
+            if self.frontends is not None:
+                await self.frontends.stop(5.0)
             if metrics is not None:
                 await metrics.stop()
             return 1
@@ -153,11 +161,29 @@ class Supervisor:
                 await metrics.stop()
         return 0
 
+    async def _start_frontends(self, core: Core, count: int) -> bool:
+        """gRPC served by ``count`` frontend processes; this process's door only runs the
+        calls they forward."""
+        settings = self.settings
+        service = InferenceService(core)
+
+        async def forward(call: RpcCall) -> bytes:
+            return await service.run_forwarded(call.rpc, call.request, call.client_id)
+
+        self.frontends = FrontendPool(core, settings, count, forward)
+        try:
+            self.bound_port = await self.frontends.start()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", settings.grpc_address, settings.grpc_port,
+                      exc)
+            return False
+        log.info("Started GRPCInferenceService at %s:%d (%d frontend processes)",
+                 settings.grpc_address, self.bound_port, count)
+        return True
+
     async def _start_grpc(self, core: Core) -> grpc.aio.Server | None:
         settings = self.settings
-        # gRPC refuses a larger request before any of it is handed to Python.
-        server = grpc.aio.server(options=[
-            *GRPC_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)])
+        server = grpc_server(settings, reuse_port=False)
         service = InferenceService(core)
         server.add_generic_rpc_handlers(generic_handlers(service))
         address = f"{settings.grpc_address}:{settings.grpc_port}"
@@ -213,6 +239,8 @@ class Supervisor:
                 await asyncio.wait_for(http.stop(), max(0.1, budget.left()))
         if server is not None:
             await server.stop(grace=min(1.0, budget.left()))
+        if self.frontends is not None:  # drained: each frontend stops its server and exits
+            await self.frontends.stop(max(1.0, budget.left()))
         remove_arenas(self.pid)
         log.info("shmserve stopped")
 

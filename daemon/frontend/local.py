@@ -525,7 +525,7 @@ class LocalFrontend:
                 log.warning("local handshake failed: %s", exc)
                 connection.close()
 
-    async def open_channel(self, connection: socket.socket) -> None:
+    async def open_channel(self, connection: socket.socket) -> LocalChannel:
         """Give a connected client (or a worker's BLS socket, frontend/bls.py) its rings."""
         credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                             struct.calcsize("3i"))
@@ -561,11 +561,18 @@ class LocalFrontend:
             door.close()
             raise
         connection.setblocking(False)
-        channel = LocalChannel(self, channel_id, fd, memory, rings, peer, door)
+        channel = self.make_channel(channel_id, fd, memory, rings, peer, door)
         self._channels.add(channel)
         await asyncio.get_running_loop().create_unix_connection(lambda: channel,
                                                                 sock=connection)
         log.info("local channel %d opened for pid %d (uid %d)", channel_id, peer[0], peer[1])
+        return channel
+
+    def make_channel(self, channel_id: int, memfd: int, memory: mmap.mmap,
+                     rings: ChannelLayout, peer: tuple[int, int, int],
+                     fd_door: FdDoor | None) -> LocalChannel:
+        """A new channel's endpoint (frontend_link.py makes privileged ones)."""
+        return LocalChannel(self, channel_id, memfd, memory, rings, peer, fd_door)
 
     def forget(self, channel: LocalChannel) -> None:
         self._channels.discard(channel)

@@ -12,10 +12,13 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from shmserve.daemon.core import Core
+from shmserve.daemon.core_access import CoreAccess
 from shmserve.daemon.errors import (
     ServeError,
+    internal,
     invalid_argument,
     unavailable,
+    unimplemented,
 )
 from shmserve.daemon.frontend.infer_grpc import parse_request, response_parts
 from shmserve.daemon.frontend.wire import (
@@ -35,6 +38,7 @@ log = logging.getLogger("shmserve.frontend")
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
+HEALTH_CHECK_RPC = f"{HEALTH_SERVICE_NAME}/Check"  # its name among forwarded calls
 CLIENT_ID_HEADER = "shmserve-client-id"
 
 # RPC -> (request type, response type, streaming, protocol group)
@@ -83,13 +87,51 @@ def _client_id(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
-class InferenceService:
-    """The gRPC door: holds the core, nothing of another door."""
+class _ForwardedContext:
+    """What a forwarded call's handler reads of its gRPC context: the caller's client id."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, client_id: str) -> None:
+        self._metadata = ((CLIENT_ID_HEADER, client_id),) if client_id else ()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+class InferenceService:
+    """The gRPC door: holds the core, nothing of another door. In a frontend process
+    (``--grpc-frontends``) ``core`` is the link to the core, and only inference runs here:
+    every other RPC is forwarded (``generic_handlers(forward=...)``) to ``run_forwarded``
+    of the core's own door."""
+
+    def __init__(self, core: CoreAccess) -> None:
         self.core = core
-        self.operations = Operations(core)
+        self._operations: Operations | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def operations(self) -> Operations:
+        if self._operations is None:
+            self._operations = Operations(self._core())
+        return self._operations
+
+    def _core(self) -> Core:
+        if not isinstance(self.core, Core):
+            raise internal("this operation runs in the core process only")
+        return self.core
+
+    async def run_forwarded(self, rpc: str, request: bytes, client_id: str) -> bytes:
+        """A frontend process's non-inference call, run as if it had arrived here; the
+        serialized response. Raises ServeError."""
+        context = _ForwardedContext(client_id)
+        if rpc == HEALTH_CHECK_RPC:
+            check = _health_check(self._core())
+            health = await check(health_pb.HealthCheckRequest.FromString(request), context)
+            return bytes(health.SerializeToString())
+        entry = RPCS.get(rpc)
+        if entry is None or entry[0] is None:
+            raise unimplemented(f"RPC '{rpc}' cannot be forwarded")
+        response = await getattr(self, rpc)(entry[0].FromString(request), context)
+        return bytes(response.SerializeToString())
 
     # --- health and metadata (daemon/operations.py) -----------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest,
@@ -499,12 +541,17 @@ def _serializer(message_type: Any) -> Callable[[Any], bytes] | None:
     return None if message_type is None else message_type.SerializeToString
 
 
-def generic_handlers(service: InferenceService) -> list[grpc.GenericRpcHandler]:
+def generic_handlers(service: InferenceService,
+                     forward: Callable[[str], Handler] | None = None
+                     ) -> list[grpc.GenericRpcHandler]:
+    """The service's handlers; with ``forward`` (a frontend process), every RPC but the
+    inference ones is ``forward(rpc name)`` instead (daemon/frontend_process)."""
     settings = service.core.settings
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for name, (request_type, response_type, streaming, group) in RPCS.items():
         check = _restriction_check(settings, group)
-        method = getattr(service, name)
+        method: Any = getattr(service, name) if forward is None or request_type is None \
+            else forward(name)
         if name in _READ_ONCE:
             handlers[name] = grpc.stream_unary_rpc_method_handler(
                 _unary(method, check), response_serializer=_serializer(response_type))
@@ -516,7 +563,8 @@ def generic_handlers(service: InferenceService) -> list[grpc.GenericRpcHandler]:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
                 _unary(method, check), request_deserializer=_deserializer(request_type),
                 response_serializer=_serializer(response_type))
-    health = _unary(_health_check(service.core), _restriction_check(settings, "health"))
+    health = _unary(_health_check(service._core()) if forward is None
+                    else forward(HEALTH_CHECK_RPC), _restriction_check(settings, "health"))
     return [
         grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),
         grpc.method_handlers_generic_handler(HEALTH_SERVICE_NAME, {

@@ -1,0 +1,176 @@
+"""The core's end of the frontend processes' channels (``--grpc-frontends N``).
+
+A frontend process (daemon/frontend_process) is a privileged local-channel client: the
+supervisor opens its channel on a socketpair made at the frontend's start, never on the
+local socket, so only these channels accept the frontend operations
+(daemon/frontend_process/records.py):
+
+- ``items``: an inference request the frontend already parsed into ``RequestItems``, with
+  regions named in the anonymous (gRPC) scope, submitted to the core as the in-process gRPC
+  door would; answered like any local-channel request, by the worker directly when it can.
+- ``rpc``: a non-inference gRPC call, run by the core's own gRPC door (injected as
+  ``forward``: this door does not import another), so registration, model control,
+  statistics, metadata and health answer the same whichever process took the call.
+- ``ready``: the frontend serves its port.
+
+Everything else (ping, cancel, hello) is the local channel's. Closing the channel (the
+frontend died) cancels its requests in flight, as for any channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from shmserve.daemon.core import Core
+from shmserve.daemon.errors import ServeError, invalid_argument
+from shmserve.daemon.frontend.local import LocalChannel, LocalFrontend, _ChannelReply
+from shmserve.daemon.frontend.local_fds import FdDoor
+from shmserve.daemon.frontend_process.records import (
+    OP_ITEMS,
+    OP_READY,
+    OP_RPC,
+    FrontendInfer,
+    FrontendReady,
+    RpcAnswer,
+    RpcCall,
+)
+from shmserve.daemon.infer_request import RequestItems
+from shmserve.daemon.request import OutputTensor
+from shmserve.protos import local_messages as messages
+from shmserve.protos.local_ring import ChannelLayout
+
+log = logging.getLogger("shmserve.frontends")
+
+#: Runs one forwarded call in the core's gRPC door: the serialized response, or ServeError.
+Forward = Callable[[RpcCall], Awaitable[bytes]]
+
+
+class FrontendChannel(LocalChannel):
+    """One frontend process's channel; counts the calls it forwarded."""
+
+    links: FrontendLinks
+    requests = 0  # inference and forwarded calls received
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == OP_ITEMS:
+            self.requests += 1
+            self._infer_items(message)
+        elif op == OP_RPC:
+            self.requests += 1
+            self._forward(message)
+        elif op == OP_READY:
+            self.links.on_ready(self, FrontendReady.from_message(message))
+            self._reply(messages.ok_reply(message["id"]))
+        else:
+            super()._handle(message)
+
+    # The frontend renders answers itself: error and end replies carry the model version
+    # a local client does not need (gRPC puts it in stream responses).
+    def answer_error(self, reply: _ChannelReply, error: ServeError) -> None:
+        if self.settle(reply):
+            self._reply(_versioned(messages.error_reply(reply.request_id, error.code.name,
+                                                        error.message), reply))
+
+    def answer_end(self, reply: _ChannelReply) -> None:
+        if self.settle(reply):
+            self._reply(_versioned(messages.end_reply(reply.request_id, False), reply))
+
+    def answer_more(self, reply: _ChannelReply, outputs: list[OutputTensor] | None,
+                    error: ServeError | None) -> None:
+        if error is None:
+            super().answer_more(reply, outputs, None)
+        elif reply.request_id in self._inflight:
+            message = _versioned(messages.error_reply(reply.request_id, error.code.name,
+                                                      error.message), reply)
+            message["more"] = True
+            self._reply(message)
+
+    def _infer_items(self, message: dict[str, Any]) -> None:
+        request_id = message["id"]
+        try:
+            infer = FrontendInfer.from_message(message)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._reply_error(request_id, invalid_argument(
+                f"malformed frontend request: {exc}"))
+            return
+        reply = _ChannelReply(self, request_id)
+        self._inflight[request_id] = reply  # it may be answered before submit returns
+        try:
+            self.links.core.submit(infer.model, infer.version, _items_of(infer), reply,
+                                   infer.streaming)
+        except ServeError as exc:
+            self._inflight.pop(request_id, None)
+            self._reply_error(request_id, exc)
+        except Exception as exc:
+            self._inflight.pop(request_id, None)
+            log.exception("frontend infer failed")
+            self._reply(messages.error_reply(request_id, "INTERNAL",
+                                             f"{type(exc).__name__}: {exc}"))
+
+    def _forward(self, message: dict[str, Any]) -> None:
+        request_id = message["id"]
+        try:
+            call = RpcCall.from_message(message)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._reply_error(request_id, invalid_argument(f"malformed frontend call: {exc}"))
+            return
+        task = asyncio.get_running_loop().create_task(self._run(request_id, call))
+        self.links.running.add(task)
+        task.add_done_callback(self.links.running.discard)
+
+    async def _run(self, request_id: int, call: RpcCall) -> None:
+        try:
+            answer = RpcAnswer(await self.links.forward(call))
+        except ServeError as exc:
+            self._reply_error(request_id, exc)
+        except Exception as exc:
+            log.exception("forwarded %s failed", call.rpc)
+            self._reply(messages.error_reply(request_id, "INTERNAL",
+                                             f"{type(exc).__name__}: {exc}"))
+        else:
+            self._reply(answer.message(request_id))
+
+
+def _versioned(message: dict[str, Any], reply: _ChannelReply) -> dict[str, Any]:
+    if reply.request is not None:
+        message["model_version"] = str(reply.request.version)
+    return message
+
+
+def _items_of(infer: FrontendInfer) -> Callable[[], RequestItems]:
+    def items() -> RequestItems:
+        if infer.parse_error is not None:
+            raise infer.parse_error
+        assert infer.items is not None
+        return infer.items
+
+    return items
+
+
+class FrontendLinks(LocalFrontend):
+    """Opens the frontend processes' channels (never listens on a path)."""
+
+    def __init__(self, core: Core, forward: Forward, grpc_address: str, ring_bytes: int,
+                 stall_secs: float, direct_rings: int, direct_ring_bytes: int) -> None:
+        super().__init__(core, "", grpc_address, ring_bytes=ring_bytes, stall_secs=stall_secs,
+                         direct_rings=direct_rings, direct_ring_bytes=direct_ring_bytes)
+        self.forward = forward
+        self.running: set[asyncio.Task[None]] = set()
+        #: Called with a frontend's channel once it serves (set by the pool).
+        self.ready_callback: Callable[[FrontendChannel, FrontendReady], None] | None = None
+
+    def make_channel(self, channel_id: int, memfd: int, memory: mmap.mmap,
+                     rings: ChannelLayout, peer: tuple[int, int, int],
+                     fd_door: FdDoor | None) -> LocalChannel:
+        channel = FrontendChannel(self, channel_id, memfd, memory, rings, peer, fd_door)
+        channel.links = self
+        return channel
+
+    def on_ready(self, channel: FrontendChannel, ready: FrontendReady) -> None:
+        if self.ready_callback is not None:
+            self.ready_callback(channel, ready)

@@ -1,0 +1,136 @@
+"""The core as a frontend process sees it: a privileged local channel to the supervisor.
+
+``RemoteCore`` has the ``submit``/``cancel`` of daemon/core.py (``CoreAccess``), so the gRPC
+door's inference code runs here unchanged: ``submit`` sends the parsed request
+(``FrontendInfer``) through the channel's ring and answers the door's reply when the answer
+comes, usually straight from the worker that executed it (a direct ring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from shmserve.client.errors import ShmserveError
+from shmserve.client.local_channel import AsyncLocalChannel
+from shmserve.daemon.errors import ServeError, resource_exhausted
+from shmserve.daemon.frontend_process.records import FrontendInfer, RpcAnswer, RpcCall
+from shmserve.daemon.infer_request import RequestItems
+from shmserve.daemon.reply import Reply
+from shmserve.daemon.request import InferRequest, OutputTensor, RequestedOutput
+from shmserve.daemon.settings import Settings
+from shmserve.daemon.shm_registry import Region
+from shmserve.protos.local_ring import MessageTooLarge
+
+
+@dataclass(slots=True)
+class RemoteRequest(InferRequest):
+    """What the door keeps of a request it sent to the core: enough to render the answer
+    (model, version once answered, request id, the names of output regions)."""
+
+    channel_request: int = 0
+
+
+def _serve_error(error: BaseException) -> ServeError:
+    if isinstance(error, ServeError):
+        return error
+    if isinstance(error, ShmserveError):
+        return ServeError(error.code, error.message)
+    return ServeError.from_tuple(["INTERNAL", f"{type(error).__name__}: {error}"])
+
+
+def _outputs(raw: list[list[Any]]) -> list[OutputTensor]:
+    return [OutputTensor(name, datatype, shape, data) for name, datatype, shape, data in raw]
+
+
+def _requested(items: RequestItems | None) -> list[RequestedOutput]:
+    if items is None:
+        return []
+    # Only the region's name is read back (the response names it); the core holds the rest.
+    return [RequestedOutput(o.name, None if o.shm is None
+                            else Region(o.shm[0], "system", "", 0, 0, ""))
+            for o in items.outputs]
+
+
+class RemoteCore:
+    def __init__(self, channel: AsyncLocalChannel, settings: Settings) -> None:
+        self.channel = channel
+        self._settings = settings
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def submit(self, model_name: str, version: str, parse: Callable[[], RequestItems],
+               reply: Reply, streaming: bool = False) -> InferRequest:
+        items: RequestItems | None = None
+        parse_error: ServeError | None = None
+        try:
+            items = parse()
+        except ServeError as exc:  # the core raises it once the model is known
+            parse_error = exc
+        request = RemoteRequest(model_name, 0, "" if items is None else items.request_id, [],
+                                _requested(items), 0, reply)
+        reply.request = request
+        message = FrontendInfer(model_name, version, streaming, items, parse_error).message()
+        try:
+            request.channel_request, future = self.channel.send_nowait(
+                message, partial(_partial, request) if streaming else None)
+        except MessageTooLarge as exc:
+            raise resource_exhausted(
+                f"request too large for a frontend process's channel to the core ({exc}); "
+                f"send large tensors in shared-memory regions or raise --local-ring-bytes"
+            ) from None
+        except ShmserveError as exc:
+            raise ServeError(exc.code, exc.message) from None
+        future.add_done_callback(partial(_answered, request))
+        return request
+
+    def cancel(self, request: InferRequest) -> None:
+        if not request.done and isinstance(request, RemoteRequest):
+            request.done = True
+            self.channel.cancel(request.channel_request)
+            self.channel.forget(request.channel_request)
+
+    async def call(self, call: RpcCall) -> bytes:
+        """A forwarded non-inference RPC: its serialized response. Raises ServeError."""
+        try:
+            reply = await self.channel.call(call.message())
+        except ShmserveError as exc:
+            raise ServeError(exc.code, exc.message) from None
+        return RpcAnswer.from_reply(reply).response
+
+
+def _answered(request: RemoteRequest, future: asyncio.Future[dict[str, Any]]) -> None:
+    if future.cancelled() or request.done:
+        return
+    request.done = True
+    reply = request.reply
+    error = future.exception()
+    if error is not None:
+        reply.fail(_serve_error(error))
+        return
+    answer = future.result()
+    if "model_version" in answer:
+        request.version = int(answer["model_version"])
+    if "err" in answer:
+        reply.fail(ServeError.from_tuple(answer["err"]))
+    elif answer.get("end"):
+        reply.end()
+    else:
+        reply.send(_outputs(answer["out"]), True)
+
+
+def _partial(request: RemoteRequest, answer: dict[str, Any]) -> None:
+    """A streamed request's response that more follow."""
+    if request.done:
+        return
+    if "model_version" in answer:
+        request.version = int(answer["model_version"])
+    if "err" in answer:
+        request.reply.send_error(ServeError.from_tuple(answer["err"]), False)
+    else:
+        request.reply.send(_outputs(answer["out"]), False)
