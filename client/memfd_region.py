@@ -102,6 +102,22 @@ class FdDoor:
                                     ) from None
         return tag
 
+    def receive_fd(self, tag: int) -> int:
+        """The fd the server sent under ``tag`` (a frontend process's large answer: the server
+        sends it before the reply that names it, so it is waiting here)."""
+        with self._lock:
+            try:
+                data, fds, _, _ = socket.recv_fds(self._sock, FD_TAG.size, 1)
+            except OSError as exc:
+                raise ShmserveError(grpc.StatusCode.UNAVAILABLE,
+                                    f"cannot receive an answer's memfd: {exc}") from None
+        if len(fds) != 1 or data != FD_TAG.pack(tag):
+            for fd in fds:
+                os.close(fd)
+            raise ShmserveError(grpc.StatusCode.INTERNAL,
+                                f"expected the answer's memfd under tag {tag}")
+        return fds[0]
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._sock.close()

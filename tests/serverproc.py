@@ -158,6 +158,25 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+FRONTEND_COMM = "shmserve-fe"  # a gRPC frontend process's short name (--grpc-frontends)
+
+
+def is_frontend(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().startswith(FRONTEND_COMM)
+    except OSError:
+        return False
+
+
 def worker_pids(server_pid: int) -> list[int]:
-    """Workers are children of the server's fork server (a child of the server)."""
-    return sorted(pid for fork_server in child_pids(server_pid) for pid in child_pids(fork_server))
+    """Workers are children of the server's fork server (a child of the server), as are its
+    gRPC frontend processes (not counted)."""
+    return sorted(pid for fork_server in child_pids(server_pid) for pid in child_pids(fork_server)
+                  if not is_frontend(pid))
+
+
+def frontend_pids(server_pid: int) -> list[int]:
+    """The server's gRPC frontend processes (--grpc-frontends N > 1)."""
+    return sorted(pid for fork_server in child_pids(server_pid) for pid in child_pids(fork_server)
+                  if is_frontend(pid))

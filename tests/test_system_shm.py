@@ -26,7 +26,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
-from shmserve.tests.serverproc import ServerProcess, arena_segments, build_repository
+from shmserve.tests.serverproc import ServerProcess, arena_segments, build_repository, is_frontend
 
 MODELS = ["simple", "identity_fp32", "string_upper", "shm_probe"]
 PREFIX = f"tcshm{os.getpid()}_"
@@ -56,7 +56,8 @@ def _ppid(pid: int) -> int:
 def worker_pids(server_pid: int) -> list[int]:
     """Workers are the children of the server's fork server: their parent's parent is it."""
     pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
-    return sorted(pid for pid in pids if _ppid(_ppid(pid)) == server_pid)
+    return sorted(pid for pid in pids if _ppid(_ppid(pid)) == server_pid
+                  and not is_frontend(pid))
 
 
 def open_fds(pid: int) -> int:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shmserve.daemon.core import Core
 from shmserve.daemon.errors import ServeError, invalid_argument
 from shmserve.daemon.frontend.local import LocalChannel, LocalFrontend, _ChannelReply
-from shmserve.daemon.frontend.local_fds import FdDoor
+from shmserve.daemon.frontend.local_fds import FdDoor, register_memfd
 from shmserve.daemon.frontend_process.records import (
     OP_ITEMS,
     OP_READY,
@@ -38,6 +39,7 @@ from shmserve.daemon.frontend_process.records import (
     RpcAnswer,
     RpcCall,
 )
+from shmserve.daemon.frontend_process.spill import SPILL_BYTES, write_memfd
 from shmserve.daemon.infer_request import RequestItems
 from shmserve.daemon.request import OutputTensor
 from shmserve.protos import local_messages as messages
@@ -54,6 +56,7 @@ class FrontendChannel(LocalChannel):
 
     links: FrontendLinks
     requests = 0  # inference and forwarded calls received
+    spills = 0    # answers sent in a memfd (their fd tags)
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message["op"]
@@ -82,7 +85,12 @@ class FrontendChannel(LocalChannel):
 
     def answer_more(self, reply: _ChannelReply, outputs: list[OutputTensor] | None,
                     error: ServeError | None) -> None:
-        if error is None:
+        if error is None and outputs is not None and _payload(outputs) > SPILL_BYTES:
+            if reply.request_id in self._inflight:
+                message = self._spilled(reply, outputs)
+                message["more"] = True
+                self._reply(message)
+        elif error is None:
             super().answer_more(reply, outputs, None)
         elif reply.request_id in self._inflight:
             message = _versioned(messages.error_reply(reply.request_id, error.code.name,
@@ -93,16 +101,26 @@ class FrontendChannel(LocalChannel):
     def _infer_items(self, message: dict[str, Any]) -> None:
         request_id = message["id"]
         try:
-            infer = FrontendInfer.from_message(message)
+            infer = FrontendInfer.from_message(message, self.owner)
         except (KeyError, TypeError, ValueError) as exc:
             self._reply_error(request_id, invalid_argument(
                 f"malformed frontend request: {exc}"))
             return
         reply = _ChannelReply(self, request_id)
         self._inflight[request_id] = reply  # it may be answered before submit returns
+        core = self.links.core
+        spill = ""
         try:
-            self.links.core.submit(infer.model, infer.version, _items_of(infer), reply,
-                                   infer.streaming)
+            if infer.spill is not None:
+                # The request's large inputs: a private region for it alone, unregistered
+                # at once (the request pins it until done).
+                tag, size = infer.spill
+                name = FrontendInfer.spill_name(tag)
+                register_memfd(core, self._fd_door, self._region_prefix,
+                               {"name": name, "fd": tag, "offset": 0, "byte_size": size},
+                               self.owner)
+                spill = self._region_prefix + name
+            core.submit(infer.model, infer.version, _items_of(infer), reply, infer.streaming)
         except ServeError as exc:
             self._inflight.pop(request_id, None)
             self._reply_error(request_id, exc)
@@ -111,6 +129,38 @@ class FrontendChannel(LocalChannel):
             log.exception("frontend infer failed")
             self._reply(messages.error_reply(request_id, "INTERNAL",
                                              f"{type(exc).__name__}: {exc}"))
+        finally:
+            if spill:
+                core.registry.unregister("system", spill, self.owner)
+
+    # Outputs past SPILL_BYTES go back in a memfd (spill.py): a ring holds half its size.
+    def answer(self, reply: _ChannelReply, outputs: list[OutputTensor]) -> None:
+        if _payload(outputs) <= SPILL_BYTES:
+            super().answer(reply, outputs)
+        elif self.settle(reply):
+            self._reply(self._spilled(reply, outputs))
+
+    def _spilled(self, reply: _ChannelReply, outputs: list[OutputTensor]) -> dict[str, Any]:
+        assert reply.request is not None
+        if self._fd_door is None:
+            return messages.error_reply(reply.request_id, "INTERNAL", "no fd door")
+        parts = [o.data for o in outputs if o.data is not None]
+        fd, offsets = write_memfd("shmserve-frontend-out", parts)
+        try:
+            self.spills += 1
+            self._fd_door.give(fd, self.spills)
+        except OSError as exc:
+            return messages.error_reply(reply.request_id, "UNAVAILABLE",
+                                        f"cannot pass the answer's memfd: {exc}")
+        finally:
+            os.close(fd)
+        places = iter(zip(offsets, parts, strict=True))
+        message = messages.infer_reply(
+            reply.request_id, str(reply.request.version),
+            [[o.name, o.datatype, o.shape, None if o.data is None else
+              [(place := next(places))[0], len(place[1])]] for o in outputs])
+        message["spill"] = self.spills
+        return message
 
     def _forward(self, message: dict[str, Any]) -> None:
         request_id = message["id"]
@@ -134,6 +184,10 @@ class FrontendChannel(LocalChannel):
                                              f"{type(exc).__name__}: {exc}"))
         else:
             self._reply(answer.message(request_id))
+
+
+def _payload(outputs: list[OutputTensor]) -> int:
+    return sum(len(o.data) for o in outputs if o.data is not None)
 
 
 def _versioned(message: dict[str, Any], reply: _ChannelReply) -> dict[str, Any]:

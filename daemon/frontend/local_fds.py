@@ -67,6 +67,11 @@ class FdDoor:
                                    f" - no file descriptor was passed under tag {tag}")
         return fd
 
+    def give(self, fd: int, tag: int) -> None:
+        """Send ``fd`` to the client under ``tag`` (a frontend process's large answer,
+        frontend_link.py); the caller keeps its own fd. Raises OSError."""
+        socket.send_fds(self._sock, [FD_TAG.pack(tag)], [fd])
+
     def _receive_waiting(self) -> None:
         while True:
             fds = array.array("i")

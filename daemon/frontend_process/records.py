@@ -50,9 +50,10 @@ def pack_items(items: RequestItems) -> list[Any]:
         items.parameters, items.request_id, _error(items.late_fault)]
 
 
-def unpack_items(fields: list[Any]) -> RequestItems:
+def unpack_items(fields: list[Any], owner: str) -> RequestItems:
     """The core's end of ``pack_items``; raises TypeError/ValueError on a malformed record.
-    The owner is the anonymous scope: gRPC regions are named globally (service.py)."""
+    ``owner`` is the frontend's channel: it sees the gRPC regions (named globally) and its
+    own private ones (spill.py)."""
     inputs_raw, outputs_raw, parameters, request_id, late_fault = fields
     inputs = []
     for name, datatype, shape, data, shm, fault in inputs_raw:
@@ -63,7 +64,7 @@ def unpack_items(fields: list[Any]) -> RequestItems:
     outputs = [OutputIn(name, _shm(shm), _fault(fault)) for name, shm, fault in outputs_raw]
     if type(parameters) is not dict or type(request_id) is not str:
         raise TypeError("malformed parameters or request id")
-    return RequestItems(inputs, outputs, parameters, request_id, "", _fault(late_fault))
+    return RequestItems(inputs, outputs, parameters, request_id, owner, _fault(late_fault))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,20 +77,33 @@ class FrontendInfer:
     streaming: bool
     items: RequestItems | None
     parse_error: ServeError | None = None
+    spill: tuple[int, int] | None = None  # (fd tag, bytes): its large inputs' memfd
+
+    @staticmethod
+    def spill_name(tag: int) -> str:
+        """The private region name (on the frontend's channel) of a request's spilled inputs."""
+        return f"~in{tag}"
 
     def message(self) -> dict[str, Any]:
         return {"op": OP_ITEMS, "model": self.model, "version": self.version,
                 "s": self.streaming,
                 "items": None if self.items is None else pack_items(self.items),
-                "perr": _error(self.parse_error)}
+                "perr": _error(self.parse_error), "spill": self.spill}
 
     @classmethod
-    def from_message(cls, message: dict[str, Any]) -> FrontendInfer:
+    def from_message(cls, message: dict[str, Any], owner: str) -> FrontendInfer:
         model, version, items = message["model"], message["version"], message["items"]
         if type(model) is not str or type(version) is not str:
             raise TypeError("model and version must be strings")
+        spill = message["spill"]
+        if spill is not None:
+            tag, size = spill
+            if type(tag) is not int or type(size) is not int:
+                raise TypeError("malformed spill")
+            spill = (tag, size)
         return cls(model, version, message["s"] is True,
-                   None if items is None else unpack_items(items), _fault(message["perr"]))
+                   None if items is None else unpack_items(items, owner),
+                   _fault(message["perr"]), spill)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,15 +9,22 @@ comes, usually straight from the worker that executed it (a direct ring).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from shmserve.client.errors import ShmserveError
 from shmserve.client.local_channel import AsyncLocalChannel
 from shmserve.daemon.errors import ServeError, resource_exhausted
 from shmserve.daemon.frontend_process.records import FrontendInfer, RpcAnswer, RpcCall
+from shmserve.daemon.frontend_process.spill import (
+    SMALL_TENSOR_BYTES,
+    SPILL_BYTES,
+    map_memfd,
+    write_memfd,
+)
 from shmserve.daemon.infer_request import RequestItems
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, OutputTensor, RequestedOutput
@@ -42,8 +49,40 @@ def _serve_error(error: BaseException) -> ServeError:
     return ServeError.from_tuple(["INTERNAL", f"{type(error).__name__}: {error}"])
 
 
-def _outputs(raw: list[list[Any]]) -> list[OutputTensor]:
-    return [OutputTensor(name, datatype, shape, data) for name, datatype, shape, data in raw]
+def _outputs(answer: dict[str, Any], channel: AsyncLocalChannel) -> list[OutputTensor]:
+    raw: list[list[Any]] = answer["out"]
+    tag = answer.get("spill")
+    if tag is None:
+        return [OutputTensor(name, datatype, shape, data) for name, datatype, shape, data in raw]
+    if channel.fd_door is None:
+        raise ServeError.from_tuple(["INTERNAL", "an answer in a memfd, and no fd door"])
+    memory = map_memfd(channel.fd_door.receive_fd(tag))
+    # Slices of the mapping: the door copies them once, into the gRPC response.
+    return [OutputTensor(name, datatype, shape, None if place is None else
+                         cast(bytes, memory[place[0]:place[0] + place[1]]))
+            for name, datatype, shape, place in raw]
+
+
+def _spill_inputs(items: RequestItems, channel: AsyncLocalChannel) -> tuple[int, int] | None:
+    """Large inputs into one sealed memfd, passed over the fd door (spill.py); the inputs
+    then name it as a region. None when the request is small (or there is no door)."""
+    large = [t for t in items.inputs if t.data is not None
+             and t.shm is None and len(t.data) > SMALL_TENSOR_BYTES]
+    total = sum(len(t.data) for t in large if t.data is not None)
+    if total <= SPILL_BYTES or channel.fd_door is None:
+        return None
+    fd, offsets = write_memfd("shmserve-frontend-in", [t.data for t in large
+                                                       if t.data is not None])
+    try:
+        tag = channel.fd_door.pass_fd(fd)
+    finally:
+        os.close(fd)
+    name = f"@{channel.channel_id}:{FrontendInfer.spill_name(tag)}"
+    for tensor, offset in zip(large, offsets, strict=True):
+        assert tensor.data is not None
+        tensor.shm = (name, offset, len(tensor.data))
+        tensor.data = None  # the request's bytes can go as soon as gRPC lets them
+    return tag, total
 
 
 def _requested(items: RequestItems | None) -> list[RequestedOutput]:
@@ -75,10 +114,12 @@ class RemoteCore:
         request = RemoteRequest(model_name, 0, "" if items is None else items.request_id, [],
                                 _requested(items), 0, reply)
         reply.request = request
-        message = FrontendInfer(model_name, version, streaming, items, parse_error).message()
         try:
+            spill = None if items is None else _spill_inputs(items, self.channel)
+            message = FrontendInfer(model_name, version, streaming, items, parse_error,
+                                    spill).message()
             request.channel_request, future = self.channel.send_nowait(
-                message, partial(_partial, request) if streaming else None)
+                message, partial(_partial, request, self.channel) if streaming else None)
         except MessageTooLarge as exc:
             raise resource_exhausted(
                 f"request too large for a frontend process's channel to the core ({exc}); "
@@ -86,7 +127,7 @@ class RemoteCore:
             ) from None
         except ShmserveError as exc:
             raise ServeError(exc.code, exc.message) from None
-        future.add_done_callback(partial(_answered, request))
+        future.add_done_callback(partial(_answered, request, self.channel))
         return request
 
     def cancel(self, request: InferRequest) -> None:
@@ -104,7 +145,8 @@ class RemoteCore:
         return RpcAnswer.from_reply(reply).response
 
 
-def _answered(request: RemoteRequest, future: asyncio.Future[dict[str, Any]]) -> None:
+def _answered(request: RemoteRequest, channel: AsyncLocalChannel,
+              future: asyncio.Future[dict[str, Any]]) -> None:
     if future.cancelled() or request.done:
         return
     request.done = True
@@ -121,10 +163,16 @@ def _answered(request: RemoteRequest, future: asyncio.Future[dict[str, Any]]) ->
     elif answer.get("end"):
         reply.end()
     else:
-        reply.send(_outputs(answer["out"]), True)
+        try:
+            outputs = _outputs(answer, channel)
+        except (ServeError, ShmserveError, OSError) as exc:
+            reply.fail(_serve_error(exc))
+            return
+        reply.send(outputs, True)
 
 
-def _partial(request: RemoteRequest, answer: dict[str, Any]) -> None:
+def _partial(request: RemoteRequest, channel: AsyncLocalChannel, answer: dict[str, Any]
+             ) -> None:
     """A streamed request's response that more follow."""
     if request.done:
         return
@@ -133,4 +181,9 @@ def _partial(request: RemoteRequest, answer: dict[str, Any]) -> None:
     if "err" in answer:
         request.reply.send_error(ServeError.from_tuple(answer["err"]), False)
     else:
-        request.reply.send(_outputs(answer["out"]), False)
+        try:
+            outputs = _outputs(answer, channel)
+        except (ServeError, ShmserveError, OSError) as exc:
+            request.reply.send_error(_serve_error(exc), False)
+            return
+        request.reply.send(outputs, False)
