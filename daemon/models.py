@@ -203,6 +203,9 @@ class ModelManager:
         self._gpu_ids = gpu_ids
         self._root = Path(settings.model_repository)
         self._records: dict[str, ModelRecord] = {}
+        # Until start-up loading is over the server is not ready (a door may be serving
+        # before the first load even began: frontend processes).
+        self._starting = True
         self._log_level = logging.DEBUG if settings.log_verbose else logging.WARNING
         self._retiring: dict[asyncio.Task[None], _Generation] = {}
         self.step_door: StepDoor | None = None  # the core's submit, for ensembles
@@ -239,8 +242,11 @@ class ModelManager:
         """Load what start-up loads; returns the names that failed (each already logged
         with its reason by ``load``)."""
         names = self.startup_models()
-        results = await asyncio.gather(*(self.load(name) for name in names),
-                                       return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(self.load(name) for name in names),
+                                           return_exceptions=True)
+        finally:
+            self._starting = False
         failed = []
         for name, result in zip(names, results, strict=True):
             if isinstance(result, BaseException):
@@ -727,6 +733,8 @@ class ModelManager:
     def all_ready(self) -> bool:
         """Strict readiness: every serving version ready, no first load in progress, no
         model that failed at start-up still unloaded (as tritonserver's strict readiness)."""
+        if self._starting:
+            return False
         for record in self._records.values():
             if not record.versions and record.state == LOADING:
                 return False

@@ -59,11 +59,20 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
         assert_no_arenas(server.pid)
 
 
+#: The gRPC suite's module servers run twice: the supervisor serving gRPC itself, and two
+#: frontend processes (--grpc-frontends 2) forwarding to it.
+GRPC_FRONTENDS = [1, 2]
+
+
+def frontends_id(count: int) -> str:
+    return f"{count}frontend" + ("s" if count > 1 else "")
+
+
 def serve_models(tmp_path_factory: pytest.TempPathFactory,
-                 models: list[str]) -> Iterator[ServerProcess]:
+                 models: list[str], frontends: int = 1) -> Iterator[ServerProcess]:
     """Body of a module-scoped server fixture: start, yield, stop cleanly, no leaked arenas."""
     repo = build_repository(tmp_path_factory.mktemp("server") / "repo", models)
-    server = ServerProcess(repo)
+    server = ServerProcess(repo, "--grpc-frontends", str(frontends))
     server.wait_ready()
     yield server
     code = server.stop()

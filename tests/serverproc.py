@@ -59,6 +59,11 @@ class ServerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if not any(arg.startswith("--allow-client-shm") for arg in extra):
             extra = ("--allow-client-shm", *extra)
+        if not any(arg.startswith("--grpc-frontends") for arg in extra) \
+                and "SHMSERVE_GRPC_FRONTENDS" not in os.environ:
+            # Today's topology whatever the host's cores (the default depends on them); the
+            # environment variable runs a whole suite with more.
+            extra = ("--grpc-frontends", "1", *extra)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "shmserve.daemon", "serve", "--model-repository",
              str(repository), "--grpc-address", "127.0.0.1", "--grpc-port", str(self.port),

@@ -13,15 +13,16 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from shmserve.protos import shmserve_service_pb2 as pb
-from shmserve.tests.conftest import serve_models
+from shmserve.tests.conftest import GRPC_FRONTENDS, frontends_id, serve_models
 from shmserve.tests.serverproc import ServerProcess
 
 MODELS = ["simple", "string_upper", "raiser", "identity_fp32"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    yield from serve_models(tmp_path_factory, MODELS)
+@pytest.fixture(scope="module", params=GRPC_FRONTENDS, ids=frontends_id)
+def server(tmp_path_factory: pytest.TempPathFactory,
+           request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    yield from serve_models(tmp_path_factory, MODELS, request.param)
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,16 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from shmserve.protos import shmserve_health_pb2 as health_pb
-from shmserve.tests.conftest import serve_models
+from shmserve.tests.conftest import GRPC_FRONTENDS, frontends_id, serve_models
 from shmserve.tests.serverproc import ServerProcess
 
 MODELS = ["simple", "identity_fp32", "string_upper", "echo_all"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    yield from serve_models(tmp_path_factory, MODELS)
+@pytest.fixture(scope="module", params=GRPC_FRONTENDS, ids=frontends_id)
+def server(tmp_path_factory: pytest.TempPathFactory,
+           request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    yield from serve_models(tmp_path_factory, MODELS, request.param)
 
 
 @pytest.fixture

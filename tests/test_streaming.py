@@ -20,16 +20,17 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from shmserve.tests.conftest import StartServer, serve_models
+from shmserve.tests.conftest import GRPC_FRONTENDS, StartServer, frontends_id, serve_models
 from shmserve.tests.serverproc import ServerProcess, worker_pids
 
 MODELS = ["repeat_int32", "square_int32", "midstream_error", "simple"]
 FINAL = "triton_final_response"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    yield from serve_models(tmp_path_factory, MODELS)
+@pytest.fixture(scope="module", params=GRPC_FRONTENDS, ids=frontends_id)
+def server(tmp_path_factory: pytest.TempPathFactory,
+           request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    yield from serve_models(tmp_path_factory, MODELS, request.param)
 
 
 class Stream:

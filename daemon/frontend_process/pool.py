@@ -62,15 +62,17 @@ class _Frontend:
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
-    """A bound, not listening, SO_REUSEPORT socket on the gRPC address: fixes the port."""
+    """A bound, not listening, socket on the gRPC address: fixes the port. Bound before it
+    allows SO_REUSEPORT, so a port some other server listens on (even with SO_REUSEPORT)
+    is refused rather than shared; the frontends' sockets join it afterwards."""
     host = host.strip("[]")
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     except BaseException:
         sock.close()
         raise

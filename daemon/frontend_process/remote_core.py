@@ -25,11 +25,17 @@ from shmserve.daemon.frontend_process.spill import (
     map_memfd,
     write_memfd,
 )
-from shmserve.daemon.infer_request import RequestItems
+from shmserve.daemon.infer_request import (  # the inline BYTES checks, for spilled inputs
+    BYTES_CHECKED_ON_LOOP,
+    RequestItems,
+    TensorIn,
+    _check_bytes_tensor,
+)
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, OutputTensor, RequestedOutput
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import Region
+from shmserve.protos.datatypes import element_count
 from shmserve.protos.local_ring import MessageTooLarge
 
 
@@ -63,16 +69,34 @@ def _outputs(answer: dict[str, Any], channel: AsyncLocalChannel) -> list[OutputT
             for name, datatype, shape, place in raw]
 
 
-def _spill_inputs(items: RequestItems, channel: AsyncLocalChannel) -> tuple[int, int] | None:
+def _spilled(tensor: TensorIn) -> bool:
+    if tensor.data is None or tensor.shm is not None:
+        return False
+    if tensor.datatype == "BYTES":
+        # Only those the core checks in O(1) anyway (smaller ones it parses on its loop).
+        return len(tensor.data) > BYTES_CHECKED_ON_LOOP
+    return len(tensor.data) > SMALL_TENSOR_BYTES
+
+
+def _spill_inputs(model: str, items: RequestItems, channel: AsyncLocalChannel
+                  ) -> tuple[int, int] | None:
     """Large inputs into one sealed memfd, passed over the fd door (spill.py); the inputs
     then name it as a region. None when the request is small (or there is no door)."""
-    large = [t for t in items.inputs if t.data is not None
-             and t.shm is None and len(t.data) > SMALL_TENSOR_BYTES]
-    total = sum(len(t.data) for t in large if t.data is not None)
+    total = sum(len(t.data) for t in items.inputs if t.data is not None)
     if total <= SPILL_BYTES or channel.fd_door is None:
         return None
-    fd, offsets = write_memfd("shmserve-frontend-in", [t.data for t in large
-                                                       if t.data is not None])
+    large = [t for t in items.inputs if _spilled(t)]
+    if not large:
+        return None
+    for tensor in large:
+        if tensor.datatype == "BYTES" and tensor.fault is None and tensor.data is not None:
+            try:  # the checks the core makes of inline BYTES data, not of a region's
+                _check_bytes_tensor(tensor.name, model, tensor.data,
+                                    element_count(tensor.shape))
+            except ServeError as exc:
+                tensor.fault = exc
+    parts = [t.data for t in large if t.data is not None]
+    fd, offsets = write_memfd("shmserve-frontend-in", parts)
     try:
         tag = channel.fd_door.pass_fd(fd)
     finally:
@@ -82,7 +106,7 @@ def _spill_inputs(items: RequestItems, channel: AsyncLocalChannel) -> tuple[int,
         assert tensor.data is not None
         tensor.shm = (name, offset, len(tensor.data))
         tensor.data = None  # the request's bytes can go as soon as gRPC lets them
-    return tag, total
+    return tag, sum(len(part) for part in parts)
 
 
 def _requested(items: RequestItems | None) -> list[RequestedOutput]:
@@ -115,7 +139,7 @@ class RemoteCore:
                                 _requested(items), 0, reply)
         reply.request = request
         try:
-            spill = None if items is None else _spill_inputs(items, self.channel)
+            spill = None if items is None else _spill_inputs(model_name, items, self.channel)
             message = FrontendInfer(model_name, version, streaming, items, parse_error,
                                     spill).message()
             request.channel_request, future = self.channel.send_nowait(

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 
 SPILL_BYTES = 1 << 20
-SMALL_TENSOR_BYTES = 64 << 10  # smaller inputs of a large request stay inline
+SMALL_TENSOR_BYTES = 4 << 10  # smaller inputs of a large request stay inline
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
