@@ -8,7 +8,9 @@ from pathlib import Path
 FRONTEND = Path(__file__).parent.parent / "daemon" / "frontend"
 # door -> its modules in daemon/frontend (BLS requests come through the local door: its
 # channels opened on workers' sockets, bls.py)
-DOORS = {"grpc": {"service", "infer_grpc", "wire"}, "local": {"local", "local_fds", "bls"},
+# (and the frontend processes' privileged channels, frontend_link.py)
+DOORS = {"grpc": {"service", "infer_grpc", "wire"},
+         "local": {"local", "local_fds", "bls", "frontend_link"},
          "http": {"http", "http_infer"}}
 NEVER = {"shmserve.daemon.worker_process", "shmserve.daemon.scheduler",
          "shmserve.daemon.dispatcher"}
