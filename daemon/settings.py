@@ -86,8 +86,8 @@ class Settings:
                                help="serve the KServe v2 gRPC protocol")
     grpc_frontends: int = setting(
         0, flag="--grpc-frontends", env="SHMSERVE_GRPC_FRONTENDS", parse=int, metavar="N",
-        help="processes serving the gRPC port (SO_REUSEPORT), each forwarding to the core "
-             "through shared memory; 1 = the supervisor serves gRPC itself; 0 = one per four "
+        help="processes serving the gRPC and HTTP ports (SO_REUSEPORT), each forwarding to the "
+             "core through shared memory; 1 = the supervisor serves both itself; 0 = one per four "
              "cores (1 on up to 7 cores, at most 8)")
     allow_http: bool = setting(True, flag="--allow-http", parse=parse_bool,
                                help="serve the KServe v2 HTTP/REST protocol")

@@ -20,6 +20,7 @@ from shmserve.daemon.frontend.bls import BlsDoor
 from shmserve.daemon.frontend.http import HttpDoor
 from shmserve.daemon.frontend.local import LocalFrontend
 from shmserve.daemon.frontend.service import InferenceService, generic_handlers
+from shmserve.daemon.frontend_process.core_http import CoreHttp
 from shmserve.daemon.frontend_process.grpc_server import GRPC_OPTIONS, grpc_server
 from shmserve.daemon.frontend_process.pool import FrontendPool, frontend_count
 from shmserve.daemon.frontend_process.records import RpcCall
@@ -52,6 +53,7 @@ class Supervisor:
         self.bound_port: int | None = None
         self.http_port: int | None = None
         self.frontends: FrontendPool | None = None  # --grpc-frontends N > 1
+        self._core_http: CoreHttp | None = None     # their proxied HTTP calls' door
 
     async def run(self) -> int:
         settings = self.settings
@@ -92,7 +94,8 @@ class Supervisor:
             if metrics is not None:
                 await metrics.stop()
             return 1
-        http = HttpDoor(core) if settings.allow_http else None
+        # With frontend processes they serve the HTTP port too (self.http_port set then).
+        http = HttpDoor(core) if settings.allow_http and self.frontends is None else None
         local: LocalFrontend | None = None
         try:
             if http is not None:
@@ -115,6 +118,8 @@ class Supervisor:
                 await server.stop(0)
             if self.frontends is not None:
                 await self.frontends.stop(5.0)
+            if self._core_http is not None:
+                await self._core_http.stop()
             if metrics is not None:
                 await metrics.stop()
             return 1
@@ -170,15 +175,26 @@ class Supervisor:
         async def forward(call: RpcCall) -> bytes:
             return await service.run_forwarded(call.rpc, call.request, call.client_id)
 
-        self.frontends = FrontendPool(core, settings, count, forward)
+        core_http = ""
+        if settings.allow_http:
+            self._core_http = CoreHttp(core)
+            core_http = await self._core_http.start()
+        self.frontends = FrontendPool(core, settings, count, forward, core_http)
         try:
             self.bound_port = await self.frontends.start()
         except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", settings.grpc_address, settings.grpc_port,
-                      exc)
+            log.error("cannot listen on %s:%d%s: %s", settings.grpc_address,
+                      settings.grpc_port, f" or {settings.http_address}:{settings.http_port}"
+                      if core_http else "", exc)
+            if self._core_http is not None:
+                await self._core_http.stop()
             return False
         log.info("Started GRPCInferenceService at %s:%d (%d frontend processes)",
                  settings.grpc_address, self.bound_port, count)
+        if core_http:
+            self.http_port = self.frontends.http_port
+            log.info("Started HTTPService at %s:%d (%d frontend processes)",
+                     settings.http_address, self.http_port, count)
         return True
 
     async def _start_grpc(self, core: Core) -> grpc.aio.Server | None:
@@ -241,6 +257,8 @@ class Supervisor:
             await server.stop(grace=min(1.0, budget.left()))
         if self.frontends is not None:  # drained: each frontend stops its server and exits
             await self.frontends.stop(max(1.0, budget.left()))
+        if self._core_http is not None:
+            await self._core_http.stop()
         remove_arenas(self.pid)
         log.info("shmserve stopped")
 

@@ -1,10 +1,10 @@
-"""--grpc-frontends N: gRPC served by N processes past one core.
+"""--grpc-frontends N: gRPC (and HTTP) served by N processes past one core.
 
 Whichever process a call reaches, it is answered the same: regions, statistics, model state
 live in the core. A frontend SIGKILLed under load fails only its own requests and is started
 again; SIGTERM drains every frontend; nothing is left in /dev/shm. The gRPC suite's modules
-(test_server, test_errors, test_streaming) run with 2 frontends too (their ``server``
-fixtures).
+(test_server, test_errors, test_streaming) and test_http run with 2 frontends too (their
+``server`` fixtures).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from shmserve.daemon.frontend_process.pool import frontend_count
@@ -189,6 +190,57 @@ def test_a_frontend_killed_under_load_fails_only_its_requests_and_comes_back(
         time.sleep(0.05)
     for client in clients.values():
         client.close()
+
+
+def test_http_is_served_by_every_frontend_alike(start_server: StartServer,
+                                               shm_segment: tuple[str, int]) -> None:
+    """The frontends serve the HTTP port too: inference runs in the frontend that took the
+    connection, every other route is the core's (a region registered over HTTP through one
+    is used through the other)."""
+    server = start_server(["simple"], "--grpc-frontends", "2")
+    key, fd = shm_segment
+    os.pwrite(fd, np.full(16, 5, np.int32).tobytes(), 0)
+    clients: dict[int, httpclient.InferenceServerClient] = {}
+    for _ in range(60):  # a connection to each frontend, told apart by their counters
+        if len(clients) == 2:
+            break
+        client = httpclient.InferenceServerClient(server.http_url)
+        before = frontend_series(server, "requests_total")
+        client.infer("simple", http_inputs(1))
+        after = frontend_series(server, "requests_total")
+        grew = [index for index in after if after[index] > before[index]]
+        if len(grew) == 1 and grew[0] not in clients:
+            clients[grew[0]] = client
+        else:
+            client.close()
+    assert len(clients) == 2, "HTTP connections never reached both frontends"
+    try:
+        clients[0].register_system_shared_memory("http_in", key, 64)
+        assert clients[1].get_system_shared_memory_status()[0]["name"] == "http_in"
+        result = clients[1].infer("simple", http_inputs(0, region="http_in"))
+        assert result.as_numpy("OUTPUT0").tolist() == [[6] * 16]
+        clients[1].unregister_system_shared_memory("http_in")
+        assert clients[0].get_system_shared_memory_status() == []
+        stats = [c.get_inference_statistics("simple")["model_stats"][0]["inference_stats"]
+                 for c in clients.values()]
+        assert stats[0] == stats[1] and stats[0]["success"]["count"] >= 3
+        assert all(c.is_server_ready() and c.is_model_ready("simple")
+                   for c in clients.values())
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            clients[0].get_model_metadata("nope")
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def http_inputs(value: int, region: str | None = None) -> list[httpclient.InferInput]:
+    inputs = [httpclient.InferInput(name, [1, 16], "INT32") for name in ("INPUT0", "INPUT1")]
+    if region is None:
+        inputs[0].set_data_from_numpy(np.full((1, 16), value, np.int32))
+    else:
+        inputs[0].set_shared_memory(region, 64)
+    inputs[1].set_data_from_numpy(np.ones((1, 16), np.int32))
+    return inputs
 
 
 def test_sigterm_drains_every_frontend_and_leaves_nothing(start_server: StartServer,

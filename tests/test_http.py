@@ -26,6 +26,7 @@ import tritonclient.http.aio as aiohttpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
+from shmserve.tests.conftest import GRPC_FRONTENDS, frontends_id
 from shmserve.tests.serverproc import ServerProcess, build_repository
 
 MODELS = ["simple", "identity_fp32", "string_upper", "echo_all"]
@@ -35,11 +36,15 @@ DATATYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32":
              "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module", params=GRPC_FRONTENDS, ids=frontends_id)
+def server(tmp_path_factory: pytest.TempPathFactory,
+           request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """Served by the supervisor, and by 2 frontend processes (--grpc-frontends: they serve
+    the HTTP port too)."""
     repo = build_repository(tmp_path_factory.mktemp("http") / "repo", MODELS)
     with ServerProcess(repo, "--http-max-body-bytes", str(8 << 20),
-                       "--http-max-header-bytes", "8192") as process:
+                       "--http-max-header-bytes", "8192",
+                       "--grpc-frontends", str(request.param)) as process:
         process.wait_ready()
         yield process
 

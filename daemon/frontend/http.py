@@ -24,7 +24,8 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from shmserve.daemon.core import Core
-from shmserve.daemon.errors import ServeError, invalid_argument
+from shmserve.daemon.core_access import CoreAccess
+from shmserve.daemon.errors import ServeError, internal, invalid_argument
 from shmserve.daemon.frontend.http_infer import (
     HEADER_LENGTH,
     HttpInfer,
@@ -192,12 +193,22 @@ def _errors(handler: Handler) -> Handler:
 
 
 class HttpDoor:
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: CoreAccess) -> None:
+        # In a frontend process (--grpc-frontends) ``core`` is the link to the core: only
+        # inference runs there, everything else is forwarded (frontend_process/http_proxy.py).
         self.core = core
-        self.operations = Operations(core)
+        self._operations: Operations | None = None
         self.max_body = core.settings.http_max_body_bytes
         self._runner: web.AppRunner | None = None
         self.bound_port: int | None = None
+
+    @property
+    def operations(self) -> Operations:
+        if self._operations is None:
+            if not isinstance(self.core, Core):
+                raise internal("this operation runs in the core process only")
+            self._operations = Operations(self.core)
+        return self._operations
 
     # --- life -------------------------------------------------------------------------
     def application(self) -> web.Application:

@@ -27,6 +27,7 @@ from shmserve.daemon.frontend.service import (
     generic_handlers,
 )
 from shmserve.daemon.frontend_process.grpc_server import grpc_server
+from shmserve.daemon.frontend_process.http_proxy import FrontendHttpDoor
 from shmserve.daemon.frontend_process.records import FrontendReady, RpcCall
 from shmserve.daemon.frontend_process.remote_core import RemoteCore
 from shmserve.daemon.settings import Settings
@@ -45,6 +46,9 @@ class FrontendSpec:
     index: int
     address: str          # host:port to serve gRPC on, with SO_REUSEPORT
     settings: Settings
+    http_host: str = ""   # where to serve HTTP too ("": not at all), with SO_REUSEPORT
+    http_port: int = 0
+    core_http: str = ""   # the core's HTTP door (a Unix socket) for proxied routes
 
 
 def run_frontend(sock: socket.socket, spec: FrontendSpec) -> None:
@@ -69,10 +73,16 @@ async def _serve(sock: socket.socket, spec: FrontendSpec) -> None:
     server.add_generic_rpc_handlers(generic_handlers(service, _forwarder(core)))
     server.add_insecure_port(spec.address)
     await server.start()
+    http = None
+    if spec.http_host:
+        http = FrontendHttpDoor(core, spec.core_http)
+        await http.start_shared(spec.http_host.strip("[]"), spec.http_port)
     await channel.call(FrontendReady(spec.index, os.getpid()).message())
     while not channel.closed:  # the supervisor closes it to stop us (or died)
         await asyncio.sleep(_CHANNEL_CHECK_SECS)
     await server.stop(grace=1.0)
+    if http is not None:
+        await http.stop()
 
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]

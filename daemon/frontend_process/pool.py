@@ -80,27 +80,39 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 class FrontendPool:
-    def __init__(self, core: Core, settings: Settings, count: int, forward: Forward) -> None:
+    def __init__(self, core: Core, settings: Settings, count: int, forward: Forward,
+                 core_http: str = "") -> None:
+        """``core_http``: the core's HTTP door (a Unix socket); given, the frontends serve
+        the HTTP port too, proxying all but inference to it."""
         self._settings = settings
+        self._core_http = core_http
         self._links = FrontendLinks(core, forward, "", ring_bytes=settings.local_ring_bytes,
                                     stall_secs=settings.local_stall_secs,
                                     direct_rings=max(1, settings.local_direct_rings),
                                     direct_ring_bytes=settings.local_direct_ring_bytes)
         self._links.ready_callback = self._ready
         self._frontends = [_Frontend(index) for index in range(count)]
-        self._reserved: socket.socket | None = None
+        self._reserved: list[socket.socket] = []
         self._address = ""
         self._stopping = False
         self._restarts: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.http_port = 0
 
     # --- start --------------------------------------------------------------------------
     async def start(self) -> int:
         """Start every frontend and wait until each serves; the port. Raises OSError."""
         settings = self._settings
-        self._reserved = reserve_port(settings.grpc_address, settings.grpc_port)
-        self.port = int(self._reserved.getsockname()[1])
+        self._reserved.append(reserve_port(settings.grpc_address, settings.grpc_port))
+        self.port = int(self._reserved[0].getsockname()[1])
         self._address = f"{settings.grpc_address}:{self.port}"
+        if self._core_http:
+            try:
+                self._reserved.append(reserve_port(settings.http_address, settings.http_port))
+            except OSError:
+                self._reserved.pop().close()
+                raise
+            self.http_port = int(self._reserved[1].getsockname()[1])
         try:
             await asyncio.gather(*(self._start(frontend) for frontend in self._frontends))
         except BaseException:
@@ -111,7 +123,9 @@ class FrontendPool:
     async def _start(self, frontend: _Frontend) -> None:
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        spec = FrontendSpec(frontend.index, self._address, self._settings)
+        spec = FrontendSpec(frontend.index, self._address, self._settings,
+                            self._settings.http_address if self._core_http else "",
+                            self.http_port, self._core_http)
         process = fork_context().Process(target=run_frontend, args=(child, spec),
                                          name=f"shmserve-frontend-{frontend.index}",
                                          daemon=True)
@@ -127,7 +141,7 @@ class FrontendPool:
         frontend.started_at = time.monotonic()
         frontend.exited = asyncio.Event()
         frontend.ready = loop.create_future()
-        loop.add_reader(process.sentinel, self._on_exit, frontend)
+        loop.add_reader(process.sentinel, self._on_exit, frontend, process)
         try:
             channel = await self._links.open_channel(parent)
         except OSError:
@@ -151,12 +165,12 @@ class FrontendPool:
                 frontend.ready.set_result(None)
 
     # --- death and restart --------------------------------------------------------------
-    def _on_exit(self, frontend: _Frontend) -> None:
-        process = frontend.process
-        assert process is not None
+    def _on_exit(self, frontend: _Frontend, process: BaseProcess) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(process.sentinel)
         process.join(0)
+        if process is not frontend.process:
+            return  # an earlier process of this frontend (killed after a failed start)
         code = process.exitcode
         frontend.exited.set()
         if frontend.channel is not None:
@@ -165,6 +179,7 @@ class FrontendPool:
             frontend.channel = None
         if frontend.ready is not None and not frontend.ready.done():
             frontend.ready.set_exception(OSError(f"it exited ({_exit_text(code)})"))
+            frontend.ready.exception()  # retrieved: the starter may have given up waiting
             return  # a failed start: the starter reports it
         if self._stopping:
             return
@@ -179,17 +194,17 @@ class FrontendPool:
         task.add_done_callback(self._restarts.discard)
 
     async def _restart(self, frontend: _Frontend) -> None:
-        await asyncio.sleep(frontend.backoff)
-        if self._stopping:
-            return
-        frontend.restarts += 1
-        try:
-            await self._start(frontend)
-        except OSError as exc:
-            log.error("%s", exc)
-            if not self._stopping and frontend.exited.is_set():
-                return  # _on_exit scheduled the next attempt
-            self._on_exit(frontend)
+        while True:
+            await asyncio.sleep(frontend.backoff)
+            if self._stopping:
+                return
+            frontend.restarts += 1
+            try:
+                await self._start(frontend)
+                return
+            except OSError as exc:
+                log.error("%s", exc)
+                frontend.backoff = min(MAX_BACKOFF_SECS, max(0.1, frontend.backoff * 2))
 
     def _kill(self, frontend: _Frontend) -> None:
         if frontend.pid is not None and not frontend.exited.is_set():
@@ -218,14 +233,14 @@ class FrontendPool:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(frontend.exited.wait(), 5.0)
         await self._links.stop()
-        if self._reserved is not None:
-            self._reserved.close()
-            self._reserved = None
+        for reserved in self._reserved:
+            reserved.close()
+        self._reserved.clear()
 
     # --- counters -----------------------------------------------------------------------
     def metrics(self) -> list[str]:
-        lines = ["# HELP shmserve_frontend_requests_total Calls each gRPC frontend process "
-                 "forwarded to the core (inference and other RPCs)",
+        lines = ["# HELP shmserve_frontend_requests_total Calls each frontend process "
+                 "forwarded to the core (inference, gRPC or HTTP, and other gRPC calls)",
                  "# TYPE shmserve_frontend_requests_total counter"]
         lines += [f'shmserve_frontend_requests_total{{frontend="{f.index}"}} {f.served}'
                   for f in self._frontends]
