@@ -106,17 +106,21 @@ class FdDoor:
         """The fd the server sent under ``tag`` (a frontend process's large answer: the server
         sends it before the reply that names it, so it is waiting here)."""
         with self._lock:
-            try:
-                data, fds, _, _ = socket.recv_fds(self._sock, FD_TAG.size, 1)
-            except OSError as exc:
-                raise ShmserveError(grpc.StatusCode.UNAVAILABLE,
-                                    f"cannot receive an answer's memfd: {exc}") from None
-        if len(fds) != 1 or data != FD_TAG.pack(tag):
-            for fd in fds:
-                os.close(fd)
-            raise ShmserveError(grpc.StatusCode.INTERNAL,
-                                f"expected the answer's memfd under tag {tag}")
-        return fds[0]
+            while True:
+                try:
+                    data, fds, _, _ = socket.recv_fds(self._sock, FD_TAG.size, 1)
+                except OSError as exc:
+                    raise ShmserveError(grpc.StatusCode.UNAVAILABLE,
+                                        f"cannot receive an answer's memfd: {exc}") from None
+                got = FD_TAG.unpack(data)[0] if len(data) == FD_TAG.size else -1
+                if len(fds) == 1 and got == tag:
+                    return fds[0]
+                for fd in fds:
+                    os.close(fd)
+                if not 0 <= got < tag:
+                    raise ShmserveError(grpc.StatusCode.INTERNAL,
+                                        f"expected the answer's memfd under tag {tag}")
+                # An earlier answer's, which nobody read: its caller had given up.
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
