@@ -3,8 +3,8 @@
 Whichever process a call reaches, it is answered the same: regions, statistics, model state
 live in the core. A frontend SIGKILLed under load fails only its own requests and is started
 again; SIGTERM drains every frontend; nothing is left in /dev/shm. The gRPC suite's modules
-(test_server, test_errors, test_streaming) and test_http run with 2 frontends too (their
-``server`` fixtures).
+(test_server, test_errors, test_streaming, test_system_shm) and test_http run with 2 frontends
+too (their ``server`` fixtures).
 """
 
 from __future__ import annotations

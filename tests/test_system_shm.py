@@ -26,6 +26,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
+from shmserve.tests.conftest import GRPC_FRONTENDS, frontends_id
 from shmserve.tests.serverproc import ServerProcess, arena_segments, build_repository, is_frontend
 
 MODELS = ["simple", "identity_fp32", "string_upper", "shm_probe"]
@@ -111,9 +112,11 @@ def _stop(server: ServerProcess) -> None:
     wait_for(lambda: arena_segments(server.pid) == [], what="arena segments to go")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = _start(tmp_path_factory.mktemp("shm"))
+@pytest.fixture(scope="module", params=GRPC_FRONTENDS, ids=frontends_id)
+def server(tmp_path_factory: pytest.TempPathFactory,
+           request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """Served by the supervisor, and by 2 frontend processes (--grpc-frontends)."""
+    proc = _start(tmp_path_factory.mktemp("shm"), "--grpc-frontends", str(request.param))
     yield proc
     _stop(proc)
 
