@@ -204,12 +204,10 @@ def report(results: dict[str, dict[str, Any]]) -> str:
         rows.append("")
         for label in ("shmserve grpc", "shmserve local"):
             point = results[label]
-            rows.append(
-                f"- {label} / triton grpc: one stream "
-                f"{point['one_stream_responses_per_s'] / triton['one_stream_responses_per_s']:.2f}×"
-                f", concurrent "
-                f"{point['concurrent_responses_per_s'] / triton['concurrent_responses_per_s']:.2f}×"
-                f", TTFR p50 {point['ttfr_p50_ms'] / triton['ttfr_p50_ms']:.2f}× (lower is better)")
+            ratios = [point[key] / triton[key] for key in (
+                "one_stream_responses_per_s", "concurrent_responses_per_s", "ttfr_p50_ms")]
+            rows.append(f"- {label} / triton grpc: one stream {ratios[0]:.2f}x, concurrent "
+                        f"{ratios[1]:.2f}x, TTFR p50 {ratios[2]:.2f}x (lower is better)")
     return "\n".join(rows)
 
 
