@@ -5,8 +5,6 @@ Importing this module needs NVIDIA DALI (``pip install 'shmserve[dali]'``).
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ import nvidia.dali as dali
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 
-from shmserve.tests.serverproc import TEST_MODELS
+from shmserve.tests.serverproc import TEST_MODELS, build_repository
 
 MEAN = [10.0, 20.0, 30.0]
 STD = [2.0, 4.0, 8.0]
@@ -33,6 +31,13 @@ def crop_normalize() -> Any:
                                           mean=MEAN, std=STD, dtype=types.FLOAT,
                                           output_layout="CHW")
     return cropped, normalized
+
+
+@dali.pipeline_def(batch_size=2, num_threads=1, device_id=None)
+def on_gpu() -> Any:
+    """The crop on the GPU: needs a GPU instance."""
+    images = fn.external_source(device="cpu", name="IMAGES", dtype=types.UINT8, ndim=3)
+    return fn.crop(images.gpu(), crop=(2, 3))
 
 
 @dali.pipeline_def(batch_size=4, num_threads=1, device_id=None,
@@ -62,15 +67,14 @@ def run_directly(definition: Any, feeds: dict[str, list[np.ndarray] | np.ndarray
     return [np.array(output.as_array()) for output in pipe.run()]
 
 
-def build_dali_repository(target: Path, names: Iterable[str]) -> Path:
-    """Copy tests/models/<name> for each name and write ``1/model.dali`` where this module has
-    its pipeline."""
-    target.mkdir(parents=True, exist_ok=True)
+def build_dali_repository(target: Path, names: list[str]) -> Path:
+    """Copy the named example/test models and write ``1/model.dali`` where this module has
+    their pipeline."""
+    build_repository(target, names)
     for name in names:
-        shutil.copytree(TEST_MODELS / name, target / name)
-        version = target / name / "1"
-        version.mkdir(exist_ok=True)
         definition = PIPELINES.get(name)
         if definition is not None:
+            version = target / name / "1"
+            version.mkdir(exist_ok=True)
             (version / "model.dali").write_bytes(serialized(definition))
     return target
