@@ -13,7 +13,7 @@ import nvidia.dali as dali
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 
-from shmserve.tests.serverproc import TEST_MODELS, build_repository
+from shmserve.tests.serverproc import build_repository
 
 MEAN = [10.0, 20.0, 30.0]
 STD = [2.0, 4.0, 8.0]

@@ -20,21 +20,21 @@ import pytest
 pytest.importorskip("nvidia.dali", reason="the dali backend tests need NVIDIA DALI "
                                           "(pip install 'shmserve[dali]')")
 
-import tritonclient.grpc as grpcclient  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
-from shmserve.tests import dali_models  # noqa: E402
-from shmserve.tests.conftest import assert_no_arenas  # noqa: E402
-from shmserve.tests.serverproc import ServerProcess  # noqa: E402
-from shmserve.workers.backend import (  # noqa: E402
+from shmserve.tests import dali_models
+from shmserve.tests.conftest import assert_no_arenas
+from shmserve.tests.serverproc import TEST_MODELS, ServerProcess
+from shmserve.workers.backend import (
     BackendError,
     InstanceSpec,
     ModelSpec,
     Request,
     resolve_backend,
 )
-from shmserve.workers.backends.dali import DaliBackend  # noqa: E402
-from shmserve.workers.backends.dali.pipeline_def import (  # noqa: E402
+from shmserve.workers.backends.dali import DaliBackend
+from shmserve.workers.backends.dali.pipeline_def import (
     CPU_ONLY_DEVICE_ID,
     read_pipeline,
     with_device,
@@ -129,7 +129,7 @@ def test_a_failed_run_fails_its_requests_and_the_pipeline_is_rebuilt(tmp_path: P
 
 
 def test_python_pipeline_file_is_autoserialized(tmp_path: Path) -> None:
-    source = (dali_models.TEST_MODELS / "dali_autoserialize" / "1" / "dali.py").read_bytes()
+    source = (TEST_MODELS / "dali_autoserialize" / "1" / "dali.py").read_bytes()
     backend = loaded(spec_for(tmp_path, source, filename="dali.py"))
     batch = images(2)
     [response] = backend.execute([Request("a", {"IMAGES": batch}, [])])
@@ -280,7 +280,7 @@ def test_server_broken_pipeline_file_fails_its_load_only(
 def test_gpu_pipeline_on_a_gpu_instance(tmp_path: Path) -> None:
     """A pipeline with GPU operators on a KIND_GPU instance; its outputs come back to the host."""
     backend = DaliBackend()
-    source = (dali_models.TEST_MODELS / "dali_autoserialize" / "1" / "dali.py").read_text()
+    source = (TEST_MODELS / "dali_autoserialize" / "1" / "dali.py").read_text()
     gpu_source = source.replace('fn.crop(images,', 'fn.crop(images.gpu(),')
     spec = spec_for(tmp_path, gpu_source.encode(), filename="dali.py")
     backend.model_initialize(spec)
