@@ -33,6 +33,16 @@ def crop_normalize() -> Any:
     return cropped, normalized
 
 
+@dali.pipeline_def(batch_size=8, num_threads=1, device_id=None)
+def batch_probe() -> Any:
+    """The crop, and each sample's position in a random permutation of the batch that ran."""
+    images = fn.external_source(device="cpu", name="IMAGES", dtype=types.UINT8, ndim=3,
+                                layout="HWC")
+    cropped = fn.crop(images, crop=(2, 3), crop_pos_x=0.25, crop_pos_y=0.5)
+    position = fn.reshape(fn.batch_permutation(allow_repetitions=False), shape=[1])
+    return cropped, position
+
+
 @dali.pipeline_def(batch_size=2, num_threads=1, device_id=None)
 def on_gpu() -> Any:
     """The crop on the GPU: needs a GPU instance."""
@@ -48,7 +58,8 @@ def scaled() -> Any:
     return values * 2.0
 
 
-PIPELINES = {"dali_crop_normalize": crop_normalize, "dali_no_package": crop_normalize}
+PIPELINES = {"dali_crop_normalize": crop_normalize, "dali_batching": batch_probe,
+             "dali_no_package": crop_normalize}
 
 
 def serialized(definition: Any) -> bytes:

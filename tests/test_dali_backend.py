@@ -106,6 +106,17 @@ def test_requests_of_a_batch_run_as_one_dali_batch(tmp_path: Path) -> None:
     assert responses[1].outputs["NORMALIZED"].shape == (3, 3, 2, 3)
 
 
+def test_one_pipeline_run_per_batch(tmp_path: Path) -> None:
+    config = {**CONFIG, "output": [CONFIG["output"][0],
+                                   {"name": "POSITION", "data_type": "TYPE_INT32", "dims": [1]}]}
+    backend = loaded(spec_for(tmp_path, dali_models.serialized(dali_models.batch_probe),
+                              config=config))
+    responses = backend.execute([Request("a", {"IMAGES": images(2)}, []),
+                                 Request("b", {"IMAGES": images(3, seed=1)}, [])])
+    positions = [int(p) for r in responses for p in r.outputs["POSITION"].reshape(-1)]
+    assert sorted(positions) == [0, 1, 2, 3, 4], "the 5 samples should have run as one batch"
+
+
 def test_a_batch_larger_than_the_pipeline_runs_in_passes(tmp_path: Path) -> None:
     config = dict(CONFIG, max_batch_size=2)       # the pipeline is built for batches of 2
     backend = loaded(spec_for(tmp_path, dali_models.serialized(dali_models.crop_normalize),
@@ -191,7 +202,7 @@ def test_missing_or_unreadable_model_file(tmp_path: Path) -> None:
 
 # --- a real server ---------------------------------------------------------------------------
 
-SERVED = ["dali_crop_normalize", "dali_autoserialize", "simple"]
+SERVED = ["dali_crop_normalize", "dali_autoserialize", "dali_batching", "simple"]
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +249,7 @@ def test_server_pipeline_matches_the_pipeline_run_directly(
 
 def test_server_batches_concurrent_requests(client: grpcclient.InferenceServerClient,
                                             dali_server: ServerProcess) -> None:
-    model = "dali_crop_normalize"
+    model = "dali_batching"
     before = client.get_inference_statistics(model).model_stats[0]
     batches = [images(1, seed=seed) for seed in range(4)]
 
@@ -252,7 +263,9 @@ def test_server_batches_concurrent_requests(client: grpcclient.InferenceServerCl
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(call, batches))
     for batch, result in zip(batches, results, strict=True):
-        np.testing.assert_array_equal(result.as_numpy("NORMALIZED"), expected(batch)[1])
+        np.testing.assert_array_equal(result.as_numpy("CROPPED"), expected(batch)[0])
+    positions = sorted(int(result.as_numpy("POSITION")[0, 0]) for result in results)
+    assert positions == [0, 1, 2, 3], "the four requests should have run as one DALI batch"
     after = client.get_inference_statistics(model).model_stats[0]
     assert after.inference_count - before.inference_count == 4
     assert after.execution_count - before.execution_count == 1, \
