@@ -59,7 +59,7 @@ def scaled() -> Any:
 
 
 PIPELINES = {"dali_crop_normalize": crop_normalize, "dali_batching": batch_probe,
-             "dali_no_package": crop_normalize}
+             "dali_autocomplete": scaled}
 
 
 def serialized(definition: Any) -> bytes:

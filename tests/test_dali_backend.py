@@ -202,7 +202,8 @@ def test_missing_or_unreadable_model_file(tmp_path: Path) -> None:
 
 # --- a real server ---------------------------------------------------------------------------
 
-SERVED = ["dali_crop_normalize", "dali_autoserialize", "dali_batching", "simple"]
+SERVED = ["dali_crop_normalize", "dali_autoserialize", "dali_batching", "dali_autocomplete",
+          "simple"]
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +246,22 @@ def test_server_pipeline_matches_the_pipeline_run_directly(
         cropped, normalized = expected(batch)
         np.testing.assert_array_equal(result.as_numpy("CROPPED"), cropped)
         np.testing.assert_array_equal(result.as_numpy("NORMALIZED"), normalized)
+
+
+def test_server_completes_the_config_from_the_pipeline(
+        client: grpcclient.InferenceServerClient) -> None:
+    config = client.get_model_config("dali_autocomplete").config
+    assert config.backend == "dali" and config.max_batch_size == 4
+    assert [(t.name, t.data_type, list(t.dims), t.allow_ragged_batch) for t in config.input] == \
+        [("VALUES", 11, [-1], True)]                                   # 11: TYPE_FP32
+    [output] = config.output
+    assert (output.data_type, list(output.dims)) == (11, [-1])
+    assert config.HasField("dynamic_batching")
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    tensor = grpcclient.InferInput("VALUES", [2, 3], "FP32")
+    tensor.set_data_from_numpy(values)
+    result = client.infer("dali_autocomplete", [tensor])
+    np.testing.assert_array_equal(result.as_numpy(output.name), values * 2)
 
 
 def test_server_batches_concurrent_requests(client: grpcclient.InferenceServerClient,

@@ -7,13 +7,10 @@ from typing import Any
 
 import pytest
 
+from shmserve.daemon.auto_complete import states_max_batch_size
 from shmserve.workers.backend import BackendError
 from shmserve.workers.backends.dali import pipeline_def
-from shmserve.workers.backends.dali.config_check import (
-    autofill_config,
-    states_max_batch_size,
-    validate_config,
-)
+from shmserve.workers.backends.dali.config_check import autofill_config, validate_config
 from shmserve.workers.backends.dali.pipeline_def import (
     CPU_ONLY_DEVICE_ID,
     PipelineDefError,

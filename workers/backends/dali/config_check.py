@@ -15,7 +15,6 @@ Pure logic on dicts (Triton's model_config JSON): no DALI, no processes.
 from __future__ import annotations
 
 import copy
-import re
 from typing import Any
 
 from shmserve.workers.backend import BackendError
@@ -161,19 +160,3 @@ def autofill_config(config: dict[str, Any], info: PipelineInfo,
     if batched and not completed.get("dynamic_batching"):
         completed["dynamic_batching"] = {}
     return completed
-
-
-_MAX_BATCH_FIELD = re.compile(r"^\s*max_batch_size\s*:", re.MULTILINE)
-_COMMENT = re.compile(r"#[^\n]*")
-
-
-def states_max_batch_size(config_text: str) -> bool:
-    """Whether a config.pbtxt sets max_batch_size at its top level (Triton's DALI backend reads
-    the file for this: in the parsed config an absent field and 0 look the same)."""
-    text = _COMMENT.sub("", config_text)
-    depth = 0
-    for line in text.splitlines():
-        if depth == 0 and _MAX_BATCH_FIELD.match(line):
-            return True
-        depth += line.count("{") + line.count("[") - line.count("}") - line.count("]")
-    return False
