@@ -260,8 +260,9 @@ class DaliBackend(Backend):
 
     def _split(self, index: int, output: Any, sizes: list[int]) -> list[np.ndarray]:
         """One pipeline output cut back into the requests' parts, each [samples, ...]."""
+        from nvidia.dali.backend import TensorListGPU
         want = self._outputs[index]
-        if hasattr(output, "as_cpu"):              # TensorListGPU: one copy to the host
+        if isinstance(output, TensorListGPU):      # one copy to the host
             output = output.as_cpu()
         if output.is_dense_tensor():
             whole = output.as_array()               # DALI hands over a copy it owns
