@@ -36,7 +36,7 @@ def _files_providing(module: str) -> set[Path]:
 
 
 def _mirror(source: Path, target: Path, owned: set[Path], partly_owned: set[Path]) -> None:
-    target.mkdir(exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
     for entry in source.iterdir():
         resolved = entry.resolve()
         if resolved in owned:
@@ -56,7 +56,7 @@ def python_without(module: str, target: Path) -> str:
     owned = _files_providing(module)
     partly_owned = {parent for path in owned for parent in path.parents}
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)], check=True)
-    site = Path(sysconfig.get_paths()["purelib"])
-    relative = site.relative_to(sys.prefix)
-    _mirror(site, target / relative, owned, partly_owned)
+    paths = sysconfig.get_paths()
+    for site in dict.fromkeys(Path(paths[key]) for key in ("purelib", "platlib")):
+        _mirror(site, target / site.relative_to(sys.prefix), owned, partly_owned)
     return str(target / "bin" / "python")

@@ -139,6 +139,22 @@ def test_a_failed_run_fails_its_requests_and_the_pipeline_is_rebuilt(tmp_path: P
     np.testing.assert_array_equal(good.outputs["CROPPED"], expected(images(1))[0])
 
 
+def test_requests_the_pipeline_cannot_take_fail_alone(tmp_path: Path) -> None:
+    config = dict(CONFIG, max_batch_size=0, input=[
+        {"name": "IMAGES", "data_type": "TYPE_UINT8", "dims": [-1, -1, -1, 3]}], output=[
+        {"name": "CROPPED", "data_type": "TYPE_UINT8", "dims": [-1, 2, 3, 3]},
+        {"name": "NORMALIZED", "data_type": "TYPE_FP32", "dims": [-1, 3, 2, 3]}])
+    backend = loaded(spec_for(tmp_path, dali_models.serialized(dali_models.crop_normalize),
+                              config=config))                # the pipeline's batch size: 8
+    too_many, empty, fine = backend.execute([
+        Request("a", {"IMAGES": images(9)}, []), Request("b", {"IMAGES": images(0)}, []),
+        Request("c", {"IMAGES": images(8)}, [])])
+    assert too_many.error is not None and empty.error is not None
+    assert "has 9 samples; its DALI pipeline takes 1 to 8" in too_many.error.message
+    assert fine.error is None, fine.error
+    np.testing.assert_array_equal(fine.outputs["CROPPED"], expected(images(8))[0])
+
+
 def test_python_pipeline_file_is_autoserialized(tmp_path: Path) -> None:
     source = (TEST_MODELS / "dali_autoserialize" / "1" / "dali.py").read_bytes()
     backend = loaded(spec_for(tmp_path, source, filename="dali.py"))

@@ -195,13 +195,13 @@ class DaliBackend(Backend):
             if name not in expected:
                 return BackendError(f"unexpected inference input '{name}' for model "
                                     f"'{self._label()}'", "INVALID_ARGUMENT")
+        if len(request.inputs) != len(expected):
+            return BackendError(f"expected {len(expected)} inputs but got "
+                                f"{len(request.inputs)} inputs for model '{self._label()}'",
+                                "INVALID_ARGUMENT")
         counts = set()
         for name in expected:
-            value = request.inputs.get(name)
-            if value is None:
-                return BackendError(f"expected 1 inputs but got 0 inputs for model "
-                                    f"'{self._label()}': input '{name}' is missing",
-                                    "INVALID_ARGUMENT")
+            value = request.inputs[name]
             if not isinstance(value, np.ndarray):
                 return BackendError(f"input '{name}' of model '{self._label()}' must be in CPU "
                                     f"memory (the dali backend feeds host tensors)",
@@ -213,6 +213,11 @@ class DaliBackend(Backend):
         if len(counts) > 1:
             return BackendError(f"inputs of model '{self._label()}' have different numbers of "
                                 f"samples: {sorted(counts)}", "INVALID_ARGUMENT")
+        samples = counts.pop() if counts else 0
+        if not 0 < samples <= self._batch_size:
+            return BackendError(f"a request to model '{self._label()}' has {samples} samples; "
+                                f"its DALI pipeline takes 1 to {self._batch_size}",
+                                "INVALID_ARGUMENT")
         return None
 
     def _passes(self, requests: list[Request]) -> list[list[int]]:
