@@ -173,20 +173,19 @@ class DaliBackend(Backend):
             error = BackendError(f"model instance '{self._label()}' is not initialized",
                                  "UNAVAILABLE")
             return [Response(error=error) for _ in requests]
-        responses: list[Response | None] = [None] * len(requests)
-        runnable: list[int] = []
+        responses: list[Response] = []
+        runnable: list[tuple[int, Request]] = []
         for index, request in enumerate(requests):
             problem = self._check_request(request)
-            if problem is not None:
-                responses[index] = Response(error=problem)
-            else:
-                runnable.append(index)
-        for group in self._passes([requests[index] for index in runnable]):
-            for position, response in zip(group, self._run([requests[runnable[position]]
-                                                              for position in group]),
-                                          strict=True):
-                responses[runnable[position]] = response
-        return [response if response is not None else Response() for response in responses]
+            responses.append(Response(error=problem))
+            if problem is None:
+                runnable.append((index, request))
+        for group in self._passes([request for _, request in runnable]):
+            batch = [runnable[position] for position in group]
+            answers = self._run([request for _, request in batch])
+            for (index, _), response in zip(batch, answers, strict=True):
+                responses[index] = response
+        return responses
 
     def _check_request(self, request: Request) -> BackendError | None:
         assert self._info is not None
