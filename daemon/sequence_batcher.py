@@ -182,9 +182,12 @@ class SequenceBatcher:
     def dispatch(self) -> None:
         """Send what is ready to the instances with free lanes."""
         self._find_lost()
-        strategy = self._direct_batch if self._plan.strategy == "direct" else self._oldest_batch
+        direct = self._plan.strategy == "direct"
+        strategy = self._direct_batch if direct else self._oldest_batch
         for slot in self._dispatcher.slots:
-            while slot.free_lanes and slot.alive:
+            # direct: one batch at a time per instance, as Triton's (the next one forms
+            # while it runs, so fewer slots need fillers)
+            while slot.free_lanes and slot.alive and not (direct and slot.inflight):
                 batch = strategy(slot)
                 if not batch:
                     break
