@@ -54,6 +54,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     _variant(repo, ACCUMULATOR, "acc_idle", ("max_batch_size: 4", "max_batch_size: 1"),
              ("max_sequence_idle_microseconds: 3000000", "max_sequence_idle_microseconds: 400000"))
     _variant(repo, STATE, "seq_state")
+    shutil.copytree(TEST_MODELS / "seq_bls_caller", repo / "seq_bls_caller")
     _variant(repo, STATE, "state_zero_batched",
              ("max_batch_size: 0", "max_batch_size: 2"),
              ("oldest { max_candidate_sequences: 4 }", "direct { }"),
@@ -304,3 +305,23 @@ def test_client_sequence_helper_over_the_local_channel(server: ServerProcess) ->
                 first.infer({"INPUT": one})
         stats = client.model_statistics("seq_state")
     assert stats[0].inference_stats.success.count >= 5
+
+
+def test_a_bls_call_joins_a_sequence_with_its_flags(server: ServerProcess) -> None:
+    client = grpcclient.InferenceServerClient(server.url)
+
+    def call(value: int, flags: int) -> int:
+        tensors = []
+        for name, datatype, array in (("INPUT", "INT32", np.array([value], np.int32)),
+                                      ("SEQ", "UINT64", np.array([4242], np.uint64)),
+                                      ("FLAGS", "INT32", np.array([flags], np.int32))):
+            tensor = grpcclient.InferInput(name, [1], datatype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        return int(client.infer("seq_bls_caller", tensors).as_numpy("OUTPUT")[0])
+
+    assert call(1, 1) == 101  # START
+    assert call(2, 0) == 103
+    assert call(3, 2) == 106  # END
+    with pytest.raises(InferenceServerException, match="must specify the START flag"):
+        call(1, 0)
