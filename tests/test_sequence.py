@@ -8,6 +8,7 @@ written below, and tests/models/seq_state (implicit state: the server keeps the 
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 import threading
@@ -21,7 +22,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from shmserve.client import Client
+from shmserve.client import AsyncClient, Client, ShmserveError
 from shmserve.tests.serverproc import TEST_MODELS, ServerProcess
 
 ACCUMULATOR = TEST_MODELS / "seq_accumulator"
@@ -303,7 +304,7 @@ def test_client_sequence_helper_over_the_local_channel(server: ServerProcess) ->
             assert first.infer({"INPUT": one}, end=True)["OUTPUT"][0] == 103
             with pytest.raises(ValueError, match="already ended"):
                 first.infer({"INPUT": one})
-        stats = client.model_statistics("seq_state")
+            stats = client.model_statistics("seq_state")
     assert stats[0].inference_stats.success.count >= 5
 
 
@@ -325,3 +326,19 @@ def test_a_bls_call_joins_a_sequence_with_its_flags(server: ServerProcess) -> No
     assert call(3, 2) == 106  # END
     with pytest.raises(InferenceServerException, match="must specify the START flag"):
         call(1, 0)
+
+
+def test_async_client_sequence_helper_over_grpc(server: ServerProcess) -> None:
+    one = np.array([1], np.int32)
+
+    async def run() -> list[int]:
+        async with AsyncClient(server.url) as client:
+            async with client.sequence("seq_state", 123456) as sequence:
+                got = [int((await sequence.infer({"INPUT": one}))["OUTPUT"][0])]
+                got.append(int((await sequence.infer({"INPUT": one}, end=True))["OUTPUT"][0]))
+            with pytest.raises(ShmserveError, match="must specify the START flag"):
+                await client.infer("seq_state", {"INPUT": one},
+                                   parameters={"sequence_id": 123456})
+        return got
+
+    assert asyncio.run(run()) == [101, 102]
