@@ -81,6 +81,7 @@ from shmserve.daemon.model_source import (
 )
 from shmserve.daemon.request import InferRequest
 from shmserve.daemon.scheduler import Scheduler
+from shmserve.daemon.sequence_config import sequence_plan
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.time_budget import TimeBudget
 from shmserve.daemon.worker_limits import LimitError, WorkerLimits, limits_for
@@ -585,10 +586,12 @@ class ModelManager:
                 instance_count=instance_count)
 
         batching = config.dynamic_batching if config.HasField("dynamic_batching") else None
+        sequence = sequence_plan(config) if config.HasField("sequence_batching") else None
         scheduler = Scheduler(name, version, config.max_batch_size, batching,
                               plan_instances(config), make_spec, settings, self._supervisor_pid,
                               self._on_request_finished, WorkerProcess, limits,
-                              decoupled=config.model_transaction_policy.decoupled)
+                              decoupled=config.model_transaction_policy.decoupled,
+                              sequence=sequence)
         return ModelVersion(name, version, config, scheduler)
 
     # --- unload -------------------------------------------------------------------------
