@@ -119,7 +119,7 @@ class Server:
         environ = dict(os.environ, NOTIFY_SOCKET=notify_path)
         command = [sys.executable, "-m", "shmserve.daemon", "serve", *self._arguments,
                    *serve_arguments(defaults), f"--lifeline-fd={read_end}"]
-        log: IO[bytes] | None = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
+        log: IO[bytes] | None = open(self.log_file, "ab") if self.log_file else None
         try:
             self._process = subprocess.Popen(command, env=environ, pass_fds=(read_end,),
                                              stdin=subprocess.DEVNULL, stdout=log, stderr=log,
