@@ -28,6 +28,7 @@ import asyncio
 import atexit
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -75,6 +76,7 @@ class Server:
         self._owner = os.getpid()
         self._process: subprocess.Popen[bytes] | None = None
         self._lifeline: int | None = None
+        self._notify: socket.socket | None = None
         self._client: Client | None = None
         self._status = ""
         self.socket_path = ""
@@ -112,10 +114,9 @@ class Server:
         defaults = self._defaults()
         read_end, write_end = os.pipe()  # both non-inheritable; read_end passed explicitly
         self._lifeline = write_end
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify_path = os.path.join(self._directory, "notify.sock")
-        notify.bind(notify_path)
-        self._notify = notify
+        self._notify.bind(notify_path)
         environ = dict(os.environ, NOTIFY_SOCKET=notify_path)
         command = [sys.executable, "-m", "shmserve.daemon", "serve", *self._arguments,
                    *serve_arguments(defaults), f"--lifeline-fd={read_end}"]
@@ -135,7 +136,7 @@ class Server:
 
     def _wait_ready(self) -> None:
         """Until the supervisor says READY=1 on the notify socket (daemon/systemd.py)."""
-        assert self._process is not None
+        assert self._process is not None and self._notify is not None
         deadline = time.monotonic() + self.startup_timeout
         self._notify.settimeout(0.1)
         while True:
@@ -179,9 +180,9 @@ class Server:
             with contextlib.suppress(OSError):
                 os.close(self._lifeline)
             self._lifeline = None
-        notify = getattr(self, "_notify", None)
-        if notify is not None:
-            notify.close()
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
         if self._directory:
             shutil.rmtree(self._directory, ignore_errors=True)
             self._directory = ""
@@ -195,6 +196,21 @@ class Server:
     def status(self) -> str:
         """The supervisor's last status line, e.g. ``serving on gRPC 8001, HTTP 8000``."""
         return self._status
+
+    @property
+    def grpc_port(self) -> int | None:
+        """The TCP port gRPC listens on (None: a Unix socket, or off); with ``grpc_port=0``
+        the one the system chose."""
+        return self._port("gRPC")
+
+    @property
+    def http_port(self) -> int | None:
+        """The port HTTP/REST listens on (None: off)."""
+        return self._port("HTTP")
+
+    def _port(self, door: str) -> int | None:
+        found = re.search(rf"\b{door} (\d+)\b", self._status)
+        return int(found.group(1)) if found else None
 
     # --- clients and model control ----------------------------------------------------------
     def client(self, **options: Any) -> Client:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 
 import shmserve
 from shmserve.client import Client, ShmserveError
@@ -70,6 +72,7 @@ def test_start_infer_load_unload_and_exit_leaves_nothing(repository: Path,
         private = os.path.dirname(server.socket_path)
         # No network port unless asked: gRPC on a Unix socket beside the local channel's.
         assert server.status == f"serving on gRPC unix:{private}/grpc.sock"
+        assert server.grpc_port is None and server.http_port is None
         with server.client() as client:
             with pytest.raises(ShmserveError):
                 client.infer("simple", {"INPUT0": X, "INPUT1": X})   # explicit: not loaded
@@ -93,6 +96,17 @@ def test_start_infer_load_unload_and_exit_leaves_nothing(repository: Path,
     assert arena_segments(supervisor) == []
     assert not os.path.exists(private)
     assert server.pid is None
+
+
+def test_ports_only_when_asked(repository: Path, tmp_path: Path) -> None:
+    with shmserve.Server(repository, grpc_address="127.0.0.1", grpc_port=0, allow_http=True,
+                         http_address="127.0.0.1", http_port=0,
+                         log_file=str(tmp_path / "server.log")) as server:
+        assert server.grpc_port and server.http_port
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}") as triton:
+            assert triton.is_model_ready("simple")
+        with httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}") as rest:
+            assert rest.is_server_ready()
 
 
 def test_async_with(repository: Path, tmp_path: Path) -> None:
