@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import resource
-import signal
 import sys
 from dataclasses import MISSING
 from importlib.metadata import PackageNotFoundError, version
@@ -140,9 +139,6 @@ def serve(settings: Settings) -> int:
         logging.getLogger("shmserve").error("%s", problem)
         return 1
     raise_open_file_limit()
-    # A mask of blocked signals survives exec: a server started from a thread that blocks
-    # them (an embedding program's, shmserve.Server) would never see SIGTERM.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     import uvloop
 
     from shmserve.daemon.supervisor import Supervisor

@@ -109,6 +109,22 @@ def test_ports_only_when_asked(repository: Path, tmp_path: Path) -> None:
             assert rest.is_server_ready()
 
 
+def test_a_host_that_blocks_sigterm_still_stops_its_server(repository: Path,
+                                                          tmp_path: Path) -> None:
+    """The mask of blocked signals is inherited across exec (the event loop's signal handling
+    unblocks the server's: this guards that)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        server = shmserve.Server(repository, exit_timeout_secs=20,
+                                 log_file=str(tmp_path / "server.log")).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    started = time.monotonic()
+    server.close()   # SIGTERM; were it still blocked, close() would wait 20 s, then kill
+    assert time.monotonic() - started < 10
+    assert "received SIGTERM; draining" in (tmp_path / "server.log").read_text()
+
+
 def test_async_with(repository: Path, tmp_path: Path) -> None:
     async def main() -> np.ndarray:
         async with shmserve.Server(repository, log_file=str(tmp_path / "server.log")
