@@ -140,10 +140,6 @@ class ShmserveDeployment:
         """The pid of the shmserve this replica forwards to (one per node)."""
         return await self._server.pid.remote()
 
-    def __del__(self) -> None:
-        # The node's server stays for the other replicas; only this replica's channel goes.
-        self._client = None
-
 
 def deployment(model_repository: str, *, autoscaling_config: dict[str, Any] | None = None,
                ray_actor_options: dict[str, Any] | None = None,
