@@ -41,10 +41,12 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 from shmserve.embedded_settings import serve_arguments
+from shmserve.workers.lineage import process_alive
 
 if TYPE_CHECKING:
     from shmserve.client import AsyncClient, Client
 
+DIRECTORY_PREFIX = "shmserve-embedded-"  # + the host's pid: <tmpdir>/shmserve-embedded-<pid>-*
 # Seconds past the server's own exit budget (exit_timeout_secs) before close() kills it.
 KILL_GRACE_SECS = 5.0
 DEFAULT_EXIT_TIMEOUT_SECS = 30.0
@@ -88,7 +90,8 @@ class Server:
         self._check_owner()
         if self._process is not None:
             raise ServerError("this shmserve.Server is already started")
-        self._directory = tempfile.mkdtemp(prefix="shmserve-embedded-")  # mode 0700
+        remove_stale_directories()
+        self._directory = tempfile.mkdtemp(prefix=f"{DIRECTORY_PREFIX}{self._owner}-")  # 0700
         try:
             self._spawn()
             self._wait_ready()
@@ -154,6 +157,9 @@ class Server:
             if "STATUS" in fields:
                 self._status = fields["STATUS"]
             if fields.get("READY") == "1":
+                self._notify.close()   # only start-up reads it
+                self._notify = None
+                os.unlink(os.path.join(self._directory, "notify.sock"))
                 return
 
     def close(self) -> None:
@@ -284,6 +290,24 @@ class Server:
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self._process is not None else "stopped"
         return f"<shmserve.Server {self._settings['model_repository']} ({state})>"
+
+
+def remove_stale_directories() -> list[str]:
+    """Remove the private directories of embedded servers whose host program is gone (a host
+    killed with SIGKILL cannot remove its own; its server did remove its sockets)."""
+    removed = []
+    root = tempfile.gettempdir()
+    pattern = re.compile(rf"{DIRECTORY_PREFIX}(\d+)-")
+    for name in os.listdir(root):
+        found = pattern.match(name)
+        if found is None or process_alive(int(found.group(1))):
+            continue
+        path = os.path.join(root, name)
+        with contextlib.suppress(OSError):
+            if os.lstat(path).st_uid == os.geteuid():
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
 
 
 _live_servers: weakref.WeakSet[Server] = weakref.WeakSet()

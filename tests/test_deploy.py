@@ -203,9 +203,9 @@ def _wait_for(url: str, process: subprocess.Popen[bytes], log: Path, within: flo
 def _stop(process: subprocess.Popen[bytes], log: Path) -> None:
     """SIGTERM as the kubelet (through tini) sends it: the server itself gets it."""
     argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
-    assert argv[1].endswith(b"/shmserve"), f"the entrypoint must exec the server: {argv[:2]}"
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0, log.read_text()
+    assert argv[1].endswith(b"/shmserve"), f"the entrypoint must exec the server: {argv[:2]}"
 
 
 def _probe_port(container: dict[str, Any], probe: dict[str, Any]) -> int:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import tritonclient.http as httpclient
 import shmserve
 from shmserve.client import Client, ShmserveError
 from shmserve.daemon.cli import build_parser, settings_from_args
+from shmserve.embedded import remove_stale_directories
 from shmserve.embedded_settings import serve_arguments
 from shmserve.tests.serverproc import arena_segments, build_repository
 from shmserve.workers.lineage import process_alive
@@ -141,7 +143,7 @@ def test_async_with(repository: Path, tmp_path: Path) -> None:
 
 # The host program for the next two tests: starts a server, reports, then waits.
 HOST = textwrap.dedent("""
-    import os, sys, time
+    import os, sys
     import numpy as np
     import shmserve
     from shmserve.client import Client
@@ -160,7 +162,7 @@ HOST = textwrap.dedent("""
             os._exit(0)
         os.waitpid(child, 0)
     print("pid", server.pid, flush=True)
-    time.sleep(600)
+    sys.stdin.read()   # until the test closes it; then a normal exit (atexit stops the server)
 """)
 
 
@@ -168,7 +170,7 @@ def _host(repository: Path, tmp_path: Path, mode: str) -> tuple[subprocess.Popen
                                                                   list[str]]:
     host = subprocess.Popen([sys.executable, "-c", HOST, str(repository),
                              str(tmp_path / "server.log"), mode],
-                            stdout=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert host.stdout is not None
     lines = []
     for line in host.stdout:
@@ -178,10 +180,13 @@ def _host(repository: Path, tmp_path: Path, mode: str) -> tuple[subprocess.Popen
     raise AssertionError(f"the host program ended: {lines}")
 
 
-def _end(host: subprocess.Popen[str], signum: int) -> None:
-    host.send_signal(signum)
-    host.wait()
-    assert host.stdout is not None
+def _end(host: subprocess.Popen[str], signum: int | None = None) -> None:
+    """End the host program: with a signal, or by closing its stdin (a normal exit)."""
+    assert host.stdin is not None and host.stdout is not None
+    if signum is not None:
+        host.send_signal(signum)
+    host.stdin.close()
+    host.wait(30)
     host.stdout.close()
 
 
@@ -196,6 +201,10 @@ def test_parent_sigkilled_takes_the_server_and_its_workers(repository: Path,
         host.wait()
         assert _gone(processes, within=15), "the server outlived its host program"
         assert arena_segments(supervisor) == []
+        # The host could not remove its server's private directory; the next Server does.
+        (private,) = Path(tempfile.gettempdir()).glob(f"shmserve-embedded-{host.pid}-*")
+        assert list(private.iterdir()) == []   # the server removed its sockets
+        assert str(private) in remove_stale_directories()
     finally:
         _end(host, signal.SIGKILL)
 
@@ -207,9 +216,11 @@ def test_a_forked_child_cannot_use_the_parents_server(repository: Path,
         message = "".join(lines)
         assert f"belongs to process {host.pid}" in message and "is a fork of it" in message
         assert process_alive(supervisor)  # the child's exit did not end the parent's server
+        private = next(Path(tempfile.gettempdir()).glob(f"shmserve-embedded-{host.pid}-*"))
     finally:
-        _end(host, signal.SIGTERM)   # the lifeline ends the server with its host
+        _end(host)   # a normal exit: atexit stops the server
     assert _gone([supervisor], within=15)
+    assert not private.exists()
 
 
 def test_unknown_setting_and_bad_values_fail_before_anything_starts() -> None:
