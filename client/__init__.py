@@ -24,6 +24,7 @@ from shmserve.client._sync import Client
 from shmserve.client.errors import RegionFullError, ShmserveError
 from shmserve.client.memfd_region import MemfdRegion
 from shmserve.client.regions import ALIGNMENT, BytesTensor, HostRegion, Region, SystemRegion
+from shmserve.client.sequence import AsyncSequence, Sequence
 from shmserve.protos.datatypes import deserialize_bytes_tensor, serialize_bytes_tensor
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "LOAD_TIMEOUT",
     "AsyncClient",
+    "AsyncSequence",
     "BytesTensor",
     "Client",
     "HostRegion",
@@ -40,6 +42,7 @@ __all__ = [
     "Region",
     "RegionFullError",
     "RegionStatus",
+    "Sequence",
     "ShmserveError",
     "StreamRequest",
     "StreamResult",

@@ -1,4 +1,5 @@
-"""Runs a python model's static ``auto_complete_config`` in a throwaway child of the fork server.
+"""Runs a model's auto-completion in a throwaway child of the fork server: a python model's
+static ``auto_complete_config``, or a dali model's pipeline read for its inputs and outputs.
 
 The supervisor never imports user code (model files import torch and may do anything at import
 time); it forks this from the fork server (which has numpy and the python backend preloaded),
@@ -8,6 +9,7 @@ answer, so nothing the model imported outlives the call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -23,12 +25,27 @@ class AutoCompleteResult:
 
 
 def run_auto_complete(conn: Connection, config: dict[str, Any], model_file: str) -> None:
-    """The child's entry point: answer exactly once on ``conn``, then exit."""
-    from shmserve.workers.backend import BackendError
+    """The child's entry point for a python model: answer exactly once on ``conn``."""
     from shmserve.workers.backends.python import auto_complete_config, install_pb_utils
-    try:
+
+    def complete() -> dict[str, Any]:
         install_pb_utils()
-        result = AutoCompleteResult(auto_complete_config(config, model_file))
+        return auto_complete_config(config, model_file)
+
+    _answer(conn, complete)
+
+
+def run_dali_auto_complete(conn: Connection, config: dict[str, Any], version_path: str,
+                           max_batch_size_given: bool) -> None:
+    """The child's entry point for a dali model: answer exactly once on ``conn``."""
+    from shmserve.workers.backends.dali.auto_complete import complete_config
+    _answer(conn, lambda: complete_config(config, version_path, max_batch_size_given))
+
+
+def _answer(conn: Connection, complete: Callable[[], dict[str, Any]]) -> None:
+    from shmserve.workers.backend import BackendError
+    try:
+        result = AutoCompleteResult(complete())
     except BackendError as exc:
         result = AutoCompleteResult(None, exc.code, exc.message)
     except BaseException as exc:  # anything the model did is reported, not raised

@@ -36,6 +36,7 @@ from shmserve.workers.proctitle import set_process_title, worker_title
 from shmserve.workers.protocol import CUDA, INLINE_LIMIT, ExecRequest, TensorRef, WorkerSpec
 from shmserve.workers.region_fds import adopt_region_fd
 from shmserve.workers.reporter import start_reporter
+from shmserve.workers.sequence_state import SequenceStates, StateConfigError
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache, trim_heap
 from shmserve.workers.tensors import InputResolver, map_region, output_bytes
 from shmserve.workers.warmup import run_warmup
@@ -116,6 +117,8 @@ class WorkerHost:
         self._pending: deque[list[Any]] = deque()
         self._executing = False
         self._main_thread = threading.get_ident()
+        # Implicit state of a sequence model's live sequences (set up in _initialize).
+        self._states: SequenceStates | None = None
 
     def send(self, frame: list[Any]) -> None:
         data = protocol.encode(frame)
@@ -155,6 +158,11 @@ class WorkerHost:
 
     def _initialize(self) -> None:
         spec = self._spec
+        try:
+            self._states = SequenceStates.from_config(spec.model.config,
+                                                      spec.model.repository_path)
+        except StateConfigError as exc:
+            raise BackendError(str(exc), "INVALID_ARGUMENT") from None
         backend_cls = resolve_backend(spec.backend)
         backend = backend_cls()
         self._backend = backend
@@ -302,6 +310,9 @@ class WorkerHost:
                             protocol.ShareRegion.unpack(frame).region_id)
         elif kind == protocol.TRIM:
             self._trim_arenas()
+        elif kind == protocol.END_SEQUENCES:
+            if self._states is not None:
+                self._states.end(protocol.EndSequences.unpack(frame).correlation_ids)
         else:
             log.error("unknown frame kind %r", kind)
 
@@ -347,6 +358,8 @@ class WorkerHost:
                     bls.current_chain.reset(token)
             else:
                 responses = self._run_backend(requests)
+            if self._states is not None:
+                self._keep_states(requests, responses)
             self._finish_group(run, positions, responses, started, input_done)
         return self._finish_frame(frame, run)
 
@@ -373,6 +386,8 @@ class WorkerHost:
                 log.exception("execute failed")
                 error = exc if isinstance(exc, BackendError) else BackendError(f"{exc}")
                 responses = [Response(error=error) for _ in requests]
+            if self._states is not None:
+                self._keep_states(requests, responses)
             self._finish_group(run, positions, responses, started, input_done)
         self.send(self._finish_frame(frame, run))
 
@@ -446,6 +461,8 @@ class WorkerHost:
                 continue
             request = Request(raw.request_id, inputs, [o[0] for o in raw.outputs],
                               raw.parameters or {}, raw.correlation_id)
+            if self._states is not None:
+                self._states.add_inputs(request.correlation_id, request.parameters, inputs)
             if self._decoupled:
                 sink = StreamSink(self, batch_id, index, raw.outputs)
                 self._streams[(batch_id, index)] = sink
@@ -453,6 +470,14 @@ class WorkerHost:
             requests.append(request)
             positions.append(index)
         return requests, positions
+
+    def _keep_states(self, requests: list[Request], responses: list[Response]) -> None:
+        """The state outputs of an execution become its sequences' next states."""
+        assert self._states is not None
+        for request, response in zip(requests, responses, strict=True):
+            self._states.take_outputs(
+                request.correlation_id, request.parameters, request.requested_outputs,
+                None if response.error is not None or response.streamed else response.outputs)
 
     def _answer_directly(self, tag: list[int], outputs: list[_Prepared]) -> list[Any]:
         """Answer through the client's channel: every output travels inline there, or is in
