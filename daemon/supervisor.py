@@ -82,6 +82,13 @@ class Supervisor:
                           settings.metrics_port, exc)
                 return 1
         frontends = frontend_count(settings.grpc_frontends) if settings.allow_grpc else 1
+        if frontends > 1 and is_unix_address(settings.grpc_address):
+            # SO_REUSEPORT spreads TCP connections only: a Unix socket has one listener.
+            if settings.grpc_frontends > 1:
+                log.warning("--grpc-frontends %d ignored: gRPC listens on a Unix socket (%s), "
+                            "served by the supervisor", settings.grpc_frontends,
+                            settings.grpc_address)
+            frontends = 1
         server: grpc.aio.Server | None = None
         if frontends > 1:
             if not await self._start_frontends(core, frontends):

@@ -299,3 +299,21 @@ def test_a_port_in_use_fails_the_start(start_server: StartServer) -> None:
     finally:
         second.stop()
     assert first.process.poll() is None
+
+
+def test_a_unix_grpc_address_is_served_by_the_supervisor(start_server: StartServer,
+                                                         tmp_path: Path) -> None:
+    """SO_REUSEPORT spreads TCP connections only: with gRPC on a Unix socket the supervisor
+    serves it and says the frontends were not started."""
+    address = f"unix:{tmp_path}/grpc.sock"
+    server = start_server(["simple"], "--grpc-address", address, "--grpc-frontends", "2",
+                          wait=False)
+    server.wait_started()
+    assert "--grpc-frontends 2 ignored" in server.log()
+    assert frontend_pids(server.pid) == []
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        assert client.is_server_ready()
+        assert client.infer("simple", simple_inputs(1)).as_numpy("OUTPUT0")[0, 0] == 2
+    finally:
+        client.close()
