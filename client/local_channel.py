@@ -436,7 +436,7 @@ class AsyncLocalChannel(_Channel):
         self._loop = asyncio.get_running_loop()  # cached: each lookup is a getpid() syscall
         self._ids = itertools.count(1)
         self._packer = msgpack.Packer(use_bin_type=True)
-        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]] | _Waiter] = {}
         # Streamed requests' replies that more follow go here (``send(on_partial=...)``).
         self._partials: dict[int, Callable[[dict[str, Any]], None]] = {}
         self._deadlines: dict[int, float] = {}  # request id -> loop time, for calls that have one
@@ -569,19 +569,32 @@ class AsyncLocalChannel(_Channel):
             await self._put_when_room(request_id, unsent, deadline)
         return request_id, future
 
-    def send_nowait(self, message: dict[str, Any],
-                    on_partial: Callable[[dict[str, Any]], None] | None = None
-                    ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
-        """``send`` without awaiting: while the request ring is full the message waits in a
-        task, and a failure to send it fails the future. Raises MessageTooLarge and
-        UNAVAILABLE (closed channel) at once."""
-        request_id, future, unsent = self._submit(message)
+    def send_nowait(self, message: dict[str, Any], on_reply: Callback,
+                    on_partial: Callable[[dict[str, Any]], None] | None = None) -> int:
+        """``send`` without awaiting and without a future: ``on_reply`` is called with the
+        reply (or the error) from the reader itself, in the loop iteration that read it.
+        While the request ring is full the message waits in a task. Returns the request id;
+        raises MessageTooLarge and UNAVAILABLE (closed channel) at once."""
+        if self._closed:
+            raise _gone("local channel to the server is closed")
+        request_id = next(self._ids)
+        message["id"] = request_id
+        data = self._packer.pack(message)
+        unsent = None
+        try:
+            self._requests.put(data)
+        except RingFull:
+            unsent = data
+        else:
+            self._ring_soon()
+        waiter = _Waiter(on_reply)
+        self._waiting[request_id] = waiter
         if on_partial is not None:
             self._partials[request_id] = on_partial
         if unsent is not None:
             task = self._loop.create_task(self._put_when_room(request_id, unsent, None))
-            task.add_done_callback(lambda done: _fail_unsent(done, future))
-        return request_id, future
+            task.add_done_callback(lambda done: _fail_unsent(done, waiter))
+        return request_id
 
     def _submit(self, message: dict[str, Any]
                 ) -> tuple[int, asyncio.Future[dict[str, Any]], bytes | None]:
@@ -689,10 +702,37 @@ class AsyncLocalChannel(_Channel):
         self._lost("local channel closed by the client")
 
 
-def _fail_unsent(task: asyncio.Task[None], future: asyncio.Future[dict[str, Any]]) -> None:
+class _Waiter:
+    """A call of ``send_nowait``: answered by calling a function, where a future would wake
+    its awaiter one loop iteration later."""
+
+    __slots__ = ("_callback", "_done")
+
+    def __init__(self, callback: Callback) -> None:
+        self._callback = callback
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, reply: dict[str, Any]) -> None:
+        self._done = True
+        self._callback(reply, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._done = True
+        self._callback(None, error if isinstance(error, ShmserveError)
+                       else _gone(f"local channel to the server failed: {error}"))
+
+    def cancel(self) -> bool:
+        self._done = True
+        return True
+
+
+def _fail_unsent(task: asyncio.Task[None], waiter: _Waiter) -> None:
     error = None if task.cancelled() else task.exception()
-    if error is not None and not future.done():
-        future.set_exception(error)
+    if error is not None and not waiter.done():
+        waiter.set_exception(error)
 
 
 async def _async_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket,

@@ -8,7 +8,7 @@ comes, usually straight from the worker that executed it (a direct ring).
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +37,8 @@ from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import Region
 from shmserve.protos.datatypes import element_count
 from shmserve.protos.local_ring import MessageTooLarge
+
+log = logging.getLogger("shmserve.frontend")
 
 
 @dataclass(slots=True)
@@ -142,8 +144,10 @@ class RemoteCore:
             spill = None if items is None else _spill_inputs(model_name, items, self.channel)
             message = FrontendInfer(model_name, version, streaming, items, parse_error,
                                     spill).message()
-            request.channel_request, future = self.channel.send_nowait(
-                message, partial(_partial, request, self.channel) if streaming else None)
+            # Answered from the channel's reader itself (no future: no extra loop iteration).
+            request.channel_request = self.channel.send_nowait(
+                message, partial(_answered, request, self.channel),
+                partial(_partial, request, self.channel) if streaming else None)
         except MessageTooLarge as exc:
             raise resource_exhausted(
                 f"request too large for a frontend process's channel to the core ({exc}); "
@@ -151,7 +155,6 @@ class RemoteCore:
             ) from None
         except ShmserveError as exc:
             raise ServeError(exc.code, exc.message) from None
-        future.add_done_callback(partial(_answered, request, self.channel))
         return request
 
     def cancel(self, request: InferRequest) -> None:
@@ -170,16 +173,24 @@ class RemoteCore:
 
 
 def _answered(request: RemoteRequest, channel: AsyncLocalChannel,
-              future: asyncio.Future[dict[str, Any]]) -> None:
-    if future.cancelled() or request.done:
+              answer: dict[str, Any] | None, error: ShmserveError | None) -> None:
+    """Called by the channel's reader: an exception here would end the channel (every
+    request of this frontend), so none leaves."""
+    if request.done:
         return
     request.done = True
+    try:
+        _deliver(request, channel, answer, error)
+    except Exception:
+        log.exception("answering a request failed")
+
+
+def _deliver(request: RemoteRequest, channel: AsyncLocalChannel,
+             answer: dict[str, Any] | None, error: ShmserveError | None) -> None:
     reply = request.reply
-    error = future.exception()
-    if error is not None:
-        reply.fail(_serve_error(error))
+    if answer is None:
+        reply.fail(_serve_error(error or RuntimeError("no answer")))
         return
-    answer = future.result()
     if "model_version" in answer:
         request.version = int(answer["model_version"])
     if "err" in answer:
@@ -200,6 +211,14 @@ def _partial(request: RemoteRequest, channel: AsyncLocalChannel, answer: dict[st
     """A streamed request's response that more follow."""
     if request.done:
         return
+    try:
+        _deliver_partial(request, channel, answer)
+    except Exception:
+        log.exception("answering a streamed request failed")
+
+
+def _deliver_partial(request: RemoteRequest, channel: AsyncLocalChannel,
+                     answer: dict[str, Any]) -> None:
     if "model_version" in answer:
         request.version = int(answer["model_version"])
     if "err" in answer:
