@@ -11,6 +11,10 @@ Two steps, both during load (models.py ``_prepare``):
   A model file whose source never mentions ``auto_complete_config`` cannot define the hook
   (short of inheriting it from another module), so no child is started for it: loads of
   ordinary python models cost no extra process.
+* ``onnx_auto_complete``: an onnxruntime model whose config lacks inputs or outputs gets them
+  (and max_batch_size, dynamic_batching) from the model's own signature, read in the same kind
+  of child (the supervisor never imports onnxruntime). A config naming both inputs and outputs
+  is left as it is, as Triton skips it: no extra process.
 """
 
 from __future__ import annotations
@@ -90,6 +94,20 @@ def python_model_file(config: mc.ModelConfig, model_dir: Path, version: int) -> 
     return model_dir / str(version) / (config.default_model_filename or "model.py")
 
 
+def onnx_model_file(config: mc.ModelConfig, model_dir: Path, version: int) -> Path:
+    return model_dir / str(version) / (config.default_model_filename or "model.onnx")
+
+
+def is_onnx(config: mc.ModelConfig) -> bool:
+    return config.backend == "onnxruntime" or (not config.backend
+                                               and config.platform == "onnxruntime_onnx")
+
+
+def onnx_needs_auto_complete(config: mc.ModelConfig) -> bool:
+    """Triton's onnxruntime backend skips auto-complete when inputs and outputs are named."""
+    return not ((len(config.input) + len(config.batch_input)) > 0 and len(config.output) > 0)
+
+
 def may_define_hook(model_file: Path) -> bool:
     try:
         return HOOK_NAME.encode() in model_file.read_bytes()
@@ -101,12 +119,25 @@ async def python_auto_complete(config: mc.ModelConfig, model_file: Path,
                                context: multiprocessing.context.ForkServerContext
                                ) -> mc.ModelConfig:
     """Run the hook in a child of ``context`` (the fork server); return the completed config."""
+    return await _complete_in_child(config, model_file, "python", context)
+
+
+async def onnx_auto_complete(config: mc.ModelConfig, model_file: Path,
+                             context: multiprocessing.context.ForkServerContext
+                             ) -> mc.ModelConfig:
+    """Complete an ONNX model's config from its signature in a child of ``context``."""
+    return await _complete_in_child(config, model_file, "onnxruntime", context)
+
+
+async def _complete_in_child(config: mc.ModelConfig, model_file: Path, backend: str,
+                             context: multiprocessing.context.ForkServerContext
+                             ) -> mc.ModelConfig:
     from shmserve.workers.auto_complete import AutoCompleteResult, run_auto_complete
     if not config.name:
         config.name = model_file.parent.parent.name
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=run_auto_complete,
-                              args=(sender, config_to_dict(config), str(model_file)),
+                              args=(sender, config_to_dict(config), str(model_file), backend),
                               name=f"shmserve-autocomplete-{config.name}", daemon=True)
     loop = asyncio.get_running_loop()
     try:
@@ -121,8 +152,9 @@ async def python_auto_complete(config: mc.ModelConfig, model_file: Path,
                 result = None
         if result is None:
             exit_code = process.exitcode
+            what = "auto_complete_config" if backend == "python" else "auto-complete"
             raise AutoCompleteError(
-                f"auto_complete_config of model '{config.name}' did not answer "
+                f"{what} of model '{config.name}' did not answer "
                 + (f"within {AUTO_COMPLETE_TIMEOUT_SECS:g}s" if not ready
                    else f"(the process exited with code {exit_code})"), "INTERNAL")
     finally:

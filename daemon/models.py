@@ -39,7 +39,11 @@ from google.protobuf import json_format
 from shmserve.daemon.auto_complete import (
     AutoCompleteError,
     infer_backend,
+    is_onnx,
     may_define_hook,
+    onnx_auto_complete,
+    onnx_model_file,
+    onnx_needs_auto_complete,
     python_auto_complete,
     python_model_file,
 )
@@ -394,7 +398,8 @@ class ModelManager:
                              named_dir: Path, versions: list[int], overridden: bool
                              ) -> mc.ModelConfig:
         """Triton's auto-completion: the backend from the default model file, then a python
-        model's ``auto_complete_config`` hook (run outside the supervisor, auto_complete.py)."""
+        model's ``auto_complete_config`` hook or an ONNX model's signature (both read outside
+        the supervisor, auto_complete.py)."""
         if overridden:
             where = "load parameter 'config'"
         else:
@@ -403,14 +408,22 @@ class ModelManager:
             infer_backend(config, model_dir, where)
         except AutoCompleteError as exc:
             raise PollError(exc.message) from None
-        if (config.backend != "python" or not versions
-                or self._settings.disable_auto_complete_config):
+        if not versions or self._settings.disable_auto_complete_config:
             return config
         version = max(versions)
-        model_file = python_model_file(config, model_dir, version)
-        if not may_define_hook(model_file):
-            return config
+        if not config.name:  # not the folder's: an agent's location has a name of its own
+            config.name = name
         try:
+            if is_onnx(config):
+                if not onnx_needs_auto_complete(config):
+                    return config
+                return await onnx_auto_complete(config, onnx_model_file(config, model_dir,
+                                                                        version), fork_context())
+            if config.backend != "python":
+                return config
+            model_file = python_model_file(config, model_dir, version)
+            if not may_define_hook(model_file):
+                return config
             return await python_auto_complete(config, model_file, fork_context())
         except AutoCompleteError as exc:
             code = grpc.StatusCode[exc.code] if exc.code in grpc.StatusCode.__members__ \

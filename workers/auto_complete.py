@@ -1,4 +1,5 @@
-"""Runs a python model's static ``auto_complete_config`` in a throwaway child of the fork server.
+"""Runs a model's auto-complete in a throwaway child of the fork server: a python model's static
+``auto_complete_config``, or the onnxruntime backend's reading of an ONNX model's signature.
 
 The supervisor never imports user code (model files import torch and may do anything at import
 time); it forks this from the fork server (which has numpy and the python backend preloaded),
@@ -22,13 +23,18 @@ class AutoCompleteResult:
     error_message: str = ""
 
 
-def run_auto_complete(conn: Connection, config: dict[str, Any], model_file: str) -> None:
+def run_auto_complete(conn: Connection, config: dict[str, Any], model_file: str,
+                      backend: str = "python") -> None:
     """The child's entry point: answer exactly once on ``conn``, then exit."""
     from shmserve.workers.backend import BackendError
-    from shmserve.workers.backends.python import auto_complete_config, install_pb_utils
     try:
-        install_pb_utils()
-        result = AutoCompleteResult(auto_complete_config(config, model_file))
+        if backend == "onnxruntime":
+            from shmserve.workers.backends.onnxruntime.auto_complete import onnx_auto_complete
+            result = AutoCompleteResult(onnx_auto_complete(config, model_file))
+        else:
+            from shmserve.workers.backends.python import auto_complete_config, install_pb_utils
+            install_pb_utils()
+            result = AutoCompleteResult(auto_complete_config(config, model_file))
     except BackendError as exc:
         result = AutoCompleteResult(None, exc.code, exc.message)
     except BaseException as exc:  # anything the model did is reported, not raised

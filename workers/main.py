@@ -18,6 +18,7 @@ from collections import deque
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from shmserve.workers import bls, protocol
 from shmserve.workers.backend import (
@@ -33,7 +34,14 @@ from shmserve.workers.cuda_ipc import CudaRegions, DeviceOutput
 from shmserve.workers.direct_answers import DirectAnswers
 from shmserve.workers.lineage import set_parent_death_signal
 from shmserve.workers.proctitle import set_process_title, worker_title
-from shmserve.workers.protocol import CUDA, INLINE_LIMIT, ExecRequest, TensorRef, WorkerSpec
+from shmserve.workers.protocol import (
+    CUDA,
+    INLINE_LIMIT,
+    SYSTEM,
+    ExecRequest,
+    TensorRef,
+    WorkerSpec,
+)
 from shmserve.workers.region_fds import adopt_region_fd
 from shmserve.workers.reporter import start_reporter
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache, trim_heap
@@ -116,6 +124,7 @@ class WorkerHost:
         self._pending: deque[list[Any]] = deque()
         self._executing = False
         self._main_thread = threading.get_ident()
+        self._output_buffers = False  # the backend writes outputs into client regions itself
 
     def send(self, frame: list[Any]) -> None:
         data = protocol.encode(frame)
@@ -167,6 +176,7 @@ class WorkerHost:
         self.send(protocol.Stage("instance_initialize").pack())
         backend.instance_initialize(self._model, self._instance)
         self._hooks_done.append("instance")
+        self._output_buffers = bool(backend.wants_output_buffers)
         if self._model.config.get("model_warmup"):
             self.send(protocol.Stage("model_warmup").pack())
             run_warmup(backend, self._model)
@@ -446,6 +456,8 @@ class WorkerHost:
                 continue
             request = Request(raw.request_id, inputs, [o[0] for o in raw.outputs],
                               raw.parameters or {}, raw.correlation_id)
+            if self._output_buffers:
+                request.output_buffers = self._destinations(raw.outputs)
             if self._decoupled:
                 sink = StreamSink(self, batch_id, index, raw.outputs)
                 self._streams[(batch_id, index)] = sink
@@ -453,6 +465,24 @@ class WorkerHost:
             requests.append(request)
             positions.append(index)
         return requests, positions
+
+    def _destinations(self, outputs: list[list[Any]]) -> dict[str, memoryview] | None:
+        """The client-region memory each output was asked into (Request.output_buffers);
+        a region that cannot be mapped is left out: writing the output reports it."""
+        buffers: dict[str, memoryview] = {}
+        for name, destination in outputs:
+            if destination is None:
+                continue
+            target = TensorRef.unpack(destination)
+            if target.where != SYSTEM:
+                continue
+            try:
+                segment = map_region(self._regions, *target.location)
+            except BackendError:
+                continue
+            if 0 <= target.offset and target.offset + target.nbytes <= segment.size:
+                buffers[name] = segment.buf[target.offset:target.offset + target.nbytes]
+        return buffers or None
 
     def _answer_directly(self, tag: list[int], outputs: list[_Prepared]) -> list[Any]:
         """Answer through the client's channel: every output travels inline there, or is in
@@ -569,7 +599,9 @@ class WorkerHost:
                     # The client replaced its segment by a smaller one after registering.
                     raise BackendError(f"output '{name}' lies outside its shared memory "
                                        f"segment")
-                _copy_into(segment.buf[target.offset:target.offset + nbytes], data)
+                view = segment.buf[target.offset:target.offset + nbytes]
+                if not (self._output_buffers and _same_memory(view, data)):
+                    _copy_into(view, data)  # else the backend wrote it there (output_buffers)
                 refs.append(TensorRef(name, datatype, shape, target.where, target.location,
                                       target.offset, nbytes).pack())
             elif nbytes <= INLINE_LIMIT or arena is None:
@@ -641,6 +673,14 @@ def _copy_into(target: memoryview, data: memoryview | bytes | DeviceOutput) -> N
         data.write_to(target)
     else:
         target[:] = data
+
+
+def _same_memory(target: memoryview, data: memoryview | bytes | DeviceOutput) -> bool:
+    """``data`` already is ``target``'s memory (a backend wrote the output in place)."""
+    if not isinstance(data, memoryview) or not len(target):
+        return False
+    address = np.frombuffer(target, np.uint8).ctypes.data
+    return bool(np.frombuffer(data, np.uint8).ctypes.data == address)
 
 
 def _align(nbytes: int, alignment: int = 64) -> int:
