@@ -293,6 +293,32 @@ def test_output_of_unknown_shape_is_allocated_by_onnxruntime(tmp_path: Path) -> 
     del y, request       # the array kept ORT's buffer alive; nothing dangles after
 
 
+def test_gpu_instance_without_the_cuda_provider_fails_clearly(tmp_path: Path) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(BackendError) as caught:
+        backend = OnnxRuntimeBackend()
+        model_spec = spec(tmp_path, onnx_models.mlp(), mlp_config())
+        backend.model_initialize(model_spec)
+        backend.instance_initialize(model_spec, InstanceSpec("m_0_0", "KIND_GPU", 0, 0))
+    assert caught.value.code == "UNAVAILABLE"
+    assert "CUDAExecutionProvider (pip install onnxruntime-gpu)" in caught.value.message
+
+
+@pytest.mark.gpu
+def test_gpu_instance_runs_on_the_cuda_provider(tmp_path: Path) -> None:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without the CUDA provider (pip install onnxruntime-gpu)")
+    backend = OnnxRuntimeBackend()
+    model_spec = spec(tmp_path, onnx_models.mlp(), mlp_config())
+    backend.model_initialize(model_spec)
+    backend.instance_initialize(model_spec, InstanceSpec("m_0_0", "KIND_GPU", 0, 0))
+    assert backend._session.get_providers()[0] == "CUDAExecutionProvider"
+    x = np.random.default_rng(6).standard_normal((4, 4)).astype(np.float32)
+    y = ok(backend.execute([Request("r", {"X": x}, [])])[0])["Y"]
+    np.testing.assert_allclose(y, onnx_models.mlp_reference(x), rtol=1e-4, atol=1e-4)
+
+
 # --- real servers -----------------------------------------------------------------------------
 
 MLP_CONFIG = """
