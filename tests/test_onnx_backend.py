@@ -141,6 +141,14 @@ def test_batch_is_concatenated_once_and_split_back(tmp_path: Path) -> None:
     # One run for the three: their outputs are views of one batch output.
     bases = {id(ok(r)["Y"].base) for r in responses}
     assert len(bases) == 1
+    # Larger requests go through the IO binding: the batch output is bound before the run.
+    xs = [np.random.default_rng(rows).standard_normal((rows, 4)).astype(np.float32)
+          for rows in (4096, 1, 2048)]
+    responses = backend.execute([Request(str(i), {"X": x}, []) for i, x in enumerate(xs)])
+    for x, response in zip(xs, responses, strict=True):
+        np.testing.assert_allclose(ok(response)["Y"], direct(onnx_models.mlp(), {"X": x})[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert list(backend.last_run.outputs) == ["Y"] and backend.last_run.in_place == []
 
 
 MISMATCHES = [
