@@ -351,8 +351,13 @@ output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1, -1 ] } ]
 parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
 optimization { graph { level: 1 } }
 """
+FLATTEN_CONFIG = """
+backend: "onnxruntime"
+input [ { name: "X" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]
+"""
 SERVED = ["onnx_mlp", "onnx_auto", "onnx_multi", "onnx_strings", "onnx_batching",
-          "onnx_identity"]
+          "onnx_identity", "onnx_flatten"]
 
 
 def build_onnx_repository(repo: Path) -> Path:
@@ -363,6 +368,7 @@ def build_onnx_repository(repo: Path) -> Path:
     onnx_models.write_model(repo, "onnx_strings", onnx_models.strings(), STRINGS_CONFIG)
     onnx_models.write_model(repo, "onnx_batching", onnx_models.mlp(), BATCHING_CONFIG)
     onnx_models.write_model(repo, "onnx_identity", onnx_models.identity_like(), IDENTITY_CONFIG)
+    onnx_models.write_model(repo, "onnx_flatten", onnx_models.flatten_unknown(), FLATTEN_CONFIG)
     onnx_models.write_model(repo, "onnx_bad_input", onnx_models.mlp(),
                             MLP_CONFIG.replace('name: "X"', 'name: "INPUT0"'))
     onnx_models.write_model(repo, "onnx_no_batch", onnx_models.mlp(batch=2), MLP_CONFIG)
@@ -430,6 +436,11 @@ def test_server_several_inputs_outputs_and_strings(client: grpcclient.InferenceS
     for name, expected in zip(["SUM", "DIFF", "TWICE"],
                               direct(onnx_models.multi_io(), inputs), strict=True):
         np.testing.assert_array_equal(result.as_numpy(name), expected)
+    # An output whose shape only the run decides (ORT's own buffer, read in place), large
+    # enough for the IO binding and the output arena.
+    x = np.arange(64 << 10, dtype=np.float32).reshape(-1, 4)
+    result = client.infer("onnx_flatten", [infer_input("X", x, "FP32")])
+    np.testing.assert_array_equal(result.as_numpy("Y"), x.reshape(-1))
     words = np.array([b"one", b"two", "dr\u00eei".encode()], dtype=np.object_)
     result = client.infer("onnx_strings", [infer_input("S", words, "BYTES")])
     assert result.as_numpy("T").tolist() == words.tolist()
