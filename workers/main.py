@@ -679,8 +679,8 @@ def _same_memory(target: memoryview, data: memoryview | bytes | DeviceOutput) ->
     """``data`` already is ``target``'s memory (a backend wrote the output in place)."""
     if not isinstance(data, memoryview) or not len(target):
         return False
-    address = np.frombuffer(target, np.uint8).ctypes.data
-    return bool(np.frombuffer(data, np.uint8).ctypes.data == address)
+    address = np.frombuffer(target, np.uint8).__array_interface__["data"][0]
+    return bool(np.frombuffer(data, np.uint8).__array_interface__["data"][0] == address)
 
 
 def _align(nbytes: int, alignment: int = 64) -> int:
