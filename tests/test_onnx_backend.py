@@ -377,8 +377,9 @@ def build_onnx_repository(repo: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def onnx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = build_onnx_repository(tmp_path_factory.mktemp("onnx") / "repo")
-    flags = ["--model-control-mode", "explicit"]
+    root = tmp_path_factory.mktemp("onnx")
+    repo = build_onnx_repository(root / "repo")
+    flags = ["--model-control-mode", "explicit", "--local-socket", str(root / "local.sock")]
     for name in SERVED:
         flags += ["--load-model", name]
     server = ServerProcess(repo, *flags)
@@ -519,6 +520,22 @@ def test_server_zero_copy_between_client_regions(onnx_server: ServerProcess,
         client.unregister_system_shared_memory()
         shm.destroy_shared_memory_region(region_in)
         shm.destroy_shared_memory_region(region_out)
+
+
+def test_local_channel_region_in_and_out(onnx_server: ServerProcess) -> None:
+    """shmserve's own client on the local channel: tensors allocated in its region go in and
+    come back in place (the array the client passed for the output is the answer)."""
+    from shmserve.client import Client
+    with Client(onnx_server.url, transport="shm",
+                local_socket=str(onnx_server.repository.parent / "local.sock")) as client:
+        assert client.transport != "grpc"
+        with client.shared_memory(4 << 20) as region:
+            x = region.ndarray((256, 1024), np.float32)
+            y = region.ndarray((256, 1024), np.float32)
+            x[:] = np.random.default_rng(7).standard_normal(x.shape)
+            out = client.infer("onnx_identity", {"X": x}, outputs={"Y": y})
+            assert out["Y"] is y
+            np.testing.assert_array_equal(y, x)
 
 
 def test_supervisor_never_loads_onnxruntime(onnx_server: ServerProcess) -> None:
