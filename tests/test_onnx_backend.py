@@ -288,6 +288,32 @@ def test_inputs_bound_in_place_and_outputs_written_into_the_destination(tmp_path
     np.testing.assert_array_equal(y, x)
 
 
+def test_outputs_computed_in_memory_the_worker_lends(tmp_path: Path) -> None:
+    """``allocate_output`` (the worker's output arena): a batch's output is computed there
+    once, and each request's part is a view of it."""
+    config = {"name": "m", "backend": "onnxruntime", "max_batch_size": 8,
+              "input": [io("X", "TYPE_FP32", [-1])], "output": [io("Y", "TYPE_FP32", [-1])]}
+    backend = loaded(spec(tmp_path, onnx_models.identity_like(), config))
+    arena = mmap.mmap(-1, 1 << 22)
+    lent: list[tuple[int, int]] = []
+
+    def allocate(nbytes: int) -> memoryview:
+        offset = sum(size for _, size in lent)
+        lent.append((offset, nbytes))
+        return memoryview(arena)[offset:offset + nbytes]
+
+    xs = [np.full((1, 65536), i, np.float32) for i in range(3)]
+    requests = [Request(str(i), {"X": x}, [], allocate_output=allocate)
+                for i, x in enumerate(xs)]
+    responses = backend.execute(requests)
+    assert lent == [(0, 3 * 65536 * 4)] and backend.last_run.in_arena == ["Y"]
+    base = np.frombuffer(arena, np.uint8).ctypes.data
+    for i, (x, response) in enumerate(zip(xs, responses, strict=True)):
+        y = ok(response)["Y"]
+        np.testing.assert_array_equal(y, x)
+        assert y.ctypes.data == base + i * 65536 * 4
+
+
 def test_output_of_unknown_shape_is_allocated_by_onnxruntime(tmp_path: Path) -> None:
     config = {"name": "m", "backend": "onnxruntime", "max_batch_size": 0,
               "input": [io("X", "TYPE_FP32", [-1, 4])], "output": [io("Y", "TYPE_FP32", [-1])]}
@@ -356,8 +382,15 @@ backend: "onnxruntime"
 input [ { name: "X" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
 output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]
 """
+IDENTITY_BATCHING_CONFIG = """
+backend: "onnxruntime"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]
+dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 2000000 }
+"""
 SERVED = ["onnx_mlp", "onnx_auto", "onnx_multi", "onnx_strings", "onnx_batching",
-          "onnx_identity", "onnx_flatten"]
+          "onnx_identity", "onnx_flatten", "onnx_identity_batching"]
 
 
 def build_onnx_repository(repo: Path) -> Path:
@@ -368,6 +401,8 @@ def build_onnx_repository(repo: Path) -> Path:
     onnx_models.write_model(repo, "onnx_strings", onnx_models.strings(), STRINGS_CONFIG)
     onnx_models.write_model(repo, "onnx_batching", onnx_models.mlp(), BATCHING_CONFIG)
     onnx_models.write_model(repo, "onnx_identity", onnx_models.identity_like(), IDENTITY_CONFIG)
+    onnx_models.write_model(repo, "onnx_identity_batching", onnx_models.identity_like(),
+                            IDENTITY_BATCHING_CONFIG)
     onnx_models.write_model(repo, "onnx_flatten", onnx_models.flatten_unknown(), FLATTEN_CONFIG)
     onnx_models.write_model(repo, "onnx_bad_input", onnx_models.mlp(),
                             MLP_CONFIG.replace('name: "X"', 'name: "INPUT0"'))
@@ -379,7 +414,8 @@ def build_onnx_repository(repo: Path) -> Path:
 def onnx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("onnx")
     repo = build_onnx_repository(root / "repo")
-    flags = ["--model-control-mode", "explicit", "--local-socket", str(root / "local.sock")]
+    flags = ["--model-control-mode", "explicit", "--local-socket", str(root / "local.sock"),
+             "--arena-idle-secs", "0"]     # arenas keep their size: peak memory is comparable
     for name in SERVED:
         flags += ["--load-model", name]
     server = ServerProcess(repo, *flags)
@@ -447,25 +483,31 @@ def test_server_several_inputs_outputs_and_strings(client: grpcclient.InferenceS
     assert result.as_numpy("T").tolist() == words.tolist()
 
 
+@pytest.mark.parametrize(("model", "builder", "columns"), [
+    ("onnx_batching", onnx_models.mlp, 4),
+    # 256 KiB a request: the batch's output is computed in the output arena and each
+    # request's part is sent from there
+    ("onnx_identity_batching", onnx_models.identity_like, 65536)])
 def test_server_dynamic_batching_forms_real_batches(onnx_server: ServerProcess,
-                                                    client: grpcclient.InferenceServerClient
-                                                    ) -> None:
-    before = client.get_inference_statistics("onnx_batching").model_stats[0]
-    xs = [np.full((1, 4), i, np.float32) for i in range(4)]
+                                                    client: grpcclient.InferenceServerClient,
+                                                    model: str, builder: Any,
+                                                    columns: int) -> None:
+    before = client.get_inference_statistics(model).model_stats[0]
+    xs = [np.random.default_rng(i).standard_normal((1, columns)).astype(np.float32)
+          for i in range(4)]
 
     def call(x: np.ndarray) -> np.ndarray:
         own = grpcclient.InferenceServerClient(onnx_server.url)
         try:
-            return np.asarray(own.infer("onnx_batching", [infer_input("X", x, "FP32")])
-                              .as_numpy("Y"))
+            return np.asarray(own.infer(model, [infer_input("X", x, "FP32")]).as_numpy("Y"))
         finally:
             own.close()
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(call, xs))
     for x, y in zip(xs, results, strict=True):
-        np.testing.assert_array_equal(y, direct(onnx_models.mlp(), {"X": x})[0])
-    after = client.get_inference_statistics("onnx_batching").model_stats[0]
+        np.testing.assert_allclose(y, direct(builder(), {"X": x})[0], rtol=1e-5, atol=1e-5)
+    after = client.get_inference_statistics(model).model_stats[0]
     assert after.inference_count - before.inference_count == 4
     assert after.execution_count - before.execution_count == 1, "one batch of 4 expected"
 
@@ -520,6 +562,24 @@ def test_server_zero_copy_between_client_regions(onnx_server: ServerProcess,
         client.unregister_system_shared_memory()
         shm.destroy_shared_memory_region(region_in)
         shm.destroy_shared_memory_region(region_out)
+
+
+def test_server_outputs_are_computed_in_the_output_arena(
+        onnx_server: ServerProcess, client: grpcclient.InferenceServerClient) -> None:
+    """32 MiB in and out as gRPC payload: ORT writes the output into the worker's output
+    arena, where the supervisor reads it, instead of a buffer of its own copied there after
+    (which would add 32 MiB to the worker's peak memory)."""
+    rows, cols = 2048, 4096
+    x = np.random.default_rng(8).standard_normal((rows, cols)).astype(np.float32)
+    worker = _worker_of(onnx_server, "onnx_identity")
+    growth = []
+    for _ in range(2):      # the first grows the arenas to size
+        Path(f"/proc/{worker}/clear_refs").write_text("5")
+        baseline = _peak_rss_kib(worker)
+        result = client.infer("onnx_identity", [infer_input("X", x, "FP32")])
+        growth.append((_peak_rss_kib(worker) - baseline) / 1024)
+        np.testing.assert_array_equal(result.as_numpy("Y"), x)
+    assert growth[1] < 12, f"the worker's peak RSS grew by {growth[1]:.0f} MiB"
 
 
 def test_local_channel_region_in_and_out(onnx_server: ServerProcess) -> None:

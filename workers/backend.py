@@ -16,6 +16,7 @@ and the backend answers through it (any number of responses, the last one final)
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol
@@ -88,6 +89,11 @@ class Request:
     # backend that writes the output there and returns an array over that memory saves the
     # worker's copy.
     output_buffers: dict[str, memoryview] | None = None
+    # Only for a backend with ``wants_output_buffers``: ``allocate_output(nbytes)`` lends
+    # writable memory in the worker's output arena for an output of that size (None: none to
+    # lend, e.g. for a small output that travels inline). An output returned as an array over
+    # it is sent from there without a copy. Valid until execute returns the responses.
+    allocate_output: Callable[[int], memoryview | None] | None = None
 
 
 @dataclass(slots=True)

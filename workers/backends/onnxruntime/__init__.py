@@ -23,6 +23,7 @@ shipping ``<version>/model.onnx`` with neither named. Each worker hosts one inst
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class RunRecord:
     inputs: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, int] = field(default_factory=dict)
     in_place: list[str] = field(default_factory=list)   # outputs written into output_buffers
+    in_arena: list[str] = field(default_factory=list)   # outputs written into allocate_output's
 
 
 class _OrtOutput:
@@ -158,7 +160,8 @@ class OnnxRuntimeBackend(Backend):
     def _run_one(self, request: Request) -> Response:
         try:
             names = request.requested_outputs or self._output_order
-            outputs = self._run(request.inputs, names, request.output_buffers, batch=None)
+            outputs = self._run(request.inputs, names, request.output_buffers, None,
+                                request.allocate_output)
             return Response(outputs=outputs)
         except BackendError as exc:
             return Response(error=exc)
@@ -189,7 +192,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             batched = {name: np.concatenate([request.inputs[name] for request in requests])
                        for name in first.inputs}
-            outputs = self._run(batched, names, None, batch=total)
+            outputs = self._run(batched, names, None, total, first.allocate_output)
             bounds = np.cumsum(sizes)[:-1]
             split: dict[str, list[np.ndarray]] = {}
             for name, value in outputs.items():
@@ -208,7 +211,8 @@ class OnnxRuntimeBackend(Backend):
                 for index in range(len(requests))]
 
     def _run(self, inputs: dict[str, Any], names: list[str],
-             buffers: dict[str, memoryview] | None, batch: int | None) -> dict[str, Any]:
+             buffers: dict[str, memoryview] | None, batch: int | None,
+             allocate: Callable[[int], memoryview | None] | None = None) -> dict[str, Any]:
         """One ORT run; returns the outputs ``names``. Small requests with no destination
         region go through ``session.run`` (binding costs more than copying a few bytes);
         the others through the IO binding."""
@@ -244,10 +248,14 @@ class OnnxRuntimeBackend(Backend):
                 binding.bind_output(name, "cpu")       # ORT allocates: copied once later
                 continue
             target = _destination(buffers, name, shape, np.dtype(dtype), spans)
+            if target is not None:
+                record.in_place.append(name)
+            elif allocate is not None:
+                target = _lent(allocate, shape, np.dtype(dtype))
+                if target is not None:
+                    record.in_arena.append(name)
             if target is None:
                 target = np.empty(shape, dtype)
-            else:
-                record.in_place.append(name)
             address = _address(target)
             binding.bind_output(name, "cpu", 0, dtype, shape, address)
             record.outputs[name] = address
@@ -262,7 +270,7 @@ class OnnxRuntimeBackend(Backend):
             log.warning("model '%s': output shapes cannot be predicted (%s); outputs are "
                         "copied once from now on", self._label(), exc)
             self._prebind = False
-            return self._run(inputs, names, None, batch)
+            return self._run(inputs, names, None, batch, allocate)
         results: dict[str, Any] = {}
         values = binding.get_outputs()
         for name, value in zip(names, values, strict=True):
@@ -340,6 +348,16 @@ def _destination(buffers: dict[str, memoryview] | None, name: str, shape: list[i
 def _address(array: np.ndarray) -> int:
     """Where the array's data starts (``.ctypes.data`` costs microseconds)."""
     return int(array.__array_interface__["data"][0])
+
+
+def _lent(allocate: Callable[[int], memoryview | None], shape: list[int],
+          dtype: np.dtype) -> np.ndarray | None:
+    """An output array in the memory the worker lends (its output arena), or None."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    memory = allocate(nbytes) if nbytes else None
+    if memory is None:
+        return None
+    return np.ndarray(shape, dtype, memory)
 
 
 def _as_str(array: np.ndarray) -> np.ndarray:
