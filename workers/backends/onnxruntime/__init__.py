@@ -15,9 +15,12 @@ shipping ``<version>/model.onnx`` with neither named. Each worker hosts one inst
   shape the model fixes before the run (static dims, symbolic dims an input names, the batch
   dimension) is bound to memory we own: the client's region when the request asked for the
   output there (``Request.output_buffers``), so ORT writes it in place and the worker copies
-  nothing; otherwise a fresh array, copied once into the arena. Other outputs ORT allocates, and
-  the worker copies them once. With ``max_batch_size > 0`` the requests of a batch are
-  concatenated along dim 0 (one copy), run once, and the outputs split back as views.
+  nothing; otherwise, when large, space the worker lends in its output arena
+  (``Request.allocate_output``), sent from there without a copy; small ones a fresh array that
+  travels inline. Other outputs ORT allocates, and the worker copies them once. With
+  ``max_batch_size > 0`` the requests of a batch are concatenated along dim 0 (one copy), run
+  once, and the outputs split back as views. Requests of at most 64 KiB of inputs and no output
+  region run through ``session.run``: binding costs more than their copies.
 """
 
 from __future__ import annotations
