@@ -24,7 +24,8 @@ from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.workers.sequence_state import StateConfigError, state_specs
 
 CONFIG_FILE = "config.pbtxt"
-PLATFORM_BACKENDS = {"pytorch_libtorch": "pytorch", "python": "python", "ensemble": "ensemble"}
+PLATFORM_BACKENDS = {"pytorch_libtorch": "pytorch", "onnxruntime_onnx": "onnxruntime",
+                     "python": "python", "ensemble": "ensemble"}
 _INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64,
                 FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED64,
                 FieldDescriptor.TYPE_SFIXED64}

@@ -133,8 +133,9 @@ class Settings:
         help="ServerReady requires every model ready, and no model failed at start-up")
     disable_auto_complete_config: bool = setting(
         False, flag="--disable-auto-complete-config", parse=parse_bool,
-        help="do not run python models' auto_complete_config hook at load (Triton's flag; "
-             "the backend is still inferred from the default model file)")
+        help="do not run python models' auto_complete_config hook nor complete ONNX models' "
+             "configs from the model at load (Triton's flag; the backend is still inferred "
+             "from the default model file)")
     repoagent_directory: str | None = setting(
         None, flag="--repoagent-directory", metavar="DIR",
         help="directory of repository agents (<dir>/<name>/agent.py)")
