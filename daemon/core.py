@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+from shmserve.daemon.cached_infer import CacheFront
 from shmserve.daemon.errors import SERVER_EXITING, unavailable, unimplemented
 from shmserve.daemon.infer_request import RequestItems, build_request
 from shmserve.daemon.models import ModelManager
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest
+from shmserve.daemon.response_cache import ResponseCache, cache_size
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import ShmPolicy, ShmRegistry
 
@@ -29,6 +31,9 @@ class Core:
         policy = ShmPolicy(settings.allow_client_shm, settings.shm_allow_foreign_owners,
                            settings.shm_key_prefix)
         self.registry = ShmRegistry(self.models.release_regions, policy, gpu_ids)
+        size = cache_size(settings.cache_config)
+        # The response cache (--cache-config), for models with response_cache enabled.
+        self.cache = CacheFront(ResponseCache(size), self._finished) if size else None
         self.exiting = False
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -53,7 +58,11 @@ class Core:
         self.inflight += 1
         self._idle.clear()
         try:
-            model.scheduler.submit(request)
+            cache = self.cache
+            if cache is not None and cache.enabled_for(model):
+                cache.submit(model, request)
+            else:
+                model.scheduler.submit(request)
         except BaseException:
             self._finished(request)
             raise

@@ -15,6 +15,7 @@ from shmserve.daemon.ensemble_config import (
     EnsembleConfigError,
     validate_scheduling,
 )
+from shmserve.daemon.queue_policy import check_config as check_queue_config
 from shmserve.protos import shmserve_model_config_pb2 as mc
 
 CONFIG_FILE = "config.pbtxt"
@@ -88,6 +89,14 @@ def complete_config(config: mc.ModelConfig, model_dir: Path, gpu_ids: list[int])
         if preferred > config.max_batch_size:
             raise ConfigError(f"{where}: field 'dynamic_batching.preferred_batch_size' "
                               f"{preferred} exceeds max_batch_size {config.max_batch_size}")
+    if config.HasField("dynamic_batching"):
+        problem = check_queue_config(config.dynamic_batching, config.name)
+        if problem is not None:
+            raise ConfigError(f"{where}: {problem}")
+    if config.response_cache.enable and config.model_transaction_policy.decoupled:
+        raise ConfigError(f"{where}: Response Cache does not currently support model "
+                          f"{config.name} with 'decoupled' transaction policy. Please disable "
+                          f"the response cache.")
     if config.platform == ENSEMBLE_PLATFORM or config.HasField("ensemble_scheduling"):
         try:
             validate_scheduling(config)

@@ -72,8 +72,9 @@ class Supervisor:
         core = Core(settings, self.pid, gpu_ids)
         models = core.models
         metrics_address = settings.metrics_address or settings.grpc_address
-        metrics = MetricsServer(models, metrics_address, settings.metrics_port,
-                                core.registry) if settings.allow_metrics else None
+        metrics = MetricsServer(models, metrics_address, settings.metrics_port, core.registry,
+                                core.cache.cache if core.cache is not None else None
+                                ) if settings.allow_metrics else None
         if metrics is not None:
             try:
                 await metrics.start()
