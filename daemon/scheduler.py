@@ -57,7 +57,8 @@ class Scheduler:
         # Priority levels and timeouts (queue_policy.py); else the plain FIFO deque.
         self._policy_queue = PolicyQueue(queue_policy) if queue_policy is not None else None
         self._fifo: deque[InferRequest] = deque()
-        self._queue: deque[InferRequest] | PolicyQueue = self._policy_queue or self._fifo
+        self._queue: deque[InferRequest] | PolicyQueue = \
+            self._fifo if self._policy_queue is None else self._policy_queue
         self._timer: asyncio.TimerHandle | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._expiry_at = 0  # the deadline _expiry_timer is set for
