@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import queue as queue_module
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +146,9 @@ class _Backlog:
     def send(self, name: str, wait: str = "", **options: Any) -> None:
         tensor = grpcclient.InferInput("WAIT", [1, 1], "BYTES")
         tensor.set_data_from_numpy(np.array([[wait.encode()]], dtype=np.object_))
-        callback: Callable[[Any, Any], None] = \
-            lambda result, error: self.answers.put((name, error or result))
+        def callback(result: Any, error: Any) -> None:
+            self.answers.put((name, error or result))
+
         self.client.async_infer(MODEL, [tensor], callback, request_id=name, **options)
         self.sent += 1
 
