@@ -41,6 +41,8 @@ from shmserve.protos.datatypes import ELEMENT_SIZE, element_count
 if TYPE_CHECKING:
     from shmserve.daemon.models import ModelVersion
 
+from shmserve.daemon.infer_request import model_plan
+
 log = logging.getLogger("shmserve.cache")
 LOOP_BYTES = 1 << 20  # hashed, or copied to or from a region, on the event loop up to this
 # (region, position, bytes): one copy into a client's region
@@ -67,7 +69,7 @@ class CacheFront:
             self._spawn(self._submit_later(model, request, start))
             return
         try:
-            key = request_key(request)
+            key = request_key(request, model_plan(model).outputs)
         except Uncacheable:
             model.scheduler.submit(request)
             return
@@ -76,7 +78,8 @@ class CacheFront:
     async def _submit_later(self, model: ModelVersion, request: InferRequest,
                             start: int) -> None:
         try:
-            key: bytes | None = await asyncio.to_thread(request_key, request)
+            key: bytes | None = await asyncio.to_thread(request_key, request,
+                                                        model_plan(model).outputs)
         except Uncacheable:
             key = None
         try:

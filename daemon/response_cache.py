@@ -101,9 +101,10 @@ def input_bytes(request: InferRequest) -> int:
     return sum(tensor.nbytes for tensor in request.inputs)
 
 
-def request_key(request: InferRequest) -> bytes:
-    """The request's cache key. Raises Uncacheable. Reads the regions its inputs lie in:
-    call it off the event loop for large inputs."""
+def request_key(request: InferRequest, model_outputs: Iterable[str]) -> bytes:
+    """The request's cache key (a request that names no output asks for ``model_outputs``,
+    all of them). Raises Uncacheable. Reads the regions its inputs lie in: call it off the
+    event loop for large inputs."""
     digest = hashlib.sha256()
     digest.update(f"{request.model}\0{request.version}\0".encode())
     for tensor in sorted(request.inputs, key=_name):
@@ -113,7 +114,8 @@ def request_key(request: InferRequest) -> bytes:
             digest.update(tensor.data if tensor.data is not None else b"")
         else:
             _hash_region(digest, tensor)
-    digest.update("\0".join(sorted(output.name for output in request.outputs)).encode())
+    names = [output.name for output in request.outputs] or model_outputs
+    digest.update("\0".join(sorted(names)).encode())
     return digest.digest()
 
 

@@ -16,6 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 
+from shmserve.client import Client
 from shmserve.daemon.model_config import ConfigError, complete_config
 from shmserve.daemon.response_cache import CachedOutput, CacheEntry, ResponseCache
 from shmserve.daemon.settings import parse_cache_config
@@ -32,7 +33,8 @@ _keys = itertools.count(1)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = build_repository(tmp_path_factory.mktemp("cache") / "models", [MODEL])
-    proc = ServerProcess(repo, "--cache-config", f"local,size={CACHE_BYTES}")
+    proc = ServerProcess(repo, "--cache-config", f"local,size={CACHE_BYTES}",
+                         "--local-socket", str(repo.parent / "shmserve.sock"))
     try:
         proc.wait_ready()
         yield proc
@@ -171,6 +173,27 @@ def test_least_recently_used_entry_is_evicted_at_the_size_limit(
     assert _infer(client, 52, BIG).as_numpy("RUN")[0] != runs[52]
     held = re.search(r"^shmserve_response_cache_bytes (\S+)$", server.metrics_page(), re.M)
     assert held is not None and 2 * BIG <= float(held.group(1)) <= CACHE_BYTES
+
+
+def test_local_channel_hits_as_bytes_and_into_its_own_regions(
+        server: ServerProcess, client: grpcclient.InferenceServerClient) -> None:
+    """The local channel's worker-answered path is off for a cached model (the cache needs
+    the outputs); hits come back as bytes, or copied into the channel's memfd region."""
+    size = 1_200_000
+    feed = {"SEED": np.array([61], dtype=np.int32), "SIZE": np.array([size], dtype=np.int32)}
+    before = _stats(client).inference_stats.cache_hit.count
+    with Client(f"local://{server.repository.parent / 'shmserve.sock'}") as local:
+        first = local.infer(MODEL, feed)
+        again = local.infer(MODEL, feed)
+        assert again["RUN"][0] == first["RUN"][0]
+        assert np.array_equal(again["OUT"], _expected(61, size))
+        with local.shared_memory(size) as region:
+            target = region.ndarray(size, np.uint8)
+            target[:] = 0
+            into = local.infer(MODEL, feed, outputs={"OUT": target, "RUN": None})
+            assert into["RUN"][0] == first["RUN"][0]
+            assert np.array_equal(target, _expected(61, size))
+    assert _stats(client).inference_stats.cache_hit.count == before + 2
 
 
 # --- pure ----------------------------------------------------------------------------------
