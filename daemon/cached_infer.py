@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from shmserve.daemon.errors import ServeError, internal, unavailable
+from shmserve.daemon.region_writer import RegionWriter
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, OutputTensor, RequestedOutput
 from shmserve.daemon.response_cache import (
@@ -33,7 +34,6 @@ from shmserve.daemon.response_cache import (
     open_region,
     read_region,
     request_key,
-    write_region,
 )
 from shmserve.daemon.statistics import ModelStats
 from shmserve.protos.datatypes import ELEMENT_SIZE, element_count
@@ -54,7 +54,12 @@ class CacheFront:
                  finished: Callable[[InferRequest], None]) -> None:
         self.cache = cache
         self._finished = finished  # the core's accounting, once per request it accepted
+        self.writer = RegionWriter()
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def forget_regions(self, region_ids: list[int]) -> None:
+        """Regions the registry released: no request uses them any more."""
+        self.writer.forget(region_ids)
 
     @staticmethod
     def enabled_for(model: ModelVersion) -> bool:
@@ -107,14 +112,16 @@ class CacheFront:
         except ServeError as error:
             self._answer_hit(request, stats, start, error)
             return
+        for region, _, _ in writes:
+            self.writer.prepare(region)
         if sum(len(data) for _, _, data in writes) > LOOP_BYTES:
             self._spawn(self._write_later(request, stats, start, outputs, writes))
             return
-        self._answer_hit(request, stats, start, _write_all(writes) or outputs)
+        self._answer_hit(request, stats, start, _write_all(self.writer, writes) or outputs)
 
     async def _write_later(self, request: InferRequest, stats: ModelStats, start: int,
                            outputs: list[OutputTensor], writes: list[RegionWrite]) -> None:
-        error = await asyncio.to_thread(_write_all, writes)
+        error = await asyncio.to_thread(_write_all, self.writer, writes)
         self._answer_hit(request, stats, start, error or outputs)
 
     def _answer_hit(self, request: InferRequest, stats: ModelStats, start: int,
@@ -241,19 +248,13 @@ def _hit_outputs(entry: CacheEntry, requested: list[RequestedOutput]
     return outputs, writes
 
 
-def _write_all(writes: list[RegionWrite]) -> ServeError | None:
+def _write_all(writer: RegionWriter, writes: list[RegionWrite]) -> ServeError | None:
     """Copy a hit's outputs into their regions; the error, if one failed."""
     for region, position, data in writes:
         try:
-            fd = open_region(region, writable=True)
-        except Uncacheable as exc:
+            writer.write(region, position, data)
+        except (OSError, Uncacheable) as exc:
             return unavailable(f"failed to write outputs: {exc}")
-        try:
-            write_region(fd, position, data)
-        except OSError as exc:
-            return unavailable(f"failed to write outputs: {exc}")
-        finally:
-            os.close(fd)
     return None
 
 

@@ -30,14 +30,19 @@ class Core:
         self.models.step_door = self  # ensembles submit their steps through the core
         policy = ShmPolicy(settings.allow_client_shm, settings.shm_allow_foreign_owners,
                            settings.shm_key_prefix)
-        self.registry = ShmRegistry(self.models.release_regions, policy, gpu_ids)
         size = cache_size(settings.cache_config)
         # The response cache (--cache-config), for models with response_cache enabled.
         self.cache = CacheFront(ResponseCache(size), self._finished) if size else None
+        self.registry = ShmRegistry(self._regions_released, policy, gpu_ids)
         self.exiting = False
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def _regions_released(self, region_ids: list[int]) -> None:
+        self.models.release_regions(region_ids)
+        if self.cache is not None:
+            self.cache.forget_regions(region_ids)
 
     def submit(self, model_name: str, version: str, parse: Callable[[], RequestItems],
                reply: Reply, streaming: bool = False) -> InferRequest:

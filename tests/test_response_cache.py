@@ -127,7 +127,7 @@ class _Region:
 
 @pytest.mark.parametrize("size", [4096, 1_500_000])  # on the event loop, and off it
 def test_outputs_into_shared_memory_miss_then_hits(
-        client: grpcclient.InferenceServerClient, size: int) -> None:
+        server: ServerProcess, client: grpcclient.InferenceServerClient, size: int) -> None:
     """A miss written into a region is kept (read back from the region); a hit for a request
     whose output goes to another region is a copy into that region; one without a region
     gets the bytes."""
@@ -145,9 +145,12 @@ def test_outputs_into_shared_memory_miss_then_hits(
         assert np.array_equal(second.read(size), _expected(seed, size))
         assert hit.as_numpy("RUN")[0] == miss.as_numpy("RUN")[0]
         assert _stats(client).inference_stats.cache_hit.count == before + 1
+        maps = Path(f"/proc/{server.pid}/maps")
+        assert second.key.lstrip("/") in maps.read_text()  # mapped once, kept for the next
     finally:
         first.close()
         second.close()
+    assert PREFIX.lstrip("/") not in maps.read_text()  # unmapped once unregistered
 
 
 def test_a_hit_into_a_too_small_region_fails_as_an_execution_would(
