@@ -95,6 +95,10 @@ class CacheFront:
         except ServeError as error:  # e.g. the queue is full: nothing was queued
             self._finished(request)
             request.reply.fail(error)
+        except Exception as exc:
+            log.exception("queueing a request after its cache lookup failed")
+            self._finished(request)
+            request.reply.fail(internal(f"{type(exc).__name__}: {exc}"))
 
     def _look_up(self, model: ModelVersion, request: InferRequest, key: bytes,
                  start: int) -> None:

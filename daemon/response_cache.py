@@ -136,7 +136,10 @@ def _hash_region(digest: hashlib._Hash, tensor: InputTensor) -> None:
         position = region.offset + tensor.offset
         left = tensor.nbytes
         while left:
-            count = os.preadv(fd, [view[:min(left, len(buffer))]], position)
+            try:
+                count = os.preadv(fd, [view[:min(left, len(buffer))]], position)
+            except OSError as exc:
+                raise Uncacheable(f"input '{tensor.name}': {exc.strerror}") from None
             if count <= 0:
                 raise Uncacheable(f"input '{tensor.name}' lies outside its shared memory "
                                   f"segment")
@@ -164,7 +167,10 @@ def open_region(region: Region, writable: bool) -> int:
 
 def read_region(fd: int, position: int, nbytes: int) -> bytes:
     """``nbytes`` at ``position`` of a region's file; raises Uncacheable on a short read."""
-    data = os.pread(fd, nbytes, position) if nbytes else b""
+    try:
+        data = os.pread(fd, nbytes, position) if nbytes else b""
+    except OSError as exc:
+        raise Uncacheable(f"reading an output back: {exc.strerror}") from None
     if len(data) != nbytes:
         raise Uncacheable("output lies outside its shared memory segment")
     return data
