@@ -143,7 +143,10 @@ class _Backlog:
         self.answers: queue_module.Queue[tuple[str, Any]] = queue_module.Queue()
         self.sent = 0
 
-    def send(self, name: str, wait: str = "", **options: Any) -> None:
+    def send(self, name: str, wait: str = "", queued: int | None = None,
+             **options: Any) -> None:
+        """Send ``name``; with ``queued``, return once that many requests wait (gRPC does
+        not keep concurrent calls in order: the backlog is built one arrival at a time)."""
         tensor = grpcclient.InferInput("WAIT", [1, 1], "BYTES")
         tensor.set_data_from_numpy(np.array([[wait.encode()]], dtype=np.object_))
         def callback(result: Any, error: Any) -> None:
@@ -151,11 +154,17 @@ class _Backlog:
 
         self.client.async_infer(MODEL, [tensor], callback, request_id=name, **options)
         self.sent += 1
+        if queued is not None:
+            self.wait_queued(queued)
 
     def hold(self) -> None:
         """Occupy the instance until ``release``."""
         self.send("gate", str(self.gate))
-        self.wait_queued(0)
+        held = Path(f"{self.gate}.held")
+        deadline = time.monotonic() + 30
+        while not held.exists():
+            assert time.monotonic() < deadline, "the gate request did not start"
+            time.sleep(0.02)
 
     def wait_queued(self, count: int) -> None:
         deadline = time.monotonic() + 30
@@ -179,20 +188,23 @@ def _order(results: dict[str, Any]) -> list[str]:
 def test_priorities_reorder_a_backlog(server: ServerProcess, tmp_path: Path) -> None:
     backlog = _Backlog(server, tmp_path / "gate")
     backlog.hold()
-    for name, priority in (("low1", 2), ("low2", 0), ("high1", 1), ("low3", 2), ("high2", 1)):
-        backlog.send(name, priority=priority)
-    backlog.wait_queued(5)
+    for queued, (name, priority) in enumerate(
+            (("low1", 2), ("low2", 0), ("high1", 1), ("low3", 2), ("high2", 1)), 1):
+        backlog.send(name, queued=queued, priority=priority)
     assert _order(backlog.release()) == ["gate", "high1", "high2", "low1", "low2", "low3"]
 
 
 def test_a_full_queue_rejects_with_tritons_text(server: ServerProcess, tmp_path: Path) -> None:
     backlog = _Backlog(server, tmp_path / "gate")
     backlog.hold()
-    for index in range(5):  # the default level holds 4
-        backlog.send(f"low{index}")
-    backlog.send("high", priority=1)  # another level, its own queue
+    for index in range(4):  # the default level holds 4
+        backlog.send(f"low{index}", queued=index + 1)
+    backlog.send("low4")
+    name, error = backlog.answers.get(timeout=30)  # refused at once, while the gate holds
+    assert name == "low4"
+    backlog.sent -= 1
+    backlog.send("high", queued=5, priority=1)  # another level, its own queue
     results = backlog.release()
-    error = results["low4"]
     assert isinstance(error, InferenceServerException)
     assert error.status() == "StatusCode.UNAVAILABLE"
     assert error.message() == "[request id: low4] Exceeds maximum queue size"
@@ -203,7 +215,7 @@ def test_timeout_reject_answers_while_the_backlog_waits(server: ServerProcess,
                                                         tmp_path: Path) -> None:
     backlog = _Backlog(server, tmp_path / "gate")
     backlog.hold()
-    backlog.send("patient", priority=1)
+    backlog.send("patient", queued=1, priority=1)
     backlog.send("hasty", priority=1, timeout=50_000)  # 50 ms, shorter than the default
     name, error = backlog.answers.get(timeout=30)      # while the gate still holds
     assert name == "hasty" and isinstance(error, InferenceServerException)
@@ -217,10 +229,8 @@ def test_timeout_delay_moves_a_request_behind_its_level(server: ServerProcess,
                                                         tmp_path: Path) -> None:
     backlog = _Backlog(server, tmp_path / "gate")
     backlog.hold()
-    backlog.send("late", timeout=50_000)
-    backlog.wait_queued(1)
+    backlog.send("late", queued=1, timeout=50_000)
     time.sleep(0.3)  # its 50 ms (from when it was queued) are over before the next arrive
-    backlog.send("first")
-    backlog.send("second")
-    backlog.wait_queued(3)
+    backlog.send("first", queued=2)
+    backlog.send("second", queued=3)
     assert _order(backlog.release()) == ["gate", "first", "second", "late"]
