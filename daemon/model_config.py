@@ -97,6 +97,10 @@ def complete_config(config: mc.ModelConfig, model_dir: Path, gpu_ids: list[int])
         raise ConfigError(f"{where}: Response Cache does not currently support model "
                           f"{config.name} with 'decoupled' transaction policy. Please disable "
                           f"the response cache.")
+    if config.response_cache.enable and config.HasField("sequence_batching"):
+        raise ConfigError(f"{where}: Response Cache does not currently support model "
+                          f"{config.name} with sequence batching scheduler. Please disable the "
+                          f"response cache.")
     if config.platform == ENSEMBLE_PLATFORM or config.HasField("ensemble_scheduling"):
         try:
             validate_scheduling(config)

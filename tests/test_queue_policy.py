@@ -5,9 +5,13 @@ never off timings."""
 
 from __future__ import annotations
 
+import json
 import queue as queue_module
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +238,33 @@ def test_timeout_delay_moves_a_request_behind_its_level(server: ServerProcess,
     backlog.send("first", queued=2)
     backlog.send("second", queued=3)
     assert _order(backlog.release()) == ["gate", "first", "second", "late"]
+
+
+def _http_infer(server: ServerProcess, name: str, **parameters: Any) -> dict[str, Any]:
+    """One HTTP/JSON inference (urllib: tritonclient.http's async calls only move while
+    gevent runs, and this test waits in plain threads)."""
+    body = json.dumps({"id": name, "parameters": parameters, "inputs": [
+        {"name": "WAIT", "shape": [1, 1], "datatype": "BYTES", "data": [""]}]}).encode()
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/{MODEL}/infer",
+                                     body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return dict(json.loads(answer.read()))
+    except urllib.error.HTTPError as error:
+        return {"error": json.loads(error.read())["error"]}
+
+
+def test_http_requests_carry_priority_and_timeout(server: ServerProcess, tmp_path: Path) -> None:
+    backlog = _Backlog(server, tmp_path / "gate")
+    backlog.hold()
+    with ThreadPoolExecutor(3) as pool:
+        low = pool.submit(_http_infer, server, "low", priority=2)
+        backlog.wait_queued(1)
+        hasty = _http_infer(server, "hasty", priority=1, timeout=50_000)  # while the gate holds
+        assert hasty == {"error": "Request timeout expired"}
+        high = pool.submit(_http_infer, server, "high", priority=1)
+        backlog.wait_queued(2)
+        backlog.release()
+        order = {name: future.result()["outputs"][0]["data"][0]
+                 for name, future in (("low", low), ("high", high))}
+    assert order["high"] < order["low"]
