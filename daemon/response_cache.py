@@ -105,6 +105,9 @@ def request_key(request: InferRequest, model_outputs: Iterable[str]) -> bytes:
     """The request's cache key (a request that names no output asks for ``model_outputs``,
     all of them). Raises Uncacheable. Reads the regions its inputs lie in: call it off the
     event loop for large inputs."""
+    if any(output.region is not None and output.region.kind != "system"
+           for output in request.outputs):
+        raise Uncacheable("outputs into CUDA shared memory are not cached")
     digest = hashlib.sha256()
     digest.update(f"{request.model}\0{request.version}\0".encode())
     for tensor in sorted(request.inputs, key=_name):
