@@ -14,6 +14,10 @@ Two steps, both during load (models.py ``_prepare``):
 * ``dali_auto_complete``: a dali model whose config leaves inputs, outputs, their data types or
   dims, or max_batch_size unsaid gets them from its pipeline (Triton's DALI backend
   auto-complete), read in the same kind of throwaway child; a complete config starts no child.
+* ``onnx_auto_complete``: an onnxruntime model whose config lacks inputs or outputs gets them
+  (and max_batch_size, dynamic_batching) from the model's own signature, read in the same kind
+  of child (the supervisor never imports onnxruntime). A config naming both inputs and outputs
+  is left as it is, as Triton skips it: no extra process.
 """
 
 from __future__ import annotations
@@ -100,6 +104,20 @@ def python_model_file(config: mc.ModelConfig, model_dir: Path, version: int) -> 
     return model_dir / str(version) / (config.default_model_filename or "model.py")
 
 
+def onnx_model_file(config: mc.ModelConfig, model_dir: Path, version: int) -> Path:
+    return model_dir / str(version) / (config.default_model_filename or "model.onnx")
+
+
+def is_onnx(config: mc.ModelConfig) -> bool:
+    return config.backend == "onnxruntime" or (not config.backend
+                                               and config.platform == "onnxruntime_onnx")
+
+
+def onnx_needs_auto_complete(config: mc.ModelConfig) -> bool:
+    """Triton's onnxruntime backend skips auto-complete when inputs and outputs are named."""
+    return not ((len(config.input) + len(config.batch_input)) > 0 and len(config.output) > 0)
+
+
 def may_define_hook(model_file: Path) -> bool:
     try:
         return HOOK_NAME.encode() in model_file.read_bytes()
@@ -115,7 +133,19 @@ async def python_auto_complete(config: mc.ModelConfig, model_file: Path,
     if not config.name:
         config.name = model_file.parent.parent.name
     return await _complete_in_child(config, HOOK_NAME, run_auto_complete,
-                                    (config_to_dict(config), str(model_file)), context)
+                                    (config_to_dict(config), str(model_file), "python"), context)
+
+
+async def onnx_auto_complete(config: mc.ModelConfig, model_file: Path,
+                             context: multiprocessing.context.ForkServerContext
+                             ) -> mc.ModelConfig:
+    """Complete an ONNX model's config from its signature in a child of ``context``."""
+    from shmserve.workers.auto_complete import run_auto_complete
+    if not config.name:
+        config.name = model_file.parent.parent.name
+    return await _complete_in_child(config, "auto-complete", run_auto_complete,
+                                    (config_to_dict(config), str(model_file), "onnxruntime"),
+                                    context)
 
 
 def dali_needs_completion(config: mc.ModelConfig, model_dir: Path,

@@ -11,7 +11,7 @@ is its own execution, but a quick model's requests travel several to a frame
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +30,16 @@ class Queued(Protocol):
     def received_ns(self) -> int: ...
 
 
+class QueueView(Protocol):
+    """What the policy reads of the queue (a deque, or queue_policy.PolicyQueue)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Queued]: ...
+
+    def __getitem__(self, index: int) -> Queued: ...
+
+
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
     max_batch_size: int          # >= 1
@@ -45,7 +55,7 @@ class BatchPolicy:
                    tuple(sorted(batching.preferred_batch_size)),  # type: ignore[attr-defined]
                    batching.max_queue_delay_microseconds * 1000)  # type: ignore[attr-defined]
 
-    def next_batch(self, queue: Sequence[Queued], now_ns: int) -> tuple[int, int]:
+    def next_batch(self, queue: QueueView, now_ns: int) -> tuple[int, int]:
         """``(count, 0)``: take the ``count`` oldest requests now; ``(0, wait_ns)``: hold them,
         look again in ``wait_ns`` (or when more arrive). ``queue`` must not be empty."""
         limit = self.max_batch_size

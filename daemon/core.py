@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+from shmserve.daemon.cached_infer import CacheFront
 from shmserve.daemon.errors import SERVER_EXITING, unavailable, unimplemented
 from shmserve.daemon.infer_request import RequestItems, build_request
 from shmserve.daemon.models import ModelManager
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest
+from shmserve.daemon.response_cache import ResponseCache, cache_size
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import ShmPolicy, ShmRegistry
 
@@ -28,11 +30,19 @@ class Core:
         self.models.step_door = self  # ensembles submit their steps through the core
         policy = ShmPolicy(settings.allow_client_shm, settings.shm_allow_foreign_owners,
                            settings.shm_key_prefix)
-        self.registry = ShmRegistry(self.models.release_regions, policy, gpu_ids)
+        size = cache_size(settings.cache_config)
+        # The response cache (--cache-config), for models with response_cache enabled.
+        self.cache = CacheFront(ResponseCache(size), self._finished) if size else None
+        self.registry = ShmRegistry(self._regions_released, policy, gpu_ids)
         self.exiting = False
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def _regions_released(self, region_ids: list[int]) -> None:
+        self.models.release_regions(region_ids)
+        if self.cache is not None:
+            self.cache.forget_regions(region_ids)
 
     def submit(self, model_name: str, version: str, parse: Callable[[], RequestItems],
                reply: Reply, streaming: bool = False) -> InferRequest:
@@ -53,7 +63,11 @@ class Core:
         self.inflight += 1
         self._idle.clear()
         try:
-            model.scheduler.submit(request)
+            cache = self.cache
+            if cache is not None and cache.enabled_for(model):
+                cache.submit(model, request)
+            else:
+                model.scheduler.submit(request)
         except BaseException:
             self._finished(request)
             raise

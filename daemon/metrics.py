@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shmserve.daemon.models import ModelManager
+from shmserve.daemon.response_cache import ResponseCache
 from shmserve.daemon.shm_registry import ShmRegistry
 from shmserve.daemon.statistics import ModelStats
 from shmserve.workers.protocol import Report
@@ -35,6 +36,15 @@ _DURATIONS: list[tuple[str, str, str]] = [
      "in us", "compute_output"),
 ]
 
+_CACHE_FAMILIES: list[tuple[str, str, str]] = [
+    ("nv_cache_num_hits_per_model", "Number of cache hits per model", "cache_hit"),
+    ("nv_cache_num_misses_per_model", "Number of cache misses per model", "cache_miss"),
+    ("nv_cache_hit_duration_per_model", "Total cache hit duration per model, in "
+     "microseconds", "cache_hit"),
+    ("nv_cache_miss_duration_per_model", "Total cache miss (insert + lookup) duration per "
+     "model, in microseconds", "cache_miss"),
+]
+
 
 def _labels(**labels: object) -> str:
     inner = ",".join(f'{key}="{str(value).replace(chr(34), "")}"'
@@ -42,9 +52,14 @@ def _labels(**labels: object) -> str:
     return "{" + inner + "}"
 
 
-def render(models: ModelManager, registry: ShmRegistry | None = None) -> str:
+def render(models: ModelManager, registry: ShmRegistry | None = None,
+           cache: ResponseCache | None = None) -> str:
     versions = [(v.name, v.version, v.scheduler) for r in models.records()
                 for v in r.versions.values()]
+    # As Triton: cache metrics for the models that use the server's response cache.
+    cached = [(v.name, v.version, v.scheduler.stats) for r in models.records()
+              for v in r.versions.values() if cache is not None and
+              v.config.response_cache.enable]
     lines: list[str] = []
 
     def family(name: str, help_text: str, kind: str,
@@ -72,6 +87,18 @@ def render(models: ModelManager, registry: ShmRegistry | None = None) -> str:
     for name, help_text, field in _DURATIONS:
         family(name, help_text, "counter",
                per_version(lambda stats, f=field: _us(stats, f)))
+    for name, help_text, field in _CACHE_FAMILIES:
+        family(name, help_text, "counter",
+               [(_labels(model=model, version=version),
+                 getattr(stats, field).count if name.startswith("nv_cache_num")
+                 else _us(stats, field)) for model, version, stats in cached])
+    if cache is not None:
+        family("shmserve_response_cache_bytes", "Bytes the response cache holds (of its "
+               "--cache-config size)", "gauge", [("", float(cache.used))])
+        family("shmserve_response_cache_entries", "Responses the response cache holds",
+               "gauge", [("", float(len(cache)))])
+        family("shmserve_response_cache_evictions_total", "Responses evicted from the "
+               "response cache to make room", "counter", [("", float(cache.evictions))])
     instances = []
     restarts = []
     crash_looping = []
@@ -156,9 +183,11 @@ def _us(stats: ModelStats, field: str) -> float:
 
 class MetricsServer:
     def __init__(self, models: ModelManager, address: str, port: int,
-                 registry: ShmRegistry | None = None) -> None:
+                 registry: ShmRegistry | None = None, cache: ResponseCache | None = None
+                 ) -> None:
         self._models = models
         self._registry = registry
+        self._cache = cache
         self._address = address
         self._port = port
         self._server: asyncio.base_events.Server | None = None
@@ -178,7 +207,7 @@ class MetricsServer:
                 pass
             parts = request_line.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                text = render(self._models, self._registry)
+                text = render(self._models, self._registry, self._cache)
                 if self.extra is not None:
                     text += "".join(line + "\n" for line in self.extra())
                 body = text.encode()

@@ -15,6 +15,7 @@ from shmserve.daemon.ensemble_config import (
     EnsembleConfigError,
     validate_scheduling,
 )
+from shmserve.daemon.queue_policy import check_config as check_queue_config
 from shmserve.daemon.sequence_config import (
     SEQUENCE_IDLE_DEFAULT_US,
     SequenceConfigError,
@@ -24,7 +25,8 @@ from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.workers.sequence_state import StateConfigError, state_specs
 
 CONFIG_FILE = "config.pbtxt"
-PLATFORM_BACKENDS = {"pytorch_libtorch": "pytorch", "python": "python", "ensemble": "ensemble"}
+PLATFORM_BACKENDS = {"pytorch_libtorch": "pytorch", "onnxruntime_onnx": "onnxruntime",
+                     "python": "python", "ensemble": "ensemble"}
 _INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64,
                 FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED64,
                 FieldDescriptor.TYPE_SFIXED64}
@@ -96,6 +98,18 @@ def complete_config(config: mc.ModelConfig, model_dir: Path, gpu_ids: list[int])
                               f"{preferred} exceeds max_batch_size {config.max_batch_size}")
     if config.HasField("sequence_batching"):
         _complete_sequence_batching(where, config, model_dir)
+    if config.HasField("dynamic_batching"):
+        problem = check_queue_config(config.dynamic_batching, config.name)
+        if problem is not None:
+            raise ConfigError(f"{where}: {problem}")
+    if config.response_cache.enable and config.model_transaction_policy.decoupled:
+        raise ConfigError(f"{where}: Response Cache does not currently support model "
+                          f"{config.name} with 'decoupled' transaction policy. Please disable "
+                          f"the response cache.")
+    if config.response_cache.enable and config.HasField("sequence_batching"):
+        raise ConfigError(f"{where}: Response Cache does not currently support model "
+                          f"{config.name} with sequence batching scheduler. Please disable the "
+                          f"response cache.")
     if config.platform == ENSEMBLE_PLATFORM or config.HasField("ensemble_scheduling"):
         try:
             validate_scheduling(config)

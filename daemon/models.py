@@ -41,7 +41,11 @@ from shmserve.daemon.auto_complete import (
     dali_auto_complete,
     dali_needs_completion,
     infer_backend,
+    is_onnx,
     may_define_hook,
+    onnx_auto_complete,
+    onnx_model_file,
+    onnx_needs_auto_complete,
     python_auto_complete,
     python_model_file,
 )
@@ -403,8 +407,8 @@ class ModelManager:
                              named_dir: Path, versions: list[int], config_json: str | None
                              ) -> mc.ModelConfig:
         """Triton's auto-completion: the backend from the default model file, then a python
-        model's ``auto_complete_config`` hook or a dali model's pipeline (run outside the
-        supervisor, auto_complete.py)."""
+        model's ``auto_complete_config`` hook, a dali model's pipeline or an ONNX model's
+        signature (all read outside the supervisor, auto_complete.py)."""
         if config_json is not None:
             where = "load parameter 'config'"
         else:
@@ -416,12 +420,19 @@ class ModelManager:
         if not versions or self._settings.disable_auto_complete_config:
             return config
         version = max(versions)
+        if not config.name:  # not the folder's: an agent's location has a name of its own
+            config.name = name
         try:
             if config.backend == "dali":
                 if not dali_needs_completion(config, model_dir, config_json):
                     return config
                 return await dali_auto_complete(config, model_dir, version, config_json,
                                                 fork_context())
+            if is_onnx(config):
+                if not onnx_needs_auto_complete(config):
+                    return config
+                return await onnx_auto_complete(config, onnx_model_file(config, model_dir,
+                                                                        version), fork_context())
             if config.backend != "python":
                 return config
             model_file = python_model_file(config, model_dir, version)

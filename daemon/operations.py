@@ -213,7 +213,7 @@ def _fill_statistics(target: pb.ModelStatistics, name: str, version: int, stats:
     target.execution_count = stats.execution_count
     inference = target.inference_stats
     for field in ("success", "fail", "queue", "compute_input", "compute_infer",
-                  "compute_output"):
+                  "compute_output", "cache_hit", "cache_miss"):
         source = getattr(stats, field)
         getattr(inference, field).count = source.count
         getattr(inference, field).ns = source.ns

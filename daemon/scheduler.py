@@ -20,6 +20,13 @@ from shmserve.daemon.batcher import BatchPolicy, requests_per_frame, share_among
 from shmserve.daemon.dispatcher import Dispatcher, InstanceSlot, WorkerFactory
 from shmserve.daemon.errors import ServeError, internal, unavailable
 from shmserve.daemon.model_config import InstancePlan
+from shmserve.daemon.queue_policy import (
+    PolicyQueue,
+    QueuePolicy,
+    drop_cancelled,
+    queue_full,
+    timeout_expired,
+)
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.sequence_batcher import SequenceBatcher
 from shmserve.daemon.sequence_config import SequencePlan
@@ -48,11 +55,18 @@ class Scheduler:
         self._on_finished = on_finished  # the core's accounting, once per request
         self._dispatcher = Dispatcher(model, plans, make_spec, settings, supervisor_pid,
                                       worker_factory, self, limits, decoupled)
-        self._queue: deque[InferRequest] = deque()
         # With sequence_batching, requests queue on their sequences instead.
         self._sequences = (SequenceBatcher(sequence, self._dispatcher, self)
                            if sequence is not None else None)
+        queue_policy = QueuePolicy.from_config(batching)
+        # Priority levels and timeouts (queue_policy.py); else the plain FIFO deque.
+        self._policy_queue = PolicyQueue(queue_policy) if queue_policy is not None else None
+        self._fifo: deque[InferRequest] = deque()
+        self._queue: deque[InferRequest] | PolicyQueue = \
+            self._fifo if self._policy_queue is None else self._policy_queue
         self._timer: asyncio.TimerHandle | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._expiry_at = 0  # the deadline _expiry_timer is set for
         self._abandoned = 0
         # Decoupled requests that responded: (responses so far, when the last one came).
         self._responded: dict[int, tuple[int, int]] = {}
@@ -88,6 +102,8 @@ class Scheduler:
         self._dispatcher.closing = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
         self._fail_queue(unavailable(f"model '{self.model}' is being unloaded"))
         await self._dispatcher.stop(timeout)
 
@@ -95,14 +111,18 @@ class Scheduler:
     def submit(self, request: InferRequest) -> None:
         if self._closing:
             raise unavailable(f"model '{self.model}' is being unloaded")
-        if self._max_queue and len(self._queue) >= self._max_queue:
-            raise unavailable("Exceeds maximum queue size")
         request.received_ns = request.received_ns or time.perf_counter_ns()
-        request.scheduler = self
         if self._sequences is not None:
+            request.scheduler = self
             self._sequences.submit(request)
         else:
-            self._queue.append(request)
+            if self._policy_queue is not None:
+                self._policy_queue.append(request, request.received_ns)
+            elif self._max_queue and len(self._fifo) >= self._max_queue:
+                raise queue_full(request)
+            else:
+                self._fifo.append(request)
+            request.scheduler = self
         self.stats.pending += 1
         self._idle.clear()
         if not self._dispatch_scheduled:
@@ -137,6 +157,8 @@ class Scheduler:
                 self._idle.set()
             return
         self._drop_abandoned()
+        if self._policy_queue is not None:
+            self._apply_timeouts()
         queue = self._queue
         policy = self._policy
         while queue:
@@ -169,14 +191,34 @@ class Scheduler:
         """Drop queued requests whose caller gave up (counted, so no scan per dispatch)."""
         if self._abandoned:
             self._abandoned = 0
-            kept: deque[InferRequest] = deque()
-            for request in self._queue:
-                if request.cancelled:
-                    self.stats.pending -= 1
-                    self.finish(request, unavailable("request cancelled by the client"))
-                else:
-                    kept.append(request)
-            self._queue = kept
+            for request in drop_cancelled(self._queue):
+                self.stats.pending -= 1
+                self.finish(request, unavailable("request cancelled by the client"))
+
+    def _apply_timeouts(self) -> None:
+        """Reject or delay the queued requests that timed out; look again at the next
+        deadline."""
+        queue = self._policy_queue
+        assert queue is not None
+        now = time.perf_counter_ns()
+        for request in queue.expire(now):
+            self.stats.pending -= 1
+            self.finish(request, timeout_expired())
+        deadline = queue.next_deadline()
+        if deadline == self._expiry_at:
+            return
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        self._expiry_at = deadline
+        if deadline:
+            self._expiry_timer = asyncio.get_running_loop().call_later(
+                max(deadline - now, 0) / 1e9 + 1e-4, self._on_expiry_timer)
+
+    def _on_expiry_timer(self) -> None:
+        self._expiry_timer = None
+        self._expiry_at = 0
+        self.dispatch()
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -45,6 +45,24 @@ def parse_restriction(text: str) -> tuple[set[str], str, str]:
     return groups, key, value
 
 
+CACHE_NAME = "local"
+
+
+def parse_cache_config(text: str) -> tuple[str, str, str]:
+    """tritonserver's ``--cache-config <cache>,<key>=<value>``; shmserve has the ``local``
+    cache, whose one key is ``size`` (bytes)."""
+    name, _, rule = text.partition(",")
+    key, _, value = rule.partition("=")
+    if name != CACHE_NAME:
+        raise argparse.ArgumentTypeError(
+            f"unsupported cache '{name}': shmserve has the '{CACHE_NAME}' cache only "
+            f"(e.g. --cache-config {CACHE_NAME},size=1048576)")
+    if key != "size" or not value.isdigit() or int(value) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected {CACHE_NAME},size=<bytes> with a positive size, got '{text}'")
+    return name, key, value
+
+
 @dataclass(frozen=True, slots=True)
 class SettingSpec:
     """How one setting is given: the table row behind a ``Settings`` field."""
@@ -138,8 +156,9 @@ class Settings:
         help="ServerReady requires every model ready, and no model failed at start-up")
     disable_auto_complete_config: bool = setting(
         False, flag="--disable-auto-complete-config", parse=parse_bool,
-        help="do not run python models' auto_complete_config hook at load (Triton's flag; "
-             "the backend is still inferred from the default model file)")
+        help="do not run python models' auto_complete_config hook nor complete ONNX models' "
+             "configs from the model at load (Triton's flag; the backend is still inferred "
+             "from the default model file)")
     repoagent_directory: str | None = setting(
         None, flag="--repoagent-directory", metavar="DIR",
         help="directory of repository agents (<dir>/<name>/agent.py)")
@@ -222,6 +241,11 @@ class Settings:
     worker_heartbeat_secs: float = setting(
         2.0, help="at most this many seconds between a worker's heartbeats (also at most a "
                   "fifth of the heartbeat timeout)")
+    cache_config: list[tuple[str, str, str]] = setting(
+        flag="--cache-config", parse=parse_cache_config, repeatable=True,
+        metavar="CACHE,KEY=VALUE",
+        help="the response cache, as tritonserver's: local,size=BYTES (models opt in with "
+             "response_cache { enable: true }); repeatable")
     log_verbose: int = setting(0, flag="--log-verbose", parse=int,
                                help="verbose logging level")
     lifeline_fd: int | None = setting(

@@ -1,7 +1,9 @@
 """Client-registered shared-memory regions (system and CUDA) with bounds checks and refcounts.
 
-The supervisor never maps a client's segment: it checks the segment's size when the region is
-registered and the bounds of every reference, then forwards references to workers, which map.
+The supervisor does not map a client's segment to serve requests: it checks the segment's size
+when the region is registered and the bounds of every reference, then forwards references to
+workers, which map. (The response cache alone maps regions it copies cached outputs into:
+daemon/region_writer.py.)
 A region unregistered while requests use it stays until the last request releases it.
 """
 

@@ -72,8 +72,9 @@ class Supervisor:
         models = core.models
         metrics_address = settings.metrics_address or (
             "0.0.0.0" if is_unix_address(settings.grpc_address) else settings.grpc_address)
-        metrics = MetricsServer(models, metrics_address, settings.metrics_port,
-                                core.registry) if settings.allow_metrics else None
+        metrics = MetricsServer(models, metrics_address, settings.metrics_port, core.registry,
+                                core.cache.cache if core.cache is not None else None
+                                ) if settings.allow_metrics else None
         if metrics is not None:
             try:
                 await metrics.start()

@@ -1,5 +1,6 @@
 """Runs a model's auto-completion in a throwaway child of the fork server: a python model's
-static ``auto_complete_config``, or a dali model's pipeline read for its inputs and outputs.
+static ``auto_complete_config``, an ONNX model's signature read by the onnxruntime backend, or a
+dali model's pipeline read for its inputs and outputs.
 
 The supervisor never imports user code (model files import torch and may do anything at import
 time); it forks this from the fork server (which has numpy and the python backend preloaded),
@@ -24,11 +25,14 @@ class AutoCompleteResult:
     error_message: str = ""
 
 
-def run_auto_complete(conn: Connection, config: dict[str, Any], model_file: str) -> None:
-    """The child's entry point for a python model: answer exactly once on ``conn``."""
-    from shmserve.workers.backends.python import auto_complete_config, install_pb_utils
-
+def run_auto_complete(conn: Connection, config: dict[str, Any], model_file: str,
+                      backend: str = "python") -> None:
+    """The child's entry point for a python or onnxruntime model: answer exactly once."""
     def complete() -> dict[str, Any]:
+        if backend == "onnxruntime":
+            from shmserve.workers.backends.onnxruntime.auto_complete import onnx_auto_complete
+            return onnx_auto_complete(config, model_file)
+        from shmserve.workers.backends.python import auto_complete_config, install_pb_utils
         install_pb_utils()
         return auto_complete_config(config, model_file)
 

@@ -1,0 +1,189 @@
+"""Response cache latency: a hit against a miss, for 4 B and 16 MiB outputs, on shmserve and on
+Triton 2.51 in the same run (the same python-backend model, bench/models_cache/, unmodified on
+both, each server with ``--cache-config local,size=...``), and a 16 MiB hit whose output goes
+into a client system shared-memory region against one memcpy of 16 MiB.
+
+    python -m bench.cache [--quick] [--repeats N] [--no-triton] [--json PATH]
+
+Every request is one tritonclient.grpc ``infer`` (the same client library for both servers).
+A miss sends a SEED not seen before; a hit repeats one already answered. Rows give p50/p90 in
+ms; the ratios compare hit with miss, shmserve with Triton, and the shm hit with the memcpy.
+Target (issue 20): a 16 MiB cache hit into system shm within 1.5x of one memcpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import ceilings
+from bench.shm import SystemRegion
+
+MODEL = "cache_bytes"
+MODELS = Path(__file__).resolve().parent / "models_cache"
+SIZES = {"4B": 4, "16MiB": 16 << 20}
+CACHE_BYTES = 128 << 20
+TRITON_GRPC_PORT = 18301
+TRITON_HTTP_PORT = 18300
+_seeds = itertools.count(1)
+
+
+def _inputs(seed: int, size: int) -> list[Any]:
+    import tritonclient.grpc as grpcclient
+    tensors = []
+    for name, value in (("SEED", seed), ("SIZE", size)):
+        tensor = grpcclient.InferInput(name, [1], "INT32")
+        tensor.set_data_from_numpy(np.array([value], dtype=np.int32))
+        tensors.append(tensor)
+    return tensors
+
+
+def _timed(call: Callable[[], Any], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter_ns()
+        call()
+        times.append((time.perf_counter_ns() - started) / 1e6)
+    return times
+
+
+def _row(server: str, case: str, size: str, times: list[float]) -> dict[str, Any]:
+    ordered = sorted(times)
+    return {"server": server, "case": case, "size": size, "n": len(times),
+            "p50_ms": statistics.median(ordered),
+            "p90_ms": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]}
+
+
+def measure(server: str, url: str, repeats: int) -> list[dict[str, Any]]:
+    """Miss, hit (and for 16 MiB a hit into a system shm region) against one server."""
+    import tritonclient.grpc as grpcclient
+    rows = []
+    with grpcclient.InferenceServerClient(url) as client:
+        for label, size in SIZES.items():
+            seed = next(_seeds)
+            miss_answer = client.infer(MODEL, _inputs(seed, size)).as_numpy("OUT")
+            hit_answer = client.infer(MODEL, _inputs(seed, size)).as_numpy("OUT")
+            if not np.array_equal(miss_answer, hit_answer) or miss_answer[0] != seed & 0xFF:
+                raise AssertionError(f"{server}: a hit answered differently from its miss")
+            rows.append(_row(server, "miss", label, _timed(
+                lambda size=size: client.infer(MODEL, _inputs(next(_seeds), size)), repeats)))
+            rows.append(_row(server, "hit", label, _timed(
+                lambda seed=seed, size=size: client.infer(MODEL, _inputs(seed, size)),
+                repeats)))
+            if size >= 1 << 20:
+                rows.append(_row(server, "hit into system shm", label,
+                                 _hit_into_region(client, server, seed, size,
+                                                  repeats)))
+    return rows
+
+
+def _hit_into_region(client: Any, server: str, seed: int, size: int,
+                     repeats: int) -> list[float]:
+    import tritonclient.grpc as grpcclient
+    name = f"bench_cache_{server}_{os.getpid()}"
+    with SystemRegion(f"cache_{server}", size) as region:
+        client.register_system_shared_memory(name, region.key, size)
+        try:
+            target = region.array(np.uint8, size)
+            target[:] = 0  # pages in place: the copy is measured, not the page faults
+            requested = grpcclient.InferRequestedOutput("OUT")
+            requested.set_shared_memory(name, size)
+            client.infer(MODEL, _inputs(seed, size), outputs=[requested])
+            if target[0] != (seed & 0xFF) or target[-1] != (seed & 0xFF):
+                raise AssertionError(f"{server}: the hit was not written into the region")
+            times = _timed(lambda: client.infer(MODEL, _inputs(seed, size),
+                                                outputs=[requested]), repeats)
+            del target
+        finally:
+            client.unregister_system_shared_memory(name)
+    return times
+
+
+@contextmanager
+def shmserve_server(work: Path) -> Iterator[str]:
+    from shmserve.tests.serverproc import ServerProcess
+    repo = work / "repo"
+    shutil.copytree(MODELS, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    server = ServerProcess(repo, "--cache-config", f"local,size={CACHE_BYTES}",
+                           log_path=work / "shmserve.log")
+    try:
+        server.wait_ready()
+        yield server.url
+    finally:
+        server.stop()
+
+
+@contextmanager
+def triton_server() -> Iterator[str]:
+    from bench.triton_peer import TritonPeer
+    with TritonPeer(MODELS, grpc_port=TRITON_GRPC_PORT, http_port=TRITON_HTTP_PORT,
+                    extra_args=(f"--cache-config=local,size={CACHE_BYTES}",)) as peer:
+        yield peer.grpc_url
+
+
+def ratios(rows: list[dict[str, Any]], memcpy_ms: float) -> list[tuple[str, float]]:
+    by = {(r["server"], r["case"], r["size"]): r["p50_ms"] for r in rows}
+    out = []
+    for server in sorted({r["server"] for r in rows}):
+        for size in SIZES:
+            if (server, "hit", size) in by:
+                out.append((f"{server} {size}: hit / miss",
+                            by[(server, "hit", size)] / by[(server, "miss", size)]))
+        shm_hit = by.get((server, "hit into system shm", "16MiB"))
+        if shm_hit is not None:
+            out.append((f"{server} 16MiB: hit into system shm / one memcpy",
+                        shm_hit / memcpy_ms))
+    for case, size in {(r["case"], r["size"]) for r in rows}:
+        ours, theirs = by.get(("shmserve", case, size)), by.get(("triton", case, size))
+        if ours is not None and theirs is not None:
+            out.append((f"{case} {size}: shmserve / triton", ours / theirs))
+    return sorted(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cache", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few requests per row")
+    parser.add_argument("--repeats", type=int, default=0,
+                        help="requests per row (default 50, quick 5)")
+    parser.add_argument("--no-triton", action="store_true", help="shmserve rows only")
+    parser.add_argument("--json", type=Path, help="also write the rows and ratios here")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 50)
+    work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    rows: list[dict[str, Any]] = []
+    with shmserve_server(work) as url:
+        rows += measure("shmserve", url, repeats)
+    if not args.no_triton:
+        with triton_server() as url:
+            rows += measure("triton", url, repeats)
+    memcpy = ceilings.memcpy(SIZES["16MiB"], 0.05 if args.quick else 0.5)
+    print(f"{'server':<10} {'case':<22} {'size':>6} {'p50 ms':>9} {'p90 ms':>9} {'n':>4}")
+    for row in rows:
+        print(f"{row['server']:<10} {row['case']:<22} {row['size']:>6} {row['p50_ms']:>9.3f} "
+              f"{row['p90_ms']:>9.3f} {row['n']:>4}")
+    print(f"{'memcpy':<10} {'one copy':<22} {'16MiB':>6} {memcpy['p50_ms']:>9.3f}")
+    found = ratios(rows, memcpy["p50_ms"])
+    for label, value in found:
+        print(f"  {label}: {value:.2f}x")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"rows": rows, "memcpy": memcpy, "ratios": found,
+                                         "quick": args.quick}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
