@@ -49,6 +49,7 @@ log = logging.getLogger("shmserve.frontends")
 
 #: Runs one forwarded call in the core's gRPC door: the serialized response, or ServeError.
 Forward = Callable[[RpcCall], Awaitable[bytes]]
+CATCH_UP_SECS = 2.0
 
 
 class FrontendChannel(LocalChannel):
@@ -57,6 +58,41 @@ class FrontendChannel(LocalChannel):
     links: FrontendLinks
     requests = 0  # inference and forwarded calls received
     spills = 0    # answers sent in a memfd (their fd tags)
+    settled = 0   # inference requests answered, by us or (Done read) by a worker
+    _catching_up: list[tuple[int, asyncio.Future[None]]] | None = None
+
+    def settle(self, reply: _ChannelReply) -> bool:
+        if not super().settle(reply):
+            return False
+        self._one_settled()
+        return True
+
+    def _one_settled(self) -> None:
+        self.settled += 1
+        waiting = self._catching_up
+        if waiting:
+            for entry in [e for e in waiting if e[0] <= self.settled]:
+                waiting.remove(entry)
+                if not entry[1].done():
+                    entry[1].set_result(None)
+
+    async def _caught_up(self, answered: int) -> None:
+        """Until every answer the frontend had received is accounted for here (a direct
+        answer's Done frame follows it by microseconds; the wait is bounded regardless)."""
+        if self.settled >= answered:
+            return
+        future = asyncio.get_running_loop().create_future()
+        if self._catching_up is None:
+            self._catching_up = []
+        entry = (answered, future)
+        self._catching_up.append(entry)
+        try:
+            await asyncio.wait_for(future, CATCH_UP_SECS)
+        except TimeoutError:
+            pass
+        finally:
+            if entry in self._catching_up:
+                self._catching_up.remove(entry)
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message["op"]
@@ -103,6 +139,7 @@ class FrontendChannel(LocalChannel):
         try:
             infer = FrontendInfer.from_message(message, self.owner)
         except (KeyError, TypeError, ValueError) as exc:
+            self._one_settled()
             self._reply_error(request_id, invalid_argument(
                 f"malformed frontend request: {exc}"))
             return
@@ -122,10 +159,12 @@ class FrontendChannel(LocalChannel):
                 spill = self._region_prefix + name
             core.submit(infer.model, infer.version, _items_of(infer), reply, infer.streaming)
         except ServeError as exc:
-            self._inflight.pop(request_id, None)
+            if self._inflight.pop(request_id, None) is not None:
+                self._one_settled()
             self._reply_error(request_id, exc)
         except Exception as exc:
-            self._inflight.pop(request_id, None)
+            if self._inflight.pop(request_id, None) is not None:
+                self._one_settled()
             log.exception("frontend infer failed")
             self._reply(messages.error_reply(request_id, "INTERNAL",
                                              f"{type(exc).__name__}: {exc}"))
@@ -175,6 +214,7 @@ class FrontendChannel(LocalChannel):
 
     async def _run(self, request_id: int, call: RpcCall) -> None:
         try:
+            await self._caught_up(call.answered)
             answer = RpcAnswer(await self.links.forward(call))
         except ServeError as exc:
             self._reply_error(request_id, exc)

@@ -108,22 +108,27 @@ class FrontendInfer:
 
 @dataclass(frozen=True, slots=True)
 class RpcCall:
-    """A non-inference RPC: its name (``RPCS`` of frontend/service.py, or HEALTH_CHECK), the
-    serialized request, and the caller's ``shmserve-client-id`` (its region scope)."""
+    """A non-inference RPC: its name (``RPCS`` of frontend/service.py, or the health
+    service's Check), the serialized request, the caller's ``shmserve-client-id`` (its region
+    scope), and how many inference answers the frontend had received: the core runs the call
+    once it has accounted for as many (a worker's direct answer is counted when its Done frame
+    is read, a moment later), so statistics read after an answer include it."""
 
     rpc: str
     request: bytes
     client_id: str
+    answered: int = 0
 
     def message(self) -> dict[str, Any]:
-        return {"op": OP_RPC, "call": [self.rpc, self.request, self.client_id]}
+        return {"op": OP_RPC, "call": [self.rpc, self.request, self.client_id, self.answered]}
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> RpcCall:
-        rpc, request, client_id = message["call"]
-        if type(rpc) is not str or type(request) is not bytes or type(client_id) is not str:
+        rpc, request, client_id, answered = message["call"]
+        if type(rpc) is not str or type(request) is not bytes or type(client_id) is not str \
+                or type(answered) is not int:
             raise TypeError("malformed rpc call")
-        return cls(rpc, request, client_id)
+        return cls(rpc, request, client_id, answered)
 
 
 @dataclass(frozen=True, slots=True)

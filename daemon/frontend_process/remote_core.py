@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, cast
 
@@ -124,6 +124,7 @@ class RemoteCore:
     def __init__(self, channel: AsyncLocalChannel, settings: Settings) -> None:
         self.channel = channel
         self._settings = settings
+        self.answered = 0  # final answers received for inference requests (RpcCall.answered)
 
     @property
     def settings(self) -> Settings:
@@ -146,7 +147,7 @@ class RemoteCore:
                                     spill).message()
             # Answered from the channel's reader itself (no future: no extra loop iteration).
             request.channel_request = self.channel.send_nowait(
-                message, partial(_answered, request, self.channel),
+                message, partial(_answered, self, request),
                 partial(_partial, request, self.channel) if streaming else None)
         except MessageTooLarge as exc:
             raise resource_exhausted(
@@ -166,21 +167,23 @@ class RemoteCore:
     async def call(self, call: RpcCall) -> bytes:
         """A forwarded non-inference RPC: its serialized response. Raises ServeError."""
         try:
-            reply = await self.channel.call(call.message())
+            reply = await self.channel.call(replace(call, answered=self.answered).message())
         except ShmserveError as exc:
             raise ServeError(exc.code, exc.message) from None
         return RpcAnswer.from_reply(reply).response
 
 
-def _answered(request: RemoteRequest, channel: AsyncLocalChannel,
+def _answered(core: RemoteCore, request: RemoteRequest,
               answer: dict[str, Any] | None, error: ShmserveError | None) -> None:
     """Called by the channel's reader: an exception here would end the channel (every
     request of this frontend), so none leaves."""
+    if answer is not None:
+        core.answered += 1
     if request.done:
         return
     request.done = True
     try:
-        _deliver(request, channel, answer, error)
+        _deliver(request, core.channel, answer, error)
     except Exception:
         log.exception("answering a request failed")
 
