@@ -131,9 +131,10 @@ class Scheduler:
             if slot is None:
                 break
             if policy is not None:
-                count, wait_ns = policy.next_batch(queue, time.perf_counter_ns())
+                count, wait_ns = policy.next_batch(queue, time.perf_counter_ns(),
+                                                   ahead=slot.inflight > 0)
                 if not count:
-                    if self._timer is None:
+                    if wait_ns and self._timer is None:
                         self._timer = asyncio.get_running_loop().call_later(
                             wait_ns / 1e9, self._on_timer)
                     break
