@@ -27,6 +27,7 @@ from shmserve.daemon.frontend.wire import (
 from shmserve.daemon.operations import Operations
 from shmserve.daemon.reply import FutureReply, Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.daemon.restrictions import GRPC_HEADER_PREFIX, restriction_for
 from shmserve.daemon.settings import Settings
 from shmserve.protos import shmserve_health_pb2 as health_pb
 from shmserve.protos import shmserve_service_pb2 as pb
@@ -443,17 +444,14 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 def _restriction_check(settings: Settings, group: str
                        ) -> Callable[[grpc.aio.ServicerContext], None] | None:
-    rules = [(key, value) for groups, key, value in settings.restricted_protocols
-             if group in groups]
-    if not rules:
+    restriction = restriction_for(settings.restricted_protocols, group, GRPC_HEADER_PREFIX)
+    if restriction is None:
         return None
-    key, value = rules[0]
-    header = f"triton-grpc-protocol-{key}"
+    message = f"This protocol is restricted, expecting header '{restriction.header}'"
 
     def check(context: grpc.aio.ServicerContext) -> None:
-        metadata = dict(context.invocation_metadata() or ())
-        if metadata.get(header) != value:
-            raise unavailable(f"This protocol is restricted, expecting header '{header}'")
+        if not restriction.allows(dict(context.invocation_metadata() or ()).get):
+            raise unavailable(message)
 
     return check
 
