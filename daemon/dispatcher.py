@@ -114,6 +114,18 @@ class DispatchOwner(Protocol):
     def no_live_instance(self, error: ServeError) -> None: ...
 
 
+def _settle(outputs: list[OutputTensor]) -> None:
+    """Outputs the door did not copy out of the output arena are read now: the lane's arena
+    may be written again once its frame is answered."""
+    for output in outputs:
+        if output.pending:
+            try:
+                output.settle()
+            except (OSError, ValueError):
+                log.exception("reading output '%s' from the output arena failed", output.name)
+                output.data = b""
+
+
 def _align(nbytes: int) -> int:
     return (nbytes + 63) // 64 * 64
 
@@ -427,6 +439,7 @@ class Dispatcher:
                         finish(request, unavailable(f"failed to read outputs: {exc}"))
                         continue
                     finish(request, outputs)
+                    _settle(outputs)
                 elif kind == RESULT_ANSWERED:
                     finish(request, None)
                 else:  # RESULT_ERROR
@@ -458,9 +471,12 @@ class Dispatcher:
                 finish(request, result)
             elif answer[0] == RESULT_OK:
                 try:
-                    finish(request, [self._read_output(slot, raw) for raw in answer[1]])
+                    outputs = [self._read_output(slot, raw) for raw in answer[1]]
                 except OSError as exc:
                     finish(request, unavailable(f"failed to read outputs: {exc}"))
+                    continue
+                finish(request, outputs)
+                _settle(outputs)
             else:
                 finish(request, ServeError.from_tuple((answer[1], answer[2])))
         if not isinstance(result, BaseException):
@@ -493,6 +509,8 @@ class Dispatcher:
             else:
                 response = ServeError.from_tuple((answer[1], answer[2]))
         self._owner.respond(request, response, partial.final)
+        if isinstance(response, list):
+            _settle(response)
 
     def _fail_streams(self, slot: InstanceSlot, worker: WorkerHandle, reason: str) -> None:
         """The worker is gone: its decoupled requests still open end with an error."""
@@ -511,8 +529,11 @@ class Dispatcher:
             segment = slot.output_reader.view(ref.location)
             if segment.size > ARENA_INITIAL_BYTES:
                 slot.output_grown = True
-            return OutputTensor(ref.name, ref.datatype, ref.shape,
-                                segment.read(ref.offset, ref.nbytes))
+            if ref.offset < 0 or ref.nbytes < 0 or ref.offset + ref.nbytes > segment.size:
+                raise OSError(f"output '{ref.name}' lies past the end of the output arena")
+            # Pending: the door may copy it straight into its answer (see OutputTensor).
+            return OutputTensor(ref.name, ref.datatype, ref.shape, None,
+                                (segment, ref.offset, ref.nbytes))
         return OutputTensor(ref.name, ref.datatype, ref.shape, None)
 
     # --- worker death -------------------------------------------------------------------

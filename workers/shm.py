@@ -103,6 +103,21 @@ class Segment:
                           f"{len(data)} of {size} bytes")
         return data
 
+    def read_into(self, offset: int, target: memoryview) -> None:
+        """Copy ``len(target)`` bytes at ``offset`` into ``target``: large tensors through the
+        file descriptor (the pages stay out of this process's resident set)."""
+        size = len(target)
+        if self.fd < 0 or size < FILE_IO_BYTES:
+            target[:] = self.buf[offset:offset + size]
+            return
+        done = 0
+        while done < size:
+            count = os.preadv(self.fd, [target[done:done + _MAX_READ]], offset + done)
+            if count <= 0:
+                raise OSError(f"short read of shared memory segment '{self.key}': "
+                              f"{done} of {size} bytes")
+            done += count
+
     def close(self) -> None:
         if self.fd >= 0:
             with contextlib.suppress(OSError):

@@ -123,17 +123,21 @@ def _contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor, model: str) -
 def response_parts(request: InferRequest, outputs: list[OutputTensor]
                    ) -> tuple[pb.ModelInferResponse, list[bytes]]:
     """The response metadata and, apart, the raw output contents (b"" for region outputs)."""
-    raw: list[bytes] = []
+    return response_metadata(request, outputs), [output.data or b"" for output in outputs]
+
+
+def response_metadata(request: InferRequest, outputs: list[OutputTensor]
+                      ) -> pb.ModelInferResponse:
+    """The response without the outputs' bytes (pending outputs stay pending)."""
     response = pb.ModelInferResponse(model_name=request.model,
                                      model_version=str(request.version), id=request.request_id)
     for output in outputs:
         tensor = response.outputs.add(name=output.name, datatype=output.datatype,
                                       shape=output.shape)
-        if output.data is None:
+        if not output.pending and output.data is None:
             tensor.parameters["shared_memory_region"].string_param = _region_of(request,
                                                                                 output.name)
-        raw.append(output.data if output.data is not None else b"")
-    return response, raw
+    return response
 
 
 def _region_of(request: InferRequest, output: str) -> str:

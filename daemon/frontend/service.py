@@ -14,13 +14,15 @@ from google.protobuf.message import DecodeError
 from shmserve.daemon.core import Core
 from shmserve.daemon.errors import (
     ServeError,
+    internal,
     invalid_argument,
     unavailable,
 )
-from shmserve.daemon.frontend.infer_grpc import parse_request, response_parts
+from shmserve.daemon.frontend.infer_grpc import parse_request, response_metadata, response_parts
 from shmserve.daemon.frontend.wire import (
     WireError,
     parse_infer_request,
+    serialize_infer_outputs,
     serialize_infer_response,
     serialize_stream_response,
 )
@@ -129,29 +131,33 @@ class InferenceService:
         """
         internal, reply = self._submit(await context.read())
         try:
-            outputs = await reply.future
+            await reply.future
         except asyncio.CancelledError:
             self.core.cancel(internal)  # as in _outcome, without a coroutine more per request
             raise
-        response, raw = response_parts(internal, outputs)
-        message = serialize_infer_response(response, raw)
-        del raw
-        outputs.clear()  # the reply's future holds this list: let the output bytes go now
+        message, reply.message = reply.message, b""  # the request may outlive the call
         return message
 
-    def _submit(self, data: bytes | object) -> tuple[InferRequest, FutureReply]:
+    def _submit(self, data: bytes | object) -> tuple[InferRequest, _WireReply]:
         """Parse and queue one ModelInferRequest; from here on only the queued request holds
         (slices of) ``data``."""
         if not isinstance(data, bytes):  # grpc.aio.EOF: the client sent no message
             raise invalid_argument("malformed ModelInferRequest: no request message")
-        return self._queue(*_parse_request(data))
+        request, raw = _parse_request(data)
+        reply = _WireReply(self._future())
+        internal = self.core.submit(request.model_name, request.model_version,
+                                    lambda: parse_request(request, raw), reply)
+        return internal, reply
 
-    def _queue(self, request: pb.ModelInferRequest, raw: list[memoryview] | None
-               ) -> tuple[InferRequest, FutureReply]:
+    def _future(self) -> asyncio.Future[Any]:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        reply = FutureReply(loop.create_future())
+        return loop.create_future()
+
+    def _queue(self, request: pb.ModelInferRequest, raw: list[memoryview] | None
+               ) -> tuple[InferRequest, FutureReply]:
+        reply = FutureReply(self._future())
         internal = self.core.submit(request.model_name, request.model_version,
                                     lambda: parse_request(request, raw), reply)
         return internal, reply
@@ -384,6 +390,36 @@ class _Stream:
         return still_open
 
 
+class _WireReply(Reply):
+    """ModelInfer's reply: the answer is serialized as it comes, while a pending output can
+    still be read straight from the worker's output arena into it (one copy); the future
+    completes once ``message`` holds it."""
+
+    __slots__ = ("future", "message")
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.request = None
+        self.future = future
+        self.message = b""
+
+    def send(self, response: list[OutputTensor], final: bool) -> None:
+        request = self.request
+        if self.future.done() or request is None:  # the caller gave up meanwhile
+            return
+        try:
+            self.message = serialize_infer_outputs(response_metadata(request, response),
+                                                   response)
+        except Exception as exc:
+            log.exception("serializing a response failed")
+            self.future.set_exception(internal(f"{type(exc).__name__}: {exc}"))
+            return
+        self.future.set_result(None)
+
+    def fail(self, error: ServeError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
 class _StreamReply(Reply):
     """A streamed request's reply: each response is serialized and queued on its stream."""
 
@@ -398,9 +434,9 @@ class _StreamReply(Reply):
     def send(self, response: list[OutputTensor], final: bool) -> None:
         request = self.request
         assert request is not None
-        message, raw = response_parts(request, response)
+        message = response_metadata(request, response)
         message.parameters[FINAL_RESPONSE].bool_param = final
-        self._stream.put(serialize_stream_response(serialize_infer_response(message, raw)))
+        self._stream.put(serialize_infer_outputs(message, response, stream=True))
         if final:
             self._end()
 
