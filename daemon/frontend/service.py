@@ -155,7 +155,7 @@ class InferenceService:
             loop = self._loop = asyncio.get_running_loop()
         return loop.create_future()
 
-    def _queue(self, request: pb.ModelInferRequest, raw: list[memoryview] | None
+    def _queue(self, request: pb.ModelInferRequest, raw: list[bytes | memoryview] | None
                ) -> tuple[InferRequest, FutureReply]:
         reply = FutureReply(self._future())
         internal = self.core.submit(request.model_name, request.model_version,
@@ -172,13 +172,13 @@ class InferenceService:
             self.core.cancel(internal)
             raise
 
-    async def _infer(self, parsed: tuple[pb.ModelInferRequest, list[memoryview]]) -> bytes:
+    async def _infer(self, parsed: tuple[pb.ModelInferRequest, list[bytes | memoryview]]) -> bytes:
         internal, outputs = await self.infer_outputs(*parsed)
         response, raw = response_parts(internal, outputs)
         return serialize_infer_response(response, raw)
 
     async def infer_outputs(self, request: pb.ModelInferRequest,
-                            raw: list[memoryview] | None = None
+                            raw: list[bytes | memoryview] | None = None
                             ) -> tuple[InferRequest, list[OutputTensor]]:
         """gRPC inference: hand the request to the core, wait for its reply. Raises
         ServeError."""
@@ -224,7 +224,7 @@ class InferenceService:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, stream.overflow_message())
 
     def _submit_streamed(self, stream: _Stream, request: pb.ModelInferRequest,
-                         raw: list[memoryview]) -> _StreamReply:
+                         raw: list[bytes | memoryview]) -> _StreamReply:
         reply = _StreamReply(stream, _empty_final(request))
         self.core.submit(request.model_name, request.model_version,
                          lambda: parse_request(request, raw), reply, streaming=True)
@@ -315,7 +315,7 @@ class InferenceService:
         return response
 
 
-def _parse_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]]:
+def _parse_request(data: bytes) -> tuple[pb.ModelInferRequest, list[bytes | memoryview]]:
     try:
         return parse_infer_request(data)
     except (WireError, DecodeError) as exc:

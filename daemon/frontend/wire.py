@@ -15,6 +15,8 @@ import ctypes
 import sys
 from collections.abc import Sequence
 
+from google.protobuf.message import DecodeError
+
 from shmserve.daemon.request import OutputTensor
 from shmserve.protos import shmserve_service_pb2 as pb
 
@@ -22,8 +24,13 @@ RAW_INPUT_FIELD = 7      # ModelInferRequest.raw_input_contents
 RAW_OUTPUT_FIELD = 6     # ModelInferResponse.raw_output_contents
 STREAM_RESPONSE_FIELD = 2  # ModelStreamInferResponse.infer_response
 _LENGTH_DELIMITED = 2
+# Below this a request is parsed by protobuf whole (see parse_infer_request).
+SMALL_REQUEST_BYTES = 16 << 10
 # Below this a response is joined from its parts (a copy more, but cheaper than the setup).
 FILL_IN_PLACE_BYTES = 64 << 10
+
+
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
 
 
 class WireError(ValueError):
@@ -45,6 +52,8 @@ def _varint(data: memoryview, position: int) -> tuple[int, int]:
 
 
 def encode_varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -69,10 +78,21 @@ def _skip(data: memoryview, position: int, wire_type: int) -> int:
     raise WireError(f"unsupported wire type {wire_type}")
 
 
-def parse_infer_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]]:
-    """The request without its raw contents, and the raw contents as zero-copy slices."""
+def parse_infer_request(data: bytes
+                        ) -> tuple[pb.ModelInferRequest, list[bytes | memoryview]]:
+    """The request without its raw contents, and the raw contents as zero-copy slices.
+    A small request is parsed by protobuf whole (copying its few bytes of tensor data costs
+    less than walking the fields here)."""
+    if len(data) < SMALL_REQUEST_BYTES:
+        try:
+            message = pb.ModelInferRequest.FromString(data)
+        except DecodeError as exc:
+            raise WireError(str(exc) or "not a ModelInferRequest") from None
+        small = list(message.raw_input_contents)
+        message.ClearField("raw_input_contents")
+        return message, small
     view = memoryview(data)
-    raw: list[memoryview] = []
+    raw: list[bytes | memoryview] = []
     rest: list[memoryview] = []
     position = 0
     total = len(view)
