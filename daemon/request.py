@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.shm_registry import Region
+from shmserve.workers.shm import FileReader
 
 if TYPE_CHECKING:
     from shmserve.daemon.scheduler import Scheduler
@@ -46,7 +47,7 @@ class OutputTensor:
     __slots__ = ("_data", "_nbytes", "_source", "datatype", "name", "shape")
 
     def __init__(self, name: str, datatype: str, shape: list[int], data: bytes | None,
-                 source: tuple[Segment, int, int] | None = None) -> None:
+                 source: tuple[Segment | FileReader, int, int] | None = None) -> None:
         self.name = name
         self.datatype = datatype
         self.shape = shape
@@ -85,6 +86,18 @@ class OutputTensor:
             self._source, self._data = None, _COPIED
         elif self._data is not None:
             target[:len(self._data)] = self._data
+
+    def read_through(self, readers: dict[int, FileReader]) -> None:
+        """Read a pending output through a FileReader of its segment (one per segment in
+        ``readers``, by id) from now on: another thread may copy it then."""
+        if self._source is not None:
+            segment, offset, nbytes = self._source
+            if isinstance(segment, FileReader):
+                return
+            reader = readers.get(id(segment))
+            if reader is None:
+                reader = readers[id(segment)] = FileReader(segment)
+            self._source = (reader, offset, nbytes)
 
     def settle(self) -> None:
         """Read a pending output into bytes (its arena is about to be reused)."""

@@ -11,6 +11,7 @@ buffer into the input arena.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +107,33 @@ def test_a_large_input_is_not_copied_by_the_supervisor(server: ServerProcess) ->
     # gRPC's receive path only: grpcio 1.85 holds its slices, a bytes per slice and their
     # join (3 x, docs/performance.md); a copy of ours would add 16,384 pages more.
     assert touched < 3.5 * PAGES, f"{touched} pages touched for a {PAGES}-page input"
+
+
+def _thread_io(pid: int) -> dict[int, tuple[int, int]]:
+    """(rchar, wchar) of each thread of ``pid``: bytes its read/write-like syscalls moved."""
+    moved = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = dict(line.split(": ") for line in
+                          Path(f"/proc/{pid}/task/{tid}/io").read_text().splitlines())
+        except OSError:
+            continue
+        moved[int(tid)] = (int(fields["rchar"]), int(fields["wchar"]))
+    return moved
+
+
+def test_large_copies_run_off_the_event_loop(server: ServerProcess) -> None:
+    """The supervisor's loop runs on its main thread; the copies of a large input into the
+    arena (pwrite) and of a large output out of it (preadv) are made by other threads."""
+    with grpcclient.InferenceServerClient(server.url, channel_args=CHANNEL_ARGS) as client:
+        _infer(client, PAYLOAD, PAYLOAD)  # threads started, arenas grown
+        before = _thread_io(server.pid)
+        _infer(client, PAYLOAD, PAYLOAD)
+        after = _thread_io(server.pid)
+    moved = {tid: (read - before.get(tid, (0, 0))[0], written - before.get(tid, (0, 0))[1])
+             for tid, (read, written) in after.items()}
+    loop_read, loop_written = moved.pop(server.pid)
+    assert loop_written < PAYLOAD // 2, f"the loop thread wrote {loop_written} bytes"
+    assert loop_read < PAYLOAD // 2, f"the loop thread read {loop_read} bytes"
+    assert max(written for _, written in moved.values()) >= PAYLOAD, moved
+    assert max(read for read, _ in moved.values()) >= PAYLOAD, moved

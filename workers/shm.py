@@ -134,6 +134,37 @@ class Segment:
             posix_ipc.unlink_shared_memory(normalize_key(self.key))
 
 
+class FileReader:
+    """Reads a segment through a duplicate of its descriptor: usable from another thread
+    while the segment's own mapping and descriptor may be closed. ``close`` when done."""
+
+    __slots__ = ("fd", "key")
+
+    def __init__(self, segment: Segment) -> None:
+        self.key = segment.key
+        self.fd = os.dup(segment.fd)
+
+    def read_into(self, offset: int, target: memoryview) -> None:
+        size = len(target)
+        done = 0
+        while done < size:
+            count = os.preadv(self.fd, [target[done:done + _MAX_READ]], offset + done)
+            if count <= 0:
+                raise OSError(f"short read of shared memory segment '{self.key}': "
+                              f"{done} of {size} bytes")
+            done += count
+
+    def read(self, offset: int, size: int) -> bytes:
+        data = bytearray(size)
+        self.read_into(offset, memoryview(data))
+        return bytes(data)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class SegmentCache:
     """Mappings of client regions, one per registration id (a re-registered key is remapped)."""
 

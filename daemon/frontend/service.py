@@ -402,13 +402,21 @@ class _WireReply(Reply):
         self.future = future
         self.message = b""
 
+    def prepare(self, response: list[OutputTensor]) -> None:
+        """(On a thread, for large outputs) the message, built ahead of ``send``."""
+        request = self.request
+        if request is not None:
+            self.message = serialize_infer_outputs(response_metadata(request, response),
+                                                   response)
+
     def send(self, response: list[OutputTensor], final: bool) -> None:
         request = self.request
         if self.future.done() or request is None:  # the caller gave up meanwhile
             return
         try:
-            self.message = serialize_infer_outputs(response_metadata(request, response),
-                                                   response)
+            if not self.message:
+                self.message = serialize_infer_outputs(response_metadata(request, response),
+                                                       response)
         except Exception as exc:
             log.exception("serializing a response failed")
             self.future.set_exception(internal(f"{type(exc).__name__}: {exc}"))
