@@ -60,8 +60,10 @@ from shmserve.workers.shm import (
     ARENA_INITIAL_BYTES,
     Arena,
     FileReader,
+    Pieces,
     ReaderMapping,
     Segment,
+    pwrite_pieces,
     trim_heap,
 )
 
@@ -124,10 +126,13 @@ class DispatchOwner(Protocol):
     def no_live_instance(self, error: ServeError) -> None: ...
 
 
-def _write_inputs(jobs: list[tuple[int, int, bytes | memoryview]]) -> None:
+def _write_inputs(jobs: list[tuple[int, int, bytes | memoryview | Pieces]]) -> None:
     """Write staged inputs through their own file descriptors (a thread's job: pwrite lets
     the loop run meanwhile)."""
     for fd, offset, data in jobs:
+        if isinstance(data, Pieces):
+            pwrite_pieces(fd, data.parts, offset)
+            continue
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):
@@ -441,14 +446,14 @@ class Dispatcher:
         self._owner.dispatch()
 
     def _frames(self, arena: Arena, batch: list[InferRequest], worker: WorkerHandle
-                ) -> tuple[list[list[Any]], list[tuple[Segment, int, bytes | memoryview]]]:
+                ) -> tuple[list[list[Any]], list[tuple[Segment, int, bytes | memoryview | Pieces]]]:
         """The frames of ``batch``, its large inputs staged into ``arena``; or, when they
         come to OFF_LOOP_BYTES or more, the writes still to do (segment, offset, data)."""
         staged = sum(_align(len(t.data)) for r in batch for t in r.inputs
                      if t.data is not None and len(t.data) > INLINE_LIMIT)
         segment = arena.ensure(staged) if staged else None
         off_loop = staged >= OFF_LOOP_BYTES
-        writes: list[tuple[Segment, int, bytes | memoryview]] = []
+        writes: list[tuple[Segment, int, bytes | memoryview | Pieces]] = []
         offset = 0
         frames = []
         for request in batch:

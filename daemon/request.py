@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.shm_registry import Region
-from shmserve.workers.shm import FileReader
+from shmserve.workers.shm import FileReader, Pieces
 
 if TYPE_CHECKING:
     from shmserve.daemon.scheduler import Scheduler
@@ -19,7 +19,7 @@ class InputTensor:
     name: str
     datatype: str
     shape: list[int]                # as the backend sees it (after reshape)
-    data: bytes | memoryview | None  # payload bytes, or None when in a region
+    data: bytes | memoryview | Pieces | None  # payload bytes, or None when in a region
     region: Region | None = None
     offset: int = 0                 # inside the region (relative to the registration)
     nbytes: int = 0

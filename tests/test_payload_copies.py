@@ -137,3 +137,48 @@ def test_large_copies_run_off_the_event_loop(server: ServerProcess) -> None:
     assert loop_read < PAYLOAD // 2, f"the loop thread read {loop_read} bytes"
     assert max(written for _, written in moved.values()) >= PAYLOAD, moved
     assert max(read for read, _ in moved.values()) >= PAYLOAD, moved
+
+
+def test_a_large_binary_http_input_is_copied_once(server: ServerProcess) -> None:
+    """Over HTTP the body stays in the chunks aiohttp received it in (aiohttp's copy of
+    the socket's bytes); the tensor goes from them into the arena, never through a joined
+    buffer of ours."""
+    import tritonclient.http as httpclient
+
+    def infer(client: httpclient.InferenceServerClient) -> None:
+        data = httpclient.InferInput("IN", [PAYLOAD], "UINT8")
+        data.set_data_from_numpy(np.ones(PAYLOAD, dtype=np.uint8), binary_data=True)
+        size = httpclient.InferInput("SIZE", [1], "INT32")
+        size.set_data_from_numpy(np.array([16], dtype=np.int32), binary_data=True)
+        result = client.infer("sized", [data, size])
+        length = result.as_numpy("LEN")
+        assert length is not None and length[0] == PAYLOAD
+
+    with httpclient.InferenceServerClient(server.http_url, network_timeout=120) as client:
+        infer(client)
+        before = _minor_faults(server.pid)
+        infer(client)
+        touched = _minor_faults(server.pid) - before
+    # aiohttp's chunks: 1 x; a joined body of ours would be 2 x.
+    assert touched < 1.5 * PAGES, f"{touched} pages touched for a {PAGES}-page HTTP input"
+
+
+def test_pieces_slice_and_write_like_their_join() -> None:
+    from shmserve.workers.shm import Arena, Pieces
+
+    chunks = [bytes([n]) * size for n, size in enumerate((3, 1, 5000, 7, 2 * MIB + 5))]
+    joined = b"".join(chunks)
+    pieces = Pieces([memoryview(chunk) for chunk in chunks])
+    assert len(pieces) == len(joined) and bytes(pieces) == joined
+    for start, stop in ((0, 3), (1, 2), (2, 4), (3, 5004), (0, len(joined)), (5010, 5011),
+                        (4, 2 * MIB)):
+        part = pieces.slice(start, stop)
+        assert bytes(part) == joined[start:stop], (start, stop)
+        assert isinstance(part, memoryview) == ((start, stop) in ((0, 3), (1, 2), (5010, 5011)))
+    arena = Arena(os.getpid(), "piecestest")
+    try:
+        segment = arena.ensure(len(joined) + 64)
+        segment.write(64, pieces)  # pwritev through the descriptor
+        assert segment.read(64, len(joined)) == joined
+    finally:
+        arena.close()

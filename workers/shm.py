@@ -41,6 +41,56 @@ FILE_IO_BYTES = 1 << 20
 _MAX_READ = 0x7FFFF000  # Linux transfers at most this much in one read(); beyond, the mapping
 
 
+class Pieces:
+    """Bytes that arrived in several buffers (an HTTP body's chunks), kept as views of them
+    rather than joined: ``Segment.write`` writes them out with one pwritev, so a large tensor
+    is copied once, into the arena. ``bytes(pieces)`` joins them where a copy is wanted."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self.parts = parts
+        self.size = sum(len(part) for part in parts)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def slice(self, start: int, stop: int) -> memoryview | Pieces:
+        """``[start:stop]``: one view when it lies within one part."""
+        parts: list[memoryview] = []
+        position = 0
+        for part in self.parts:
+            end = position + len(part)
+            if end > start and position < stop:
+                parts.append(part[max(start - position, 0):min(stop, end) - position])
+            if end >= stop:
+                break
+            position = end
+        if len(parts) == 1:
+            return parts[0]
+        return Pieces(parts)
+
+
+def pwrite_pieces(fd: int, parts: list[memoryview], offset: int) -> None:
+    """Write ``parts`` one after the other at ``offset`` (pwritev, IOV_MAX at a time)."""
+    pending = [part.cast("B") for part in parts if len(part)]
+    while pending:
+        batch = pending[:_IOV_MAX]
+        written = os.pwritev(fd, batch, offset)
+        offset += written
+        while batch and written >= len(batch[0]):  # drop what went, keep a partial rest
+            written -= len(batch.pop(0))
+            pending.pop(0)
+        if written:
+            pending[0] = pending[0][written:]
+
+
+_IOV_MAX = 1024
+
+
 class Segment:
     """A mapped POSIX shm segment. ``buf`` is a writable memoryview of the whole segment;
     ``fd`` (-1 unless kept) serves ``write``/``read`` of large tensors."""
@@ -82,9 +132,14 @@ class Segment:
             raise
         return cls(key, mapped, size, shm.fd)
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def write(self, offset: int, data: bytes | memoryview | Pieces) -> None:
         """Copy ``data`` in at ``offset``: large tensors through the file descriptor."""
         size = len(data)
+        if isinstance(data, Pieces):
+            if self.fd >= 0:
+                pwrite_pieces(self.fd, data.parts, offset)
+                return
+            data = bytes(data)
         if self.fd < 0 or size < FILE_IO_BYTES:
             self.buf[offset:offset + size] = data
             return

@@ -40,6 +40,7 @@ from shmserve.daemon.operations import Operations
 from shmserve.daemon.reply import FutureReply, Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.restrictions import Restriction, restriction_for
+from shmserve.workers.shm import Pieces
 
 log = logging.getLogger("shmserve.http")
 
@@ -506,28 +507,31 @@ class HttpDoor:
         return response
 
 
-async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
-    """The whole body, assembled once into a buffer of the declared size (``request.read``
-    would copy it twice). Compressed and chunked bodies take aiohttp's way, which enforces
-    the limit on the decompressed size."""
+async def read_body(request: web.Request, limit: int) -> bytes | Pieces:
+    """The whole body, as the chunks it arrived in (``Pieces``: a binary tensor in it is then
+    copied once, into the arena) or, in one chunk, as it is. Compressed and chunked bodies
+    take aiohttp's way, which enforces the limit on the decompressed size."""
     length = request.content_length
     if length is not None and length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
     if length is None or "Content-Encoding" in request.headers:
         return await request.read()
-    buffer = bytearray(length)
-    view = memoryview(buffer)
+    chunks: list[bytes] = []
     filled = 0
     while filled < length:
         chunk = await request.content.readany()
         if not chunk:
             break
-        view[filled:filled + len(chunk)] = chunk
+        if filled + len(chunk) > length:  # (aiohttp stops at Content-Length; be sure)
+            chunk = chunk[:length - filled]
+        chunks.append(chunk)
         filled += len(chunk)
     if filled != length:
         raise invalid_argument(f"the request body ended after {filled} of the {length} bytes "
                                f"its Content-Length declares")
-    return buffer
+    if len(chunks) == 1:
+        return chunks[0]
+    return Pieces([memoryview(chunk) for chunk in chunks])
 
 
 def _count(value: Any) -> bool:
