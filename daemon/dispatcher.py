@@ -1,14 +1,17 @@
 """Dispatch: a model version's instances, their lanes, staging, in-flight frames, restarts.
 
 An instance executes one batch at a time; up to ``pipeline_depth`` batches are sent to it
-ahead, so the next one is already in the worker's socket when the current one ends. Each
+ahead, so the next one is already in the worker's socket when the current one ends (with
+dynamic batching only a full batch goes ahead: see batcher.py). Each
 batch in flight holds a *lane*: its own input arena here and output arena in the worker.
 Payload inputs above the inline limit are written once into the lane's input arena (and the
 request lets go of them); the rest travels as a reference. Outputs come back inline, in the
-worker's output arena (copied once here), or already written into the client's region; a
+worker's output arena (*pending*: copied once, by the door straight into its answer or into
+bytes, before the lane is reused), or already written into the client's region; a
 local-channel request's answer may have gone to its client from the worker already
 (``Reply.direct_tag``). Large tensors cross the arenas with pwrite/pread, so their pages stay
-out of the supervisor's resident set; an instance idle for ``arena_idle_secs`` after a large
+out of the supervisor's resident set, and when a frame moves OFF_LOOP_BYTES or more they are
+copied by a thread, not the event loop; an instance idle for ``arena_idle_secs`` after a large
 request shrinks the arenas on both sides back to their initial size.
 
 Workers come from a factory (``WorkerProcess`` in the server; a fake in tests), and results
