@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -182,3 +183,27 @@ def test_pieces_slice_and_write_like_their_join() -> None:
         assert segment.read(64, len(joined)) == joined
     finally:
         arena.close()
+
+
+def test_answers_prepared_off_the_loop_arrive_whole(server: ServerProcess) -> None:
+    """Outputs large enough to be copied by a thread: unary and streamed, next to small ones."""
+    import queue
+
+    size = 8 * MIB
+    with grpcclient.InferenceServerClient(server.url, channel_args=CHANNEL_ARGS) as client:
+        results: queue.Queue[Any] = queue.Queue()
+        client.start_stream(callback=lambda result, error: results.put(error or result))
+        try:
+            for output_bytes in (size, 16, size + 1):
+                data = grpcclient.InferInput("IN", [3], "UINT8")
+                data.set_data_from_numpy(np.ones(3, dtype=np.uint8))
+                count = grpcclient.InferInput("SIZE", [1], "INT32")
+                count.set_data_from_numpy(np.array([output_bytes], dtype=np.int32))
+                client.async_stream_infer("sized", [data, count])
+                answer = results.get(timeout=60)
+                assert not isinstance(answer, Exception), answer
+                out = answer.as_numpy("OUT")
+                assert out.size == output_bytes and (out == 7).all()
+                _infer(client, 3, output_bytes)
+        finally:
+            client.stop_stream()

@@ -431,22 +431,32 @@ class _WireReply(Reply):
 class _StreamReply(Reply):
     """A streamed request's reply: each response is serialized and queued on its stream."""
 
-    __slots__ = ("_stream", "empty_final", "finished")
+    __slots__ = ("_prepared", "_stream", "empty_final", "finished")
 
     def __init__(self, stream: _Stream, empty_final: bool) -> None:
         self.request = None
         self._stream = stream
         self.empty_final = empty_final
         self.finished = False
+        self._prepared = b""
+
+    def prepare(self, response: list[OutputTensor]) -> None:
+        """(On a thread, for large outputs of a model that answers once) the final
+        response's message, built ahead of ``send``."""
+        self._prepared = self._message(response, True)
 
     def send(self, response: list[OutputTensor], final: bool) -> None:
+        prepared, self._prepared = self._prepared, b""
+        self._stream.put(prepared if prepared and final else self._message(response, final))
+        if final:
+            self._end()
+
+    def _message(self, response: list[OutputTensor], final: bool) -> bytes:
         request = self.request
         assert request is not None
         message = response_metadata(request, response)
         message.parameters[FINAL_RESPONSE].bool_param = final
-        self._stream.put(serialize_infer_outputs(message, response, stream=True))
-        if final:
-            self._end()
+        return serialize_infer_outputs(message, response, stream=True)
 
     def end(self) -> None:
         """The final flag alone: an empty final response if the request asked for one."""
