@@ -57,8 +57,9 @@ instance_group [ { count: 1, kind: KIND_CPU } ]
 '''
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp_path = tmp_path_factory.mktemp("copies")
     model = tmp_path / "repo" / "sized"
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text(CONFIG)
