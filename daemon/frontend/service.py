@@ -412,6 +412,7 @@ class _WireReply(Reply):
     def send(self, response: list[OutputTensor], final: bool) -> None:
         request = self.request
         if self.future.done() or request is None:  # the caller gave up meanwhile
+            self.message = b""
             return
         try:
             if not self.message:
