@@ -40,6 +40,7 @@ from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.statistics import ModelStats
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos.datatypes import ELEMENT_SIZE, element_count
+from shmserve.workers.shm import Pieces
 
 log = logging.getLogger("shmserve.ensemble")
 
@@ -65,7 +66,7 @@ class _Step:
 class _Value:
     datatype: str
     shape: list[int]
-    data: bytes | memoryview | None
+    data: bytes | memoryview | Pieces | None
     shm: ShmRef | None = None
 
 

@@ -27,6 +27,7 @@ from shmserve.protos.datatypes import (
     deserialize_bytes_tensor,
     element_count,
 )
+from shmserve.workers.shm import Pieces
 
 ShmRef = tuple[str, int, int]  # (region name, offset, byte size)
 ParamT = TypeVar("ParamT")
@@ -71,7 +72,7 @@ class TensorIn:
     name: str
     datatype: str
     shape: list[int]
-    data: bytes | memoryview | None = None  # the tensor bytes, unless in a region
+    data: bytes | memoryview | Pieces | None = None  # the tensor bytes, unless in a region
     shm: ShmRef | None = None
     fault: ServeError | None = None         # found while parsing; raised after shape checks
 
@@ -277,13 +278,14 @@ def _byte_size_mismatch(tensor: str, model: str, expected: int, got: int) -> Ser
 BYTES_CHECKED_ON_LOOP = 64 << 10
 
 
-def _check_bytes_tensor(tensor: str, model: str, data: bytes | memoryview, count: int) -> None:
+def _check_bytes_tensor(tensor: str, model: str, data: bytes | memoryview | Pieces,
+                        count: int) -> None:
     if count > MAX_BYTES_ELEMENTS:
         raise invalid_argument(f"BYTES input '{tensor}' for model '{model}' has {count} "
                                f"elements, more than the {MAX_BYTES_ELEMENTS} allowed per tensor")
     try:
         if len(data) <= BYTES_CHECKED_ON_LOOP:
-            deserialize_bytes_tensor(data, count)
+            deserialize_bytes_tensor(bytes(data) if isinstance(data, Pieces) else data, count)
         elif len(data) < 4 * count:
             raise ValueError(f"expected {count} elements, found fewer")
     except ValueError as exc:
