@@ -468,8 +468,9 @@ class WorkerHost:
         return protocol.ok_result(refs)
 
     def send_partial(self, sink: StreamSink, response: Response | None, final: bool) -> None:
-        """One response of a decoupled request, from any thread: outputs inline or into
-        the client's region (the lane's arena may already serve another frame)."""
+        """One response of a decoupled request, from any thread (the caller holds the sink's
+        lock): outputs inline or into the client's region (the lane's arena may already
+        serve another frame)."""
         result: list[Any] | None = None
         if response is not None:
             try:
@@ -589,7 +590,7 @@ class WorkerHost:
 class StreamSink:
     """Where a decoupled model sends one request's responses (workers/backend.py)."""
 
-    __slots__ = ("_host", "batch", "cancelled", "index", "outputs")
+    __slots__ = ("_host", "_lock", "batch", "cancelled", "closed", "index", "outputs")
 
     def __init__(self, host: WorkerHost, batch: int, index: int,
                  outputs: list[list[Any]]) -> None:
@@ -598,9 +599,17 @@ class StreamSink:
         self.index = index
         self.outputs = outputs
         self.cancelled = False
+        self.closed = False
+        # The model's threads may send at once: one response is written and framed at a
+        # time, in the order the sends took the lock, and nothing follows the final one.
+        self._lock = threading.Lock()
 
     def send(self, response: Response | None, final: bool) -> None:
-        self._host.send_partial(self, response, final)
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = final
+            self._host.send_partial(self, response, final)
 
     def is_cancelled(self) -> bool:
         if not self.cancelled:

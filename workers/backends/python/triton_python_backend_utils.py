@@ -608,8 +608,8 @@ class InferenceResponseSender:
     non-decoupled model) the one response is kept for the backend to answer with.
     """
 
-    __slots__ = ("_cancelled", "_closed", "_decoupled", "_deliver", "_final", "_response",
-                 "_sent")
+    __slots__ = ("_cancelled", "_closed", "_decoupled", "_deliver", "_final", "_lock",
+                 "_response", "_sent")
 
     def __init__(self, deliver: Any, decoupled: bool = True, cancelled: Any = None) -> None:
         self._deliver = deliver
@@ -619,8 +619,15 @@ class InferenceResponseSender:
         self._sent = 0
         self._response: InferenceResponse | None = None
         self._final = threading.Event()
+        # Held from the checks to the delivery: of several threads sending at once, exactly
+        # one final gets through, and nothing is delivered after it.
+        self._lock = threading.Lock()
 
     def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        with self._lock:
+            self._send(response, flags)
+
+    def _send(self, response: InferenceResponse | None, flags: int) -> None:
         final = flags == TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if not self._decoupled:
             if response is not None and self._sent > 0:
