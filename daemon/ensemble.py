@@ -13,11 +13,13 @@ Where tensor bytes go:
   step that reads them;
 * an ensemble output the client asked for in a shared-memory region is written there by the
   worker of the step that produces it;
-* intermediate tensors do cross the supervisor: above the inline limit they are read from
-  the producing worker's output arena (one pread) and staged into the consuming worker's
-  input arena (one pwrite); below it they travel inside the frames. Handing the producer's
-  arena slice to the consumer by reference needs the dispatcher to keep that output lane
-  until the consumer is done with it; not done yet.
+* intermediate tensors (a step's output that another step reads) never cross the
+  supervisor: the producing step's request asks for the output in a region of the
+  ensemble's own (``IntermediatePool``: sparse sealed memfds, never visible to clients), its
+  worker writes it there, and the consuming step's request names that region as its input,
+  which its worker maps (passed by fd once per worker, as any memfd region). A region goes
+  back to the pool when its run finished and no step request pins it any more. An ensemble
+  output that is also an intermediate is read from the region once, for the response.
 
 Decoupled composing models are refused at load (streaming ensembles come later).
 """
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ from shmserve.daemon.errors import ServeError, internal, unavailable
 from shmserve.daemon.infer_request import OutputIn, RequestItems, ShmRef, TensorIn
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.daemon.shm_registry import Region, ShmRegistry
 from shmserve.daemon.statistics import ModelStats
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos.datatypes import ELEMENT_SIZE, element_count
@@ -45,7 +50,10 @@ log = logging.getLogger("shmserve.ensemble")
 
 
 class StepDoor(Protocol):
-    """What an ensemble needs of the core: its submit and cancel (daemon/core.py)."""
+    """What an ensemble needs of the core: its submit and cancel, and the shared-memory
+    registry for its intermediate regions (daemon/core.py)."""
+
+    registry: ShmRegistry
 
     def submit(self, model_name: str, version: str, parse: Callable[[], RequestItems],
                reply: Reply) -> InferRequest: ...
@@ -67,6 +75,52 @@ class _Value:
     shape: list[int]
     data: bytes | memoryview | None
     shm: ShmRef | None = None
+    internal: Region | None = None  # the intermediate region holding it (shm names it)
+
+
+#: Virtual size of each intermediate region: a tensor may be this large; only the pages
+#: written cost memory.
+INTERMEDIATE_CAPACITY = 1 << 32
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+class IntermediatePool:
+    """An ensemble's regions for intermediate tensors, reused from run to run (each worker
+    maps one once). A region is free when its run let go of it and no request pins it: a
+    step withdrawn while its worker ran may still write until that request ends."""
+
+    def __init__(self, registry: ShmRegistry, model: str) -> None:
+        self._registry = registry
+        self._model = model
+        self._free: list[Region] = []
+        self._all: list[Region] = []
+
+    def take(self) -> Region:
+        for index, region in enumerate(self._free):
+            if region.users == 0:
+                return self._free.pop(index)
+        fd = os.memfd_create(f"shmserve_ensemble_{self._model}",
+                             os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, INTERMEDIATE_CAPACITY)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        except BaseException:
+            os.close(fd)
+            raise
+        region = self._registry.add_internal_memfd(
+            f"ensemble '{self._model}' intermediate {len(self._all) + 1}", fd,
+            INTERMEDIATE_CAPACITY)
+        self._all.append(region)
+        return region
+
+    def give_back(self, regions: list[Region]) -> None:
+        self._free.extend(regions)
+
+    def close(self) -> None:
+        for region in self._all:
+            self._registry.drop_internal(region)
+        self._all.clear()
+        self._free.clear()
 
 
 class _StepReply(Reply):
@@ -93,8 +147,11 @@ class _Run:
         self.values: dict[str, _Value] = {}
         self.waiting = set(range(len(owner.steps)))
         self.inflight: dict[int, InferRequest] = {}
+        self.step_requests: dict[int, InferRequest] = {}  # every step submitted, by index
         self.finished = False
         self.shm_owner = request.regions[0].owner if request.regions else ""
+        # Intermediate regions this run holds, by name (the steps' requests may use them).
+        self.internal: dict[str, Region] = {}
         # Ensemble outputs the client wants in its shared memory: tensor -> (ref, region).
         self.output_regions: dict[str, ShmRef] = {
             output.name: (output.region.name, output.offset, output.byte_size)
@@ -129,14 +186,21 @@ class _Run:
                 value = self.values[tensor_name]
                 inputs.append(TensorIn(model_input, value.datatype, list(value.shape),
                                        value.data, value.shm))
-            outputs = [OutputIn(model_output, self.output_regions.get(tensor_name))
-                       for model_output, tensor_name in step.outputs.items()]
+            outputs = []
+            for model_output, tensor_name in step.outputs.items():
+                shm = self.output_regions.get(tensor_name)
+                if shm is None and tensor_name in self.owner.intermediates:
+                    region = self.owner.pool.take()
+                    self.internal[region.name] = region
+                    shm = (region.name, 0, region.byte_size)
+                outputs.append(OutputIn(model_output, shm))
             return RequestItems(inputs, outputs, dict(request.parameters),
-                                request.request_id, self.shm_owner)
+                                request.request_id, self.shm_owner, internal=self.internal)
 
         try:
-            self.inflight[index] = self.owner.door.submit(step.model, step.version, parse,
-                                                          _StepReply(self, index))
+            step_request = self.owner.door.submit(step.model, step.version, parse,
+                                                  _StepReply(self, index))
+            self.inflight[index] = self.step_requests[index] = step_request
         except ServeError as exc:
             self.step_failed(index, exc)
 
@@ -150,19 +214,35 @@ class _Run:
             if tensor_name is None:
                 continue
             shm = None
+            held = None
             if output.data is None:
                 ref = self.output_regions.get(tensor_name)
                 if ref is None:
-                    self.step_failed(index, internal(
-                        f"output '{output.name}' of model '{step.model}' came back without "
-                        f"data"))
-                    return
+                    held = self._intermediate_region(index, output.name)
+                    if held is None:
+                        self.step_failed(index, internal(
+                            f"output '{output.name}' of model '{step.model}' came back "
+                            f"without data"))
+                        return
+                    ref = (held.name, 0, held.byte_size)
                 size = ELEMENT_SIZE.get(output.datatype, -1)
-                nbytes = size * element_count(output.shape) if size > 0 else ref[2]
+                nbytes = output.nbytes if output.nbytes >= 0 else \
+                    size * element_count(output.shape) if size > 0 else ref[2]
                 shm = (ref[0], ref[1], nbytes)
             self.values[tensor_name] = _Value(output.datatype, list(output.shape), output.data,
-                                              shm)
+                                              shm, held)
         self._launch_ready()
+
+    def _intermediate_region(self, index: int, model_output: str) -> Region | None:
+        """The intermediate region the step's request named for ``model_output``."""
+        step_request = self.step_requests.get(index)
+        if step_request is None:
+            return None
+        for requested in step_request.outputs:
+            if requested.name == model_output and requested.region is not None \
+                    and requested.region.name in self.internal:
+                return requested.region
+        return None
 
     def step_failed(self, index: int, error: ServeError) -> None:
         self.inflight.pop(index, None)
@@ -185,8 +265,14 @@ class _Run:
                                       f"output '{name}'"))
                 return
             in_region = name in self.output_regions
-            response.append(OutputTensor(name, value.datatype, value.shape,
-                                         None if in_region else bytes(value.data or b"")))
+            if in_region:
+                data = None
+            elif value.internal is not None and value.shm is not None:
+                # An intermediate that is also an output: read once for the response.
+                data = os.pread(value.internal.fd, value.shm[2], value.shm[1])
+            else:
+                data = bytes(value.data or b"")
+            response.append(OutputTensor(name, value.datatype, value.shape, data))
         self._finish(response)
 
     def _finish(self, result: list[OutputTensor] | ServeError | None) -> None:
@@ -197,6 +283,7 @@ class _Run:
         for step_request in list(self.inflight.values()):
             self.owner.door.cancel(step_request)
         self.inflight.clear()
+        self.owner.pool.give_back(list(self.internal.values()))
         self.owner.finished(self, result)
 
 
@@ -215,6 +302,9 @@ class EnsembleScheduler:
                             dict(step.input_map), dict(step.output_map))
                       for step in config.ensemble_scheduling.step]
         self.output_names = [output.name for output in config.output]
+        # Tensors a step produces and another step reads: they go through the pool.
+        self.intermediates = {name for step in self.steps for name in step.inputs.values()}
+        self.pool = IntermediatePool(door.registry, model)
         self._composing_ready = composing_ready
         self._on_finished = on_finished
         self._runs: dict[int, _Run] = {}
@@ -247,6 +337,7 @@ class EnsembleScheduler:
         await self.drain(timeout)
         for run in list(self._runs.values()):
             run._finish(unavailable(f"model '{self.model}' is being unloaded"))
+        self.pool.close()
 
     def release_regions(self, region_ids: list[int]) -> None:
         """Regions are held by the steps' own requests."""

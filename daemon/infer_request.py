@@ -95,6 +95,7 @@ class RequestItems:
     request_id: str
     owner: str                              # whose regions it may use ("" = anonymous)
     late_fault: ServeError | None = None    # raised after the inputs were checked
+    internal: Mapping[str, Region] | None = None  # server regions it may use (ensembles)
 
 
 @dataclass(slots=True, frozen=True)
@@ -152,10 +153,11 @@ def build_request(model: ModelVersion, registry: ShmRegistry, items: RequestItem
     owner = items.owner
     try:
         plan = model_plan(model)
-        tensors, batch_size = _inputs(plan, registry, items.inputs, regions, owner)
+        tensors, batch_size = _inputs(plan, registry, items.inputs, regions, owner,
+                                      items.internal)
         if items.late_fault is not None:
             raise items.late_fault
-        requested = _outputs(plan, registry, items.outputs, regions, owner)
+        requested = _outputs(plan, registry, items.outputs, regions, owner, items.internal)
     except BaseException:
         for region in regions:
             registry.release(region)
@@ -168,7 +170,8 @@ def build_request(model: ModelVersion, registry: ShmRegistry, items: RequestItem
 
 
 def _inputs(plan: ModelPlan, registry: ShmRegistry, inputs: list[TensorIn],
-            regions: list[Region], owner: str) -> tuple[list[InputTensor], int]:
+            regions: list[Region], owner: str,
+            internal: Mapping[str, Region] | None) -> tuple[list[InputTensor], int]:
     name = plan.name
     configured = plan.inputs
     given = [tensor.name for tensor in inputs]
@@ -203,7 +206,7 @@ def _inputs(plan: ModelPlan, registry: ShmRegistry, inputs: list[TensorIn],
         expected_bytes = spec.element_size * element_count(tensor.shape) if fixed else -1
         if tensor.shm is not None:
             region_name, offset, byte_size = tensor.shm
-            region = registry.acquire(region_name, offset, byte_size, owner)
+            region = registry.acquire(region_name, offset, byte_size, owner, internal)
             regions.append(region)
             if fixed and byte_size != expected_bytes:
                 raise _byte_size_mismatch(tensor.name, name, expected_bytes, byte_size)
@@ -292,7 +295,8 @@ def _check_bytes_tensor(tensor: str, model: str, data: bytes | memoryview, count
 
 
 def _outputs(plan: ModelPlan, registry: ShmRegistry, outputs: list[OutputIn],
-             regions: list[Region], owner: str) -> list[RequestedOutput]:
+             regions: list[Region], owner: str,
+             internal: Mapping[str, Region] | None) -> list[RequestedOutput]:
     requested: list[RequestedOutput] = []
     for output in outputs:
         if output.name not in plan.outputs:
@@ -304,7 +308,7 @@ def _outputs(plan: ModelPlan, registry: ShmRegistry, outputs: list[OutputIn],
             requested.append(RequestedOutput(output.name))
             continue
         region_name, offset, byte_size = output.shm
-        region = registry.acquire(region_name, offset, byte_size, owner)
+        region = registry.acquire(region_name, offset, byte_size, owner, internal)
         regions.append(region)
         requested.append(RequestedOutput(output.name, region, offset, byte_size))
     return requested

@@ -37,6 +37,7 @@ class OutputTensor:
     datatype: str
     shape: list[int]
     data: bytes | None              # None when written into a client region
+    nbytes: int = -1                # with data None: the bytes written into the region
 
 
 @dataclass(slots=True)

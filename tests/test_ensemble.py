@@ -5,6 +5,7 @@ and explicit loading of composing models, statistics for the ensemble and its st
 from __future__ import annotations
 
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -339,3 +340,71 @@ def test_the_same_pipeline_as_an_ensemble_and_as_bls_answers_alike(
             np.testing.assert_allclose(bls, (data + 1) * 2 - 3)
     finally:
         client.close()
+
+
+GROW_MODEL = """
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            # 4 values in, 16 MiB out: each value repeated 1 Mi times.
+            return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+                "OUTPUT0", np.repeat(pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy(),
+                                     1 << 20))]) for r in requests]
+"""
+
+SHRINK_MODEL = """
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            # 16 MiB in, 4 values out: the sum of each quarter.
+            return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+                "OUTPUT0", pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()
+                .reshape(4, -1).sum(axis=1, dtype=np.float32))]) for r in requests]
+"""
+
+
+def _io_bytes(pid: int) -> int:
+    """Bytes the process moved through read/write-like syscalls (pread/pwrite included)."""
+    fields = dict(line.split(": ") for line in
+                  Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["rchar"]) + int(fields["wchar"])
+
+
+def test_large_intermediate_tensors_go_from_worker_to_worker_by_reference(
+        start_server: StartServer, tmp_path: Path) -> None:
+    """16 B in, 16 MiB between grow -> mid -> shrink (two intermediates), 16 B out: the
+    supervisor moves none of the intermediate bytes (it used to pread and pwrite each)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write(repo, "grow", model_config("grow"), GROW_MODEL)
+    arithmetic(repo, "mid", mul=2)
+    write(repo, "shrink", model_config("shrink"), SHRINK_MODEL)
+    write(repo, "big_pipeline", ensemble_config("big_pipeline", [
+        step("grow", {"INPUT0": "IN"}, {"OUTPUT0": "wide"}),
+        step("mid", {"INPUT0": "wide"}, {"OUTPUT0": "doubled"}),
+        step("shrink", {"INPUT0": "doubled"}, {"OUTPUT0": "OUT"}),
+    ]))
+    server = start_server(None, repository=repo)
+    data = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
+    with grpcclient.InferenceServerClient(server.url) as client:
+        infer(client, "big_pipeline", data, ["OUT"])  # warm: regions mapped once per worker
+        moved = _io_bytes(server.pid)
+        got = infer(client, "big_pipeline", data, ["OUT"])["OUT"]
+        moved = _io_bytes(server.pid) - moved
+        np.testing.assert_allclose(got, data * 2 * (1 << 20))
+        assert moved < 2 << 20, f"the supervisor read/wrote {moved} bytes"
+        # Several runs at once each get their own regions.
+        results = []
+        threads = [threading.Thread(target=lambda k=k: results.append(
+            (k, infer(client, "big_pipeline", data + k, ["OUT"])["OUT"]))) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(results) == 4
+        for k, out in results:
+            np.testing.assert_allclose(out, (data + k) * 2 * (1 << 20))
