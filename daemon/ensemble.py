@@ -21,7 +21,9 @@ Where tensor bytes go:
   back to the pool when its run finished and no step request pins it any more. An ensemble
   output that is also an intermediate is read from the region once, for the response.
 
-Decoupled composing models are refused at load (streaming ensembles come later).
+An ensemble with a decoupled step is decoupled itself (as in Triton): every response of
+that step runs the steps downstream of it (a *branch*, see ``_Run``) and becomes one response
+of the ensemble; the final flag follows once the step sent its own and every branch is done.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class StepDoor(Protocol):
     registry: ShmRegistry
 
     def submit(self, model_name: str, version: str, parse: Callable[[], RequestItems],
-               reply: Reply) -> InferRequest: ...
+               reply: Reply, streaming: bool = False) -> InferRequest: ...
 
     def cancel(self, request: InferRequest) -> None: ...
 
@@ -132,26 +134,48 @@ class _StepReply(Reply):
         self._index = index
 
     def send(self, response: list[OutputTensor], final: bool) -> None:
-        self._run.step_done(self._index, response)
+        self._run.step_response(self._index, response, final)
+
+    def end(self) -> None:
+        self._run.step_response(self._index, None, True)
+
+    def send_error(self, error: ServeError, final: bool) -> None:
+        self._run.step_failed(self._index, error, ended=final)
 
     def fail(self, error: ServeError) -> None:
         self._run.step_failed(self._index, error)
 
 
-class _Run:
-    """One ensemble request on its way through the steps."""
+#: The result of a request whose responses were all sent: its final flag alone follows.
+_END: list[OutputTensor] = []
 
-    def __init__(self, owner: EnsembleScheduler, request: InferRequest) -> None:
+
+class _Run:
+    """One ensemble request on its way through the steps or, with ``parent``, one *branch*
+    of it: the steps downstream of one response of a decoupled step, run on that response's
+    tensors (and the tensors the parent had then). A branch whose steps are done is one
+    response of the ensemble; the request ends (its final flag alone) once the decoupled
+    steps sent their final flags and every branch is done. A request without a decoupled
+    step that answered more than once is answered as before: one final response."""
+
+    def __init__(self, owner: EnsembleScheduler, request: InferRequest,
+                 parent: _Run | None = None, waiting: set[int] | None = None) -> None:
         self.owner = owner
         self.request = request
-        self.values: dict[str, _Value] = {}
-        self.waiting = set(range(len(owner.steps)))
+        self.parent = parent
+        self.root: _Run = self if parent is None else parent.root
+        self.values: dict[str, _Value] = {} if parent is None else dict(parent.values)
+        self.waiting = set(range(len(owner.steps))) if waiting is None else waiting
         self.inflight: dict[int, InferRequest] = {}
         self.step_requests: dict[int, InferRequest] = {}  # every step submitted, by index
+        self.streamed: set[int] = set()  # decoupled steps answering in several responses
+        self.branches = 0                # open branches of this run
         self.finished = False
-        self.shm_owner = request.regions[0].owner if request.regions else ""
         # Intermediate regions this run holds, by name (the steps' requests may use them).
         self.internal: dict[str, Region] = {}
+        self.runs: list[_Run] = []       # the root's list of every run of the request
+        self.root.runs.append(self)
+        self.shm_owner: str = request.regions[0].owner if request.regions else ""
         # Ensemble outputs the client wants in its shared memory: tensor -> (ref, region).
         self.output_regions: dict[str, ShmRef] = {
             output.name: (output.region.name, output.offset, output.byte_size)
@@ -168,17 +192,21 @@ class _Run:
     def _launch_ready(self) -> None:
         steps = self.owner.steps
         for index in sorted(self.waiting):
-            if self.finished:
+            if self.root.finished:
                 return
             step = steps[index]
             if all(name in self.values for name in step.inputs.values()):
                 self.waiting.discard(index)
                 self._launch(index, step)
-        if not self.finished and not self.waiting and not self.inflight:
+        if not self.root.finished and not self.waiting and not self.inflight \
+                and not self.branches:
             self._complete()
 
     def _launch(self, index: int, step: _Step) -> None:
         request = self.request
+        # A decoupled step's outputs stay out of the pool: its next response would
+        # overwrite the region while a branch still reads it.
+        pooled = index not in self.owner.decoupled_steps
 
         def parse() -> RequestItems:
             inputs = []
@@ -189,7 +217,7 @@ class _Run:
             outputs = []
             for model_output, tensor_name in step.outputs.items():
                 shm = self.output_regions.get(tensor_name)
-                if shm is None and tensor_name in self.owner.intermediates:
+                if shm is None and pooled and tensor_name in self.owner.intermediates:
                     region = self.owner.pool.take()
                     self.internal[region.name] = region
                     shm = (region.name, 0, region.byte_size)
@@ -199,15 +227,42 @@ class _Run:
 
         try:
             step_request = self.owner.door.submit(step.model, step.version, parse,
-                                                  _StepReply(self, index))
+                                                  _StepReply(self, index), streaming=True)
             self.inflight[index] = self.step_requests[index] = step_request
         except ServeError as exc:
             self.step_failed(index, exc)
 
+    def step_response(self, index: int, outputs: list[OutputTensor] | None,
+                      final: bool) -> None:
+        """A response of step ``index`` (None: its final flag alone)."""
+        if self.root.finished:
+            return
+        if final and outputs is not None and index not in self.streamed:
+            self.step_done(index, outputs)  # one response: the step is done
+            return
+        if index not in self.streamed:  # its downstream steps run in branches from now on
+            self.streamed.add(index)
+            self.waiting -= self.owner.downstream[index]
+        if final:
+            self.inflight.pop(index, None)
+        if outputs is not None:
+            branch = _Run(self.owner, self.request, self, set(self.owner.downstream[index]))
+            self.branches += 1
+            if not branch.take_outputs(index, outputs):
+                return
+            branch._launch_ready()
+        if final and not self.root.finished:
+            self._launch_ready()
+
     def step_done(self, index: int, outputs: list[OutputTensor]) -> None:
         self.inflight.pop(index, None)
-        if self.finished:
+        if self.root.finished:
             return
+        if self.take_outputs(index, outputs):
+            self._launch_ready()
+
+    def take_outputs(self, index: int, outputs: list[OutputTensor]) -> bool:
+        """Record step ``index``'s outputs as ensemble tensors; False if the run failed."""
         step = self.owner.steps[index]
         for output in outputs:
             tensor_name = step.outputs.get(output.name)
@@ -223,7 +278,7 @@ class _Run:
                         self.step_failed(index, internal(
                             f"output '{output.name}' of model '{step.model}' came back "
                             f"without data"))
-                        return
+                        return False
                     ref = (held.name, 0, held.byte_size)
                 size = ELEMENT_SIZE.get(output.datatype, -1)
                 nbytes = output.nbytes if output.nbytes >= 0 else \
@@ -231,39 +286,63 @@ class _Run:
                 shm = (ref[0], ref[1], nbytes)
             self.values[tensor_name] = _Value(output.datatype, list(output.shape), output.data,
                                               shm, held)
-        self._launch_ready()
+        return True
 
     def _intermediate_region(self, index: int, model_output: str) -> Region | None:
         """The intermediate region the step's request named for ``model_output``."""
-        step_request = self.step_requests.get(index)
-        if step_request is None:
-            return None
-        for requested in step_request.outputs:
-            if requested.name == model_output and requested.region is not None \
-                    and requested.region.name in self.internal:
-                return requested.region
+        run: _Run | None = self
+        while run is not None:  # a branch's outputs came from its parent's step request
+            step_request = run.step_requests.get(index)
+            if step_request is not None:
+                for requested in step_request.outputs:
+                    if requested.name == model_output and requested.region is not None \
+                            and requested.region.name in run.internal:
+                        return requested.region
+                return None
+            run = run.parent
         return None
 
-    def step_failed(self, index: int, error: ServeError) -> None:
-        self.inflight.pop(index, None)
-        if self.finished:
-            return
-        self._finish(error)
+    def step_failed(self, index: int, error: ServeError, ended: bool = True) -> None:
+        """Step ``index`` failed: so does the request (a decoupled step that may still send
+        more, ``ended`` False, is cancelled with the others)."""
+        if ended:
+            self.inflight.pop(index, None)
+        self.root._finish(error)
 
     def cancel(self) -> None:
         self.request.cancelled = True
         self._finish(None)
 
     def _complete(self) -> None:
-        request = self.request
-        wanted = [output.name for output in request.outputs] or self.owner.output_names
+        """Every step of this run is done."""
+        if self.streamed:
+            response = _END  # its responses were its branches'
+        else:
+            built = self._response()
+            if built is None:
+                return
+            response = built
+        parent = self.parent
+        if parent is None:
+            self._finish(response)
+            return
+        self.finished = True
+        self.owner.pool.give_back(list(self.internal.values()))
+        self.internal = {}
+        if response is not _END:
+            self.owner.respond(self.root, response)
+        parent.branches -= 1
+        parent._launch_ready()
+
+    def _response(self) -> list[OutputTensor] | None:
+        wanted = [output.name for output in self.request.outputs] or self.owner.output_names
         response = []
         for name in wanted:
             value = self.values.get(name)
             if value is None:
-                self._finish(internal(f"ensemble '{self.owner.model}' produced no data for "
-                                      f"output '{name}'"))
-                return
+                self.root._finish(internal(f"ensemble '{self.owner.model}' produced no data "
+                                           f"for output '{name}'"))
+                return None
             in_region = name in self.output_regions
             if in_region:
                 data = None
@@ -273,17 +352,20 @@ class _Run:
             else:
                 data = bytes(value.data or b"")
             response.append(OutputTensor(name, value.datatype, value.shape, data))
-        self._finish(response)
+        return response
 
     def _finish(self, result: list[OutputTensor] | ServeError | None) -> None:
-        """``result``: the response, the error, or None when the caller gave up."""
+        """The root's end: ``result`` is the final response (``_END``: its final flag
+        alone), the error, or None when the caller gave up."""
         if self.finished:
             return
         self.finished = True
-        for step_request in list(self.inflight.values()):
-            self.owner.door.cancel(step_request)
-        self.inflight.clear()
-        self.owner.pool.give_back(list(self.internal.values()))
+        for run in self.runs:
+            for step_request in list(run.inflight.values()):
+                self.owner.door.cancel(step_request)
+            run.inflight.clear()
+            self.owner.pool.give_back(list(run.internal.values()))
+            run.internal = {}
         self.owner.finished(self, result)
 
 
@@ -292,7 +374,8 @@ class EnsembleScheduler:
 
     def __init__(self, model: str, version: int, config: mc.ModelConfig, door: StepDoor,
                  composing_ready: Callable[[], bool],
-                 on_finished: Callable[[InferRequest], None]) -> None:
+                 on_finished: Callable[[InferRequest], None],
+                 decoupled_models: frozenset[str] = frozenset()) -> None:
         self.model = model
         self.version = version
         self.stats = ModelStats()
@@ -305,6 +388,9 @@ class EnsembleScheduler:
         # Tensors a step produces and another step reads: they go through the pool.
         self.intermediates = {name for step in self.steps for name in step.inputs.values()}
         self.pool = IntermediatePool(door.registry, model)
+        self.decoupled_steps = {index for index, step in enumerate(self.steps)
+                                if step.model in decoupled_models}
+        self.downstream = _downstream(self.steps)
         self._composing_ready = composing_ready
         self._on_finished = on_finished
         self._runs: dict[int, _Run] = {}
@@ -378,7 +464,37 @@ class EnsembleScheduler:
         try:
             if isinstance(result, ServeError):
                 request.reply.fail(result)
+            elif result is _END:
+                request.reply.end()
             else:
                 request.reply.send(result, True)
         except Exception:
             log.exception("answering an ensemble request failed")
+
+    def respond(self, run: _Run, response: list[OutputTensor]) -> None:
+        """One response of a streaming ensemble request; more follow."""
+        if run.request.cancelled:
+            return
+        try:
+            run.request.reply.send(response, False)
+        except Exception:
+            log.exception("answering an ensemble request failed")
+
+
+def _downstream(steps: list[_Step]) -> list[frozenset[int]]:
+    """For each step, the steps that read its outputs, directly or through other steps."""
+    readers: dict[str, list[int]] = {}
+    for index, step in enumerate(steps):
+        for tensor in step.inputs.values():
+            readers.setdefault(tensor, []).append(index)
+    result = []
+    for step in steps:
+        found: set[int] = set()
+        frontier = list(step.outputs.values())
+        while frontier:
+            for reader in readers.get(frontier.pop(), []):
+                if reader not in found:
+                    found.add(reader)
+                    frontier.extend(steps[reader].outputs.values())
+        result.append(frozenset(found))
+    return result

@@ -4,6 +4,8 @@ and explicit loading of composing models, statistics for the ensemble and its st
 
 from __future__ import annotations
 
+import queue
+import shutil
 import textwrap
 import threading
 import time
@@ -17,6 +19,8 @@ from tritonclient.utils import InferenceServerException
 
 from shmserve.tests.conftest import StartServer
 from shmserve.tests.serverproc import ServerProcess
+
+MODELS_DIR = Path(__file__).parent / "models"
 
 ARITHMETIC_MODEL = """
     import time
@@ -408,3 +412,64 @@ def test_large_intermediate_tensors_go_from_worker_to_worker_by_reference(
         assert len(results) == 4
         for k, out in results:
             np.testing.assert_allclose(out, (data + k) * 2 * (1 << 20))
+
+
+def test_ensemble_with_a_decoupled_step_streams_its_responses(
+        start_server: StartServer, tmp_path: Path) -> None:
+    """pre (+1) -> repeat_int32 (decoupled: one response per element) -> post (*10): every
+    response of the decoupled step flows through post and out of the ensemble as its own
+    response on the stream; the final flag comes once the step sent its own."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(MODELS_DIR / "repeat_int32", repo / "repeat_int32")
+    arithmetic(repo, "pre", add=1, data_type="TYPE_INT32")
+    arithmetic(repo, "post", mul=10, data_type="TYPE_INT32")
+    write(repo, "streaming", """
+        name: "streaming"
+        platform: "ensemble"
+        max_batch_size: 0
+        input [ { name: "IN", data_type: TYPE_INT32, dims: [ -1 ] },
+                { name: "DELAY", data_type: TYPE_INT32, dims: [ 1 ] } ]
+        output [ { name: "OUT", data_type: TYPE_INT32, dims: [ -1 ] },
+                 { name: "IDX", data_type: TYPE_INT32, dims: [ 1 ] } ]
+        ensemble_scheduling { step [ """ + ", ".join([
+        step("pre", {"INPUT0": "IN"}, {"OUTPUT0": "t1"}),
+        step("repeat_int32", {"IN": "t1", "DELAY_MS": "DELAY"}, {"OUT": "each", "IDX": "IDX"}),
+        step("post", {"INPUT0": "each"}, {"OUTPUT0": "OUT"})]) + " ] }\n")
+    server = start_server(None, repository=repo)
+    values = np.array([3, 4, 5], dtype=np.int32)
+    inputs = [grpcclient.InferInput("IN", [3], "INT32"), grpcclient.InferInput("DELAY", [1],
+                                                                              "INT32")]
+    inputs[0].set_data_from_numpy(values)
+    inputs[1].set_data_from_numpy(np.array([50], dtype=np.int32))
+    results: queue.Queue[object] = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        assert client.get_model_config("streaming").config.model_transaction_policy.decoupled
+        with pytest.raises(InferenceServerException) as refused:  # unary: Triton's text
+            client.infer("streaming", inputs)
+        assert "doesn't support models with decoupled transaction policy" \
+            in str(refused.value.message())
+        client.start_stream(callback=lambda result, error: results.put(
+            error if error is not None else result))
+        client.async_stream_infer("streaming", inputs, request_id="s1",
+                                  enable_empty_final_response=True)
+        got = []
+        while True:
+            result = results.get(timeout=20)
+            assert not isinstance(result, InferenceServerException), result
+            got.append(result)
+            response = result.get_response()  # type: ignore[attr-defined]
+            if response.parameters["triton_final_response"].bool_param:
+                break
+        client.stop_stream()
+    finally:
+        client.close()
+    assert len(got) == 4
+    streamed = sorted((int(r.as_numpy("IDX")[0]),  # type: ignore[attr-defined]
+                       r.as_numpy("OUT").tolist()) for r in got[:3])  # type: ignore[attr-defined]
+    assert streamed == [(0, [40]), (1, [50]), (2, [60])]
+    assert got[3].get_response().outputs == []  # type: ignore[attr-defined]
+    with grpcclient.InferenceServerClient(server.url) as stats:
+        post = stats.get_inference_statistics("post", as_json=True)["model_stats"][0]
+        assert int(post["inference_stats"]["success"]["count"]) == 3  # once per response
