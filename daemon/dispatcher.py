@@ -38,6 +38,7 @@ from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import Region
 from shmserve.daemon.worker_limits import WorkerLimits, limits_for, restart_delay
+from shmserve.protos.response_ring import ring_bytes
 from shmserve.workers.protocol import (
     ARENA,
     CUDA,
@@ -403,8 +404,16 @@ class Dispatcher:
                 outputs.append([output.name, destination])
             reply = request.reply
             tag = reply.direct_tag(worker) if reply.direct else None
+            ring = None
+            if request.ring is not None:
+                ring_at = request.ring
+                ring = [TensorRef("", "", [], *_region_location(ring_at.region, worker),
+                                  ring_at.region.offset + ring_at.offset,
+                                  ring_bytes(ring_at.slot_bytes, ring_at.slots)).pack(),
+                        ring_at.slot_bytes, ring_at.slots]
             frames.append(packed_exec_request(request.request_id, refs, outputs,
-                                              request.parameters, request.correlation_id, tag))
+                                              request.parameters, request.correlation_id, tag,
+                                              ring))
         if staged >= _TRIM_AFTER_STAGING:
             trim_heap()  # gRPC's receive buffers for it were freed: give their pages back now
         return frames

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from shmserve.daemon.errors import ServeError, invalid_argument
 from shmserve.daemon.models import ModelVersion
 from shmserve.daemon.reply import Reply
-from shmserve.daemon.request import InferRequest, InputTensor, RequestedOutput
+from shmserve.daemon.request import InferRequest, InputTensor, RequestedOutput, ResponseRing
 from shmserve.daemon.shm_registry import Region, ShmRegistry
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos.datatypes import (
@@ -27,6 +27,11 @@ from shmserve.protos.datatypes import (
     deserialize_bytes_tensor,
     element_count,
 )
+from shmserve.protos.response_ring import OFFSET as RING_OFFSET
+from shmserve.protos.response_ring import REGION as RING_REGION
+from shmserve.protos.response_ring import SLOT_BYTES as RING_SLOT_BYTES
+from shmserve.protos.response_ring import SLOTS as RING_SLOTS
+from shmserve.protos.response_ring import ring_bytes
 
 ShmRef = tuple[str, int, int]  # (region name, offset, byte size)
 ParamT = TypeVar("ParamT")
@@ -158,6 +163,8 @@ def build_request(model: ModelVersion, registry: ShmRegistry, items: RequestItem
         if items.late_fault is not None:
             raise items.late_fault
         requested = _outputs(plan, registry, items.outputs, regions, owner, items.internal)
+        ring = _response_ring(registry, items.parameters, regions, owner) \
+            if items.parameters and RING_REGION in items.parameters else None
     except BaseException:
         for region in regions:
             registry.release(region)
@@ -165,8 +172,32 @@ def build_request(model: ModelVersion, registry: ShmRegistry, items: RequestItem
     parameters = items.parameters
     sequence_id = parameters.get("sequence_id", 0)
     correlation = sequence_id if isinstance(sequence_id, int | str) else 0
-    return InferRequest(plan.name, model.version, items.request_id, tensors, requested,
-                        batch_size, reply, parameters, correlation, 0, regions)
+    request = InferRequest(plan.name, model.version, items.request_id, tensors, requested,
+                           batch_size, reply, parameters, correlation, 0, regions)
+    if ring is not None:
+        request.ring = ring
+    return request
+
+
+def _response_ring(registry: ShmRegistry, parameters: Mapping[str, Any],
+                   regions: list[Region], owner: str) -> ResponseRing:
+    """The response ring the request's parameters name; pins its region."""
+    name = parameters[RING_REGION]
+    values = [parameters.get(key, 0) for key in (RING_OFFSET, RING_SLOT_BYTES, RING_SLOTS)]
+    if type(name) is not str or not all(type(value) is int for value in values):
+        raise invalid_argument(f"'{RING_REGION}' must be a string and '{RING_OFFSET}', "
+                               f"'{RING_SLOT_BYTES}', '{RING_SLOTS}' integers")
+    offset, slot_bytes, slots = values
+    if slot_bytes <= 0 or slot_bytes % 64 or slots <= 0 or offset % 8:
+        raise invalid_argument(f"a response ring needs '{RING_SLOTS}' > 0, "
+                               f"'{RING_SLOT_BYTES}' a positive multiple of 64 and an "
+                               f"'{RING_OFFSET}' aligned to 8 bytes")
+    region = registry.acquire(name, offset, ring_bytes(slot_bytes, slots), owner)
+    regions.append(region)
+    if region.kind != "system":
+        raise invalid_argument(f"a response ring must be in a system shared memory region, "
+                               f"not '{name}'")
+    return ResponseRing(region, offset, slot_bytes, slots)
 
 
 def _inputs(plan: ModelPlan, registry: ShmRegistry, inputs: list[TensorIn],

@@ -31,6 +31,19 @@ class RequestedOutput:
     byte_size: int = 0
 
 
+@dataclass(slots=True, frozen=True)
+class ResponseRing:
+    """Where a streamed request's responses go (docs/streaming.md, "Response rings"): a
+    header of ``RING_HEADER_BYTES`` (the client's count of responses it is done with) at
+    ``offset`` in ``region``, then ``slots`` slots of ``slot_bytes``; response k's outputs are
+    written into slot k % slots, once the client is done with response k - slots."""
+
+    region: Region
+    offset: int
+    slot_bytes: int
+    slots: int
+
+
 @dataclass(slots=True)
 class OutputTensor:
     name: str
@@ -61,3 +74,4 @@ class InferRequest:
     scheduler: Scheduler | None = None  # the one it was queued with
     # Once sent to a worker: (worker, frame id, index in the frame), to withdraw it there.
     sent: tuple[Any, int, int] | None = None
+    ring: ResponseRing | None = None  # a streamed request's responses go there

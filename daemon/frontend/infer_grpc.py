@@ -140,4 +140,4 @@ def _region_of(request: InferRequest, output: str) -> str:
     for requested in request.outputs:
         if requested.name == output and requested.region is not None:
             return requested.region.name
-    return ""
+    return request.ring.region.name if request.ring is not None else ""
