@@ -169,7 +169,7 @@ class _Run:
         self.inflight: dict[int, InferRequest] = {}
         self.step_requests: dict[int, InferRequest] = {}  # every step submitted, by index
         self.streamed: set[int] = set()  # decoupled steps answering in several responses
-        self.branches = 0                # open branches of this run
+        self.branches: list[_Run] = []   # open branches of this run
         self.finished = False
         # Intermediate regions this run holds, by name (the steps' requests may use them).
         self.internal: dict[str, Region] = {}
@@ -202,6 +202,17 @@ class _Run:
                 and not self.branches:
             self._complete()
 
+    def _inherit(self, values: dict[str, _Value]) -> None:
+        """Tensors the parent produced after this branch began (a step parallel to the
+        decoupled one): a downstream step of the branch may read them too."""
+        added = {name: value for name, value in values.items() if name not in self.values}
+        if not added:
+            return
+        self.values.update(added)
+        for branch in list(self.branches):
+            branch._inherit(added)
+        self._launch_ready()
+
     def _launch(self, index: int, step: _Step) -> None:
         request = self.request
         # A decoupled step's outputs stay out of the pool: its next response would
@@ -223,7 +234,8 @@ class _Run:
                     shm = (region.name, 0, region.byte_size)
                 outputs.append(OutputIn(model_output, shm))
             return RequestItems(inputs, outputs, dict(request.parameters),
-                                request.request_id, self.shm_owner, internal=self.internal)
+                                request.request_id, self.shm_owner,
+                                internal=self._regions_in_reach())
 
         try:
             step_request = self.owner.door.submit(step.model, step.version, parse,
@@ -231,6 +243,12 @@ class _Run:
             self.inflight[index] = self.step_requests[index] = step_request
         except ServeError as exc:
             self.step_failed(index, exc)
+
+    def _regions_in_reach(self) -> dict[str, Region]:
+        """The intermediate regions this run's steps may use: its own and its parents'."""
+        if self.parent is None:
+            return self.internal
+        return {**self.parent._regions_in_reach(), **self.internal}
 
     def step_response(self, index: int, outputs: list[OutputTensor] | None,
                       final: bool) -> None:
@@ -247,7 +265,7 @@ class _Run:
             self.inflight.pop(index, None)
         if outputs is not None:
             branch = _Run(self.owner, self.request, self, set(self.owner.downstream[index]))
-            self.branches += 1
+            self.branches.append(branch)
             if not branch.take_outputs(index, outputs):
                 return
             branch._launch_ready()
@@ -259,6 +277,9 @@ class _Run:
         if self.root.finished:
             return
         if self.take_outputs(index, outputs):
+            for branch in list(self.branches):
+                if not self.root.finished:
+                    branch._inherit(self.values)
             self._launch_ready()
 
     def take_outputs(self, index: int, outputs: list[OutputTensor]) -> bool:
@@ -331,7 +352,7 @@ class _Run:
         self.internal = {}
         if response is not _END:
             self.owner.respond(self.root, response)
-        parent.branches -= 1
+        parent.branches.remove(self)
         parent._launch_ready()
 
     def _response(self) -> list[OutputTensor] | None:

@@ -473,3 +473,65 @@ def test_ensemble_with_a_decoupled_step_streams_its_responses(
     with grpcclient.InferenceServerClient(server.url) as stats:
         post = stats.get_inference_statistics("post", as_json=True)["model_stats"][0]
         assert int(post["inference_stats"]["success"]["count"]) == 3  # once per response
+
+
+COMBINE_MODEL = """
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+                "OUTPUT0", (pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()
+                            + pb_utils.get_input_tensor_by_name(r, "INPUT1").as_numpy().sum())
+                .astype(np.int32))]) for r in requests]
+"""
+
+
+def test_decoupled_branches_wait_for_a_parallel_step(start_server: StartServer,
+                                                     tmp_path: Path) -> None:
+    """repeat_int32's responses come before the slow parallel step 'side' is done; each
+    branch's 'combine' step waits for side's output, then runs."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(MODELS_DIR / "repeat_int32", repo / "repeat_int32")
+    arithmetic(repo, "side", mul=100, sleep=0.5, data_type="TYPE_INT32")
+    write(repo, "combine", """
+        name: "combine"
+        backend: "python"
+        max_batch_size: 0
+        input [ { name: "INPUT0", data_type: TYPE_INT32, dims: [ -1 ] },
+                { name: "INPUT1", data_type: TYPE_INT32, dims: [ -1 ] } ]
+        output [ { name: "OUTPUT0", data_type: TYPE_INT32, dims: [ -1 ] } ]
+    """, COMBINE_MODEL)
+    write(repo, "fan", """
+        name: "fan"
+        platform: "ensemble"
+        max_batch_size: 0
+        input [ { name: "IN", data_type: TYPE_INT32, dims: [ -1 ] },
+                { name: "DELAY", data_type: TYPE_INT32, dims: [ 1 ] } ]
+        output [ { name: "OUT", data_type: TYPE_INT32, dims: [ -1 ] } ]
+        ensemble_scheduling { step [ """ + ", ".join([
+        step("repeat_int32", {"IN": "IN", "DELAY_MS": "DELAY"}, {"OUT": "each"}),
+        step("side", {"INPUT0": "IN"}, {"OUTPUT0": "scaled"}),
+        step("combine", {"INPUT0": "each", "INPUT1": "scaled"}, {"OUTPUT0": "OUT"})]) + " ] }\n")
+    server = start_server(None, repository=repo)
+    inputs = [grpcclient.InferInput("IN", [3], "INT32"), grpcclient.InferInput("DELAY", [1],
+                                                                              "INT32")]
+    inputs[0].set_data_from_numpy(np.array([1, 2, 3], dtype=np.int32))
+    inputs[1].set_data_from_numpy(np.array([0], dtype=np.int32))
+    results: queue.Queue[object] = queue.Queue()
+    with grpcclient.InferenceServerClient(server.url) as client:
+        client.start_stream(callback=lambda result, error: results.put(
+            error if error is not None else result))
+        client.async_stream_infer("fan", inputs, enable_empty_final_response=True)
+        got = []
+        while True:
+            result = results.get(timeout=20)
+            assert not isinstance(result, InferenceServerException), result.message()
+            if result.get_response().parameters[  # type: ignore[attr-defined]
+                    "triton_final_response"].bool_param:
+                break
+            got.append(result.as_numpy("OUT").tolist())  # type: ignore[attr-defined]
+        client.stop_stream()
+    assert sorted(got) == [[601], [602], [603]]
