@@ -27,6 +27,9 @@ from shmserve.protos.datatypes import to_numpy_dtype
 
 
 class ResponseRing:
+    """``slots`` slots of ``slot_bytes`` (rounded up to 64) in ``region``, after a 64-byte
+    header; thread-safe. Give it to ``stream_infer(..., ring=...)``."""
+
     def __init__(self, region: HostRegion, slots: int, slot_bytes: int) -> None:
         if slots <= 0 or slot_bytes <= 0:
             raise invalid_argument("a response ring needs slots > 0 and slot_bytes > 0")
@@ -35,11 +38,12 @@ class ResponseRing:
         self.slots = slots
         self.slot_bytes = slot_bytes
         nbytes = layout.ring_bytes(slot_bytes, slots)
-        self._memory = region.ndarray((nbytes,), np.uint8)  # from the region's allocator
-        offset = region.locate(array_address(self._memory), nbytes)
+        #: The ring's bytes (header and slots), taken from the region's allocator.
+        self.memory = region.ndarray((nbytes,), np.uint8)
+        offset = region.locate(array_address(self.memory), nbytes)
         assert offset is not None
         self.offset = offset
-        self._header = self._memory[:8].view("<u8")
+        self._header = self.memory[:8].view("<u8")
         self._cond = threading.Condition()
         self._busy = False        # a request of a stream uses it
         self._final_seen = False  # that request's final answer was read
@@ -96,7 +100,7 @@ class ResponseRing:
                                        f"response ring")
             sizes.append(int(np.prod(shape, dtype=np.int64)) * to_numpy_dtype(datatype).itemsize)
         offsets, _ = layout.output_offsets(sizes)
-        arrays = {name: self._memory[start + at:start + at + size]
+        arrays = {name: self.memory[start + at:start + at + size]
                   for (name, _, _), at, size in zip(outputs, offsets, sizes, strict=True)}
         return response % self.slots, arrays
 

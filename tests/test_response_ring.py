@@ -52,7 +52,7 @@ def _check(result: StreamResult, ring: ResponseRing, index: int) -> None:
     assert result.ring_slot == index % ring.slots
     out = result.outputs["OUT"]
     assert out.shape == (ELEMENTS,) and (out == index).all(), (index, out[:4])
-    assert np.shares_memory(out, ring._memory)  # a view of the ring, not of a message
+    assert np.shares_memory(out, ring.memory)  # a view of the ring, not of a message
     assert int(result.outputs["IDX"][0]) == index
 
 
