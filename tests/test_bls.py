@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from tests.serverproc import ServerProcess, build_repository
 
 MODELS = ["bls_double", "bls_pre", "bls_caller", "async_sleeper", "bls_bounce",
-          "bls_decoupled", "repeat_int32", "midstream_error"]
+          "bls_decoupled", "repeat_int32", "midstream_error", "fill_stream"]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
                          "--load-model", "bls_pre", "--load-model", "async_sleeper",
                          "--load-model", "bls_bounce", "--load-model", "bls_decoupled",
                          "--load-model", "repeat_int32", "--load-model", "midstream_error",
+                         "--load-model", "fill_stream",
                          "--local-ring-bytes", str(128 << 20))
     try:
         proc.wait_ready()
@@ -108,6 +109,19 @@ def test_decoupled_exec_stopped_early_cancels_the_request(server: ServerProcess,
     while time.monotonic() < deadline and not log.exists():
         time.sleep(0.05)
     assert "cancelled at" in log.read_text()
+
+
+def test_decoupled_exec_responses_never_pass_through_the_supervisor(
+        server: ServerProcess) -> None:
+    """Three 16 MiB responses of a decoupled model to a BLS caller: written into the
+    caller's response ring by the called worker, not carried by the supervisor."""
+    elements = 4 << 20
+    expected = (elements * (0 + 1 + 2), 4, True)  # 3 responses and the empty final one
+    assert _aggregate(server, [3, elements], "fill") == expected  # warm
+    moved = _io_bytes(server.pid)
+    assert _aggregate(server, [3, elements], "fill") == expected
+    moved = _io_bytes(server.pid) - moved
+    assert moved < 2 << 20, f"the supervisor read/wrote {moved} bytes"
 
 
 def _stats(server: ServerProcess, model: str) -> int:

@@ -25,6 +25,7 @@ import itertools
 import mmap
 import os
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -36,6 +37,8 @@ import numpy as np
 from shmserve.client._convert import read_reply_outputs
 from shmserve.client.errors import ShmserveError
 from shmserve.client.local_channel import LocalChannel, MessageTooLarge
+from shmserve.protos import response_ring
+from shmserve.protos.datatypes import to_numpy_dtype
 from shmserve.workers.cuda_ipc import DeviceOutput
 from shmserve.workers.protocol import INLINE_LIMIT
 from shmserve.workers.tensors import output_bytes
@@ -49,6 +52,10 @@ current_chain: contextvars.ContextVar[str] = contextvars.ContextVar("bls_chain",
 CONNECT = b"c"
 #: Virtual size of each output's memfd: an output may be this large. Only written pages cost.
 OUTPUT_CAPACITY = 1 << 32
+#: A streamed request's response ring (protos/response_ring.py), a sparse memfd as well: a
+#: response's tensors may take this much together.
+STREAM_SLOT_BYTES = 1 << 30
+STREAM_SLOTS = 2
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _names = itertools.count(1)
 
@@ -131,7 +138,9 @@ class BlsStream:
     sees ``is_cancelled()``); it closes itself after the final one."""
 
     def __init__(self, channel: LocalChannel, request_id: int, replies: _Replies,
-                 regions: list[_Memfd], deadline: float | None) -> None:
+                 regions: list[_Memfd], deadline: float | None, ring: _Memfd) -> None:
+        self._ring = ring
+        self._ring_responses = 0  # responses taken out of the ring so far
         self._channel = channel
         self._request_id = request_id
         self._replies = replies
@@ -171,9 +180,29 @@ class BlsStream:
             code, text = reply["err"]
             return BlsResponse({}, BlsError(code, text), final)
         try:
-            return BlsResponse(read_reply_outputs(reply["out"], {}), None, final)
+            return BlsResponse(read_reply_outputs(reply["out"], self._take(reply["out"])),
+                               None, final)
         except ShmserveError as exc:
             return BlsResponse({}, BlsError(exc.code.name, exc.message), final)
+
+    def _take(self, outputs: list[list[Any]]) -> dict[str, np.ndarray]:
+        """Copies of the outputs the worker wrote into the ring's next slot, then the slot
+        is handed back: the model may keep a response as long as it likes."""
+        placed = [(name, datatype, shape) for name, datatype, shape, data in outputs
+                  if data is None]
+        if not placed:
+            return {}
+        sizes = [int(np.prod(shape, dtype=np.int64)) * to_numpy_dtype(datatype).itemsize
+                 for _, datatype, shape in placed]
+        offsets, _ = response_ring.output_offsets(sizes)
+        start = response_ring.slot_offset(0, STREAM_SLOT_BYTES, STREAM_SLOTS,
+                                          self._ring_responses)
+        memory = self._ring.memory
+        taken = {name: np.frombuffer(memory, np.uint8, size, start + at).copy()
+                 for (name, _, _), at, size in zip(placed, offsets, sizes, strict=True)}
+        self._ring_responses += 1
+        struct.pack_into("<Q", memory, 0, self._ring_responses)
+        return taken
 
     def close(self) -> None:
         with self._lock:
@@ -308,9 +337,17 @@ class BlsClient:
                                           f"{exc}") from None
         regions: list[_Memfd] = []
         try:
-            # Outputs travel inline: each response would overwrite the last one's region.
+            # The outputs go into a response ring of the caller's (each response in the next
+            # slot, taken out before the slot is handed back): never through the supervisor.
             message, _ = self._message(channel, request, regions, output_regions=False)
             message["s"] = True
+            ring = _Memfd(response_ring.ring_bytes(STREAM_SLOT_BYTES, STREAM_SLOTS))
+            regions.append(ring)
+            ring.register(channel)
+            message.setdefault("p", {}).update({
+                response_ring.REGION: ring.name, response_ring.OFFSET: 0,
+                response_ring.SLOT_BYTES: STREAM_SLOT_BYTES,
+                response_ring.SLOTS: STREAM_SLOTS})
             if chain:
                 message.setdefault("p", {})[CHAIN_PARAMETER] = chain
             deadline = None
@@ -330,7 +367,7 @@ class BlsClient:
             for region in regions:
                 region.unregister(channel)
             raise
-        return BlsStream(channel, request_id, replies, regions, deadline)
+        return BlsStream(channel, request_id, replies, regions, deadline, ring)
 
     def _message(self, channel: LocalChannel, request: BlsRequest, regions: list[_Memfd],
                  output_regions: bool = True

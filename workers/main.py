@@ -503,14 +503,10 @@ class WorkerHost:
         the request was cancelled meanwhile. Raises BackendError (no slot is used then)."""
         assert sink.ring is not None
         target, slot_bytes, slots = sink.ring
-        free = [item for item in prepared if item[4] is None]
+        # BYTES outputs travel in the response (their size is not known from their shape).
+        free = [item for item in prepared if item[4] is None and item[1] != "BYTES"]
         if not free:
             return prepared
-        for item in free:
-            if item[1] == "BYTES":
-                raise BackendError(f"output '{item[0]}' is BYTES: it cannot be written into a "
-                                   f"response ring (its size is not known from its shape)",
-                                   "INVALID_ARGUMENT")
         offsets, needed = response_ring.output_offsets(len(item[3]) for item in free)
         if needed > slot_bytes:
             raise BackendError(f"the response's outputs need {needed} bytes, more than the "
@@ -528,7 +524,7 @@ class WorkerHost:
         placed = iter(offsets)
         result: list[_Prepared] = []
         for name, datatype, shape, data, destination in prepared:
-            if destination is None:
+            if destination is None and datatype != "BYTES":
                 at = next(placed)
                 destination = TensorRef(name, "", [], SYSTEM, target.location, base + at,
                                         slot_bytes - at).pack()

@@ -16,13 +16,18 @@ class TritonPythonModel:
             call = pb_utils.InferenceRequest(
                 model_name="midstream_error", requested_output_names=["OUT"],
                 inputs=[pb_utils.Tensor("IN", values[:1])])
+        elif mode == "fill":  # IN = [responses, elements of each]
+            call = pb_utils.InferenceRequest(
+                model_name="fill_stream", requested_output_names=["OUT"],
+                inputs=[pb_utils.Tensor("COUNT", values[:1]),
+                        pb_utils.Tensor("ELEMENTS", values[1:2])])
         else:
             call = pb_utils.InferenceRequest(
                 model_name="repeat_int32", requested_output_names=["OUT"],
                 inputs=[pb_utils.Tensor("IN", values),
                         pb_utils.Tensor("DELAY_MS", np.array([10], np.int32))],
                 parameters={"cancel_log": parameters.get("cancel_log", "")})
-        if mode in ("sync", "first", "error"):
+        if mode in ("sync", "first", "error", "fill"):
             responses = list(self.take(call.exec(decoupled=True), mode))
         elif mode == "async":
             responses = list(self.take(await call.async_exec(decoupled=True), mode))
