@@ -173,8 +173,8 @@ class _Run:
         self.finished = False
         # Intermediate regions this run holds, by name (the steps' requests may use them).
         self.internal: dict[str, Region] = {}
-        self.runs: list[_Run] = []       # the root's list of every run of the request
-        self.root.runs.append(self)
+        self.runs: set[_Run] = set()     # the root's: every run of the request still open
+        self.root.runs.add(self)
         self.shm_owner: str = request.regions[0].owner if request.regions else ""
         # Ensemble outputs the client wants in its shared memory: tensor -> (ref, region).
         self.output_regions: dict[str, ShmRef] = {
@@ -350,6 +350,8 @@ class _Run:
         self.finished = True
         self.owner.pool.give_back(list(self.internal.values()))
         self.internal = {}
+        self.values = {}  # a long stream keeps no finished branch's tensors
+        self.root.runs.discard(self)
         if response is not _END:
             self.owner.respond(self.root, response)
         parent.branches.remove(self)
@@ -381,7 +383,7 @@ class _Run:
         if self.finished:
             return
         self.finished = True
-        for run in self.runs:
+        for run in list(self.runs):
             for step_request in list(run.inflight.values()):
                 self.owner.door.cancel(step_request)
             run.inflight.clear()

@@ -12,7 +12,9 @@ inline in the ring): a larger input is copied once into a sealed memfd registere
 channel (the target worker maps it by fd), and every named output is requested into a sparse
 memfd of its own (pages exist only where the target worker writes them), which the caller
 reads in place. The answer itself comes from the target worker through the channel's direct
-ring.
+ring. A streamed request (``exec(decoupled=True)``, ``BlsStream``) names a response ring in a
+sparse memfd of the caller's instead (protos/response_ring.py): each response's tensors are
+written into the next slot and copied out as the caller iterates.
 """
 
 from __future__ import annotations
