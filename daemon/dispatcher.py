@@ -522,7 +522,7 @@ class Dispatcher:
                 slot.output_grown = True
             return OutputTensor(ref.name, ref.datatype, ref.shape,
                                 segment.read(ref.offset, ref.nbytes))
-        return OutputTensor(ref.name, ref.datatype, ref.shape, None, ref.nbytes)
+        return OutputTensor(ref.name, ref.datatype, ref.shape, None, ref.nbytes, ref.offset)
 
     # --- worker death -------------------------------------------------------------------
     def _on_worker_exit(self, slot: InstanceSlot, worker: WorkerHandle, reason: str) -> None:

@@ -51,6 +51,7 @@ class OutputTensor:
     shape: list[int]
     data: bytes | None              # None when written into a client region
     nbytes: int = -1                # with data None: the bytes written into the region
+    offset: int = -1                # with data None: where, from the segment's start
 
 
 @dataclass(slots=True)

@@ -127,3 +127,51 @@ def test_cancelling_a_stream_stops_a_model_waiting_for_a_slot(
         results = list(client.stream_infer("fill_stream", [_request(2)], ring=ring))
         assert time.monotonic() - started < 5
     assert [int(r.outputs["IDX"][0]) for r in results] == [0, 1]
+
+
+def test_tritonclient_reads_ring_responses_by_their_shm_parameters(
+        server: tuple[ServerProcess, str]) -> None:
+    """An independent client: tritonclient names the ring with the request parameters and
+    finds each response's tensors by the output's shm parameters, in its own system region."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+    import tritonclient.utils.shared_memory as shm
+
+    slots, slot_bytes, elements = 2, 4096, 8
+    handle = shm.create_shared_memory_region("ring", "/shmserve_test_ring_tc",
+                                             64 + slots * slot_bytes)
+    results: queue.Queue[object] = queue.Queue()
+    client = grpcclient.InferenceServerClient(server[0].url)
+    try:
+        client.register_system_shared_memory("ring", "/shmserve_test_ring_tc",
+                                             64 + slots * slot_bytes)
+        inputs = [grpcclient.InferInput("COUNT", [1], "INT32"),
+                  grpcclient.InferInput("ELEMENTS", [1], "INT32")]
+        inputs[0].set_data_from_numpy(np.array([2], np.int32))
+        inputs[1].set_data_from_numpy(np.array([elements], np.int32))
+        client.start_stream(callback=lambda result, error: results.put(
+            error if error is not None else result))
+        client.async_stream_infer("fill_stream", inputs, parameters={
+            "shmserve_response_ring_region": "ring", "shmserve_response_ring_offset": 0,
+            "shmserve_response_ring_slot_bytes": slot_bytes,
+            "shmserve_response_ring_slots": slots})
+        seen = []
+        for index in range(2):
+            result = results.get(timeout=20)
+            response = result.get_response()  # type: ignore[attr-defined]
+            assert not response.raw_output_contents or not any(response.raw_output_contents)
+            out = next(o for o in response.outputs if o.name == "OUT")
+            assert out.parameters["shared_memory_region"].string_param == "ring"
+            offset = out.parameters["shared_memory_offset"].int64_param
+            assert offset == 64 + index * slot_bytes
+            assert out.parameters["shared_memory_byte_size"].int64_param == elements * 4
+            seen.append(shm.get_contents_as_numpy(handle, np.int32, [elements], offset).copy())
+            # Done with it: the header's count lets the model reuse the slot.
+            shm.set_shared_memory_region(handle, [np.array([index + 1], np.uint64)])
+        client.stop_stream()
+        client.unregister_system_shared_memory("ring")
+    finally:
+        client.close()
+        shm.destroy_shared_memory_region(handle)
+    assert [s.tolist() for s in seen] == [[0] * elements, [1] * elements]

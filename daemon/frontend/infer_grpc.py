@@ -132,6 +132,11 @@ def response_parts(request: InferRequest, outputs: list[OutputTensor]
         if output.data is None:
             tensor.parameters["shared_memory_region"].string_param = _region_of(request,
                                                                                 output.name)
+            ring = request.ring
+            if ring is not None and output.offset >= 0:  # in a response ring: where
+                tensor.parameters["shared_memory_offset"].int64_param = \
+                    output.offset - ring.region.offset
+                tensor.parameters["shared_memory_byte_size"].int64_param = output.nbytes
         raw.append(output.data if output.data is not None else b"")
     return response, raw
 
