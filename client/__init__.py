@@ -25,6 +25,7 @@ from shmserve.client.errors import RegionFullError, ShmserveError
 from shmserve.client.memfd_region import MemfdRegion
 from shmserve.client.regions import ALIGNMENT, BytesTensor, HostRegion, Region, SystemRegion
 from shmserve.client.response_ring import ResponseRing
+from shmserve.client.sequence import AsyncSequence, Sequence
 from shmserve.protos.datatypes import deserialize_bytes_tensor, serialize_bytes_tensor
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "LOAD_TIMEOUT",
     "AsyncClient",
+    "AsyncSequence",
     "BytesTensor",
     "Client",
     "HostRegion",
@@ -42,6 +44,7 @@ __all__ = [
     "RegionFullError",
     "RegionStatus",
     "ResponseRing",
+    "Sequence",
     "ShmserveError",
     "StreamRequest",
     "StreamResult",

@@ -57,6 +57,7 @@ from shmserve.client.local_channel import AsyncLocalChannel, MessageTooLarge
 from shmserve.client.memfd_region import MemfdRegion, with_passed_fd
 from shmserve.client.regions import HostRegion
 from shmserve.client.response_ring import ResponseRing
+from shmserve.client.sequence import AsyncSequence
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos import shmserve_service_pb2 as pb
 
@@ -166,6 +167,11 @@ class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
         await self._unary(rpc.unload_model(name, unload_dependents), timeout)
 
     # --- inference --------------------------------------------------------------------------
+    def sequence(self, model: str, sequence_id: int | str | None = None,
+                 version: str = "") -> AsyncSequence:
+        """See ``Client.sequence``; its ``infer`` is awaited."""
+        return AsyncSequence(self, model, sequence_id, version)
+
     async def infer(self, model: str, inputs: Mapping[str, InputValue],
                     outputs: Outputs = None, version: str = "", request_id: str = "",
                     parameters: Mapping[str, ParameterValue] | None = None,

@@ -57,6 +57,7 @@ from shmserve.client.local_channel import Callback, LocalChannel, MessageTooLarg
 from shmserve.client.memfd_region import MemfdRegion, with_passed_fd
 from shmserve.client.regions import HostRegion
 from shmserve.client.response_ring import ResponseRing
+from shmserve.client.sequence import Sequence
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos import shmserve_service_pb2 as pb
 
@@ -214,6 +215,12 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
             raise from_rpc_error(exc) from None
         header, raw = decode_infer_response(data)
         return read_outputs(header, raw, prepared.region_outputs)
+
+    def sequence(self, model: str, sequence_id: int | str | None = None,
+                 version: str = "") -> Sequence:
+        """The requests of one sequence of a stateful model (``sequence_id`` None: a random
+        uint64): the first is sent with ``sequence_start``, ``infer(..., end=True)`` ends it."""
+        return Sequence(self, model, sequence_id, version)
 
     def stream_infer(self, model: str,
                      requests: Iterable[StreamRequest | Mapping[str, InputValue]],

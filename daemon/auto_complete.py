@@ -11,18 +11,32 @@ Two steps, both during load (models.py ``_prepare``):
   A model file whose source never mentions ``auto_complete_config`` cannot define the hook
   (short of inheriting it from another module), so no child is started for it: loads of
   ordinary python models cost no extra process.
+* ``dali_auto_complete``: a dali model whose config leaves inputs, outputs, their data types or
+  dims, or max_batch_size unsaid gets them from its pipeline (Triton's DALI backend
+  auto-complete), read in the same kind of throwaway child; a complete config starts no child.
+* ``onnx_auto_complete``: an onnxruntime model whose config lacks inputs or outputs gets them
+  (and max_batch_size, dynamic_batching) from the model's own signature, read in the same kind
+  of child (the supervisor never imports onnxruntime). A config naming both inputs and outputs
+  is left as it is, as Triton skips it: no extra process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing.context
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
-from shmserve.daemon.model_config import config_to_dict, user_facing
+from shmserve.daemon.model_config import CONFIG_FILE, config_to_dict, user_facing
 from shmserve.protos import shmserve_model_config_pb2 as mc
+
+if TYPE_CHECKING:
+    from shmserve.workers.auto_complete import AutoCompleteResult
 
 HOOK_NAME = "auto_complete_config"
 AUTO_COMPLETE_TIMEOUT_SECS = 120.0
@@ -90,6 +104,20 @@ def python_model_file(config: mc.ModelConfig, model_dir: Path, version: int) -> 
     return model_dir / str(version) / (config.default_model_filename or "model.py")
 
 
+def onnx_model_file(config: mc.ModelConfig, model_dir: Path, version: int) -> Path:
+    return model_dir / str(version) / (config.default_model_filename or "model.onnx")
+
+
+def is_onnx(config: mc.ModelConfig) -> bool:
+    return config.backend == "onnxruntime" or (not config.backend
+                                               and config.platform == "onnxruntime_onnx")
+
+
+def onnx_needs_auto_complete(config: mc.ModelConfig) -> bool:
+    """Triton's onnxruntime backend skips auto-complete when inputs and outputs are named."""
+    return not ((len(config.input) + len(config.batch_input)) > 0 and len(config.output) > 0)
+
+
 def may_define_hook(model_file: Path) -> bool:
     try:
         return HOOK_NAME.encode() in model_file.read_bytes()
@@ -101,12 +129,89 @@ async def python_auto_complete(config: mc.ModelConfig, model_file: Path,
                                context: multiprocessing.context.ForkServerContext
                                ) -> mc.ModelConfig:
     """Run the hook in a child of ``context`` (the fork server); return the completed config."""
-    from shmserve.workers.auto_complete import AutoCompleteResult, run_auto_complete
+    from shmserve.workers.auto_complete import run_auto_complete
     if not config.name:
         config.name = model_file.parent.parent.name
+    return await _complete_in_child(config, HOOK_NAME, run_auto_complete,
+                                    (config_to_dict(config), str(model_file), "python"), context)
+
+
+async def onnx_auto_complete(config: mc.ModelConfig, model_file: Path,
+                             context: multiprocessing.context.ForkServerContext
+                             ) -> mc.ModelConfig:
+    """Complete an ONNX model's config from its signature in a child of ``context``."""
+    from shmserve.workers.auto_complete import run_auto_complete
+    if not config.name:
+        config.name = model_file.parent.parent.name
+    return await _complete_in_child(config, "auto-complete", run_auto_complete,
+                                    (config_to_dict(config), str(model_file), "onnxruntime"),
+                                    context)
+
+
+def dali_needs_completion(config: mc.ModelConfig, model_dir: Path,
+                          config_json: str | None) -> bool:
+    """Whether a dali model's config leaves something for its pipeline to fill in: no inputs or
+    outputs, one without a data type or dims, or no max_batch_size. A complete config is only
+    validated against the pipeline, by the worker."""
+    if not _states_max_batch_size(model_dir, config_json):
+        return True
+    if not config.input or not config.output:
+        return True
+    return any(entry.data_type == mc.TYPE_INVALID or not entry.dims
+               for entry in [*config.input, *config.output])
+
+
+_MAX_BATCH_FIELD = re.compile(r"^\s*max_batch_size\s*:", re.MULTILINE)
+_COMMENT = re.compile(r"#[^\n]*")
+
+
+def states_max_batch_size(config_text: str) -> bool:
+    """Whether a config.pbtxt sets max_batch_size at its top level (Triton's DALI backend reads
+    the file for this: in the parsed config an absent field and 0 look the same)."""
+    depth = 0
+    for line in _COMMENT.sub("", config_text).splitlines():
+        if depth == 0 and _MAX_BATCH_FIELD.match(line):
+            return True
+        depth += line.count("{") + line.count("[") - line.count("}") - line.count("]")
+    return False
+
+
+def _states_max_batch_size(model_dir: Path, config_json: str | None) -> bool:
+    """Whether the config as written sets max_batch_size."""
+    if config_json is not None:
+        try:
+            return isinstance(parsed := json.loads(config_json), dict) \
+                and "max_batch_size" in parsed
+        except ValueError:
+            return False
+    try:
+        return states_max_batch_size((model_dir / CONFIG_FILE).read_text(errors="replace"))
+    except OSError:
+        return False
+
+
+async def dali_auto_complete(config: mc.ModelConfig, model_dir: Path, version: int,
+                             config_json: str | None,
+                             context: multiprocessing.context.ForkServerContext
+                             ) -> mc.ModelConfig:
+    """A dali model's inputs, outputs and max_batch_size from its pipeline, read in a child of
+    ``context`` (a ``dali.py`` pipeline is user code)."""
+    from shmserve.workers.auto_complete import run_dali_auto_complete
+    if not config.name:
+        config.name = model_dir.name
+    given = _states_max_batch_size(model_dir, config_json)
+    return await _complete_in_child(
+        config, "DALI auto-complete", run_dali_auto_complete,
+        (config_to_dict(config), str(model_dir / str(version)), given), context)
+
+
+async def _complete_in_child(config: mc.ModelConfig, what: str, target: Callable[..., None],
+                             args: tuple[Any, ...],
+                             context: multiprocessing.context.ForkServerContext
+                             ) -> mc.ModelConfig:
+    """``target(sender, *args)`` in a throwaway child; its one answer parsed as the config."""
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=run_auto_complete,
-                              args=(sender, config_to_dict(config), str(model_file)),
+    process = context.Process(target=target, args=(sender, *args),
                               name=f"shmserve-autocomplete-{config.name}", daemon=True)
     loop = asyncio.get_running_loop()
     try:
@@ -122,7 +227,7 @@ async def python_auto_complete(config: mc.ModelConfig, model_file: Path,
         if result is None:
             exit_code = process.exitcode
             raise AutoCompleteError(
-                f"auto_complete_config of model '{config.name}' did not answer "
+                f"{what} of model '{config.name}' did not answer "
                 + (f"within {AUTO_COMPLETE_TIMEOUT_SECS:g}s" if not ready
                    else f"(the process exited with code {exit_code})"), "INTERNAL")
     finally:
@@ -136,6 +241,6 @@ async def python_auto_complete(config: mc.ModelConfig, model_file: Path,
     try:
         json_format.ParseDict(result.config, completed)
     except json_format.ParseError as exc:
-        raise AutoCompleteError(f"auto_complete_config of model '{config.name}' produced an "
+        raise AutoCompleteError(f"{what} of model '{config.name}' produced an "
                                 f"invalid config: {user_facing(str(exc))}") from None
     return completed

@@ -62,7 +62,7 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
             options["metavar"] = metavar
         if spec.choices is not None:
             options["choices"] = spec.choices
-        parser.add_argument(spec.flag, **options)
+        parser.add_argument(spec.flag, *spec.aliases, **options)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

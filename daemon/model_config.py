@@ -15,10 +15,17 @@ from shmserve.daemon.ensemble_config import (
     EnsembleConfigError,
     validate_scheduling,
 )
+from shmserve.daemon.sequence_config import (
+    SEQUENCE_IDLE_DEFAULT_US,
+    SequenceConfigError,
+    sequence_plan,
+)
 from shmserve.protos import shmserve_model_config_pb2 as mc
+from shmserve.workers.sequence_state import StateConfigError, state_specs
 
 CONFIG_FILE = "config.pbtxt"
-PLATFORM_BACKENDS = {"pytorch_libtorch": "pytorch", "python": "python", "ensemble": "ensemble"}
+PLATFORM_BACKENDS = {"pytorch_libtorch": "pytorch", "onnxruntime_onnx": "onnxruntime",
+                     "python": "python", "ensemble": "ensemble"}
 _INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64,
                 FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED64,
                 FieldDescriptor.TYPE_SFIXED64}
@@ -88,6 +95,8 @@ def complete_config(config: mc.ModelConfig, model_dir: Path, gpu_ids: list[int])
         if preferred > config.max_batch_size:
             raise ConfigError(f"{where}: field 'dynamic_batching.preferred_batch_size' "
                               f"{preferred} exceeds max_batch_size {config.max_batch_size}")
+    if config.HasField("sequence_batching"):
+        _complete_sequence_batching(where, config, model_dir)
     if config.platform == ENSEMBLE_PLATFORM or config.HasField("ensemble_scheduling"):
         try:
             validate_scheduling(config)
@@ -95,6 +104,22 @@ def complete_config(config: mc.ModelConfig, model_dir: Path, gpu_ids: list[int])
             raise ConfigError(f"{where}: {exc}") from None
         return  # an ensemble has no instances of its own
     _complete_instance_groups(where, config, gpu_ids)
+
+
+def _complete_sequence_batching(where: Path, config: mc.ModelConfig, model_dir: Path) -> None:
+    """Triton's defaults (idle time; oldest: preferred batch size) and checks (controls,
+    implicit state, its initial value)."""
+    batching = config.sequence_batching
+    if not batching.max_sequence_idle_microseconds:
+        batching.max_sequence_idle_microseconds = SEQUENCE_IDLE_DEFAULT_US
+    if batching.HasField("oldest") and not batching.oldest.preferred_batch_size and \
+            config.max_batch_size > 0:
+        batching.oldest.preferred_batch_size.append(config.max_batch_size)
+    try:
+        sequence_plan(config)
+        state_specs(config_to_dict(config), str(model_dir))
+    except (SequenceConfigError, StateConfigError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _check_tensors(where: Path, config: mc.ModelConfig, kind: str, tensors: Any) -> None:

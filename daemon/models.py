@@ -38,8 +38,14 @@ from google.protobuf import json_format
 
 from shmserve.daemon.auto_complete import (
     AutoCompleteError,
+    dali_auto_complete,
+    dali_needs_completion,
     infer_backend,
+    is_onnx,
     may_define_hook,
+    onnx_auto_complete,
+    onnx_model_file,
+    onnx_needs_auto_complete,
     python_auto_complete,
     python_model_file,
 )
@@ -79,6 +85,7 @@ from shmserve.daemon.model_source import (
 )
 from shmserve.daemon.request import InferRequest
 from shmserve.daemon.scheduler import Scheduler
+from shmserve.daemon.sequence_config import sequence_plan
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.time_budget import TimeBudget
 from shmserve.daemon.worker_limits import LimitError, WorkerLimits, limits_for
@@ -368,7 +375,7 @@ class ModelManager:
                                                                   versions, config_json)
                 versions = select_model_versions(model_dir, config)
             config = await self._auto_complete(name, config, model_dir, named_dir, versions,
-                                               overridden=config_json is not None)
+                                               config_json)
             complete_for(config, model_dir, named_dir, self._gpu_ids,
                       overridden=config_json is not None)
             if not versions:
@@ -391,11 +398,12 @@ class ModelManager:
         return _Prepared(config, model_dir, versions, chain, temp_dir, limits)
 
     async def _auto_complete(self, name: str, config: mc.ModelConfig, model_dir: Path,
-                             named_dir: Path, versions: list[int], overridden: bool
+                             named_dir: Path, versions: list[int], config_json: str | None
                              ) -> mc.ModelConfig:
         """Triton's auto-completion: the backend from the default model file, then a python
-        model's ``auto_complete_config`` hook (run outside the supervisor, auto_complete.py)."""
-        if overridden:
+        model's ``auto_complete_config`` hook, a dali model's pipeline or an ONNX model's
+        signature (all read outside the supervisor, auto_complete.py)."""
+        if config_json is not None:
             where = "load parameter 'config'"
         else:
             where = str((model_dir if model_dir != named_dir else named_dir) / CONFIG_FILE)
@@ -403,14 +411,27 @@ class ModelManager:
             infer_backend(config, model_dir, where)
         except AutoCompleteError as exc:
             raise PollError(exc.message) from None
-        if (config.backend != "python" or not versions
-                or self._settings.disable_auto_complete_config):
+        if not versions or self._settings.disable_auto_complete_config:
             return config
         version = max(versions)
-        model_file = python_model_file(config, model_dir, version)
-        if not may_define_hook(model_file):
-            return config
+        if not config.name:  # not the folder's: an agent's location has a name of its own
+            config.name = name
         try:
+            if config.backend == "dali":
+                if not dali_needs_completion(config, model_dir, config_json):
+                    return config
+                return await dali_auto_complete(config, model_dir, version, config_json,
+                                                fork_context())
+            if is_onnx(config):
+                if not onnx_needs_auto_complete(config):
+                    return config
+                return await onnx_auto_complete(config, onnx_model_file(config, model_dir,
+                                                                        version), fork_context())
+            if config.backend != "python":
+                return config
+            model_file = python_model_file(config, model_dir, version)
+            if not may_define_hook(model_file):
+                return config
             return await python_auto_complete(config, model_file, fork_context())
         except AutoCompleteError as exc:
             code = grpc.StatusCode[exc.code] if exc.code in grpc.StatusCode.__members__ \
@@ -587,10 +608,12 @@ class ModelManager:
                 instance_count=instance_count)
 
         batching = config.dynamic_batching if config.HasField("dynamic_batching") else None
+        sequence = sequence_plan(config) if config.HasField("sequence_batching") else None
         scheduler = Scheduler(name, version, config.max_batch_size, batching,
                               plan_instances(config), make_spec, settings, self._supervisor_pid,
                               self._on_request_finished, WorkerProcess, limits,
-                              decoupled=config.model_transaction_policy.decoupled)
+                              decoupled=config.model_transaction_policy.decoupled,
+                              sequence=sequence)
         return ModelVersion(name, version, config, scheduler)
 
     # --- unload -------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from shmserve.protos import shmserve_service_pb2 as pb
 
 SERVER_NAME = "shmserve"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["model_repository", "model_configuration", "system_shared_memory",
+EXTENSIONS = ["sequence", "model_repository", "model_configuration", "system_shared_memory",
               "cuda_shared_memory", "binary_tensor_data", "parameters", "statistics",
               "logging", "schedule_policy"]
 TRACE_UNSUPPORTED = "tracing is not supported by shmserve"

@@ -21,6 +21,8 @@ from shmserve.daemon.dispatcher import Dispatcher, InstanceSlot, WorkerFactory
 from shmserve.daemon.errors import ServeError, internal, unavailable
 from shmserve.daemon.model_config import InstancePlan
 from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.daemon.sequence_batcher import SequenceBatcher
+from shmserve.daemon.sequence_config import SequencePlan
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.statistics import ModelStats
 from shmserve.daemon.worker_limits import WorkerLimits
@@ -36,7 +38,7 @@ class Scheduler:
                  settings: Settings, supervisor_pid: int,
                  on_finished: Callable[[InferRequest], None],
                  worker_factory: WorkerFactory, limits: WorkerLimits | None = None,
-                 decoupled: bool = False) -> None:
+                 decoupled: bool = False, sequence: SequencePlan | None = None) -> None:
         self.model = model
         self.version = version
         self.stats = ModelStats()
@@ -47,6 +49,9 @@ class Scheduler:
         self._dispatcher = Dispatcher(model, plans, make_spec, settings, supervisor_pid,
                                       worker_factory, self, limits, decoupled)
         self._queue: deque[InferRequest] = deque()
+        # With sequence_batching, requests queue on their sequences instead.
+        self._sequences = (SequenceBatcher(sequence, self._dispatcher, self)
+                           if sequence is not None else None)
         self._timer: asyncio.TimerHandle | None = None
         self._abandoned = 0
         # Decoupled requests that responded: (responses so far, when the last one came).
@@ -94,7 +99,10 @@ class Scheduler:
             raise unavailable("Exceeds maximum queue size")
         request.received_ns = request.received_ns or time.perf_counter_ns()
         request.scheduler = self
-        self._queue.append(request)
+        if self._sequences is not None:
+            self._sequences.submit(request)
+        else:
+            self._queue.append(request)
         self.stats.pending += 1
         self._idle.clear()
         if not self._dispatch_scheduled:
@@ -122,9 +130,14 @@ class Scheduler:
 
     def dispatch(self) -> None:
         """Send what the policy allows to the instances with free lanes."""
+        dispatcher = self._dispatcher
+        if self._sequences is not None:
+            self._sequences.dispatch()
+            if not self._sequences.queued and not dispatcher.busy:
+                self._idle.set()
+            return
         self._drop_abandoned()
         queue = self._queue
-        dispatcher = self._dispatcher
         policy = self._policy
         while queue:
             slot = dispatcher.least_loaded()
@@ -181,6 +194,8 @@ class Scheduler:
                result: list[OutputTensor] | BaseException | None) -> None:
         """Account for a completed request and answer it through its reply (``None``: the
         worker answered it directly), unless its caller gave up."""
+        if self._sequences is not None and self._sequences.finished(request):
+            return  # a filler of an empty sequence slot: nobody asked for it
         ok = not isinstance(result, BaseException)
         self.stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
         if self._responded:
@@ -240,6 +255,8 @@ class Scheduler:
         self._fail_queue(error)
 
     def _fail_queue(self, error: ServeError) -> None:
+        if self._sequences is not None:
+            self._sequences.fail_all(error)
         while self._queue:
             request = self._queue.popleft()
             self.stats.pending -= 1

@@ -57,16 +57,17 @@ class SettingSpec:
     choices: Sequence[str] | None = None
     repeatable: bool = False                 # the flag may be given several times (a list)
     required: bool = False
+    aliases: tuple[str, ...] = ()            # other spellings of the flag (tritonserver's)
 
 
 def setting(default: Any = MISSING, *, help: str, flag: str | None = None,
             env: str | None = None, parse: Callable[[str], Any] = str,
             metavar: str | None = None, choices: Sequence[str] | None = None,
-            repeatable: bool = False) -> Any:
+            repeatable: bool = False, aliases: tuple[str, ...] = ()) -> Any:
     """A ``Settings`` field with its table row in the field's metadata."""
     spec = SettingSpec(help=help, flag=flag, env=env, parse=parse, metavar=metavar,
                        choices=choices, repeatable=repeatable,
-                       required=default is MISSING and not repeatable)
+                       required=default is MISSING and not repeatable, aliases=aliases)
     if repeatable:
         return field(default_factory=list, metadata={"setting": spec})
     return field(default=default, metadata={"setting": spec})
@@ -75,11 +76,14 @@ def setting(default: Any = MISSING, *, help: str, flag: str | None = None,
 @dataclass
 class Settings:
     model_repository: str = setting(
-        flag="--model-repository", metavar="DIR",
+        flag="--model-repository", metavar="DIR", aliases=("--model-store",),
         help="model repository directory (Triton layout: <model>/config.pbtxt, "
-             "<model>/<version>/...)")
-    grpc_address: str = setting("0.0.0.0", flag="--grpc-address", metavar="ADDRESS",
-                                help="address to listen on")
+             "<model>/<version>/...); --model-store is tritonserver's older name, which "
+             "KServe passes")
+    grpc_address: str = setting(
+        "0.0.0.0", flag="--grpc-address", metavar="ADDRESS",
+        help="address to listen on; unix:PATH serves gRPC on a Unix socket instead (no "
+             "port: --grpc-port is then ignored)")
     grpc_port: int = setting(8001, flag="--grpc-port", parse=int,
                              help="gRPC port (0 = any free)")
     allow_grpc: bool = setting(True, flag="--allow-grpc", parse=parse_bool,
@@ -129,8 +133,9 @@ class Settings:
         help="ServerReady requires every model ready, and no model failed at start-up")
     disable_auto_complete_config: bool = setting(
         False, flag="--disable-auto-complete-config", parse=parse_bool,
-        help="do not run python models' auto_complete_config hook at load (Triton's flag; "
-             "the backend is still inferred from the default model file)")
+        help="do not run python models' auto_complete_config hook nor complete ONNX models' "
+             "configs from the model at load (Triton's flag; the backend is still inferred "
+             "from the default model file)")
     repoagent_directory: str | None = setting(
         None, flag="--repoagent-directory", metavar="DIR",
         help="directory of repository agents (<dir>/<name>/agent.py)")
@@ -215,11 +220,21 @@ class Settings:
                   "fifth of the heartbeat timeout)")
     log_verbose: int = setting(0, flag="--log-verbose", parse=int,
                                help="verbose logging level")
+    lifeline_fd: int | None = setting(
+        None, flag="--lifeline-fd", parse=int, metavar="FD",
+        help="shut down (as on SIGTERM) when this inherited file descriptor reaches end of "
+             "file: the program that started the server holds its other end, so the server "
+             "ends with that program however it ends (shmserve.Server does this)")
 
     def __post_init__(self) -> None:
         self.pipeline_depth = max(1, self.pipeline_depth)
         self.worker_busy_poll_us = max(0, self.worker_busy_poll_us)
         self.max_request_bytes = min(max(1, self.max_request_bytes), 2**31 - 1)
+
+
+def is_unix_address(address: str) -> bool:
+    """Whether a --grpc-address names a Unix socket (unix:PATH) rather than a host."""
+    return address.startswith("unix:")
 
 
 def setting_fields() -> list[tuple[Field[Any], SettingSpec]]:

@@ -21,10 +21,11 @@ from shmserve.daemon.frontend.http import HttpDoor
 from shmserve.daemon.frontend.local import LocalFrontend
 from shmserve.daemon.frontend.service import InferenceService, generic_handlers
 from shmserve.daemon.leftovers import end_leftovers
+from shmserve.daemon.lifeline import watch_lifeline
 from shmserve.daemon.metrics import MetricsServer
 from shmserve.daemon.model_config import detect_gpus
 from shmserve.daemon.models import ModelManager
-from shmserve.daemon.settings import Settings
+from shmserve.daemon.settings import Settings, is_unix_address
 from shmserve.daemon.time_budget import TimeBudget
 from shmserve.daemon.worker_process import WorkerProcess, start_fork_server
 from shmserve.protos.local_socket import (
@@ -71,7 +72,8 @@ class Supervisor:
         gpu_ids = detect_gpus()
         core = Core(settings, self.pid, gpu_ids)
         models = core.models
-        metrics_address = settings.metrics_address or settings.grpc_address
+        metrics_address = settings.metrics_address or (
+            "0.0.0.0" if is_unix_address(settings.grpc_address) else settings.grpc_address)
         metrics = MetricsServer(models, metrics_address, settings.metrics_port,
                                 core.registry) if settings.allow_metrics else None
         if metrics is not None:
@@ -112,7 +114,11 @@ class Supervisor:
             return 1
         for name in ("SIGTERM", "SIGINT", "SIGHUP"):
             loop.add_signal_handler(getattr(signal, name), self._signals.put_nowait, name)
-        bls = BlsDoor(core, f"{settings.grpc_address}:{self.bound_port or settings.grpc_port}",
+        if settings.lifeline_fd is not None:
+            watch_lifeline(loop, settings.lifeline_fd, self._signals)
+        bls_address = (settings.grpc_address if is_unix_address(settings.grpc_address)
+                       else f"{settings.grpc_address}:{self.bound_port or settings.grpc_port}")
+        bls = BlsDoor(core, bls_address,
                       ring_bytes=settings.local_ring_bytes, stall_secs=settings.local_stall_secs,
                       direct_rings=max(1, settings.local_direct_rings),
                       direct_ring_bytes=settings.local_direct_ring_bytes)
@@ -125,8 +131,11 @@ class Supervisor:
                           "--exit-on-error=false serves the others", len(failed),
                           ", ".join(failed))
                 return 1
+            grpc_at = (settings.grpc_address
+                       if server is not None and is_unix_address(settings.grpc_address)
+                       else self.bound_port)
             ports = ", ".join(f"{door} {port}" for door, port in
-                              (("gRPC", self.bound_port), ("HTTP", self.http_port))
+                              (("gRPC", grpc_at), ("HTTP", self.http_port))
                               if port is not None)
             systemd.notify(f"READY=1\nSTATUS=serving on {ports or 'the local channel'}\n"
                            f"MAINPID={self.pid}")
@@ -160,15 +169,20 @@ class Supervisor:
             *GRPC_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)])
         service = InferenceService(core)
         server.add_generic_rpc_handlers(generic_handlers(service))
-        address = f"{settings.grpc_address}:{settings.grpc_port}"
+        unix = is_unix_address(settings.grpc_address)
+        address = (settings.grpc_address if unix
+                   else f"{settings.grpc_address}:{settings.grpc_port}")
         try:
-            self.bound_port = server.add_insecure_port(address)
+            bound = server.add_insecure_port(address)
         except RuntimeError as exc:
             log.error("cannot listen on %s: %s", address, exc)
             return None
         await server.start()
-        log.info("Started GRPCInferenceService at %s:%d", settings.grpc_address,
-                 self.bound_port)
+        if unix:
+            log.info("Started GRPCInferenceService at %s", address)
+        else:
+            self.bound_port = bound
+            log.info("Started GRPCInferenceService at %s:%d", settings.grpc_address, bound)
         return server
 
     async def _start_local(self, core: Core) -> LocalFrontend | None:
@@ -188,8 +202,9 @@ class Supervisor:
             path = os.path.join(directory, socket_name(grpc_port))
         grpc_host = self.settings.grpc_address
         grpc_host = "127.0.0.1" if grpc_host in ("0.0.0.0", "::", "[::]") else grpc_host
+        grpc_target = grpc_host if is_unix_address(grpc_host) else f"{grpc_host}:{grpc_port}"
         settings = self.settings
-        local = LocalFrontend(core, path, f"{grpc_host}:{grpc_port}",
+        local = LocalFrontend(core, path, grpc_target,
                               ring_bytes=settings.local_ring_bytes,
                               stall_secs=settings.local_stall_secs,
                               direct_rings=settings.local_direct_rings,

@@ -267,6 +267,11 @@ class WorkerProcess:
         if not self._exited:
             self._send(protocol.TRIM_FRAME)
 
+    def end_sequences(self, correlation_ids: list[int | str]) -> None:
+        """The supervisor ended these sequences (idle): the worker drops their state."""
+        if not self._exited:
+            self._send(protocol.EndSequences(correlation_ids).pack())
+
     def _send(self, frame: list[Any]) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(protocol.encode(frame))

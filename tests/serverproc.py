@@ -45,10 +45,12 @@ class ServerProcess:
     """``shmserve serve`` on 127.0.0.1 and a free port; stopped with SIGTERM.
 
     Client shared memory over gRPC is on (``--allow-client-shm``) unless ``extra`` says
-    otherwise: most suites register regions over gRPC as Triton's clients do.
+    otherwise: most suites register regions over gRPC as Triton's clients do. ``python``: the
+    interpreter to run it with (another environment), this one by default.
     """
 
-    def __init__(self, repository: Path, *extra: str, log_path: Path | None = None) -> None:
+    def __init__(self, repository: Path, *extra: str, log_path: Path | None = None,
+                 python: str | None = None) -> None:
         self.repository = repository
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
@@ -60,7 +62,7 @@ class ServerProcess:
         if not any(arg.startswith("--allow-client-shm") for arg in extra):
             extra = ("--allow-client-shm", *extra)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "shmserve.daemon", "serve", "--model-repository",
+            [python or sys.executable, "-m", "shmserve.daemon", "serve", "--model-repository",
              str(repository), "--grpc-address", "127.0.0.1", "--grpc-port", str(self.port),
              "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
              "--exit-timeout-secs", "10", "--metrics-port", "0", *extra],

@@ -35,12 +35,19 @@ def test_every_setting_has_one_table_row_and_flags_come_from_it() -> None:
     rows = setting_fields()
     assert [item.name for item, _ in rows] == [f.name for f in dataclasses.fields(Settings)]
     assert all(isinstance(spec, SettingSpec) and spec.help for _, spec in rows)
-    flags = [spec.flag for _, spec in rows if spec.flag is not None]
+    flags = [flag for _, spec in rows if spec.flag is not None
+             for flag in (spec.flag, *spec.aliases)]
     assert len(flags) == len(set(flags))
     options = {option for action in _serve_parser()._actions for option in action.option_strings}
     assert options - {"-h", "--help"} == set(flags)
     # The lead's two settings are in the table (main adds their behaviour).
     assert {"--allow-client-shm", "--shm-allow-foreign-owners"} <= set(flags)
+
+
+def test_tritonserver_aliases_mean_the_same_setting() -> None:
+    """KServe's Triton runtime passes --model-store (tritonserver's older name)."""
+    args = _serve_parser().parse_args(["--model-store=/mnt/models"])
+    assert args.model_repository == "/mnt/models"
 
 
 def test_defaults_of_the_parser_are_the_dataclass_defaults(monkeypatch: pytest.MonkeyPatch

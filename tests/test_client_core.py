@@ -22,7 +22,7 @@ from shmserve.client._local import LocalRequest, stream_result
 from shmserve.protos import shmserve_service_pb2 as pb
 
 # What the asyncio client does without I/O, so not awaitable there either.
-_NOT_AWAITED = {"serialize_infer_request", "shared_memory", "cuda_shared_memory"}
+_NOT_AWAITED = {"serialize_infer_request", "shared_memory", "cuda_shared_memory", "sequence"}
 _SYNC_ONLY = {"__enter__", "__exit__"}
 _ASYNC_ONLY = {"__aenter__", "__aexit__"}
 

@@ -83,6 +83,9 @@ class FakeWorker:
     def trim_arenas(self) -> None:
         self.trims += 1
 
+    def end_sequences(self, correlation_ids: list[int | str]) -> None:
+        pass
+
     def release_regions(self, region_ids: list[int]) -> None:
         pass
 

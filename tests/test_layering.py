@@ -41,3 +41,18 @@ def test_no_door_imports_another_door_or_the_worker_side() -> None:
             assert not imported & NEVER, f"{module}.py reaches past the core"
             assert "shmserve.daemon.core" in imported or module in ("infer_grpc", "wire",
                                                                      "http_infer")
+
+
+def test_the_supervisor_never_imports_a_framework() -> None:
+    """Framework packages (optional extras) are imported by workers only: no daemon module
+    names them (tests/test_onnx_backend.py also checks the running supervisor's mappings)."""
+    frameworks = {"onnxruntime", "onnx", "torch", "nvidia.dali"}
+    for path in (FRONTEND.parent).rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module
+                     else [])
+            for name in names:
+                assert not any(name == f or name.startswith(f + ".") for f in frameworks), \
+                    f"{path.name} imports {name}"

@@ -36,7 +36,7 @@ def test_records_pack_to_the_arrays_they_unpack_from() -> None:
     records: list[Any] = [
                protocol.Exec(7, [], 1, True), protocol.Cancel(7, 2), protocol.Release([3, 4]),
                protocol.Attach(5, 4096, 1 << 20), protocol.Detach(5), protocol.ShareRegion(6),
-               protocol.Stage("model_initialize"),
+               protocol.Stage("model_initialize"), protocol.EndSequences([7, "seq-a"]),
                protocol.Report(1, [["m", "d", "counter", [[[["k", "v"]], 2.0]]]]),
                protocol.Ready(protocol.PROTOCOL_VERSION, 123),
                protocol.InitFailed(protocol.PROTOCOL_VERSION, "INTERNAL", "boom"),

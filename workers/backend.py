@@ -16,6 +16,7 @@ and the backend answers through it (any number of responses, the last one final)
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol
@@ -83,6 +84,16 @@ class Request:
     parameters: dict[str, Any] = field(default_factory=dict)
     correlation_id: int | str = 0
     sink: ResponseSink | None = None  # set for decoupled models: responses go there
+    # Only for a backend with ``wants_output_buffers``: output name -> the writable memory of
+    # the client's shared-memory region the output was asked into (its full capacity). A
+    # backend that writes the output there and returns an array over that memory saves the
+    # worker's copy.
+    output_buffers: dict[str, memoryview] | None = None
+    # Only for a backend with ``wants_output_buffers``: ``allocate_output(nbytes)`` lends
+    # writable memory in the worker's output arena for an output of that size (None: none to
+    # lend, e.g. for a small output that travels inline). An output returned as an array over
+    # it is sent from there without a copy. Valid until execute returns the responses.
+    allocate_output: Callable[[int], memoryview | None] | None = None
 
 
 @dataclass(slots=True)
@@ -107,6 +118,10 @@ class Backend:
 
     def execute(self, requests: list[Request]) -> list[Response]:
         raise NotImplementedError
+
+    #: True when the worker should fill ``Request.output_buffers`` (read after the initialize
+    #: hooks); mapping the destinations costs a little per request, so backends opt in.
+    wants_output_buffers = False
 
     #: True when ``execute_async`` should be used: the worker then runs several executions
     #: at once on one asyncio loop (Triton's ``async def execute``). Read after the

@@ -18,6 +18,7 @@ from collections import deque
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from shmserve.protos import response_ring
 from shmserve.workers import bls, protocol
@@ -44,6 +45,7 @@ from shmserve.workers.protocol import (
 )
 from shmserve.workers.region_fds import adopt_region_fd
 from shmserve.workers.reporter import start_reporter
+from shmserve.workers.sequence_state import SequenceStates, StateConfigError
 from shmserve.workers.shm import Arena, ReaderMapping, SegmentCache, trim_heap
 from shmserve.workers.tensors import InputResolver, map_region, output_bytes
 from shmserve.workers.warmup import run_warmup
@@ -124,6 +126,9 @@ class WorkerHost:
         self._pending: deque[list[Any]] = deque()
         self._executing = False
         self._main_thread = threading.get_ident()
+        # Implicit state of a sequence model's live sequences (set up in _initialize).
+        self._states: SequenceStates | None = None
+        self._output_buffers = False  # the backend writes outputs into client regions itself
 
     def send(self, frame: list[Any]) -> None:
         data = protocol.encode(frame)
@@ -163,6 +168,11 @@ class WorkerHost:
 
     def _initialize(self) -> None:
         spec = self._spec
+        try:
+            self._states = SequenceStates.from_config(spec.model.config,
+                                                      spec.model.repository_path)
+        except StateConfigError as exc:
+            raise BackendError(str(exc), "INVALID_ARGUMENT") from None
         backend_cls = resolve_backend(spec.backend)
         backend = backend_cls()
         self._backend = backend
@@ -175,6 +185,7 @@ class WorkerHost:
         self.send(protocol.Stage("instance_initialize").pack())
         backend.instance_initialize(self._model, self._instance)
         self._hooks_done.append("instance")
+        self._output_buffers = bool(backend.wants_output_buffers)
         if self._model.config.get("model_warmup"):
             self.send(protocol.Stage("model_warmup").pack())
             run_warmup(backend, self._model)
@@ -310,6 +321,9 @@ class WorkerHost:
                             protocol.ShareRegion.unpack(frame).region_id)
         elif kind == protocol.TRIM:
             self._trim_arenas()
+        elif kind == protocol.END_SEQUENCES:
+            if self._states is not None:
+                self._states.end(protocol.EndSequences.unpack(frame).correlation_ids)
         else:
             log.error("unknown frame kind %r", kind)
 
@@ -339,10 +353,12 @@ class WorkerHost:
         the Done frame."""
         run = _FrameRun(frame)
         self._last_batch = run.batch_id
+        if self._output_buffers:
+            run.placer = _ArenaPlacer(self._lane_arena(frame.lane))
         for group in run.groups:
             started = time.perf_counter_ns()
             requests, positions = self._requests(run.batch_id, run.exec_requests, group,
-                                                 run.results)
+                                                 run.results, run.placer)
             if not requests:
                 continue
             input_done = time.perf_counter_ns()
@@ -355,6 +371,8 @@ class WorkerHost:
                     bls.current_chain.reset(token)
             else:
                 responses = self._run_backend(requests)
+            if self._states is not None:
+                self._keep_states(requests, responses)
             self._finish_group(run, positions, responses, started, input_done)
         return self._finish_frame(frame, run)
 
@@ -381,6 +399,8 @@ class WorkerHost:
                 log.exception("execute failed")
                 error = exc if isinstance(exc, BackendError) else BackendError(f"{exc}")
                 responses = [Response(error=error) for _ in requests]
+            if self._states is not None:
+                self._keep_states(requests, responses)
             self._finish_group(run, positions, responses, started, input_done)
         self.send(self._finish_frame(frame, run))
 
@@ -412,14 +432,25 @@ class WorkerHost:
         results, executions = run.results, run.executions
         writing = time.perf_counter_ns()
         arena = self._lane_arena(frame.lane)
+        placed = run.placer.placed(run.ready) if run.placer is not None else {}
         arena_total = sum(_align(len(item[3])) for _, outputs in run.ready for item in outputs
-                          if item[4] is None and len(item[3]) > INLINE_LIMIT)
+                          if item[4] is None and len(item[3]) > INLINE_LIMIT
+                          and id(item[3]) not in placed)
+        arena_offset = run.placer.used if placed and run.placer is not None else 0
+        segment = arena.segment
+        if placed and arena_total and (segment is None
+                                       or segment.size < arena_offset + arena_total):
+            # Growing replaces the segment: what the backend placed is written again (its
+            # memory stays mapped while the outputs refer to it).
+            placed, arena_offset = {}, 0
+            arena_total = sum(_align(len(item[3])) for _, outputs in run.ready
+                              for item in outputs
+                              if item[4] is None and len(item[3]) > INLINE_LIMIT)
         if arena_total:
-            arena.ensure(arena_total)
-        arena_offset = 0
+            arena.ensure(arena_offset + arena_total)
         for position, outputs in run.ready:
             try:
-                refs, arena_offset = self._write_outputs(outputs, arena, arena_offset)
+                refs, arena_offset = self._write_outputs(outputs, arena, arena_offset, placed)
             except BackendError as exc:
                 results[position] = protocol.error_result(exc.code, exc.message)
                 continue
@@ -432,7 +463,8 @@ class WorkerHost:
         return [protocol.DONE, run.batch_id, results, executions]
 
     def _requests(self, batch_id: int, exec_requests: list[ExecRequest], group: list[int],
-                  results: list[list[Any] | None]) -> tuple[list[Request], list[int]]:
+                  results: list[list[Any] | None], placer: _ArenaPlacer | None = None
+                  ) -> tuple[list[Request], list[int]]:
         """The group's requests with their inputs mapped; withdrawn or unreadable ones are
         answered in ``results`` instead."""
         requests: list[Request] = []
@@ -454,6 +486,12 @@ class WorkerHost:
                 continue
             request = Request(raw.request_id, inputs, [o[0] for o in raw.outputs],
                               raw.parameters or {}, raw.correlation_id)
+            if self._states is not None:
+                self._states.add_inputs(request.correlation_id, request.parameters, inputs)
+            if self._output_buffers:
+                request.output_buffers = self._destinations(raw.outputs)
+                if placer is not None:
+                    request.allocate_output = placer.allocate
             if self._decoupled:
                 sink = StreamSink(self, batch_id, index, raw.outputs, raw.ring)
                 self._streams[(batch_id, index)] = sink
@@ -461,6 +499,31 @@ class WorkerHost:
             requests.append(request)
             positions.append(index)
         return requests, positions
+
+    def _keep_states(self, requests: list[Request], responses: list[Response]) -> None:
+        """The state outputs of an execution become its sequences' next states."""
+        assert self._states is not None
+        for request, response in zip(requests, responses, strict=True):
+            self._states.take_outputs(
+                request.correlation_id, request.parameters, request.requested_outputs,
+                None if response.error is not None or response.streamed else response.outputs)
+    def _destinations(self, outputs: list[list[Any]]) -> dict[str, memoryview] | None:
+        """The client-region memory each output was asked into (Request.output_buffers);
+        a region that cannot be mapped is left out: writing the output reports it."""
+        buffers: dict[str, memoryview] = {}
+        for name, destination in outputs:
+            if destination is None:
+                continue
+            target = TensorRef.unpack(destination)
+            if target.where != SYSTEM:
+                continue
+            try:
+                segment = map_region(self._regions, *target.location)
+            except BackendError:
+                continue
+            if 0 <= target.offset and target.offset + target.nbytes <= segment.size:
+                buffers[name] = segment.buf[target.offset:target.offset + target.nbytes]
+        return buffers or None
 
     def _answer_directly(self, tag: list[int], outputs: list[_Prepared]) -> list[Any]:
         """Answer through the client's channel: every output travels inline there, or is in
@@ -610,10 +673,12 @@ class WorkerHost:
         return prepared
 
     def _write_outputs(self, prepared: list[_Prepared], arena: Arena | None,
-                       arena_offset: int) -> tuple[list[list[Any]], int]:
+                       arena_offset: int, placed: dict[int, int] | None = None
+                       ) -> tuple[list[list[Any]], int]:
         """Outputs into their client regions, inline, or (large, unless ``arena`` is None)
         into the lane's arena: the packed TensorRefs and the arena offset after them. Raises
-        BackendError (the arena offset is then unchanged)."""
+        BackendError (the arena offset is then unchanged). ``placed``: id of an output's
+        data -> its offset in the arena, where the backend already wrote it."""
         refs: list[list[Any]] = []
         for name, datatype, shape, data, destination in prepared:
             nbytes = len(data)
@@ -630,11 +695,17 @@ class WorkerHost:
                     # The client replaced its segment by a smaller one after registering.
                     raise BackendError(f"output '{name}' lies outside its shared memory "
                                        f"segment")
-                _copy_into(segment.buf[target.offset:target.offset + nbytes], data)
+                view = segment.buf[target.offset:target.offset + nbytes]
+                if not (self._output_buffers and _same_memory(view, data)):
+                    _copy_into(view, data)  # else the backend wrote it there (output_buffers)
                 refs.append(TensorRef(name, datatype, shape, target.where, target.location,
                                       target.offset, nbytes).pack())
             elif nbytes <= INLINE_LIMIT or arena is None:
                 refs.append(protocol.packed_inline(name, datatype, shape, bytes(data)))
+            elif placed and id(data) in placed and arena is not None \
+                    and arena.segment is not None:
+                refs.append(TensorRef(name, datatype, shape, protocol.ARENA, arena.segment.key,
+                                      placed[id(data)], nbytes).pack())
             else:
                 segment = arena.ensure(arena_offset + nbytes)
                 if isinstance(data, DeviceOutput):
@@ -696,7 +767,8 @@ def _bls_chain(requests: list[Request]) -> str:
 class _FrameRun:
     """What one Exec frame collects while it runs."""
 
-    __slots__ = ("batch_id", "exec_requests", "executions", "groups", "ready", "results")
+    __slots__ = ("batch_id", "exec_requests", "executions", "groups", "placer", "ready",
+                 "results")
 
     def __init__(self, frame: protocol.Exec) -> None:
         self.exec_requests = [ExecRequest.unpack(raw) for raw in frame.requests]
@@ -707,6 +779,49 @@ class _FrameRun:
         self.ready: list[tuple[int, list[_Prepared]]] = []
         # [request indices, input ns, infer ns, output ns] per execution
         self.executions: list[list[Any]] = []
+        self.placer: _ArenaPlacer | None = None
+
+
+class _ArenaPlacer:
+    """Lends a backend that asks for it (``Request.allocate_output``) the lane's output arena
+    during the frame's executions, so a large output is computed where the supervisor reads
+    it. Space is handed out front to back; the arena grows only while nothing was placed
+    (growing replaces the segment)."""
+
+    __slots__ = ("_arena", "used")
+
+    def __init__(self, arena: Arena) -> None:
+        self._arena = arena
+        self.used = 0            # bytes handed out (aligned)
+
+    def allocate(self, nbytes: int) -> memoryview | None:
+        if nbytes <= INLINE_LIMIT:
+            return None          # travels inline: no arena space
+        offset = self.used
+        end = offset + nbytes
+        segment = self._arena.segment
+        if segment is None or segment.size < end:
+            if offset:
+                return None
+            segment = self._arena.ensure(end)
+        self.used = _align(end)
+        return segment.buf[offset:end]
+
+    def placed(self, ready: list[tuple[int, list[_Prepared]]]) -> dict[int, int]:
+        """id of each output's data that lies in the space handed out -> its offset."""
+        segment = self._arena.segment
+        if not self.used or segment is None:
+            return {}
+        base = _address(segment.buf)
+        found: dict[int, int] = {}
+        for _, outputs in ready:
+            for item in outputs:
+                data = item[3]
+                if item[4] is None and isinstance(data, memoryview) and len(data):
+                    offset = _address(data) - base
+                    if 0 <= offset and offset + len(data) <= self.used:
+                        found[id(data)] = offset
+        return found
 
 
 def _copy_into(target: memoryview, data: memoryview | bytes | DeviceOutput) -> None:
@@ -715,6 +830,17 @@ def _copy_into(target: memoryview, data: memoryview | bytes | DeviceOutput) -> N
         data.write_to(target)
     else:
         target[:] = data
+
+
+def _same_memory(target: memoryview, data: memoryview | bytes | DeviceOutput) -> bool:
+    """``data`` already is ``target``'s memory (a backend wrote the output in place)."""
+    if not isinstance(data, memoryview) or not len(target):
+        return False
+    return _address(data) == _address(target)
+
+
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view, np.uint8).__array_interface__["data"][0])
 
 
 def _align(nbytes: int, alignment: int = 64) -> int:

@@ -20,7 +20,8 @@ Tensor bytes never travel in a frame unless they are tiny; a frame names them wi
 ``offset`` is absolute inside the segment/allocation and ``nbytes`` the tensor's byte size.
 
 Frames:
-    supervisor -> worker: Exec, Cancel, Release, Ping, Stop, Attach, Detach, ShareRegion, Trim
+    supervisor -> worker: Exec, Cancel, Release, Ping, Stop, Attach, Detach, ShareRegion, Trim,
+                          EndSequences
     worker -> supervisor: Stage, Ready, InitFailed, Done, Pong, Report, Partial
 
 ``Report`` comes from the worker's reporter thread (workers/reporter.py) when what the model
@@ -60,8 +61,9 @@ import msgpack
 from shmserve.workers.backend import InstanceSpec, ModelSpec
 
 # 1: msgpack maps before typed records; 2: before ShareRegion; 3: before Trim; 4: before Stage;
-# 5: before Report; 6: before Ready.concurrency; 7: before Partial; 8: before ExecRequest.ring
-PROTOCOL_VERSION = 9
+# 5: before Report; 6: before Ready.concurrency; 7: before Partial; 8: before EndSequences;
+# 9: before ExecRequest.ring
+PROTOCOL_VERSION = 10
 
 INLINE = "i"
 ARENA = "a"
@@ -85,6 +87,7 @@ PONG = 13
 STAGE = 14
 REPORT = 15  # the model's own readiness and custom metrics changed
 PARTIAL = 16  # one response of a decoupled request
+END_SEQUENCES = 17  # the supervisor ended these sequences (idle): drop their implicit state
 
 # Result kinds: the first element of each request's result in DONE.
 RESULT_OK = 0          # [RESULT_OK, [packed TensorRef, ...]]
@@ -226,6 +229,22 @@ class Release:
     @classmethod
     def unpack(cls, raw: list[Any]) -> Release:
         return cls(raw[1])
+
+
+@dataclass(slots=True)
+class EndSequences:
+    """These sequences (correlation ids) were ended by the supervisor (idle past
+    ``max_sequence_idle_microseconds``): drop their implicit state."""
+
+    KIND: ClassVar[int] = END_SEQUENCES
+    correlation_ids: list[int | str]
+
+    def pack(self) -> list[Any]:
+        return [END_SEQUENCES, self.correlation_ids]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> EndSequences:
+        return cls(list(raw[1]))
 
 
 @dataclass(slots=True)

@@ -228,6 +228,7 @@ class PythonBackend(Backend):
         self._force_cpu_inputs = True
         self._decoupled = False
         self._output_checker: OutputChecker | None = None
+        self._state_outputs: frozenset[str] = frozenset()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -249,6 +250,9 @@ class PythonBackend(Backend):
                                  if "name" in out]
         self._force_cpu_inputs = _force_cpu_only_inputs(model.config)
         self._output_checker = OutputChecker(model.config, str(path))
+        self._state_outputs = frozenset(
+            str(state.get("output_name", ""))
+            for state in (model.config.get("sequence_batching") or {}).get("state", []) or [])
 
     def instance_initialize(self, model: ModelSpec, instance: InstanceSpec) -> None:
         if self._imported is None:
@@ -499,8 +503,8 @@ class PythonBackend(Backend):
                     if problem is not None:
                         _log.error("%s", problem)
                         return Response(error=BackendError(problem, "INTERNAL"))
-                if wanted and name not in wanted:
-                    continue
+                if wanted and name not in wanted and name not in self._state_outputs:
+                    continue  # (the worker keeps a state output as the sequence's state)
                 data = tensor._data
                 # Only str/bytes-typed NumPy arrays need converting.
                 outputs[name] = (_output_value(data) if type(data) is not _ndarray

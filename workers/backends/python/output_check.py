@@ -38,6 +38,12 @@ class OutputChecker:
             dims = None if output.get("reshape") else [int(d) for d in output.get("dims", [])]
             self._declared[str(output["name"])] = (
                 _datatype(str(output.get("data_type", "TYPE_INVALID"))), dims)
+        # Implicit state outputs (sequence_batching.state) are the model's outputs too.
+        for state in (config.get("sequence_batching") or {}).get("state", []) or []:
+            name = str(state.get("output_name", ""))
+            if name and name not in self._declared:
+                self._declared[name] = (_datatype(str(state.get("data_type", "TYPE_INVALID"))),
+                                        [int(d) for d in state.get("dims", [])])
         self._numpy_types: dict[np.dtype, str] = {}
 
     def problem(self, name: str, value: Any) -> str | None:

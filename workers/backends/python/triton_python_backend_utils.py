@@ -534,6 +534,11 @@ class InferenceRequest:
     def _bls_request(self) -> Any:
         from shmserve.workers import bls
         parameters = json.loads(self._parameters) if self._parameters else {}
+        if isinstance(parameters, dict):  # a sequence's flags travel as its parameters
+            if self._flags & TRITONSERVER_REQUEST_FLAG_SEQUENCE_START:
+                parameters["sequence_start"] = True
+            if self._flags & TRITONSERVER_REQUEST_FLAG_SEQUENCE_END:
+                parameters["sequence_end"] = True
         return bls.BlsRequest(
             self._model_name, self._model_version,
             [(tensor._name, tensor._data) for tensor in self._inputs],

@@ -1,0 +1,1 @@
+../../../shmserve/__init__.py

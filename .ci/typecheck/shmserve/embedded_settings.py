@@ -1,0 +1,1 @@
+../../../shmserve/embedded_settings.py

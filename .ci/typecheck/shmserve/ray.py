@@ -1,0 +1,1 @@
+../../../shmserve/ray.py

@@ -1,0 +1,407 @@
+"""Sequence batching: the scheduling of a model with ``sequence_batching`` (Triton's sequence
+batcher, strategies ``direct`` and ``oldest``).
+
+Every request names its sequence (``sequence_id``: its correlation id, uint64 or string) and
+may carry ``sequence_start`` / ``sequence_end``. A sequence's first request (START) gives it a
+*seat*: one of ``slots_per_instance`` sequence slots of one instance (max_batch_size of them
+with ``direct``, ``max_candidate_sequences`` with ``oldest``), or, while every seat is taken,
+a place in the backlog until one frees. All its requests then run on that instance, one at a
+time and in order, so the instance's worker can keep the sequence's implicit state
+(workers/sequence_state.py). Its END frees the seat; so does ``max_sequence_idle_microseconds``
+without a request (a later request then needs START again, with Triton's error).
+
+A batch takes at most one request per sequence. ``direct``: the request of seat i is batch
+entry i; a seat below the highest ready one that has nothing to run gets a *filler* (a copy
+of another request's inputs with READY false and CORRID 0, whose answer nobody reads), as
+Triton's null requests. ``oldest``: the oldest ready sequences of the instance, up to
+max_batch_size, cut to a preferred size, held up to the strategy's max_queue_delay.
+Each request gets the control inputs the config asks for (sequence_config.py).
+
+A worker that dies takes its sequences' state with it: their queued requests fail, and a
+later request of such a sequence fails with a clear error until it starts again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from shmserve.daemon.dispatcher import Dispatcher, InstanceSlot, WorkerHandle
+from shmserve.daemon.errors import ServeError, invalid_argument, unavailable
+from shmserve.daemon.reply import Reply
+from shmserve.daemon.request import InferRequest, InputTensor, OutputTensor
+from shmserve.daemon.sequence_config import SequencePlan, corrid_mismatch
+from shmserve.daemon.statistics import ModelStats
+
+log = logging.getLogger("shmserve.scheduler")
+
+# How long a sequence lost with its worker is remembered, to name the loss to its next request.
+LOST_REMEMBERED_NS = 60 * 1_000_000_000
+
+
+class SequenceOwner(Protocol):
+    """Where the sequence batcher reports (the model's Scheduler)."""
+
+    stats: ModelStats
+
+    def finish(self, request: InferRequest,
+               result: list[OutputTensor] | BaseException | None) -> None: ...
+
+    def dispatch(self) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    key: int | str
+    queue: deque[InferRequest] = field(default_factory=deque)
+    last_ns: int = 0
+    instance: InstanceSlot | None = None  # with ``seat``, once seated
+    seat: int = -1
+    worker: WorkerHandle | None = None  # holds its state (set at its first send)
+    inflight: bool = False   # one request at a time, in order
+    ended: bool = False      # its END arrived: no request joins it any more
+
+
+class _FillerReply(Reply):
+    """The reply of a filler: nobody awaits it."""
+
+    __slots__ = ()
+
+    def send(self, response: list[OutputTensor], final: bool) -> None:
+        pass
+
+    def fail(self, error: ServeError) -> None:
+        pass
+
+
+def _flag(parameters: dict[str, Any], name: str) -> bool:
+    value = parameters.get(name, False)
+    if not isinstance(value, bool):
+        raise invalid_argument(f"invalid value type for '{name}' parameter, expected "
+                               f"bool_param.")
+    return value
+
+
+class SequenceBatcher:
+    def __init__(self, plan: SequencePlan, dispatcher: Dispatcher,
+                 owner: SequenceOwner) -> None:
+        self._plan = plan
+        self._dispatcher = dispatcher
+        self._owner = owner
+        # Every sequence holding a seat or waiting in the backlog, by correlation id.
+        self._sequences: dict[int | str, Sequence] = {}
+        self._seats: dict[int, list[Sequence | None]] = {
+            slot.uid: [None] * plan.slots_per_instance for slot in dispatcher.slots}
+        self._backlog: deque[Sequence] = deque()
+        self._running: dict[int, Sequence | None] = {}  # id(request) -> sequence; None: filler
+        self._lost: dict[int | str, tuple[str, int]] = {}  # key -> (error text, when)
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._delay_timer: asyncio.TimerHandle | None = None
+        self.queued = 0
+
+    # --- requests -----------------------------------------------------------------------
+    def submit(self, request: InferRequest) -> None:
+        """Queue a request on its sequence; raises ServeError (Triton's checks and texts)."""
+        plan = self._plan
+        model = plan.model
+        if request.batch_size > 1:
+            raise invalid_argument(f"inference request to model '{model}' must specify "
+                                   f"batch-size 1 due to requirements of sequence batcher")
+        parameters = request.parameters
+        raw_id = parameters.get("sequence_id", 0)
+        if isinstance(raw_id, bool) or not isinstance(raw_id, int | str):
+            raise invalid_argument("invalid value type for 'sequence_id' parameter, expected "
+                                   "int64_param or string_param.")
+        start = _flag(parameters, "sequence_start")
+        end = _flag(parameters, "sequence_end")
+        key = request.correlation_id
+        if key == 0 or key == "":
+            raise invalid_argument(f"inference request to model '{model}' must specify a "
+                                   f"non-zero or non-empty correlation ID")
+        mismatch = corrid_mismatch(plan, key)
+        if mismatch is not None:
+            raise invalid_argument(mismatch)
+        now = time.perf_counter_ns()
+        sequence = self._sequences.get(key)
+        if sequence is not None and self._worker_lost(sequence):
+            self._lose(sequence)
+            sequence = None
+        if (sequence is None or sequence.ended) and not start:
+            lost = self._lost.get(key)
+            if lost is not None:
+                raise unavailable(lost[0])
+            raise invalid_argument(f"inference request for sequence {key} to model '{model}' "
+                                   f"must specify the START flag on the first request of the "
+                                   f"sequence")
+        if start:
+            self._lost.pop(key, None)
+            if sequence is not None and not sequence.ended:
+                log.warning("sequence %s for model '%s' has a conflict. The previous sequence "
+                            "did not end before this sequence start. Previous sequence will "
+                            "be terminated early.", key, model)
+        if sequence is None:
+            sequence = self._sequences[key] = Sequence(key)
+            if not self._seat(sequence):
+                self._backlog.append(sequence)
+        sequence.ended = end
+        sequence.queue.append(request)
+        sequence.last_ns = now
+        self.queued += 1
+        if self._idle_timer is None:
+            self._arm_idle_timer(plan.idle_ns)
+
+    def finished(self, request: InferRequest) -> bool:
+        """A request sent by this batcher completed; True for a filler (nobody to answer)."""
+        sequence = self._running.pop(id(request), False)
+        if sequence is False:
+            return False
+        if sequence is None:
+            return True
+        assert isinstance(sequence, Sequence)
+        sequence.inflight = False
+        return False
+
+    def fail_all(self, error: ServeError) -> None:
+        """Unload, or no instance left: every queued request fails."""
+        for sequence in list(self._sequences.values()):
+            self._fail_queued(sequence, error)
+        self._sequences.clear()
+        self._backlog.clear()
+        for seats in self._seats.values():
+            seats[:] = [None] * len(seats)
+        for timer in (self._idle_timer, self._delay_timer):
+            if timer is not None:
+                timer.cancel()
+        self._idle_timer = self._delay_timer = None
+
+    # --- dispatch -----------------------------------------------------------------------
+    def dispatch(self) -> None:
+        """Send what is ready to the instances with free lanes."""
+        self._find_lost()
+        direct = self._plan.strategy == "direct"
+        strategy = self._direct_batch if direct else self._oldest_batch
+        for slot in self._dispatcher.slots:
+            # direct: one batch at a time per instance, as Triton's (the next one forms
+            # while it runs, so fewer slots need fillers)
+            while slot.free_lanes and slot.alive and not (direct and slot.inflight):
+                batch = strategy(slot)
+                if not batch:
+                    break
+                self._dispatcher.send(slot, batch, each=False)
+
+    def _ready(self, sequence: Sequence | None) -> bool:
+        if sequence is None or sequence.inflight:
+            return False
+        queue = sequence.queue
+        while queue and queue[0].cancelled:
+            request = queue.popleft()
+            self.queued -= 1
+            self._owner.stats.pending -= 1
+            self._owner.finish(request, unavailable("request cancelled by the client"))
+        return bool(queue)
+
+    def _direct_batch(self, slot: InstanceSlot) -> list[InferRequest]:
+        plan = self._plan
+        seats = self._seats[slot.uid]
+        ready = [i for i, sequence in enumerate(seats) if self._ready(sequence)]
+        if not ready:
+            return []
+        now = time.perf_counter_ns()
+        if plan.max_queue_delay_ns and plan.minimum_slot_utilization > 0 and \
+                len(ready) / plan.max_batch < plan.minimum_slot_utilization:
+            oldest = min(seats[i].queue[0].received_ns for i in ready)  # type: ignore[union-attr]
+            if now - oldest < plan.max_queue_delay_ns:
+                self._arm_delay_timer(plan.max_queue_delay_ns - (now - oldest))
+                return []
+        first = seats[ready[0]]
+        assert first is not None
+        like = first.queue[0]
+        template = [InputTensor(t.name, t.datatype, t.shape, t.data, t.region, t.offset,
+                                t.nbytes) for t in like.inputs]
+        batch: list[InferRequest] = []
+        ready_seats = set(ready)
+        for index in range(ready[-1] + 1):
+            sequence = seats[index]
+            if index in ready_seats and sequence is not None:
+                batch.append(self._take(slot, sequence, now))
+            else:
+                batch.append(self._filler(like, template))
+        return batch
+
+    def _oldest_batch(self, slot: InstanceSlot) -> list[InferRequest]:
+        plan = self._plan
+        candidates = [s for s in self._seats[slot.uid] if self._ready(s)]
+        if not candidates:
+            return []
+        candidates.sort(key=lambda s: s.queue[0].received_ns)  # type: ignore[union-attr]
+        count = min(len(candidates), plan.max_batch)
+        now = time.perf_counter_ns()
+        if count < plan.max_batch and plan.max_queue_delay_ns and count not in plan.preferred:
+            waited = now - candidates[0].queue[0].received_ns  # type: ignore[union-attr]
+            if waited < plan.max_queue_delay_ns:
+                self._arm_delay_timer(plan.max_queue_delay_ns - waited)
+                return []
+        if count not in plan.preferred:
+            fitting = [size for size in plan.preferred if size <= count]
+            if fitting:
+                count = fitting[-1]
+        return [self._take(slot, sequence, now)  # type: ignore[arg-type]
+                for sequence in candidates[:count]]
+
+    def _take(self, slot: InstanceSlot, sequence: Sequence, now: int) -> InferRequest:
+        """The sequence's next request, with its control inputs, counted as sent."""
+        plan = self._plan
+        request = sequence.queue.popleft()
+        self.queued -= 1
+        stats = self._owner.stats
+        stats.pending -= 1
+        stats.queue.add(now - request.received_ns)
+        parameters = request.parameters
+        end = bool(parameters.get("sequence_end"))
+        shape = list(plan.control_shape)
+        for control in plan.controls(sequence.key, bool(parameters.get("sequence_start")), end):
+            request.inputs.append(InputTensor(control.name, control.datatype, shape,
+                                              control.data, None, 0, len(control.data)))
+        if sequence.worker is None:
+            sequence.worker = slot.worker
+        sequence.inflight = True
+        self._running[id(request)] = sequence
+        if end and sequence.ended and not sequence.queue:
+            self._unseat(sequence)
+            del self._sequences[sequence.key]
+        return request
+
+    def _filler(self, like: InferRequest, template: list[InputTensor]) -> InferRequest:
+        """A not-ready request for an empty seat (Triton's null request)."""
+        plan = self._plan
+        shape = list(plan.control_shape)
+        inputs = [InputTensor(t.name, t.datatype, t.shape, t.data, t.region, t.offset,
+                              t.nbytes) for t in template]
+        for control in plan.controls(0, False, False, ready=False):
+            inputs.append(InputTensor(control.name, control.datatype, shape, control.data,
+                                      None, 0, len(control.data)))
+        filler = InferRequest(like.model, like.version, "", inputs, [], 1, _FillerReply())
+        self._running[id(filler)] = None
+        return filler
+
+    # --- seats --------------------------------------------------------------------------
+    def _seat(self, sequence: Sequence) -> bool:
+        """Give the sequence a free seat (on the live instance with the most free seats)."""
+        best: tuple[int, InstanceSlot, int] | None = None
+        for slot in self._dispatcher.slots:
+            seats = self._seats[slot.uid]
+            free = [i for i, taken in enumerate(seats) if taken is None]
+            if not free:
+                continue
+            rank = len(free) + (len(seats) + 1 if slot.alive else 0)
+            if best is None or rank > best[0]:
+                best = (rank, slot, free[0])
+        if best is None:
+            return False
+        _, slot, seat = best
+        self._seats[slot.uid][seat] = sequence
+        sequence.instance, sequence.seat = slot, seat
+        return True
+
+    def _unseat(self, sequence: Sequence) -> None:
+        """Free the sequence's seat; the oldest backlogged sequence takes it."""
+        slot = sequence.instance
+        if slot is None:
+            return
+        seat = sequence.seat
+        seats = self._seats[slot.uid]
+        seats[seat] = None
+        sequence.instance, sequence.seat = None, -1
+        if self._backlog:
+            waiting = self._backlog.popleft()
+            seats[seat] = waiting
+            waiting.instance, waiting.seat = slot, seat
+
+    # --- lost workers -------------------------------------------------------------------
+    def _worker_lost(self, sequence: Sequence) -> bool:
+        slot = sequence.instance
+        worker = sequence.worker
+        if worker is None or slot is None:
+            return False
+        return slot.worker is not worker or not worker.alive
+
+    def _find_lost(self) -> None:
+        for seats in self._seats.values():
+            for sequence in seats:
+                if sequence is not None and self._worker_lost(sequence):
+                    self._lose(sequence)
+
+    def _lose(self, sequence: Sequence) -> None:
+        """Its worker died with the sequence's state: the sequence ends, with an error for its
+        queued requests and (until it starts again) its next one."""
+        slot = sequence.instance
+        assert slot is not None
+        why = slot.last_exit or "it exited"
+        message = (f"inference request for sequence {sequence.key} to model "
+                   f"'{self._plan.model}' failed: the sequence was lost when the worker of "
+                   f"model instance '{slot.plan.name}' stopped ({why}); start the sequence "
+                   f"again with the START flag")
+        self._fail_queued(sequence, unavailable(message))
+        self._unseat(sequence)
+        if self._sequences.get(sequence.key) is sequence:
+            del self._sequences[sequence.key]
+        if not sequence.ended:
+            self._lost[sequence.key] = (message, time.perf_counter_ns())
+            if self._idle_timer is None:
+                self._arm_idle_timer(self._plan.idle_ns)
+
+    def _fail_queued(self, sequence: Sequence, error: ServeError) -> None:
+        while sequence.queue:
+            request = sequence.queue.popleft()
+            self.queued -= 1
+            self._owner.stats.pending -= 1
+            self._owner.finish(request, error)
+
+    # --- timers -------------------------------------------------------------------------
+    def _arm_idle_timer(self, delay_ns: int) -> None:
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            max(delay_ns, 1_000_000) / 1e9, self._reap_idle)
+
+    def _reap_idle(self) -> None:
+        """Sequences idle past max_sequence_idle_microseconds lose their seat (Triton's
+        reaper); their workers drop their state."""
+        self._idle_timer = None
+        idle_ns = self._plan.idle_ns
+        now = time.perf_counter_ns()
+        next_check = idle_ns
+        ended: dict[int, tuple[WorkerHandle, list[int | str]]] = {}
+        for sequence in list(self._sequences.values()):
+            if sequence.queue or sequence.inflight or sequence.instance is None:
+                continue
+            remaining = idle_ns - (now - sequence.last_ns)
+            if remaining > 0:
+                next_check = min(next_check, remaining)
+                continue
+            log.debug("sequence %s of model '%s' idle past max_sequence_idle_microseconds",
+                      sequence.key, self._plan.model)
+            worker = sequence.worker
+            if worker is not None and worker.alive:
+                ended.setdefault(id(worker), (worker, []))[1].append(sequence.key)
+            self._unseat(sequence)
+            del self._sequences[sequence.key]
+        for worker, keys in ended.values():
+            worker.end_sequences(keys)
+        for key, (_, when) in list(self._lost.items()):
+            if now - when >= LOST_REMEMBERED_NS:
+                del self._lost[key]
+        if self._sequences or self._lost:
+            self._arm_idle_timer(next_check)
+        self._owner.dispatch()  # a backlogged sequence may have got a seat
+
+    def _arm_delay_timer(self, delay_ns: int) -> None:
+        if self._delay_timer is None:
+            self._delay_timer = asyncio.get_running_loop().call_later(
+                delay_ns / 1e9, self._on_delay_timer)
+
+    def _on_delay_timer(self) -> None:
+        self._delay_timer = None
+        self._owner.dispatch()
