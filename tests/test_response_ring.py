@@ -54,6 +54,9 @@ def _check(result: StreamResult, ring: ResponseRing, index: int) -> None:
     assert out.shape == (ELEMENTS,) and (out == index).all(), (index, out[:4])
     assert np.shares_memory(out, ring.memory)  # a view of the ring, not of a message
     assert int(result.outputs["IDX"][0]) == index
+    # BYTES outputs cannot be placed (size unknown from the shape): they come in the response.
+    assert result.outputs["TEXT"].tolist() == [f"response {index}".encode()]
+    assert not np.shares_memory(result.outputs["TEXT"], ring.memory)
 
 
 @pytest.mark.parametrize("door", ["grpc", "local"])
@@ -160,8 +163,9 @@ def test_tritonclient_reads_ring_responses_by_their_shm_parameters(
         for index in range(2):
             result = results.get(timeout=20)
             response = result.get_response()  # type: ignore[attr-defined]
-            assert not response.raw_output_contents or not any(response.raw_output_contents)
+            names = [o.name for o in response.outputs]
             out = next(o for o in response.outputs if o.name == "OUT")
+            assert not response.raw_output_contents[names.index("OUT")]  # not in the message
             assert out.parameters["shared_memory_region"].string_param == "ring"
             offset = out.parameters["shared_memory_offset"].int64_param
             assert offset == 64 + index * slot_bytes

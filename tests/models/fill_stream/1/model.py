@@ -13,6 +13,8 @@ class TritonPythonModel:
                     break
                 sender.send(pb_utils.InferenceResponse([
                     pb_utils.Tensor("OUT", np.full(elements, index, dtype=np.int32)),
-                    pb_utils.Tensor("IDX", np.array([index], dtype=np.int32))]))
+                    pb_utils.Tensor("IDX", np.array([index], dtype=np.int32)),
+                    pb_utils.Tensor("TEXT", np.array([f"response {index}".encode()],
+                                                     dtype=np.object_))]))
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
