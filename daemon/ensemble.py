@@ -174,6 +174,8 @@ class _Run:
         # Intermediate regions this run holds, by name (the steps' requests may use them).
         self.internal: dict[str, Region] = {}
         self.runs: set[_Run] = set()     # the root's: every run of the request still open
+        self.responses = 0               # the root's: responses sent (response statistics)
+        self.responded_ns = request.received_ns
         self.root.runs.add(self)
         self.shm_owner: str = request.regions[0].owner if request.regions else ""
         # Ensemble outputs the client wants in its shared memory: tensor -> (ref, region).
@@ -476,7 +478,11 @@ class EnsembleScheduler:
         stats = self.stats
         stats.pending -= 1
         ok = isinstance(result, list)
-        stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
+        now = time.perf_counter_ns()
+        if self.decoupled_steps and result is not None:  # a decoupled ensemble's final one
+            kind = "fail" if not ok else "empty_response" if result is _END else "success"
+            stats.record_response(run.responses, kind, now - run.responded_ns)
+        stats.record_request(ok, now - request.received_ns)
         if ok:
             stats.inference_count += request.batch_size
             stats.execution_count += 1
@@ -498,6 +504,10 @@ class EnsembleScheduler:
         """One response of a streaming ensemble request; more follow."""
         if run.request.cancelled:
             return
+        now = time.perf_counter_ns()
+        self.stats.record_response(run.responses, "success", now - run.responded_ns)
+        run.responses += 1
+        run.responded_ns = now
         try:
             run.request.reply.send(response, False)
         except Exception:

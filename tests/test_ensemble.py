@@ -473,6 +473,11 @@ def test_ensemble_with_a_decoupled_step_streams_its_responses(
     with grpcclient.InferenceServerClient(server.url) as stats:
         post = stats.get_inference_statistics("post", as_json=True)["model_stats"][0]
         assert int(post["inference_stats"]["success"]["count"]) == 3  # once per response
+        ensemble = stats.get_inference_statistics("streaming").model_stats[0]
+    by_index = ensemble.response_stats  # the ensemble's own responses, as a decoupled model's
+    assert [by_index[str(i)].success.count for i in range(3)] == [1, 1, 1]
+    assert by_index["3"].empty_response.count == 1
+    assert ensemble.inference_stats.success.count == 1
 
 
 COMBINE_MODEL = """
