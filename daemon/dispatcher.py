@@ -42,6 +42,7 @@ from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import Region
 from shmserve.daemon.worker_limits import WorkerLimits, limits_for, restart_delay
+from shmserve.protos.response_ring import ring_bytes
 from shmserve.workers.protocol import (
     ARENA,
     CUDA,
@@ -495,8 +496,16 @@ class Dispatcher:
                 outputs.append([output.name, destination])
             reply = request.reply
             tag = reply.direct_tag(worker) if reply.direct else None
+            ring = None
+            if request.ring is not None:
+                ring_at = request.ring
+                ring = [TensorRef("", "", [], *_region_location(ring_at.region, worker),
+                                  ring_at.region.offset + ring_at.offset,
+                                  ring_bytes(ring_at.slot_bytes, ring_at.slots)).pack(),
+                        ring_at.slot_bytes, ring_at.slots]
             frames.append(packed_exec_request(request.request_id, refs, outputs,
-                                              request.parameters, request.correlation_id, tag))
+                                              request.parameters, request.correlation_id, tag,
+                                              ring))
         if staged >= _TRIM_AFTER_STAGING and not off_loop:
             trim_heap()  # gRPC's receive buffers for it were freed: give their pages back now
         return frames, writes
@@ -655,7 +664,8 @@ class Dispatcher:
             # Pending: the door may copy it straight into its answer (see OutputTensor).
             return OutputTensor(ref.name, ref.datatype, ref.shape, None,
                                 (segment, ref.offset, ref.nbytes))
-        return OutputTensor(ref.name, ref.datatype, ref.shape, None)
+        return OutputTensor(ref.name, ref.datatype, ref.shape, None,
+                            region_nbytes=ref.nbytes, offset=ref.offset)
 
     # --- worker death -------------------------------------------------------------------
     def _on_worker_exit(self, slot: InstanceSlot, worker: WorkerHandle, reason: str) -> None:

@@ -44,13 +44,19 @@ class OutputTensor:
     arena may be written again.
     """
 
-    __slots__ = ("_data", "_nbytes", "_source", "datatype", "name", "shape")
+    __slots__ = ("_data", "_nbytes", "_source", "datatype", "name", "offset", "region_nbytes",
+                 "shape")
 
     def __init__(self, name: str, datatype: str, shape: list[int], data: bytes | None,
-                 source: tuple[Segment | FileReader, int, int] | None = None) -> None:
+                 source: tuple[Segment | FileReader, int, int] | None = None, *,
+                 region_nbytes: int = -1, offset: int = -1) -> None:
         self.name = name
         self.datatype = datatype
         self.shape = shape
+        # With data None (written into a client region or a response ring): how many bytes,
+        # and where from the segment's start; -1 when the worker did not say.
+        self.region_nbytes = region_nbytes
+        self.offset = offset
         self._data = data
         self._source = source  # (output arena, offset, nbytes) while pending
         self._nbytes = source[2] if source is not None else len(data) if data else 0
@@ -109,6 +115,21 @@ class OutputTensor:
 _COPIED = b"copied"  # the data of a pending output after copy_into (see OutputTensor.data)
 
 
+@dataclass(slots=True, frozen=True)
+class ResponseRing:
+    """Where a streamed request's responses go (docs/streaming.md, "Response rings"): a
+    header of ``RING_HEADER_BYTES`` (the client's count of responses it is done with) at
+    ``offset`` in ``region``, then ``slots`` slots of ``slot_bytes``; response k's outputs are
+    written into slot k % slots, once the client is done with response k - slots."""
+
+    region: Region
+    offset: int
+    slot_bytes: int
+    slots: int
+
+
+
+
 @dataclass(slots=True)
 class InferRequest:
     """A validated request on its way: door builds -> core validates -> batcher ->
@@ -130,3 +151,4 @@ class InferRequest:
     scheduler: Scheduler | None = None  # the one it was queued with
     # Once sent to a worker: (worker, frame id, index in the frame), to withdraw it there.
     sent: tuple[Any, int, int] | None = None
+    ring: ResponseRing | None = None  # a streamed request's responses go there

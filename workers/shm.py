@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import threading
 from typing import Any
 
 import posix_ipc
@@ -225,15 +226,22 @@ class SegmentCache:
 
     def __init__(self) -> None:
         self._segments: dict[int, Segment] = {}
+        # A decoupled model's threads write outputs while the main thread maps and releases.
+        self._lock = threading.Lock()
 
     def get(self, region_id: int, key: str) -> Segment:
         segment = self._segments.get(region_id)
-        if segment is None:
-            if not key:  # a memfd region: mapped by ``adopt`` when its fd came
-                raise OSError(f"the memfd of region {region_id} was not passed to this worker")
-            segment = Segment.open(key)
-            self._segments[region_id] = segment
-        return segment
+        if segment is not None:
+            return segment
+        with self._lock:
+            segment = self._segments.get(region_id)
+            if segment is None:
+                if not key:  # a memfd region: mapped by ``adopt`` when its fd came
+                    raise OSError(f"the memfd of region {region_id} was not passed to this "
+                                  f"worker")
+                segment = Segment.open(key)
+                self._segments[region_id] = segment
+            return segment
 
     def adopt(self, region_id: int, fd: int) -> None:
         """Map a memfd region from its fd (closed here; the mapping keeps the memory). The
@@ -245,10 +253,15 @@ class SegmentCache:
             mapped = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self.release(region_id)
-        self._segments[region_id] = Segment(f"memfd region {region_id}", mapped, size)
+        with self._lock:
+            self._release(region_id)
+            self._segments[region_id] = Segment(f"memfd region {region_id}", mapped, size)
 
     def release(self, region_id: int) -> None:
+        with self._lock:
+            self._release(region_id)
+
+    def _release(self, region_id: int) -> None:
         segment = self._segments.pop(region_id, None)
         if segment is not None:
             segment.close()

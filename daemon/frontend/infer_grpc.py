@@ -142,6 +142,11 @@ def response_metadata(request: InferRequest, outputs: list[OutputTensor]
         if not output.pending and output.data is None:
             tensor.parameters["shared_memory_region"].string_param = _region_of(request,
                                                                                 output.name)
+            ring = request.ring
+            if ring is not None and output.offset >= 0:  # in a response ring: where
+                tensor.parameters["shared_memory_offset"].int64_param = \
+                    output.offset - ring.region.offset
+                tensor.parameters["shared_memory_byte_size"].int64_param = output.region_nbytes
     return response
 
 
@@ -149,4 +154,4 @@ def _region_of(request: InferRequest, output: str) -> str:
     for requested in request.outputs:
         if requested.name == output and requested.region is not None:
             return requested.region.name
-    return ""
+    return request.ring.region.name if request.ring is not None else ""
