@@ -24,6 +24,7 @@ from shmserve.client._sync import Client
 from shmserve.client.errors import RegionFullError, ShmserveError
 from shmserve.client.memfd_region import MemfdRegion
 from shmserve.client.regions import ALIGNMENT, BytesTensor, HostRegion, Region, SystemRegion
+from shmserve.client.response_ring import ResponseRing
 from shmserve.client.sequence import AsyncSequence, Sequence
 from shmserve.protos.datatypes import deserialize_bytes_tensor, serialize_bytes_tensor
 
@@ -42,6 +43,7 @@ __all__ = [
     "Region",
     "RegionFullError",
     "RegionStatus",
+    "ResponseRing",
     "Sequence",
     "ShmserveError",
     "StreamRequest",

@@ -48,6 +48,7 @@ from shmserve.client._local import (
     stream_result,
     too_large,
     unregister_message,
+    with_ring,
 )
 from shmserve.client._unary import Unary
 from shmserve.client._wire import decode_infer_response
@@ -55,6 +56,7 @@ from shmserve.client.errors import ShmserveError, from_rpc_error
 from shmserve.client.local_channel import AsyncLocalChannel, MessageTooLarge
 from shmserve.client.memfd_region import MemfdRegion, with_passed_fd
 from shmserve.client.regions import HostRegion
+from shmserve.client.response_ring import ResponseRing
 from shmserve.client.sequence import AsyncSequence
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos import shmserve_service_pb2 as pb
@@ -205,19 +207,22 @@ class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
             self, model: str, requests: AnyIterable[StreamRequest | Mapping[str, InputValue]],
             outputs: Outputs = None, version: str = "",
             parameters: Mapping[str, ParameterValue] | None = None,
-            timeout: float | None = None) -> AsyncIterator[StreamResult]:
+            timeout: float | None = None, ring: ResponseRing | None = None
+    ) -> AsyncIterator[StreamResult]:
         """See ``Client.stream_infer``; ``requests`` may also be an async iterable."""
         channel = await self._local()
         if channel is not None:
             async for result in self._stream_local(channel, model, requests, outputs, version,
-                                                   parameters, timeout):
+                                                   parameters, timeout, ring):
                 yield result
             return
-        book = StreamBook(model, version, outputs, parameters, self._regions)
+        book = StreamBook(model, version, outputs, parameters, self._regions, ring)
 
         async def produce() -> AsyncIterator[bytes]:
             try:
                 async for index, item in _enumerate(requests):
+                    if ring is not None:
+                        await _ring_turn(ring)
                     yield book.prepare(index, item)
             except Exception as exc:
                 book.failure = exc
@@ -226,18 +231,26 @@ class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
         call = stubs.stream(produce(), timeout=timeout, metadata=self._metadata)
         try:
             async for data in call:
-                yield book.read(data)
+                answer = book.read(data)
+                if answer is None:
+                    continue
+                yield answer
+                if ring is not None and answer.ring_slot >= 0:
+                    ring.release()  # the caller moved past it: its slot may be reused
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()
+            if ring is not None:
+                ring.abandon()
         book.finish()
 
     async def _stream_local(
             self, channel: AsyncLocalChannel, model: str,
             requests: AnyIterable[StreamRequest | Mapping[str, InputValue]],
             outputs: Outputs, version: str, parameters: Mapping[str, ParameterValue] | None,
-            timeout: float | None) -> AsyncIterator[StreamResult]:
+            timeout: float | None, ring: ResponseRing | None = None
+    ) -> AsyncIterator[StreamResult]:
         """``stream_infer`` through the local channel: a task sends the requests as the
         iterable yields them, this generator yields the answers in completion order."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -258,13 +271,13 @@ class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
                     return
                 # None (a final flag alone) still wakes the reader: the request is done.
                 queue.put_nowait(stream_result(index, request_id, model, future.result(),
-                                               region_outputs))
+                                               region_outputs, ring))
             return done
 
         def partial(index: int, request_id: str, region_outputs: dict[str, np.ndarray]
                     ) -> Callable[[dict[str, Any]], None]:
             def more(reply: dict[str, Any]) -> None:
-                result = stream_result(index, request_id, model, reply, region_outputs)
+                result = stream_result(index, request_id, model, reply, region_outputs, ring)
                 if result is not None:
                     queue.put_nowait(result)
             return more
@@ -272,9 +285,11 @@ class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
         async def produce() -> None:
             try:
                 async for index, item in _enumerate(requests):
+                    if ring is not None:
+                        await _ring_turn(ring)
                     request_id, request = self._stream_request(
-                        model, index, item, outputs, version, parameters, deadline,
-                        channel.max_message)
+                        model, index, with_ring(item, parameters, ring), outputs, version,
+                        parameters, deadline, channel.max_message)
                     request.message["s"] = True  # may have several replies (decoupled)
                     try:
                         sent_id, future = await channel.send(
@@ -308,10 +323,14 @@ class AsyncClient(ClientCore[AsyncLocalLink, grpc.aio.Channel]):
                                         "Deadline Exceeded") from None
                 if item is not None:
                     yield item
+                    if ring is not None and item.ring_slot >= 0:
+                        ring.release()  # the caller moved past it: its slot may be reused
         finally:
             producer.cancel()
             for sent_id in stream.ids:
                 channel.cancel(sent_id)  # a request still open: cancelled
+            if ring is not None:
+                ring.abandon()
         if stream.failure is not None:
             raise stream.failure
 
@@ -422,3 +441,9 @@ class _AsyncRegionContext(RegionContext[AsyncClient]):
         region = self._taken()
         if region is not None:
             await self._client._release(region, raise_errors=exc_type is None)
+
+
+async def _ring_turn(ring: ResponseRing) -> None:
+    """Wait, without blocking the loop, until the stream's ring is free for a request."""
+    while not ring.start(0):
+        await asyncio.sleep(0.001)

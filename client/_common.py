@@ -25,6 +25,7 @@ from shmserve.client._convert import (
 from shmserve.client._wire import decode_stream_response
 from shmserve.client.errors import ShmserveError, invalid_argument
 from shmserve.client.regions import Region
+from shmserve.client.response_ring import ResponseRing
 from shmserve.protos import shmserve_service_pb2 as pb
 from shmserve.protos.parameters import parameter_value
 
@@ -189,6 +190,8 @@ class StreamResult:
     # (none, or an empty final one with the request parameter
     # triton_enable_empty_final_response).
     final: bool = True
+    # The response-ring slot its outputs are in (``stream_infer(ring=...)``); -1: none.
+    ring_slot: int = -1
 
     def unwrap(self) -> dict[str, np.ndarray]:
         """The outputs, or raise the request's error."""
@@ -200,17 +203,24 @@ class StreamResult:
 FINAL_RESPONSE = "triton_final_response"
 
 
+#: The request parameter asking for a decoupled request's final flag as an empty response.
+EMPTY_FINAL = "triton_enable_empty_final_response"
+
+
 class StreamBook:
     """Stream bookkeeping: request id -> (index, region outputs), for reading the answers."""
 
     def __init__(self, model: str, version: str, outputs: Outputs,
-                 parameters: Mapping[str, ParameterValue] | None, regions: RegionSet) -> None:
+                 parameters: Mapping[str, ParameterValue] | None, regions: RegionSet,
+                 ring: ResponseRing | None = None) -> None:
+        self.ring = ring
         self.model = model
         self.version = version
         self.outputs = outputs
         self.parameters = parameters
         self.regions = regions
         self._pending: dict[str, list[tuple[int, dict[str, np.ndarray]]]] = {}
+        self._hidden_finals: set[str] = set()  # requests whose empty final answer is ours
         self._lock = threading.Lock()
         self.failure: BaseException | None = None
 
@@ -218,6 +228,13 @@ class StreamBook:
         request = item if isinstance(item, StreamRequest) else StreamRequest(item)
         request_id = request.request_id or f"{index}"
         parameters = request.parameters if request.parameters is not None else self.parameters
+        if self.ring is not None:
+            # The ring passes to the next request once this one's final answer was read:
+            # over gRPC that needs the empty final response, shown only when asked for.
+            if not (parameters or {}).get(EMPTY_FINAL):
+                with self._lock:
+                    self._hidden_finals.add(request_id)
+            parameters = {**(parameters or {}), **self.ring.parameters(), EMPTY_FINAL: True}
         outputs = request.outputs if request.outputs is not None else self.outputs
         prepared = prepare_infer(self.model, request.inputs, outputs, self.version, request_id,
                                  parameters, self.regions.locate if len(self.regions) else None)
@@ -231,10 +248,24 @@ class StreamBook:
         if self.failure is not None:
             raise self.failure
 
-    def read(self, data: bytes) -> StreamResult:
+    def read(self, data: bytes) -> StreamResult | None:
+        """The answer in ``data``; None for an empty final answer nobody asked for."""
         error_message, header, raw = decode_stream_response(data)
         flag = header.parameters.get(FINAL_RESPONSE)
         final = flag is None or flag.bool_param
+        if final and self._hidden_finals and header.id in self._hidden_finals:
+            with self._lock:
+                self._hidden_finals.discard(header.id)
+            if not header.outputs and not error_message:
+                with self._lock:
+                    waiting = self._pending.get(header.id)
+                    if waiting:
+                        waiting.pop(0)
+                        if not waiting:
+                            del self._pending[header.id]
+                if self.ring is not None:
+                    self.ring.finished()
+                return None
         region_outputs: dict[str, np.ndarray]
         with self._lock:
             waiting = self._pending.get(header.id)
@@ -248,13 +279,26 @@ class StreamBook:
                 index, region_outputs = waiting[0]
         result = StreamResult(index, header.id, header.model_name or self.model,
                               header.model_version, final=final)
+        ring = self.ring
         if error_message:
             result.error = ShmserveError(grpc.StatusCode.UNKNOWN, error_message)
+            if ring is not None and final:
+                ring.finished()
             return result
         try:
+            if ring is not None:
+                placed = [(output.name, output.datatype, list(output.shape))
+                          for output in header.outputs if output.name not in region_outputs
+                          and "shared_memory_region" in output.parameters]
+                if placed:
+                    result.ring_slot, arrays = ring.place(placed)
+                    region_outputs = {**region_outputs, **arrays}
             result.outputs = read_outputs(header, raw, region_outputs)
         except ShmserveError as exc:
             result.error = exc
+        finally:
+            if ring is not None and final:
+                ring.finished()
         result.parameters = {key: parameter_value(value)
                              for key, value in header.parameters.items()}
         return result

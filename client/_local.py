@@ -36,6 +36,7 @@ from shmserve.client._convert import (
 from shmserve.client.errors import ShmserveError, invalid_argument
 from shmserve.client.local_channel import AsyncLocalChannel, LocalChannel, socket_path
 from shmserve.client.memfd_region import with_passed_fd
+from shmserve.client.response_ring import ResponseRing
 from shmserve.protos import shmserve_service_pb2 as pb
 from shmserve.protos.local_socket import client_socket_path
 
@@ -500,22 +501,46 @@ def channel_gone(error: ShmserveError) -> bool:
 
 
 def stream_result(index: int, request_id: str, model: str, reply: dict[str, Any],
-                  region_outputs: dict[str, np.ndarray]) -> StreamResult | None:
+                  region_outputs: dict[str, np.ndarray],
+                  ring: ResponseRing | None = None) -> StreamResult | None:
     """The answer of one stream request sent through the channel (None: a decoupled
-    request's final flag alone, not to be shown)."""
+    request's final flag alone, not to be shown). ``ring``: the stream's response ring."""
     final = not reply.get("more")
-    if "end" in reply:
-        return StreamResult(index, request_id, model, "") if reply.get("empty") else None
-    if "err" in reply:
-        result = StreamResult(index, request_id, model, "", final=final)
-        result.error = stream_error(reply["err"])
-        return result
-    result = StreamResult(index, request_id, model, reply["model_version"], final=final)
     try:
-        result.outputs = read_reply_outputs(reply["out"], region_outputs)
-    except ShmserveError as exc:
-        result.error = exc
-    return result
+        if "end" in reply:
+            return StreamResult(index, request_id, model, "") if reply.get("empty") else None
+        if "err" in reply:
+            result = StreamResult(index, request_id, model, "", final=final)
+            result.error = stream_error(reply["err"])
+            return result
+        result = StreamResult(index, request_id, model, reply["model_version"], final=final)
+        try:
+            outputs = reply["out"]
+            if ring is not None:
+                placed = [(name, datatype, shape) for name, datatype, shape, data in outputs
+                          if data is None and name not in region_outputs]
+                if placed:
+                    result.ring_slot, arrays = ring.place(placed)
+                    region_outputs = {**region_outputs, **arrays}
+            result.outputs = read_reply_outputs(outputs, region_outputs)
+        except ShmserveError as exc:
+            result.error = exc
+        return result
+    finally:
+        if ring is not None and final:
+            ring.finished()
+
+
+def with_ring(item: StreamRequest | Mapping[str, InputValue],
+              parameters: Mapping[str, ParameterValue] | None, ring: ResponseRing | None
+              ) -> StreamRequest | Mapping[str, InputValue]:
+    """A stream's request with its response ring's parameters added."""
+    if ring is None:
+        return item
+    request = stream_item(item)
+    own = request.parameters if request.parameters is not None else parameters
+    return StreamRequest(request.inputs, request.outputs, request.request_id,
+                         {**(own or {}), **ring.parameters()})
 
 
 class StreamState:

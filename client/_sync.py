@@ -48,6 +48,7 @@ from shmserve.client._local import (
     stream_result,
     too_large,
     unregister_message,
+    with_ring,
 )
 from shmserve.client._unary import Unary
 from shmserve.client._wire import decode_infer_response
@@ -55,6 +56,7 @@ from shmserve.client.errors import ShmserveError, from_rpc_error
 from shmserve.client.local_channel import Callback, LocalChannel, MessageTooLarge
 from shmserve.client.memfd_region import MemfdRegion, with_passed_fd
 from shmserve.client.regions import HostRegion
+from shmserve.client.response_ring import ResponseRing
 from shmserve.client.sequence import Sequence
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos import shmserve_service_pb2 as pb
@@ -224,24 +226,29 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
                      requests: Iterable[StreamRequest | Mapping[str, InputValue]],
                      outputs: Outputs = None, version: str = "",
                      parameters: Mapping[str, ParameterValue] | None = None,
-                     timeout: float | None = None) -> Generator[StreamResult, None, None]:
+                     timeout: float | None = None, ring: ResponseRing | None = None
+                     ) -> Generator[StreamResult, None, None]:
         """Send ``requests`` on one ModelStreamInfer stream; yield answers as they complete.
 
         Each request is a ``{name: array}`` mapping or a ``StreamRequest``; per-request
         failures come back as a ``StreamResult`` with ``error`` set (the stream goes on). The
         stream has no deadline unless ``timeout`` is given. Closing the generator early
-        cancels the stream.
+        cancels the stream. ``ring``: the responses' outputs are written into this
+        ``ResponseRing`` in one of the client's regions (client/response_ring.py); its
+        requests then take turns.
         """
         channel = self._local()
         if channel is not None:
             yield from self._stream_local(channel, model, requests, outputs, version,
-                                          parameters, timeout)
+                                          parameters, timeout, ring)
             return
-        book = StreamBook(model, version, outputs, parameters, self._regions)
+        book = StreamBook(model, version, outputs, parameters, self._regions, ring)
 
         def produce() -> Iterator[bytes]:
             try:
                 for index, item in enumerate(requests):
+                    if ring is not None and not ring.start():
+                        return
                     yield book.prepare(index, item)
             except Exception as exc:
                 book.failure = exc
@@ -249,18 +256,26 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
         call = self._stubs().stream(produce(), timeout=timeout, metadata=self._metadata)
         try:
             for data in call:
-                yield book.read(data)
+                result = book.read(data)
+                if result is None:
+                    continue
+                yield result
+                if ring is not None and result.ring_slot >= 0:
+                    ring.release()  # the caller moved past it: its slot may be reused
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()
+            if ring is not None:
+                ring.abandon()
         book.finish()
 
     def _stream_local(self, channel: LocalChannel, model: str,
                       requests: Iterable[StreamRequest | Mapping[str, InputValue]],
                       outputs: Outputs, version: str,
                       parameters: Mapping[str, ParameterValue] | None,
-                      timeout: float | None) -> Generator[StreamResult, None, None]:
+                      timeout: float | None, ring: ResponseRing | None = None
+                      ) -> Generator[StreamResult, None, None]:
         """``stream_infer`` through the local channel: a thread sends the requests as the
         iterable yields them, this generator reads the answers in completion order."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -276,7 +291,8 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
                         return
                     if "more" not in reply:
                         stream.outstanding -= 1
-                    result = stream_result(index, request_id, model, reply, region_outputs)
+                    result = stream_result(index, request_id, model, reply, region_outputs,
+                                           ring)
                     if result is not None:
                         stream.results.append(result)
             return done
@@ -286,9 +302,15 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
                 for index, item in enumerate(requests):
                     if stream.stop:
                         return
+                    if ring is not None:
+                        while not ring.start(_STREAM_POLL_S):  # the previous one's turn
+                            if stream.stop:
+                                return
+                        if stream.stop:
+                            return
                     request_id, request = self._stream_request(
-                        model, index, item, outputs, version, parameters, deadline,
-                        channel.max_message)
+                        model, index, with_ring(item, parameters, ring), outputs, version,
+                        parameters, deadline, channel.max_message)
                     request.message["s"] = True  # may have several replies (decoupled)
                     with stream.lock:
                         stream.outstanding += 1
@@ -313,7 +335,10 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
         try:
             while True:
                 while stream.results:
-                    yield stream.results.popleft()
+                    result = stream.results.popleft()
+                    yield result
+                    if ring is not None and result.ring_slot >= 0:
+                        ring.release()  # the caller moved past it: its slot may be reused
                 if stream.broken is not None:
                     raise stream.broken
                 if stream.finished():
@@ -327,6 +352,8 @@ class Client(ClientCore[LocalLink, grpc.Channel]):
             stream.stop = True
             for request_id in stream.ids:
                 channel.cancel(request_id)  # a request still open: cancelled
+            if ring is not None:
+                ring.abandon()
         if stream.failure is not None:
             raise stream.failure
 

@@ -4,7 +4,10 @@ no event loop, no clock of its own (the caller passes ``now_ns``).
 With ``dynamic_batching`` a batch takes queued requests (oldest first) up to
 ``max_batch_size``; it is cut to the largest preferred size that fits when the total is not
 preferred itself, and a batch that is neither full nor preferred waits up to
-``max_queue_delay`` from its oldest request to fill. Without dynamic batching every request
+``max_queue_delay`` from its oldest request to fill. While the instance is still executing
+(``ahead``), only a full batch is sent ahead to it: a partial batch sent early would stop
+growing, so requests wait in the queue and the batch forms from everything that arrived
+meanwhile once the instance is free. Without dynamic batching every request
 is its own execution, but a quick model's requests travel several to a frame
 (``requests_per_frame``).
 """
@@ -55,9 +58,11 @@ class BatchPolicy:
                    tuple(sorted(batching.preferred_batch_size)),  # type: ignore[attr-defined]
                    batching.max_queue_delay_microseconds * 1000)  # type: ignore[attr-defined]
 
-    def next_batch(self, queue: QueueView, now_ns: int) -> tuple[int, int]:
+    def next_batch(self, queue: QueueView, now_ns: int, ahead: bool = False
+                   ) -> tuple[int, int]:
         """``(count, 0)``: take the ``count`` oldest requests now; ``(0, wait_ns)``: hold them,
-        look again in ``wait_ns`` (or when more arrive). ``queue`` must not be empty."""
+        look again in ``wait_ns`` (or when more arrive); ``(0, 0)``: hold them until the
+        instance is free (``ahead``: it is still executing). ``queue`` must not be empty."""
         limit = self.max_batch_size
         preferred = self.preferred
         total = 0
@@ -71,6 +76,8 @@ class BatchPolicy:
             sizes.append(total)
         count = max(count, 1)
         full = total >= limit or count < len(queue)
+        if ahead and not full:
+            return 0, 0
         if not full and self.max_queue_delay_ns and total not in preferred:
             waited = now_ns - queue[0].received_ns
             if waited < self.max_queue_delay_ns:

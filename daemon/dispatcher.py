@@ -1,14 +1,17 @@
 """Dispatch: a model version's instances, their lanes, staging, in-flight frames, restarts.
 
 An instance executes one batch at a time; up to ``pipeline_depth`` batches are sent to it
-ahead, so the next one is already in the worker's socket when the current one ends. Each
+ahead, so the next one is already in the worker's socket when the current one ends (with
+dynamic batching only a full batch goes ahead: see batcher.py). Each
 batch in flight holds a *lane*: its own input arena here and output arena in the worker.
 Payload inputs above the inline limit are written once into the lane's input arena (and the
 request lets go of them); the rest travels as a reference. Outputs come back inline, in the
-worker's output arena (copied once here), or already written into the client's region; a
+worker's output arena (*pending*: copied once, by the door straight into its answer or into
+bytes, before the lane is reused), or already written into the client's region; a
 local-channel request's answer may have gone to its client from the worker already
 (``Reply.direct_tag``). Large tensors cross the arenas with pwrite/pread, so their pages stay
-out of the supervisor's resident set; an instance idle for ``arena_idle_secs`` after a large
+out of the supervisor's resident set, and when a frame moves OFF_LOOP_BYTES or more they are
+copied by a thread, not the event loop; an instance idle for ``arena_idle_secs`` after a large
 request shrinks the arenas on both sides back to their initial size.
 
 Workers come from a factory (``WorkerProcess`` in the server; a fake in tests), and results
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -38,6 +42,7 @@ from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import Region
 from shmserve.daemon.worker_limits import WorkerLimits, limits_for, restart_delay
+from shmserve.protos.response_ring import ring_bytes
 from shmserve.workers.protocol import (
     ARENA,
     CUDA,
@@ -55,11 +60,22 @@ from shmserve.workers.protocol import (
     packed_exec_request,
     packed_inline,
 )
-from shmserve.workers.shm import ARENA_INITIAL_BYTES, Arena, ReaderMapping, trim_heap
+from shmserve.workers.shm import (
+    ARENA_INITIAL_BYTES,
+    Arena,
+    FileReader,
+    Pieces,
+    ReaderMapping,
+    Segment,
+    pwrite_pieces,
+    trim_heap,
+)
 
 log = logging.getLogger("shmserve.scheduler")
 _slot_ids = itertools.count(1)
 _TRIM_AFTER_STAGING = 64 << 20  # bytes staged in one frame
+# Inputs of a frame coming to this much are written into the arena by a thread, not the loop.
+OFF_LOOP_BYTES = 4 << 20
 # A worker that lived this long did not die "right after start", even if it served nothing.
 _SETTLED_SECS = 5.0
 # Failing starts in a row from which an instance is reported as crash-looping.
@@ -114,6 +130,40 @@ class DispatchOwner(Protocol):
     def dispatch(self) -> None: ...
 
     def no_live_instance(self, error: ServeError) -> None: ...
+
+
+def _write_inputs(jobs: list[tuple[int, int, bytes | memoryview | Pieces]]) -> None:
+    """Write staged inputs through their own file descriptors (a thread's job: pwrite lets
+    the loop run meanwhile)."""
+    for fd, offset, data in jobs:
+        if isinstance(data, Pieces):
+            pwrite_pieces(fd, data.parts, offset)
+            continue
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _prepare_answers(jobs: list[tuple[Any, list[OutputTensor]]]) -> None:
+    """On a thread: each reply copies its outputs out of the arena (Reply.prepare)."""
+    for reply, outputs in jobs:
+        try:
+            reply.prepare(outputs)
+        except Exception:
+            log.exception("preparing an answer failed")
+
+
+def _settle(outputs: list[OutputTensor]) -> None:
+    """Outputs the door did not copy out of the output arena are read now: the lane's arena
+    may be written again once its frame is answered."""
+    for output in outputs:
+        if output.pending:
+            try:
+                output.settle()
+            except (OSError, ValueError):
+                log.exception("reading output '%s' from the output arena failed", output.name)
+                output.data = b""
 
 
 def _align(nbytes: int) -> int:
@@ -345,20 +395,43 @@ class Dispatcher:
         self._owner.dispatch()  # (the version may be idle now)
 
     def send(self, slot: InstanceSlot, batch: list[InferRequest], each: bool) -> None:
-        """Stage ``batch`` into a free lane of ``slot`` and send it as one frame."""
+        """Stage ``batch`` into a free lane of ``slot`` and send it as one frame. Inputs of
+        ``OFF_LOOP_BYTES`` or more are written into the lane's arena by a thread meanwhile
+        the loop serves others; the frame goes once they are in."""
         worker = slot.worker
         assert worker is not None
         lane = slot.free_lanes.pop()
         try:
-            frames = self._frames(slot.input_arenas[lane], batch, worker)
+            frames, writes = self._frames(slot.input_arenas[lane], batch, worker)
         except Exception as exc:  # e.g. /dev/shm full while growing the arena
-            slot.free_lanes.append(lane)
-            error = exc if isinstance(exc, ServeError) else unavailable(
-                f"failed to stage inputs in shared memory: {exc}")
-            for request in batch:
-                self._owner.finish(request, error)
-            self._owner.dispatch()
+            self._staging_failed(slot, worker, lane, batch, exc)
             return
+        if not writes:
+            self._execute(slot, worker, lane, batch, each, frames)
+            return
+        loop = asyncio.get_running_loop()
+        jobs = [(os.dup(segment.fd), offset, data) for segment, offset, data in writes]
+        copied = loop.run_in_executor(None, _write_inputs, jobs)
+
+        def staged(done: asyncio.Future[None]) -> None:
+            for fd, _, _ in jobs:
+                os.close(fd)
+            exc = done.exception()
+            if exc is not None:
+                self._staging_failed(slot, worker, lane, batch, exc)
+                return
+            for request in batch:
+                for tensor in request.inputs:
+                    if tensor.region is None and tensor.data is not None \
+                            and len(tensor.data) > INLINE_LIMIT:
+                        tensor.data = None  # staged: the door's buffer can go
+            trim_heap()  # gRPC's receive buffers for it were freed: give their pages back now
+            self._execute(slot, worker, lane, batch, each, frames)
+
+        copied.add_done_callback(staged)
+
+    def _execute(self, slot: InstanceSlot, worker: WorkerHandle, lane: int,
+                 batch: list[InferRequest], each: bool, frames: list[list[Any]]) -> None:
         on_done = self._on_done_streams if self.decoupled else self._on_done
         batch_id = worker.execute(
             frames, lane, each, lambda result: on_done(slot, worker, lane, batch, result))
@@ -367,11 +440,26 @@ class Dispatcher:
             if self.decoupled and not request.done:
                 slot.streams[(batch_id, index)] = request
 
+    def _staging_failed(self, slot: InstanceSlot, worker: WorkerHandle, lane: int,
+                        batch: list[InferRequest], exc: BaseException) -> None:
+        if slot.worker is worker:  # (a replaced worker's lanes were all freed)
+            slot.free_lanes.append(lane)
+        error = exc if isinstance(exc, ServeError) else unavailable(
+            f"failed to stage inputs in shared memory: {exc}")
+        for request in batch:
+            if not request.done:
+                self._owner.finish(request, error)
+        self._owner.dispatch()
+
     def _frames(self, arena: Arena, batch: list[InferRequest], worker: WorkerHandle
-                ) -> list[list[Any]]:
+                ) -> tuple[list[list[Any]], list[tuple[Segment, int, bytes | memoryview | Pieces]]]:
+        """The frames of ``batch``, its large inputs staged into ``arena``; or, when they
+        come to OFF_LOOP_BYTES or more, the writes still to do (segment, offset, data)."""
         staged = sum(_align(len(t.data)) for r in batch for t in r.inputs
                      if t.data is not None and len(t.data) > INLINE_LIMIT)
         segment = arena.ensure(staged) if staged else None
+        off_loop = staged >= OFF_LOOP_BYTES
+        writes: list[tuple[Segment, int, bytes | memoryview | Pieces]] = []
         offset = 0
         frames = []
         for request in batch:
@@ -385,8 +473,11 @@ class Dispatcher:
                 elif tensor.data is not None and len(tensor.data) > INLINE_LIMIT:
                     assert segment is not None
                     size = len(tensor.data)
-                    segment.write(offset, tensor.data)
-                    tensor.data = None  # staged: the door's buffer can go
+                    if off_loop:
+                        writes.append((segment, offset, tensor.data))
+                    else:
+                        segment.write(offset, tensor.data)
+                        tensor.data = None  # staged: the door's buffer can go
                     refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape, ARENA,
                                           segment.key, offset, size).pack())
                     offset += _align(size)
@@ -405,39 +496,89 @@ class Dispatcher:
                 outputs.append([output.name, destination])
             reply = request.reply
             tag = reply.direct_tag(worker) if reply.direct else None
+            ring = None
+            if request.ring is not None:
+                ring_at = request.ring
+                ring = [TensorRef("", "", [], *_region_location(ring_at.region, worker),
+                                  ring_at.region.offset + ring_at.offset,
+                                  ring_bytes(ring_at.slot_bytes, ring_at.slots)).pack(),
+                        ring_at.slot_bytes, ring_at.slots]
             frames.append(packed_exec_request(request.request_id, refs, outputs,
-                                              request.parameters, request.correlation_id, tag))
-        if staged >= _TRIM_AFTER_STAGING:
+                                              request.parameters, request.correlation_id, tag,
+                                              ring))
+        if staged >= _TRIM_AFTER_STAGING and not off_loop:
             trim_heap()  # gRPC's receive buffers for it were freed: give their pages back now
-        return frames
+        return frames, writes
 
     # --- answers ------------------------------------------------------------------------
     def _on_done(self, slot: InstanceSlot, worker: WorkerHandle, lane: int,
                  batch: list[InferRequest], result: Done | BaseException) -> None:
-        finish = self._owner.finish
         if isinstance(result, BaseException):
             for request in batch:
-                finish(request, result)
+                self._owner.finish(request, result)
+            self._frame_answered(slot, worker, lane)
+            return
+        answers: list[list[OutputTensor] | BaseException | None] = []
+        for _, answer in zip(batch, result.results, strict=True):
+            kind = answer[0]
+            if kind == RESULT_OK:
+                try:
+                    answers.append([self._read_output(slot, raw) for raw in answer[1]])
+                except OSError as exc:
+                    answers.append(unavailable(f"failed to read outputs: {exc}"))
+            elif kind == RESULT_ANSWERED:
+                answers.append(None)
+            else:  # RESULT_ERROR
+                answers.append(ServeError.from_tuple((answer[1], answer[2])))
+        pending = sum(output.nbytes for outputs in answers if isinstance(outputs, list)
+                      for output in outputs if output.pending)
+        if pending >= OFF_LOOP_BYTES:
+            self._answer_off_loop(slot, worker, lane, batch, result, answers)
         else:
-            slot.served = True
-            for request, answer in zip(batch, result.results, strict=True):
-                kind = answer[0]
-                if kind == RESULT_OK:
-                    try:
-                        outputs = [self._read_output(slot, raw) for raw in answer[1]]
-                    except OSError as exc:
-                        finish(request, unavailable(f"failed to read outputs: {exc}"))
-                        continue
-                    finish(request, outputs)
-                elif kind == RESULT_ANSWERED:
-                    finish(request, None)
-                else:  # RESULT_ERROR
-                    finish(request, ServeError.from_tuple((answer[1], answer[2])))
-            for indices, *timings in result.executions:
-                self._owner.executed(sum(batch[i].batch_size for i in indices), len(indices),
-                                     timings)
+            self._answer(slot, worker, lane, batch, result, answers)
+
+    def _answer(self, slot: InstanceSlot, worker: WorkerHandle, lane: int,
+                batch: list[InferRequest], result: Done,
+                answers: list[list[OutputTensor] | BaseException | None]) -> None:
+        slot.served = True
+        finish = self._owner.finish
+        for request, outputs in zip(batch, answers, strict=True):
+            finish(request, outputs)
+            if isinstance(outputs, list) and not request.cancelled:  # (nobody holds those)
+                _settle(outputs)
+        for indices, *timings in result.executions:
+            self._owner.executed(sum(batch[i].batch_size for i in indices), len(indices),
+                                 timings)
+        self._frame_answered(slot, worker, lane)
+
+    def _answer_off_loop(self, slot: InstanceSlot, worker: WorkerHandle, lane: int,
+                         batch: list[InferRequest], result: Done,
+                         answers: list[list[OutputTensor] | BaseException | None]) -> None:
+        """Large outputs: each request's reply ``prepare``s its answer (copies the outputs
+        out of the arena) on a thread, through descriptors of its own (a restart may close
+        the slot's meanwhile); the lane stays held until then, the loop serves others."""
+        readers: dict[int, FileReader] = {}
+        jobs = []
+        for request, outputs in zip(batch, answers, strict=True):
+            if not isinstance(outputs, list) or request.cancelled:
+                continue
+            for output in outputs:
+                output.read_through(readers)
+            jobs.append((request.reply, outputs))
+        copied = asyncio.get_running_loop().run_in_executor(None, _prepare_answers, jobs)
+
+        def prepared(_: asyncio.Future[None]) -> None:
+            try:
+                self._answer(slot, worker, lane, batch, result, answers)
+            finally:
+                for reader in readers.values():
+                    reader.close()
+
+        copied.add_done_callback(prepared)
+
+    def _frame_answered(self, slot: InstanceSlot, worker: WorkerHandle, lane: int) -> None:
         if slot.worker is worker:  # not a replaced worker's late answer
-            slot.free_lanes.append(lane)  # only now: its outputs were read above
+            slot.free_lanes.append(lane)  # only now: its outputs were read
         slot.frames_done += 1
         self._owner.dispatch()
 
@@ -460,9 +601,12 @@ class Dispatcher:
                 finish(request, result)
             elif answer[0] == RESULT_OK:
                 try:
-                    finish(request, [self._read_output(slot, raw) for raw in answer[1]])
+                    outputs = [self._read_output(slot, raw) for raw in answer[1]]
                 except OSError as exc:
                     finish(request, unavailable(f"failed to read outputs: {exc}"))
+                    continue
+                finish(request, outputs)
+                _settle(outputs)
             else:
                 finish(request, ServeError.from_tuple((answer[1], answer[2])))
         if not isinstance(result, BaseException):
@@ -495,6 +639,8 @@ class Dispatcher:
             else:
                 response = ServeError.from_tuple((answer[1], answer[2]))
         self._owner.respond(request, response, partial.final)
+        if isinstance(response, list):
+            _settle(response)
 
     def _fail_streams(self, slot: InstanceSlot, worker: WorkerHandle, reason: str) -> None:
         """The worker is gone: its decoupled requests still open end with an error."""
@@ -513,9 +659,13 @@ class Dispatcher:
             segment = slot.output_reader.view(ref.location)
             if segment.size > ARENA_INITIAL_BYTES:
                 slot.output_grown = True
-            return OutputTensor(ref.name, ref.datatype, ref.shape,
-                                segment.read(ref.offset, ref.nbytes))
-        return OutputTensor(ref.name, ref.datatype, ref.shape, None)
+            if ref.offset < 0 or ref.nbytes < 0 or ref.offset + ref.nbytes > segment.size:
+                raise OSError(f"output '{ref.name}' lies past the end of the output arena")
+            # Pending: the door may copy it straight into its answer (see OutputTensor).
+            return OutputTensor(ref.name, ref.datatype, ref.shape, None,
+                                (segment, ref.offset, ref.nbytes))
+        return OutputTensor(ref.name, ref.datatype, ref.shape, None,
+                            region_nbytes=ref.nbytes, offset=ref.offset)
 
     # --- worker death -------------------------------------------------------------------
     def _on_worker_exit(self, slot: InstanceSlot, worker: WorkerHandle, reason: str) -> None:

@@ -13,20 +13,26 @@ Where tensor bytes go:
   step that reads them;
 * an ensemble output the client asked for in a shared-memory region is written there by the
   worker of the step that produces it;
-* intermediate tensors do cross the supervisor: above the inline limit they are read from
-  the producing worker's output arena (one pread) and staged into the consuming worker's
-  input arena (one pwrite); below it they travel inside the frames. Handing the producer's
-  arena slice to the consumer by reference needs the dispatcher to keep that output lane
-  until the consumer is done with it; not done yet.
+* intermediate tensors (a step's output that another step reads) never cross the
+  supervisor: the producing step's request asks for the output in a region of the
+  ensemble's own (``IntermediatePool``: sparse sealed memfds, never visible to clients), its
+  worker writes it there, and the consuming step's request names that region as its input,
+  which its worker maps (passed by fd once per worker, as any memfd region). A region goes
+  back to the pool when its run finished and no step request pins it any more. An ensemble
+  output that is also an intermediate is read from the region once, for the response.
 
-Decoupled composing models are refused at load (streaming ensembles come later).
+An ensemble with a decoupled step is decoupled itself (as in Triton): every response of
+that step runs the steps downstream of it (a *branch*, see ``_Run``) and becomes one response
+of the ensemble; the final flag follows once the step sent its own and every branch is done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,18 +43,23 @@ from shmserve.daemon.errors import ServeError, internal, unavailable
 from shmserve.daemon.infer_request import OutputIn, RequestItems, ShmRef, TensorIn
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.daemon.shm_registry import Region, ShmRegistry
 from shmserve.daemon.statistics import ModelStats
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos.datatypes import ELEMENT_SIZE, element_count
+from shmserve.workers.shm import Pieces
 
 log = logging.getLogger("shmserve.ensemble")
 
 
 class StepDoor(Protocol):
-    """What an ensemble needs of the core: its submit and cancel (daemon/core.py)."""
+    """What an ensemble needs of the core: its submit and cancel, and the shared-memory
+    registry for its intermediate regions (daemon/core.py)."""
+
+    registry: ShmRegistry
 
     def submit(self, model_name: str, version: str, parse: Callable[[], RequestItems],
-               reply: Reply) -> InferRequest: ...
+               reply: Reply, streaming: bool = False) -> InferRequest: ...
 
     def cancel(self, request: InferRequest) -> None: ...
 
@@ -65,8 +76,54 @@ class _Step:
 class _Value:
     datatype: str
     shape: list[int]
-    data: bytes | memoryview | None
+    data: bytes | memoryview | Pieces | None
     shm: ShmRef | None = None
+    internal: Region | None = None  # the intermediate region holding it (shm names it)
+
+
+#: Virtual size of each intermediate region: a tensor may be this large; only the pages
+#: written cost memory.
+INTERMEDIATE_CAPACITY = 1 << 32
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+class IntermediatePool:
+    """An ensemble's regions for intermediate tensors, reused from run to run (each worker
+    maps one once). A region is free when its run let go of it and no request pins it: a
+    step withdrawn while its worker ran may still write until that request ends."""
+
+    def __init__(self, registry: ShmRegistry, model: str) -> None:
+        self._registry = registry
+        self._model = model
+        self._free: list[Region] = []
+        self._all: list[Region] = []
+
+    def take(self) -> Region:
+        for index, region in enumerate(self._free):
+            if region.users == 0:
+                return self._free.pop(index)
+        fd = os.memfd_create(f"shmserve_ensemble_{self._model}",
+                             os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, INTERMEDIATE_CAPACITY)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        except BaseException:
+            os.close(fd)
+            raise
+        region = self._registry.add_internal_memfd(
+            f"ensemble '{self._model}' intermediate {len(self._all) + 1}", fd,
+            INTERMEDIATE_CAPACITY)
+        self._all.append(region)
+        return region
+
+    def give_back(self, regions: list[Region]) -> None:
+        self._free.extend(regions)
+
+    def close(self) -> None:
+        for region in self._all:
+            self._registry.drop_internal(region)
+        self._all.clear()
+        self._free.clear()
 
 
 class _StepReply(Reply):
@@ -78,23 +135,50 @@ class _StepReply(Reply):
         self._index = index
 
     def send(self, response: list[OutputTensor], final: bool) -> None:
-        self._run.step_done(self._index, response)
+        self._run.step_response(self._index, response, final)
+
+    def end(self) -> None:
+        self._run.step_response(self._index, None, True)
+
+    def send_error(self, error: ServeError, final: bool) -> None:
+        self._run.step_failed(self._index, error, ended=final)
 
     def fail(self, error: ServeError) -> None:
         self._run.step_failed(self._index, error)
 
 
-class _Run:
-    """One ensemble request on its way through the steps."""
+#: The result of a request whose responses were all sent: its final flag alone follows.
+_END: list[OutputTensor] = []
 
-    def __init__(self, owner: EnsembleScheduler, request: InferRequest) -> None:
+
+class _Run:
+    """One ensemble request on its way through the steps or, with ``parent``, one *branch*
+    of it: the steps downstream of one response of a decoupled step, run on that response's
+    tensors (and the tensors the parent had then). A branch whose steps are done is one
+    response of the ensemble; the request ends (its final flag alone) once the decoupled
+    steps sent their final flags and every branch is done. A request without a decoupled
+    step that answered more than once is answered as before: one final response."""
+
+    def __init__(self, owner: EnsembleScheduler, request: InferRequest,
+                 parent: _Run | None = None, waiting: set[int] | None = None) -> None:
         self.owner = owner
         self.request = request
-        self.values: dict[str, _Value] = {}
-        self.waiting = set(range(len(owner.steps)))
+        self.parent = parent
+        self.root: _Run = self if parent is None else parent.root
+        self.values: dict[str, _Value] = {} if parent is None else dict(parent.values)
+        self.waiting = set(range(len(owner.steps))) if waiting is None else waiting
         self.inflight: dict[int, InferRequest] = {}
+        self.step_requests: dict[int, InferRequest] = {}  # every step submitted, by index
+        self.streamed: set[int] = set()  # decoupled steps answering in several responses
+        self.branches: list[_Run] = []   # open branches of this run
         self.finished = False
-        self.shm_owner = request.regions[0].owner if request.regions else ""
+        # Intermediate regions this run holds, by name (the steps' requests may use them).
+        self.internal: dict[str, Region] = {}
+        self.runs: set[_Run] = set()     # the root's: every run of the request still open
+        self.responses = 0               # the root's: responses sent (response statistics)
+        self.responded_ns = request.received_ns
+        self.root.runs.add(self)
+        self.shm_owner: str = request.regions[0].owner if request.regions else ""
         # Ensemble outputs the client wants in its shared memory: tensor -> (ref, region).
         self.output_regions: dict[str, ShmRef] = {
             output.name: (output.region.name, output.offset, output.byte_size)
@@ -111,17 +195,32 @@ class _Run:
     def _launch_ready(self) -> None:
         steps = self.owner.steps
         for index in sorted(self.waiting):
-            if self.finished:
+            if self.root.finished:
                 return
             step = steps[index]
             if all(name in self.values for name in step.inputs.values()):
                 self.waiting.discard(index)
                 self._launch(index, step)
-        if not self.finished and not self.waiting and not self.inflight:
+        if not self.root.finished and not self.waiting and not self.inflight \
+                and not self.branches:
             self._complete()
+
+    def _inherit(self, values: dict[str, _Value]) -> None:
+        """Tensors the parent produced after this branch began (a step parallel to the
+        decoupled one): a downstream step of the branch may read them too."""
+        added = {name: value for name, value in values.items() if name not in self.values}
+        if not added:
+            return
+        self.values.update(added)
+        for branch in list(self.branches):
+            branch._inherit(added)
+        self._launch_ready()
 
     def _launch(self, index: int, step: _Step) -> None:
         request = self.request
+        # A decoupled step's outputs stay out of the pool: its next response would
+        # overwrite the region while a branch still reads it.
+        pooled = index not in self.owner.decoupled_steps
 
         def parse() -> RequestItems:
             inputs = []
@@ -129,74 +228,170 @@ class _Run:
                 value = self.values[tensor_name]
                 inputs.append(TensorIn(model_input, value.datatype, list(value.shape),
                                        value.data, value.shm))
-            outputs = [OutputIn(model_output, self.output_regions.get(tensor_name))
-                       for model_output, tensor_name in step.outputs.items()]
+            outputs = []
+            for model_output, tensor_name in step.outputs.items():
+                shm = self.output_regions.get(tensor_name)
+                if shm is None and pooled and tensor_name in self.owner.intermediates:
+                    region = self.owner.pool.take()
+                    self.internal[region.name] = region
+                    shm = (region.name, 0, region.byte_size)
+                outputs.append(OutputIn(model_output, shm))
             return RequestItems(inputs, outputs, dict(request.parameters),
-                                request.request_id, self.shm_owner)
+                                request.request_id, self.shm_owner,
+                                internal=self._regions_in_reach())
 
         try:
-            self.inflight[index] = self.owner.door.submit(step.model, step.version, parse,
-                                                          _StepReply(self, index))
+            step_request = self.owner.door.submit(step.model, step.version, parse,
+                                                  _StepReply(self, index), streaming=True)
+            self.inflight[index] = self.step_requests[index] = step_request
         except ServeError as exc:
             self.step_failed(index, exc)
 
+    def _regions_in_reach(self) -> dict[str, Region]:
+        """The intermediate regions this run's steps may use: its own and its parents'."""
+        if self.parent is None:
+            return self.internal
+        return {**self.parent._regions_in_reach(), **self.internal}
+
+    def step_response(self, index: int, outputs: list[OutputTensor] | None,
+                      final: bool) -> None:
+        """A response of step ``index`` (None: its final flag alone)."""
+        if self.root.finished:
+            return
+        if final and outputs is not None and index not in self.streamed:
+            self.step_done(index, outputs)  # one response: the step is done
+            return
+        if index not in self.streamed:  # its downstream steps run in branches from now on
+            self.streamed.add(index)
+            self.waiting -= self.owner.downstream[index]
+        if final:
+            self.inflight.pop(index, None)
+        if outputs is not None:
+            branch = _Run(self.owner, self.request, self, set(self.owner.downstream[index]))
+            self.branches.append(branch)
+            if not branch.take_outputs(index, outputs):
+                return
+            branch._launch_ready()
+        if final and not self.root.finished:
+            self._launch_ready()
+
     def step_done(self, index: int, outputs: list[OutputTensor]) -> None:
         self.inflight.pop(index, None)
-        if self.finished:
+        if self.root.finished:
             return
+        if self.take_outputs(index, outputs):
+            for branch in list(self.branches):
+                if not self.root.finished:
+                    branch._inherit(self.values)
+            self._launch_ready()
+
+    def take_outputs(self, index: int, outputs: list[OutputTensor]) -> bool:
+        """Record step ``index``'s outputs as ensemble tensors; False if the run failed."""
         step = self.owner.steps[index]
         for output in outputs:
             tensor_name = step.outputs.get(output.name)
             if tensor_name is None:
                 continue
             shm = None
+            held = None
             if output.data is None:
                 ref = self.output_regions.get(tensor_name)
                 if ref is None:
-                    self.step_failed(index, internal(
-                        f"output '{output.name}' of model '{step.model}' came back without "
-                        f"data"))
-                    return
+                    held = self._intermediate_region(index, output.name)
+                    if held is None:
+                        self.step_failed(index, internal(
+                            f"output '{output.name}' of model '{step.model}' came back "
+                            f"without data"))
+                        return False
+                    ref = (held.name, 0, held.byte_size)
                 size = ELEMENT_SIZE.get(output.datatype, -1)
-                nbytes = size * element_count(output.shape) if size > 0 else ref[2]
+                nbytes = output.region_nbytes if output.region_nbytes >= 0 else \
+                    size * element_count(output.shape) if size > 0 else ref[2]
                 shm = (ref[0], ref[1], nbytes)
             self.values[tensor_name] = _Value(output.datatype, list(output.shape), output.data,
-                                              shm)
-        self._launch_ready()
+                                              shm, held)
+        return True
 
-    def step_failed(self, index: int, error: ServeError) -> None:
-        self.inflight.pop(index, None)
-        if self.finished:
-            return
-        self._finish(error)
+    def _intermediate_region(self, index: int, model_output: str) -> Region | None:
+        """The intermediate region the step's request named for ``model_output``."""
+        run: _Run | None = self
+        while run is not None:  # a branch's outputs came from its parent's step request
+            step_request = run.step_requests.get(index)
+            if step_request is not None:
+                for requested in step_request.outputs:
+                    if requested.name == model_output and requested.region is not None \
+                            and requested.region.name in run.internal:
+                        return requested.region
+                return None
+            run = run.parent
+        return None
+
+    def step_failed(self, index: int, error: ServeError, ended: bool = True) -> None:
+        """Step ``index`` failed: so does the request (a decoupled step that may still send
+        more, ``ended`` False, is cancelled with the others)."""
+        if ended:
+            self.inflight.pop(index, None)
+        self.root._finish(error)
 
     def cancel(self) -> None:
         self.request.cancelled = True
         self._finish(None)
 
     def _complete(self) -> None:
-        request = self.request
-        wanted = [output.name for output in request.outputs] or self.owner.output_names
+        """Every step of this run is done."""
+        if self.streamed:
+            response = _END  # its responses were its branches'
+        else:
+            built = self._response()
+            if built is None:
+                return
+            response = built
+        parent = self.parent
+        if parent is None:
+            self._finish(response)
+            return
+        self.finished = True
+        self.owner.pool.give_back(list(self.internal.values()))
+        self.internal = {}
+        self.values = {}  # a long stream keeps no finished branch's tensors
+        self.root.runs.discard(self)
+        if response is not _END:
+            self.owner.respond(self.root, response)
+        parent.branches.remove(self)
+        parent._launch_ready()
+
+    def _response(self) -> list[OutputTensor] | None:
+        wanted = [output.name for output in self.request.outputs] or self.owner.output_names
         response = []
         for name in wanted:
             value = self.values.get(name)
             if value is None:
-                self._finish(internal(f"ensemble '{self.owner.model}' produced no data for "
-                                      f"output '{name}'"))
-                return
+                self.root._finish(internal(f"ensemble '{self.owner.model}' produced no data "
+                                           f"for output '{name}'"))
+                return None
             in_region = name in self.output_regions
-            response.append(OutputTensor(name, value.datatype, value.shape,
-                                         None if in_region else bytes(value.data or b"")))
-        self._finish(response)
+            if in_region:
+                data = None
+            elif value.internal is not None and value.shm is not None:
+                # An intermediate that is also an output: read once for the response.
+                data = os.pread(value.internal.fd, value.shm[2], value.shm[1])
+            else:
+                data = bytes(value.data or b"")
+            response.append(OutputTensor(name, value.datatype, value.shape, data))
+        return response
 
     def _finish(self, result: list[OutputTensor] | ServeError | None) -> None:
-        """``result``: the response, the error, or None when the caller gave up."""
+        """The root's end: ``result`` is the final response (``_END``: its final flag
+        alone), the error, or None when the caller gave up."""
         if self.finished:
             return
         self.finished = True
-        for step_request in list(self.inflight.values()):
-            self.owner.door.cancel(step_request)
-        self.inflight.clear()
+        for run in list(self.runs):
+            for step_request in list(run.inflight.values()):
+                self.owner.door.cancel(step_request)
+            run.inflight.clear()
+            self.owner.pool.give_back(list(run.internal.values()))
+            run.internal = {}
         self.owner.finished(self, result)
 
 
@@ -205,7 +400,8 @@ class EnsembleScheduler:
 
     def __init__(self, model: str, version: int, config: mc.ModelConfig, door: StepDoor,
                  composing_ready: Callable[[], bool],
-                 on_finished: Callable[[InferRequest], None]) -> None:
+                 on_finished: Callable[[InferRequest], None],
+                 decoupled_models: frozenset[str] = frozenset()) -> None:
         self.model = model
         self.version = version
         self.stats = ModelStats()
@@ -215,6 +411,12 @@ class EnsembleScheduler:
                             dict(step.input_map), dict(step.output_map))
                       for step in config.ensemble_scheduling.step]
         self.output_names = [output.name for output in config.output]
+        # Tensors a step produces and another step reads: they go through the pool.
+        self.intermediates = {name for step in self.steps for name in step.inputs.values()}
+        self.pool = IntermediatePool(door.registry, model)
+        self.decoupled_steps = {index for index, step in enumerate(self.steps)
+                                if step.model in decoupled_models}
+        self.downstream = _downstream(self.steps)
         self._composing_ready = composing_ready
         self._on_finished = on_finished
         self._runs: dict[int, _Run] = {}
@@ -247,6 +449,7 @@ class EnsembleScheduler:
         await self.drain(timeout)
         for run in list(self._runs.values()):
             run._finish(unavailable(f"model '{self.model}' is being unloaded"))
+        self.pool.close()
 
     def release_regions(self, region_ids: list[int]) -> None:
         """Regions are held by the steps' own requests."""
@@ -276,7 +479,11 @@ class EnsembleScheduler:
         stats = self.stats
         stats.pending -= 1
         ok = isinstance(result, list)
-        stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
+        now = time.perf_counter_ns()
+        if self.decoupled_steps and result is not None:  # a decoupled ensemble's final one
+            kind = "fail" if not ok else "empty_response" if result is _END else "success"
+            stats.record_response(run.responses, kind, now - run.responded_ns)
+        stats.record_request(ok, now - request.received_ns)
         if ok:
             stats.inference_count += request.batch_size
             stats.execution_count += 1
@@ -287,7 +494,41 @@ class EnsembleScheduler:
         try:
             if isinstance(result, ServeError):
                 request.reply.fail(result)
+            elif result is _END:
+                request.reply.end()
             else:
                 request.reply.send(result, True)
         except Exception:
             log.exception("answering an ensemble request failed")
+
+    def respond(self, run: _Run, response: list[OutputTensor]) -> None:
+        """One response of a streaming ensemble request; more follow."""
+        if run.request.cancelled:
+            return
+        now = time.perf_counter_ns()
+        self.stats.record_response(run.responses, "success", now - run.responded_ns)
+        run.responses += 1
+        run.responded_ns = now
+        try:
+            run.request.reply.send(response, False)
+        except Exception:
+            log.exception("answering an ensemble request failed")
+
+
+def _downstream(steps: list[_Step]) -> list[frozenset[int]]:
+    """For each step, the steps that read its outputs, directly or through other steps."""
+    readers: dict[str, list[int]] = {}
+    for index, step in enumerate(steps):
+        for tensor in step.inputs.values():
+            readers.setdefault(tensor, []).append(index)
+    result = []
+    for step in steps:
+        found: set[int] = set()
+        frontier = list(step.outputs.values())
+        while frontier:
+            for reader in readers.get(frontier.pop(), []):
+                if reader not in found:
+                    found.add(reader)
+                    frontier.extend(steps[reader].outputs.values())
+        result.append(frozenset(found))
+    return result

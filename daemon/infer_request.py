@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from shmserve.daemon.errors import ServeError, invalid_argument
 from shmserve.daemon.models import ModelVersion
 from shmserve.daemon.reply import Reply
-from shmserve.daemon.request import InferRequest, InputTensor, RequestedOutput
+from shmserve.daemon.request import InferRequest, InputTensor, RequestedOutput, ResponseRing
 from shmserve.daemon.shm_registry import Region, ShmRegistry
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos.datatypes import (
@@ -27,6 +27,12 @@ from shmserve.protos.datatypes import (
     deserialize_bytes_tensor,
     element_count,
 )
+from shmserve.protos.response_ring import OFFSET as RING_OFFSET
+from shmserve.protos.response_ring import REGION as RING_REGION
+from shmserve.protos.response_ring import SLOT_BYTES as RING_SLOT_BYTES
+from shmserve.protos.response_ring import SLOTS as RING_SLOTS
+from shmserve.protos.response_ring import ring_bytes
+from shmserve.workers.shm import Pieces
 
 ShmRef = tuple[str, int, int]  # (region name, offset, byte size)
 ParamT = TypeVar("ParamT")
@@ -71,7 +77,7 @@ class TensorIn:
     name: str
     datatype: str
     shape: list[int]
-    data: bytes | memoryview | None = None  # the tensor bytes, unless in a region
+    data: bytes | memoryview | Pieces | None = None  # the tensor bytes, unless in a region
     shm: ShmRef | None = None
     fault: ServeError | None = None         # found while parsing; raised after shape checks
 
@@ -95,6 +101,7 @@ class RequestItems:
     request_id: str
     owner: str                              # whose regions it may use ("" = anonymous)
     late_fault: ServeError | None = None    # raised after the inputs were checked
+    internal: Mapping[str, Region] | None = None  # server regions it may use (ensembles)
 
 
 @dataclass(slots=True, frozen=True)
@@ -152,10 +159,13 @@ def build_request(model: ModelVersion, registry: ShmRegistry, items: RequestItem
     owner = items.owner
     try:
         plan = model_plan(model)
-        tensors, batch_size = _inputs(plan, registry, items.inputs, regions, owner)
+        tensors, batch_size = _inputs(plan, registry, items.inputs, regions, owner,
+                                      items.internal)
         if items.late_fault is not None:
             raise items.late_fault
-        requested = _outputs(plan, registry, items.outputs, regions, owner)
+        requested = _outputs(plan, registry, items.outputs, regions, owner, items.internal)
+        ring = _response_ring(registry, items.parameters, regions, owner) \
+            if items.parameters and RING_REGION in items.parameters else None
     except BaseException:
         for region in regions:
             registry.release(region)
@@ -163,12 +173,37 @@ def build_request(model: ModelVersion, registry: ShmRegistry, items: RequestItem
     parameters = items.parameters
     sequence_id = parameters.get("sequence_id", 0)
     correlation = sequence_id if isinstance(sequence_id, int | str) else 0
-    return InferRequest(plan.name, model.version, items.request_id, tensors, requested,
-                        batch_size, reply, parameters, correlation, 0, regions)
+    request = InferRequest(plan.name, model.version, items.request_id, tensors, requested,
+                           batch_size, reply, parameters, correlation, 0, regions)
+    if ring is not None:
+        request.ring = ring
+    return request
+
+
+def _response_ring(registry: ShmRegistry, parameters: Mapping[str, Any],
+                   regions: list[Region], owner: str) -> ResponseRing:
+    """The response ring the request's parameters name; pins its region."""
+    name = parameters[RING_REGION]
+    values = [parameters.get(key, 0) for key in (RING_OFFSET, RING_SLOT_BYTES, RING_SLOTS)]
+    if type(name) is not str or not all(type(value) is int for value in values):
+        raise invalid_argument(f"'{RING_REGION}' must be a string and '{RING_OFFSET}', "
+                               f"'{RING_SLOT_BYTES}', '{RING_SLOTS}' integers")
+    offset, slot_bytes, slots = values
+    if slot_bytes <= 0 or slot_bytes % 64 or slots <= 0 or offset % 8:
+        raise invalid_argument(f"a response ring needs '{RING_SLOTS}' > 0, "
+                               f"'{RING_SLOT_BYTES}' a positive multiple of 64 and an "
+                               f"'{RING_OFFSET}' aligned to 8 bytes")
+    region = registry.acquire(name, offset, ring_bytes(slot_bytes, slots), owner)
+    regions.append(region)
+    if region.kind != "system":
+        raise invalid_argument(f"a response ring must be in a system shared memory region, "
+                               f"not '{name}'")
+    return ResponseRing(region, offset, slot_bytes, slots)
 
 
 def _inputs(plan: ModelPlan, registry: ShmRegistry, inputs: list[TensorIn],
-            regions: list[Region], owner: str) -> tuple[list[InputTensor], int]:
+            regions: list[Region], owner: str,
+            internal: Mapping[str, Region] | None) -> tuple[list[InputTensor], int]:
     name = plan.name
     configured = plan.inputs
     given = [tensor.name for tensor in inputs]
@@ -203,7 +238,7 @@ def _inputs(plan: ModelPlan, registry: ShmRegistry, inputs: list[TensorIn],
         expected_bytes = spec.element_size * element_count(tensor.shape) if fixed else -1
         if tensor.shm is not None:
             region_name, offset, byte_size = tensor.shm
-            region = registry.acquire(region_name, offset, byte_size, owner)
+            region = registry.acquire(region_name, offset, byte_size, owner, internal)
             regions.append(region)
             if fixed and byte_size != expected_bytes:
                 raise _byte_size_mismatch(tensor.name, name, expected_bytes, byte_size)
@@ -277,13 +312,14 @@ def _byte_size_mismatch(tensor: str, model: str, expected: int, got: int) -> Ser
 BYTES_CHECKED_ON_LOOP = 64 << 10
 
 
-def _check_bytes_tensor(tensor: str, model: str, data: bytes | memoryview, count: int) -> None:
+def _check_bytes_tensor(tensor: str, model: str, data: bytes | memoryview | Pieces,
+                        count: int) -> None:
     if count > MAX_BYTES_ELEMENTS:
         raise invalid_argument(f"BYTES input '{tensor}' for model '{model}' has {count} "
                                f"elements, more than the {MAX_BYTES_ELEMENTS} allowed per tensor")
     try:
         if len(data) <= BYTES_CHECKED_ON_LOOP:
-            deserialize_bytes_tensor(data, count)
+            deserialize_bytes_tensor(bytes(data) if isinstance(data, Pieces) else data, count)
         elif len(data) < 4 * count:
             raise ValueError(f"expected {count} elements, found fewer")
     except ValueError as exc:
@@ -292,7 +328,8 @@ def _check_bytes_tensor(tensor: str, model: str, data: bytes | memoryview, count
 
 
 def _outputs(plan: ModelPlan, registry: ShmRegistry, outputs: list[OutputIn],
-             regions: list[Region], owner: str) -> list[RequestedOutput]:
+             regions: list[Region], owner: str,
+             internal: Mapping[str, Region] | None) -> list[RequestedOutput]:
     requested: list[RequestedOutput] = []
     for output in outputs:
         if output.name not in plan.outputs:
@@ -304,7 +341,7 @@ def _outputs(plan: ModelPlan, registry: ShmRegistry, outputs: list[OutputIn],
             requested.append(RequestedOutput(output.name))
             continue
         region_name, offset, byte_size = output.shm
-        region = registry.acquire(region_name, offset, byte_size, owner)
+        region = registry.acquire(region_name, offset, byte_size, owner, internal)
         regions.append(region)
         requested.append(RequestedOutput(output.name, region, offset, byte_size))
     return requested

@@ -473,9 +473,8 @@ class ModelManager:
                     raise invalid_argument(f"ensemble '{name}' depends on '{model}' which "
                                            f"has no loaded version: {exc.message}") from None
                 if step_version.config.model_transaction_policy.decoupled:
-                    raise invalid_argument(
-                        f"in ensemble {name}, step model {model} is decoupled: ensembles with "
-                        f"decoupled steps are not supported by shmserve yet")
+                    # Decoupled itself, as in Triton: it streams that step's responses.
+                    config.model_transaction_policy.decoupled = True
                 configs[model] = step_version.config
             try:
                 validate_steps(config, configs)
@@ -483,6 +482,18 @@ class ModelManager:
                 raise invalid_argument(str(exc)) from None
         finally:
             _ENSEMBLE_CHAIN.reset(token)
+
+    def _decoupled_steps(self, config: mc.ModelConfig) -> frozenset[str]:
+        """The ensemble's composing models that are decoupled (loaded by now)."""
+        found = set()
+        for model, version in composing_models(config):
+            try:
+                step = self.resolve(model, str(version) if version > 0 else "")
+            except ServeError:
+                continue
+            if step.config.model_transaction_policy.decoupled:
+                found.add(model)
+        return frozenset(found)
 
     def _composing_ready(self, config: mc.ModelConfig) -> Callable[[], bool]:
         steps = [(model, str(version) if version > 0 else "")
@@ -584,7 +595,7 @@ class ModelManager:
             assert self.step_door is not None, "the core sets step_door"
             return ModelVersion(name, version, config, EnsembleScheduler(
                 name, version, config, self.step_door, self._composing_ready(config),
-                self._on_request_finished))
+                self._on_request_finished, self._decoupled_steps(config)))
         config_dict = config_to_dict(config)
         backend = config.backend
         settings = self._settings

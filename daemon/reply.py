@@ -58,6 +58,13 @@ class Reply:
         Doors that take one response treat it as the failure."""
         self.fail(error)
 
+    def prepare(self, response: list[OutputTensor]) -> None:
+        """Called on a thread, before ``send``, for a response with large outputs: copy them
+        out of the worker's arena (``OutputTensor``), into bytes unless the door has a
+        better place. Touches nothing but the response (and the door's own reply)."""
+        for output in response:
+            output.settle()
+
     def direct_tag(self, worker: DirectTarget) -> list[int] | None:
         """The tag ``worker`` answers this request under, or None: the dispatcher answers."""
         return None

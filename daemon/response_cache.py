@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from shmserve.daemon.request import InferRequest, InputTensor
 from shmserve.daemon.shm_registry import Region
+from shmserve.workers.shm import Pieces
 
 # What an entry costs beside its output bytes (names, shapes, bookkeeping), roughly.
 ENTRY_OVERHEAD = 128
@@ -114,7 +115,9 @@ def request_key(request: InferRequest, model_outputs: Iterable[str]) -> bytes:
         digest.update(f"{tensor.name}\0{tensor.datatype}\0{tensor.shape}\0{tensor.nbytes}\0"
                       .encode())
         if tensor.region is None:
-            digest.update(tensor.data if tensor.data is not None else b"")
+            data = tensor.data
+            for part in data.parts if isinstance(data, Pieces) else (data or b"",):
+                digest.update(part)
         else:
             _hash_region(digest, tensor)
     names = [output.name for output in request.outputs] or model_outputs

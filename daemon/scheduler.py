@@ -71,6 +71,7 @@ class Scheduler:
         # Decoupled requests that responded: (responses so far, when the last one came).
         self._responded: dict[int, tuple[int, int]] = {}
         self._dispatch_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -129,7 +130,10 @@ class Scheduler:
             # Dispatched once the loop has handled what else arrived in this iteration:
             # requests that came together (one client doorbell) travel in one frame.
             self._dispatch_scheduled = True
-            asyncio.get_running_loop().call_soon(self._scheduled_dispatch)
+            loop = self._loop
+            if loop is None:  # (asyncio.get_running_loop costs a getpid syscall each call)
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._scheduled_dispatch)
 
     def cancel(self, request: InferRequest) -> None:
         """Its caller gave up: drop it from the queue, or withdraw it from the worker it was
@@ -166,9 +170,10 @@ class Scheduler:
             if slot is None:
                 break
             if policy is not None:
-                count, wait_ns = policy.next_batch(queue, time.perf_counter_ns())
+                count, wait_ns = policy.next_batch(queue, time.perf_counter_ns(),
+                                                   ahead=slot.inflight > 0)
                 if not count:
-                    if self._timer is None:
+                    if wait_ns and self._timer is None:
                         self._timer = asyncio.get_running_loop().call_later(
                             wait_ns / 1e9, self._on_timer)
                     break

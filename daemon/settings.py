@@ -33,7 +33,8 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_restriction(text: str) -> tuple[set[str], str, str]:
-    """tritonserver's --grpc-restricted-protocol=<groups>:<key>=<value>."""
+    """tritonserver's --grpc-restricted-protocol / --http-restricted-api
+    =<groups>:<key>=<value>."""
     groups_text, _, rule = text.partition(":")
     key, _, value = rule.partition("=")
     groups = {g.strip() for g in groups_text.split(",") if g.strip()}
@@ -176,6 +177,10 @@ class Settings:
         flag="--grpc-restricted-protocol", parse=parse_restriction, repeatable=True,
         metavar="GROUPS:KEY=VALUE",
         help="require header triton-grpc-protocol-KEY: VALUE for these groups")
+    http_restricted_apis: list[tuple[set[str], str, str]] = setting(
+        flag="--http-restricted-api", parse=parse_restriction, repeatable=True,
+        metavar="GROUPS:KEY=VALUE",
+        help="HTTP: require header KEY: VALUE for these API groups (403 without it)")
     local_socket: str = setting(
         "", flag="--local-socket", metavar="PATH",
         help="Unix socket of the local shared-memory channel ('' = "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from shmserve.daemon.errors import (
@@ -137,6 +137,19 @@ class ShmRegistry:
                                    f"regions belong to a local channel")
         self._add(Region(name, "system", "", offset, byte_size, owner, fd=fd))
 
+    def add_internal_memfd(self, label: str, fd: int, byte_size: int) -> Region:
+        """A region of the server's own (a sealed memfd): never listed, never reachable by a
+        client's name; requests reach it only through ``acquire(internal=...)``. The
+        registry owns ``fd``; ``drop_internal`` releases it once no request uses it."""
+        region = Region(label, "system", "", 0, byte_size, "", fd=fd)
+        region.region_id = next(_ids)
+        return region
+
+    def drop_internal(self, region: Region) -> None:
+        region.unregistered = True
+        if region.users == 0:
+            self._released(region)
+
     def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int,
                       owner: str = "", peer_uid: int | None = None) -> None:
         self._check_door(name, peer_uid)
@@ -190,9 +203,14 @@ class ShmRegistry:
                 if r.kind == kind and self._visible(r, owner) is not None]
 
     # --- use by requests ----------------------------------------------------------------
-    def acquire(self, name: str, offset: int, byte_size: int, owner: str = "") -> Region:
-        """Check a request's reference and pin the region until ``release``."""
-        region = self._visible(self._regions.get(name), owner)
+    def acquire(self, name: str, offset: int, byte_size: int, owner: str = "",
+                internal: Mapping[str, Region] | None = None) -> Region:
+        """Check a request's reference and pin the region until ``release``. ``internal``:
+        the server's own regions this request may use besides the registered ones (an
+        ensemble's intermediate tensors)."""
+        region = internal.get(name) if internal else None
+        if region is None:
+            region = self._visible(self._regions.get(name), owner)
         if region is None:
             raise not_found(f"Unable to find shared memory region: '{name}'")
         if offset < 0 or offset >= region.byte_size:

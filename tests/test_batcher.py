@@ -80,3 +80,16 @@ def test_a_frame_leaves_queued_requests_to_other_free_instances() -> None:
     assert share_among(8, queued=1, free_instances=2) == 1
     assert share_among(2, queued=10, free_instances=2) == 2
     assert share_among(4, queued=10, free_instances=0) == 4
+
+
+def test_only_a_full_batch_is_sent_ahead_to_a_busy_instance() -> None:
+    policy = BatchPolicy(max_batch_size=4, preferred=(4,), max_queue_delay_ns=100 * US)
+    # The instance is executing: a partial batch waits for it (no timer: its end re-asks).
+    assert policy.next_batch(queue(1, 1), now_ns=0, ahead=True) == (0, 0)
+    assert policy.next_batch(queue(1), now_ns=10_000 * US, ahead=True) == (0, 0)
+    # A full batch cannot grow any more: it goes ahead.
+    assert policy.next_batch(queue(1, 1, 1, 1, 1), now_ns=0, ahead=True) == (4, 0)
+    assert policy.next_batch(queue(3, 2), now_ns=0, ahead=True) == (1, 0)
+    # Once the instance is free the usual rules apply.
+    assert policy.next_batch(queue(1, 1), now_ns=0) == (0, 100 * US)
+    assert policy.next_batch(queue(1, 1), now_ns=100 * US) == (2, 0)

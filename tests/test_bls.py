@@ -16,7 +16,8 @@ from tritonclient.utils import InferenceServerException
 
 from tests.serverproc import ServerProcess, build_repository
 
-MODELS = ["bls_double", "bls_pre", "bls_caller", "async_sleeper", "bls_bounce"]
+MODELS = ["bls_double", "bls_pre", "bls_caller", "async_sleeper", "bls_bounce",
+          "bls_decoupled", "repeat_int32", "midstream_error", "fill_stream"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # through the supervisor, not a ring that is too small for them.
     proc = ServerProcess(repo, "--model-control-mode", "explicit", "--load-model", "bls_double",
                          "--load-model", "bls_pre", "--load-model", "async_sleeper",
-                         "--load-model", "bls_bounce",
+                         "--load-model", "bls_bounce", "--load-model", "bls_decoupled",
+                         "--load-model", "repeat_int32", "--load-model", "midstream_error",
+                         "--load-model", "fill_stream",
                          "--local-ring-bytes", str(128 << 20))
     try:
         proc.wait_ready()
@@ -69,6 +72,56 @@ def _infer_many(server: ServerProcess, model: str, mode: str, count: int) -> flo
     elapsed = time.monotonic() - started
     assert len(results) == count
     return elapsed
+
+
+def _aggregate(server: ServerProcess, values: list[int], mode: str,
+               **parameters: str) -> tuple[int, int, bool]:
+    """bls_decoupled's answer: (SUM, COUNT, LAST_EMPTY) of the repeat model's responses."""
+    with grpcclient.InferenceServerClient(server.url) as client:
+        tensor = grpcclient.InferInput("IN", [len(values)], "INT32")
+        tensor.set_data_from_numpy(np.array(values, np.int32))
+        result = client.infer("bls_decoupled", [tensor], parameters={"mode": mode, **parameters},
+                              client_timeout=60)
+    return (int(result.as_numpy("SUM")[0]), int(result.as_numpy("COUNT")[0]),
+            bool(result.as_numpy("LAST_EMPTY")[0]))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "async_for"])
+def test_decoupled_exec_iterates_every_response(server: ServerProcess, mode: str) -> None:
+    """exec(decoupled=True) / async_exec(decoupled=True): one response per element, then
+    the empty final one (the repeat model sends the final flag alone), as in Triton."""
+    before = _stats(server, "repeat_int32")
+    assert _aggregate(server, [3, 4, 5, 6], mode) == (18, 5, True)
+    assert _stats(server, "repeat_int32") == before + 1  # through the core, counted
+
+
+def test_decoupled_exec_errors_mid_stream_are_responses(server: ServerProcess) -> None:
+    # midstream_error: OUT, an error, OUT, then execute raises: the error as final response.
+    assert _aggregate(server, [7], "error") == (7 + 7 - 2000, 4, False)
+
+
+def test_decoupled_exec_stopped_early_cancels_the_request(server: ServerProcess,
+                                                         tmp_path: Path) -> None:
+    log = tmp_path / "cancelled"
+    values = list(range(1, 40))  # 10 ms apart: far from done when the caller stops
+    assert _aggregate(server, values, "first", cancel_log=str(log)) == (1, 1, False)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not log.exists():
+        time.sleep(0.05)
+    assert "cancelled at" in log.read_text()
+
+
+def test_decoupled_exec_responses_never_pass_through_the_supervisor(
+        server: ServerProcess) -> None:
+    """Three 16 MiB responses of a decoupled model to a BLS caller: written into the
+    caller's response ring by the called worker, not carried by the supervisor."""
+    elements = 4 << 20
+    expected = (elements * (0 + 1 + 2), 4, True)  # 3 responses and the empty final one
+    assert _aggregate(server, [3, elements], "fill") == expected  # warm
+    moved = _io_bytes(server.pid)
+    assert _aggregate(server, [3, elements], "fill") == expected
+    moved = _io_bytes(server.pid) - moved
+    assert moved < 2 << 20, f"the supervisor read/wrote {moved} bytes"
 
 
 def _stats(server: ServerProcess, model: str) -> int:

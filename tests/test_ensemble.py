@@ -4,7 +4,10 @@ and explicit loading of composing models, statistics for the ensemble and its st
 
 from __future__ import annotations
 
+import queue
+import shutil
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,8 @@ from tritonclient.utils import InferenceServerException
 
 from shmserve.tests.conftest import StartServer
 from shmserve.tests.serverproc import ServerProcess
+
+MODELS_DIR = Path(__file__).parent / "models"
 
 ARITHMETIC_MODEL = """
     import time
@@ -339,3 +344,199 @@ def test_the_same_pipeline_as_an_ensemble_and_as_bls_answers_alike(
             np.testing.assert_allclose(bls, (data + 1) * 2 - 3)
     finally:
         client.close()
+
+
+GROW_MODEL = """
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            # 4 values in, 16 MiB out: each value repeated 1 Mi times.
+            return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+                "OUTPUT0", np.repeat(pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy(),
+                                     1 << 20))]) for r in requests]
+"""
+
+SHRINK_MODEL = """
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            # 16 MiB in, 4 values out: the sum of each quarter.
+            return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+                "OUTPUT0", pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()
+                .reshape(4, -1).sum(axis=1, dtype=np.float32))]) for r in requests]
+"""
+
+
+def _io_bytes(pid: int) -> int:
+    """Bytes the process moved through read/write-like syscalls (pread/pwrite included)."""
+    fields = dict(line.split(": ") for line in
+                  Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["rchar"]) + int(fields["wchar"])
+
+
+def test_large_intermediate_tensors_go_from_worker_to_worker_by_reference(
+        start_server: StartServer, tmp_path: Path) -> None:
+    """16 B in, 16 MiB between grow -> mid -> shrink (two intermediates), 16 B out: the
+    supervisor moves none of the intermediate bytes (it used to pread and pwrite each)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write(repo, "grow", model_config("grow"), GROW_MODEL)
+    arithmetic(repo, "mid", mul=2)
+    write(repo, "shrink", model_config("shrink"), SHRINK_MODEL)
+    write(repo, "big_pipeline", ensemble_config("big_pipeline", [
+        step("grow", {"INPUT0": "IN"}, {"OUTPUT0": "wide"}),
+        step("mid", {"INPUT0": "wide"}, {"OUTPUT0": "doubled"}),
+        step("shrink", {"INPUT0": "doubled"}, {"OUTPUT0": "OUT"}),
+    ]))
+    server = start_server(None, repository=repo)
+    data = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
+    with grpcclient.InferenceServerClient(server.url) as client:
+        infer(client, "big_pipeline", data, ["OUT"])  # warm: regions mapped once per worker
+        moved = _io_bytes(server.pid)
+        got = infer(client, "big_pipeline", data, ["OUT"])["OUT"]
+        moved = _io_bytes(server.pid) - moved
+        np.testing.assert_allclose(got, data * 2 * (1 << 20))
+        assert moved < 2 << 20, f"the supervisor read/wrote {moved} bytes"
+        # Several runs at once each get their own regions.
+        results = []
+        threads = [threading.Thread(target=lambda k=k: results.append(
+            (k, infer(client, "big_pipeline", data + k, ["OUT"])["OUT"]))) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(results) == 4
+        for k, out in results:
+            np.testing.assert_allclose(out, (data + k) * 2 * (1 << 20))
+
+
+def test_ensemble_with_a_decoupled_step_streams_its_responses(
+        start_server: StartServer, tmp_path: Path) -> None:
+    """pre (+1) -> repeat_int32 (decoupled: one response per element) -> post (*10): every
+    response of the decoupled step flows through post and out of the ensemble as its own
+    response on the stream; the final flag comes once the step sent its own."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(MODELS_DIR / "repeat_int32", repo / "repeat_int32")
+    arithmetic(repo, "pre", add=1, data_type="TYPE_INT32")
+    arithmetic(repo, "post", mul=10, data_type="TYPE_INT32")
+    write(repo, "streaming", """
+        name: "streaming"
+        platform: "ensemble"
+        max_batch_size: 0
+        input [ { name: "IN", data_type: TYPE_INT32, dims: [ -1 ] },
+                { name: "DELAY", data_type: TYPE_INT32, dims: [ 1 ] } ]
+        output [ { name: "OUT", data_type: TYPE_INT32, dims: [ -1 ] },
+                 { name: "IDX", data_type: TYPE_INT32, dims: [ 1 ] } ]
+        ensemble_scheduling { step [ """ + ", ".join([
+        step("pre", {"INPUT0": "IN"}, {"OUTPUT0": "t1"}),
+        step("repeat_int32", {"IN": "t1", "DELAY_MS": "DELAY"}, {"OUT": "each", "IDX": "IDX"}),
+        step("post", {"INPUT0": "each"}, {"OUTPUT0": "OUT"})]) + " ] }\n")
+    server = start_server(None, repository=repo)
+    values = np.array([3, 4, 5], dtype=np.int32)
+    inputs = [grpcclient.InferInput("IN", [3], "INT32"), grpcclient.InferInput("DELAY", [1],
+                                                                              "INT32")]
+    inputs[0].set_data_from_numpy(values)
+    inputs[1].set_data_from_numpy(np.array([50], dtype=np.int32))
+    results: queue.Queue[object] = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        assert client.get_model_config("streaming").config.model_transaction_policy.decoupled
+        with pytest.raises(InferenceServerException) as refused:  # unary: Triton's text
+            client.infer("streaming", inputs)
+        assert "doesn't support models with decoupled transaction policy" \
+            in str(refused.value.message())
+        client.start_stream(callback=lambda result, error: results.put(
+            error if error is not None else result))
+        client.async_stream_infer("streaming", inputs, request_id="s1",
+                                  enable_empty_final_response=True)
+        got = []
+        while True:
+            result = results.get(timeout=20)
+            assert not isinstance(result, InferenceServerException), result
+            got.append(result)
+            response = result.get_response()  # type: ignore[attr-defined]
+            if response.parameters["triton_final_response"].bool_param:
+                break
+        client.stop_stream()
+    finally:
+        client.close()
+    assert len(got) == 4
+    streamed = sorted((int(r.as_numpy("IDX")[0]),  # type: ignore[attr-defined]
+                       r.as_numpy("OUT").tolist()) for r in got[:3])  # type: ignore[attr-defined]
+    assert streamed == [(0, [40]), (1, [50]), (2, [60])]
+    assert got[3].get_response().outputs == []  # type: ignore[attr-defined]
+    with grpcclient.InferenceServerClient(server.url) as stats:
+        post = stats.get_inference_statistics("post", as_json=True)["model_stats"][0]
+        assert int(post["inference_stats"]["success"]["count"]) == 3  # once per response
+        ensemble = stats.get_inference_statistics("streaming").model_stats[0]
+    by_index = ensemble.response_stats  # the ensemble's own responses, as a decoupled model's
+    assert [by_index[str(i)].success.count for i in range(3)] == [1, 1, 1]
+    assert by_index["3"].empty_response.count == 1
+    assert ensemble.inference_stats.success.count == 1
+
+
+COMBINE_MODEL = """
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+                "OUTPUT0", (pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()
+                            + pb_utils.get_input_tensor_by_name(r, "INPUT1").as_numpy().sum())
+                .astype(np.int32))]) for r in requests]
+"""
+
+
+def test_decoupled_branches_wait_for_a_parallel_step(start_server: StartServer,
+                                                     tmp_path: Path) -> None:
+    """repeat_int32's responses come before the slow parallel step 'side' is done; each
+    branch's 'combine' step waits for side's output, then runs."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(MODELS_DIR / "repeat_int32", repo / "repeat_int32")
+    arithmetic(repo, "side", mul=100, sleep=0.5, data_type="TYPE_INT32")
+    write(repo, "combine", """
+        name: "combine"
+        backend: "python"
+        max_batch_size: 0
+        input [ { name: "INPUT0", data_type: TYPE_INT32, dims: [ -1 ] },
+                { name: "INPUT1", data_type: TYPE_INT32, dims: [ -1 ] } ]
+        output [ { name: "OUTPUT0", data_type: TYPE_INT32, dims: [ -1 ] } ]
+    """, COMBINE_MODEL)
+    write(repo, "fan", """
+        name: "fan"
+        platform: "ensemble"
+        max_batch_size: 0
+        input [ { name: "IN", data_type: TYPE_INT32, dims: [ -1 ] },
+                { name: "DELAY", data_type: TYPE_INT32, dims: [ 1 ] } ]
+        output [ { name: "OUT", data_type: TYPE_INT32, dims: [ -1 ] } ]
+        ensemble_scheduling { step [ """ + ", ".join([
+        step("repeat_int32", {"IN": "IN", "DELAY_MS": "DELAY"}, {"OUT": "each"}),
+        step("side", {"INPUT0": "IN"}, {"OUTPUT0": "scaled"}),
+        step("combine", {"INPUT0": "each", "INPUT1": "scaled"}, {"OUTPUT0": "OUT"})]) + " ] }\n")
+    server = start_server(None, repository=repo)
+    inputs = [grpcclient.InferInput("IN", [3], "INT32"), grpcclient.InferInput("DELAY", [1],
+                                                                              "INT32")]
+    inputs[0].set_data_from_numpy(np.array([1, 2, 3], dtype=np.int32))
+    inputs[1].set_data_from_numpy(np.array([0], dtype=np.int32))
+    results: queue.Queue[object] = queue.Queue()
+    with grpcclient.InferenceServerClient(server.url) as client:
+        client.start_stream(callback=lambda result, error: results.put(
+            error if error is not None else result))
+        client.async_stream_infer("fan", inputs, enable_empty_final_response=True)
+        got = []
+        while True:
+            result = results.get(timeout=20)
+            assert not isinstance(result, InferenceServerException), result.message()
+            if result.get_response().parameters[  # type: ignore[attr-defined]
+                    "triton_final_response"].bool_param:
+                break
+            got.append(result.as_numpy("OUT").tolist())  # type: ignore[attr-defined]
+        client.stop_stream()
+    assert sorted(got) == [[601], [602], [603]]

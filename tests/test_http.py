@@ -786,3 +786,32 @@ def test_metrics_count_http_requests(server: ServerProcess,
     client.infer("string_upper", [text])
     assert success() == before + 1
 
+
+
+def test_restricted_api(tmp_path: Path) -> None:
+    """--http-restricted-api: a restricted group answers 403 without its header; the other
+    groups, and the gRPC door, are not affected."""
+    repo = build_repository(tmp_path / "repo", ["simple"])
+    with ServerProcess(repo, "--http-restricted-api=model-repository,health:admin-key=secret",
+                       "--http-restricted-api=inference:Infer-Key=v") as server:
+        server.wait_ready()
+        refused = "This API is restricted, expecting header '{}'"
+        for method, path, key in (("GET", "/v2/health/ready", "admin-key"),
+                                  ("GET", "/v2/models/simple/ready", "admin-key"),
+                                  ("POST", "/v2/repository/index", "admin-key"),
+                                  ("POST", "/v2/models/simple/infer", "Infer-Key")):
+            for headers in ({}, {key: "wrong"}, {"other": "secret"}):
+                status, _, body = _raw(server, method, path, b"{}", headers)
+                assert (status, _error(body)) == (403, refused.format(key))
+        assert _raw(server, "GET", "/v2/health/ready", None, {"Admin-Key": "secret"})[0] == 200
+        assert _raw(server, "GET", "/v2", None)[0] == 200  # metadata: not restricted
+        with httpclient.InferenceServerClient(server.http_url) as client:
+            inputs, a, b = _simple_inputs(True)
+            result = client.infer("simple", inputs, headers={"infer-key": "v"})
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+            assert client.get_model_repository_index(headers={"admin-key": "secret"})
+            with pytest.raises(InferenceServerException, match="This API is restricted"):
+                client.infer("simple", inputs)
+        with grpcclient.InferenceServerClient(server.url) as rpc_client:
+            assert rpc_client.is_server_ready()  # the HTTP rule is not the gRPC one
+            assert rpc_client.infer("simple", _simple_inputs(True, grpcclient)[0])

@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from shmserve.tests.conftest import GRPC_FRONTENDS, StartServer, frontends_id, serve_models
 from shmserve.tests.serverproc import ServerProcess, worker_pids
 
-MODELS = ["repeat_int32", "square_int32", "midstream_error", "simple"]
+MODELS = ["repeat_int32", "square_int32", "midstream_error", "simple", "threaded_sends"]
 FINAL = "triton_final_response"
 
 
@@ -133,6 +133,45 @@ def test_square_model_sends_from_a_thread_after_execute_returned(server: ServerP
         assert len(got) == count + 1, got
         assert [r.as_numpy("OUT").tolist() for r in got[:count]] == [[count]] * count
         assert [_final(r) for r in got] == [False] * count + [True]
+
+
+def test_model_threads_sending_at_once_deliver_every_response_whole(server: ServerProcess,
+                                                                    tmp_path: Path) -> None:
+    """Eight threads of one request send 80 KB responses at once, then all send a final
+    response at the same moment: every response arrives intact, exactly one final, last."""
+    threads, count = 8, 12
+    stream = Stream(server.url)
+    try:
+        inputs = []
+        for name, value in (("THREADS", threads), ("COUNT", count)):
+            tensor = grpcclient.InferInput(name, [1], "INT32")
+            tensor.set_data_from_numpy(np.array([value], dtype=np.int32))
+            inputs.append(tensor)
+        outcomes = tmp_path / "outcomes"
+        stream.client.async_stream_infer("threaded_sends", inputs, request_id="t",
+                                         parameters={"outcomes": str(outcomes)})
+        results = _collect(stream, "t")
+        with pytest.raises(queue.Empty):  # nothing after the final response
+            stream.get(timeout=0.5)
+    finally:
+        stream.close()
+    assert not any(isinstance(r, InferenceServerException) for r in results), results
+    assert len(results) == threads * count + 1
+    assert [_final(r) for r in results] == [False] * threads * count + [True]
+    seen = []
+    for result in results[:-1]:
+        out = result.as_numpy("OUT")
+        assert out.shape == (20_000,) and (out == out[0]).all()  # no torn or mixed response
+        seen.append(int(out[0]))
+    assert sorted(seen) == sorted(t * 1000 + i for t in range(threads) for i in range(count))
+    final = results[-1].as_numpy("OUT").tolist()
+    assert len(final) == 1 and -threads <= final[0] <= -1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+            not outcomes.exists() or len(outcomes.read_text().splitlines()) < threads):
+        time.sleep(0.05)
+    closed = "Unable to send response. Response sender has been closed."
+    assert sorted(outcomes.read_text().splitlines()) == [closed] * (threads - 1) + ["sent"]
 
 
 def test_many_requests_in_flight_on_one_stream(server: ServerProcess) -> None:

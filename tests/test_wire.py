@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from shmserve.daemon.frontend.wire import (
+    SMALL_REQUEST_BYTES,
     WireError,
     parse_infer_request,
     serialize_infer_response,
@@ -16,23 +17,31 @@ from shmserve.tests.conftest import StartServer
 from shmserve.tests.serverproc import ServerProcess
 
 
-def _request() -> pb.ModelInferRequest:
+def _request(elements: int = 16) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="simple", id="r1")
     request.parameters["priority"].int64_param = 300
     for name in ("INPUT0", "INPUT1"):
-        request.inputs.add(name=name, datatype="INT32", shape=[1, 16])
-        request.raw_input_contents.append(np.arange(16, dtype=np.int32).tobytes())
+        request.inputs.add(name=name, datatype="INT32", shape=[1, elements])
+        request.raw_input_contents.append(np.arange(elements, dtype=np.int32).tobytes())
     request.outputs.add(name="OUTPUT0")
     return request
 
 
 def test_parse_matches_protobuf_and_slices_without_copy() -> None:
-    request = _request()
+    request = _request(SMALL_REQUEST_BYTES // 4)
     data = request.SerializeToString()
     message, raw = parse_infer_request(data)
     assert [bytes(item) for item in raw] == list(request.raw_input_contents)
-    assert all(item.obj is data for item in raw)       # views of the received buffer
+    assert all(isinstance(item, memoryview) and item.obj is data for item in raw)  # views
     message.raw_input_contents.extend(bytes(item) for item in raw)
+    assert message == request
+
+
+def test_a_small_request_is_parsed_by_protobuf_whole() -> None:
+    request = _request()
+    message, raw = parse_infer_request(request.SerializeToString())
+    assert raw == list(request.raw_input_contents) and not message.raw_input_contents
+    message.raw_input_contents.extend(raw)
     assert message == request
 
 

@@ -12,19 +12,25 @@ inline in the ring): a larger input is copied once into a sealed memfd registere
 channel (the target worker maps it by fd), and every named output is requested into a sparse
 memfd of its own (pages exist only where the target worker writes them), which the caller
 reads in place. The answer itself comes from the target worker through the channel's direct
-ring.
+ring. A streamed request (``exec(decoupled=True)``, ``BlsStream``) names a response ring in a
+sparse memfd of the caller's instead (protos/response_ring.py): each response's tensors are
+written into the next slot and copied out as the caller iterates.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import fcntl
 import itertools
 import mmap
 import os
 import socket
+import struct
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +39,8 @@ import numpy as np
 from shmserve.client._convert import read_reply_outputs
 from shmserve.client.errors import ShmserveError
 from shmserve.client.local_channel import LocalChannel, MessageTooLarge
+from shmserve.protos import response_ring
+from shmserve.protos.datatypes import to_numpy_dtype
 from shmserve.workers.cuda_ipc import DeviceOutput
 from shmserve.workers.protocol import INLINE_LIMIT
 from shmserve.workers.tensors import output_bytes
@@ -46,6 +54,10 @@ current_chain: contextvars.ContextVar[str] = contextvars.ContextVar("bls_chain",
 CONNECT = b"c"
 #: Virtual size of each output's memfd: an output may be this large. Only written pages cost.
 OUTPUT_CAPACITY = 1 << 32
+#: A streamed request's response ring (protos/response_ring.py), a sparse memfd as well: a
+#: response's tensors may take this much together.
+STREAM_SLOT_BYTES = 1 << 30
+STREAM_SLOTS = 2
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _names = itertools.count(1)
 
@@ -62,6 +74,15 @@ class BlsRequest:
     correlation_id: int | str = 0
     parameters: dict[str, Any] | None = None
     timeout_us: int = 0
+
+
+@dataclass(slots=True)
+class BlsResponse:
+    """One response of a streamed BLS request: outputs, or ``error``; ``final`` on the last."""
+
+    outputs: dict[str, np.ndarray]
+    error: BlsError | None
+    final: bool
 
 
 class BlsError(Exception):
@@ -108,6 +129,100 @@ class _Memfd:
 
 def _ignore(reply: dict[str, Any] | None, error: ShmserveError | None) -> None:
     """Registration replies: a failed one fails the infer that names the region anyway."""
+
+
+_Replies = deque[tuple[dict[str, Any] | None, ShmserveError | None]]
+
+
+class BlsStream:
+    """The responses of one streamed BLS request, in order, as they come; the last one is
+    ``final``. Closing it before the final response cancels the request (the called model
+    sees ``is_cancelled()``); it closes itself after the final one."""
+
+    def __init__(self, channel: LocalChannel, request_id: int, replies: _Replies,
+                 regions: list[_Memfd], deadline: float | None, ring: _Memfd) -> None:
+        self._ring = ring
+        self._ring_responses = 0  # responses taken out of the ring so far
+        self._channel = channel
+        self._request_id = request_id
+        self._replies = replies
+        self._regions = regions
+        self._deadline = deadline
+        self._done = False
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> BlsStream:
+        return self
+
+    def __next__(self) -> BlsResponse:
+        with self._lock:
+            if self._done:
+                raise StopIteration
+            response = self._next()
+            if response.final:
+                self._finish(cancel=response.error is not None
+                             and response.error.code == "DEADLINE_EXCEEDED")
+            return response
+
+    def _next(self) -> BlsResponse:
+        replies = self._replies
+        if not replies and not self._channel.wait(lambda: bool(replies), self._deadline):
+            return BlsResponse({}, BlsError("DEADLINE_EXCEEDED", "Deadline Exceeded"), True)
+        if not replies:
+            return BlsResponse({}, BlsError("UNAVAILABLE", "the BLS channel to the server is "
+                                                           "closed"), True)
+        reply, error = replies.popleft()
+        if error is not None or reply is None:
+            return BlsResponse({}, BlsError(error.code.name if error else "UNAVAILABLE",
+                                            error.message if error else "no reply"), True)
+        final = not reply.get("more")
+        if "end" in reply:  # the final flag alone: Triton's empty final response
+            return BlsResponse({}, None, True)
+        if "err" in reply:
+            code, text = reply["err"]
+            return BlsResponse({}, BlsError(code, text), final)
+        try:
+            return BlsResponse(read_reply_outputs(reply["out"], self._take(reply["out"])),
+                               None, final)
+        except ShmserveError as exc:
+            return BlsResponse({}, BlsError(exc.code.name, exc.message), final)
+
+    def _take(self, outputs: list[list[Any]]) -> dict[str, np.ndarray]:
+        """Copies of the outputs the worker wrote into the ring's next slot, then the slot
+        is handed back: the model may keep a response as long as it likes."""
+        placed = [(name, datatype, shape) for name, datatype, shape, data in outputs
+                  if data is None]
+        if not placed:
+            return {}
+        sizes = [int(np.prod(shape, dtype=np.int64)) * to_numpy_dtype(datatype).itemsize
+                 for _, datatype, shape in placed]
+        offsets, _ = response_ring.output_offsets(sizes)
+        start = response_ring.slot_offset(0, STREAM_SLOT_BYTES, STREAM_SLOTS,
+                                          self._ring_responses)
+        memory = self._ring.memory
+        taken = {name: np.frombuffer(memory, np.uint8, size, start + at).copy()
+                 for (name, _, _), at, size in zip(placed, offsets, sizes, strict=True)}
+        self._ring_responses += 1
+        struct.pack_into("<Q", memory, 0, self._ring_responses)
+        return taken
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._done:
+                self._finish(cancel=True)
+
+    def _finish(self, cancel: bool) -> None:
+        self._done = True
+        if cancel:
+            self._channel.cancel(self._request_id)
+        for region in self._regions:
+            region.unregister(self._channel)
+        self._regions = []
+
+    def __del__(self) -> None:
+        if not self._done and not self._channel.closed:
+            with contextlib.suppress(Exception):
+                self.close()
 
 
 class BlsClient:
@@ -210,7 +325,54 @@ class BlsClient:
             for region in regions:
                 region.unregister(channel)
 
-    def _message(self, channel: LocalChannel, request: BlsRequest, regions: list[_Memfd]
+    def stream(self, request: BlsRequest, blocking: bool = True) -> BlsStream:
+        """Run ``request`` as a streamed request (``exec(decoupled=True)``): its responses in
+        order, the last one ``final`` (an empty one when the model sent the final flag
+        alone). A failure to send it raises BlsError; a failure after that is a response
+        with ``error``. Closing the iterator early cancels the request."""
+        self.check_target(request.model_name, blocking)
+        chain = self.chain(request.model_name, blocking)
+        try:
+            channel = self._open()
+        except (OSError, ShmserveError) as exc:
+            raise BlsError("UNAVAILABLE", f"cannot open the BLS channel to the server: "
+                                          f"{exc}") from None
+        regions: list[_Memfd] = []
+        try:
+            # The outputs go into a response ring of the caller's (each response in the next
+            # slot, taken out before the slot is handed back): never through the supervisor.
+            message, _ = self._message(channel, request, regions, output_regions=False)
+            message["s"] = True
+            ring = _Memfd(response_ring.ring_bytes(STREAM_SLOT_BYTES, STREAM_SLOTS))
+            regions.append(ring)
+            ring.register(channel)
+            message.setdefault("p", {}).update({
+                response_ring.REGION: ring.name, response_ring.OFFSET: 0,
+                response_ring.SLOT_BYTES: STREAM_SLOT_BYTES,
+                response_ring.SLOTS: STREAM_SLOTS})
+            if chain:
+                message.setdefault("p", {})[CHAIN_PARAMETER] = chain
+            deadline = None
+            if request.timeout_us > 0:
+                message["t"] = request.timeout_us / 1e6
+                deadline = time.monotonic() + request.timeout_us / 1e6
+            replies: _Replies = deque()
+            try:
+                request_id = channel.submit(message, lambda reply, error: replies.append(
+                    (reply, error)), deadline)
+            except ShmserveError as exc:
+                raise BlsError(exc.code.name, exc.message) from None
+            except MessageTooLarge as exc:
+                raise BlsError("RESOURCE_EXHAUSTED", f"BLS request to model "
+                                                     f"'{request.model_name}': {exc}") from None
+        except BaseException:
+            for region in regions:
+                region.unregister(channel)
+            raise
+        return BlsStream(channel, request_id, replies, regions, deadline, ring)
+
+    def _message(self, channel: LocalChannel, request: BlsRequest, regions: list[_Memfd],
+                 output_regions: bool = True
                  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         inputs: list[list[Any]] = []
         for name, value in request.inputs:
@@ -235,6 +397,9 @@ class BlsClient:
         outputs: list[list[Any]] = []
         region_outputs: dict[str, np.ndarray] = {}
         for name in request.requested_outputs:
+            if not output_regions:
+                outputs.append([name])
+                continue
             region = _Memfd(OUTPUT_CAPACITY)
             regions.append(region)
             region.register(channel)
@@ -308,6 +473,10 @@ def infer(request: BlsRequest, blocking: bool = True) -> dict[str, np.ndarray]:
     return client().infer(request, blocking)
 
 
+def stream(request: BlsRequest, blocking: bool = True) -> BlsStream:
+    return client().stream(request, blocking)
+
+
 def set_concurrent(concurrent: bool) -> None:
     """The worker's backend runs executions concurrently (after its initialize hooks)."""
     if _client is not None:
@@ -318,12 +487,15 @@ __all__ = [
     "BlsClient",
     "BlsError",
     "BlsRequest",
+    "BlsResponse",
+    "BlsStream",
     "chain_of",
     "client",
     "current_chain",
     "infer",
     "install",
     "set_concurrent",
+    "stream",
     "waiters",
 ]
 

@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from shmserve.protos import response_ring
 from shmserve.workers import bls, protocol
 from shmserve.workers.backend import (
     MODEL_LOGGER,
@@ -492,7 +493,7 @@ class WorkerHost:
                 if placer is not None:
                     request.allocate_output = placer.allocate
             if self._decoupled:
-                sink = StreamSink(self, batch_id, index, raw.outputs)
+                sink = StreamSink(self, batch_id, index, raw.outputs, raw.ring)
                 self._streams[(batch_id, index)] = sink
                 request.sink = sink
             requests.append(request)
@@ -538,12 +539,18 @@ class WorkerHost:
         return protocol.ok_result(refs)
 
     def send_partial(self, sink: StreamSink, response: Response | None, final: bool) -> None:
-        """One response of a decoupled request, from any thread: outputs inline or into
-        the client's region (the lane's arena may already serve another frame)."""
+        """One response of a decoupled request, from any thread (the caller holds the sink's
+        lock): outputs inline or into the client's region (the lane's arena may already
+        serve another frame)."""
         result: list[Any] | None = None
         if response is not None:
             try:
                 prepared = self._prepare_outputs(response, sink.outputs)
+                if sink.ring is not None:
+                    ringed = self._into_ring(sink, prepared)
+                    if ringed is None:
+                        return  # cancelled while it waited for a slot: nobody reads it
+                    prepared = ringed
                 refs, _ = self._write_outputs(prepared, None, 0)
                 result = protocol.ok_result(refs)
             except BackendError as exc:
@@ -552,6 +559,53 @@ class WorkerHost:
             self._streams.pop((sink.batch, sink.index), None)
         with contextlib.suppress(OSError):  # the supervisor is gone: nothing to answer
             self.send(protocol.Partial(sink.batch, sink.index, result, final).pack())
+
+    def _into_ring(self, sink: StreamSink, prepared: list[_Prepared]) -> list[_Prepared] | None:
+        """The outputs with destinations in the request's response ring (those without one
+        of their own), once the client is done with the slot's previous response; None if
+        the request was cancelled meanwhile. Raises BackendError (no slot is used then)."""
+        assert sink.ring is not None
+        target, slot_bytes, slots = sink.ring
+        # BYTES outputs travel in the response (their size is not known from their shape).
+        free = [item for item in prepared if item[4] is None and item[1] != "BYTES"]
+        if not free:
+            return prepared
+        offsets, needed = response_ring.output_offsets(len(item[3]) for item in free)
+        if needed > slot_bytes:
+            raise BackendError(f"the response's outputs need {needed} bytes, more than the "
+                               f"response ring's slots of {slot_bytes} bytes",
+                               "INVALID_ARGUMENT")
+        region_id, key = target.location
+        segment = map_region(self._regions, region_id, key)
+        if target.offset + target.nbytes > segment.size:
+            raise BackendError("the response ring lies outside its shared memory segment")
+        response = sink.ring_responses
+        if not self._wait_for_slot(sink, segment.buf, target.offset, response - slots):
+            return None
+        sink.ring_responses += 1
+        base = response_ring.slot_offset(target.offset, slot_bytes, slots, response)
+        placed = iter(offsets)
+        result: list[_Prepared] = []
+        for name, datatype, shape, data, destination in prepared:
+            if destination is None and datatype != "BYTES":
+                at = next(placed)
+                destination = TensorRef(name, "", [], SYSTEM, target.location, base + at,
+                                        slot_bytes - at).pack()
+            result.append((name, datatype, shape, data, destination))
+        return result
+
+    def _wait_for_slot(self, sink: StreamSink, memory: memoryview, header: int,
+                       reused: int) -> bool:
+        """Wait until the client is done with response ``reused`` (the header counts the
+        responses it is done with); False if the request was cancelled meanwhile."""
+        delay = 0.0002
+        while int.from_bytes(memory[header:header + 8], "little") <= reused:
+            if sink.cancelled or self._stopped.is_set():
+                return False
+            self.poll_control()
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+        return True
 
     def poll_control(self) -> None:
         """Apply the control frames (Cancel) that arrived while the model executes; only
@@ -667,18 +721,31 @@ class WorkerHost:
 class StreamSink:
     """Where a decoupled model sends one request's responses (workers/backend.py)."""
 
-    __slots__ = ("_host", "batch", "cancelled", "index", "outputs")
+    __slots__ = ("_host", "_lock", "batch", "cancelled", "closed", "index", "outputs", "ring",
+                 "ring_responses")
 
     def __init__(self, host: WorkerHost, batch: int, index: int,
-                 outputs: list[list[Any]]) -> None:
+                 outputs: list[list[Any]], ring: list[Any] | None = None) -> None:
         self._host = host
         self.batch = batch
         self.index = index
         self.outputs = outputs
         self.cancelled = False
+        self.closed = False
+        # The response ring (protos/response_ring.py): (ring TensorRef, slot bytes, slots).
+        self.ring: tuple[TensorRef, int, int] | None = None if ring is None else (
+            TensorRef.unpack(ring[0]), int(ring[1]), int(ring[2]))
+        self.ring_responses = 0  # responses written into the ring so far
+        # The model's threads may send at once: one response is written and framed at a
+        # time, in the order the sends took the lock, and nothing follows the final one.
+        self._lock = threading.Lock()
 
     def send(self, response: Response | None, final: bool) -> None:
-        self._host.send_partial(self, response, final)
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = final
+            self._host.send_partial(self, response, final)
 
     def is_cancelled(self) -> bool:
         if not self.cancelled:

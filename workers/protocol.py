@@ -61,8 +61,9 @@ import msgpack
 from shmserve.workers.backend import InstanceSpec, ModelSpec
 
 # 1: msgpack maps before typed records; 2: before ShareRegion; 3: before Trim; 4: before Stage;
-# 5: before Report; 6: before Ready.concurrency; 7: before Partial; 8: before EndSequences
-PROTOCOL_VERSION = 9
+# 5: before Report; 6: before Ready.concurrency; 7: before Partial; 8: before EndSequences;
+# 9: before ExecRequest.ring
+PROTOCOL_VERSION = 10
 
 INLINE = "i"
 ARENA = "a"
@@ -163,21 +164,24 @@ class ExecRequest:
     parameters: dict[str, Any]
     correlation_id: int | str = 0
     tag: list[int] | None = None            # [channel id, request id]: answer it directly
+    # A decoupled request's response ring: [packed TensorRef of the ring (its region,
+    # offset and size), slot bytes, slots]; None for the usual request.
+    ring: list[Any] | None = None
 
     def pack(self) -> list[Any]:
         return [self.request_id, self.inputs, self.outputs, self.parameters,
-                self.correlation_id, self.tag]
+                self.correlation_id, self.tag, self.ring]
 
     @classmethod
     def unpack(cls, raw: list[Any]) -> ExecRequest:
-        return cls(raw[0], raw[1], raw[2], raw[3], raw[4], raw[5])
+        return cls(raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6])
 
 
 def packed_exec_request(request_id: str, inputs: list[list[Any]], outputs: list[list[Any]],
                         parameters: dict[str, Any], correlation_id: int | str,
-                        tag: list[int] | None) -> list[Any]:
+                        tag: list[int] | None, ring: list[Any] | None = None) -> list[Any]:
     """``ExecRequest(...).pack()`` without building the object (the per-request path)."""
-    return [request_id, inputs, outputs, parameters, correlation_id, tag]
+    return [request_id, inputs, outputs, parameters, correlation_id, tag, ring]
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import threading
 from typing import Any
 
 import posix_ipc
@@ -39,6 +40,56 @@ def arena_key(supervisor_pid: int, owner: str, generation: int) -> str:
 # resident set (only the segment holds them), and no page faults are taken.
 FILE_IO_BYTES = 1 << 20
 _MAX_READ = 0x7FFFF000  # Linux transfers at most this much in one read(); beyond, the mapping
+
+
+class Pieces:
+    """Bytes that arrived in several buffers (an HTTP body's chunks), kept as views of them
+    rather than joined: ``Segment.write`` writes them out with one pwritev, so a large tensor
+    is copied once, into the arena. ``bytes(pieces)`` joins them where a copy is wanted."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self.parts = parts
+        self.size = sum(len(part) for part in parts)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def slice(self, start: int, stop: int) -> memoryview | Pieces:
+        """``[start:stop]``: one view when it lies within one part."""
+        parts: list[memoryview] = []
+        position = 0
+        for part in self.parts:
+            end = position + len(part)
+            if end > start and position < stop:
+                parts.append(part[max(start - position, 0):min(stop, end) - position])
+            if end >= stop:
+                break
+            position = end
+        if len(parts) == 1:
+            return parts[0]
+        return Pieces(parts)
+
+
+def pwrite_pieces(fd: int, parts: list[memoryview], offset: int) -> None:
+    """Write ``parts`` one after the other at ``offset`` (pwritev, IOV_MAX at a time)."""
+    pending = [part.cast("B") for part in parts if len(part)]
+    while pending:
+        batch = pending[:_IOV_MAX]
+        written = os.pwritev(fd, batch, offset)
+        offset += written
+        while batch and written >= len(batch[0]):  # drop what went, keep a partial rest
+            written -= len(batch.pop(0))
+            pending.pop(0)
+        if written:
+            pending[0] = pending[0][written:]
+
+
+_IOV_MAX = 1024
 
 
 class Segment:
@@ -82,9 +133,14 @@ class Segment:
             raise
         return cls(key, mapped, size, shm.fd)
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def write(self, offset: int, data: bytes | memoryview | Pieces) -> None:
         """Copy ``data`` in at ``offset``: large tensors through the file descriptor."""
         size = len(data)
+        if isinstance(data, Pieces):
+            if self.fd >= 0:
+                pwrite_pieces(self.fd, data.parts, offset)
+                return
+            data = bytes(data)
         if self.fd < 0 or size < FILE_IO_BYTES:
             self.buf[offset:offset + size] = data
             return
@@ -103,6 +159,21 @@ class Segment:
                           f"{len(data)} of {size} bytes")
         return data
 
+    def read_into(self, offset: int, target: memoryview) -> None:
+        """Copy ``len(target)`` bytes at ``offset`` into ``target``: large tensors through the
+        file descriptor (the pages stay out of this process's resident set)."""
+        size = len(target)
+        if self.fd < 0 or size < FILE_IO_BYTES:
+            target[:] = self.buf[offset:offset + size]
+            return
+        done = 0
+        while done < size:
+            count = os.preadv(self.fd, [target[done:done + _MAX_READ]], offset + done)
+            if count <= 0:
+                raise OSError(f"short read of shared memory segment '{self.key}': "
+                              f"{done} of {size} bytes")
+            done += count
+
     def close(self) -> None:
         if self.fd >= 0:
             with contextlib.suppress(OSError):
@@ -119,20 +190,58 @@ class Segment:
             posix_ipc.unlink_shared_memory(normalize_key(self.key))
 
 
+class FileReader:
+    """Reads a segment through a duplicate of its descriptor: usable from another thread
+    while the segment's own mapping and descriptor may be closed. ``close`` when done."""
+
+    __slots__ = ("fd", "key")
+
+    def __init__(self, segment: Segment) -> None:
+        self.key = segment.key
+        self.fd = os.dup(segment.fd)
+
+    def read_into(self, offset: int, target: memoryview) -> None:
+        size = len(target)
+        done = 0
+        while done < size:
+            count = os.preadv(self.fd, [target[done:done + _MAX_READ]], offset + done)
+            if count <= 0:
+                raise OSError(f"short read of shared memory segment '{self.key}': "
+                              f"{done} of {size} bytes")
+            done += count
+
+    def read(self, offset: int, size: int) -> bytes:
+        data = bytearray(size)
+        self.read_into(offset, memoryview(data))
+        return bytes(data)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class SegmentCache:
     """Mappings of client regions, one per registration id (a re-registered key is remapped)."""
 
     def __init__(self) -> None:
         self._segments: dict[int, Segment] = {}
+        # A decoupled model's threads write outputs while the main thread maps and releases.
+        self._lock = threading.Lock()
 
     def get(self, region_id: int, key: str) -> Segment:
         segment = self._segments.get(region_id)
-        if segment is None:
-            if not key:  # a memfd region: mapped by ``adopt`` when its fd came
-                raise OSError(f"the memfd of region {region_id} was not passed to this worker")
-            segment = Segment.open(key)
-            self._segments[region_id] = segment
-        return segment
+        if segment is not None:
+            return segment
+        with self._lock:
+            segment = self._segments.get(region_id)
+            if segment is None:
+                if not key:  # a memfd region: mapped by ``adopt`` when its fd came
+                    raise OSError(f"the memfd of region {region_id} was not passed to this "
+                                  f"worker")
+                segment = Segment.open(key)
+                self._segments[region_id] = segment
+            return segment
 
     def adopt(self, region_id: int, fd: int) -> None:
         """Map a memfd region from its fd (closed here; the mapping keeps the memory). The
@@ -144,10 +253,15 @@ class SegmentCache:
             mapped = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self.release(region_id)
-        self._segments[region_id] = Segment(f"memfd region {region_id}", mapped, size)
+        with self._lock:
+            self._release(region_id)
+            self._segments[region_id] = Segment(f"memfd region {region_id}", mapped, size)
 
     def release(self, region_id: int) -> None:
+        with self._lock:
+            self._release(region_id)
+
+    def _release(self, region_id: int) -> None:
         segment = self._segments.pop(region_id, None)
         if segment is not None:
             segment.close()

@@ -40,6 +40,8 @@ from shmserve.daemon.infer_request import RequestItems
 from shmserve.daemon.operations import Operations
 from shmserve.daemon.reply import FutureReply, Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.daemon.restrictions import Restriction, restriction_for
+from shmserve.workers.shm import Pieces
 
 log = logging.getLogger("shmserve.http")
 
@@ -172,8 +174,15 @@ def _event(value: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(value, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _errors(handler: Handler) -> Handler:
+def _errors(handler: Handler, restriction: Restriction | None) -> Handler:
+    """The handler with its errors answered as Triton's, behind its group's restriction
+    (--http-restricted-api) if it has one."""
+    refusal = None if restriction is None else \
+        f"This API is restricted, expecting header '{restriction.header}'"
+
     async def handle(request: web.Request) -> web.StreamResponse:
+        if restriction is not None and not restriction.allows(request.headers.get):
+            return error_response(403, refusal or "")
         try:
             return await handler(request)
         except ServeError as exc:
@@ -221,38 +230,47 @@ class HttpDoor:
         get, post = web.get, web.post
         model = "/v2/models/{model}"
         versioned = "/v2/models/{model}/versions/{version}"
-        routes = [
-            get("/v2/health/live", self.live), get("/v2/health/ready", self.ready),
-            get("/v2", self.server_metadata),
-            get("/v2/models/stats", self.statistics),
-            post("/v2/repository/index", self.repository_index),
-            post("/v2/repository/models/{model}/load", self.load),
-            post("/v2/repository/models/{model}/unload", self.unload),
-            get("/v2/systemsharedmemory/status", self.system_status),
-            get("/v2/systemsharedmemory/region/{region}/status", self.system_status),
-            post("/v2/systemsharedmemory/region/{region}/register", self.system_register),
-            post("/v2/systemsharedmemory/unregister", self.system_unregister),
-            post("/v2/systemsharedmemory/region/{region}/unregister", self.system_unregister),
-            get("/v2/cudasharedmemory/status", self.cuda_status),
-            get("/v2/cudasharedmemory/region/{region}/status", self.cuda_status),
-            post("/v2/cudasharedmemory/region/{region}/register", self.cuda_register),
-            post("/v2/cudasharedmemory/unregister", self.cuda_unregister),
-            post("/v2/cudasharedmemory/region/{region}/unregister", self.cuda_unregister),
-            get("/v2/logging", self.logging), post("/v2/logging", self.logging),
-            get("/v2/trace/setting", self.trace), post("/v2/trace/setting", self.trace),
+        groups: list[tuple[str, list[web.RouteDef]]] = [
+            ("health", [get("/v2/health/live", self.live), get("/v2/health/ready", self.ready)]),
+            ("metadata", [get("/v2", self.server_metadata)]),
+            ("statistics", [get("/v2/models/stats", self.statistics)]),
+            ("model-repository", [
+                post("/v2/repository/index", self.repository_index),
+                post("/v2/repository/models/{model}/load", self.load),
+                post("/v2/repository/models/{model}/unload", self.unload)]),
+            ("shared-memory", [
+                get("/v2/systemsharedmemory/status", self.system_status),
+                get("/v2/systemsharedmemory/region/{region}/status", self.system_status),
+                post("/v2/systemsharedmemory/region/{region}/register", self.system_register),
+                post("/v2/systemsharedmemory/unregister", self.system_unregister),
+                post("/v2/systemsharedmemory/region/{region}/unregister",
+                     self.system_unregister),
+                get("/v2/cudasharedmemory/status", self.cuda_status),
+                get("/v2/cudasharedmemory/region/{region}/status", self.cuda_status),
+                post("/v2/cudasharedmemory/region/{region}/register", self.cuda_register),
+                post("/v2/cudasharedmemory/unregister", self.cuda_unregister),
+                post("/v2/cudasharedmemory/region/{region}/unregister", self.cuda_unregister)]),
+            ("logging", [get("/v2/logging", self.logging), post("/v2/logging", self.logging)]),
+            ("trace", [get("/v2/trace/setting", self.trace),
+                       post("/v2/trace/setting", self.trace)]),
         ]
         for prefix in (model, versioned):
-            routes += [
-                get(prefix, self.model_metadata), get(f"{prefix}/ready", self.model_ready),
-                get(f"{prefix}/config", self.model_config),
-                get(f"{prefix}/stats", self.statistics), post(f"{prefix}/infer", self.infer),
-                post(f"{prefix}/generate", self.generate),
-                post(f"{prefix}/generate_stream", self.generate_stream),
-                get(f"{prefix}/trace/setting", self.trace),
-                post(f"{prefix}/trace/setting", self.trace),
+            groups += [
+                ("metadata", [get(prefix, self.model_metadata)]),
+                ("health", [get(f"{prefix}/ready", self.model_ready)]),
+                ("model-config", [get(f"{prefix}/config", self.model_config)]),
+                ("statistics", [get(f"{prefix}/stats", self.statistics)]),
+                ("inference", [post(f"{prefix}/infer", self.infer),
+                               post(f"{prefix}/generate", self.generate),
+                               post(f"{prefix}/generate_stream", self.generate_stream)]),
+                ("trace", [get(f"{prefix}/trace/setting", self.trace),
+                           post(f"{prefix}/trace/setting", self.trace)]),
             ]
-        routes.append(web.route("*", "/{path:.*}", self.unknown_path))
-        app.add_routes([web.route(r.method, r.path, _errors(r.handler)) for r in routes])
+        rules = self.core.settings.http_restricted_apis
+        routes = [web.route(r.method, r.path, _errors(r.handler, restriction_for(rules, group)))
+                  for group, defs in groups for r in defs]
+        routes.append(web.route("*", "/{path:.*}", _errors(self.unknown_path, None)))
+        app.add_routes(routes)
         return app
 
     async def start(self, address: str, port: int) -> int:
@@ -500,28 +518,31 @@ class HttpDoor:
         return response
 
 
-async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
-    """The whole body, assembled once into a buffer of the declared size (``request.read``
-    would copy it twice). Compressed and chunked bodies take aiohttp's way, which enforces
-    the limit on the decompressed size."""
+async def read_body(request: web.Request, limit: int) -> bytes | Pieces:
+    """The whole body, as the chunks it arrived in (``Pieces``: a binary tensor in it is then
+    copied once, into the arena) or, in one chunk, as it is. Compressed and chunked bodies
+    take aiohttp's way, which enforces the limit on the decompressed size."""
     length = request.content_length
     if length is not None and length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
     if length is None or "Content-Encoding" in request.headers:
         return await request.read()
-    buffer = bytearray(length)
-    view = memoryview(buffer)
+    chunks: list[bytes] = []
     filled = 0
     while filled < length:
         chunk = await request.content.readany()
         if not chunk:
             break
-        view[filled:filled + len(chunk)] = chunk
+        if filled + len(chunk) > length:  # (aiohttp stops at Content-Length; be sure)
+            chunk = chunk[:length - filled]
+        chunks.append(chunk)
         filled += len(chunk)
     if filled != length:
         raise invalid_argument(f"the request body ended after {filled} of the {length} bytes "
                                f"its Content-Length declares")
-    return buffer
+    if len(chunks) == 1:
+        return chunks[0]
+    return Pieces([memoryview(chunk) for chunk in chunks])
 
 
 def _count(value: Any) -> bool:

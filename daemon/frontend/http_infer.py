@@ -33,6 +33,8 @@ from shmserve.protos.datatypes import (
     serialize_bytes_tensor,
     to_numpy_dtype,
 )
+from shmserve.workers.protocol import INLINE_LIMIT
+from shmserve.workers.shm import Pieces
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Datatypes JSON cannot carry faithfully: only as binary data (Triton's rule).
@@ -52,31 +54,51 @@ def _json_error(message: str) -> ServeError:
     return invalid_argument(f"failed to parse the request JSON buffer: {message}")
 
 
-def split_body(body: bytes | bytearray, header_length: str | None
-               ) -> tuple[Any, memoryview]:
+def split_body(body: bytes | bytearray | Pieces, header_length: str | None
+               ) -> tuple[Any, memoryview | Pieces]:
     """(the JSON header, the binary data after it)."""
-    view = memoryview(body)
+    total = len(body)
     if header_length is None:
-        size = len(view)
+        size = total
     else:
         try:
             size = int(header_length)
         except ValueError:
             raise invalid_argument(f"{HEADER_LENGTH} must be an integer, got "
                                    f"'{header_length[:64]}'") from None
-        if size < 0 or size > len(view):
+        if size < 0 or size > total:
             raise invalid_argument(f"{HEADER_LENGTH} is {size} but the request body has "
-                                   f"{len(view)} bytes")
+                                   f"{total} bytes")
+    if isinstance(body, Pieces):
+        head = body.slice(0, size)
+        header_bytes = bytes(head) if isinstance(head, Pieces) else head.tobytes()
+        binary: memoryview | Pieces = body.slice(size, total)
+    else:
+        view = memoryview(body)
+        header_bytes = view[:size].tobytes()
+        binary = view[size:]
     try:
-        header = json.loads(view[:size].tobytes()) if size else None
+        header = json.loads(header_bytes) if size else None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _json_error(str(exc)) from None
     if not isinstance(header, dict):
         raise _json_error("the request must be a JSON object")
-    return header, view[size:]
+    return header, binary
 
 
-def parse_infer(model: str, header: dict[str, Any], binary: memoryview) -> HttpInfer:
+def _binary_slice(binary: memoryview | Pieces, start: int, stop: int
+                  ) -> bytes | memoryview | Pieces:
+    """An input's binary data: a view of the body, or its pieces when it spans chunks of
+    it (only a small one is joined: it travels inline anyway)."""
+    if isinstance(binary, memoryview):
+        return binary[start:stop]
+    part = binary.slice(start, stop)
+    if isinstance(part, Pieces) and len(part) <= INLINE_LIMIT:
+        return bytes(part)
+    return part
+
+
+def parse_infer(model: str, header: dict[str, Any], binary: memoryview | Pieces) -> HttpInfer:
     inputs_json = header.get("inputs")
     if not isinstance(inputs_json, list):
         raise _json_error("'inputs' must be an array")
@@ -105,7 +127,7 @@ def parse_infer(model: str, header: dict[str, Any], binary: memoryview) -> HttpI
                     f"unexpected end of the binary data for input '{name}' for model "
                     f"'{model}': it declares {size} bytes at offset {position} but only "
                     f"{len(binary)} bytes of binary data were sent")
-            item.data = binary[position:position + size]
+            item.data = _binary_slice(binary, position, position + size)
             position += size
         elif item.shm is None and item.fault is None:
             if "data" not in entry:

@@ -32,25 +32,27 @@ def parse_request(message: pb.ModelInferRequest,
         raw = message.raw_input_contents
     model = message.model_name
     raw_index = 0
+    raw_count = len(raw)
     inputs: list[TensorIn] = []
     for tensor in message.inputs:
         item = TensorIn(tensor.name, tensor.datatype, list(tensor.shape))
         try:
-            item.shm = _shm_params(tensor.parameters, f"input '{tensor.name}'")
+            if tensor.parameters:  # (most requests have none: no shm lookup then)
+                item.shm = _shm_params(tensor.parameters, f"input '{tensor.name}'")
             if item.shm is not None:
                 if tensor.HasField("contents"):
                     raise invalid_argument(f"unexpected 'content' provided when using shared "
                                            f"memory for input '{tensor.name}' for model "
                                            f"'{model}'")
-            elif raw:
+            elif raw_count:
                 if tensor.HasField("contents"):
                     raise invalid_argument(f"contents field must not be specified when using "
                                            f"raw_input_contents for '{tensor.name}' for model "
                                            f"'{model}'")
-                if raw_index >= len(raw):
+                if raw_index >= raw_count:
                     raise invalid_argument(f"expected tensor data for input '{tensor.name}' "
                                            f"for model '{model}': raw_input_contents has only "
-                                           f"{len(raw)} entries")
+                                           f"{raw_count} entries")
                 item.data = raw[raw_index]
                 raw_index += 1
             else:
@@ -59,21 +61,24 @@ def parse_request(message: pb.ModelInferRequest,
             item.fault = exc
         inputs.append(item)
     late_fault = None
-    if raw and raw_index != len(raw):
-        late_fault = invalid_argument(f"raw_input_contents has {len(raw)} entries but the "
+    if raw_count and raw_index != raw_count:
+        late_fault = invalid_argument(f"raw_input_contents has {raw_count} entries but the "
                                       f"request names {raw_index} inputs without shared memory"
                                       f" for model '{model}'")
     outputs: list[OutputIn] = []
     for requested in message.outputs:
         output = OutputIn(requested.name)
-        try:
-            if "classification" in requested.parameters:
-                raise unimplemented("classification outputs are not supported by shmserve")
-            output.shm = _shm_params(requested.parameters, f"output '{requested.name}'")
-        except ServeError as exc:
-            output.fault = exc
+        parameters = requested.parameters
+        if parameters:
+            try:
+                if "classification" in parameters:
+                    raise unimplemented("classification outputs are not supported by shmserve")
+                output.shm = _shm_params(parameters, f"output '{requested.name}'")
+            except ServeError as exc:
+                output.fault = exc
         outputs.append(output)
-    parameters = {key: parameter_value(value) for key, value in message.parameters.items()}
+    parameters = ({key: parameter_value(value) for key, value in message.parameters.items()}
+                  if message.parameters else {})
     return RequestItems(inputs, outputs, parameters, message.id, "", late_fault)
 
 
@@ -123,21 +128,30 @@ def _contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor, model: str) -
 def response_parts(request: InferRequest, outputs: list[OutputTensor]
                    ) -> tuple[pb.ModelInferResponse, list[bytes]]:
     """The response metadata and, apart, the raw output contents (b"" for region outputs)."""
-    raw: list[bytes] = []
+    return response_metadata(request, outputs), [output.data or b"" for output in outputs]
+
+
+def response_metadata(request: InferRequest, outputs: list[OutputTensor]
+                      ) -> pb.ModelInferResponse:
+    """The response without the outputs' bytes (pending outputs stay pending)."""
     response = pb.ModelInferResponse(model_name=request.model,
                                      model_version=str(request.version), id=request.request_id)
     for output in outputs:
         tensor = response.outputs.add(name=output.name, datatype=output.datatype,
                                       shape=output.shape)
-        if output.data is None:
+        if not output.pending and output.data is None:
             tensor.parameters["shared_memory_region"].string_param = _region_of(request,
                                                                                 output.name)
-        raw.append(output.data if output.data is not None else b"")
-    return response, raw
+            ring = request.ring
+            if ring is not None and output.offset >= 0:  # in a response ring: where
+                tensor.parameters["shared_memory_offset"].int64_param = \
+                    output.offset - ring.region.offset
+                tensor.parameters["shared_memory_byte_size"].int64_param = output.region_nbytes
+    return response
 
 
 def _region_of(request: InferRequest, output: str) -> str:
     for requested in request.outputs:
         if requested.name == output and requested.region is not None:
             return requested.region.name
-    return ""
+    return request.ring.region.name if request.ring is not None else ""

@@ -57,6 +57,7 @@ from shmserve.protos.local_ring import (
     layout,
     ring_capacity,
 )
+from shmserve.protos.response_ring import REGION as RING_REGION
 
 log = logging.getLogger("shmserve.local")
 _channel_ids = itertools.count(1)
@@ -275,6 +276,9 @@ class LocalChannel(asyncio.Protocol):
             if not isinstance(value, bool | int | float | str):
                 raise invalid_argument(f"unsupported parameter value {value!r} (use bool, int, "
                                        f"float or str)")
+        ring = parameters.get(RING_REGION)
+        if type(ring) is str:  # a response ring in one of this channel's regions
+            parameters = {**parameters, RING_REGION: prefix + ring}
         return inputs, outputs, parameters
 
     def _cancel(self, request_id: object) -> None:

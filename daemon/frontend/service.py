@@ -20,16 +20,18 @@ from shmserve.daemon.errors import (
     unavailable,
     unimplemented,
 )
-from shmserve.daemon.frontend.infer_grpc import parse_request, response_parts
+from shmserve.daemon.frontend.infer_grpc import parse_request, response_metadata, response_parts
 from shmserve.daemon.frontend.wire import (
     WireError,
     parse_infer_request,
+    serialize_infer_outputs,
     serialize_infer_response,
     serialize_stream_response,
 )
 from shmserve.daemon.operations import Operations
 from shmserve.daemon.reply import FutureReply, Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.daemon.restrictions import GRPC_HEADER_PREFIX, restriction_for
 from shmserve.daemon.settings import Settings
 from shmserve.protos import shmserve_health_pb2 as health_pb
 from shmserve.protos import shmserve_service_pb2 as pb
@@ -170,29 +172,33 @@ class InferenceService:
         """
         internal, reply = self._submit(await context.read())
         try:
-            outputs = await reply.future
+            await reply.future
         except asyncio.CancelledError:
             self.core.cancel(internal)  # as in _outcome, without a coroutine more per request
             raise
-        response, raw = response_parts(internal, outputs)
-        message = serialize_infer_response(response, raw)
-        del raw
-        outputs.clear()  # the reply's future holds this list: let the output bytes go now
+        message, reply.message = reply.message, b""  # the request may outlive the call
         return message
 
-    def _submit(self, data: bytes | object) -> tuple[InferRequest, FutureReply]:
+    def _submit(self, data: bytes | object) -> tuple[InferRequest, _WireReply]:
         """Parse and queue one ModelInferRequest; from here on only the queued request holds
         (slices of) ``data``."""
         if not isinstance(data, bytes):  # grpc.aio.EOF: the client sent no message
             raise invalid_argument("malformed ModelInferRequest: no request message")
-        return self._queue(*_parse_request(data))
+        request, raw = _parse_request(data)
+        reply = _WireReply(self._future())
+        internal = self.core.submit(request.model_name, request.model_version,
+                                    lambda: parse_request(request, raw), reply)
+        return internal, reply
 
-    def _queue(self, request: pb.ModelInferRequest, raw: list[memoryview] | None
-               ) -> tuple[InferRequest, FutureReply]:
+    def _future(self) -> asyncio.Future[Any]:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        reply = FutureReply(loop.create_future())
+        return loop.create_future()
+
+    def _queue(self, request: pb.ModelInferRequest, raw: list[bytes | memoryview] | None
+               ) -> tuple[InferRequest, FutureReply]:
+        reply = FutureReply(self._future())
         internal = self.core.submit(request.model_name, request.model_version,
                                     lambda: parse_request(request, raw), reply)
         return internal, reply
@@ -207,13 +213,13 @@ class InferenceService:
             self.core.cancel(internal)
             raise
 
-    async def _infer(self, parsed: tuple[pb.ModelInferRequest, list[memoryview]]) -> bytes:
+    async def _infer(self, parsed: tuple[pb.ModelInferRequest, list[bytes | memoryview]]) -> bytes:
         internal, outputs = await self.infer_outputs(*parsed)
         response, raw = response_parts(internal, outputs)
         return serialize_infer_response(response, raw)
 
     async def infer_outputs(self, request: pb.ModelInferRequest,
-                            raw: list[memoryview] | None = None
+                            raw: list[bytes | memoryview] | None = None
                             ) -> tuple[InferRequest, list[OutputTensor]]:
         """gRPC inference: hand the request to the core, wait for its reply. Raises
         ServeError."""
@@ -259,7 +265,7 @@ class InferenceService:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, stream.overflow_message())
 
     def _submit_streamed(self, stream: _Stream, request: pb.ModelInferRequest,
-                         raw: list[memoryview]) -> _StreamReply:
+                         raw: list[bytes | memoryview]) -> _StreamReply:
         reply = _StreamReply(stream, _empty_final(request))
         self.core.submit(request.model_name, request.model_version,
                          lambda: parse_request(request, raw), reply, streaming=True)
@@ -350,7 +356,7 @@ class InferenceService:
         return response
 
 
-def _parse_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]]:
+def _parse_request(data: bytes) -> tuple[pb.ModelInferRequest, list[bytes | memoryview]]:
     try:
         return parse_infer_request(data)
     except (WireError, DecodeError) as exc:
@@ -425,25 +431,74 @@ class _Stream:
         return still_open
 
 
+class _WireReply(Reply):
+    """ModelInfer's reply: the answer is serialized as it comes, while a pending output can
+    still be read straight from the worker's output arena into it (one copy); the future
+    completes once ``message`` holds it."""
+
+    __slots__ = ("future", "message")
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.request = None
+        self.future = future
+        self.message = b""
+
+    def prepare(self, response: list[OutputTensor]) -> None:
+        """(On a thread, for large outputs) the message, built ahead of ``send``."""
+        request = self.request
+        if request is not None:
+            self.message = serialize_infer_outputs(response_metadata(request, response),
+                                                   response)
+
+    def send(self, response: list[OutputTensor], final: bool) -> None:
+        request = self.request
+        if self.future.done() or request is None:  # the caller gave up meanwhile
+            self.message = b""
+            return
+        try:
+            if not self.message:
+                self.message = serialize_infer_outputs(response_metadata(request, response),
+                                                       response)
+        except Exception as exc:
+            log.exception("serializing a response failed")
+            self.future.set_exception(internal(f"{type(exc).__name__}: {exc}"))
+            return
+        self.future.set_result(None)
+
+    def fail(self, error: ServeError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
 class _StreamReply(Reply):
     """A streamed request's reply: each response is serialized and queued on its stream."""
 
-    __slots__ = ("_stream", "empty_final", "finished")
+    __slots__ = ("_prepared", "_stream", "empty_final", "finished")
 
     def __init__(self, stream: _Stream, empty_final: bool) -> None:
         self.request = None
         self._stream = stream
         self.empty_final = empty_final
         self.finished = False
+        self._prepared = b""
+
+    def prepare(self, response: list[OutputTensor]) -> None:
+        """(On a thread, for large outputs of a model that answers once) the final
+        response's message, built ahead of ``send``."""
+        self._prepared = self._message(response, True)
 
     def send(self, response: list[OutputTensor], final: bool) -> None:
-        request = self.request
-        assert request is not None
-        message, raw = response_parts(request, response)
-        message.parameters[FINAL_RESPONSE].bool_param = final
-        self._stream.put(serialize_stream_response(serialize_infer_response(message, raw)))
+        prepared, self._prepared = self._prepared, b""
+        self._stream.put(prepared if prepared and final else self._message(response, final))
         if final:
             self._end()
+
+    def _message(self, response: list[OutputTensor], final: bool) -> bytes:
+        request = self.request
+        assert request is not None
+        message = response_metadata(request, response)
+        message.parameters[FINAL_RESPONSE].bool_param = final
+        return serialize_infer_outputs(message, response, stream=True)
 
     def end(self) -> None:
         """The final flag alone: an empty final response if the request asked for one."""
@@ -485,17 +540,14 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 def _restriction_check(settings: Settings, group: str
                        ) -> Callable[[grpc.aio.ServicerContext], None] | None:
-    rules = [(key, value) for groups, key, value in settings.restricted_protocols
-             if group in groups]
-    if not rules:
+    restriction = restriction_for(settings.restricted_protocols, group, GRPC_HEADER_PREFIX)
+    if restriction is None:
         return None
-    key, value = rules[0]
-    header = f"triton-grpc-protocol-{key}"
+    message = f"This protocol is restricted, expecting header '{restriction.header}'"
 
     def check(context: grpc.aio.ServicerContext) -> None:
-        metadata = dict(context.invocation_metadata() or ())
-        if metadata.get(header) != value:
-            raise unavailable(f"This protocol is restricted, expecting header '{header}'")
+        if not restriction.allows(dict(context.invocation_metadata() or ()).get):
+            raise unavailable(message)
 
     return check
 

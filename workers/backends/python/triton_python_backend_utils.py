@@ -41,6 +41,7 @@ __all__ = [
     "Metric",
     "MetricFamily",
     "ModelConfig",
+    "ResponseIterator",
     "Tensor",
     "TritonError",
     "TritonModelException",
@@ -522,38 +523,46 @@ class InferenceRequest:
                     self._sender = InferenceResponseSender(None, decoupled=False)
         return self._sender
 
-    def exec(self, decoupled: bool = False) -> InferenceResponse:
+    def exec(self, decoupled: bool = False) -> Any:
         """BLS: run this request on ``model_name`` through the server's core (validation,
         batching, statistics as any request) and return its response; a failure is a
-        response with ``has_error()``, as in Triton."""
+        response with ``has_error()``, as in Triton. ``decoupled=True``: an iterator of the
+        responses as they come (a decoupled model's many, the last one possibly empty: it
+        carries the final flag alone)."""
         return self._exec(decoupled, True)
 
-    def _exec(self, decoupled: bool, blocking: bool) -> InferenceResponse:
-        if decoupled:
-            raise TritonModelException(
-                f"InferenceRequest.exec(decoupled=True) to model '{self._model_name}': "
-                "decoupled BLS responses are not supported by shmserve yet")
+    def _bls_request(self) -> Any:
         from shmserve.workers import bls
+        parameters = json.loads(self._parameters) if self._parameters else {}
+        if isinstance(parameters, dict):  # a sequence's flags travel as its parameters
+            if self._flags & TRITONSERVER_REQUEST_FLAG_SEQUENCE_START:
+                parameters["sequence_start"] = True
+            if self._flags & TRITONSERVER_REQUEST_FLAG_SEQUENCE_END:
+                parameters["sequence_end"] = True
+        return bls.BlsRequest(
+            self._model_name, self._model_version,
+            [(tensor._name, tensor._data) for tensor in self._inputs],
+            list(self._requested_output_names), self._request_id, self._correlation_id,
+            parameters if isinstance(parameters, dict) else {}, int(self._timeout or 0))
+
+    def _exec(self, decoupled: bool, blocking: bool) -> Any:
+        from shmserve.workers import bls
+        if decoupled:
+            try:
+                return ResponseIterator(bls.stream(self._bls_request(), blocking))
+            except bls.BlsError as exc:
+                return ResponseIterator(None, InferenceResponse(
+                    error=TritonError(exc.message, _triton_code(exc.code))))
         try:
-            parameters = json.loads(self._parameters) if self._parameters else {}
-            if isinstance(parameters, dict):  # a sequence's flags travel as its parameters
-                if self._flags & TRITONSERVER_REQUEST_FLAG_SEQUENCE_START:
-                    parameters["sequence_start"] = True
-                if self._flags & TRITONSERVER_REQUEST_FLAG_SEQUENCE_END:
-                    parameters["sequence_end"] = True
-            outputs = bls.infer(bls.BlsRequest(
-                self._model_name, self._model_version,
-                [(tensor._name, tensor._data) for tensor in self._inputs],
-                list(self._requested_output_names), self._request_id, self._correlation_id,
-                parameters if isinstance(parameters, dict) else {}, int(self._timeout or 0)),
-                blocking)
+            outputs = bls.infer(self._bls_request(), blocking)
         except bls.BlsError as exc:
             return InferenceResponse(error=TritonError(exc.message, _triton_code(exc.code)))
         return InferenceResponse([_wrap_tensor(name, array) for name, array in outputs.items()])
 
-    async def async_exec(self, decoupled: bool = False) -> InferenceResponse:
+    async def async_exec(self, decoupled: bool = False) -> Any:
         """``exec`` awaited: the call waits in a thread, so an ``async def execute`` can
-        await several at once."""
+        await several at once. ``decoupled=True``: the iterator of responses, which may also
+        be iterated with ``async for`` (each wait in a thread)."""
         import asyncio
         import contextvars
 
@@ -566,6 +575,54 @@ class InferenceRequest:
     def __repr__(self) -> str:
         names = [tensor.name() for tensor in self._inputs]
         return f"InferenceRequest(request_id={self._request_id!r}, inputs={names})"
+
+
+class ResponseIterator:
+    """``InferenceRequest.exec(decoupled=True)``'s answer (Triton's ResponseIterator): the
+    called model's responses in order as they come, each an ``InferenceResponse``; the last
+    one may be empty (the model sent the final flag alone). ``async for`` waits in a thread.
+    ``cancel()`` (or dropping it early) cancels the request: the called model sees
+    ``is_cancelled()``."""
+
+    def __init__(self, stream: Any, failed: InferenceResponse | None = None) -> None:
+        self._stream = stream
+        self._failed = failed  # a request that could not be sent: its one error response
+
+    def __iter__(self) -> ResponseIterator:
+        return self
+
+    def __next__(self) -> InferenceResponse:
+        if self._stream is None:
+            failed, self._failed = self._failed, None
+            if failed is None:
+                raise StopIteration
+            return failed
+        item = next(self._stream)
+        if item.error is not None:
+            from shmserve.workers import bls
+            assert isinstance(item.error, bls.BlsError)
+            return InferenceResponse(error=TritonError(item.error.message,
+                                                       _triton_code(item.error.code)))
+        return InferenceResponse([_wrap_tensor(name, array)
+                                  for name, array in item.outputs.items()])
+
+    def __aiter__(self) -> ResponseIterator:
+        return self
+
+    async def __anext__(self) -> InferenceResponse:
+        import asyncio
+
+        from shmserve.workers import bls
+        # StopIteration cannot cross a future: the thread answers None instead.
+        response = await asyncio.get_running_loop().run_in_executor(bls.waiters(), next,
+                                                                    self, None)
+        if response is None:
+            raise StopAsyncIteration
+        return response
+
+    def cancel(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
 
 
 class InferenceResponse:
@@ -613,8 +670,8 @@ class InferenceResponseSender:
     non-decoupled model) the one response is kept for the backend to answer with.
     """
 
-    __slots__ = ("_cancelled", "_closed", "_decoupled", "_deliver", "_final", "_response",
-                 "_sent")
+    __slots__ = ("_cancelled", "_closed", "_decoupled", "_deliver", "_final", "_lock",
+                 "_response", "_sent")
 
     def __init__(self, deliver: Any, decoupled: bool = True, cancelled: Any = None) -> None:
         self._deliver = deliver
@@ -624,8 +681,15 @@ class InferenceResponseSender:
         self._sent = 0
         self._response: InferenceResponse | None = None
         self._final = threading.Event()
+        # Held from the checks to the delivery: of several threads sending at once, exactly
+        # one final gets through, and nothing is delivered after it.
+        self._lock = threading.Lock()
 
     def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        with self._lock:
+            self._send(response, flags)
+
+    def _send(self, response: InferenceResponse | None, flags: int) -> None:
         final = flags == TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if not self._decoupled:
             if response is not None and self._sent > 0:
