@@ -227,7 +227,7 @@ class FrontendChannel(LocalChannel):
 
 
 def _payload(outputs: list[OutputTensor]) -> int:
-    return sum(len(o.data) for o in outputs if o.data is not None)
+    return sum(o.nbytes for o in outputs)
 
 
 def _versioned(message: dict[str, Any], reply: _ChannelReply) -> dict[str, Any]:

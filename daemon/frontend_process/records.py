@@ -18,6 +18,7 @@ from typing import Any
 
 from shmserve.daemon.errors import ServeError
 from shmserve.daemon.infer_request import OutputIn, RequestItems, TensorIn
+from shmserve.workers.shm import Pieces
 
 OP_ITEMS = "items"
 OP_RPC = "rpc"
@@ -45,7 +46,8 @@ def _shm(raw: list[Any] | None) -> tuple[str, int, int] | None:
 def pack_items(items: RequestItems) -> list[Any]:
     """``RequestItems`` as msgpack-ready lists (tensor bytes stay zero-copy views)."""
     return [
-        [[t.name, t.datatype, t.shape, t.data, t.shm, _error(t.fault)] for t in items.inputs],
+        [[t.name, t.datatype, t.shape, bytes(t.data) if isinstance(t.data, Pieces) else t.data,
+          t.shm, _error(t.fault)] for t in items.inputs],
         [[o.name, o.shm, _error(o.fault)] for o in items.outputs],
         items.parameters, items.request_id, _error(items.late_fault)]
 

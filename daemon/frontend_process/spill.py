@@ -14,12 +14,15 @@ import mmap
 import os
 from collections.abc import Sequence
 
+from shmserve.workers.shm import Pieces
+
 SPILL_BYTES = 1 << 20
 SMALL_TENSOR_BYTES = 4 << 10  # smaller inputs of a large request stay inline
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
-def write_memfd(name: str, parts: Sequence[bytes | memoryview]) -> tuple[int, list[int]]:
+def write_memfd(name: str, parts: Sequence[bytes | memoryview | Pieces]
+                ) -> tuple[int, list[int]]:
     """A sealed memfd holding ``parts`` one after the other, and where each starts."""
     offsets: list[int] = []
     total = 0
@@ -30,10 +33,11 @@ def write_memfd(name: str, parts: Sequence[bytes | memoryview]) -> tuple[int, li
     try:
         os.ftruncate(fd, max(total, 1))
         for part, offset in zip(parts, offsets, strict=True):
-            view = memoryview(part)
-            written = 0
-            while written < len(view):
-                written += os.pwrite(fd, view[written:], offset + written)
+            for view in part.parts if isinstance(part, Pieces) else (memoryview(part),):
+                written = 0
+                while written < len(view):
+                    written += os.pwrite(fd, view[written:], offset + written)
+                offset += len(view)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
     except BaseException:
         os.close(fd)
