@@ -215,10 +215,15 @@ class Settings:
         help="batches sent ahead to each model instance, so it never waits for the next one "
              "(1 = only when idle, as tritonserver does)")
     stream_max_pending_responses: int = setting(
-        1024, flag="--stream-max-pending-responses", parse=int, metavar="N",
+        0, flag="--stream-max-pending-responses", parse=int, metavar="N",
         help="responses a stream (gRPC ModelStreamInfer, HTTP generate_stream) may hold for "
              "a client that reads slower than the model produces; past it the stream fails "
              "with RESOURCE_EXHAUSTED and its requests are cancelled (0 = no limit)")
+    stream_max_pending_bytes: int = setting(
+        256 << 20, flag="--stream-max-pending-bytes", parse=int, metavar="BYTES",
+        help="bytes of responses a stream may hold for a client that reads slower than the "
+             "model produces (one response is always let through); past it the stream fails "
+             "as with --stream-max-pending-responses (0 = no limit)")
     worker_busy_poll_us: int = setting(
         50, flag="--worker-busy-poll-us", parse=int, metavar="US",
         help="while requests arrive back to back, a worker polls for the next one up to "

@@ -364,15 +364,18 @@ def test_statistics_and_metrics_count_responses(start_server: StartServer) -> No
     assert server.metric("shmserve_inference_response_count", "midstream_error") == 4
 
 
+@pytest.mark.parametrize("flag, limit", [("--stream-max-pending-responses", "8"),
+                                         ("--stream-max-pending-bytes", "200")])
 def test_slow_reader_fails_the_stream_instead_of_buffering(start_server: StartServer,
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path, flag: str,
+                                                            limit: str) -> None:
     """The client reads nothing while the model produces 5000 small responses; with a
-    limit of 8 waiting responses the stream ends with RESOURCE_EXHAUSTED and the model sees
-    its request cancelled."""
+    limit of 8 waiting responses, or of 200 bytes of them, the stream ends with
+    RESOURCE_EXHAUSTED naming the limit, and the model sees its request cancelled."""
     import grpc
 
     from shmserve.protos import shmserve_service_pb2 as pb
-    server = start_server(["repeat_int32"], "--stream-max-pending-responses", "8")
+    server = start_server(["repeat_int32"], flag, limit)
     cancel_log = tmp_path / "cancelled.txt"
     request = pb.ModelInferRequest(model_name="repeat_int32", id="slow")
     request.parameters["cancel_log"].string_param = str(cancel_log)
@@ -397,7 +400,7 @@ def test_slow_reader_fails_the_stream_instead_of_buffering(start_server: StartSe
                 pass
         gate.set()
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "--stream-max-pending-responses" in (info.value.details() or "")
+    assert flag in (info.value.details() or "")
     deadline = time.monotonic() + 10
     while not cancel_log.exists() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -41,6 +41,7 @@ from shmserve.daemon.operations import Operations
 from shmserve.daemon.reply import FutureReply, Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.restrictions import Restriction, restriction_for
+from shmserve.daemon.stream_budget import StreamBudget
 from shmserve.workers.shm import Pieces
 
 log = logging.getLogger("shmserve.http")
@@ -132,28 +133,34 @@ class _EventReply(Reply):
     """A generate_stream request's reply: each response rendered as a server-sent event. A
     client that lets more than ``limit`` events wait gets an error event and the end."""
 
-    __slots__ = ("limit", "overflowed", "queue")
+    __slots__ = ("budget", "overflowed", "queue")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, budget: StreamBudget) -> None:
         self.request = None
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.limit = limit
+        self.budget = budget
         self.overflowed = False
 
     def _put(self, event: bytes, final: bool) -> None:
         if self.overflowed:
             return
-        if self.limit and self.queue.qsize() >= self.limit:
+        if not self.budget.admit(len(event)):
             self.overflowed = True
             while not self.queue.empty():
                 self.queue.get_nowait()
             event = _event({"error": f"the client reads its responses slower than they are "
-                                     f"produced: more than {self.limit} were waiting "
-                                     f"(--stream-max-pending-responses); the stream was ended"})
+                                     f"produced: more than {self.budget.describe()} were "
+                                     f"waiting; the stream was ended"})
             final = True
         self.queue.put_nowait(event)
         if final:
             self.queue.put_nowait(None)
+
+    async def next_event(self) -> bytes | None:
+        event = await self.queue.get()
+        if event is not None and not self.overflowed:
+            self.budget.released(len(event))
+        return event
 
     def send(self, response: list[OutputTensor], final: bool) -> None:
         assert self.request is not None
@@ -464,14 +471,16 @@ class HttpDoor:
         model, version = request.match_info["model"], self._version(request)
         body = await self._body_json(request)
         config = self.operations.model_config(model, version)
-        events = _EventReply(self.core.settings.stream_max_pending_responses)
+        settings = self.core.settings
+        events = _EventReply(StreamBudget(settings.stream_max_pending_responses,
+                                          settings.stream_max_pending_bytes))
         internal = self.core.submit(model, version, lambda: parse_generate(model, body, config),
                                     events, streaming=True)
         answer = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                              "Cache-Control": "no-cache"})
         try:
             await answer.prepare(request)
-            while (event := await events.queue.get()) is not None:
+            while (event := await events.next_event()) is not None:
                 await answer.write(event)
         except BaseException:  # the client went away (or the server is closing)
             self.core.cancel(internal)

@@ -33,6 +33,7 @@ from shmserve.daemon.reply import FutureReply, Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.restrictions import GRPC_HEADER_PREFIX, restriction_for
 from shmserve.daemon.settings import Settings
+from shmserve.daemon.stream_budget import StreamBudget
 from shmserve.protos import shmserve_health_pb2 as health_pb
 from shmserve.protos import shmserve_service_pb2 as pb
 
@@ -232,7 +233,9 @@ class InferenceService:
         for a decoupled model, each with ``triton_final_response``); an error goes in
         ``error_message`` and the stream stays open. A stream that ends or is cancelled
         cancels its requests still open."""
-        stream = _Stream(self.core.settings.stream_max_pending_responses)
+        settings = self.core.settings
+        stream = _Stream(StreamBudget(settings.stream_max_pending_responses,
+                                      settings.stream_max_pending_bytes))
 
         async def read() -> None:
             try:
@@ -380,17 +383,17 @@ class _Stream:
     """One ModelStreamInfer call: the responses waiting to be written, and the requests
     still open (their final response not sent yet)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, budget: StreamBudget) -> None:
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._open: set[_StreamReply] = set()
         self._reading = True
         self._closed = False
-        self._limit = limit
+        self._budget = budget
         self.overflowed = False
 
     def overflow_message(self) -> str:
         return (f"the stream's client reads its responses slower than they are produced: "
-                f"more than {self._limit} were waiting (--stream-max-pending-responses); "
+                f"more than {self._budget.describe()} were waiting; "
                 f"the stream was ended and its requests cancelled")
 
     def opened(self, reply: _StreamReply) -> None:
@@ -400,7 +403,7 @@ class _Stream:
     def put(self, message: bytes | None) -> None:
         if message is None or self._closed or self.overflowed:
             return
-        if self._limit and self._queue.qsize() >= self._limit:
+        if not self._budget.admit(len(message)):
             # A slow reader: end the stream rather than hold its responses without bound.
             self.overflowed = True
             while not self._queue.empty():  # what the client did not read is dropped
@@ -422,7 +425,10 @@ class _Stream:
             self._queue.put_nowait(None)
 
     async def get(self) -> bytes | None:
-        return await self._queue.get()
+        message = await self._queue.get()
+        if message is not None and not self.overflowed:
+            self._budget.released(len(message))
+        return message
 
     def close(self) -> list[_StreamReply]:
         """The call ended: the requests still open, to cancel."""
