@@ -293,15 +293,19 @@ class BlsClient:
                 f"more instances, or break the cycle)")
         return chain
 
-    def infer(self, request: BlsRequest, blocking: bool = True) -> dict[str, np.ndarray]:
-        """Run ``request`` through the core; raises BlsError with Triton's code and text."""
+    def _start(self, request: BlsRequest, blocking: bool) -> tuple[LocalChannel, str]:
+        """Checks before a BLS call (target, deadlock chain), then the channel to send it on."""
         self.check_target(request.model_name, blocking)
         chain = self.chain(request.model_name, blocking)
         try:
-            channel = self._open()
+            return self._open(), chain
         except (OSError, ShmserveError) as exc:
             raise BlsError("UNAVAILABLE", f"cannot open the BLS channel to the server: "
                                           f"{exc}") from None
+
+    def infer(self, request: BlsRequest, blocking: bool = True) -> dict[str, np.ndarray]:
+        """Run ``request`` through the core; raises BlsError with Triton's code and text."""
+        channel, chain = self._start(request, blocking)
         regions: list[_Memfd] = []
         try:
             message, region_outputs = self._message(channel, request, regions)
@@ -330,13 +334,7 @@ class BlsClient:
         order, the last one ``final`` (an empty one when the model sent the final flag
         alone). A failure to send it raises BlsError; a failure after that is a response
         with ``error``. Closing the iterator early cancels the request."""
-        self.check_target(request.model_name, blocking)
-        chain = self.chain(request.model_name, blocking)
-        try:
-            channel = self._open()
-        except (OSError, ShmserveError) as exc:
-            raise BlsError("UNAVAILABLE", f"cannot open the BLS channel to the server: "
-                                          f"{exc}") from None
+        channel, chain = self._start(request, blocking)
         regions: list[_Memfd] = []
         try:
             # The outputs go into a response ring of the caller's (each response in the next
