@@ -23,6 +23,7 @@ import numpy as np
 
 from bench import triton_peer
 from bench.ceilings import memcpy
+from bench.report import save_dated
 
 REPOSITORY = Path(__file__).resolve().parent / "models"
 MODEL = "identity_fp32"
@@ -112,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         results = measure(urls, sizes, args.rounds, args.per_round)
     text = report(results, list(urls))
     print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"{time.strftime('%Y-%m-%d')}-http-payload"
-        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-        stem.with_suffix(".md").write_text(text + "\n")
+    save_dated(args.out, "http-payload", results, text)
     return 0
 
 

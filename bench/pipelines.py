@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from bench import triton_peer
+from bench.report import save_dated
 
 REPOSITORY = Path(__file__).resolve().parent / "models_pipelines"
 SMALL_MODELS = ("identity", "ensemble_1", "ensemble_3", "bls_1", "bls_3")
@@ -182,11 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {label}: {json.dumps(results[label]['derived'])}", flush=True)
     text = report(results)
     print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"{time.strftime('%Y-%m-%d')}-pipelines"
-        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-        stem.with_suffix(".md").write_text(text + "\n")
+    save_dated(args.out, "pipelines", results, text)
     return 0
 
 

@@ -17,6 +17,18 @@ from typing import Any
 SIZE_ORDER = ["4B", "1MiB", "16MiB", "64MiB"]
 
 
+def save_dated(out: Path | None, name: str, results: dict[str, Any], text: str) -> None:
+    """Write ``results`` as JSON and ``text`` as markdown to ``out/<today>-<name>.*`` (a
+    side bench's ``--out``); nothing when ``out`` is None."""
+    if out is None:
+        return
+    import time
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{time.strftime('%Y-%m-%d')}-{name}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    stem.with_suffix(".md").write_text(text + "\n")
+
+
 # --- ratios ----------------------------------------------------------------------------------
 def _ok(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0

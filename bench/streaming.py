@@ -33,6 +33,7 @@ import numpy as np
 
 from bench import triton_peer
 from bench.procstat import tree_cpu_seconds
+from bench.report import save_dated
 
 MODEL = "stream_repeat"
 REPOSITORY = Path(__file__).resolve().parent / "models_streaming"
@@ -237,11 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {label:<15} {json.dumps(results[label])}", flush=True)
     text = report(results)
     print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"{time.strftime('%Y-%m-%d')}-streaming"
-        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-        stem.with_suffix(".md").write_text(text + "\n")
+    save_dated(args.out, "streaming", results, text)
     return 0
 
 
