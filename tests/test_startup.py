@@ -21,6 +21,7 @@ from shmserve.tests.mc_helpers import (
     write_model,
 )
 from shmserve.tests.serverproc import free_port, worker_pids
+from shmserve.workers.lineage import SUPERVISOR_ENV
 
 INIT_FAILS_REASON = "weights file is corrupt"
 
@@ -152,6 +153,10 @@ def test_workers_carry_a_readable_title(start_server: StartServer) -> None:
     title = _read(f"/proc/{worker}/cmdline").replace(b"\0", b" ").strip()
     assert title == b"shmserve worker simple simple_0_0", title
     assert _read(f"/proc/{worker}/comm").strip() == b"simple_0_0"
+    # The title must not overwrite the environment: a later start finds a dead server's
+    # leftover workers by the supervisor pid they carry there (daemon/leftovers.py).
+    marker = f"{SUPERVISOR_ENV}={server.pid}".encode()
+    assert marker in _read(f"/proc/{worker}/environ").split(b"\0")
 
 
 def _metrics_answer(host: str, port: int) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 
 _PR_SET_NAME = 15
 COMM_LENGTH = 15
@@ -21,6 +22,9 @@ def worker_title(model: str, instance: str) -> str:
 
 def set_process_title(title: str, short_name: str) -> None:
     """Best effort: a title nobody can read is no reason for a worker to fail."""
+    # Without SPT_NOENV, setproctitle reuses the environment's memory for a long title, and
+    # /proc/<pid>/environ loses the supervisor pid that daemon/leftovers.py looks for.
+    os.environ.setdefault("SPT_NOENV", "1")
     with contextlib.suppress(ImportError):
         from setproctitle import setproctitle
         setproctitle(title)
