@@ -47,7 +47,28 @@ B = np.ones((1, 16), dtype=np.int32)
 
 
 def client_segments() -> set[str]:
-    return {name for name in os.listdir(SHM) if name.startswith("shmserve_client_")}
+    """Client segments this test process or its children made, or whose maker is gone.
+
+    A key names its maker (``shmserve_client_<pid>_...``): segments of live processes of other
+    test runs on the same host are theirs to clean, not this test's leak."""
+    return {name for name in os.listdir(SHM)
+            if name.startswith("shmserve_client_") and not _made_by_a_stranger(name)}
+
+
+def _made_by_a_stranger(name: str) -> bool:
+    try:
+        maker = int(name[len("shmserve_client_"):].split("_", 1)[0])
+    except ValueError:
+        return False
+    if maker == os.getpid():
+        return False
+    try:
+        status = Path(f"/proc/{maker}/status").read_text()
+    except OSError:
+        return False  # gone: a leak whoever made it
+    parent = next((int(line.split()[1]) for line in status.splitlines()
+                   if line.startswith("PPid:")), 0)
+    return parent != os.getpid()
 
 
 def segment_exists(region_or_key: HostRegion | str) -> bool:
