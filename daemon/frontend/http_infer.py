@@ -18,6 +18,7 @@ import numpy as np
 
 from shmserve.daemon.errors import ServeError, invalid_argument, unimplemented
 from shmserve.daemon.infer_request import (
+    SHM_KEYS,
     OutputIn,
     RequestItems,
     ShmRef,
@@ -39,6 +40,7 @@ from shmserve.workers.shm import Pieces
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Datatypes JSON cannot carry faithfully: only as binary data (Triton's rule).
 _BINARY_ONLY = frozenset({"FP16", "BF16"})
+_SHM_KEYS = frozenset(SHM_KEYS)
 
 
 @dataclass(slots=True)
@@ -110,13 +112,14 @@ def parse_infer(model: str, header: dict[str, Any], binary: memoryview | Pieces)
         name, datatype, shape = _tensor_head(entry)
         params = _object(entry.get("parameters", {}), f"parameters of input '{name}'")
         item = TensorIn(name, datatype, shape)
-        try:
-            item.shm = _shm_params(params, f"input '{name}'")
-            if item.shm is not None and "data" in entry:
-                raise invalid_argument(f"unexpected 'content' provided when using shared "
-                                       f"memory for input '{name}' for model '{model}'")
-        except ServeError as exc:
-            item.fault = exc
+        if not _SHM_KEYS.isdisjoint(params):
+            try:
+                item.shm = _shm_params(params, f"input '{name}'")
+                if item.shm is not None and "data" in entry:
+                    raise invalid_argument(f"unexpected 'content' provided when using shared "
+                                           f"memory for input '{name}' for model '{model}'")
+            except ServeError as exc:
+                item.fault = exc
         size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -152,12 +155,14 @@ def parse_infer(model: str, header: dict[str, Any], binary: memoryview | Pieces)
             raise _json_error("each output must be a JSON object with a 'name'")
         output = OutputIn(entry["name"])
         params = _object(entry.get("parameters", {}), f"parameters of output '{output.name}'")
-        try:
-            if "classification" in params:
-                raise unimplemented("classification outputs are not supported by shmserve")
-            output.shm = _shm_params(params, f"output '{output.name}'")
-        except ServeError as exc:
-            output.fault = exc
+        if params:
+            try:
+                if "classification" in params:
+                    raise unimplemented("classification outputs are not supported by shmserve")
+                if not _SHM_KEYS.isdisjoint(params):
+                    output.shm = _shm_params(params, f"output '{output.name}'")
+            except ServeError as exc:
+                output.fault = exc
         if "binary_data" in params:
             binary_outputs[output.name] = bool(params["binary_data"])
         outputs.append(output)
@@ -265,25 +270,67 @@ def json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any,
 def render_response(request: InferRequest, outputs: list[OutputTensor],
                     binary_for: Callable[[str, str], bool]
                     ) -> tuple[bytes, list[bytes | memoryview]]:
-    """(JSON header, binary parts): outputs sent binary are appended as they are."""
+    """(JSON header, binary parts): outputs sent binary are appended as they are.
+
+    The header is what ``json.dumps(..., separators=(",", ":"))`` writes for
+    ``{"model_name", "model_version", "outputs": [{"name", "datatype", "shape",
+    "parameters" | "data"}...], "id"}``, joined from fragments cached per model version and
+    per output name and datatype: only the shape, sizes and data are encoded per request."""
     parts: list[bytes | memoryview] = []
-    rendered = []
+    pieces = [_answer_prefix(request.model, request.version)]
     for output in outputs:
-        entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype,
-                                 "shape": output.shape}
-        if output.data is None:
-            entry["parameters"] = {"shared_memory_region": _region_of(request, output.name)}
+        if len(pieces) > 1:
+            pieces.append(",")
+        pieces.append(_output_prefix(output.name, output.datatype))
+        pieces.append(",".join(map(str, output.shape)))
+        data = output.data
+        if data is None:
+            pieces.append('],"parameters":{"shared_memory_region":')
+            pieces.append(json.dumps(_region_of(request, output.name)))
+            pieces.append("}}")
         elif binary_for(output.name, output.datatype):
-            entry["parameters"] = {"binary_data_size": len(output.data)}
-            parts.append(output.data)
+            pieces.append(f'],"parameters":{{"binary_data_size":{len(data)}}}}}')
+            parts.append(data)
         else:
-            entry["data"] = _json_data(output)
-        rendered.append(entry)
-    answer: dict[str, Any] = {"model_name": request.model,
-                              "model_version": str(request.version), "outputs": rendered}
+            pieces.append('],"data":')
+            pieces.append(json.dumps(_json_data(output), separators=(",", ":")))
+            pieces.append("}")
+    pieces.append("]")
     if request.request_id:
-        answer["id"] = request.request_id
-    return json.dumps(answer, separators=(",", ":")).encode(), parts
+        pieces.append(',"id":')
+        pieces.append(json.dumps(request.request_id))
+    pieces.append("}")
+    return "".join(pieces).encode(), parts
+
+
+# JSON fragments of response headers, by model version and by output (name, datatype):
+# the same few for every response of a model, so encoded once. Bounded: cleared when full.
+_FRAGMENTS_LIMIT = 4096
+_answer_prefixes: dict[tuple[str, int], str] = {}
+_output_prefixes: dict[tuple[str, str], str] = {}
+
+
+def _answer_prefix(model: str, version: int) -> str:
+    key = (model, version)
+    prefix = _answer_prefixes.get(key)
+    if prefix is None:
+        if len(_answer_prefixes) >= _FRAGMENTS_LIMIT:
+            _answer_prefixes.clear()
+        prefix = _answer_prefixes[key] = (f'{{"model_name":{json.dumps(model)},'
+                                          f'"model_version":{json.dumps(str(version))},'
+                                          f'"outputs":[')
+    return prefix
+
+
+def _output_prefix(name: str, datatype: str) -> str:
+    key = (name, datatype)
+    prefix = _output_prefixes.get(key)
+    if prefix is None:
+        if len(_output_prefixes) >= _FRAGMENTS_LIMIT:
+            _output_prefixes.clear()
+        prefix = _output_prefixes[key] = (f'{{"name":{json.dumps(name)},'
+                                          f'"datatype":{json.dumps(datatype)},"shape":[')
+    return prefix
 
 
 def binary_rule(parsed: HttpInfer) -> Callable[[str, str], bool]:
