@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from shmserve.daemon.frontend.http_infer import render_response
+from shmserve.daemon.errors import ServeError
+from shmserve.daemon.frontend.http_infer import json_tensor_bytes, render_response
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, OutputTensor, RequestedOutput
 from shmserve.tests.serverproc import ServerProcess, build_repository
@@ -99,3 +100,22 @@ def test_response_without_outputs() -> None:
     assert json.loads(head) == {"model_name": "m", "model_version": "1", "outputs": []}
     assert head == b'{"model_name":"m","model_version":"1","outputs":[]}'
     assert parts == []
+
+
+@pytest.mark.parametrize("datatype,data,expected", [
+    ("INT32", [[1, 2], [3, 4]], np.array([1, 2, 3, 4], np.int32).tobytes()),
+    ("INT32", [[1, [2]], 3, [[4]]], np.array([1, 2, 3, 4], np.int32).tobytes()),  # uneven
+    ("FP32", [1, 2.5, [3], 4], np.array([1, 2.5, 3, 4], np.float32).tobytes()),
+    ("BOOL", [[True], [False, True, False]], np.array([1, 0, 1, 0], np.bool_).tobytes()),
+    ("INT32", [1, 2, True, 4], None),     # a bool is not an integer
+    ("INT32", [1, 2, 3.0, 4], None),      # nor is a float
+    ("BOOL", [True, 1, False, True], None),
+    ("FP32", [1.0, None, 2.0, 3.0], None),
+    ("BYTES", [["a", "b"], ["c", 1]], None),
+])
+def test_json_tensor_values(datatype: str, data: object, expected: bytes | None) -> None:
+    if expected is None:
+        with pytest.raises(ServeError, match="'data' of"):
+            json_tensor_bytes("x", datatype, [4], data, "m")
+    else:
+        assert json_tensor_bytes("x", datatype, [4], data, "m") == expected

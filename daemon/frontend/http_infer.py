@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,9 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # Datatypes JSON cannot carry faithfully: only as binary data (Triton's rule).
 _BINARY_ONLY = frozenset({"FP16", "BF16"})
 _SHM_KEYS = frozenset(SHM_KEYS)
+_BOOL_TYPES: frozenset[type] = frozenset({bool})
+_INT_TYPES: frozenset[type] = frozenset({int})
+_NUMBER_TYPES: frozenset[type] = frozenset({int, float})
 
 
 @dataclass(slots=True)
@@ -211,11 +215,23 @@ def _json_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
-    if not any(isinstance(item, list) for item in data):
-        return data
+def _flatten(data: Any) -> tuple[list[Any], set[type]]:
+    """``data`` (a value, or arrays nested to any depth) as a flat list in depth-first order,
+    and the set of its values' types. json.loads makes exact ints, floats, bools, strings
+    (never subclasses), so the set says in C what an isinstance test per value would."""
+    values = data if isinstance(data, list) else [data]
+    types = set(map(type, values))
+    while list in types:
+        if len(types) == 1:  # all arrays: one level less
+            values = list(chain.from_iterable(values))
+        else:
+            values = _walk(values)
+        types = set(map(type, values))
+    return values, types
+
+
+def _walk(data: list[Any]) -> list[Any]:
+    """Arrays nested unevenly, flattened depth first."""
     flat: list[Any] = []
     stack = [iter(data)]
     while stack:
@@ -235,14 +251,14 @@ def json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any,
     if datatype in _BINARY_ONLY:
         raise invalid_argument(f"input '{name}' of datatype {datatype} must be sent as binary "
                                f"data (binary_data_size) for model '{model}'")
-    values = _flatten(data)
+    values, types = _flatten(data)
     count = element_count(shape)
     if len(values) != count:
         raise invalid_argument(f"unexpected number of elements {len(values)} in 'data' for "
                                f"inference input '{name}' for model '{model}', expecting "
                                f"{count}")
     if datatype == "BYTES":
-        if not all(isinstance(v, str) for v in values):
+        if not types <= {str}:
             raise invalid_argument(f"'data' of BYTES input '{name}' for model '{model}' must "
                                    f"be strings")
         return serialize_bytes_tensor(np.array([v.encode() for v in values], dtype=object))
@@ -251,13 +267,9 @@ def json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any,
     except (KeyError, ValueError):
         raise invalid_argument(f"input '{name}' has unknown datatype '{datatype}' for model "
                                f"'{model}'") from None
-    if datatype == "BOOL":
-        ok = all(isinstance(v, bool) for v in values)
-    elif dtype.kind in "iu":
-        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-    else:
-        ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-    if not ok:
+    allowed = _BOOL_TYPES if datatype == "BOOL" else _INT_TYPES if dtype.kind in "iu" \
+        else _NUMBER_TYPES
+    if not types <= allowed:
         raise invalid_argument(f"'data' of input '{name}' for model '{model}' holds values "
                                f"that are not {datatype}")
     try:
