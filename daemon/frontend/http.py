@@ -30,6 +30,7 @@ from shmserve.daemon.frontend.http_infer import (
     HEADER_LENGTH,
     HttpInfer,
     binary_rule,
+    compact_json,
     parse_generate,
     parse_infer,
     render_generate,
@@ -69,7 +70,7 @@ def error_response(status: int, message: str) -> web.Response:
 
 def _json(value: Any) -> web.Response:
     return web.Response(content_type=JSON_TYPE,
-                        body=json.dumps(value, separators=(",", ":")).encode())
+                        body=compact_json(value).encode())
 
 
 def message_json(message: Message) -> dict[str, Any]:
@@ -179,7 +180,7 @@ class _EventReply(Reply):
 
 
 def _event(value: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(value, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + compact_json(value).encode() + b"\n\n"
 
 
 def _errors(handler: Handler, restriction: Restriction | None) -> Handler:

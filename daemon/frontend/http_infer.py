@@ -42,6 +42,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # Datatypes JSON cannot carry faithfully: only as binary data (Triton's rule).
 _BINARY_ONLY = frozenset({"FP16", "BF16"})
 _SHM_KEYS = frozenset(SHM_KEYS)
+# json.dumps(value, separators=(",", ":")), without building an encoder per call.
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
 _BOOL_TYPES: frozenset[type] = frozenset({bool})
 _INT_TYPES: frozenset[type] = frozenset({int})
 _NUMBER_TYPES: frozenset[type] = frozenset({int, float})
@@ -305,7 +307,7 @@ def render_response(request: InferRequest, outputs: list[OutputTensor],
             parts.append(data)
         else:
             pieces.append('],"data":')
-            pieces.append(json.dumps(_json_data(output), separators=(",", ":")))
+            pieces.append(compact_json(_json_data(output)))
             pieces.append("}")
     pieces.append("]")
     if request.request_id:
@@ -420,4 +422,4 @@ def render_generate(request: InferRequest, outputs: list[OutputTensor]) -> bytes
     for output in outputs:
         values = _json_data(output) if output.data is not None else []
         answer[output.name] = values[0] if len(values) == 1 else values
-    return json.dumps(answer, separators=(",", ":")).encode()
+    return compact_json(answer).encode()
