@@ -30,6 +30,7 @@ from shmserve.daemon.frontend.http_infer import (
     HEADER_LENGTH,
     HttpInfer,
     binary_rule,
+    compact_json,
     parse_generate,
     parse_infer,
     render_generate,
@@ -55,6 +56,7 @@ HTTP_STATUS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
 }
 JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
 # Responses up to this size are sent as one joined body; larger ones write the outputs' bytes
 # as they are, after the JSON header.
 SMALL_RESPONSE = 64 << 10
@@ -68,7 +70,7 @@ def error_response(status: int, message: str) -> web.Response:
 
 def _json(value: Any) -> web.Response:
     return web.Response(content_type=JSON_TYPE,
-                        body=json.dumps(value, separators=(",", ":")).encode())
+                        body=compact_json(value).encode())
 
 
 def message_json(message: Message) -> dict[str, Any]:
@@ -178,7 +180,7 @@ class _EventReply(Reply):
 
 
 def _event(value: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(value, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + compact_json(value).encode() + b"\n\n"
 
 
 def _errors(handler: Handler, restriction: Restriction | None) -> Handler:
@@ -217,6 +219,8 @@ class HttpDoor:
         self.max_body = core.settings.http_max_body_bytes
         self._runner: web.AppRunner | None = None
         self.bound_port: int | None = None
+        # asyncio.get_running_loop() costs a getpid syscall per call in CPython 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def operations(self) -> Operations:
@@ -262,14 +266,16 @@ class HttpDoor:
                        post("/v2/trace/setting", self.trace)]),
         ]
         for prefix in (model, versioned):
+            # aiohttp tries a path's dynamic routes in the order they were added:
+            # inference, the one route per request under load, first.
             groups += [
+                ("inference", [post(f"{prefix}/infer", self.infer),
+                               post(f"{prefix}/generate", self.generate),
+                               post(f"{prefix}/generate_stream", self.generate_stream)]),
                 ("metadata", [get(prefix, self.model_metadata)]),
                 ("health", [get(f"{prefix}/ready", self.model_ready)]),
                 ("model-config", [get(f"{prefix}/config", self.model_config)]),
                 ("statistics", [get(f"{prefix}/stats", self.statistics)]),
-                ("inference", [post(f"{prefix}/infer", self.infer),
-                               post(f"{prefix}/generate", self.generate),
-                               post(f"{prefix}/generate_stream", self.generate_stream)]),
                 ("trace", [get(f"{prefix}/trace/setting", self.trace),
                            post(f"{prefix}/trace/setting", self.trace)]),
             ]
@@ -446,7 +452,10 @@ class HttpDoor:
     async def _run(self, model: str, version: str, parse: Callable[[], RequestItems],
                    one_of_many: bool = False) -> tuple[InferRequest, list[OutputTensor]]:
         """``one_of_many``: a decoupled model may answer, with exactly one response."""
-        future: asyncio.Future[list[OutputTensor]] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[OutputTensor]] = loop.create_future()
         reply = _OneResponseReply(future) if one_of_many else FutureReply(future)
         internal = self.core.submit(model, version, parse, reply, streaming=one_of_many)
         try:
@@ -454,6 +463,11 @@ class HttpDoor:
         except asyncio.CancelledError:
             self.core.cancel(internal)  # the client went away
             raise
+        finally:
+            # The request and its reply point at each other: unlinked, reference counting
+            # frees the request (tensors, outputs, body views) when the handler returns
+            # instead of leaving a cycle per request to the garbage collector.
+            reply.request = None
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """Triton's generate extension, one response (generate_stream: the streaming issue)."""
@@ -505,19 +519,20 @@ class HttpDoor:
 
         internal, outputs = await self._run(model, version, parse)
         head, parts = render_response(internal, outputs, binary_rule(parsed[0]))
-        accept = request.headers.get("Accept-Encoding", "")
-        encoding = _pick_encoding(accept)
-        if encoding is not None:
-            return _compressed(head, parts, encoding)
+        if "Accept-Encoding" in request.headers:
+            encoding = _pick_encoding(request.headers["Accept-Encoding"])
+            if encoding is not None:
+                return _compressed(head, parts, encoding)
         if not parts:
             return web.Response(body=head, content_type=JSON_TYPE)
-        size = len(head) + sum(len(part) for part in parts)
-        headers = {HEADER_LENGTH: str(len(head))}
+        size = len(head)
+        for part in parts:
+            size += len(part)
         if size <= SMALL_RESPONSE:  # one write beats several for small answers
-            return web.Response(body=b"".join([head, *parts]), headers=headers,
-                                content_type="application/octet-stream")
-        response = web.StreamResponse(headers=headers)
-        response.content_type = "application/octet-stream"
+            return web.Response(body=b"".join([head, *parts]), headers={
+                "Content-Type": BINARY_TYPE, HEADER_LENGTH: str(len(head))})
+        response = web.StreamResponse(headers={HEADER_LENGTH: str(len(head))})
+        response.content_type = BINARY_TYPE
         response.content_length = size
         await response.prepare(request)
         await response.write(head)
@@ -595,4 +610,4 @@ def _compressed(head: bytes, parts: list[bytes | memoryview], encoding: str) -> 
     if parts:
         headers[HEADER_LENGTH] = str(len(head))
     return web.Response(body=body, headers=headers,
-                        content_type=JSON_TYPE if not parts else "application/octet-stream")
+                        content_type=JSON_TYPE if not parts else BINARY_TYPE)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
 
 from shmserve.daemon.errors import ServeError, invalid_argument, unimplemented
 from shmserve.daemon.infer_request import (
+    SHM_KEYS,
     OutputIn,
     RequestItems,
     ShmRef,
@@ -39,6 +41,12 @@ from shmserve.workers.shm import Pieces
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Datatypes JSON cannot carry faithfully: only as binary data (Triton's rule).
 _BINARY_ONLY = frozenset({"FP16", "BF16"})
+_SHM_KEYS = frozenset(SHM_KEYS)
+# json.dumps(value, separators=(",", ":")), without building an encoder per call.
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
+_BOOL_TYPES: frozenset[type] = frozenset({bool})
+_INT_TYPES: frozenset[type] = frozenset({int})
+_NUMBER_TYPES: frozenset[type] = frozenset({int, float})
 
 
 @dataclass(slots=True)
@@ -110,13 +118,14 @@ def parse_infer(model: str, header: dict[str, Any], binary: memoryview | Pieces)
         name, datatype, shape = _tensor_head(entry)
         params = _object(entry.get("parameters", {}), f"parameters of input '{name}'")
         item = TensorIn(name, datatype, shape)
-        try:
-            item.shm = _shm_params(params, f"input '{name}'")
-            if item.shm is not None and "data" in entry:
-                raise invalid_argument(f"unexpected 'content' provided when using shared "
-                                       f"memory for input '{name}' for model '{model}'")
-        except ServeError as exc:
-            item.fault = exc
+        if not _SHM_KEYS.isdisjoint(params):
+            try:
+                item.shm = _shm_params(params, f"input '{name}'")
+                if item.shm is not None and "data" in entry:
+                    raise invalid_argument(f"unexpected 'content' provided when using shared "
+                                           f"memory for input '{name}' for model '{model}'")
+            except ServeError as exc:
+                item.fault = exc
         size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -152,12 +161,14 @@ def parse_infer(model: str, header: dict[str, Any], binary: memoryview | Pieces)
             raise _json_error("each output must be a JSON object with a 'name'")
         output = OutputIn(entry["name"])
         params = _object(entry.get("parameters", {}), f"parameters of output '{output.name}'")
-        try:
-            if "classification" in params:
-                raise unimplemented("classification outputs are not supported by shmserve")
-            output.shm = _shm_params(params, f"output '{output.name}'")
-        except ServeError as exc:
-            output.fault = exc
+        if params:
+            try:
+                if "classification" in params:
+                    raise unimplemented("classification outputs are not supported by shmserve")
+                if not _SHM_KEYS.isdisjoint(params):
+                    output.shm = _shm_params(params, f"output '{output.name}'")
+            except ServeError as exc:
+                output.fault = exc
         if "binary_data" in params:
             binary_outputs[output.name] = bool(params["binary_data"])
         outputs.append(output)
@@ -206,11 +217,23 @@ def _json_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
-    if not any(isinstance(item, list) for item in data):
-        return data
+def _flatten(data: Any) -> tuple[list[Any], set[type]]:
+    """``data`` (a value, or arrays nested to any depth) as a flat list in depth-first order,
+    and the set of its values' types. json.loads makes exact ints, floats, bools, strings
+    (never subclasses), so the set says in C what an isinstance test per value would."""
+    values = data if isinstance(data, list) else [data]
+    types = set(map(type, values))
+    while list in types:
+        if len(types) == 1:  # all arrays: one level less
+            values = list(chain.from_iterable(values))
+        else:
+            values = _walk(values)
+        types = set(map(type, values))
+    return values, types
+
+
+def _walk(data: list[Any]) -> list[Any]:
+    """Arrays nested unevenly, flattened depth first."""
     flat: list[Any] = []
     stack = [iter(data)]
     while stack:
@@ -230,14 +253,14 @@ def json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any,
     if datatype in _BINARY_ONLY:
         raise invalid_argument(f"input '{name}' of datatype {datatype} must be sent as binary "
                                f"data (binary_data_size) for model '{model}'")
-    values = _flatten(data)
+    values, types = _flatten(data)
     count = element_count(shape)
     if len(values) != count:
         raise invalid_argument(f"unexpected number of elements {len(values)} in 'data' for "
                                f"inference input '{name}' for model '{model}', expecting "
                                f"{count}")
     if datatype == "BYTES":
-        if not all(isinstance(v, str) for v in values):
+        if not types <= {str}:
             raise invalid_argument(f"'data' of BYTES input '{name}' for model '{model}' must "
                                    f"be strings")
         return serialize_bytes_tensor(np.array([v.encode() for v in values], dtype=object))
@@ -246,13 +269,9 @@ def json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any,
     except (KeyError, ValueError):
         raise invalid_argument(f"input '{name}' has unknown datatype '{datatype}' for model "
                                f"'{model}'") from None
-    if datatype == "BOOL":
-        ok = all(isinstance(v, bool) for v in values)
-    elif dtype.kind in "iu":
-        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-    else:
-        ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-    if not ok:
+    allowed = _BOOL_TYPES if datatype == "BOOL" else _INT_TYPES if dtype.kind in "iu" \
+        else _NUMBER_TYPES
+    if not types <= allowed:
         raise invalid_argument(f"'data' of input '{name}' for model '{model}' holds values "
                                f"that are not {datatype}")
     try:
@@ -265,25 +284,67 @@ def json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any,
 def render_response(request: InferRequest, outputs: list[OutputTensor],
                     binary_for: Callable[[str, str], bool]
                     ) -> tuple[bytes, list[bytes | memoryview]]:
-    """(JSON header, binary parts): outputs sent binary are appended as they are."""
+    """(JSON header, binary parts): outputs sent binary are appended as they are.
+
+    The header is what ``json.dumps(..., separators=(",", ":"))`` writes for
+    ``{"model_name", "model_version", "outputs": [{"name", "datatype", "shape",
+    "parameters" | "data"}...], "id"}``, joined from fragments cached per model version and
+    per output name and datatype: only the shape, sizes and data are encoded per request."""
     parts: list[bytes | memoryview] = []
-    rendered = []
+    pieces = [_answer_prefix(request.model, request.version)]
     for output in outputs:
-        entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype,
-                                 "shape": output.shape}
-        if output.data is None:
-            entry["parameters"] = {"shared_memory_region": _region_of(request, output.name)}
+        if len(pieces) > 1:
+            pieces.append(",")
+        pieces.append(_output_prefix(output.name, output.datatype))
+        pieces.append(",".join(map(str, output.shape)))
+        data = output.data
+        if data is None:
+            pieces.append('],"parameters":{"shared_memory_region":')
+            pieces.append(json.dumps(_region_of(request, output.name)))
+            pieces.append("}}")
         elif binary_for(output.name, output.datatype):
-            entry["parameters"] = {"binary_data_size": len(output.data)}
-            parts.append(output.data)
+            pieces.append(f'],"parameters":{{"binary_data_size":{len(data)}}}}}')
+            parts.append(data)
         else:
-            entry["data"] = _json_data(output)
-        rendered.append(entry)
-    answer: dict[str, Any] = {"model_name": request.model,
-                              "model_version": str(request.version), "outputs": rendered}
+            pieces.append('],"data":')
+            pieces.append(compact_json(_json_data(output)))
+            pieces.append("}")
+    pieces.append("]")
     if request.request_id:
-        answer["id"] = request.request_id
-    return json.dumps(answer, separators=(",", ":")).encode(), parts
+        pieces.append(',"id":')
+        pieces.append(json.dumps(request.request_id))
+    pieces.append("}")
+    return "".join(pieces).encode(), parts
+
+
+# JSON fragments of response headers, by model version and by output (name, datatype):
+# the same few for every response of a model, so encoded once. Bounded: cleared when full.
+_FRAGMENTS_LIMIT = 4096
+_answer_prefixes: dict[tuple[str, int], str] = {}
+_output_prefixes: dict[tuple[str, str], str] = {}
+
+
+def _answer_prefix(model: str, version: int) -> str:
+    key = (model, version)
+    prefix = _answer_prefixes.get(key)
+    if prefix is None:
+        if len(_answer_prefixes) >= _FRAGMENTS_LIMIT:
+            _answer_prefixes.clear()
+        prefix = _answer_prefixes[key] = (f'{{"model_name":{json.dumps(model)},'
+                                          f'"model_version":{json.dumps(str(version))},'
+                                          f'"outputs":[')
+    return prefix
+
+
+def _output_prefix(name: str, datatype: str) -> str:
+    key = (name, datatype)
+    prefix = _output_prefixes.get(key)
+    if prefix is None:
+        if len(_output_prefixes) >= _FRAGMENTS_LIMIT:
+            _output_prefixes.clear()
+        prefix = _output_prefixes[key] = (f'{{"name":{json.dumps(name)},'
+                                          f'"datatype":{json.dumps(datatype)},"shape":[')
+    return prefix
 
 
 def binary_rule(parsed: HttpInfer) -> Callable[[str, str], bool]:
@@ -361,4 +422,4 @@ def render_generate(request: InferRequest, outputs: list[OutputTensor]) -> bytes
     for output in outputs:
         values = _json_data(output) if output.data is not None else []
         answer[output.name] = values[0] if len(values) == 1 else values
-    return json.dumps(answer, separators=(",", ":")).encode()
+    return compact_json(answer).encode()
