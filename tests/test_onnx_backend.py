@@ -262,20 +262,22 @@ def test_session_options_from_the_config() -> None:
                                     " execution_mode are 0 or 1 but got 2 .")
 
 
-SPINNING = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+SPIN_KEYS = ("session.force_spinning_stop", "session.intra_op.allow_spinning",
+             "session.inter_op.allow_spinning")
 
 
-def test_thread_pools_do_not_spin_unless_the_config_asks() -> None:
+def test_thread_pools_stop_spinning_when_a_run_returns() -> None:
     """Idle ORT threads spinning for work would take the cores the answer's round trip needs
-    (issue 17): off by default, on with the parameters of ORT's own names."""
+    (issue 17): they stop when a run returns, unless the config says otherwise (ORT's own
+    key names)."""
     options = session_options(ort, {})
-    assert [options.get_session_config_entry(key) for key in SPINNING] == ["0", "0"]
+    assert [options.get_session_config_entry(key) for key in SPIN_KEYS] == ["1", "1", "1"]
     options = session_options(ort, {"parameters": {
-        key: {"string_value": "1"} for key in SPINNING}})
-    assert [options.get_session_config_entry(key) for key in SPINNING] == ["1", "1"]
+        key: {"string_value": "0"} for key in SPIN_KEYS}})
+    assert [options.get_session_config_entry(key) for key in SPIN_KEYS] == ["0", "0", "0"]
     with pytest.raises(BackendError) as caught:
-        session_options(ort, {"parameters": {SPINNING[0]: {"string_value": "2"}}})
-    assert caught.value.message == f"parameter '{SPINNING[0]}' must be 0 or 1, got 2"
+        session_options(ort, {"parameters": {SPIN_KEYS[0]: {"string_value": "2"}}})
+    assert caught.value.message == f"parameter '{SPIN_KEYS[0]}' must be 0 or 1, got 2"
 
 
 def test_inputs_bound_in_place_and_outputs_written_into_the_destination(tmp_path: Path) -> None:
@@ -619,7 +621,7 @@ def test_server_worker_idles_without_spinning(onnx_server: ServerProcess,
     """After a run large enough for ORT's thread pool, the worker's threads sleep: spinning
     ones burn up to about 30 ms of CPU per run while the answer travels back (issue 17).
     Measured over five idle spells after five runs, since a run does not always wake the
-    pool (with spinning: 20-45 ms in all; without: under 0.5 ms)."""
+    pool (threads left spinning: 20-45 ms in all; stopped: under 0.5 ms)."""
     x = np.ones((16, 1 << 18), dtype=np.float32)    # 16 MiB: split over the pool's threads
     worker = _worker_of(onnx_server, "onnx_identity_threads")
     client.infer("onnx_identity_threads", [infer_input("X", x, "FP32")])
