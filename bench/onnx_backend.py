@@ -9,7 +9,9 @@ One run, one server, every row measured back to back (closed loop, one request a
 - ``identity64`` (a 64 MiB FP32 tensor through ``Y = X + 0``): ``session.run`` in this process
   (the reference; it allocates the output each call), the same with IO binding into a
   preallocated output, and shmserve with input and output in system shared memory over gRPC,
-  in a region of the local channel, and as gRPC payload.
+  in a region of the local channel, and as gRPC payload. Over gRPC also the same model with
+  ORT's pool threads left spinning after each run (``session.force_spinning_stop: "0"``, the
+  behaviour before issue 17's fix), alternated with the default in the same run.
 
 Issue 17's target, checked at the end: identity64 through system shm <= 1.5 x the direct call.
 Run from the repository root:
@@ -51,6 +53,11 @@ max_batch_size: 0
 input [ { name: "X" data_type: TYPE_FP32 dims: [ -1, -1 ] } ]
 output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1, -1 ] } ]
 instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+# The identity as before issue 17's fix: ORT's pool threads left spinning after each run
+# (ORT's default), measured next to the default in the same run.
+SPINNING_IDENTITY_CONFIG = IDENTITY_CONFIG + """
+parameters { key: "session.force_spinning_stop" value: { string_value: "0" } }
 """
 # The same MLP as tests/onnx_models.mlp, in NumPy, for the python backend.
 PY_MLP = '''
@@ -95,6 +102,20 @@ def timed(call: Callable[[], Any], warmup: int, calls: int) -> list[float]:
     return seconds
 
 
+def timed_alternately(calls: dict[str, Callable[[], Any]], warmup: int, each: int,
+                      rounds: int) -> dict[str, list[float]]:
+    """``timed`` for several calls, ``each`` at a time in turn for ``rounds`` rounds, so that
+    they see the same host; a pause between turns lets spinning threads settle."""
+    seconds: dict[str, list[float]] = {label: [] for label in calls}
+    for call in calls.values():
+        timed(call, warmup, 0)
+    for _ in range(rounds):
+        for label, call in calls.items():
+            time.sleep(0.05)
+            seconds[label] += timed(call, 0, each)
+    return seconds
+
+
 def row(case: str, target: str, seconds: list[float]) -> Row:
     return Row(case, target, statistics.median(seconds) * 1e6,
                statistics.fmean(seconds) * 1e6, len(seconds))
@@ -106,6 +127,8 @@ def build_repository(root: Path) -> Path:
     onnx_models.write_model(repo, "onnx_mlp", onnx_models.mlp(), MLP_CONFIG)
     onnx_models.write_model(repo, "onnx_identity", onnx_models.identity_like(),
                             IDENTITY_CONFIG)
+    onnx_models.write_model(repo, "onnx_identity_spinning", onnx_models.identity_like(),
+                            SPINNING_IDENTITY_CONFIG)
     py = repo / "py_mlp"
     (py / "1").mkdir(parents=True)
     (py / "1" / "model.py").write_text(PY_MLP)
@@ -170,9 +193,15 @@ def run(quick: bool) -> list[Row]:
                     x_in[:] = big
                     got = client.infer("onnx_identity", {"X": x_in}, outputs={"Y": y_out})
                     np.testing.assert_array_equal(got["Y"], big)
-                    rows.append(row("identity64", f"shmserve, {transport}", timed(
-                        lambda c=client, a=x_in, b=y_out: c.infer(
-                            "onnx_identity", {"X": a}, outputs={"Y": b}), 1, large_calls)))
+                    calls = {f"shmserve, {transport}": lambda c=client, a=x_in, b=y_out: c.infer(
+                        "onnx_identity", {"X": a}, outputs={"Y": b})}
+                    if client is grpc:
+                        calls[f"shmserve, {transport}, pools spinning"] = (
+                            lambda c=client, a=x_in, b=y_out: c.infer(
+                                "onnx_identity_spinning", {"X": a}, outputs={"Y": b}))
+                    for label, seconds in timed_alternately(
+                            calls, 1, max(1, large_calls // 5), 5).items():
+                        rows.append(row("identity64", label, seconds))
             np.testing.assert_array_equal(grpc.infer("onnx_identity", {"X": big})["Y"], big)
             rows.append(row("identity64", "shmserve, gRPC payload", timed(
                 lambda: grpc.infer("onnx_identity", {"X": big}), 1, large_calls)))

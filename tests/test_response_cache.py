@@ -153,6 +153,33 @@ def test_outputs_into_shared_memory_miss_then_hits(
     assert PREFIX.lstrip("/") not in maps.read_text()  # unmapped once unregistered
 
 
+def _minor_faults(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[7])
+
+
+def test_hits_into_a_region_fault_no_pages_in_the_supervisor(
+        server: ServerProcess, client: grpcclient.InferenceServerClient) -> None:
+    """Hits copied by a thread (past LOOP_BYTES) into one region: the supervisor maps it
+    once and keeps it, so a hit faults in none of its pages (a mapping per hit would fault
+    all 489 each time); each hit still writes the bytes."""
+    size, seed = 2_000_000, 33
+    source, target = _Region(client, size), _Region(client, size)
+    try:
+        _infer(client, seed, size, [source.output("OUT")])       # the miss
+        _infer(client, seed, size, [target.output("OUT")])       # maps the target
+        before = _minor_faults(server.pid)
+        for _ in range(3):
+            shm.set_shared_memory_region(target.handle, [np.zeros(size, dtype=np.uint8)])
+            _infer(client, seed, size, [target.output("OUT")])
+            assert np.array_equal(target.read(size), _expected(seed, size))
+        faulted = _minor_faults(server.pid) - before
+        assert faulted < 300, f"the supervisor faulted {faulted} pages in 3 hits"
+    finally:
+        source.close()
+        target.close()
+
+
 def test_a_hit_into_a_too_small_region_fails_as_an_execution_would(
         client: grpcclient.InferenceServerClient) -> None:
     _infer(client, 41, 256, [grpcclient.InferRequestedOutput("OUT"),

@@ -409,6 +409,36 @@ def test_zero_copy_input_is_a_view_of_the_client_segment(
     assert read(handle, 1000, 1024) == bumped
 
 
+def _minor_faults(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[7])
+
+
+def test_region_tensors_fault_no_pages_per_request(server: ServerProcess,
+                                                   client: grpcclient.InferenceServerClient,
+                                                   segments: Segments) -> None:
+    """16 MiB in and out of client regions, three times: the worker maps each region once
+    and keeps it (a fresh mapping per request faults in 8,192 pages: reading the input and
+    writing the output), and the supervisor touches none of the bytes."""
+    size = 16 << 20
+    key, handle = segments.create(2 * size)
+    write(handle, 0, np.arange(size // 4, dtype=np.float32).tobytes())
+    client.register_system_shared_memory("faults", key, 2 * size)
+    inputs = [shm_input("INPUT0", [size // 4], "FP32", "faults", size)]
+    outputs = [shm_output("OUTPUT0", "faults", size, size)]
+    client.infer("identity_fp32", inputs, outputs=outputs)     # maps the region
+    (worker,) = [pid for pid in worker_pids(server.pid)
+                 if b"worker identity_fp32 " in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    before = {pid: _minor_faults(pid) for pid in (worker, server.pid)}
+    for _ in range(3):
+        client.infer("identity_fp32", inputs, outputs=outputs)
+    faulted = {pid: _minor_faults(pid) - count for pid, count in before.items()}
+    assert read(handle, size, 64) == read(handle, 0, 64)
+    assert faulted[worker] < 1000, f"the worker faulted {faulted[worker]} pages in 3 requests"
+    assert faulted[server.pid] < 1000, \
+        f"the supervisor faulted {faulted[server.pid]} pages in 3 requests"
+
+
 # --- registration errors -----------------------------------------------------------------------
 
 def test_register_errors(client: grpcclient.InferenceServerClient, segments: Segments) -> None:

@@ -17,6 +17,14 @@ DEFAULT_MODEL_FILENAME = "model.onnx"
 
 # optimization { graph { level } }: Triton's mapping (anything else: ORT_ENABLE_ALL).
 _GRAPH_LEVELS = {-1: "ORT_ENABLE_BASIC", 1: "ORT_ENABLE_EXTENDED", 2: "ORT_DISABLE_ALL"}
+# ORT's pool threads keep spinning for work after a run ends (about 30 ms of CPU per run). A
+# worker runs one batch, then waits while the answer and the next request travel through the
+# supervisor and the door: spinning threads took the cores that round trip needs (a 64 MiB
+# identity through gRPC system shm took 1.76x the direct call). They stop when the run
+# returns (ORT's force_spinning_stop; spinning between the operators of a run is kept) unless
+# a config sets it "0". These parameters take ORT's own key names, "0" or "1".
+SPIN_KEYS = {"session.force_spinning_stop": 1, "session.intra_op.allow_spinning": 1,
+             "session.inter_op.allow_spinning": 1}
 
 
 def import_onnxruntime() -> Any:
@@ -73,6 +81,12 @@ def session_options(ort: Any, config: dict[str, Any]) -> Any:
     inter = parameter_int(config, "inter_op_thread_count", 0)
     if inter > 0:
         options.inter_op_num_threads = inter
+    for key, default in SPIN_KEYS.items():
+        value = parameter_int(config, key, default)
+        if value not in (0, 1):
+            raise BackendError(f"parameter '{key}' must be 0 or 1, got {value}",
+                               "INVALID_ARGUMENT")
+        options.add_session_config_entry(key, str(value))
     return options
 
 
