@@ -38,10 +38,11 @@ from shmserve.daemon.frontend_process.records import (
     FrontendReady,
     RpcAnswer,
     RpcCall,
+    ring_place,
 )
 from shmserve.daemon.frontend_process.spill import SPILL_BYTES, write_memfd
 from shmserve.daemon.infer_request import RequestItems
-from shmserve.daemon.request import OutputTensor
+from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.protos import local_messages as messages
 from shmserve.protos.local_ring import ChannelLayout
 
@@ -126,6 +127,12 @@ class FrontendChannel(LocalChannel):
                 message = self._spilled(reply, outputs)
                 message["more"] = True
                 self._reply(message)
+        elif error is None and reply.request is not None and reply.request.ring is not None:
+            if reply.request_id in self._inflight:
+                message = messages.infer_reply(reply.request_id, str(reply.request.version),
+                                               _ringed(reply.request, outputs or []))
+                message["more"] = True
+                self._reply(message)
         elif error is None:
             super().answer_more(reply, outputs, None)
         elif reply.request_id in self._inflight:
@@ -175,7 +182,12 @@ class FrontendChannel(LocalChannel):
     # Outputs past SPILL_BYTES go back in a memfd (spill.py): a ring holds half its size.
     def answer(self, reply: _ChannelReply, outputs: list[OutputTensor]) -> None:
         if _payload(outputs) <= SPILL_BYTES:
-            super().answer(reply, outputs)
+            request = reply.request
+            if request is None or request.ring is None:
+                super().answer(reply, outputs)
+            elif self.settle(reply):
+                self._reply(messages.infer_reply(reply.request_id, str(request.version),
+                                                 _ringed(request, outputs)))
         elif self.settle(reply):
             self._reply(self._spilled(reply, outputs))
 
@@ -194,10 +206,12 @@ class FrontendChannel(LocalChannel):
         finally:
             os.close(fd)
         places = iter(zip(offsets, parts, strict=True))
+        request = reply.request
         message = messages.infer_reply(
-            reply.request_id, str(reply.request.version),
+            reply.request_id, str(request.version),
             [[o.name, o.datatype, o.shape, None if o.data is None else
-              [(place := next(places))[0], len(place[1])]] for o in outputs])
+              [(place := next(places))[0], len(place[1])], ring_place(request, o)]
+             for o in outputs])
         message["spill"] = self.spills
         return message
 
@@ -224,6 +238,12 @@ class FrontendChannel(LocalChannel):
                                              f"{type(exc).__name__}: {exc}"))
         else:
             self._reply(answer.message(request_id))
+
+
+def _ringed(request: InferRequest, outputs: list[OutputTensor]) -> list[list[Any]]:
+    """A response-ring request's output entries: each with its place in the ring (the
+    frontend names it in the gRPC response, as the in-process door does)."""
+    return [[o.name, o.datatype, o.shape, o.data, ring_place(request, o)] for o in outputs]
 
 
 def _payload(outputs: list[OutputTensor]) -> int:
