@@ -28,6 +28,7 @@ from shmserve.daemon.frontend.wire import (
     serialize_infer_response,
     serialize_stream_response,
 )
+from shmserve.daemon.heap import KEEP_BYTES, trim_heap
 from shmserve.daemon.operations import Operations
 from shmserve.daemon.reply import FutureReply, Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
@@ -178,6 +179,8 @@ class InferenceService:
             self.core.cancel(internal)  # as in _outcome, without a coroutine more per request
             raise
         message, reply.message = reply.message, b""  # the request may outlive the call
+        if len(message) >= KEEP_BYTES:  # its buffers (ours, gRPC's) go once it was sent
+            context.add_done_callback(_trim_heap_after)
         return message
 
     def _submit(self, data: bytes | object) -> tuple[InferRequest, _WireReply]:
@@ -185,6 +188,8 @@ class InferenceService:
         (slices of) ``data``."""
         if not isinstance(data, bytes):  # grpc.aio.EOF: the client sent no message
             raise invalid_argument("malformed ModelInferRequest: no request message")
+        if len(data) >= KEEP_BYTES:
+            trim_heap()  # gRPC's receive pieces of a huge request, joined into ``data``
         request, raw = _parse_request(data)
         reply = _WireReply(self._future())
         internal = self.core.submit(request.model_name, request.model_version,
@@ -435,6 +440,10 @@ class _Stream:
         self._closed = True
         still_open, self._open = list(self._open), set()
         return still_open
+
+
+def _trim_heap_after(context: object) -> None:
+    trim_heap()
 
 
 class _WireReply(Reply):
