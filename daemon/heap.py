@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import resource
 from typing import Any
 
 from shmserve.workers.shm import trim_heap
@@ -70,18 +71,19 @@ def heap_free_bytes() -> int:
 
 
 class HeapTrimmer:
-    """Every ``TRIM_CHECK_SECS``: the heap's free pages go back to the system once its free
-    bytes are many and did not change since the last check (no large request meanwhile).
-    Trimmed pages stay counted as free chunks, so an unchanged count after a trim means no
-    new work: it is trimmed once, not every period."""
+    """Every ``TRIM_CHECK_SECS``: once the process is idle after work that touched new pages
+    (its minor page faults grew during a period, then not during the next), the heap's free
+    pages go back to the system, if there are many. Once per burst of work: a trimmed heap
+    still counts its free bytes, only new faults tell that it was used again."""
 
     def __init__(self) -> None:
         self._timer: asyncio.TimerHandle | None = None
-        self._seen = 0      # free bytes at the last check
-        self._trimmed = 0   # free bytes right after the last trim
+        self._faults = 0
+        self._used = False  # pages were faulted in since the last trim
 
     def start(self) -> None:
         if keep_large_buffers():
+            self._faults = _minor_faults()
             self._schedule()
 
     def stop(self) -> None:
@@ -93,10 +95,18 @@ class HeapTrimmer:
         self._timer = asyncio.get_running_loop().call_later(TRIM_CHECK_SECS, self._check)
 
     def _check(self) -> None:
-        free = heap_free_bytes()
-        if free >= TRIM_ABOVE_BYTES and free == self._seen and free != self._trimmed:
-            trim_heap()
-            self._trimmed = heap_free_bytes()
-            log.debug("heap trimmed (%d MiB free)", free >> 20)
-        self._seen = free
+        faults = _minor_faults()
+        if faults != self._faults:  # at work: keep the pages for the next request
+            self._faults, self._used = faults, True
+        elif self._used:
+            self._used = False
+            free = heap_free_bytes()
+            if free >= TRIM_ABOVE_BYTES:
+                trim_heap()
+                log.debug("heap trimmed (%d MiB free)", free >> 20)
+            self._faults = _minor_faults()
         self._schedule()
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
