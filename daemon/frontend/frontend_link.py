@@ -40,7 +40,7 @@ from shmserve.daemon.frontend_process.records import (
     RpcCall,
     ring_place,
 )
-from shmserve.daemon.frontend_process.spill import SPILL_BYTES, write_memfd
+from shmserve.daemon.frontend_process.spill import SPILL_BYTES, write_outputs_memfd
 from shmserve.daemon.infer_request import RequestItems
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.protos import local_messages as messages
@@ -112,6 +112,8 @@ class FrontendChannel(LocalChannel):
     # The frontend renders answers itself: error and end replies carry the model version
     # a local client does not need (gRPC puts it in stream responses).
     def answer_error(self, reply: _ChannelReply, error: ServeError) -> None:
+        if isinstance(reply, _FrontendReply):
+            reply.drop_spill()
         if self.settle(reply):
             self._reply(_versioned(messages.error_reply(reply.request_id, error.code.name,
                                                         error.message), reply))
@@ -150,7 +152,7 @@ class FrontendChannel(LocalChannel):
             self._reply_error(request_id, invalid_argument(
                 f"malformed frontend request: {exc}"))
             return
-        reply = _ChannelReply(self, request_id)
+        reply = _FrontendReply(self, request_id)
         self._inflight[request_id] = reply  # it may be answered before submit returns
         core = self.links.core
         spill = ""
@@ -193,10 +195,15 @@ class FrontendChannel(LocalChannel):
 
     def _spilled(self, reply: _ChannelReply, outputs: list[OutputTensor]) -> dict[str, Any]:
         assert reply.request is not None
+        prepared = reply.take_spill() if isinstance(reply, _FrontendReply) else None
         if self._fd_door is None:
+            if prepared is not None:
+                os.close(prepared[0])
             return messages.error_reply(reply.request_id, "INTERNAL", "no fd door")
-        parts = [o.data for o in outputs if o.data is not None]
-        fd, offsets = write_memfd("shmserve-frontend-out", parts)
+        if prepared is None:  # not prepared on a thread: written here (smaller, or cached)
+            fd, places = write_outputs_memfd("shmserve-frontend-out", outputs)
+        else:
+            fd, places = prepared
         try:
             self.spills += 1
             self._fd_door.give(fd, self.spills)
@@ -205,13 +212,11 @@ class FrontendChannel(LocalChannel):
                                         f"cannot pass the answer's memfd: {exc}")
         finally:
             os.close(fd)
-        places = iter(zip(offsets, parts, strict=True))
         request = reply.request
         message = messages.infer_reply(
             reply.request_id, str(request.version),
-            [[o.name, o.datatype, o.shape, None if o.data is None else
-              [(place := next(places))[0], len(place[1])], ring_place(request, o)]
-             for o in outputs])
+            [[o.name, o.datatype, o.shape, place, ring_place(request, o)]
+             for o, place in zip(outputs, places, strict=True)])
         message["spill"] = self.spills
         return message
 
@@ -238,6 +243,35 @@ class FrontendChannel(LocalChannel):
                                              f"{type(exc).__name__}: {exc}"))
         else:
             self._reply(answer.message(request_id))
+
+
+class _FrontendReply(_ChannelReply):
+    """A frontend's request: large outputs go from the worker's arena into the answer's
+    memfd on the dispatcher's thread (``prepare``), not through bytes on the loop."""
+
+    __slots__ = ("_spill",)
+
+    def __init__(self, channel: LocalChannel, request_id: int) -> None:
+        super().__init__(channel, request_id)
+        self._spill: tuple[int, list[list[int] | None]] | None = None
+
+    def prepare(self, response: list[OutputTensor]) -> None:
+        if _payload(response) <= SPILL_BYTES:
+            super().prepare(response)
+            return
+        self._spill = write_outputs_memfd("shmserve-frontend-out", response)
+
+    def take_spill(self) -> tuple[int, list[list[int] | None]] | None:
+        spill, self._spill = self._spill, None
+        return spill
+
+    def drop_spill(self) -> None:
+        spill = self.take_spill()
+        if spill is not None:
+            os.close(spill[0])
+
+    def __del__(self) -> None:  # prepared, and never answered (cancelled meanwhile)
+        self.drop_spill()
 
 
 def _ringed(request: InferRequest, outputs: list[OutputTensor]) -> list[list[Any]]:
