@@ -83,7 +83,9 @@ def _deleted_arena_mappings(pid: int) -> list[str]:
 
 @pytest.fixture
 def identity_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    extra = getattr(request, "param", ())
+    # The supervisor's own memory and arenas: with frontend processes a large request goes
+    # from a frontend's memfd to the worker, past both (test_frontends.py).
+    extra = ("--grpc-frontends", "1", *getattr(request, "param", ()))
     repo = build_repository(tmp_path / "repo", ["identity_fp32"])
     server = ServerProcess(repo, *extra)
     try:
