@@ -20,7 +20,12 @@ from shmserve.daemon.errors import (
     unavailable,
     unimplemented,
 )
-from shmserve.daemon.frontend.infer_grpc import parse_request, response_metadata, response_parts
+from shmserve.daemon.frontend.infer_grpc import (
+    parse_request,
+    response_head,
+    response_metadata,
+    response_parts,
+)
 from shmserve.daemon.frontend.wire import (
     WireError,
     parse_infer_request,
@@ -462,7 +467,7 @@ class _WireReply(Reply):
         """(On a thread, for large outputs) the message, built ahead of ``send``."""
         request = self.request
         if request is not None:
-            self.message = serialize_infer_outputs(response_metadata(request, response),
+            self.message = serialize_infer_outputs(response_head(request, response),
                                                    response)
 
     def send(self, response: list[OutputTensor], final: bool) -> None:
@@ -472,7 +477,7 @@ class _WireReply(Reply):
             return
         try:
             if not self.message:
-                self.message = serialize_infer_outputs(response_metadata(request, response),
+                self.message = serialize_infer_outputs(response_head(request, response),
                                                        response)
         except Exception as exc:
             log.exception("serializing a response failed")
