@@ -9,7 +9,7 @@ pages, every page faulted in and zeroed again (a 16 MiB response: 8,192 faults, 
 CPU; 64 MiB: 32,770 faults, about 55 ms). So here large blocks come from the heap (mmap
 off), a freed block at the heap's top stays for the next request up to ``KEEP_BYTES`` (beyond
 it ``free`` gives it back at once, so one huge request never leaves its size behind), and a
-timer gives every free page back (``trim_heap``) once the heap's free bytes stopped changing.
+timer gives every free page back (``trim_heap``) once the process is idle after work.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = ["KEEP_BYTES", "HeapTrimmer", "heap_free_bytes", "keep_large_buffers",
 log = logging.getLogger("shmserve.heap")
 
 KEEP_BYTES = 256 << 20   # free() trims the heap's top beyond this (glibc M_TRIM_THRESHOLD)
-TRIM_CHECK_SECS = 1.0    # how often the heap's free bytes are looked at
+TRIM_CHECK_SECS = 1.0    # how often the process's page faults are looked at
 TRIM_ABOVE_BYTES = 16 << 20  # free bytes worth giving back
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
