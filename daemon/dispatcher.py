@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from shmserve.daemon.errors import ServeError, unavailable
+from shmserve.daemon.heap import KEEP_BYTES
 from shmserve.daemon.model_config import InstancePlan
 from shmserve.daemon.reply import DirectTarget
 from shmserve.daemon.request import InferRequest, OutputTensor
@@ -73,7 +74,6 @@ from shmserve.workers.shm import (
 
 log = logging.getLogger("shmserve.scheduler")
 _slot_ids = itertools.count(1)
-_TRIM_AFTER_STAGING = 64 << 20  # bytes staged in one frame
 # Inputs of a frame coming to this much are written into the arena by a thread, not the loop.
 OFF_LOOP_BYTES = 4 << 20
 # A worker that lived this long did not die "right after start", even if it served nothing.
@@ -411,11 +411,13 @@ class Dispatcher:
             return
         loop = asyncio.get_running_loop()
         jobs = [(os.dup(segment.fd), offset, data) for segment, offset, data in writes]
+        staged_bytes = sum(len(data) for _, _, data in writes)
         copied = loop.run_in_executor(None, _write_inputs, jobs)
 
         def staged(done: asyncio.Future[None]) -> None:
             for fd, _, _ in jobs:
                 os.close(fd)
+            jobs.clear()  # its views of the door's buffers, before the heap is trimmed
             exc = done.exception()
             if exc is not None:
                 self._staging_failed(slot, worker, lane, batch, exc)
@@ -425,7 +427,8 @@ class Dispatcher:
                     if tensor.region is None and tensor.data is not None \
                             and len(tensor.data) > INLINE_LIMIT:
                         tensor.data = None  # staged: the door's buffer can go
-            trim_heap()  # gRPC's receive buffers for it were freed: give their pages back now
+            if staged_bytes >= KEEP_BYTES:  # smaller ones stay for the next (heap.py)
+                trim_heap()  # gRPC's receive buffers for it were freed: give their pages back
             self._execute(slot, worker, lane, batch, each, frames)
 
         copied.add_done_callback(staged)
@@ -506,7 +509,7 @@ class Dispatcher:
             frames.append(packed_exec_request(request.request_id, refs, outputs,
                                               request.parameters, request.correlation_id, tag,
                                               ring))
-        if staged >= _TRIM_AFTER_STAGING and not off_loop:
+        if staged >= KEEP_BYTES and not off_loop:  # smaller ones stay for the next (heap.py)
             trim_heap()  # gRPC's receive buffers for it were freed: give their pages back now
         return frames, writes
 

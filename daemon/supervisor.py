@@ -24,6 +24,7 @@ from shmserve.daemon.frontend_process.core_http import CoreHttp
 from shmserve.daemon.frontend_process.grpc_server import GRPC_OPTIONS, grpc_server
 from shmserve.daemon.frontend_process.pool import FrontendPool, frontend_count
 from shmserve.daemon.frontend_process.records import RpcCall
+from shmserve.daemon.heap import HeapTrimmer
 from shmserve.daemon.leftovers import end_leftovers
 from shmserve.daemon.lifeline import watch_lifeline
 from shmserve.daemon.metrics import MetricsServer
@@ -67,6 +68,9 @@ class Supervisor:
         # started it (PR_SET_PDEATHSIG), and only the main thread lives as long as we do.
         os.environ[SUPERVISOR_ENV] = str(self.pid)
         start_fork_server()
+        # After the fork server started: its children keep glibc's defaults.
+        heap = HeapTrimmer()
+        heap.start()
         gpu_ids = detect_gpus()
         core = Core(settings, self.pid, gpu_ids)
         models = core.models
@@ -177,6 +181,7 @@ class Supervisor:
                 poller.cancel()
         finally:
             await self._shutdown(core, server, http, local)
+            heap.stop()
             WorkerProcess.bls_door = None
             await bls.stop()
             if metrics is not None:

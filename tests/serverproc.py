@@ -187,3 +187,42 @@ def frontend_pids(server_pid: int) -> list[int]:
     """The server's gRPC frontend processes (--grpc-frontends N > 1)."""
     return sorted(pid for fork_server in child_pids(server_pid) for pid in child_pids(fork_server)
                   if is_frontend(pid))
+
+
+def thread_io(pid: int) -> dict[int, tuple[int, int]]:
+    """(rchar, wchar) of each thread of ``pid``: bytes its read/write-like syscalls moved."""
+    moved = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = dict(line.split(": ") for line in
+                          Path(f"/proc/{pid}/task/{tid}/io").read_text().splitlines())
+        except OSError:
+            continue
+        moved[int(tid)] = (int(fields["rchar"]), int(fields["wchar"]))
+    return moved
+
+
+def rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    raise KeyError("VmRSS")
+
+
+def wait_heap_given_back(pid: int, kept_mib: int, timeout: float = 20.0) -> None:
+    """Until the server gave back the heap pages it kept after a large request
+    (daemon/heap.py: once idle): its resident set down by ``kept_mib`` from now, or steady
+    for a few of the heap's checks (it kept none: with frontend processes, say)."""
+    below = rss_mib(pid) - kept_mib
+    deadline = time.monotonic() + timeout
+    last, steady_since = rss_mib(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        rss = rss_mib(pid)
+        if rss < below:
+            return
+        if rss != last:
+            last, steady_since = rss, time.monotonic()
+        elif time.monotonic() - steady_since > 3.0:
+            return

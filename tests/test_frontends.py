@@ -24,7 +24,12 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from shmserve.daemon.frontend_process.pool import frontend_count
-from shmserve.tests.serverproc import ServerProcess, arena_segments, frontend_pids
+from shmserve.tests.serverproc import (
+    ServerProcess,
+    arena_segments,
+    frontend_pids,
+    thread_io,
+)
 from shmserve.workers.lineage import process_alive
 
 StartServer = Callable[..., ServerProcess]
@@ -286,6 +291,33 @@ def test_a_large_request_crosses_a_frontend_in_memfds(start_server: StartServer)
         np.testing.assert_array_equal(client.infer("identity_fp32", [tensor])
                                       .as_numpy("OUTPUT0"), data)
         client.close()
+
+
+def test_a_large_answer_crosses_a_frontend_off_the_supervisors_loop(
+        start_server: StartServer) -> None:
+    """32 MiB out: the worker answers through its arena (too large for the frontend's direct
+    ring, never inline through the supervisor's socket), and the supervisor copies it from
+    the arena into the answer's memfd on another thread than its loop's."""
+    server = start_server(["identity_fp32"], "--grpc-frontends", "2")
+    payload = 32 << 20
+    data = np.arange(payload // 4, dtype=np.float32)
+    with grpcclient.InferenceServerClient(server.url, channel_args=[
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.max_send_message_length", -1)]) as client:
+        def infer() -> None:
+            tensor = grpcclient.InferInput("INPUT0", list(data.shape), "FP32")
+            tensor.set_data_from_numpy(data)
+            np.testing.assert_array_equal(client.infer("identity_fp32", [tensor])
+                                          .as_numpy("OUTPUT0"), data)
+
+        infer()  # threads started, arenas grown
+        before = thread_io(server.pid)
+        infer()
+        after = thread_io(server.pid)
+    loop_read = after[server.pid][0] - before[server.pid][0]
+    loop_written = after[server.pid][1] - before[server.pid][1]
+    assert loop_read < payload // 2, f"the supervisor's loop read {loop_read} bytes"
+    assert loop_written < payload // 2, f"the supervisor's loop wrote {loop_written} bytes"
 
 
 def test_a_port_in_use_fails_the_start(start_server: StartServer) -> None:

@@ -31,6 +31,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
     assert proc.stop() == 0, proc.log()
 
 
+@pytest.fixture(scope="module")
+def two_frontends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """gRPC served by two frontend processes: the ring's parameters cross a process."""
+    repo = build_repository(tmp_path_factory.mktemp("ring2") / "repo", ["fill_stream"])
+    proc = ServerProcess(repo, "--grpc-frontends", "2")
+    proc.wait_ready()
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
 def _url(server: tuple[ServerProcess, str], door: str) -> str:
     return server[1] if door == "local" else server[0].url
 
@@ -132,11 +142,16 @@ def test_cancelling_a_stream_stops_a_model_waiting_for_a_slot(
     assert [int(r.outputs["IDX"][0]) for r in results] == [0, 1]
 
 
+@pytest.mark.parametrize("frontends", [1, 2])
 def test_tritonclient_reads_ring_responses_by_their_shm_parameters(
-        server: tuple[ServerProcess, str]) -> None:
+        request: pytest.FixtureRequest, frontends: int) -> None:
     """An independent client: tritonclient names the ring with the request parameters and
-    finds each response's tensors by the output's shm parameters, in its own system region."""
+    finds each response's tensors by the output's shm parameters, in its own system region
+    (also when a frontend process took the call and the core placed the outputs)."""
     import queue
+
+    url = request.getfixturevalue("server")[0].url if frontends == 1 else \
+        request.getfixturevalue("two_frontends").url
 
     import tritonclient.grpc as grpcclient
     import tritonclient.utils.shared_memory as shm
@@ -145,7 +160,7 @@ def test_tritonclient_reads_ring_responses_by_their_shm_parameters(
     handle = shm.create_shared_memory_region("ring", "/shmserve_test_ring_tc",
                                              64 + slots * slot_bytes)
     results: queue.Queue[object] = queue.Queue()
-    client = grpcclient.InferenceServerClient(server[0].url)
+    client = grpcclient.InferenceServerClient(url)
     try:
         client.register_system_shared_memory("ring", "/shmserve_test_ring_tc",
                                              64 + slots * slot_bytes)

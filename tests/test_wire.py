@@ -6,12 +6,15 @@ import grpc
 import numpy as np
 import pytest
 
+from shmserve.daemon.frontend.infer_grpc import response_head, response_metadata
 from shmserve.daemon.frontend.wire import (
     SMALL_REQUEST_BYTES,
     WireError,
     parse_infer_request,
     serialize_infer_response,
 )
+from shmserve.daemon.request import InferRequest, OutputTensor, RequestedOutput
+from shmserve.daemon.shm_registry import Region
 from shmserve.protos import shmserve_service_pb2 as pb
 from shmserve.tests.conftest import StartServer
 from shmserve.tests.serverproc import ServerProcess
@@ -79,3 +82,29 @@ def test_server_rejects_malformed_requests_and_keeps_serving(start_server: Start
                                                         timeout=10))
         assert np.frombuffer(answer.raw_output_contents[0], np.int32).tolist() == \
             list(range(0, 32, 2))
+
+
+@pytest.mark.parametrize("request_id", ["", "req-7", "é" * 200])
+def test_a_cached_response_head_is_protobufs_serialization(request_id: str) -> None:
+    """The answer's metadata from the per-model cache is byte for byte what protobuf
+    serializes, for any request id (and after the cache met the same outputs before)."""
+    outputs = [OutputTensor("OUT0", "INT32", [1, 16], b"x" * 64),
+               OutputTensor("OUT1", "BYTES", [2], b"\x01\x00\x00\x00a\x00\x00\x00\x00")]
+    for version in (1, 1, 3):
+        request = InferRequest("model_a", version, request_id, [], [], 1, None)  # type: ignore[arg-type]
+        assert response_head(request, outputs) == \
+            response_metadata(request, outputs).SerializeToString()
+    other = InferRequest("model_b", 1, request_id, [], [], 1, None)  # type: ignore[arg-type]
+    assert response_head(other, outputs[:1]) == \
+        response_metadata(other, outputs[:1]).SerializeToString()
+
+
+def test_a_response_head_with_a_region_output_names_the_region() -> None:
+    region = Region("out_region", "system", "/key", 0, 64, "")
+    request = InferRequest("model_a", 1, "r", [], [RequestedOutput("OUT0", region)], 1,
+                           None)  # type: ignore[arg-type]
+    outputs = [OutputTensor("OUT0", "INT32", [1, 16], None)]
+    head = response_head(request, outputs)
+    assert head == response_metadata(request, outputs).SerializeToString()
+    parsed = pb.ModelInferResponse.FromString(head)
+    assert parsed.outputs[0].parameters["shared_memory_region"].string_param == "out_region"

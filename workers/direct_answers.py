@@ -30,6 +30,8 @@ from shmserve.workers.protocol import INLINE
 log = logging.getLogger("shmserve.worker")
 _SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 
+_REPLY_OVERHEAD = 4096  # a reply's bytes besides its outputs' (names, shapes, ids)
+
 
 @dataclass(slots=True, eq=False)  # hashed by identity
 class _Channel:
@@ -80,6 +82,13 @@ class DirectAnswers:
         channel.doorbell.close()
         with contextlib.suppress(BufferError):
             channel.memory.close()
+
+    def fits(self, tag: list[int], payload: int) -> bool:
+        """Whether a reply carrying ``payload`` bytes of outputs inline could go into the
+        tagged channel's direct ring (at most half of it); a larger one goes through the
+        lane's arena, never inline through the supervisor's socket."""
+        channel = self._channels.get(tag[0])
+        return channel is not None and payload + _REPLY_OVERHEAD <= channel.ring.capacity // 2
 
     def deliver(self, tag: list[int], model_version: str, outputs: list[list[Any]]) -> bool:
         """Publish the reply to tagged request ``tag`` ([channel id, request id]) whose

@@ -419,7 +419,8 @@ class WorkerHost:
                 results[position] = protocol.error_result(exc.code, exc.message)
                 continue
             tag = exec_requests[position].tag
-            if tag is not None:
+            if tag is not None and self._direct.fits(
+                    tag, sum(len(item[3]) for item in outputs if item[4] is None)):
                 results[position] = self._answer_directly(tag, outputs)
             else:
                 ready.append((position, outputs))

@@ -38,10 +38,11 @@ from shmserve.daemon.frontend_process.records import (
     FrontendReady,
     RpcAnswer,
     RpcCall,
+    ring_place,
 )
-from shmserve.daemon.frontend_process.spill import SPILL_BYTES, write_memfd
+from shmserve.daemon.frontend_process.spill import SPILL_BYTES, write_outputs_memfd
 from shmserve.daemon.infer_request import RequestItems
-from shmserve.daemon.request import OutputTensor
+from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.protos import local_messages as messages
 from shmserve.protos.local_ring import ChannelLayout
 
@@ -111,6 +112,8 @@ class FrontendChannel(LocalChannel):
     # The frontend renders answers itself: error and end replies carry the model version
     # a local client does not need (gRPC puts it in stream responses).
     def answer_error(self, reply: _ChannelReply, error: ServeError) -> None:
+        if isinstance(reply, _FrontendReply):
+            reply.drop_spill()
         if self.settle(reply):
             self._reply(_versioned(messages.error_reply(reply.request_id, error.code.name,
                                                         error.message), reply))
@@ -124,6 +127,12 @@ class FrontendChannel(LocalChannel):
         if error is None and outputs is not None and _payload(outputs) > SPILL_BYTES:
             if reply.request_id in self._inflight:
                 message = self._spilled(reply, outputs)
+                message["more"] = True
+                self._reply(message)
+        elif error is None and reply.request is not None and reply.request.ring is not None:
+            if reply.request_id in self._inflight:
+                message = messages.infer_reply(reply.request_id, str(reply.request.version),
+                                               _ringed(reply.request, outputs or []))
                 message["more"] = True
                 self._reply(message)
         elif error is None:
@@ -143,7 +152,7 @@ class FrontendChannel(LocalChannel):
             self._reply_error(request_id, invalid_argument(
                 f"malformed frontend request: {exc}"))
             return
-        reply = _ChannelReply(self, request_id)
+        reply = _FrontendReply(self, request_id)
         self._inflight[request_id] = reply  # it may be answered before submit returns
         core = self.links.core
         spill = ""
@@ -175,16 +184,26 @@ class FrontendChannel(LocalChannel):
     # Outputs past SPILL_BYTES go back in a memfd (spill.py): a ring holds half its size.
     def answer(self, reply: _ChannelReply, outputs: list[OutputTensor]) -> None:
         if _payload(outputs) <= SPILL_BYTES:
-            super().answer(reply, outputs)
+            request = reply.request
+            if request is None or request.ring is None:
+                super().answer(reply, outputs)
+            elif self.settle(reply):
+                self._reply(messages.infer_reply(reply.request_id, str(request.version),
+                                                 _ringed(request, outputs)))
         elif self.settle(reply):
             self._reply(self._spilled(reply, outputs))
 
     def _spilled(self, reply: _ChannelReply, outputs: list[OutputTensor]) -> dict[str, Any]:
         assert reply.request is not None
+        prepared = reply.take_spill() if isinstance(reply, _FrontendReply) else None
         if self._fd_door is None:
+            if prepared is not None:
+                os.close(prepared[0])
             return messages.error_reply(reply.request_id, "INTERNAL", "no fd door")
-        parts = [o.data for o in outputs if o.data is not None]
-        fd, offsets = write_memfd("shmserve-frontend-out", parts)
+        if prepared is None:  # not prepared on a thread: written here (smaller, or cached)
+            fd, places = write_outputs_memfd("shmserve-frontend-out", outputs)
+        else:
+            fd, places = prepared
         try:
             self.spills += 1
             self._fd_door.give(fd, self.spills)
@@ -193,11 +212,11 @@ class FrontendChannel(LocalChannel):
                                         f"cannot pass the answer's memfd: {exc}")
         finally:
             os.close(fd)
-        places = iter(zip(offsets, parts, strict=True))
+        request = reply.request
         message = messages.infer_reply(
-            reply.request_id, str(reply.request.version),
-            [[o.name, o.datatype, o.shape, None if o.data is None else
-              [(place := next(places))[0], len(place[1])]] for o in outputs])
+            reply.request_id, str(request.version),
+            [[o.name, o.datatype, o.shape, place, ring_place(request, o)]
+             for o, place in zip(outputs, places, strict=True)])
         message["spill"] = self.spills
         return message
 
@@ -224,6 +243,41 @@ class FrontendChannel(LocalChannel):
                                              f"{type(exc).__name__}: {exc}"))
         else:
             self._reply(answer.message(request_id))
+
+
+class _FrontendReply(_ChannelReply):
+    """A frontend's request: large outputs go from the worker's arena into the answer's
+    memfd on the dispatcher's thread (``prepare``), not through bytes on the loop."""
+
+    __slots__ = ("_spill",)
+
+    def __init__(self, channel: LocalChannel, request_id: int) -> None:
+        super().__init__(channel, request_id)
+        self._spill: tuple[int, list[list[int] | None]] | None = None
+
+    def prepare(self, response: list[OutputTensor]) -> None:
+        if _payload(response) <= SPILL_BYTES:
+            super().prepare(response)
+            return
+        self._spill = write_outputs_memfd("shmserve-frontend-out", response)
+
+    def take_spill(self) -> tuple[int, list[list[int] | None]] | None:
+        spill, self._spill = self._spill, None
+        return spill
+
+    def drop_spill(self) -> None:
+        spill = self.take_spill()
+        if spill is not None:
+            os.close(spill[0])
+
+    def __del__(self) -> None:  # prepared, and never answered (cancelled meanwhile)
+        self.drop_spill()
+
+
+def _ringed(request: InferRequest, outputs: list[OutputTensor]) -> list[list[Any]]:
+    """A response-ring request's output entries: each with its place in the ring (the
+    frontend names it in the gRPC response, as the in-process door does)."""
+    return [[o.name, o.datatype, o.shape, o.data, ring_place(request, o)] for o in outputs]
 
 
 def _payload(outputs: list[OutputTensor]) -> int:

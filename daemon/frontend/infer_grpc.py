@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from shmserve.daemon.errors import ServeError, invalid_argument, unimplemented
+from shmserve.daemon.frontend.wire import encode_varint
 from shmserve.daemon.infer_request import OutputIn, RequestItems, ShmRef, TensorIn, shm_reference
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.protos import shmserve_service_pb2 as pb
@@ -148,6 +149,39 @@ def response_metadata(request: InferRequest, outputs: list[OutputTensor]
                     output.offset - ring.region.offset
                 tensor.parameters["shared_memory_byte_size"].int64_param = output.region_nbytes
     return response
+
+
+_HEADS: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+_HEADS_MAX = 1024
+_ID_TAG = b"\x1a"  # ModelInferResponse.id: field 3, length-delimited
+
+
+def response_head(request: InferRequest, outputs: list[OutputTensor]) -> bytes:
+    """``response_metadata(request, outputs).SerializeToString()``. When every output
+    carries bytes (no region, no parameters: the common answer) the model's and the
+    outputs' fields are serialized once per model, version, names, datatypes and shapes,
+    and only the request id is encoded per answer (fields in protobuf's own order)."""
+    described = []
+    for output in outputs:
+        if not output.pending and output.data is None:
+            return bytes(response_metadata(request, outputs).SerializeToString())
+        described.append((output.name, output.datatype, tuple(output.shape)))
+    key = (request.model, request.version, tuple(described))
+    parts = _HEADS.get(key)
+    if parts is None:
+        model = pb.ModelInferResponse(model_name=request.model,
+                                      model_version=str(request.version))
+        tensors = pb.ModelInferResponse()
+        for output in outputs:
+            tensors.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        if len(_HEADS) >= _HEADS_MAX:
+            _HEADS.clear()
+        parts = _HEADS[key] = (model.SerializeToString(), tensors.SerializeToString())
+    request_id = request.request_id
+    if not request_id:
+        return parts[0] + parts[1]
+    encoded = request_id.encode()
+    return b"".join((parts[0], _ID_TAG, encode_varint(len(encoded)), encoded, parts[1]))
 
 
 def _region_of(request: InferRequest, output: str) -> str:

@@ -20,7 +20,12 @@ from shmserve.daemon.errors import (
     unavailable,
     unimplemented,
 )
-from shmserve.daemon.frontend.infer_grpc import parse_request, response_metadata, response_parts
+from shmserve.daemon.frontend.infer_grpc import (
+    parse_request,
+    response_head,
+    response_metadata,
+    response_parts,
+)
 from shmserve.daemon.frontend.wire import (
     WireError,
     parse_infer_request,
@@ -28,6 +33,7 @@ from shmserve.daemon.frontend.wire import (
     serialize_infer_response,
     serialize_stream_response,
 )
+from shmserve.daemon.heap import KEEP_BYTES, trim_heap
 from shmserve.daemon.operations import Operations
 from shmserve.daemon.reply import FutureReply, Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
@@ -178,6 +184,8 @@ class InferenceService:
             self.core.cancel(internal)  # as in _outcome, without a coroutine more per request
             raise
         message, reply.message = reply.message, b""  # the request may outlive the call
+        if len(message) >= KEEP_BYTES:  # its buffers (ours, gRPC's) go once it was sent
+            context.add_done_callback(_trim_heap_after)
         return message
 
     def _submit(self, data: bytes | object) -> tuple[InferRequest, _WireReply]:
@@ -185,6 +193,8 @@ class InferenceService:
         (slices of) ``data``."""
         if not isinstance(data, bytes):  # grpc.aio.EOF: the client sent no message
             raise invalid_argument("malformed ModelInferRequest: no request message")
+        if len(data) >= KEEP_BYTES:
+            trim_heap()  # gRPC's receive pieces of a huge request, joined into ``data``
         request, raw = _parse_request(data)
         reply = _WireReply(self._future())
         internal = self.core.submit(request.model_name, request.model_version,
@@ -437,6 +447,10 @@ class _Stream:
         return still_open
 
 
+def _trim_heap_after(context: object) -> None:
+    trim_heap()
+
+
 class _WireReply(Reply):
     """ModelInfer's reply: the answer is serialized as it comes, while a pending output can
     still be read straight from the worker's output arena into it (one copy); the future
@@ -453,7 +467,7 @@ class _WireReply(Reply):
         """(On a thread, for large outputs) the message, built ahead of ``send``."""
         request = self.request
         if request is not None:
-            self.message = serialize_infer_outputs(response_metadata(request, response),
+            self.message = serialize_infer_outputs(response_head(request, response),
                                                    response)
 
     def send(self, response: list[OutputTensor], final: bool) -> None:
@@ -463,7 +477,7 @@ class _WireReply(Reply):
             return
         try:
             if not self.message:
-                self.message = serialize_infer_outputs(response_metadata(request, response),
+                self.message = serialize_infer_outputs(response_head(request, response),
                                                        response)
         except Exception as exc:
             log.exception("serializing a response failed")

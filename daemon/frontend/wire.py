@@ -132,13 +132,14 @@ def serialize_stream_response(infer_response: bytes) -> bytes:
     return b"".join((tag, encode_varint(len(infer_response)), infer_response))
 
 
-def serialize_infer_outputs(response: pb.ModelInferResponse, outputs: Sequence[OutputTensor],
-                            stream: bool = False) -> bytes:
+def serialize_infer_outputs(response: pb.ModelInferResponse | bytes,
+                            outputs: Sequence[OutputTensor], stream: bool = False) -> bytes:
     """``serialize_infer_response`` of ``outputs`` (region outputs: no bytes), wrapped as a
     ModelStreamInferResponse if ``stream``; a large one is built in place, each output
-    copied once into it (pending ones straight from the output arena)."""
+    copied once into it (pending ones straight from the output arena). ``response``: the
+    metadata, or it serialized already."""
     output_tag = encode_varint(RAW_OUTPUT_FIELD << 3 | _LENGTH_DELIMITED)
-    head = response.SerializeToString()
+    head = response if isinstance(response, bytes) else response.SerializeToString()
     prefixes = [output_tag + encode_varint(output.nbytes) for output in outputs]
     body = len(head) + sum(len(prefix) + output.nbytes
                            for prefix, output in zip(prefixes, outputs, strict=True))

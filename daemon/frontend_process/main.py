@@ -30,6 +30,7 @@ from shmserve.daemon.frontend_process.grpc_server import grpc_server
 from shmserve.daemon.frontend_process.http_proxy import FrontendHttpDoor
 from shmserve.daemon.frontend_process.records import FrontendReady, RpcCall
 from shmserve.daemon.frontend_process.remote_core import RemoteCore
+from shmserve.daemon.heap import HeapTrimmer
 from shmserve.daemon.settings import Settings
 from shmserve.protos import shmserve_health_pb2 as health_pb
 from shmserve.workers.lineage import set_parent_death_signal
@@ -66,6 +67,8 @@ def run_frontend(sock: socket.socket, spec: FrontendSpec) -> None:
 
 
 async def _serve(sock: socket.socket, spec: FrontendSpec) -> None:
+    heap = HeapTrimmer()  # it builds and receives large gRPC messages too
+    heap.start()
     channel = await AsyncLocalChannel.over(sock)
     core = RemoteCore(channel, spec.settings)
     service = InferenceService(core)
@@ -83,6 +86,7 @@ async def _serve(sock: socket.socket, spec: FrontendSpec) -> None:
     await server.stop(grace=1.0)
     if http is not None:
         await http.stop()
+    heap.stop()
 
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]

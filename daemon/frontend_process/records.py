@@ -18,12 +18,33 @@ from typing import Any
 
 from shmserve.daemon.errors import ServeError
 from shmserve.daemon.infer_request import OutputIn, RequestItems, TensorIn
+from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.workers.shm import Pieces
 
 OP_ITEMS = "items"
 OP_RPC = "rpc"
 OP_READY = "ready"
 
+
+def ring_place(request: InferRequest, output: OutputTensor) -> list[int] | None:
+    """Where an answered output lies in its request's response ring, as the gRPC response
+    names it: [offset from the ring region's start, bytes]; None for any other output.
+    The core sends it after an answer's output entry (the frontend has no region offsets)."""
+    ring = request.ring
+    if ring is None or output.offset < 0 or output.pending or output.data is not None:
+        return None
+    return [output.offset - ring.region.offset, output.region_nbytes]
+
+
+def answer_output(name: str, datatype: str, shape: list[int], data: Any,
+                  place: list[int] | None) -> OutputTensor:
+    """The frontend's end of ``ring_place``: an answer's output entry as an OutputTensor."""
+    if place is None:
+        return OutputTensor(name, datatype, shape, data)
+    offset, nbytes = place
+    if type(offset) is not int or type(nbytes) is not int:
+        raise TypeError("malformed response ring place")
+    return OutputTensor(name, datatype, shape, data, region_nbytes=nbytes, offset=offset)
 
 
 def _error(error: ServeError | None) -> list[str] | None:

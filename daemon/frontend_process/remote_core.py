@@ -18,7 +18,12 @@ from typing import Any, cast
 from shmserve.client.errors import ShmserveError
 from shmserve.client.local_channel import AsyncLocalChannel
 from shmserve.daemon.errors import ServeError, resource_exhausted
-from shmserve.daemon.frontend_process.records import FrontendInfer, RpcAnswer, RpcCall
+from shmserve.daemon.frontend_process.records import (
+    FrontendInfer,
+    RpcAnswer,
+    RpcCall,
+    answer_output,
+)
 from shmserve.daemon.frontend_process.spill import (
     SMALL_TENSOR_BYTES,
     SPILL_BYTES,
@@ -32,11 +37,12 @@ from shmserve.daemon.infer_request import (  # the inline BYTES checks, for spil
     _check_bytes_tensor,
 )
 from shmserve.daemon.reply import Reply
-from shmserve.daemon.request import InferRequest, OutputTensor, RequestedOutput
+from shmserve.daemon.request import InferRequest, OutputTensor, RequestedOutput, ResponseRing
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import Region
 from shmserve.protos.datatypes import element_count
 from shmserve.protos.local_ring import MessageTooLarge
+from shmserve.protos.response_ring import REGION as RING_REGION
 
 log = logging.getLogger("shmserve.frontend")
 
@@ -60,15 +66,16 @@ def _serve_error(error: BaseException) -> ServeError:
 def _outputs(answer: dict[str, Any], channel: AsyncLocalChannel) -> list[OutputTensor]:
     raw: list[list[Any]] = answer["out"]
     tag = answer.get("spill")
-    if tag is None:
-        return [OutputTensor(name, datatype, shape, data) for name, datatype, shape, data in raw]
+    if tag is None:  # a response ring's outputs have their place in it after their data
+        return [OutputTensor(entry[0], entry[1], entry[2], entry[3]) if len(entry) == 4
+                else answer_output(*entry) for entry in raw]
     if channel.fd_door is None:
         raise ServeError.from_tuple(["INTERNAL", "an answer in a memfd, and no fd door"])
     memory = map_memfd(channel.fd_door.receive_fd(tag))
     # Slices of the mapping: the door copies them once, into the gRPC response.
-    return [OutputTensor(name, datatype, shape, None if place is None else
-                         cast(bytes, memory[place[0]:place[0] + place[1]]))
-            for name, datatype, shape, place in raw]
+    return [answer_output(name, datatype, shape, None if place is None else
+                          cast(bytes, memory[place[0]:place[0] + place[1]]), ring)
+            for name, datatype, shape, place, ring in raw]
 
 
 def _spilled(tensor: TensorIn) -> bool:
@@ -111,13 +118,25 @@ def _spill_inputs(model: str, items: RequestItems, channel: AsyncLocalChannel
     return tag, sum(len(part) for part in parts)
 
 
+def _region(name: str) -> Region:
+    # Only the region's name is read back (the response names it); the core holds the rest.
+    return Region(name, "system", "", 0, 0, "")
+
+
 def _requested(items: RequestItems | None) -> list[RequestedOutput]:
     if items is None:
         return []
-    # Only the region's name is read back (the response names it); the core holds the rest.
-    return [RequestedOutput(o.name, None if o.shm is None
-                            else Region(o.shm[0], "system", "", 0, 0, ""))
+    return [RequestedOutput(o.name, None if o.shm is None else _region(o.shm[0]))
             for o in items.outputs]
+
+
+def _ring(items: RequestItems | None) -> ResponseRing | None:
+    """The response ring the request names, as far as its responses name it: the core
+    validates it and sends each output's place relative to the region (ring_place)."""
+    if items is None or not items.parameters:
+        return None
+    name = items.parameters.get(RING_REGION)
+    return ResponseRing(_region(name), 0, 0, 0) if type(name) is str else None
 
 
 class RemoteCore:
@@ -140,6 +159,7 @@ class RemoteCore:
             parse_error = exc
         request = RemoteRequest(model_name, 0, "" if items is None else items.request_id, [],
                                 _requested(items), 0, reply)
+        request.ring = _ring(items)
         reply.request = request
         try:
             spill = None if items is None else _spill_inputs(model_name, items, self.channel)

@@ -14,6 +14,7 @@ import mmap
 import os
 from collections.abc import Sequence
 
+from shmserve.daemon.request import OutputTensor
 from shmserve.workers.shm import Pieces
 
 SPILL_BYTES = 1 << 20
@@ -52,3 +53,34 @@ def map_memfd(fd: int) -> memoryview:
         return memoryview(mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ))
     finally:
         os.close(fd)
+
+
+def write_outputs_memfd(name: str, outputs: Sequence[OutputTensor]
+                        ) -> tuple[int, list[list[int] | None]]:
+    """A sealed memfd holding the outputs' bytes one after the other, pending ones read from
+    the worker's output arena straight into it (their one copy here; on a thread: see
+    Reply.prepare); and each output's [offset, bytes] in it (None: it has none)."""
+    places: list[list[int] | None] = []
+    total = 0
+    for output in outputs:
+        if output.pending or output.data is not None:
+            places.append([total, output.nbytes])
+            total += output.nbytes
+        else:
+            places.append(None)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, max(total, 1))
+        with mmap.mmap(fd, max(total, 1)) as memory:
+            view = memoryview(memory)
+            try:
+                for output, place in zip(outputs, places, strict=True):
+                    if place is not None:
+                        output.copy_into(view[place[0]:place[0] + place[1]])
+            finally:
+                view.release()
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, places
