@@ -464,29 +464,36 @@ class _ChannelReply(Reply):
         self.request_id = request_id
         self.timer: asyncio.TimerHandle | None = None  # the client's deadline
 
+    # Each final answer drops the reply's side of the request<->reply cycle, so reference
+    # counting frees the request once answered (tests/test_door_cycles.py).
     def send(self, response: list[OutputTensor], final: bool) -> None:
         if final:
             self.channel.answer(self, response)
+            self.request = None
         else:
             self.channel.answer_more(self, response, None)
 
     def fail(self, error: ServeError) -> None:
         self.channel.answer_error(self, error)
+        self.request = None
 
     def send_error(self, error: ServeError, final: bool) -> None:
         if final:
             self.channel.answer_error(self, error)
+            self.request = None
         else:
             self.channel.answer_more(self, None, error)
 
     def end(self) -> None:
         self.channel.answer_end(self)
+        self.request = None
 
     def direct_tag(self, worker: DirectTarget) -> list[int] | None:
         return self.channel.direct_tag(worker, self.request_id)
 
     def answered_directly(self) -> None:
         self.channel.settle(self)
+        self.request = None
 
 
 class LocalFrontend:

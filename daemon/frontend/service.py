@@ -183,6 +183,8 @@ class InferenceService:
         except asyncio.CancelledError:
             self.core.cancel(internal)  # as in _outcome, without a coroutine more per request
             raise
+        finally:
+            reply.request = None  # see _unlink
         message, reply.message = reply.message, b""  # the request may outlive the call
         if len(message) >= KEEP_BYTES:  # its buffers (ours, gRPC's) go once it was sent
             context.add_done_callback(_trim_heap_after)
@@ -223,6 +225,8 @@ class InferenceService:
             # already executing keeps its regions pinned until the worker is done.
             self.core.cancel(internal)
             raise
+        finally:
+            reply.request = None  # see _unlink
 
     async def _infer(self, parsed: tuple[pb.ModelInferRequest, list[bytes | memoryview]]) -> bytes:
         internal, outputs = await self.infer_outputs(*parsed)
@@ -447,6 +451,12 @@ class _Stream:
         return still_open
 
 
+# _unlink: a request and its reply point at each other. Once the door is done with the
+# answer it drops its side, so reference counting frees the request (tensors, outputs,
+# views of the wire bytes) at once instead of leaving a cycle per request to the garbage
+# collector (tests/test_door_cycles.py).
+
+
 def _trim_heap_after(context: object) -> None:
     trim_heap()
 
@@ -546,6 +556,7 @@ class _StreamReply(Reply):
     def _end(self) -> None:
         self.finished = True
         self._stream.finished(self)
+        self.request = None  # see _unlink
 
 
 FINAL_RESPONSE = "triton_final_response"
