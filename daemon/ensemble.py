@@ -20,6 +20,16 @@ Where tensor bytes go:
   which its worker maps (passed by fd once per worker, as any memfd region). A region goes
   back to the pool when its run finished and no step request pins it any more. An ensemble
   output that is also an intermediate is read from the region once, for the response.
+* an intermediate that is not an ensemble output *passes by reference*: when the model
+  returns one of its inputs (or a contiguous part of it) and that input lies in a system
+  region (a client's region the ensemble request pins, or an intermediate region of this run
+  or its parents), the worker answers with a reference to that memory instead of copying it
+  into the region it was given, and the readers of the tensor read the input's memory. Both
+  kinds of region outlive every reader: the request pins the client's until it ends, the run
+  holds its intermediates until it finished. Inputs in an arena slot (gRPC/HTTP payload) are
+  never referenced: the slot is reused once the step's request ends. So a chain of
+  pass-through steps costs one copy, into the client's output region. As for any tensor
+  read by several steps, a model must not write into its input arrays.
 
 An ensemble with a decoupled step is decoupled itself (as in Triton): every response of
 that step runs the steps downstream of it (a *branch*, see ``_Run``) and becomes one response
@@ -231,11 +241,13 @@ class _Run:
             outputs = []
             for model_output, tensor_name in step.outputs.items():
                 shm = self.output_regions.get(tensor_name)
+                by_reference = False
                 if shm is None and pooled and tensor_name in self.owner.intermediates:
                     region = self.owner.pool.take()
                     self.internal[region.name] = region
                     shm = (region.name, 0, region.byte_size)
-                outputs.append(OutputIn(model_output, shm))
+                    by_reference = tensor_name in self.owner.passable
+                outputs.append(OutputIn(model_output, shm, by_reference=by_reference))
             return RequestItems(inputs, outputs, dict(request.parameters),
                                 request.request_id, self.shm_owner,
                                 internal=self._regions_in_reach())
@@ -304,6 +316,16 @@ class _Run:
                             f"without data"))
                         return False
                     ref = (held.name, 0, held.byte_size)
+                    if output.region_id >= 0 and output.region_id != held.region_id:
+                        # Passed by reference: the output is the memory of a step input.
+                        source = self._input_region(index, output.region_id)
+                        if source is None:
+                            self.step_failed(index, internal(
+                                f"output '{output.name}' of model '{step.model}' came back "
+                                f"in a region it was not given"))
+                            return False
+                        held = source if source.name in self._regions_in_reach() else None
+                        ref = (source.name, output.offset - source.offset, source.byte_size)
                 size = ELEMENT_SIZE.get(output.datatype, -1)
                 nbytes = output.region_nbytes if output.region_nbytes >= 0 else \
                     size * element_count(output.shape) if size > 0 else ref[2]
@@ -311,6 +333,21 @@ class _Run:
             self.values[tensor_name] = _Value(output.datatype, list(output.shape), output.data,
                                               shm, held)
         return True
+
+    def _input_region(self, index: int, region_id: int) -> Region | None:
+        """The region of one of step ``index``'s inputs with ``region_id``: its run (or the
+        client, for an ensemble input) holds it for as long as this run's steps may read
+        it, so an output referencing it outlives every reader (see EnsembleScheduler)."""
+        run: _Run | None = self
+        while run is not None:
+            step_request = run.step_requests.get(index)
+            if step_request is not None:
+                for tensor in step_request.inputs:
+                    if tensor.region is not None and tensor.region.region_id == region_id:
+                        return tensor.region
+                return None
+            run = run.parent
+        return None
 
     def _intermediate_region(self, index: int, model_output: str) -> Region | None:
         """The intermediate region the step's request named for ``model_output``."""
@@ -413,6 +450,9 @@ class EnsembleScheduler:
         self.output_names = [output.name for output in config.output]
         # Tensors a step produces and another step reads: they go through the pool.
         self.intermediates = {name for step in self.steps for name in step.inputs.values()}
+        # Intermediates a worker may answer by reference to the input its model passed
+        # through: not ensemble outputs (the response reads only pooled regions).
+        self.passable = self.intermediates - set(self.output_names)
         self.pool = IntermediatePool(door.registry, model)
         self.decoupled_steps = {index for index, step in enumerate(self.steps)
                                 if step.model in decoupled_models}
