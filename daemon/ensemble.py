@@ -53,6 +53,7 @@ from shmserve.daemon.errors import ServeError, internal, unavailable
 from shmserve.daemon.infer_request import OutputIn, RequestItems, ShmRef, TensorIn
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.shm_registry import Region, ShmRegistry
 from shmserve.daemon.statistics import ModelStats
 from shmserve.protos import shmserve_model_config_pb2 as mc
@@ -144,16 +145,24 @@ class _StepReply(Reply):
         self._run = run
         self._index = index
 
+    # Each final answer lets go of the request (the core set ``request``): the pair is a
+    # reference cycle, left to the cyclic garbage collector otherwise (see _Run._finish).
     def send(self, response: list[OutputTensor], final: bool) -> None:
+        if final:
+            self.request = None
         self._run.step_response(self._index, response, final)
 
     def end(self) -> None:
+        self.request = None
         self._run.step_response(self._index, None, True)
 
     def send_error(self, error: ServeError, final: bool) -> None:
+        if final:
+            self.request = None
         self._run.step_failed(self._index, error, ended=final)
 
     def fail(self, error: ServeError) -> None:
+        self.request = None
         self._run.step_failed(self._index, error)
 
 
@@ -174,7 +183,7 @@ class _Run:
         self.owner = owner
         self.request = request
         self.parent = parent
-        self.root: _Run = self if parent is None else parent.root
+        self._root = None if parent is None else parent.root  # (None: itself, no cycle)
         self.values: dict[str, _Value] = {} if parent is None else dict(parent.values)
         self.waiting = set(range(len(owner.steps))) if waiting is None else waiting
         self.inflight: dict[int, InferRequest] = {}
@@ -193,6 +202,10 @@ class _Run:
         self.output_regions: dict[str, ShmRef] = {
             output.name: (output.region.name, output.offset, output.byte_size)
             for output in request.outputs if output.region is not None}
+
+    @property
+    def root(self) -> _Run:
+        return self._root or self
 
     def start(self) -> None:
         for tensor in self.request.inputs:
@@ -258,6 +271,12 @@ class _Run:
             self.inflight[index] = self.step_requests[index] = step_request
         except ServeError as exc:
             self.step_failed(index, exc)
+            return
+        scheduler = step_request.scheduler
+        if isinstance(scheduler, Scheduler) and not step_request.done:
+            # Sent now, not after the loop's next turn (Scheduler.submit waits for more
+            # arrivals to share a frame): the step is on the request's critical path.
+            scheduler.dispatch()
 
     def _regions_in_reach(self) -> dict[str, Region]:
         """The intermediate regions this run's steps may use: its own and its parents'."""
@@ -423,13 +442,22 @@ class _Run:
         if self.finished:
             return
         self.finished = True
-        for run in list(self.runs):
+        runs = list(self.runs)
+        for run in runs:
             for step_request in list(run.inflight.values()):
                 self.owner.door.cancel(step_request)
             run.inflight.clear()
             self.owner.pool.give_back(list(run.internal.values()))
             run.internal = {}
         self.owner.finished(self, result)
+        # Drop the references that make cycles (runs <-> branches, step requests <-> their
+        # replies <-> runs): a finished request is freed at once, not by a garbage
+        # collection that would cost every request in flight its pause.
+        for run in runs:
+            run.step_requests = {}
+            run.branches = []
+            run.values = {}
+        self.runs = set()
 
 
 class EnsembleScheduler:

@@ -690,7 +690,8 @@ class WorkerHost:
             except (ValueError, TypeError) as exc:
                 raise BackendError(f"output '{name}' cannot be sent: {exc}") from None
             destination = destinations.get(name)
-            if inputs and destination is not None and _by_reference(requested, name):
+            if inputs and destination is not None and len(data) > INLINE_LIMIT \
+                    and _by_reference(requested, name):  # (a small one is cheaper copied)
                 found = self._input_memory(data, inputs)
                 if found is not None:
                     prepared.append((name, datatype, shape, data, found))
