@@ -216,15 +216,21 @@ class _Run:
         self._launch_ready()
 
     def _launch_ready(self) -> None:
-        steps = self.owner.steps
-        for index in sorted(self.waiting):
-            if self.root.finished:
-                return
-            step = steps[index]
-            if all(name in self.values for name in step.inputs.values()):
-                self.waiting.discard(index)
-                self._launch(index, step)
-        if not self.root.finished and not self.waiting and not self.inflight \
+        root = self.root
+        if self.waiting:
+            steps = self.owner.steps
+            values = self.values
+            for index in sorted(self.waiting):
+                if root.finished:
+                    return
+                step = steps[index]
+                for name in step.inputs.values():
+                    if name not in values:
+                        break
+                else:
+                    self.waiting.discard(index)
+                    self._launch(index, step)
+        if not root.finished and not self.waiting and not self.inflight \
                 and not self.branches:
             self._complete()
 
@@ -261,7 +267,8 @@ class _Run:
                     shm = (region.name, 0, region.byte_size)
                     by_reference = tensor_name in self.owner.passable
                 outputs.append(OutputIn(model_output, shm, by_reference=by_reference))
-            return RequestItems(inputs, outputs, dict(request.parameters),
+            return RequestItems(inputs, outputs,
+                                dict(request.parameters) if request.parameters else {},
                                 request.request_id, self.shm_owner,
                                 internal=self._regions_in_reach())
 
