@@ -281,9 +281,7 @@ class _Run:
             return
         scheduler = step_request.scheduler
         if isinstance(scheduler, Scheduler) and not step_request.done:
-            # Sent now, not after the loop's next turn (Scheduler.submit waits for more
-            # arrivals to share a frame): the step is on the request's critical path.
-            scheduler.dispatch()
+            scheduler.dispatch_now()  # the step is on the request's critical path
 
     def _regions_in_reach(self) -> dict[str, Region]:
         """The intermediate regions this run's steps may use: its own and its parents'."""
