@@ -29,7 +29,8 @@ Where tensor bytes go:
   holds its intermediates until it finished. Inputs in an arena slot (gRPC/HTTP payload) are
   never referenced: the slot is reused once the step's request ends. So a chain of
   pass-through steps costs one copy, into the client's output region. As for any tensor
-  read by several steps, a model must not write into its input arrays.
+  read by several steps, a model must not write into its input arrays. Such an intermediate
+  of at most INLINE_LIMIT bytes travels inline in the frames instead, as any small tensor.
 
 An ensemble with a decoupled step is decoupled itself (as in Triton): every response of
 that step runs the steps downstream of it (a *branch*, see ``_Run``) and becomes one response

@@ -675,7 +675,8 @@ class WorkerHost:
         """The outputs to send as (name, datatype, shape, bytes, destination); raises
         BackendError for the request's error. An output the request lets pass by reference
         (an ensemble intermediate) that is the memory of one of ``inputs`` in a shared-memory
-        region gets an ``_InputMemory`` destination: it is answered as a reference to it."""
+        region gets an ``_InputMemory`` destination: it is answered as a reference to it; if
+        it is small (INLINE_LIMIT), it travels inline instead of into its region."""
         if response.error is not None:
             raise response.error
         outputs = response.outputs
@@ -690,11 +691,16 @@ class WorkerHost:
             except (ValueError, TypeError) as exc:
                 raise BackendError(f"output '{name}' cannot be sent: {exc}") from None
             destination = destinations.get(name)
-            if inputs and destination is not None and len(data) > INLINE_LIMIT \
-                    and _by_reference(requested, name):  # (a small one is cheaper copied)
-                found = self._input_memory(data, inputs)
-                if found is not None:
-                    prepared.append((name, datatype, shape, data, found))
+            if inputs and destination is not None and _by_reference(requested, name):
+                if len(data) > INLINE_LIMIT:
+                    found = self._input_memory(data, inputs)
+                    if found is not None:
+                        prepared.append((name, datatype, shape, data, found))
+                        continue
+                elif not isinstance(data, DeviceOutput):
+                    # A small intermediate travels inline, as any small tensor: cheaper than
+                    # a region both sides touch.
+                    prepared.append((name, datatype, shape, data, None))
                     continue
             if destination is not None:
                 capacity = destination[6]

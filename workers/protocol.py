@@ -162,7 +162,8 @@ class ExecRequest:
     inputs: list[list[Any]]                 # packed TensorRefs
     # [name, packed destination TensorRef or None] or, for an output that may pass by
     # reference (an ensemble intermediate), [name, destination, True]: the worker answers
-    # it as a SYSTEM reference to the input memory the model returned, if it is that.
+    # it as a SYSTEM reference to the input memory the model returned, if it is that, and
+    # inline if it is small (INLINE_LIMIT).
     outputs: list[list[Any]]
     parameters: dict[str, Any]
     correlation_id: int | str = 0
