@@ -496,7 +496,8 @@ class Dispatcher:
                                                                                    worker),
                                             region.offset + output.offset,
                                             output.byte_size).pack()
-                outputs.append([output.name, destination])
+                outputs.append([output.name, destination, True] if output.by_reference
+                               else [output.name, destination])
             reply = request.reply
             tag = reply.direct_tag(worker) if reply.direct else None
             ring = None
@@ -668,7 +669,8 @@ class Dispatcher:
             return OutputTensor(ref.name, ref.datatype, ref.shape, None,
                                 (segment, ref.offset, ref.nbytes))
         return OutputTensor(ref.name, ref.datatype, ref.shape, None,
-                            region_nbytes=ref.nbytes, offset=ref.offset)
+                            region_nbytes=ref.nbytes, offset=ref.offset,
+                            region_id=ref.location[0])
 
     # --- worker death -------------------------------------------------------------------
     def _on_worker_exit(self, slot: InstanceSlot, worker: WorkerHandle, reason: str) -> None:

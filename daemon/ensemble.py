@@ -20,6 +20,17 @@ Where tensor bytes go:
   which its worker maps (passed by fd once per worker, as any memfd region). A region goes
   back to the pool when its run finished and no step request pins it any more. An ensemble
   output that is also an intermediate is read from the region once, for the response.
+* an intermediate that is not an ensemble output *passes by reference*: when the model
+  returns one of its inputs (or a contiguous part of it) and that input lies in a system
+  region (a client's region the ensemble request pins, or an intermediate region of this run
+  or its parents), the worker answers with a reference to that memory instead of copying it
+  into the region it was given, and the readers of the tensor read the input's memory. Both
+  kinds of region outlive every reader: the request pins the client's until it ends, the run
+  holds its intermediates until it finished. Inputs in an arena slot (gRPC/HTTP payload) are
+  never referenced: the slot is reused once the step's request ends. So a chain of
+  pass-through steps costs one copy, into the client's output region. As for any tensor
+  read by several steps, a model must not write into its input arrays. Such an intermediate
+  of at most INLINE_LIMIT bytes travels inline in the frames instead, as any small tensor.
 
 An ensemble with a decoupled step is decoupled itself (as in Triton): every response of
 that step runs the steps downstream of it (a *branch*, see ``_Run``) and becomes one response
@@ -43,6 +54,7 @@ from shmserve.daemon.errors import ServeError, internal, unavailable
 from shmserve.daemon.infer_request import OutputIn, RequestItems, ShmRef, TensorIn
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.shm_registry import Region, ShmRegistry
 from shmserve.daemon.statistics import ModelStats
 from shmserve.protos import shmserve_model_config_pb2 as mc
@@ -134,16 +146,24 @@ class _StepReply(Reply):
         self._run = run
         self._index = index
 
+    # Each final answer lets go of the request (the core set ``request``): the pair is a
+    # reference cycle, left to the cyclic garbage collector otherwise (see _Run._finish).
     def send(self, response: list[OutputTensor], final: bool) -> None:
+        if final:
+            self.request = None
         self._run.step_response(self._index, response, final)
 
     def end(self) -> None:
+        self.request = None
         self._run.step_response(self._index, None, True)
 
     def send_error(self, error: ServeError, final: bool) -> None:
+        if final:
+            self.request = None
         self._run.step_failed(self._index, error, ended=final)
 
     def fail(self, error: ServeError) -> None:
+        self.request = None
         self._run.step_failed(self._index, error)
 
 
@@ -164,7 +184,7 @@ class _Run:
         self.owner = owner
         self.request = request
         self.parent = parent
-        self.root: _Run = self if parent is None else parent.root
+        self._root = None if parent is None else parent.root  # (None: itself, no cycle)
         self.values: dict[str, _Value] = {} if parent is None else dict(parent.values)
         self.waiting = set(range(len(owner.steps))) if waiting is None else waiting
         self.inflight: dict[int, InferRequest] = {}
@@ -184,6 +204,10 @@ class _Run:
             output.name: (output.region.name, output.offset, output.byte_size)
             for output in request.outputs if output.region is not None}
 
+    @property
+    def root(self) -> _Run:
+        return self._root or self
+
     def start(self) -> None:
         for tensor in self.request.inputs:
             shm = ((tensor.region.name, tensor.offset, tensor.nbytes)
@@ -193,15 +217,21 @@ class _Run:
         self._launch_ready()
 
     def _launch_ready(self) -> None:
-        steps = self.owner.steps
-        for index in sorted(self.waiting):
-            if self.root.finished:
-                return
-            step = steps[index]
-            if all(name in self.values for name in step.inputs.values()):
-                self.waiting.discard(index)
-                self._launch(index, step)
-        if not self.root.finished and not self.waiting and not self.inflight \
+        root = self.root
+        if self.waiting:
+            steps = self.owner.steps
+            values = self.values
+            for index in sorted(self.waiting):
+                if root.finished:
+                    return
+                step = steps[index]
+                for name in step.inputs.values():
+                    if name not in values:
+                        break
+                else:
+                    self.waiting.discard(index)
+                    self._launch(index, step)
+        if not root.finished and not self.waiting and not self.inflight \
                 and not self.branches:
             self._complete()
 
@@ -231,12 +261,15 @@ class _Run:
             outputs = []
             for model_output, tensor_name in step.outputs.items():
                 shm = self.output_regions.get(tensor_name)
+                by_reference = False
                 if shm is None and pooled and tensor_name in self.owner.intermediates:
                     region = self.owner.pool.take()
                     self.internal[region.name] = region
                     shm = (region.name, 0, region.byte_size)
-                outputs.append(OutputIn(model_output, shm))
-            return RequestItems(inputs, outputs, dict(request.parameters),
+                    by_reference = tensor_name in self.owner.passable
+                outputs.append(OutputIn(model_output, shm, by_reference=by_reference))
+            return RequestItems(inputs, outputs,
+                                dict(request.parameters) if request.parameters else {},
                                 request.request_id, self.shm_owner,
                                 internal=self._regions_in_reach())
 
@@ -246,6 +279,10 @@ class _Run:
             self.inflight[index] = self.step_requests[index] = step_request
         except ServeError as exc:
             self.step_failed(index, exc)
+            return
+        scheduler = step_request.scheduler
+        if isinstance(scheduler, Scheduler) and not step_request.done:
+            scheduler.dispatch_now()  # the step is on the request's critical path
 
     def _regions_in_reach(self) -> dict[str, Region]:
         """The intermediate regions this run's steps may use: its own and its parents'."""
@@ -304,6 +341,16 @@ class _Run:
                             f"without data"))
                         return False
                     ref = (held.name, 0, held.byte_size)
+                    if output.region_id >= 0 and output.region_id != held.region_id:
+                        # Passed by reference: the output is the memory of a step input.
+                        source = self._input_region(index, output.region_id)
+                        if source is None:
+                            self.step_failed(index, internal(
+                                f"output '{output.name}' of model '{step.model}' came back "
+                                f"in a region it was not given"))
+                            return False
+                        held = source if source.name in self._regions_in_reach() else None
+                        ref = (source.name, output.offset - source.offset, source.byte_size)
                 size = ELEMENT_SIZE.get(output.datatype, -1)
                 nbytes = output.region_nbytes if output.region_nbytes >= 0 else \
                     size * element_count(output.shape) if size > 0 else ref[2]
@@ -311,6 +358,21 @@ class _Run:
             self.values[tensor_name] = _Value(output.datatype, list(output.shape), output.data,
                                               shm, held)
         return True
+
+    def _input_region(self, index: int, region_id: int) -> Region | None:
+        """The region of one of step ``index``'s inputs with ``region_id``: its run (or the
+        client, for an ensemble input) holds it for as long as this run's steps may read
+        it, so an output referencing it outlives every reader (see EnsembleScheduler)."""
+        run: _Run | None = self
+        while run is not None:
+            step_request = run.step_requests.get(index)
+            if step_request is not None:
+                for tensor in step_request.inputs:
+                    if tensor.region is not None and tensor.region.region_id == region_id:
+                        return tensor.region
+                return None
+            run = run.parent
+        return None
 
     def _intermediate_region(self, index: int, model_output: str) -> Region | None:
         """The intermediate region the step's request named for ``model_output``."""
@@ -386,13 +448,22 @@ class _Run:
         if self.finished:
             return
         self.finished = True
-        for run in list(self.runs):
+        runs = list(self.runs)
+        for run in runs:
             for step_request in list(run.inflight.values()):
                 self.owner.door.cancel(step_request)
             run.inflight.clear()
             self.owner.pool.give_back(list(run.internal.values()))
             run.internal = {}
         self.owner.finished(self, result)
+        # Drop the references that make cycles (runs <-> branches, step requests <-> their
+        # replies <-> runs): a finished request is freed at once, not by a garbage
+        # collection that would cost every request in flight its pause.
+        for run in runs:
+            run.step_requests = {}
+            run.branches = []
+            run.values = {}
+        self.runs = set()
 
 
 class EnsembleScheduler:
@@ -413,6 +484,9 @@ class EnsembleScheduler:
         self.output_names = [output.name for output in config.output]
         # Tensors a step produces and another step reads: they go through the pool.
         self.intermediates = {name for step in self.steps for name in step.inputs.values()}
+        # Intermediates a worker may answer by reference to the input its model passed
+        # through: not ensemble outputs (the response reads only pooled regions).
+        self.passable = self.intermediates - set(self.output_names)
         self.pool = IntermediatePool(door.registry, model)
         self.decoupled_steps = {index for index, step in enumerate(self.steps)
                                 if step.model in decoupled_models}

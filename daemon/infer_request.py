@@ -89,6 +89,9 @@ class OutputIn:
     name: str
     shm: ShmRef | None = None
     fault: ServeError | None = None         # raised once the name is known to be valid
+    # The worker may answer it as a reference to the input it passes through instead of
+    # writing it into ``shm`` (honoured only for a server region: ensemble intermediates).
+    by_reference: bool = False
 
 
 @dataclass(slots=True)
@@ -343,5 +346,6 @@ def _outputs(plan: ModelPlan, registry: ShmRegistry, outputs: list[OutputIn],
         region_name, offset, byte_size = output.shm
         region = registry.acquire(region_name, offset, byte_size, owner, internal)
         regions.append(region)
-        requested.append(RequestedOutput(output.name, region, offset, byte_size))
+        by_reference = output.by_reference and internal is not None and region_name in internal
+        requested.append(RequestedOutput(output.name, region, offset, byte_size, by_reference))
     return requested

@@ -31,6 +31,9 @@ class RequestedOutput:
     region: Region | None = None
     offset: int = 0
     byte_size: int = 0
+    # An ensemble intermediate: the worker may answer with a reference to the input the
+    # model passed through instead of copying it into ``region`` (docs/pipelines.md).
+    by_reference: bool = False
 
 
 class OutputTensor:
@@ -44,12 +47,12 @@ class OutputTensor:
     arena may be written again.
     """
 
-    __slots__ = ("_data", "_nbytes", "_source", "datatype", "name", "offset", "region_nbytes",
-                 "shape")
+    __slots__ = ("_data", "_nbytes", "_source", "datatype", "name", "offset", "region_id",
+                 "region_nbytes", "shape")
 
     def __init__(self, name: str, datatype: str, shape: list[int], data: bytes | None,
                  source: tuple[Segment | FileReader, int, int] | None = None, *,
-                 region_nbytes: int = -1, offset: int = -1) -> None:
+                 region_nbytes: int = -1, offset: int = -1, region_id: int = -1) -> None:
         self.name = name
         self.datatype = datatype
         self.shape = shape
@@ -57,6 +60,9 @@ class OutputTensor:
         # and where from the segment's start; -1 when the worker did not say.
         self.region_nbytes = region_nbytes
         self.offset = offset
+        # With data None: the region it lies in (-1 when the worker did not say). Another
+        # region than the one requested when the worker answered by reference.
+        self.region_id = region_id
         self._data = data
         self._source = source  # (output arena, offset, nbytes) while pending
         self._nbytes = source[2] if source is not None else len(data) if data else 0

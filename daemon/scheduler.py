@@ -70,7 +70,7 @@ class Scheduler:
         self._abandoned = 0
         # Decoupled requests that responded: (responses so far, when the last one came).
         self._responded: dict[int, tuple[int, int]] = {}
-        self._dispatch_scheduled = False
+        self._dispatch_scheduled: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._idle = asyncio.Event()
@@ -126,14 +126,23 @@ class Scheduler:
             request.scheduler = self
         self.stats.pending += 1
         self._idle.clear()
-        if not self._dispatch_scheduled:
+        if self._dispatch_scheduled is None:
             # Dispatched once the loop has handled what else arrived in this iteration:
             # requests that came together (one client doorbell) travel in one frame.
-            self._dispatch_scheduled = True
             loop = self._loop
             if loop is None:  # (asyncio.get_running_loop costs a getpid syscall each call)
                 loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self._scheduled_dispatch)
+            self._dispatch_scheduled = loop.call_soon(self._scheduled_dispatch)
+
+    def dispatch_now(self) -> None:
+        """Dispatch what ``submit`` queued without waiting for the loop's next turn: for a
+        caller that submits one request on its critical path and waits for it (an
+        ensemble's step), there is nothing to gather."""
+        scheduled = self._dispatch_scheduled
+        if scheduled is not None:
+            scheduled.cancel()
+            self._dispatch_scheduled = None
+        self.dispatch()
 
     def cancel(self, request: InferRequest) -> None:
         """Its caller gave up: drop it from the queue, or withdraw it from the worker it was
@@ -149,7 +158,7 @@ class Scheduler:
         self._dispatcher.release_regions(region_ids)
 
     def _scheduled_dispatch(self) -> None:
-        self._dispatch_scheduled = False
+        self._dispatch_scheduled = None
         self.dispatch()
 
     def dispatch(self) -> None:

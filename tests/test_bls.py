@@ -241,6 +241,18 @@ def test_large_intermediate_tensors_never_pass_through_the_supervisor(
     assert peak < 8 << 10, f"the supervisor's resident set grew by {peak} KiB"
 
 
+def test_outputs_kept_by_the_caller_survive_later_calls(server: ServerProcess) -> None:
+    """A BLS caller's output regions are reused from call to call: never one whose output
+    the model still holds."""
+    data = np.arange(5, dtype=np.float32)
+    for _ in range(3):
+        out = _infer(server, data, "keep")
+        sizes = (5, 5, 300_000, 5)
+        expected = np.concatenate([np.resize(data + k, size) * 2
+                                   for k, size in enumerate(sizes)])
+        np.testing.assert_array_equal(out, expected)
+
+
 def test_async_execute_runs_requests_of_one_instance_concurrently(
         server: ServerProcess) -> None:
     one = 0.4   # each execute awaits this long

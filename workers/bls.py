@@ -28,6 +28,7 @@ import mmap
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -60,6 +61,12 @@ STREAM_SLOT_BYTES = 1 << 30
 STREAM_SLOTS = 2
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _names = itertools.count(1)
+#: Regions (sparse, OUTPUT_CAPACITY each) a worker keeps registered from one BLS call to the
+#: next, for inputs and outputs of at most POOLED_BYTES: creating, passing, registering,
+#: mapping (here and in the called worker) and unregistering a memfd per tensor per call cost
+#: more than a small model's execute. Larger tensors get regions of their own, as before.
+POOLED_REGIONS = 8
+POOLED_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -125,6 +132,45 @@ class _Memfd:
     def unregister(self, channel: LocalChannel) -> None:
         if not channel.closed:
             channel.submit({"op": "unregister", "name": self.name}, _ignore)
+
+    def viewed(self) -> bool:
+        """Whether an array (an output handed to the model, or a view of one) still uses
+        its memory: each holds a reference to the mapping; this object and the call's
+        argument are the other two."""
+        return sys.getrefcount(self.memory) > 2
+
+
+class _RegionPool:
+    """Registered regions kept for the next calls of a BLS client (see POOLED_REGIONS). A
+    call takes one that no array of an earlier answer still views (the model may keep
+    outputs as long as it likes) and gives it back once it was answered; a region of a call
+    that failed (its request may still be running, e.g. past its timeout) is unregistered
+    instead, as is one of a call whose tensors were large."""
+
+    def __init__(self) -> None:
+        self._free: list[_Memfd] = []
+        self._lock = threading.Lock()
+
+    def take(self, channel: LocalChannel) -> _Memfd:
+        with self._lock:
+            for index, region in enumerate(self._free):
+                if not region.viewed():
+                    return self._free.pop(index)
+        region = _Memfd(OUTPUT_CAPACITY)
+        region.register(channel)
+        return region
+
+    def give_back(self, channel: LocalChannel, regions: list[_Memfd], keep: bool) -> None:
+        if not regions:
+            return
+        dropped = regions
+        if keep and not channel.closed:
+            with self._lock:
+                room = POOLED_REGIONS - len(self._free)
+                self._free.extend(regions[:max(room, 0)])
+            dropped = regions[max(room, 0):]
+        for region in dropped:
+            region.unregister(channel)
 
 
 def _ignore(reply: dict[str, Any] | None, error: ShmserveError | None) -> None:
@@ -236,6 +282,7 @@ class BlsClient:
         self.instance_count = instance_count
         self._channel: LocalChannel | None = None
         self._lock = threading.Lock()
+        self._pool = _RegionPool()
         #: The instance runs executions concurrently (async def execute): one awaiting a
         #: BLS answer leaves the instance free for others.
         self.concurrent = False
@@ -307,8 +354,10 @@ class BlsClient:
         """Run ``request`` through the core; raises BlsError with Triton's code and text."""
         channel, chain = self._start(request, blocking)
         regions: list[_Memfd] = []
+        pooled: list[_Memfd] = []
+        keep = False
         try:
-            message, region_outputs = self._message(channel, request, regions)
+            message, region_outputs = self._message(channel, request, regions, pooled=pooled)
             if chain:
                 message.setdefault("p", {})[CHAIN_PARAMETER] = chain
             timeout = request.timeout_us / 1e6 if request.timeout_us > 0 else None
@@ -322,12 +371,16 @@ class BlsClient:
                 raise BlsError("RESOURCE_EXHAUSTED", f"BLS request to model "
                                                      f"'{request.model_name}': {exc}") from None
             try:
-                return read_reply_outputs(reply["out"], region_outputs)
+                outputs = read_reply_outputs(reply["out"], region_outputs)
             except ShmserveError as exc:
                 raise BlsError(exc.code.name, exc.message) from None
+            keep = all(array.dtype != object and array.nbytes <= POOLED_BYTES
+                       for name, array in outputs.items() if name in region_outputs)
+            return outputs
         finally:
             for region in regions:
                 region.unregister(channel)
+            self._pool.give_back(channel, pooled, keep)
 
     def stream(self, request: BlsRequest, blocking: bool = True) -> BlsStream:
         """Run ``request`` as a streamed request (``exec(decoupled=True)``): its responses in
@@ -370,8 +423,10 @@ class BlsClient:
         return BlsStream(channel, request_id, replies, regions, deadline, ring)
 
     def _message(self, channel: LocalChannel, request: BlsRequest, regions: list[_Memfd],
-                 output_regions: bool = True
+                 output_regions: bool = True, pooled: list[_Memfd] | None = None
                  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The infer message; the regions it uses are added to ``regions`` (its own, to
+        unregister after the call) or, given ``pooled``, to that (the pool's)."""
         inputs: list[list[Any]] = []
         for name, value in request.inputs:
             try:
@@ -382,15 +437,20 @@ class BlsClient:
             if nbytes <= INLINE_LIMIT:
                 inputs.append([name, datatype, shape, "b", _host_bytes(data)])
                 continue
-            region = _Memfd(nbytes)
-            regions.append(region)
+            if pooled is not None and nbytes <= POOLED_BYTES:
+                region = self._pool.take(channel)
+                pooled.append(region)
+            else:
+                region = _Memfd(nbytes)
+                regions.append(region)
             target = memoryview(region.memory)
             if isinstance(data, DeviceOutput):
                 data.write_to(target[:nbytes])  # one device-to-host copy
             else:
                 target[:nbytes] = data  # the one copy of the input's bytes
             target.release()
-            region.register(channel)
+            if region.fd >= 0:
+                region.register(channel)
             inputs.append([name, datatype, shape, "r", region.name, 0, nbytes])
         outputs: list[list[Any]] = []
         region_outputs: dict[str, np.ndarray] = {}
@@ -398,9 +458,13 @@ class BlsClient:
             if not output_regions:
                 outputs.append([name])
                 continue
-            region = _Memfd(OUTPUT_CAPACITY)
-            regions.append(region)
-            region.register(channel)
+            if pooled is not None:
+                region = self._pool.take(channel)
+                pooled.append(region)
+            else:
+                region = _Memfd(OUTPUT_CAPACITY)
+                regions.append(region)
+                region.register(channel)
             outputs.append([name, region.name, 0, OUTPUT_CAPACITY])
             region_outputs[name] = np.frombuffer(region.memory, dtype=np.uint8)
         message: dict[str, Any] = {"op": "infer", "model": request.model_name,

@@ -414,7 +414,8 @@ class WorkerHost:
                 results[position] = protocol.STREAMING
                 continue
             try:
-                outputs = self._prepare_outputs(response, exec_requests[position].outputs)
+                outputs = self._prepare_outputs(response, exec_requests[position].outputs,
+                                                exec_requests[position].inputs)
             except BackendError as exc:
                 results[position] = protocol.error_result(exc.code, exc.message)
                 continue
@@ -508,11 +509,35 @@ class WorkerHost:
             self._states.take_outputs(
                 request.correlation_id, request.parameters, request.requested_outputs,
                 None if response.error is not None or response.streamed else response.outputs)
+    def _input_memory(self, data: memoryview | bytes | DeviceOutput,
+                      inputs: list[list[Any]]) -> _InputMemory | None:
+        """Where ``data`` lies inside one of the request's inputs in a system shared-memory
+        region (the model passed that input, or a contiguous part of it, through); None if
+        it lies in none of them."""
+        if not isinstance(data, memoryview) or not len(data):
+            return None
+        start = 0
+        for packed in inputs:
+            if packed[3] != SYSTEM:  # arena slots are reused once the request ends
+                continue
+            if not start:
+                start = _address(data)
+            ref = TensorRef.unpack(packed)
+            try:
+                segment = map_region(self._regions, *ref.location)
+            except BackendError:
+                continue
+            base = _address(segment.buf) + ref.offset
+            if base <= start and start + len(data) <= base + ref.nbytes:
+                return _InputMemory(ref.location, ref.offset + start - base)
+        return None
+
     def _destinations(self, outputs: list[list[Any]]) -> dict[str, memoryview] | None:
         """The client-region memory each output was asked into (Request.output_buffers);
         a region that cannot be mapped is left out: writing the output reports it."""
         buffers: dict[str, memoryview] = {}
-        for name, destination in outputs:
+        for entry in outputs:
+            name, destination = entry[0], entry[1]
             if destination is None:
                 continue
             target = TensorRef.unpack(destination)
@@ -646,10 +671,13 @@ class WorkerHost:
             error = exc if isinstance(exc, BackendError) else BackendError(f"{exc}")
             return [Response(error=error) for _ in requests]
 
-    def _prepare_outputs(self, response: Response,
-                         requested: list[list[Any]]) -> list[_Prepared]:
+    def _prepare_outputs(self, response: Response, requested: list[list[Any]],
+                         inputs: list[list[Any]] | None = None) -> list[_Prepared]:
         """The outputs to send as (name, datatype, shape, bytes, destination); raises
-        BackendError for the request's error."""
+        BackendError for the request's error. An output the request lets pass by reference
+        (an ensemble intermediate) that is the memory of one of ``inputs`` in a shared-memory
+        region gets an ``_InputMemory`` destination: it is answered as a reference to it; if
+        it is small (INLINE_LIMIT), it travels inline instead of into its region."""
         if response.error is not None:
             raise response.error
         outputs = response.outputs
@@ -664,6 +692,17 @@ class WorkerHost:
             except (ValueError, TypeError) as exc:
                 raise BackendError(f"output '{name}' cannot be sent: {exc}") from None
             destination = destinations.get(name)
+            if inputs and destination is not None and _by_reference(requested, name):
+                if len(data) > INLINE_LIMIT:
+                    found = self._input_memory(data, inputs)
+                    if found is not None:
+                        prepared.append((name, datatype, shape, data, found))
+                        continue
+                elif not isinstance(data, DeviceOutput):
+                    # A small intermediate travels inline, as any small tensor: cheaper than
+                    # a region both sides touch.
+                    prepared.append((name, datatype, shape, data, None))
+                    continue
             if destination is not None:
                 capacity = destination[6]
                 if len(data) > capacity:
@@ -683,6 +722,10 @@ class WorkerHost:
         refs: list[list[Any]] = []
         for name, datatype, shape, data, destination in prepared:
             nbytes = len(data)
+            if isinstance(destination, _InputMemory):  # no copy: it is an input's memory
+                refs.append(TensorRef(name, datatype, shape, SYSTEM, destination.location,
+                                      destination.offset, nbytes).pack())
+                continue
             if destination is not None:
                 target = TensorRef.unpack(destination)
                 if target.where == CUDA:
@@ -755,6 +798,25 @@ class StreamSink:
 
 
 _Prepared = tuple[str, str, list[int], "memoryview | bytes | DeviceOutput", Any]
+
+
+class _InputMemory:
+    """The destination of an output answered by reference: the memory of an input in a
+    system region (``location`` as in its TensorRef, ``offset`` absolute in the segment)."""
+
+    __slots__ = ("location", "offset")
+
+    def __init__(self, location: list[Any], offset: int) -> None:
+        self.location = location
+        self.offset = offset
+
+
+def _by_reference(requested: list[list[Any]], name: str) -> bool:
+    """Whether the request lets output ``name`` pass by reference (its entry's flag)."""
+    for entry in requested:
+        if entry[0] == name:
+            return len(entry) > 2 and bool(entry[2])
+    return False
 
 
 def _bls_chain(requests: list[Request]) -> str:

@@ -62,8 +62,8 @@ from shmserve.workers.backend import InstanceSpec, ModelSpec
 
 # 1: msgpack maps before typed records; 2: before ShareRegion; 3: before Trim; 4: before Stage;
 # 5: before Report; 6: before Ready.concurrency; 7: before Partial; 8: before EndSequences;
-# 9: before ExecRequest.ring
-PROTOCOL_VERSION = 10
+# 9: before ExecRequest.ring; 10: before the by-reference flag of ExecRequest.outputs
+PROTOCOL_VERSION = 11
 
 INLINE = "i"
 ARENA = "a"
@@ -160,7 +160,11 @@ class ExecRequest:
 
     request_id: str
     inputs: list[list[Any]]                 # packed TensorRefs
-    outputs: list[list[Any]]                # [name, packed destination TensorRef or None]
+    # [name, packed destination TensorRef or None] or, for an output that may pass by
+    # reference (an ensemble intermediate), [name, destination, True]: the worker answers
+    # it as a SYSTEM reference to the input memory the model returned, if it is that, and
+    # inline if it is small (INLINE_LIMIT).
+    outputs: list[list[Any]]
     parameters: dict[str, Any]
     correlation_id: int | str = 0
     tag: list[int] | None = None            # [channel id, request id]: answer it directly
