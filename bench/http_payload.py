@@ -1,11 +1,12 @@
-"""Large binary payloads over HTTP: shmserve against Triton 2.51, same model, same run.
+"""Large payloads over HTTP or gRPC: shmserve against Triton 2.51, same model, same run.
 
-``python -m bench.http_payload [--quick]`` serves bench/models' ``identity_fp32`` (python
-backend) on shmserve and on Triton (bench/triton_peer.py) and times tritonclient.http infer
-calls with the binary tensor data extension for the input and the output (16 MiB and 64 MiB by
-default), interleaving the two servers round by round so drift on the host hits both alike.
-Reports p50/p99 per size and server, the ratio shmserve/Triton, and one memcpy of the same
-size for scale.
+``python -m bench.http_payload [--quick] [--protocol grpc]`` serves bench/models'
+``identity_fp32`` (python backend) on shmserve and on Triton (bench/triton_peer.py) and times
+tritonclient.http infer calls with the binary tensor data extension for the input and the
+output (or tritonclient.grpc calls with the tensors in the message: ``--protocol grpc``;
+16 MiB and 64 MiB by default), interleaving the two servers round by round so drift on the
+host hits both alike. Reports p50/p99 per size and server, the ratio shmserve/Triton, and one
+memcpy of the same size for scale.
 """
 
 from __future__ import annotations
@@ -30,23 +31,34 @@ MODEL = "identity_fp32"
 
 
 def _call(client: Any, data: np.ndarray) -> None:
+    import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
-    tensor = httpclient.InferInput("INPUT0", [data.size], "FP32")
-    tensor.set_data_from_numpy(data, binary_data=True)
-    output = httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)
-    answer = client.infer(MODEL, [tensor], outputs=[output]).as_numpy("OUTPUT0")
+    if isinstance(client, grpcclient.InferenceServerClient):
+        tensor = grpcclient.InferInput("INPUT0", [data.size], "FP32")
+        tensor.set_data_from_numpy(data)
+        answer = client.infer(MODEL, [tensor], client_timeout=600.0).as_numpy("OUTPUT0")
+    else:
+        tensor = httpclient.InferInput("INPUT0", [data.size], "FP32")
+        tensor.set_data_from_numpy(data, binary_data=True)
+        output = httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)
+        answer = client.infer(MODEL, [tensor], outputs=[output]).as_numpy("OUTPUT0")
     if answer is None or answer.nbytes != data.nbytes:
         raise RuntimeError("wrong answer size")
 
 
-def measure(urls: dict[str, str], sizes: list[int], rounds: int, per_round: int
-            ) -> dict[str, Any]:
+def _client(url: str, protocol: str) -> Any:
+    if protocol == "grpc":
+        import tritonclient.grpc as grpcclient
+        return grpcclient.InferenceServerClient(url)
     import tritonclient.http as httpclient
+    return httpclient.InferenceServerClient(url, network_timeout=600.0,
+                                            connection_timeout=600.0)
 
-    clients = {label: httpclient.InferenceServerClient(url, network_timeout=600.0,
-                                                       connection_timeout=600.0)
-               for label, url in urls.items()}
+
+def measure(urls: dict[str, str], sizes: list[int], rounds: int, per_round: int,
+            protocol: str = "http") -> dict[str, Any]:
+    clients = {label: _client(url, protocol) for label, url in urls.items()}
     results: dict[str, Any] = {}
     for nbytes in sizes:
         data = np.random.default_rng(nbytes).random(nbytes // 4, dtype=np.float32)
@@ -87,6 +99,7 @@ def report(results: dict[str, Any], labels: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--sizes-mib", default="16,64")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=4)
@@ -105,15 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         server = ServerProcess(REPOSITORY, log_path=work / "server.log")
         stack.callback(server.stop)
         server.wait_ready()
-        urls = {"shmserve": server.http_url}
+        grpc = args.protocol == "grpc"
+        urls = {"shmserve": server.url if grpc else server.http_url}
         if not args.no_triton and triton_peer.available():
             triton = stack.enter_context(triton_peer.TritonPeer(
                 REPOSITORY, grpc_port=args.triton_grpc_port, http_port=args.triton_http_port))
-            urls["triton"] = triton.http_url
-        results = measure(urls, sizes, args.rounds, args.per_round)
+            urls["triton"] = triton.grpc_url if grpc else triton.http_url
+        results = measure(urls, sizes, args.rounds, args.per_round, args.protocol)
     text = report(results, list(urls))
     print(text)
-    save_dated(args.out, "http-payload", results, text)
+    save_dated(args.out, f"{args.protocol}-payload", results, text)
     return 0
 
 
