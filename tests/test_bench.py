@@ -74,3 +74,23 @@ def test_quick_bench_runs_every_scenario_correctly(tmp_path: Path) -> None:
                                     for point in ceilings["echo"].values()), ceilings["echo"]
     assert (tmp_path / results[0].with_suffix(".md").name).is_file()
     assert _bench_segments() <= before, "the bench left shared memory segments behind"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not (BENCH / "cache.py").is_file(), reason="bench/ is not in this checkout")
+def test_quick_cache_bench_answers_every_row(tmp_path: Path) -> None:
+    """bench.cache checks each hit against its miss and that hits into a region (over gRPC and
+    through the local channel) landed there; a wrong answer raises and fails the run."""
+    out = tmp_path / "cache.json"
+    done = subprocess.run([sys.executable, "-m", "bench.cache", "--quick", "--no-triton",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=220, check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    cases = {(row["case"], row["size"]) for row in rows if row["server"] == "shmserve"}
+    assert {("miss", "4B"), ("hit", "4B"), ("miss", "16MiB"), ("hit", "16MiB"),
+            ("hit into system shm", "16MiB"), ("hit into shm, local://", "16MiB")} <= cases
+    # Every timed hit into a region was a cache hit on the server (its statistics counted it).
+    server_side = [row["p50_ms"] for row in rows if row["case"].strip().startswith("server side")]
+    assert len(server_side) == 2 and all(ms > 0 for ms in server_side), rows
