@@ -23,6 +23,7 @@ import numpy as np
 
 from shmserve.daemon.response_cache import Uncacheable, open_region, write_region
 from shmserve.daemon.shm_registry import Region
+from shmserve.workers.copying import copy_bytes
 
 
 @dataclass(slots=True)
@@ -73,7 +74,7 @@ class RegionWriter:
             raise Uncacheable("the output lies outside its shared memory region")
         if not mapped.sealed and os.fstat(mapped.fd).st_size < end:
             raise OSError("the client shrank its shared memory segment")
-        np.copyto(mapped.view[position:end], np.frombuffer(data, dtype=np.uint8))
+        copy_bytes(mapped.view[position:end], data)
 
     def forget(self, region_ids: list[int]) -> None:
         """The regions were released: unmap them."""

@@ -31,6 +31,7 @@ from shmserve.workers.backend import (
     resolve_backend,
 )
 from shmserve.workers.busy_poll import BusyPoll
+from shmserve.workers.copying import copy_bytes
 from shmserve.workers.cuda_ipc import CudaRegions, DeviceOutput
 from shmserve.workers.direct_answers import DirectAnswers
 from shmserve.workers.lineage import set_parent_death_signal
@@ -888,11 +889,12 @@ class _ArenaPlacer:
 
 
 def _copy_into(target: memoryview, data: memoryview | bytes | DeviceOutput) -> None:
-    """Host bytes are copied; a GPU output is copied device-to-host straight into ``target``."""
+    """Host bytes are copied (large ones on several cores); a GPU output is copied
+    device-to-host straight into ``target``."""
     if isinstance(data, DeviceOutput):
         data.write_to(target)
     else:
-        target[:] = data
+        copy_bytes(target, data)
 
 
 def _same_memory(target: memoryview, data: memoryview | bytes | DeviceOutput) -> bool:
