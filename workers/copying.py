@@ -35,7 +35,9 @@ def copy_bytes(target: memoryview | np.ndarray, source: memoryview | bytes | np.
     origin = np.frombuffer(source, dtype=np.uint8)
     if destination.nbytes != origin.nbytes:
         raise ValueError(f"copy of {origin.nbytes} bytes into {destination.nbytes}")
-    ways = min(_cores(), MAX_WAYS, origin.nbytes // MIN_CHUNK)
+    ways = min(MAX_WAYS, origin.nbytes // MIN_CHUNK)
+    if ways >= 2:
+        ways = min(ways, _cores())
     if ways < 2:
         np.copyto(destination, origin)
         return
