@@ -64,7 +64,17 @@ def _executor() -> ThreadPoolExecutor:
     global _pool, _pool_pid
     with _lock:
         if _pool is None or _pool_pid != os.getpid():
-            # A pool inherited through fork has no threads: never reuse it.
             _pool = ThreadPoolExecutor(MAX_WAYS - 1, thread_name_prefix="shmserve-copy")
             _pool_pid = os.getpid()
         return _pool
+
+
+def _forget_after_fork() -> None:
+    """A pool inherited through fork has no threads, and the lock may have been held by a
+    thread that does not exist in the child."""
+    global _lock, _pool
+    _lock = threading.Lock()
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
