@@ -26,7 +26,6 @@ _PAGE = 4096
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
-_pool_pid = 0
 
 
 def copy_bytes(target: memoryview | np.ndarray, source: memoryview | bytes | np.ndarray) -> None:
@@ -61,11 +60,10 @@ def _cores() -> int:
 
 
 def _executor() -> ThreadPoolExecutor:
-    global _pool, _pool_pid
+    global _pool
     with _lock:
-        if _pool is None or _pool_pid != os.getpid():
+        if _pool is None:
             _pool = ThreadPoolExecutor(MAX_WAYS - 1, thread_name_prefix="shmserve-copy")
-            _pool_pid = os.getpid()
         return _pool
 
 
