@@ -540,3 +540,34 @@ def test_decoupled_branches_wait_for_a_parallel_step(start_server: StartServer,
             got.append(result.as_numpy("OUT").tolist())  # type: ignore[attr-defined]
         client.stop_stream()
     assert sorted(got) == [[601], [602], [603]]
+
+
+def test_cached_ensemble_answers_a_repeat_without_running_its_steps(
+        start_server: StartServer, repository: Path) -> None:
+    """``response_cache`` on an ensemble (Triton caches the ensemble's own response): a
+    repeated request is a hit of the ensemble and none of its steps runs again."""
+    cached = ensemble_config("cached_pipe", [
+        step("pre", {"INPUT0": "IN"}, {"OUTPUT0": "t1"}),
+        step("mid", {"INPUT0": "t1"}, {"OUTPUT0": "OUT"}),
+    ]).rstrip() + "\n        response_cache { enable: true }\n"
+    write(repository, "cached_pipe", cached)
+    server = start_server(None, "--cache-config", "local,size=1048576", repository=repository)
+    client = grpcclient.InferenceServerClient(server.url)
+
+    def stats(model: str) -> tuple[int, int, int]:
+        inference = client.get_inference_statistics(model).model_stats[0].inference_stats
+        return inference.success.count, inference.cache_hit.count, inference.cache_miss.count
+
+    data = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    first = infer(client, "cached_pipe", data, ["OUT"])["OUT"]
+    np.testing.assert_array_equal(first, (data + 1) * 2)
+    steps_before = stats("pre")[0], stats("mid")[0]
+    again = infer(client, "cached_pipe", data, ["OUT"])["OUT"]
+    np.testing.assert_array_equal(again, first)
+    assert (stats("pre")[0], stats("mid")[0]) == steps_before, "a step ran for the hit"
+    assert stats("cached_pipe") == (2, 1, 1)
+
+    other = infer(client, "cached_pipe", data + 1, ["OUT"])["OUT"]  # a miss runs the steps
+    np.testing.assert_array_equal(other, (data + 2) * 2)
+    assert stats("pre")[0] == steps_before[0] + 1
+    assert stats("cached_pipe") == (3, 1, 2)
