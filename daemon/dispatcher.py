@@ -281,6 +281,8 @@ class Dispatcher:
         depth = max(1, settings.pipeline_depth)
         self.slots = [InstanceSlot(plan, supervisor_pid, depth) for plan in plans]
         self.closing = False
+        # False: every answer goes through the scheduler (preserve_ordering holds some back).
+        self.direct_answers = True
         self._restarts: set[asyncio.Task[None]] = set()
         self._trim_timer: asyncio.TimerHandle | None = None
 
@@ -499,7 +501,7 @@ class Dispatcher:
                 outputs.append([output.name, destination, True] if output.by_reference
                                else [output.name, destination])
             reply = request.reply
-            tag = reply.direct_tag(worker) if reply.direct else None
+            tag = reply.direct_tag(worker) if reply.direct and self.direct_answers else None
             ring = None
             if request.ring is not None:
                 ring_at = request.ring

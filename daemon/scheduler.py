@@ -28,6 +28,7 @@ from shmserve.daemon.queue_policy import (
     timeout_expired,
 )
 from shmserve.daemon.request import InferRequest, OutputTensor
+from shmserve.daemon.response_order import ResponseOrder
 from shmserve.daemon.sequence_batcher import SequenceBatcher
 from shmserve.daemon.sequence_config import SequencePlan
 from shmserve.daemon.settings import Settings
@@ -58,6 +59,14 @@ class Scheduler:
         # With sequence_batching, requests queue on their sequences instead.
         self._sequences = (SequenceBatcher(sequence, self._dispatcher, self)
                            if sequence is not None else None)
+        self._order: ResponseOrder | None = None
+        if batching is not None and batching.preserve_ordering:
+            if decoupled:
+                log.warning("model '%s': preserve_ordering is not supported for decoupled "
+                            "models; their responses are sent as they come", model)
+            else:
+                self._order = ResponseOrder()
+                self._dispatcher.direct_answers = False
         queue_policy = QueuePolicy.from_config(batching)
         # Priority levels and timeouts (queue_policy.py); else the plain FIFO deque.
         self._policy_queue = PolicyQueue(queue_policy) if queue_policy is not None else None
@@ -124,6 +133,8 @@ class Scheduler:
             else:
                 self._fifo.append(request)
             request.scheduler = self
+            if self._order is not None:
+                self._order.admit(request)
         self.stats.pending += 1
         self._idle.clear()
         if self._dispatch_scheduled is None:
@@ -257,6 +268,13 @@ class Scheduler:
         if self._responded:
             self._responded.pop(id(request), None)
         self._on_finished(request)
+        if self._order is not None:
+            self._order.complete(request, lambda: self._answer(request, result))
+        else:
+            self._answer(request, result)
+
+    def _answer(self, request: InferRequest,
+                result: list[OutputTensor] | BaseException | None) -> None:
         if request.cancelled:
             return
         reply = request.reply
