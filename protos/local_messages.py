@@ -35,12 +35,17 @@ echoed in the reply) and ``"op"``:
     hello       "direct": True -- the client reads the direct rings (``client_hello``)
     cancel      "target": the id of a request the client gave up (a stream closed early):
                 it is dropped or cancelled for its model, and gets no further reply
+    model       (BLS channels only: a worker's pb_utils.load_model / unload_model /
+                is_model_ready) "action" ("load", "unload" or "ready"), "name",
+                "version" (ready), "config" (load: JSON text, "" = none), "files"
+                (load: {"file:<path>": bytes}), "dependents" (unload) -- ``ModelControl``
 
 Replies (server or worker -> client, response ring or a direct ring):
 
     infer       {"id", "model_version", "out": [[name, datatype, shape, bytes or None]]}
                 (None: the output was written into the requested region)
     status      {"id", "regions": [[name, key, offset, byte size], ...]}
+    model       {"id", "ready": bool} for "ready"; {"id"} otherwise
     others      {"id"}
     refused     {"id", "err": [grpc status code name, message]}  (``error_reply``)
 
@@ -53,6 +58,7 @@ alone; "empty": the request asked for an empty final response).
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, field
 from typing import Any
 
 PROTOCOL_VERSION = 2
@@ -67,6 +73,7 @@ OP_STATUS = "status"
 OP_PING = "ping"
 OP_HELLO = "hello"
 OP_CANCEL = "cancel"
+OP_MODEL = "model"
 
 INPUT_REGION = "r"   # the input's bytes lie in a registered region
 INPUT_BYTES = "b"    # the bytes travel in the message (the server reads any marker but "r" so)
@@ -109,3 +116,39 @@ def status_reply(request_id: int, regions: list[list[Any]]) -> dict[str, Any]:
 
 def ok_reply(request_id: int) -> dict[str, Any]:
     return {"id": request_id}
+
+
+MODEL_ACTIONS = ("load", "unload", "ready")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelControl:
+    """A worker's model-control call (the "model" operation): Triton's python-backend model
+    loading API, which only explicit model control mode allows."""
+
+    action: str
+    name: str
+    version: str = ""
+    config: str = ""
+    files: dict[str, bytes] = field(default_factory=dict)
+    dependents: bool = False
+
+    def message(self) -> dict[str, Any]:
+        """The request (the channel sets its "id")."""
+        return {"op": OP_MODEL, "action": self.action, "name": self.name,
+                "version": self.version, "config": self.config, "files": self.files,
+                "dependents": self.dependents}
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> ModelControl:
+        """Raises TypeError or ValueError for a malformed message."""
+        action, name, version = message["action"], message["name"], message["version"]
+        config, files, dependents = message["config"], message["files"], message["dependents"]
+        if action not in MODEL_ACTIONS:
+            raise ValueError(f"unknown model action {action!r}")
+        if not all(type(value) is str for value in (name, version, config)) \
+                or type(dependents) is not bool or not isinstance(files, dict) \
+                or not all(type(k) is str and type(v) is bytes for k, v in files.items()):
+            raise TypeError("malformed model control message")
+        return cls(action, name, version, config, files, dependents)
+

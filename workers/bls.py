@@ -340,15 +340,19 @@ class BlsClient:
                 f"more instances, or break the cycle)")
         return chain
 
+    def channel(self) -> LocalChannel:
+        """The channel into the core (opened on first use); raises BlsError."""
+        try:
+            return self._open()
+        except (OSError, ShmserveError) as exc:
+            raise BlsError("UNAVAILABLE", f"cannot open the BLS channel to the server: "
+                                          f"{exc}") from None
+
     def _start(self, request: BlsRequest, blocking: bool) -> tuple[LocalChannel, str]:
         """Checks before a BLS call (target, deadlock chain), then the channel to send it on."""
         self.check_target(request.model_name, blocking)
         chain = self.chain(request.model_name, blocking)
-        try:
-            return self._open(), chain
-        except (OSError, ShmserveError) as exc:
-            raise BlsError("UNAVAILABLE", f"cannot open the BLS channel to the server: "
-                                          f"{exc}") from None
+        return self.channel(), chain
 
     def infer(self, request: BlsRequest, blocking: bool = True) -> dict[str, np.ndarray]:
         """Run ``request`` through the core; raises BlsError with Triton's code and text."""

@@ -7,7 +7,9 @@ exactly as for a client that connected to the local socket (rings in a memfd, a 
 the worker's memfd regions, direct answers from the target worker). So BLS requests are
 validated, batched, counted and answered like any other request, and their tensors travel
 by region reference: no bytes of a large tensor pass through here. It works whether or not
-the local socket (--local-socket) is served.
+the local socket (--local-socket) is served. A worker's channel also takes the python
+backend's model loading API (``pb_utils.load_model``, ``unload_model``, ``is_model_ready``:
+the "model" operation), which clients' local channels do not.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 
 from shmserve.daemon.core import Core
 from shmserve.daemon.frontend.local import LocalFrontend
+from shmserve.daemon.operations import Operations
 
 log = logging.getLogger("shmserve.bls")
 
@@ -28,7 +31,8 @@ class BlsDoor:
         # Never started: it listens on no path, it only opens channels on worker sockets.
         self._channels = LocalFrontend(core, "", grpc_address, ring_bytes=ring_bytes,
                                        stall_secs=stall_secs, direct_rings=direct_rings,
-                                       direct_ring_bytes=direct_ring_bytes)
+                                       direct_ring_bytes=direct_ring_bytes,
+                                       model_control=Operations(core))
         self._waiting: set[socket.socket] = set()
         self._opening: set[asyncio.Task[None]] = set()
 

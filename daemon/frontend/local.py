@@ -42,9 +42,10 @@ from typing import Any
 import msgpack
 
 from shmserve.daemon.core import Core
-from shmserve.daemon.errors import ServeError, invalid_argument, resource_exhausted
+from shmserve.daemon.errors import ServeError, internal, invalid_argument, resource_exhausted
 from shmserve.daemon.frontend.local_fds import FdDoor, register_memfd
 from shmserve.daemon.infer_request import OutputIn, RequestItems, TensorIn
+from shmserve.daemon.operations import LoadParameter, Operations
 from shmserve.daemon.reply import DirectTarget, Reply
 from shmserve.daemon.request import OutputTensor
 from shmserve.protos import local_messages as messages
@@ -171,11 +172,49 @@ class LocalChannel(asyncio.Protocol):
                 self._direct_ok = message.get("direct") is True
             elif op == messages.OP_CANCEL:
                 self._cancel(message.get("target"))
+            elif op == messages.OP_MODEL and self._frontend.model_control is not None:
+                self._model_control(request_id, message)
+                return
             else:
                 raise ServeError.from_tuple(["INVALID_ARGUMENT", f"unknown operation '{op}'"])
             self._reply(messages.ok_reply(request_id))
         except ServeError as exc:
             self._reply_error(request_id, exc)
+
+    def _model_control(self, request_id: int, message: dict[str, Any]) -> None:
+        """A worker's pb_utils.load_model / unload_model / is_model_ready (BLS channels)."""
+        try:
+            call = messages.ModelControl.from_message(message)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise invalid_argument(f"malformed model control call: {exc}") from None
+        operations = self._frontend.model_control
+        assert operations is not None
+        if call.action == "ready":
+            self._reply({"id": request_id,
+                         "ready": operations.model_ready(call.name, call.version)})
+            return
+        task = self._loop.create_task(self._run_model_control(request_id, call, operations))
+        self._frontend.control_tasks.add(task)
+        task.add_done_callback(self._frontend.control_tasks.discard)
+
+    async def _run_model_control(self, request_id: int, call: messages.ModelControl,
+                                 operations: Operations) -> None:
+        try:
+            if call.action == "load":
+                parameters: list[LoadParameter] = [
+                    (key, value, "bytes_param") for key, value in call.files.items()]
+                if call.config:
+                    parameters.append(("config", call.config, "string_param"))
+                await operations.load_model(call.name, parameters)
+            else:
+                await operations.unload_model(call.name)
+        except ServeError as exc:
+            self._reply_error(request_id, exc)
+        except Exception as exc:
+            log.exception("model control call failed")
+            self._reply_error(request_id, internal(f"{type(exc).__name__}: {exc}"))
+        else:
+            self._reply(messages.ok_reply(request_id))
 
     def _infer(self, message: dict[str, Any]) -> None:
         """Hand an infer request to the core; it is answered through its ``_ChannelReply``
@@ -502,8 +541,12 @@ class LocalFrontend:
     def __init__(self, core: Core, path: str, grpc_address: str,
                  ring_bytes: int = DEFAULT_RING_BYTES, stall_secs: float = STALLED_CLIENT_SECS,
                  direct_rings: int = DIRECT_RINGS,
-                 direct_ring_bytes: int = DIRECT_RING_BYTES) -> None:
+                 direct_ring_bytes: int = DIRECT_RING_BYTES,
+                 model_control: Operations | None = None) -> None:
         self.core = core
+        # Set for workers' BLS channels: their model-control calls (pb_utils.load_model...).
+        self.model_control = model_control
+        self.control_tasks: set[asyncio.Task[None]] = set()
         self.path = path
         self._grpc_address = grpc_address
         self._ring_bytes = ring_bytes

@@ -50,10 +50,13 @@ __all__ = [
     "get_input_tensor_by_name",
     "get_output_config_by_name",
     "get_output_tensor_by_name",
+    "is_model_ready",
+    "load_model",
     "numpy_to_triton_type",
     "serialize_byte_tensor",
     "triton_string_to_numpy",
     "triton_to_numpy_type",
+    "unload_model",
     "using_decoupled_model_transaction_policy",
 ]
 
@@ -741,6 +744,36 @@ def get_output_tensor_by_name(inference_response: InferenceResponse, name: str) 
         if tensor._name == name:
             return tensor
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Model loading API (explicit model control mode only, as in Triton)
+
+def load_model(model_name: str, config: str = "", files: Mapping[str, bytes] | None = None
+               ) -> None:
+    """Load or reload ``model_name``; ``config`` overrides its config (JSON text), ``files``
+    map "file:<path>" to the bytes of a model directory to load from (needs ``config``)."""
+    from shmserve.workers import bls, model_control
+    try:
+        model_control.load(model_name, config, dict(files) if files else None)
+    except bls.BlsError as exc:
+        raise TritonModelException(exc.message) from None
+
+
+def unload_model(model_name: str, unload_dependents: bool = False) -> None:
+    from shmserve.workers import bls, model_control
+    try:
+        model_control.unload(model_name, unload_dependents)
+    except bls.BlsError as exc:
+        raise TritonModelException(exc.message) from None
+
+
+def is_model_ready(model_name: str, model_version: str = "") -> bool:
+    from shmserve.workers import bls, model_control
+    try:
+        return model_control.ready(model_name, model_version)
+    except bls.BlsError as exc:
+        raise TritonModelException(exc.message) from None
 
 
 _EMPTY_JSON_OBJECT = "{}"
