@@ -24,14 +24,22 @@ from shmserve.daemon.request import InferRequest
 class ResponseOrder:
     def __init__(self) -> None:
         self._admitted: deque[InferRequest] = deque()
+        self._waiting: set[int] = set()                   # id() of the admitted ones
         self._ready: dict[int, Callable[[], None]] = {}  # by id(request)
 
     def admit(self, request: InferRequest) -> None:
         self._admitted.append(request)
+        self._waiting.add(id(request))
 
     def complete(self, request: InferRequest, answer: Callable[[], None]) -> None:
-        """``request`` is done: ``answer`` it now, or once the requests before it were."""
+        """``request`` is done: ``answer`` it now, or once the requests before it were (one
+        that was never admitted has no turn: answered now)."""
+        if id(request) not in self._waiting:
+            answer()
+            return
         self._ready[id(request)] = answer
-        admitted, ready = self._admitted, self._ready
+        admitted, ready, waiting = self._admitted, self._ready, self._waiting
         while admitted and id(admitted[0]) in ready:
-            ready.pop(id(admitted.popleft()))()
+            head = admitted.popleft()
+            waiting.discard(id(head))
+            ready.pop(id(head))()
