@@ -118,6 +118,11 @@ def ok_reply(request_id: int) -> dict[str, Any]:
     return {"id": request_id}
 
 
+def ready_reply(request_id: int, ready: bool) -> dict[str, Any]:
+    """The answer to a "model" operation asking whether a model is ready."""
+    return {"id": request_id, "ready": ready}
+
+
 MODEL_ACTIONS = ("load", "unload", "ready")
 
 

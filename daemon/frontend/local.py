@@ -190,8 +190,8 @@ class LocalChannel(asyncio.Protocol):
         operations = self._frontend.model_control
         assert operations is not None
         if call.action == "ready":
-            self._reply({"id": request_id,
-                         "ready": operations.model_ready(call.name, call.version)})
+            self._reply(messages.ready_reply(request_id,
+                                             operations.model_ready(call.name, call.version)))
             return
         task = self._loop.create_task(self._run_model_control(request_id, call, operations))
         self._frontend.control_tasks.add(task)
