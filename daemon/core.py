@@ -75,9 +75,12 @@ class Core:
 
     def cancel(self, request: InferRequest) -> None:
         """The door's caller gave up (deadline, cancel, closed channel): a queued request is
-        dropped, one sent ahead is withdrawn; its reply is not called any more."""
+        dropped, one sent ahead is withdrawn; its reply is not called any more, so the reply
+        lets go of the request here (a reply keeps it until its final answer otherwise, and
+        the pair would be a cycle left to the garbage collector: tests/test_door_cycles.py)."""
         if not request.done and not request.cancelled and request.scheduler is not None:
             request.scheduler.cancel(request)
+        request.reply.request = None
 
     def _finished(self, request: InferRequest) -> None:
         """Once per accepted request, when the scheduler is done with it."""
