@@ -22,9 +22,20 @@ READY_LINE = "shmserve ready: "  # logged once start-up loading is over
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (held open together while chosen: two single calls may
+    be given the same port once the first socket is closed)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def arena_segments(pid: int | None = None) -> list[str]:
@@ -52,9 +63,8 @@ class ServerProcess:
     def __init__(self, repository: Path, *extra: str, log_path: Path | None = None,
                  python: str | None = None) -> None:
         self.repository = repository
-        self.port = free_port()
+        self.port, self.http_port = free_ports(2)
         self.url = f"127.0.0.1:{self.port}"
-        self.http_port = free_port()
         self.http_url = f"127.0.0.1:{self.http_port}"
         self.log_path = log_path or repository.parent / f"server-{self.port}.log"
         self._log = open(self.log_path, "wb")
