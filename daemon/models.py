@@ -183,6 +183,9 @@ class ModelRecord:
     from_repository: bool = True      # False when the serving generation came from "file:"
     in_lifecycle: bool = False        # a load reached the workers once (Triton's lifecycle map)
     failed_at_startup: bool = False   # keeps a strict server unready until loaded or unloaded
+    # Loaded by name (the API, start-up, polling), not only as an ensemble's composing model:
+    # unload_dependents leaves it loaded (Triton's explicitly_load_).
+    explicit: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def config(self) -> mc.ModelConfig | None:
@@ -267,7 +270,7 @@ class ModelManager:
 
     # --- load ---------------------------------------------------------------------------
     async def load(self, name: str, config_json: str | None = None,
-                   files: Mapping[str, bytes] | None = None) -> None:
+                   files: Mapping[str, bytes] | None = None, explicit: bool = True) -> None:
         """Load or reload ``name`` (RepositoryModelLoad, poll mode, startup).
 
         A model that is serving and whose repository directory is unchanged since it was
@@ -282,6 +285,7 @@ class ModelManager:
             if self._closing:
                 raise unavailable(SERVER_EXITING)
             await self._load_locked(record, config_json, dict(files) if files else None)
+            record.explicit = record.explicit or explicit
 
     async def _load_locked(self, record: ModelRecord, config_json: str | None,
                            files: dict[str, bytes] | None) -> None:
@@ -461,7 +465,7 @@ class ModelManager:
                 record = self._records.get(model)
                 if record is None or not record.versions:
                     try:
-                        await self.load(model)
+                        await self.load(model, explicit=False)
                     except ServeError as exc:
                         raise invalid_argument(
                             f"ensemble '{name}' depends on '{model}' which has no loaded "
@@ -623,9 +627,11 @@ class ModelManager:
         return ModelVersion(name, version, config, scheduler)
 
     # --- unload -------------------------------------------------------------------------
-    async def unload(self, name: str, budget: TimeBudget | None = None) -> None:
+    async def unload(self, name: str, budget: TimeBudget | None = None,
+                     dependents: bool = False) -> None:
         """Unload every version of ``name``; returns once drained and stopped, within
         ``budget`` (default: --exit-timeout-secs from now, for draining and stopping).
+        ``dependents`` (unload_dependents): then also the composing models it loaded.
 
         Unloading a model that is not loaded (or not known) succeeds and does nothing, as
         in Triton.
@@ -633,8 +639,30 @@ class ModelManager:
         record = self._records.get(name)
         if record is None:
             return
+        config = record.config()
         async with record.lock:
             await self._unload_locked(record, budget)
+        if dependents and config is not None:
+            await self._unload_unused_composing(config, budget)
+
+    async def _unload_unused_composing(self, config: mc.ModelConfig,
+                                       budget: TimeBudget | None) -> None:
+        """unload_dependents (as Triton): an unloaded ensemble's composing models that were
+        loaded only for ensembles and that no loaded ensemble uses any more, in turn."""
+        for model, _ in composing_models(config):
+            record = self._records.get(model)
+            if record is None or not record.versions or record.explicit \
+                    or self._used_by_an_ensemble(model):
+                continue
+            await self.unload(model, budget, dependents=True)
+
+    def _used_by_an_ensemble(self, model: str) -> bool:
+        for record in self._records.values():
+            config = record.config()
+            if config is not None and any(name == model
+                                          for name, _ in composing_models(config)):
+                return True
+        return False
 
     async def _unload_locked(self, record: ModelRecord, budget: TimeBudget | None) -> None:
         if not record.versions and record.agents is None and not record.temp_dir:
@@ -651,6 +679,7 @@ class ModelManager:
             record.state, record.reason = UNAVAILABLE, UNLOADED_REASON
             record.fingerprint = ()
             record.failed_at_startup = False
+            record.explicit = False
             log.info("successfully unloaded '%s'", record.name)
 
     def _retire_in_background(self, generation: _Generation) -> None:

@@ -28,7 +28,8 @@ from shmserve.protos import shmserve_service_pb2 as pb
 
 SERVER_NAME = "shmserve"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["sequence", "model_repository", "model_configuration", "system_shared_memory",
+EXTENSIONS = ["sequence", "model_repository", "model_repository(unload_dependents)",
+              "model_configuration", "system_shared_memory",
               "cuda_shared_memory", "binary_tensor_data", "parameters", "statistics",
               "logging", "schedule_policy"]
 TRACE_UNSUPPORTED = "tracing is not supported by shmserve"
@@ -144,9 +145,11 @@ class Operations:
                                        f"'{kind}'")
         await self.models.load(name, config_json, files or None)
 
-    async def unload_model(self, name: str) -> None:
+    async def unload_model(self, name: str, unload_dependents: bool = False) -> None:
+        """``unload_dependents``: also the composing models an ensemble loaded and no other
+        loaded ensemble uses, as in Triton."""
         self._check_explicit()
-        await self.models.unload(name)
+        await self.models.unload(name, dependents=unload_dependents)
 
     def _check_explicit(self) -> None:
         mode = self.core.settings.model_control_mode

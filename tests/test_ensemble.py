@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from shmserve.tests.conftest import StartServer
@@ -571,3 +572,34 @@ def test_cached_ensemble_answers_a_repeat_without_running_its_steps(
     np.testing.assert_array_equal(other, (data + 2) * 2)
     assert stats("pre")[0] == steps_before[0] + 1
     assert stats("cached_pipe") == (3, 1, 2)
+
+
+def test_unload_dependents_unloads_the_composing_models_nothing_else_needs(
+        start_server: StartServer, repository: Path) -> None:
+    """Triton's unload_dependents: an ensemble's composing models go with it, unless they
+    were loaded by name or another loaded ensemble still uses them; over gRPC and HTTP."""
+    write(repository, "pre_only", ensemble_config("pre_only", [
+        step("pre", {"INPUT0": "IN"}, {"OUTPUT0": "OUT"})]))
+    server = explicit(start_server, repository)
+    client = grpcclient.InferenceServerClient(server.url)
+    extensions = client.get_server_metadata().extensions
+    assert "model_repository(unload_dependents)" in extensions
+
+    def ready() -> set[str]:
+        return {model for model in ("pre", "mid", "post", "side", "pipeline", "pre_only")
+                if client.is_model_ready(model)}
+
+    client.load_model("pipeline")
+    client.unload_model("pipeline")  # without the parameter: its steps stay
+    assert ready() == {"pre", "mid", "post", "side"}
+
+    client.unload_model("pre")
+    client.load_model("side")         # by name: stays whatever ensembles do
+    client.load_model("pipeline")     # loads pre again, as a composing model
+    client.load_model("pre_only")     # uses pre too
+    client.unload_model("pipeline", unload_dependents=True)
+    assert ready() == {"pre", "side", "pre_only"}  # mid and post went with it
+
+    with httpclient.InferenceServerClient(server.http_url) as http:
+        http.unload_model("pre_only", unload_dependents=True)
+    assert ready() == {"side"}

@@ -385,8 +385,13 @@ class HttpDoor:
         return web.Response()
 
     async def unload(self, request: web.Request) -> web.StreamResponse:
-        await self._body_json(request)  # unload_dependents: no ensembles to follow
-        await self.operations.unload_model(request.match_info["model"])
+        parameters = (await self._body_json(request)).get("parameters", {})
+        dependents = parameters.get("unload_dependents", False) \
+            if isinstance(parameters, dict) else None
+        if not isinstance(dependents, bool):
+            raise invalid_argument("'unload_dependents' must be a boolean in the object "
+                                   "'parameters'")
+        await self.operations.unload_model(request.match_info["model"], dependents)
         return web.Response()
 
     # --- shared memory (the anonymous scope, like tritonclient over gRPC) ---------------

@@ -207,7 +207,7 @@ class LocalChannel(asyncio.Protocol):
                     parameters.append(("config", call.config, "string_param"))
                 await operations.load_model(call.name, parameters)
             else:
-                await operations.unload_model(call.name)
+                await operations.unload_model(call.name, call.dependents)
         except ServeError as exc:
             self._reply_error(request_id, exc)
         except Exception as exc:

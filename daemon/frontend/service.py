@@ -310,7 +310,9 @@ class InferenceService:
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     context: grpc.aio.ServicerContext
                                     ) -> pb.RepositoryModelUnloadResponse:
-        await self.operations.unload_model(request.model_name)
+        dependents = request.parameters.get("unload_dependents")
+        await self.operations.unload_model(
+            request.model_name, dependents is not None and dependents.bool_param)
         return pb.RepositoryModelUnloadResponse()
 
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
