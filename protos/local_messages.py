@@ -156,4 +156,3 @@ class ModelControl:
                 or not all(type(k) is str and type(v) is bytes for k, v in files.items()):
             raise TypeError("malformed model control message")
         return cls(action, name, version, config, files, dependents)
-

@@ -101,13 +101,10 @@ def _repository(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = _repository(tmp_path_factory.mktemp("loading") / "models")
-    proc = ServerProcess(repo, "--model-control-mode", "explicit", "--load-model", "loader",
-                         "--local-socket", str(repo.parent / "shmserve.sock"))
-    try:
+    with ServerProcess(repo, "--model-control-mode", "explicit", "--load-model", "loader",
+                       "--local-socket", str(repo.parent / "shmserve.sock")) as proc:
         proc.wait_ready()
         yield proc
-    finally:
-        proc.stop()
 
 
 def _ask(url: str, action: int, name: str) -> tuple[bool, str]:

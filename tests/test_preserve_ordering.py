@@ -59,12 +59,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         (folder / "1").mkdir(parents=True)
         (folder / "config.pbtxt").write_text(textwrap.dedent(_config(name, ordered)))
         (folder / "1" / "model.py").write_text(textwrap.dedent(MODEL_PY))
-    proc = ServerProcess(repo, "--local-socket", str(root / "shmserve.sock"))
-    try:
+    with ServerProcess(repo, "--local-socket", str(root / "shmserve.sock")) as proc:
         proc.wait_ready()
         yield proc
-    finally:
-        proc.stop()
 
 
 def _seconds(value: float) -> list[grpcclient.InferInput]:
