@@ -76,7 +76,7 @@ def attach_ratios(document: dict[str, Any]) -> None:
             copy = memcpy.get(size, {})
             vs["memcpy_ms"] = copy.get("p50_ms")
             vs["p50_vs_memcpy"] = _div(result["p50_ms"], copy.get("p50_ms"))
-            key = "identity/shm" if transport in ("system_shm", "cuda_shm") else \
+            key = "identity/shm" if transport in ("system_shm", "cuda_shm", "cuda_shm_gpu") else \
                 f"identity/payload/{size}"
             echo = _echo(document, key)
             if echo:
@@ -86,7 +86,7 @@ def attach_ratios(document: dict[str, Any]) -> None:
                     floor = echo["p50_ms"] + copy["p50_ms"]
                     vs["floor_ms"] = floor
                     vs["p50_vs_floor"] = _div(result["p50_ms"], floor)
-            if transport == "cuda_shm":
+            if transport in ("cuda_shm", "cuda_shm_gpu"):
                 device = gpu.get(size, {})
                 vs["gpu_copy_ms"] = device.get("p50_ms")
                 vs["p50_vs_gpu_copy"] = _div(result["p50_ms"], device.get("p50_ms"))
@@ -151,7 +151,7 @@ def _ceiling_text(entry: dict[str, Any]) -> tuple[str, str]:
             ratios.append(f"{_x(vs.get('p50_vs_echo'))} echo")
         if vs.get("floor_ms"):
             ratios.append(f"{_x(vs.get('p50_vs_floor'))} echo+memcpy")
-        if transport == "cuda_shm" and vs.get("gpu_copy_ms"):
+        if transport in ("cuda_shm", "cuda_shm_gpu") and vs.get("gpu_copy_ms"):
             parts.append(f"GPU copy {_ms(vs.get('gpu_copy_ms'))}")
             ratios.append(f"{_x(vs.get('p50_vs_gpu_copy'))} GPU copy")
         return ", ".join(parts), ", ".join(ratios)
@@ -336,7 +336,7 @@ def plot(document: dict[str, Any], compared: list[dict[str, Any]], out: Path,
     sizes = {"4B": 4, "1MiB": 1 << 20, "16MiB": 16 << 20, "64MiB": 64 << 20}
 
     figure, axis = plt.subplots(figsize=(7.5, 5))
-    styles = {"payload": "o-", "system_shm": "s-", "cuda_shm": "^-"}
+    styles = {"payload": "o-", "system_shm": "s-", "cuda_shm": "^-", "cuda_shm_gpu": "v-"}
     for transport, style in styles.items():
         xs, ys = _series(document, transport)
         if xs:

@@ -35,10 +35,11 @@ import numpy as np
 from bench import ceilings, kserve, perf_analyzer, report
 from bench.loadgen import Job, LoadGenerator, default_processes
 from bench.procstat import CpuMeter
-from bench.shm import CudaBuffer, SystemRegion, cuda_runtime, leftover_segments
+from bench.shm import CudaBuffer, SystemRegion, cuda_runtime, has_gpu, leftover_segments
 
 BENCH_DIR = Path(__file__).resolve().parent
 MODELS_DIR = BENCH_DIR / "models"
+GPU_MODELS_DIR = BENCH_DIR / "models_gpu"  # served only on hosts with a GPU
 RESULTS_DIR = BENCH_DIR / "results"
 
 SIZES: dict[str, int] = {"4B": 4, "1MiB": 1 << 20, "16MiB": 16 << 20, "64MiB": 64 << 20}
@@ -47,7 +48,9 @@ BATCHING_CONCURRENCY = [8, 32]
 SCALING_INSTANCES = [1, 2, 4]
 SCALING_CONCURRENCY = 8
 BURN_MS = 2.0  # CPU per request of the cpu_burn_* models (their config.pbtxt "burn_ms")
-TRANSPORTS = ["payload", "system_shm", "cuda_shm"]
+TRANSPORTS = ["payload", "system_shm", "cuda_shm", "cuda_shm_gpu"]
+# transport -> model: cuda_shm crosses to a CPU instance; cuda_shm_gpu stays on GPU 0.
+CUDA_MODELS = {"cuda_shm": "identity_fp32", "cuda_shm_gpu": "identity_fp32_gpu"}
 
 
 def scenario_ids() -> list[str]:
@@ -389,21 +392,26 @@ class Bench:
                         rpc.unregister_system(name)
 
     def run_identity_cuda_shm(self) -> None:
-        print("identity FP32 with input and output in CUDA shared memory", flush=True)
-        for label, nbytes in SIZES.items():
-            self.record(f"identity/cuda_shm/{label}",
-                        {"group": "identity", "model": "identity_fp32",
-                         "transport": "cuda_shm", "bytes": nbytes, "size": label,
-                         "concurrency": 1},
-                        lambda label=label, nbytes=nbytes: self._cuda_shm(label, nbytes))
+        for transport, model in CUDA_MODELS.items():
+            print(f"identity FP32 ({model}) with input and output in CUDA shared memory",
+                  flush=True)
+            for label, nbytes in SIZES.items():
+                self.record(f"identity/{transport}/{label}",
+                            {"group": "identity", "model": model,
+                             "transport": transport, "bytes": nbytes, "size": label,
+                             "concurrency": 1},
+                            lambda label=label, nbytes=nbytes, model=model:
+                            self._cuda_shm(label, nbytes, model))
 
-    def _cuda_shm(self, label: str, nbytes: int) -> dict[str, Any]:
+    def _cuda_shm(self, label: str, nbytes: int, model: str) -> dict[str, Any]:
         assert self.target is not None
         try:
             cuda_runtime()
         except RuntimeError as exc:
             raise Skip(str(exc)) from None
-        self.need_model("identity_fp32")
+        if model == CUDA_MODELS["cuda_shm_gpu"] and not has_gpu() and not self.external:
+            raise Skip("no GPU on this host for a KIND_GPU instance")
+        self.need_model(model)
         count = max(1, nbytes // 4)
         names = (f"bench_cuda_in_{label}", f"bench_cuda_out_{label}")
         rpc = self.target
@@ -416,7 +424,7 @@ class Bench:
             data = np.random.default_rng(4).standard_normal(count, dtype=np.float32)
             buffers[0].upload(data)
             buffers[1].fill_zero()
-            request = kserve.identity_shm_request(nbytes, *names)
+            request = kserve.identity_shm_request(nbytes, *names, model=model)
             try:
                 expected = rpc.infer_bytes(request)
             except grpc.RpcError as exc:
@@ -427,7 +435,7 @@ class Bench:
             if not np.array_equal(buffers[1].download(np.float32, count), data):
                 raise kserve.CheckFailed("the output CUDA region does not hold the input")
             result = self.measure(self.target_url, self.target_meter, request, expected, 1,
-                                  nbytes, {"model": "identity_fp32", "shape": f"INPUT0:{count}",
+                                  nbytes, {"model": model, "shape": f"INPUT0:{count}",
                                            "shm": "cuda", "output_shm_bytes": nbytes})
             return {"correct": True, "result": result}
         finally:
@@ -593,6 +601,9 @@ def _run(args: argparse.Namespace, workdir: Path, groups: set[str]) -> dict[str,
     repository = workdir / "models"
     shutil.copytree(MODELS_DIR, repository,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if has_gpu():
+        shutil.copytree(GPU_MODELS_DIR, repository, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     with contextlib.ExitStack() as stack:
         server = None
         if args.url is None:

@@ -62,6 +62,12 @@ class SystemRegion:
         self.close()
 
 
+
+def has_gpu() -> bool:
+    """Whether the NVIDIA driver lists a GPU on this host (nothing CUDA is loaded to ask)."""
+    gpus = "/proc/driver/nvidia/gpus"
+    return os.path.isdir(gpus) and bool(os.listdir(gpus))
+
 def leftover_segments() -> list[str]:
     """Segments of this process still in /dev/shm (should be none after close)."""
     prefix = f"{KEY_PREFIX}{os.getpid()}_".lstrip("/")

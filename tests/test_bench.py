@@ -60,7 +60,8 @@ def test_quick_bench_runs_every_scenario_correctly(tmp_path: Path) -> None:
     for scenario_id, entry in by_id.items():
         if entry["status"] == "skipped":
             # Only CUDA shared memory may be skipped, and only without a GPU or cuda-python.
-            assert scenario_id.startswith("identity/cuda_shm/") and not _can_use_cuda(), entry
+            assert scenario_id.startswith(("identity/cuda_shm/", "identity/cuda_shm_gpu/")) \
+                and not _can_use_cuda(), entry
             continue
         assert entry["status"] == "ok", entry
         assert entry["correct"] is True, entry
