@@ -634,6 +634,24 @@ def shm_out(name: str, region: str, size: int, offset: int = 0
 
 
 @pytest.mark.gpu
+def test_large_device_inputs_reach_the_host_through_pinned_memory() -> None:
+    """A CPU-only view of a large CUDA tensor comes from page-locked memory, small ones not."""
+    torch = pytest.importorskip("torch")
+    from shmserve.workers.cuda_ipc import PINNED_STAGING_MIN_BYTES, host_array
+    large = torch.arange(PINNED_STAGING_MIN_BYTES // 4, dtype=torch.float32, device="cuda")
+    small = torch.arange(16, dtype=torch.float32, device="cuda")
+    for tensor, pinned in ((large, True), (small, False)):
+        array = host_array(tensor)
+        np.testing.assert_array_equal(array, tensor.cpu().numpy())
+        assert torch.from_numpy(array).is_pinned() is pinned
+    half = host_array(torch.ones(PINNED_STAGING_MIN_BYTES // 2, dtype=torch.bfloat16,
+                                 device="cuda"))
+    assert half.dtype.itemsize == 2 and torch.from_numpy(half.view(np.int16)).is_pinned()
+    assert (half.view(np.int16) == torch.ones(1, dtype=torch.bfloat16).view(torch.int16)
+            .item()).all()
+
+
+@pytest.mark.gpu
 def test_simple_grpc_cudashm_client_flow(triton: grpcclient.InferenceServerClient,
                                          regions: Regions) -> None:
     """tritonclient's simple_grpc_cudashm_client.py, against a TorchScript model on GPU 0."""
@@ -652,7 +670,8 @@ def test_simple_grpc_cudashm_client_flow(triton: grpcclient.InferenceServerClien
     for name in ("OUTPUT0", "OUTPUT1"):
         output = result.get_output(name)
         assert (output.datatype, list(output.shape)) == ("INT32", [1, 16])
-    assert result.as_numpy("OUTPUT0") is None            # the bytes are in the region only
+    # The bytes are in the regions only: one empty raw entry per output, as Triton sends.
+    assert list(result.get_response().raw_output_contents) == [b"", b""]
     np.testing.assert_array_equal(regions.read(out0, np.int32, [1, 16])[0], input0 + input1)
     np.testing.assert_array_equal(regions.read(out1, np.int32, [1, 16])[0], input0 - input1)
     status = triton.get_cuda_shared_memory_status()
