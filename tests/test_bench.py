@@ -20,8 +20,8 @@ BENCH = REPO / "bench"
 SIZES = ["4B", "1MiB", "16MiB", "64MiB"]
 SCENARIOS = (
     [f"simple/c{c}" for c in (1, 4, 8, 32)]
-    + [f"identity/{transport}/{size}" for transport in ("payload", "system_shm", "cuda_shm")
-       for size in SIZES]
+    + [f"identity/{transport}/{size}"
+       for transport in ("payload", "system_shm", "cuda_shm", "cuda_shm_gpu") for size in SIZES]
     + [f"batching/{mode}/c{c}" for c in (8, 32) for mode in ("off", "on")]
     + [f"scaling/instances{n}" for n in (1, 2, 4)]
 )
