@@ -8,6 +8,7 @@ the server's CPU per request: the CPU its whole process tree used during the poi
 and workers included; Triton's stub processes too) divided by the requests it answered.
 
     .venv/bin/python -m bench.frontends [--quick] [--json out.json]
+    .venv/bin/python -m bench.frontends --frontends 1 2 4 8 --concurrency 64   # many cores
 
 Triton listens on gRPC 18401 / HTTP 18400 (other benches use other ports).
 """
@@ -70,10 +71,14 @@ def triton() -> Iterator[Server]:
         yield peer.grpc_url, peer.pid
 
 
-TARGETS: dict[str, Callable[[], Any]] = {
-    "echo": echo, "shmserve-1fe": lambda: shmserve(1), "shmserve-2fe": lambda: shmserve(2),
-    "triton": triton,
-}
+def targets(frontends: list[int], with_triton: bool) -> dict[str, Callable[[], Any]]:
+    """The servers of a run, in the order they are measured in each round."""
+    chosen: dict[str, Callable[[], Any]] = {"echo": echo}
+    for count in frontends:
+        chosen[f"shmserve-{count}fe"] = lambda count=count: shmserve(count)
+    if with_triton:
+        chosen["triton"] = triton
+    return chosen
 
 
 def measure(url: str, pid: int, model: str, concurrency: int, duration: float,
@@ -95,12 +100,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if binary is None:
         raise SystemExit("perf_analyzer not found (../shared/peers/setup_triton.sh)")
     os.environ["PERF_ANALYZER"] = binary
-    targets = [name for name in TARGETS if name != "triton" or available()]
+    servers = targets(args.frontends, available() and not args.no_triton)
     rounds: dict[tuple[str, str, int], list[dict[str, float]]] = {}
     for round_index in range(args.rounds):
-        for target in targets:
-            with TARGETS[target]() as (url, pid):
-                models = MODEL_NAMES if target != "echo" else ["simple"]
+        for target, start in servers.items():
+            with start() as (url, pid):
+                models = args.models if target != "echo" else ["simple"]
                 for model in models:
                     for concurrency in args.concurrency:
                         point = measure(url, pid, model, concurrency, args.duration,
@@ -149,14 +154,22 @@ def report(document: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 32])
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per window")
+    parser.add_argument("--frontends", type=int, nargs="+", default=[1, 2],
+                        help="shmserve's --grpc-frontends values to measure (default 1 2)")
+    parser.add_argument("--models", nargs="+", default=MODEL_NAMES, choices=MODEL_NAMES)
+    parser.add_argument("--no-triton", action="store_true",
+                        help="leave Triton out even where ../shared/peers installed it")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds per window (default 5, quick 0.3)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
-                        help="one round of short windows (under a minute... or close)")
+                        help="one round of at most 3 windows each, short unless --duration")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.duration = 1, 0.3
+        args.rounds = 1
+    if args.duration is None:
+        args.duration = 0.3 if args.quick else 5.0
     document = run(args)
     if args.json:
         args.json.write_text(json.dumps(document, indent=2))

@@ -31,3 +31,11 @@ ls /dev/shm | head
 if [ "$STAGE" = all ] || [ "$STAGE" = d2h ]; then
   timeout 60 python3 $REPO/bench/gpu/d2h.py 2>&1 | tee $OUT/d2h.txt
 fi
+if [ "$STAGE" = frontends ]; then
+  # perf_analyzer's binary in .pa/ (from the perf_analyzer wheel); no Triton on such a host.
+  export PERF_ANALYZER=$REPO/.pa/perf_analyzer
+  $PERF_ANALYZER --help > /dev/null 2>&1; echo "perf_analyzer rc=$?"
+  timeout ${FE_S:-200} python3 -m bench.frontends --quick --no-triton --frontends 1 2 4 8 \
+    --concurrency 8 64 --duration ${FE_WINDOW:-1.5} --json $OUT/frontends.json > $OUT/frontends.log 2>&1
+  echo "frontends rc=$?"; tail -32 $OUT/frontends.log
+fi
