@@ -51,6 +51,7 @@ from shmserve.workers.protocol import (
     INLINE_LIMIT,
     RESULT_ANSWERED,
     RESULT_OK,
+    RESULT_RESCHEDULED,
     RESULT_STREAMING,
     SYSTEM,
     Done,
@@ -76,6 +77,18 @@ log = logging.getLogger("shmserve.scheduler")
 _slot_ids = itertools.count(1)
 # Inputs of a frame coming to this much are written into the arena by a thread, not the loop.
 OFF_LOOP_BYTES = 4 << 20
+
+
+class _Reschedule:
+    """The answer of a request its model released for another run (iterative_sequence)."""
+
+    __slots__ = ()
+
+
+RESCHEDULE = _Reschedule()
+# What a frame's request came back with: outputs, an error, RESCHEDULE, or None (the worker
+# answered it directly).
+Answer = list[OutputTensor] | BaseException | _Reschedule | None
 # A worker that lived this long did not die "right after start", even if it served nothing.
 _SETTLED_SECS = 5.0
 # Failing starts in a row from which an instance is reported as crash-looping.
@@ -126,6 +139,8 @@ class DispatchOwner(Protocol):
 
     def respond(self, request: InferRequest, result: list[OutputTensor] | ServeError | None,
                 final: bool) -> None: ...
+
+    def reschedule(self, request: InferRequest) -> None: ...
 
     def dispatch(self) -> None: ...
 
@@ -283,6 +298,9 @@ class Dispatcher:
         self.closing = False
         # False: every answer goes through the scheduler (preserve_ordering holds some back).
         self.direct_answers = True
+        # True: inputs staged into an arena keep their door buffer too, to be staged again
+        # when the model reschedules the request (iterative_sequence).
+        self.keep_inputs = False
         self._restarts: set[asyncio.Task[None]] = set()
         self._trim_timer: asyncio.TimerHandle | None = None
 
@@ -427,7 +445,7 @@ class Dispatcher:
             for request in batch:
                 for tensor in request.inputs:
                     if tensor.region is None and tensor.data is not None \
-                            and len(tensor.data) > INLINE_LIMIT:
+                            and len(tensor.data) > INLINE_LIMIT and not self.keep_inputs:
                         tensor.data = None  # staged: the door's buffer can go
             if staged_bytes >= KEEP_BYTES:  # smaller ones stay for the next (heap.py)
                 trim_heap()  # gRPC's receive buffers for it were freed: give their pages back
@@ -482,7 +500,8 @@ class Dispatcher:
                         writes.append((segment, offset, tensor.data))
                     else:
                         segment.write(offset, tensor.data)
-                        tensor.data = None  # staged: the door's buffer can go
+                        if not self.keep_inputs:
+                            tensor.data = None  # staged: the door's buffer can go
                     refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape, ARENA,
                                           segment.key, offset, size).pack())
                     offset += _align(size)
@@ -524,7 +543,7 @@ class Dispatcher:
                 self._owner.finish(request, result)
             self._frame_answered(slot, worker, lane)
             return
-        answers: list[list[OutputTensor] | BaseException | None] = []
+        answers: list[Answer] = []
         for _, answer in zip(batch, result.results, strict=True):
             kind = answer[0]
             if kind == RESULT_OK:
@@ -534,6 +553,8 @@ class Dispatcher:
                     answers.append(unavailable(f"failed to read outputs: {exc}"))
             elif kind == RESULT_ANSWERED:
                 answers.append(None)
+            elif kind == RESULT_RESCHEDULED:
+                answers.append(RESCHEDULE)
             else:  # RESULT_ERROR
                 answers.append(ServeError.from_tuple((answer[1], answer[2])))
         pending = sum(output.nbytes for outputs in answers if isinstance(outputs, list)
@@ -545,10 +566,13 @@ class Dispatcher:
 
     def _answer(self, slot: InstanceSlot, worker: WorkerHandle, lane: int,
                 batch: list[InferRequest], result: Done,
-                answers: list[list[OutputTensor] | BaseException | None]) -> None:
+                answers: list[Answer]) -> None:
         slot.served = True
         finish = self._owner.finish
         for request, outputs in zip(batch, answers, strict=True):
+            if isinstance(outputs, _Reschedule):
+                self._owner.reschedule(request)
+                continue
             finish(request, outputs)
             if isinstance(outputs, list) and not request.cancelled:  # (nobody holds those)
                 _settle(outputs)
@@ -559,7 +583,7 @@ class Dispatcher:
 
     def _answer_off_loop(self, slot: InstanceSlot, worker: WorkerHandle, lane: int,
                          batch: list[InferRequest], result: Done,
-                         answers: list[list[OutputTensor] | BaseException | None]) -> None:
+                         answers: list[Answer]) -> None:
         """Large outputs: each request's reply ``prepare``s its answer (copies the outputs
         out of the arena) on a thread, through descriptors of its own (a restart may close
         the slot's meanwhile); the lane stays held until then, the loop serves others."""
@@ -602,7 +626,9 @@ class Dispatcher:
                 continue
             if request.sent is not None:
                 slot.streams.pop(request.sent[1:], None)
-            if answer is None:
+            if answer is not None and answer[0] == RESULT_RESCHEDULED:
+                self._owner.reschedule(request)
+            elif answer is None:
                 assert isinstance(result, BaseException)
                 finish(request, result)
             elif answer[0] == RESULT_OK:

@@ -59,6 +59,8 @@ class Scheduler:
         # With sequence_batching, requests queue on their sequences instead.
         self._sequences = (SequenceBatcher(sequence, self._dispatcher, self)
                            if sequence is not None else None)
+        if sequence is not None and sequence.iterative:
+            self._dispatcher.keep_inputs = True  # a rescheduled request is staged again
         self._order: ResponseOrder | None = None
         if batching is not None and batching.preserve_ordering:
             if decoupled:
@@ -273,6 +275,16 @@ class Scheduler:
         else:
             self._answer(request, result)
 
+    def reschedule(self, request: InferRequest) -> None:
+        """The model released ``request`` for another run (iterative_sequence): it queues on
+        its sequence again, ahead of anything else there."""
+        if self._sequences is None or not self._sequences.reschedule(request):
+            self.finish(request, internal("a request was rescheduled outside an iterative "
+                                          "sequence"))
+            return
+        self.stats.pending += 1
+        self.dispatch()
+
     def _answer(self, request: InferRequest,
                 result: list[OutputTensor] | BaseException | None) -> None:
         if request.cancelled:
@@ -295,6 +307,14 @@ class Scheduler:
                 final: bool) -> None:
         """One response of a decoupled request (``None``: only the final flag); the final one
         completes it."""
+        sequences = self._sequences
+        if sequences is not None:
+            if sequences.is_filler(request):
+                if final:
+                    sequences.finished(request)
+                return  # a filler's responses: nobody asked for them
+            if final:
+                sequences.finished(request)  # the sequence's next request may go
         now = time.perf_counter_ns()
         index, since = self._responded.get(id(request), (0, request.received_ns))
         kind = ("empty_response" if result is None

@@ -19,6 +19,12 @@ Each request gets the control inputs the config asks for (sequence_config.py).
 
 A worker that dies takes its sequences' state with it: their queued requests fail, and a
 later request of such a sequence fails with a clear error until it starts again.
+
+``iterative_sequence``: each request is a sequence of its own. One without a correlation id
+gets one (from ITERATIVE_IDS_FROM up) and START. The model may release it for another run
+(``reschedule``): it queues again at the front of its sequence, its control inputs renewed
+(START and END false), on the same seat and instance. When it completes, its sequence ends
+(the worker drops its state), unless more requests of the same id are queued.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ log = logging.getLogger("shmserve.scheduler")
 
 # How long a sequence lost with its worker is remembered, to name the loss to its next request.
 LOST_REMEMBERED_NS = 60 * 1_000_000_000
+# The correlation ids given to iterative_sequence requests that came without one: from the top
+# half of uint64, away from the small ids clients pick.
+ITERATIVE_IDS_FROM = 1 << 63
 
 
 class SequenceOwner(Protocol):
@@ -102,6 +111,8 @@ class SequenceBatcher:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._delay_timer: asyncio.TimerHandle | None = None
         self.queued = 0
+        self._next_iterative_id = ITERATIVE_IDS_FROM
+        self._control_names = {control.name for control in plan.controls(0, False, False)}
 
     # --- requests -----------------------------------------------------------------------
     def submit(self, request: InferRequest) -> None:
@@ -119,6 +130,9 @@ class SequenceBatcher:
         start = _flag(parameters, "sequence_start")
         end = _flag(parameters, "sequence_end")
         key = request.correlation_id
+        if plan.iterative and (key == 0 or key == ""):
+            key = request.correlation_id = self._iterative_id()
+            parameters["sequence_start"] = start = True
         if key == 0 or key == "":
             raise invalid_argument(f"inference request to model '{model}' must specify a "
                                    f"non-zero or non-empty correlation ID")
@@ -163,7 +177,46 @@ class SequenceBatcher:
             return True
         assert isinstance(sequence, Sequence)
         sequence.inflight = False
+        if self._plan.iterative and not sequence.queue:
+            self._end_iterative(sequence)
         return False
+
+    def is_filler(self, request: InferRequest) -> bool:
+        return self._running.get(id(request), False) is None
+
+    def reschedule(self, request: InferRequest) -> bool:
+        """The model released ``request`` for another run: it queues at the front of its
+        sequence again, its control inputs to be renewed. False if it is not one of ours."""
+        sequence = self._running.pop(id(request), None)
+        if not isinstance(sequence, Sequence):
+            return False
+        sequence.inflight = False
+        names = self._control_names
+        request.inputs = [tensor for tensor in request.inputs if tensor.name not in names]
+        parameters = request.parameters
+        parameters["sequence_start"] = parameters["sequence_end"] = False
+        request.sent = None
+        sequence.queue.appendleft(request)
+        sequence.last_ns = time.perf_counter_ns()
+        self.queued += 1
+        return True
+
+    def _iterative_id(self) -> int | str:
+        """A correlation id of the kind CORRID wants, for a request that came without one."""
+        number = self._next_iterative_id
+        self._next_iterative_id += 1
+        corrid = self._plan.corrid
+        return f"iterative-{number - ITERATIVE_IDS_FROM + 1}" \
+            if corrid is not None and corrid[1] == "BYTES" else number
+
+    def _end_iterative(self, sequence: Sequence) -> None:
+        """An iterative sequence's request completed: the sequence ends, with its state."""
+        if self._sequences.get(sequence.key) is sequence:
+            del self._sequences[sequence.key]
+        self._unseat(sequence)
+        worker = sequence.worker
+        if self._plan.stateful and worker is not None and worker.alive:
+            worker.end_sequences([sequence.key])
 
     def fail_all(self, error: ServeError) -> None:
         """Unload, or no instance left: every queued request fails."""
@@ -270,7 +323,7 @@ class SequenceBatcher:
             sequence.worker = slot.worker
         sequence.inflight = True
         self._running[id(request)] = sequence
-        if end and sequence.ended and not sequence.queue:
+        if end and sequence.ended and not sequence.queue and not plan.iterative:
             self._unseat(sequence)
             del self._sequences[sequence.key]
         return request

@@ -59,6 +59,11 @@ class SequencePlan:
     preferred: tuple[int, ...]       # oldest: preferred batch sizes
     max_queue_delay_ns: int
     minimum_slot_utilization: float  # direct
+    # iterative_sequence: every request is a sequence of its own (an id and START are given
+    # to a request without one), run again each time the model reschedules it, and ended
+    # when it completes.
+    iterative: bool = False
+    stateful: bool = False           # implicit state (``state``): workers keep it per sequence
 
     def controls(self, correlation_id: int | str, start: bool, end: bool,
                  ready: bool = True) -> list[ControlValue]:
@@ -125,12 +130,14 @@ def sequence_plan(config: mc.ModelConfig) -> SequencePlan:
             model, "oldest", oldest.max_candidate_sequences or max_batch, max_batch, shape,
             idle_us * 1000, start, end, ready,
             None if corrid is None else (corrid[0], _v2(corrid[1])), preferred,
-            oldest.max_queue_delay_microseconds * 1000, 0.0)
+            oldest.max_queue_delay_microseconds * 1000, 0.0, batching.iterative_sequence,
+            len(batching.state) > 0)
     direct = batching.direct
     return SequencePlan(
         model, "direct", max_batch, max_batch, shape, idle_us * 1000, start, end, ready,
         None if corrid is None else (corrid[0], _v2(corrid[1])), (),
-        direct.max_queue_delay_microseconds * 1000, direct.minimum_slot_utilization)
+        direct.max_queue_delay_microseconds * 1000, direct.minimum_slot_utilization,
+        batching.iterative_sequence, len(batching.state) > 0)
 
 
 def _v2(data_type: int) -> str:

@@ -102,6 +102,10 @@ class Response:
     error: BackendError | None = None
     # The request is answered through its sink (decoupled), not by this response.
     streamed: bool = False
+    # The model released the request for another execution (Triton's
+    # TRITONSERVER_REQUEST_RELEASE_RESCHEDULE): no answer now; the sequence batcher of an
+    # iterative_sequence model runs it again.
+    rescheduled: bool = False
 
 
 class Backend:

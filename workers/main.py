@@ -121,6 +121,8 @@ class WorkerHost:
         self._fd_socket = fd_socket
         self._model_version = str(spec.model.version)
         policy = spec.model.config.get("model_transaction_policy") or {}
+        self._iterative = bool((spec.model.config.get("sequence_batching") or {})
+                               .get("iterative_sequence"))
         self._decoupled = bool(policy.get("decoupled", False))
         self._streams: dict[tuple[int, int], StreamSink] = {}  # decoupled requests not final
         self._unpacker = protocol.new_unpacker()
@@ -414,6 +416,9 @@ class WorkerHost:
             if response.streamed:  # answered through Partial frames (decoupled)
                 results[position] = protocol.STREAMING
                 continue
+            if response.rescheduled:
+                results[position] = self._rescheduled(run.batch_id, position)
+                continue
             try:
                 outputs = self._prepare_outputs(response, exec_requests[position].outputs,
                                                 exec_requests[position].inputs)
@@ -503,13 +508,27 @@ class WorkerHost:
             positions.append(index)
         return requests, positions
 
+    def _rescheduled(self, batch_id: int, position: int) -> list[Any]:
+        """The result of a request the model released for another run (its sink, if
+        decoupled, takes no more responses from this run)."""
+        sink = self._streams.pop((batch_id, position), None)
+        if sink is not None:
+            sink.retire()
+        if not self._iterative:
+            return protocol.error_result(
+                "INVALID_ARGUMENT", "Request is released with "
+                "TRITONSERVER_REQUEST_RELEASE_RESCHEDULE, while the model is not configured "
+                "to handle such a flag.")
+        return protocol.RESCHEDULED
+
     def _keep_states(self, requests: list[Request], responses: list[Response]) -> None:
         """The state outputs of an execution become its sequences' next states."""
         assert self._states is not None
         for request, response in zip(requests, responses, strict=True):
             self._states.take_outputs(
                 request.correlation_id, request.parameters, request.requested_outputs,
-                None if response.error is not None or response.streamed else response.outputs)
+                None if response.error is not None or response.streamed or response.rescheduled
+                else response.outputs)
     def _input_memory(self, data: memoryview | bytes | DeviceOutput,
                       inputs: list[list[Any]]) -> _InputMemory | None:
         """Where ``data`` lies inside one of the request's inputs in a system shared-memory
@@ -796,6 +815,11 @@ class StreamSink:
         if not self.cancelled:
             self._host.poll_control()
         return self.cancelled
+
+    def retire(self) -> None:
+        """The request was rescheduled: this run's sender takes no more responses."""
+        with self._lock:
+            self.closed = True
 
 
 _Prepared = tuple[str, str, list[int], "memoryview | bytes | DeviceOutput", Any]

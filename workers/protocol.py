@@ -47,6 +47,10 @@ result in ``Done`` is then ``STREAMING``: the request stays in flight until a Pa
 started, marks it cancelled for the model (``is_cancelled()``). Partial outputs travel inline
 or into the client's region, never through a lane's arena (the lane is free once Done).
 
+A model of an ``iterative_sequence`` may release a request for another run
+(``RESCHEDULED`` in Done, no answer): the supervisor's sequence batcher sends it again in a
+later frame, with the same inputs, until a run answers it.
+
 The per-request path builds and reads the arrays directly (``packed_exec_request``,
 ``packed_inline``, the ``RESULT_*`` kinds) instead of going through a record object.
 """
@@ -63,7 +67,7 @@ from shmserve.workers.backend import InstanceSpec, ModelSpec
 # 1: msgpack maps before typed records; 2: before ShareRegion; 3: before Trim; 4: before Stage;
 # 5: before Report; 6: before Ready.concurrency; 7: before Partial; 8: before EndSequences;
 # 9: before ExecRequest.ring; 10: before the by-reference flag of ExecRequest.outputs
-PROTOCOL_VERSION = 11
+PROTOCOL_VERSION = 12
 
 INLINE = "i"
 ARENA = "a"
@@ -94,6 +98,7 @@ RESULT_OK = 0          # [RESULT_OK, [packed TensorRef, ...]]
 RESULT_ERROR = 1       # [RESULT_ERROR, grpc status code name, message]
 RESULT_ANSWERED = 2    # [RESULT_ANSWERED]: answered through the local channel
 RESULT_STREAMING = 3   # [RESULT_STREAMING]: answered in Partial frames (decoupled)
+RESULT_RESCHEDULED = 4  # [RESULT_RESCHEDULED]: not answered; run it again (iterative_sequence)
 
 # Frames a concurrent backend (``Backend.concurrent``) may have in flight at once.
 CONCURRENT_FRAMES = 16
@@ -151,6 +156,7 @@ def error_result(code: str, message: str) -> list[Any]:
 
 ANSWERED: list[Any] = [RESULT_ANSWERED]
 STREAMING: list[Any] = [RESULT_STREAMING]
+RESCHEDULED: list[Any] = [RESULT_RESCHEDULED]
 
 
 # --- frames -------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ _package_counter = itertools.count()
 _pb_request = pb_utils.InferenceRequest._from_backend
 _InferenceResponse = pb_utils.InferenceResponse
 _ndarray = np.ndarray
+_PLACEHOLDER = pb_utils.InferenceResponse()  # in a rescheduled request's place: never read
+_RESCHEDULED = Response(rescheduled=True)
 
 
 def install_pb_utils() -> None:
@@ -352,7 +354,7 @@ class PythonBackend(Backend):
                     result = await result
             except Exception as exc:
                 return self._raised(requests, exc)
-            return self._responses(requests, result)
+            return self._responses(requests, result, pb_requests)
         except Exception as exc:   # never raise out of execute
             return self._failed(requests, exc)
 
@@ -371,7 +373,7 @@ class PythonBackend(Backend):
             return self._raised(requests, exc)
         if result is None:
             result = self._sent_responses(pb_requests)
-        return self._responses(requests, result)
+        return self._responses(requests, result, pb_requests)
 
     def _not_initialized(self, requests: list[Request]) -> list[Response]:
         return self._fail_all(requests, BackendError(
@@ -406,15 +408,21 @@ class PythonBackend(Backend):
                 request.parameters, name, version))
         return pb_requests
 
-    def _responses(self, requests: list[Request], result: Any) -> list[Response]:
+    def _responses(self, requests: list[Request], result: Any,
+                   pb_requests: list[pb_utils.InferenceRequest]) -> list[Response]:
+        rescheduled = [pb_request._rescheduled() for pb_request in pb_requests]
+        if any(rescheduled) and isinstance(result, list) and len(result) == len(requests):
+            # A rescheduled request's place holds None (or a response nobody reads).
+            result = [_PLACEHOLDER if again else response
+                      for response, again in zip(result, rescheduled, strict=True)]
         problem = self._check_result(result, len(requests))
         if problem is not None:
             _log.error("%s", problem)
             return self._fail_all(requests, BackendError(problem))
         to_response = self._to_response
         responses: list[Response] = []
-        for request, pb_response in zip(requests, result, strict=True):
-            responses.append(to_response(request, pb_response))
+        for request, pb_response, again in zip(requests, result, rescheduled, strict=True):
+            responses.append(_RESCHEDULED if again else to_response(request, pb_response))
         return responses
 
     def _sent_responses(self, pb_requests: list[pb_utils.InferenceRequest]) -> Any:
@@ -425,6 +433,9 @@ class PythonBackend(Backend):
             return None  # reported by _check_result
         responses: list[pb_utils.InferenceResponse] = []
         for pb_request in pb_requests:
+            if pb_request._rescheduled():
+                responses.append(_PLACEHOLDER)  # it sends nothing this time
+                continue
             response = pb_request.get_response_sender()._wait_final()
             if response is None:
                 return None
@@ -463,7 +474,8 @@ class PythonBackend(Backend):
                 if not sender._closed:
                     sender.send(pb_utils.InferenceResponse(error=error),
                                 pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return [Response(streamed=True) for _ in requests]
+        return [_RESCHEDULED if pb_request._rescheduled() else Response(streamed=True)
+                for pb_request in pb_requests]
 
     def _check_result(self, result: Any, expected: int) -> str | None:
         if isinstance(result, list) and len(result) == expected:

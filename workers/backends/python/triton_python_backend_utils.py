@@ -31,6 +31,8 @@ from .custom_metrics import Metric, MetricFamily
 __all__ = [
     "TRITONSERVER_REQUEST_FLAG_SEQUENCE_END",
     "TRITONSERVER_REQUEST_FLAG_SEQUENCE_START",
+    "TRITONSERVER_REQUEST_RELEASE_ALL",
+    "TRITONSERVER_REQUEST_RELEASE_RESCHEDULE",
     "TRITONSERVER_RESPONSE_COMPLETE_FINAL",
     "TRITON_STRING_TO_NUMPY",
     "InferenceRequest",
@@ -66,6 +68,10 @@ _log = logging.getLogger(MODEL_LOGGER)
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2
 TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+# Request release flags (TRITONSERVER_RequestReleaseFlag): RESCHEDULE hands a request back to
+# an iterative_sequence model's sequence batcher for another execution.
+TRITONSERVER_REQUEST_RELEASE_ALL = 1
+TRITONSERVER_REQUEST_RELEASE_RESCHEDULE = 2
 
 # Request parameters that carry protocol state rather than user parameters; Triton's core consumes
 # them before the backend sees the request, so parameters() leaves them out.
@@ -422,8 +428,8 @@ class InferenceRequest:
     """
 
     __slots__ = ("_correlation_id", "_flags", "_inputs", "_model_name", "_model_version",
-                 "_parameters", "_raw_parameters", "_request_id", "_requested_output_names",
-                 "_sender", "_timeout")
+                 "_parameters", "_raw_parameters", "_release_flags", "_request_id",
+                 "_requested_output_names", "_sender", "_timeout")
     _parameters: str | None             # None until parameters() serializes _raw_parameters
     _raw_parameters: Mapping[str, Any] | None
 
@@ -444,6 +450,7 @@ class InferenceRequest:
         self._parameters = _parameters_json(parameters)
         self._raw_parameters = None
         self._sender: InferenceResponseSender | None = None
+        self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
 
     @classmethod
     def _from_backend(cls, request_id: str, correlation_id: int | str,
@@ -468,6 +475,7 @@ class InferenceRequest:
         request._model_name = model_name
         request._model_version = model_version
         request._sender = None  # made on first use (non-decoupled) or by the backend
+        request._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
         if parameters:
             flags = 0
             if parameters.get("sequence_start"):
@@ -517,6 +525,16 @@ class InferenceRequest:
     def is_cancelled(self) -> bool:
         sender = self._sender
         return sender is not None and sender.is_cancelled()
+
+    def set_release_flags(self, flags: int) -> None:
+        """``TRITONSERVER_REQUEST_RELEASE_RESCHEDULE``: when execute returns, the request goes
+        back to the sequence batcher for another execution instead of being answered (an
+        ``iterative_sequence`` model; a non-decoupled model puts None in its place in the
+        list it returns). ``TRITONSERVER_REQUEST_RELEASE_ALL``: the usual release."""
+        self._release_flags = int(flags)
+
+    def _rescheduled(self) -> bool:
+        return bool(self._release_flags & TRITONSERVER_REQUEST_RELEASE_RESCHEDULE)
 
     def get_response_sender(self) -> InferenceResponseSender:
         if self._sender is None:
