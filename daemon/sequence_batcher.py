@@ -8,7 +8,10 @@ with ``direct``, ``max_candidate_sequences`` with ``oldest``), or, while every s
 a place in the backlog until one frees. All its requests then run on that instance, one at a
 time and in order, so the instance's worker can keep the sequence's implicit state
 (workers/sequence_state.py). Its END frees the seat; so does ``max_sequence_idle_microseconds``
-without a request (a later request then needs START again, with Triton's error).
+without a request (a later request then needs START again, with Triton's error). A sequence
+still in the backlog when the earliest ``timeout`` of its requests passes is dropped: its
+requests fail with Triton's UNAVAILABLE "timeout of the corresponding sequence has been
+expired".
 
 A batch takes at most one request per sequence. ``direct``: the request of seat i is batch
 entry i; a seat below the highest ready one that has nothing to run gets a *filler* (a copy
@@ -38,6 +41,7 @@ from typing import Any, Protocol
 
 from shmserve.daemon.dispatcher import Dispatcher, InstanceSlot, WorkerHandle
 from shmserve.daemon.errors import ServeError, invalid_argument, unavailable
+from shmserve.daemon.queue_policy import request_timeout_us
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, InputTensor, OutputTensor
 from shmserve.daemon.sequence_config import SequencePlan, corrid_mismatch
@@ -73,6 +77,9 @@ class Sequence:
     worker: WorkerHandle | None = None  # holds its state (set at its first send)
     inflight: bool = False   # one request at a time, in order
     ended: bool = False      # its END arrived: no request joins it any more
+    # While in the backlog: when it expires (the earliest request timeout of its requests;
+    # 0: never), as Triton's backlog queues.
+    expires_ns: int = 0
 
 
 class _FillerReply(Reply):
@@ -110,6 +117,8 @@ class SequenceBatcher:
         self._lost: dict[int | str, tuple[str, int]] = {}  # key -> (error text, when)
         self._idle_timer: asyncio.TimerHandle | None = None
         self._delay_timer: asyncio.TimerHandle | None = None
+        self._backlog_timer: asyncio.TimerHandle | None = None
+        self._backlog_timer_at = 0
         self.queued = 0
         self._next_iterative_id = ITERATIVE_IDS_FROM
         self._control_names = {control.name for control in plan.controls(0, False, False)}
@@ -129,6 +138,7 @@ class SequenceBatcher:
                                    "int64_param or string_param.")
         start = _flag(parameters, "sequence_start")
         end = _flag(parameters, "sequence_end")
+        timeout_us = request_timeout_us(request)
         key = request.correlation_id
         if plan.iterative and (key == 0 or key == ""):
             key = request.correlation_id = self._iterative_id()
@@ -165,6 +175,10 @@ class SequenceBatcher:
         sequence.queue.append(request)
         sequence.last_ns = now
         self.queued += 1
+        if timeout_us > 0 and sequence.instance is None:
+            expires = now + timeout_us * 1000
+            sequence.expires_ns = min(sequence.expires_ns or expires, expires)
+            self._arm_backlog_timer(sequence.expires_ns)
         if self._idle_timer is None:
             self._arm_idle_timer(plan.idle_ns)
 
@@ -226,10 +240,10 @@ class SequenceBatcher:
         self._backlog.clear()
         for seats in self._seats.values():
             seats[:] = [None] * len(seats)
-        for timer in (self._idle_timer, self._delay_timer):
+        for timer in (self._idle_timer, self._delay_timer, self._backlog_timer):
             if timer is not None:
                 timer.cancel()
-        self._idle_timer = self._delay_timer = None
+        self._idle_timer = self._delay_timer = self._backlog_timer = None
 
     # --- dispatch -----------------------------------------------------------------------
     def dispatch(self) -> None:
@@ -373,6 +387,7 @@ class SequenceBatcher:
             waiting = self._backlog.popleft()
             seats[seat] = waiting
             waiting.instance, waiting.seat = slot, seat
+            waiting.expires_ns = 0  # seated: no longer waiting to expire
 
     # --- lost workers -------------------------------------------------------------------
     def _worker_lost(self, sequence: Sequence) -> bool:
@@ -449,6 +464,37 @@ class SequenceBatcher:
         if self._sequences or self._lost:
             self._arm_idle_timer(next_check)
         self._owner.dispatch()  # a backlogged sequence may have got a seat
+
+    def _arm_backlog_timer(self, at_ns: int) -> None:
+        if self._backlog_timer is not None:
+            if self._backlog_timer_at <= at_ns:
+                return
+            self._backlog_timer.cancel()
+        self._backlog_timer_at = at_ns
+        delay = max(at_ns - time.perf_counter_ns(), 0) / 1e9
+        self._backlog_timer = asyncio.get_running_loop().call_later(delay, self._expire_backlog)
+
+    def _expire_backlog(self) -> None:
+        """Backlogged sequences past their requests' timeout are dropped, their requests
+        failed (Triton's reaper, for backlog queues)."""
+        self._backlog_timer = None
+        now = time.perf_counter_ns()
+        kept: deque[Sequence] = deque()
+        expired: list[Sequence] = []
+        for sequence in self._backlog:
+            if sequence.expires_ns and sequence.expires_ns <= now:
+                expired.append(sequence)
+            else:
+                kept.append(sequence)
+        self._backlog = kept
+        for sequence in expired:
+            if self._sequences.get(sequence.key) is sequence:
+                del self._sequences[sequence.key]
+            self._fail_queued(sequence, unavailable(
+                "timeout of the corresponding sequence has been expired"))
+        following = [s.expires_ns for s in kept if s.expires_ns]
+        if following:
+            self._arm_backlog_timer(min(following))
 
     def _arm_delay_timer(self, delay_ns: int) -> None:
         if self._delay_timer is None:

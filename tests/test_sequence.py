@@ -54,6 +54,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
                                                "oldest { max_candidate_sequences: 4 }"))
     _variant(repo, ACCUMULATOR, "acc_idle", ("max_batch_size: 4", "max_batch_size: 1"),
              ("max_sequence_idle_microseconds: 3000000", "max_sequence_idle_microseconds: 400000"))
+    _variant(repo, ACCUMULATOR, "acc_one_slot", ("max_batch_size: 4", "max_batch_size: 1"))
     _variant(repo, STATE, "seq_state")
     shutil.copytree(TEST_MODELS / "seq_bls_caller", repo / "seq_bls_caller")
     _variant(repo, STATE, "state_zero_batched",
@@ -213,6 +214,23 @@ def test_idle_sequence_loses_its_slot_to_the_backlog(server: ServerProcess) -> N
     error = _error(_accumulate, client, "acc_idle", 61, 1)
     assert START_MISSING.format(id=61, model="acc_idle") in error.message()
     assert _accumulate(client, "acc_idle", 62, 1, end=True)[0] == 8
+
+
+def test_backlogged_sequence_expires_at_its_request_timeout(server: ServerProcess) -> None:
+    """One slot held by A: B waits in the backlog, and its request's 0.2 s timeout passes
+    first. B fails with Triton's text and must START again; A goes on."""
+    client = grpcclient.InferenceServerClient(server.url)
+    _accumulate(client, "acc_one_slot", 91, 5, start=True)
+    tensor = grpcclient.InferInput("INPUT", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.array([[7]], np.int32))
+    error = _error(client.infer, "acc_one_slot", [tensor], sequence_id=92, sequence_start=True,
+                   timeout=200_000, client_timeout=20)
+    assert error.status() == "StatusCode.UNAVAILABLE"
+    assert "timeout of the corresponding sequence has been expired" in error.message()
+    error = _error(_accumulate, client, "acc_one_slot", 92, 1)
+    assert START_MISSING.format(id=92, model="acc_one_slot") in error.message()
+    assert _accumulate(client, "acc_one_slot", 91, 1, end=True)[0] == 6
+    assert _accumulate(client, "acc_one_slot", 92, 3, start=True, end=True)[0] == 3
 
 
 def test_worker_crash_ends_its_live_sequences(server: ServerProcess) -> None:
