@@ -9,12 +9,14 @@ written below, and tests/models/seq_state (implicit state: the server keeps the 
 from __future__ import annotations
 
 import asyncio
+import queue
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +29,26 @@ from shmserve.tests.serverproc import TEST_MODELS, ServerProcess
 
 ACCUMULATOR = TEST_MODELS / "seq_accumulator"
 STATE = TEST_MODELS / "seq_state"
+# seq_state, decoupled: a first response echoes INPUT, the final one carries INPUT + the state,
+# which becomes the new state.
+DECOUPLED_STATE_PY = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            value = pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()
+            state = pb_utils.get_input_tensor_by_name(request, "STATE_IN").as_numpy()
+            total = (value + state).astype(np.int32)
+            sender = request.get_response_sender()
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", value)]))
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", total),
+                                                    pb_utils.Tensor("STATE_OUT", total)]),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+"""
 START_MISSING = ("inference request for sequence {id} to model '{model}' must specify the "
                  "START flag on the first request of the sequence")
 
@@ -56,6 +78,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
              ("max_sequence_idle_microseconds: 3000000", "max_sequence_idle_microseconds: 400000"))
     _variant(repo, ACCUMULATOR, "acc_one_slot", ("max_batch_size: 4", "max_batch_size: 1"))
     _variant(repo, STATE, "seq_state")
+    _variant(repo, STATE, "state_decoupled", ("max_batch_size: 0", "max_batch_size: 0\n"
+                                              "model_transaction_policy { decoupled: true }"))
+    (repo / "state_decoupled" / "1" / "model.py").write_text(DECOUPLED_STATE_PY)
     shutil.copytree(TEST_MODELS / "seq_bls_caller", repo / "seq_bls_caller")
     _variant(repo, STATE, "state_zero_batched",
              ("max_batch_size: 0", "max_batch_size: 2"),
@@ -214,6 +239,33 @@ def test_idle_sequence_loses_its_slot_to_the_backlog(server: ServerProcess) -> N
     error = _error(_accumulate, client, "acc_idle", 61, 1)
     assert START_MISSING.format(id=61, model="acc_idle") in error.message()
     assert _accumulate(client, "acc_idle", 62, 1, end=True)[0] == 8
+
+
+def test_a_decoupled_model_keeps_implicit_state(server: ServerProcess) -> None:
+    """Each request streams two responses; the state output of the last one is what the
+    sequence's next request gets (and the client never sees STATE_OUT)."""
+    answers: queue.Queue[Any] = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.url)
+    client.start_stream(callback=lambda result, error: answers.put(error or result))
+    steps = [(95, 1, True, False), (96, 10, True, False), (95, 2, False, False),
+             (96, 20, False, True), (95, 3, False, True)]
+    seen: list[tuple[int, ...]] = []
+    try:
+        for sequence_id, value, start, end in steps:
+            tensor = grpcclient.InferInput("INPUT", [1], "INT32")
+            tensor.set_data_from_numpy(np.array([value], np.int32))
+            client.async_stream_infer("state_decoupled", [tensor], sequence_id=sequence_id,
+                                      sequence_start=start, sequence_end=end)
+            pair = []
+            for _ in range(2):
+                item = answers.get(timeout=20)
+                assert not isinstance(item, InferenceServerException), item
+                assert [o.name for o in item.get_response().outputs] == ["OUTPUT"]
+                pair.append(int(item.as_numpy("OUTPUT")[0]))
+            seen.append((sequence_id, *pair))
+    finally:
+        client.stop_stream()
+    assert seen == [(95, 1, 101), (96, 10, 110), (95, 2, 103), (96, 20, 130), (95, 3, 106)]
 
 
 def test_backlogged_sequence_expires_at_its_request_timeout(server: ServerProcess) -> None:

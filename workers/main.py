@@ -502,6 +502,8 @@ class WorkerHost:
                     request.allocate_output = placer.allocate
             if self._decoupled:
                 sink = StreamSink(self, batch_id, index, raw.outputs, raw.ring)
+                if self._states is not None:
+                    sink.sequence = request  # its responses carry the sequence's state
                 self._streams[(batch_id, index)] = sink
                 request.sink = sink
             requests.append(request)
@@ -520,6 +522,17 @@ class WorkerHost:
                 "TRITONSERVER_REQUEST_RELEASE_RESCHEDULE, while the model is not configured "
                 "to handle such a flag.")
         return protocol.RESCHEDULED
+
+    def _keep_streamed_state(self, request: Request, response: Response | None,
+                             final: bool) -> None:
+        """A decoupled sequence model's response: its state outputs become the sequence's
+        state (the last one sent wins); the state is dropped after the final response of
+        the sequence's END."""
+        assert self._states is not None
+        outputs = None if response is None or response.error is not None else response.outputs
+        self._states.take_outputs(request.correlation_id,
+                                  request.parameters if final else {},
+                                  request.requested_outputs, outputs)
 
     def _keep_states(self, requests: list[Request], responses: list[Response]) -> None:
         """The state outputs of an execution become its sequences' next states."""
@@ -589,6 +602,8 @@ class WorkerHost:
         lock): outputs inline or into the client's region (the lane's arena may already
         serve another frame)."""
         result: list[Any] | None = None
+        if sink.sequence is not None:
+            self._keep_streamed_state(sink.sequence, response, final)
         if response is not None:
             try:
                 prepared = self._prepare_outputs(response, sink.outputs)
@@ -786,7 +801,7 @@ class StreamSink:
     """Where a decoupled model sends one request's responses (workers/backend.py)."""
 
     __slots__ = ("_host", "_lock", "batch", "cancelled", "closed", "index", "outputs", "ring",
-                 "ring_responses")
+                 "ring_responses", "sequence")
 
     def __init__(self, host: WorkerHost, batch: int, index: int,
                  outputs: list[list[Any]], ring: list[Any] | None = None) -> None:
@@ -800,6 +815,8 @@ class StreamSink:
         self.ring: tuple[TensorRef, int, int] | None = None if ring is None else (
             TensorRef.unpack(ring[0]), int(ring[1]), int(ring[2]))
         self.ring_responses = 0  # responses written into the ring so far
+        # The request, for a model with implicit state: its responses update the state.
+        self.sequence: Request | None = None
         # The model's threads may send at once: one response is written and framed at a
         # time, in the order the sends took the lock, and nothing follows the final one.
         self._lock = threading.Lock()
