@@ -1,17 +1,19 @@
 """Prometheus metrics on --metrics-port (Triton's metric names), served from the event loop.
 
-A minimal HTTP/1.1 responder: GET /metrics returns the text exposition format; anything else
-is 404. Counters are read from the schedulers' statistics when scraped.
+GET /metrics returns the text exposition format (aiohttp, as the HTTP door); anything else is
+404. Counters are read from the schedulers' statistics when scraped; the host's CPU and GPU
+figures come from the last poll (host_metrics.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from aiohttp import web
+
+from shmserve.daemon.host_metrics import HostMetrics
 from shmserve.daemon.models import ModelManager
 from shmserve.daemon.response_cache import ResponseCache
 from shmserve.daemon.shm_registry import ShmRegistry
@@ -182,51 +184,52 @@ def _us(stats: ModelStats, field: str) -> float:
 
 
 class MetricsServer:
+    """GET /metrics (aiohttp on the supervisor's loop); every other path is 404."""
+
     def __init__(self, models: ModelManager, address: str, port: int,
-                 registry: ShmRegistry | None = None, cache: ResponseCache | None = None
-                 ) -> None:
+                 registry: ShmRegistry | None = None, cache: ResponseCache | None = None,
+                 host: HostMetrics | None = None) -> None:
         self._models = models
         self._registry = registry
         self._cache = cache
+        self._host = host
         self._address = address
         self._port = port
-        self._server: asyncio.base_events.Server | None = None
+        self._runner: web.AppRunner | None = None
         self.port: int | None = None
         #: More exposition lines, rendered at each scrape (the frontend processes' counters).
         self.extra: Callable[[], list[str]] | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self._address, self._port)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self._address, self._port)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        # The bound port, when 0 asked for any free one (aiohttp keeps the server there).
+        sockets = getattr(site._server, "sockets", None) or ()
+        self.port = int(sockets[0].getsockname()[1]) if sockets else self._port
+        if self._host is not None:
+            await self._host.start()
         log.info("Started Metrics Service at %s:%d", self._address, self.port)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request_line = await asyncio.wait_for(reader.readline(), 10)
-            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request_line.decode("latin-1").split()
-            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                text = render(self._models, self._registry, self._cache)
-                if self.extra is not None:
-                    text += "".join(line + "\n" for line in self.extra())
-                body = text.encode()
-                status = "200 OK"
-                content_type = "text/plain; version=0.0.4; charset=utf-8"
-            else:
-                body, status, content_type = b"not found\n", "404 Not Found", "text/plain"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                         + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def _metrics(self, request: web.Request) -> web.Response:
+        text = render(self._models, self._registry, self._cache)
+        if self._host is not None:
+            text += "".join(line + "\n" for line in self._host.lines())
+        if self.extra is not None:
+            text += "".join(line + "\n" for line in self.extra())
+        return web.Response(body=text.encode(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._host is not None:
+            await self._host.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -135,6 +135,16 @@ class Settings:
                                 help="Prometheus metrics port, GET /metrics (0 = any free)")
     allow_metrics: bool = setting(True, flag="--allow-metrics", parse=parse_bool,
                                   help="serve Prometheus metrics")
+    allow_cpu_metrics: bool = setting(
+        True, flag="--allow-cpu-metrics", parse=parse_bool,
+        help="host CPU utilization and memory on /metrics (nv_cpu_*)")
+    allow_gpu_metrics: bool = setting(
+        True, flag="--allow-gpu-metrics", parse=parse_bool,
+        help="per-GPU utilization, memory and power on /metrics (nv_gpu_*, from nvidia-smi "
+             "when it is on PATH)")
+    metrics_interval_ms: int = setting(
+        2000, flag="--metrics-interval-ms", parse=int,
+        help="how often the CPU and GPU metrics are read")
     model_control_mode: str = setting(
         "none", flag="--model-control-mode", choices=("none", "explicit", "poll"),
         help="none: load all at start; explicit: load/unload RPCs; poll: follow repository "

@@ -25,6 +25,7 @@ from shmserve.daemon.frontend_process.grpc_server import GRPC_OPTIONS, grpc_serv
 from shmserve.daemon.frontend_process.pool import FrontendPool, frontend_count
 from shmserve.daemon.frontend_process.records import RpcCall
 from shmserve.daemon.heap import HeapTrimmer
+from shmserve.daemon.host_metrics import HostMetrics
 from shmserve.daemon.leftovers import end_leftovers
 from shmserve.daemon.lifeline import watch_lifeline
 from shmserve.daemon.metrics import MetricsServer
@@ -76,8 +77,11 @@ class Supervisor:
         models = core.models
         metrics_address = settings.metrics_address or (
             "0.0.0.0" if is_unix_address(settings.grpc_address) else settings.grpc_address)
+        host = HostMetrics(settings.allow_cpu_metrics, settings.allow_gpu_metrics,
+                           settings.metrics_interval_ms / 1000)
         metrics = MetricsServer(models, metrics_address, settings.metrics_port, core.registry,
-                                core.cache.cache if core.cache is not None else None
+                                core.cache.cache if core.cache is not None else None,
+                                host if host.enabled else None
                                 ) if settings.allow_metrics else None
         if metrics is not None:
             try:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -61,14 +61,14 @@ class ServerProcess:
     """
 
     def __init__(self, repository: Path, *extra: str, log_path: Path | None = None,
-                 python: str | None = None) -> None:
+                 python: str | None = None, env: Mapping[str, str] | None = None) -> None:
         self.repository = repository
         self.port, self.http_port = free_ports(2)
         self.url = f"127.0.0.1:{self.port}"
         self.http_url = f"127.0.0.1:{self.http_port}"
         self.log_path = log_path or repository.parent / f"server-{self.port}.log"
         self._log = open(self.log_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         if not any(arg.startswith("--allow-client-shm") for arg in extra):
             extra = ("--allow-client-shm", *extra)
         if not any(arg.startswith("--grpc-frontends") for arg in extra) \
