@@ -14,7 +14,9 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from shmserve.daemon import admin_shm
+from shmserve.daemon.server_log import install_server_log, redirect_output
 from shmserve.daemon.settings import Settings, default_of, parse_bool, setting_fields
+from shmserve.daemon.tritonserver_flags import add_compat_arguments, apply_compat_flags
 from shmserve.repoagents import decrypt
 
 
@@ -95,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a Triton-layout model repository over KServe v2 gRPC "
                     "(tritonserver's flag names).")
     add_setting_arguments(serve_parser)
-    serve_parser.set_defaults(run=lambda args: serve(settings_from_args(args)))
+    add_compat_arguments(serve_parser)
+    serve_parser.set_defaults(run=lambda args: _serve_command(serve_parser, args))
 
     shm = commands.add_parser("shm", help=admin_shm.SUMMARY, description=admin_shm.DESCRIPTION)
     admin_shm.add_arguments(shm)
@@ -130,10 +133,27 @@ def repository_problem(path: str) -> str | None:
     return None
 
 
-def serve(settings: Settings) -> int:
-    logging.basicConfig(level=logging.DEBUG if settings.log_verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    try:
+        without_effect = apply_compat_flags(args, settings)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return serve(settings, without_effect)
+
+
+def serve(settings: Settings, without_effect: list[str] | None = None) -> int:
+    if settings.log_file:
+        try:
+            redirect_output(settings.log_file)
+        except OSError as exc:
+            print(f"error: cannot open --log-file {settings.log_file}: {exc}", file=sys.stderr)
+            return 1
+    install_server_log(settings)
+    if without_effect:
+        logging.getLogger("shmserve").warning(
+            "tritonserver flag(s) without effect in shmserve, ignored: %s",
+            ", ".join(without_effect))
     problem = repository_problem(settings.model_repository)
     if problem is not None:
         logging.getLogger("shmserve").error("%s", problem)

@@ -9,7 +9,6 @@ format, so both share one implementation and one set of error texts. Errors are
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,10 +22,10 @@ from shmserve.daemon.errors import (
 )
 from shmserve.daemon.infer_request import config_datatype
 from shmserve.daemon.models import UNAVAILABLE
+from shmserve.daemon.server_log import log_settings, update_log_setting
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos import shmserve_service_pb2 as pb
 
-SERVER_NAME = "shmserve"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["sequence", "model_repository", "model_repository(unload_dependents)",
               "model_configuration", "system_shared_memory",
@@ -65,7 +64,8 @@ class Operations:
 
     # --- metadata -----------------------------------------------------------------------
     def server_metadata(self) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+        return pb.ServerMetadataResponse(name=self.core.settings.server_id,
+                                         version=SERVER_VERSION,
                                          extensions=EXTENSIONS)
 
     def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
@@ -198,14 +198,8 @@ class Operations:
         """Applies (key, value, type name) updates; answers every log setting's value."""
         settings = self.core.settings
         for key, value, kind in updates:
-            if key == "log_verbose_level" and kind == "uint32_param":
-                settings.log_verbose = int(value)
-                logging.getLogger("shmserve").setLevel(
-                    logging.DEBUG if settings.log_verbose else logging.INFO)
-            else:
-                raise invalid_argument(f"unsupported log setting '{key}'")
-        return {"log_file": "", "log_info": True, "log_warning": True, "log_error": True,
-                "log_verbose_level": settings.log_verbose, "log_format": "default"}
+            update_log_setting(settings, key, value, kind)
+        return log_settings(settings)
 
 
 def _fill_statistics(target: pb.ModelStatistics, name: str, version: int, stats: Any) -> None:

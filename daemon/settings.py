@@ -268,6 +268,21 @@ class Settings:
              "response_cache { enable: true }); repeatable")
     log_verbose: int = setting(0, flag="--log-verbose", parse=int,
                                help="verbose logging level")
+    log_info: bool = setting(True, flag="--log-info", parse=parse_bool,
+                             help="log INFO messages (the supervisor's)")
+    log_warning: bool = setting(True, flag="--log-warning", parse=parse_bool,
+                                help="log WARNING messages (the supervisor's)")
+    log_error: bool = setting(True, flag="--log-error", parse=parse_bool,
+                              help="log ERROR messages (the supervisor's)")
+    log_format: str = setting(
+        "default", flag="--log-format", choices=("default", "ISO8601"),
+        help="timestamps: default, or ISO8601 (YYYY-MM-DDThh:mm:ssZ, UTC)")
+    log_file: str = setting(
+        "", flag="--log-file", metavar="PATH",
+        help="append the server's output (supervisor, workers, frontends) to this file instead "
+             "of stdout/stderr")
+    server_id: str = setting("shmserve", flag="--id", metavar="ID",
+                             help="the server's name in ServerMetadata")
     lifeline_fd: int | None = setting(
         None, flag="--lifeline-fd", parse=int, metavar="FD",
         help="shut down (as on SIGTERM) when this inherited file descriptor reaches end of "

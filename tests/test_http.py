@@ -433,9 +433,20 @@ def test_logging_and_trace(client: httpclient.InferenceServerClient,
     assert grpc_client.get_log_settings(as_json=True)["settings"]["log_verbose_level"] == {
         "uint32_param": 1}
     client.update_log_settings({"log_verbose_level": 0})
-    with pytest.raises(InferenceServerException) as unsupported:
-        client.update_log_settings({"log_file": "/tmp/x"})
-    assert unsupported.value.message() == "unsupported log setting 'log_file'"
+    changed = client.update_log_settings({"log_format": "ISO8601", "log_warning": False})
+    assert (changed["log_format"], changed["log_warning"]) == ("ISO8601", False)
+    assert grpc_client.get_log_settings(as_json=True)["settings"]["log_format"] == {
+        "string_param": "ISO8601"}
+    client.update_log_settings({"log_format": "default", "log_warning": True})
+    # Triton's texts for what cannot be changed, or not to that.
+    for update, text in (({"log_file": "/tmp/x"},
+                          "log file location can not be updated through network protocol"),
+                         ({"log_format": "fancy"}, "invalid argument for log_format, got: fancy"),
+                         ({"log_info": "yes"}, "expect boolean for 'log_info'"),
+                         ({"log_color": True}, "unsupported log setting 'log_color'")):
+        with pytest.raises(InferenceServerException) as refused:
+            client.update_log_settings(update)
+        assert refused.value.message() == text
     for path in ("/v2/trace/setting", "/v2/models/simple/trace/setting"):
         status, _, answer = _raw(server, "GET", path)
         assert status == 501

@@ -1,0 +1,112 @@
+"""A tritonserver command line starts shmserve: the log flags work, flags without an effect
+here are accepted and named in a warning, and those shmserve cannot honour stop the start
+with a clear error. Real server processes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from shmserve.tests.serverproc import ServerProcess
+
+ISO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (\w+) ", re.MULTILINE)
+# As KServe's and many users' tritonserver command lines carry them.
+WITHOUT_EFFECT = ["--backend-config=python,shm-default-byte-size=1048576",
+                  "--pinned-memory-pool-byte-size=268435456",
+                  "--cuda-memory-pool-byte-size=0:67108864", "--http-thread-count=8",
+                  "--grpc-keepalive-time=7200000", "--rate-limit=off", "--allow-sagemaker=false"]
+
+
+def _repository(root: Path) -> Path:
+    folder = root / "models" / "talker"
+    (folder / "1").mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(textwrap.dedent("""
+        name: "talker"
+        backend: "python"
+        input [ { name: "X", data_type: TYPE_FP32, dims: [ 1 ] } ]
+        output [ { name: "Y", data_type: TYPE_FP32, dims: [ 1 ] } ]
+    """))
+    (folder / "1" / "model.py").write_text(textwrap.dedent("""
+        import triton_python_backend_utils as pb_utils
+
+        class TritonPythonModel:
+            def initialize(self, args):
+                print("talker says hello from its worker", flush=True)
+
+            def execute(self, requests):
+                return [pb_utils.InferenceResponse([pb_utils.Tensor(
+                    "Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())])
+                    for r in requests]
+    """))
+    return root / "models"
+
+
+def test_log_flags_and_flags_without_effect(tmp_path: Path) -> None:
+    log_file = tmp_path / "server.log"
+    with ServerProcess(_repository(tmp_path), f"--log-file={log_file}",
+                       "--log-format=ISO8601", "--log-info=false", "--id=edge-7",
+                       *WITHOUT_EFFECT) as server:
+        server.wait_ready()
+        with grpcclient.InferenceServerClient(server.url) as client:
+            assert client.get_server_metadata().name == "edge-7"
+            settings = client.get_log_settings(as_json=True)["settings"]
+            assert settings["log_file"] == {"string_param": str(log_file)}
+            assert settings["log_info"] == {"bool_param": False}
+            assert settings["log_format"] == {"string_param": "ISO8601"}
+        captured = server.log()
+    text = log_file.read_text()
+    assert "talker says hello from its worker" in text   # the workers' output too
+    levels = ISO_LINE.findall(text)
+    assert "WARNING" in levels and "INFO" not in levels, text
+    warning = next(line for line in text.splitlines() if "without effect" in line)
+    for flag in WITHOUT_EFFECT:
+        assert flag.split("=")[0] in warning
+    assert "talker says hello" not in captured          # nothing left on the old stderr
+
+
+@pytest.mark.parametrize(("flag", "why"), [
+    ("--grpc-use-ssl=true", "TLS is not supported"),
+    ("--grpc-server-cert=/etc/cert.pem", "TLS is not supported"),
+    ("--model-config-name=h100", "alternative config files (configs/<name>.pbtxt) are not "
+                                 "supported"),
+    ("--rate-limit=execution_count", "the rate limiter is not supported"),
+    ("--allow-vertex-ai=true", "the Vertex AI endpoint is not supported"),
+])
+def test_flags_it_cannot_honour_stop_the_start(tmp_path: Path, flag: str, why: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "shmserve.daemon", "serve",
+                           "--model-repository", str(_repository(tmp_path)), flag],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"{flag}: {why}" in done.stderr
+
+
+def test_response_cache_byte_size_is_the_cache(tmp_path: Path) -> None:
+    """The deprecated --response-cache-byte-size N is --cache-config local,size=N."""
+    repo = _repository(tmp_path)
+    config = repo / "talker" / "config.pbtxt"
+    config.write_text(config.read_text() + "response_cache { enable: true }\n")
+    with ServerProcess(repo, "--response-cache-byte-size=1048576") as server:
+        server.wait_ready()
+        with grpcclient.InferenceServerClient(server.url) as client:
+            value = grpcclient.InferInput("X", [1], "FP32")
+            value.set_data_from_numpy(np.array([2.5], np.float32))
+            for _ in range(2):
+                assert client.infer("talker", [value]).as_numpy("Y")[0] == 2.5
+            stats = client.get_inference_statistics("talker").model_stats[0].inference_stats
+            assert (stats.cache_miss.count, stats.cache_hit.count) == (1, 1)
+
+
+def test_an_unwritable_log_file_is_a_clear_error(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "shmserve.daemon", "serve",
+                           "--model-repository", str(_repository(tmp_path)),
+                           f"--log-file={tmp_path}/missing/dir/server.log"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "cannot open --log-file" in done.stderr
