@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from shmserve.daemon.aiohttp_site import start_site
 from shmserve.daemon.host_metrics import HostMetrics
 from shmserve.daemon.models import ModelManager
 from shmserve.daemon.response_cache import ResponseCache
@@ -203,18 +204,7 @@ class MetricsServer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self._address, self._port)
-        try:
-            await site.start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        # The bound port, when 0 asked for any free one (aiohttp keeps the server there).
-        sockets = getattr(site._server, "sockets", None) or ()
-        self.port = int(sockets[0].getsockname()[1]) if sockets else self._port
+        self._runner, self.port = await start_site(app, self._address, self._port)
         if self._host is not None:
             await self._host.start()
         log.info("Started Metrics Service at %s:%d", self._address, self.port)

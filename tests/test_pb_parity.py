@@ -92,24 +92,16 @@ def test_config_less_model_is_served_by_auto_complete(start_server: StartServer,
                                   data * 3)
 
 
+@pytest.mark.parametrize("flag", ["--disable-auto-complete-config",
+                                  "--strict-model-config=true"])  # tritonserver's old name
 def test_disable_auto_complete_config_skips_the_hook(start_server: StartServer,
-                                                     repository: Path) -> None:
+                                                     repository: Path, flag: str) -> None:
     (repository / "auto_only").mkdir()
     shutil.copytree(PYBACKEND / "auto_complete" / "1", repository / "auto_only" / "1")
-    server = explicit_server(start_server, repository, "--disable-auto-complete-config")
+    server = explicit_server(start_server, repository, flag)
     client = grpcclient.InferenceServerClient(server.url)
     message = load_error(client, "auto_only")
     assert "model must have at least one 'output'" in message
-
-
-def test_strict_model_config_is_the_old_name_of_it(start_server: StartServer,
-                                                   repository: Path) -> None:
-    """tritonserver's deprecated --strict-model-config=true means the same."""
-    (repository / "auto_only").mkdir()
-    shutil.copytree(PYBACKEND / "auto_complete" / "1", repository / "auto_only" / "1")
-    server = explicit_server(start_server, repository, "--strict-model-config=true")
-    client = grpcclient.InferenceServerClient(server.url)
-    assert "model must have at least one 'output'" in load_error(client, "auto_only")
 
 
 def test_failing_auto_complete_fails_the_load(start_server: StartServer,

@@ -23,6 +23,7 @@ from aiohttp import web
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from shmserve.daemon.aiohttp_site import start_site
 from shmserve.daemon.core import Core
 from shmserve.daemon.core_access import CoreAccess
 from shmserve.daemon.errors import ServeError, internal, invalid_argument
@@ -287,19 +288,9 @@ class HttpDoor:
         return app
 
     async def start(self, address: str, port: int) -> int:
-        runner = web.AppRunner(self.application(), access_log=None, handle_signals=False,
-                               shutdown_timeout=self.core.settings.exit_timeout_secs)
-        await runner.setup()
-        site = web.TCPSite(runner, address, port, reuse_address=True)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        # The bound port, when 0 asked for any free one.
-        sockets = getattr(site._server, "sockets", None) or ()
-        self.bound_port = int(sockets[0].getsockname()[1]) if sockets else port
+        self._runner, self.bound_port = await start_site(
+            self.application(), address, port,
+            shutdown_timeout=self.core.settings.exit_timeout_secs, reuse_address=True)
         return self.bound_port
 
     async def stop(self) -> None:
