@@ -53,6 +53,7 @@ from shmserve.workers.backends.onnxruntime.signature import (
     symbol_sizes,
     validate,
 )
+from shmserve.workers.cuda_ipc import host_array
 
 __all__ = ["OnnxRuntimeBackend"]
 
@@ -323,7 +324,7 @@ def _host_array(value: Any, name: str) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     if hasattr(value, "detach") and hasattr(value, "cpu"):    # a torch tensor (CUDA region)
-        return np.asarray(value.detach().cpu())
+        return host_array(value)  # large ones through pinned memory
     raise BackendError(f"input '{name}' is a {type(value).__name__}, not an array",
                        "INVALID_ARGUMENT")
 
