@@ -138,6 +138,13 @@ def test_sync_exec_goes_through_the_core(server: ServerProcess) -> None:
     assert _stats(server, "bls_double") == before + 1
 
 
+def test_preferred_memory_and_trace_are_accepted(server: ServerProcess) -> None:
+    """``pb_utils.PreferredMemory``, ``request.trace()`` and ``set_flags`` as the
+    python_backend's BLS examples use them."""
+    data = np.arange(4, dtype=np.float32)
+    np.testing.assert_array_equal(_infer(server, data, "preferred"), data * 2)
+
+
 def test_async_exec_awaits_two_calls(server: ServerProcess) -> None:
     data = np.arange(4, dtype=np.float32)
     np.testing.assert_array_equal(_infer(server, data, "async"), data * 2 + (data + 1) * 2)

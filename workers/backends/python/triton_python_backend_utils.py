@@ -29,6 +29,8 @@ from shmserve.workers.backend import MODEL_LOGGER
 from .custom_metrics import Metric, MetricFamily
 
 __all__ = [
+    "TRITONSERVER_MEMORY_CPU",
+    "TRITONSERVER_MEMORY_GPU",
     "TRITONSERVER_REQUEST_FLAG_SEQUENCE_END",
     "TRITONSERVER_REQUEST_FLAG_SEQUENCE_START",
     "TRITONSERVER_REQUEST_RELEASE_ALL",
@@ -38,11 +40,14 @@ __all__ = [
     "InferenceRequest",
     "InferenceResponse",
     "InferenceResponseSender",
+    "InferenceTrace",
     "LogLevel",
     "Logger",
+    "MemoryType",
     "Metric",
     "MetricFamily",
     "ModelConfig",
+    "PreferredMemory",
     "ResponseIterator",
     "Tensor",
     "TritonError",
@@ -83,6 +88,41 @@ _RESERVED_PARAMETERS = frozenset({
 
 # ---------------------------------------------------------------------------------------------
 # Errors
+
+
+class MemoryType(IntEnum):
+    """Where a BLS request would like its outputs (the python_backend's MemoryType)."""
+
+    TRITONSERVER_MEMORY_GPU = 0
+    TRITONSERVER_MEMORY_CPU = 1
+
+
+TRITONSERVER_MEMORY_GPU = MemoryType.TRITONSERVER_MEMORY_GPU
+TRITONSERVER_MEMORY_CPU = MemoryType.TRITONSERVER_MEMORY_CPU
+
+
+class PreferredMemory:
+    """``InferenceRequest(preferred_memory=PreferredMemory(TRITONSERVER_MEMORY_CPU))``.
+    Accepted for compatibility: BLS outputs arrive in host memory here whatever it says."""
+
+    __slots__ = ("preferred_device_id", "preferred_memory_type")
+
+    def __init__(self, preferred_memory_type: int, preferred_device_id: int = 0) -> None:
+        self.preferred_memory_type = MemoryType(preferred_memory_type)
+        self.preferred_device_id = int(preferred_device_id)
+
+
+class InferenceTrace:
+    """A request's trace, as ``request.trace()`` returns it. shmserve does not trace, so its
+    context is always None; passing it to a BLS request (``trace=``) is accepted."""
+
+    __slots__ = ()
+
+    def get_context(self) -> str | None:
+        return None
+
+
+_NO_TRACE = InferenceTrace()
 
 
 class TritonError(Exception):
@@ -515,6 +555,13 @@ class InferenceRequest:
 
     def flags(self) -> int:
         return self._flags
+
+    def set_flags(self, flags: int) -> None:
+        """A BLS request's sequence flags (TRITONSERVER_REQUEST_FLAG_SEQUENCE_START/END)."""
+        self._flags = int(flags)
+
+    def trace(self) -> InferenceTrace:
+        return _NO_TRACE
 
     def timeout(self) -> int:
         return self._timeout

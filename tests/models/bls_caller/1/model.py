@@ -36,6 +36,15 @@ class TritonPythonModel:
                 total = (pb_utils.get_output_tensor_by_name(first, "OUT").as_numpy()
                          + pb_utils.get_output_tensor_by_name(second, "OUT").as_numpy())
                 response = pb_utils.InferenceResponse([pb_utils.Tensor("OUT", total)])
+        elif mode == "preferred":
+            # The python_backend's BLS example: preferred memory and the caller's trace.
+            assert request.trace().get_context() is None
+            inner = call("bls_double", [pb_utils.Tensor("IN", data)],
+                         preferred_memory=pb_utils.PreferredMemory(
+                             pb_utils.TRITONSERVER_MEMORY_CPU, 0),
+                         trace=request.trace())
+            inner.set_flags(0)
+            response = inner.exec()
         elif mode == "init":
             response = pb_utils.InferenceResponse(
                 [pb_utils.Tensor("OUT", np.asarray(self.init_answer, np.float32))])
