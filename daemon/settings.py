@@ -112,6 +112,19 @@ class Settings:
         help="processes serving the gRPC and HTTP ports (SO_REUSEPORT), each forwarding to the "
              "core through shared memory; 1 = the supervisor serves both itself; 0 = one per four "
              "cores (1 on up to 7 cores, at most 8)")
+    grpc_use_ssl: bool = setting(
+        False, flag="--grpc-use-ssl", parse=parse_bool,
+        help="serve gRPC over TLS with --grpc-server-cert and --grpc-server-key")
+    grpc_use_ssl_mutual: bool = setting(
+        False, flag="--grpc-use-ssl-mutual", parse=parse_bool,
+        help="TLS with client certificates too, checked against --grpc-root-cert")
+    grpc_server_cert: str = setting("", flag="--grpc-server-cert", metavar="PEM",
+                                    help="the server's certificate (chain), PEM")
+    grpc_server_key: str = setting("", flag="--grpc-server-key", metavar="PEM",
+                                   help="the server's private key, PEM")
+    grpc_root_cert: str = setting("", flag="--grpc-root-cert", metavar="PEM",
+                                  help="with --grpc-use-ssl-mutual: the CA certificates that "
+                                       "client certificates must chain to, PEM")
     allow_http: bool = setting(True, flag="--allow-http", parse=parse_bool,
                                help="serve the KServe v2 HTTP/REST protocol")
     http_address: str = setting("0.0.0.0", flag="--http-address", metavar="ADDRESS",

@@ -21,7 +21,13 @@ from shmserve.daemon.frontend.http import HttpDoor
 from shmserve.daemon.frontend.local import LocalFrontend
 from shmserve.daemon.frontend.service import InferenceService, generic_handlers
 from shmserve.daemon.frontend_process.core_http import CoreHttp
-from shmserve.daemon.frontend_process.grpc_server import GRPC_OPTIONS, grpc_server
+from shmserve.daemon.frontend_process.grpc_server import (
+    GRPC_OPTIONS,
+    TlsError,
+    add_port,
+    grpc_server,
+    server_credentials,
+)
 from shmserve.daemon.frontend_process.pool import FrontendPool, frontend_count
 from shmserve.daemon.frontend_process.records import RpcCall
 from shmserve.daemon.heap import HeapTrimmer
@@ -60,6 +66,11 @@ class Supervisor:
 
     async def run(self) -> int:
         settings = self.settings
+        try:
+            server_credentials(settings)  # TLS files checked before anything starts
+        except TlsError as exc:
+            log.error("%s", exc)
+            return 1
         end_leftovers()  # before the arenas: a leftover worker could still write one
         stale = remove_arenas(None)
         if stale:
@@ -232,7 +243,10 @@ class Supervisor:
         address = (settings.grpc_address if unix
                    else f"{settings.grpc_address}:{settings.grpc_port}")
         try:
-            bound = server.add_insecure_port(address)
+            bound = add_port(server, address, server_credentials(settings))
+        except TlsError as exc:
+            log.error("%s", exc)
+            return None
         except RuntimeError as exc:
             log.error("cannot listen on %s: %s", address, exc)
             return None

@@ -2,8 +2,8 @@
 
 Each flag below takes tritonserver's value syntax. A flag whose setting changes nothing here
 (a thread count, a memory pool shmserve does not have) is accepted and named in one warning at
-start-up. A flag that would change what the server does in a way shmserve cannot honour (TLS,
-another protocol, another config file name) stops the start with a clear error, rather than
+start-up. A flag that would change what the server does in a way shmserve cannot honour
+(another protocol, another config file name) stops the start with a clear error, rather than
 serving something the user did not ask for. Two deprecated flags map onto their successors.
 """
 
@@ -45,14 +45,7 @@ class CompatFlag:
     repeatable: bool = False
 
 
-_NO_TLS = ("TLS is not supported; terminate TLS in front of shmserve (a sidecar or ingress) "
-           "and give it plaintext gRPC")
 COMPAT_FLAGS: tuple[CompatFlag, ...] = (
-    CompatFlag("--grpc-use-ssl", _when_true(_NO_TLS)),
-    CompatFlag("--grpc-use-ssl-mutual", _when_true(_NO_TLS)),
-    CompatFlag("--grpc-server-cert", _always(_NO_TLS)),
-    CompatFlag("--grpc-server-key", _always(_NO_TLS)),
-    CompatFlag("--grpc-root-cert", _always(_NO_TLS)),
     CompatFlag("--allow-sagemaker", _when_true("the SageMaker endpoint is not supported")),
     CompatFlag("--allow-vertex-ai", _when_true("the Vertex AI endpoint is not supported")),
     CompatFlag("--model-namespacing", _when_true("model namespacing is not supported")),
@@ -117,7 +110,7 @@ def add_compat_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "tritonserver's other flags", "accepted so that tritonserver command lines start "
         "shmserve; those without an effect here are named in a warning at start-up, and those "
-        "shmserve cannot honour (TLS, SageMaker, Vertex AI, model namespacing, "
+        "shmserve cannot honour (SageMaker, Vertex AI, model namespacing, "
         "--model-config-name, a rate limiter) stop the start")
     for compat in COMPAT_FLAGS:
         group.add_argument(compat.flag, dest=_dest(compat.flag), metavar="VALUE",

@@ -105,13 +105,16 @@ class ServerProcess:
         assert found is not None, text
         return float(found.group(1))
 
-    def wait_ready(self, timeout: float = 60.0, models_ready: bool = True) -> None:
-        """Wait until ServerReady (or only ServerLive, with models_ready=False) answers true."""
+    def wait_ready(self, timeout: float = 60.0, models_ready: bool = True,
+                   credentials: grpc.ChannelCredentials | None = None) -> None:
+        """Wait until ServerReady (or only ServerLive, with models_ready=False) answers true
+        (over TLS with ``credentials``)."""
         from shmserve.protos import shmserve_service_pb2 as pb
         deadline = time.monotonic() + timeout
         method = "ServerReady" if models_ready else "ServerLive"
         response_type = pb.ServerReadyResponse if models_ready else pb.ServerLiveResponse
-        with grpc.insecure_channel(self.url) as channel:
+        with (grpc.insecure_channel(self.url) if credentials is None
+              else grpc.secure_channel(self.url, credentials)) as channel:
             call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}",
                                        request_serializer=lambda m: m.SerializeToString(),
                                        response_deserializer=response_type.FromString)

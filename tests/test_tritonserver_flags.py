@@ -72,8 +72,6 @@ def test_log_flags_and_flags_without_effect(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("flag", "why"), [
-    ("--grpc-use-ssl=true", "TLS is not supported"),
-    ("--grpc-server-cert=/etc/cert.pem", "TLS is not supported"),
     ("--model-config-name=h100", "alternative config files (configs/<name>.pbtxt) are not "
                                  "supported"),
     ("--rate-limit=execution_count", "the rate limiter is not supported"),

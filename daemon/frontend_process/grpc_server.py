@@ -17,6 +17,40 @@ GRPC_OPTIONS = [
 ]
 
 
+class TlsError(Exception):
+    """The TLS settings cannot be used (a missing setting, an unreadable file)."""
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from --grpc-use-ssl[-mutual] and the PEM files; None for plaintext."""
+    if not (settings.grpc_use_ssl or settings.grpc_use_ssl_mutual):
+        return None
+    needed = [("--grpc-server-cert", settings.grpc_server_cert),
+              ("--grpc-server-key", settings.grpc_server_key)]
+    if settings.grpc_use_ssl_mutual:
+        needed.append(("--grpc-root-cert", settings.grpc_root_cert))
+    contents: list[bytes] = []
+    for flag, path in needed:
+        if not path:
+            raise TlsError(f"gRPC over TLS needs {flag}")
+        try:
+            with open(path, "rb") as pem:
+                contents.append(pem.read())
+        except OSError as exc:
+            raise TlsError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    root = contents[2] if settings.grpc_use_ssl_mutual else None
+    return grpc.ssl_server_credentials([(contents[1], contents[0])], root_certificates=root,
+                                       require_client_auth=settings.grpc_use_ssl_mutual)
+
+
+def add_port(server: grpc.aio.Server, address: str,
+             credentials: grpc.ServerCredentials | None) -> int:
+    """Listen on ``address``, over TLS with ``credentials``; the port bound."""
+    if credentials is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, credentials)
+
+
 def grpc_server(settings: Settings, reuse_port: bool) -> grpc.aio.Server:
     """``reuse_port``: several processes listen on the port and the kernel spreads the
     connections (SO_REUSEPORT). gRPC refuses a request larger than --max-request-bytes

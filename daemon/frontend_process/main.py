@@ -26,7 +26,7 @@ from shmserve.daemon.frontend.service import (
     InferenceService,
     generic_handlers,
 )
-from shmserve.daemon.frontend_process.grpc_server import grpc_server
+from shmserve.daemon.frontend_process.grpc_server import add_port, grpc_server, server_credentials
 from shmserve.daemon.frontend_process.http_proxy import FrontendHttpDoor
 from shmserve.daemon.frontend_process.records import FrontendReady, RpcCall
 from shmserve.daemon.frontend_process.remote_core import RemoteCore
@@ -74,7 +74,7 @@ async def _serve(sock: socket.socket, spec: FrontendSpec) -> None:
     service = InferenceService(core)
     server = grpc_server(spec.settings, reuse_port=True)
     server.add_generic_rpc_handlers(generic_handlers(service, _forwarder(core)))
-    server.add_insecure_port(spec.address)
+    add_port(server, spec.address, server_credentials(spec.settings))
     await server.start()
     http = None
     if spec.http_host:
