@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
-from shmserve.daemon.model_config import CONFIG_FILE, config_to_dict, user_facing
+from shmserve.daemon.model_config import config_path, config_to_dict, user_facing
 from shmserve.protos import shmserve_model_config_pb2 as mc
 
 if TYPE_CHECKING:
@@ -149,11 +149,11 @@ async def onnx_auto_complete(config: mc.ModelConfig, model_file: Path,
 
 
 def dali_needs_completion(config: mc.ModelConfig, model_dir: Path,
-                          config_json: str | None) -> bool:
+                          config_json: str | None, config_name: str = "") -> bool:
     """Whether a dali model's config leaves something for its pipeline to fill in: no inputs or
     outputs, one without a data type or dims, or no max_batch_size. A complete config is only
     validated against the pipeline, by the worker."""
-    if not _states_max_batch_size(model_dir, config_json):
+    if not _states_max_batch_size(config_path(model_dir, config_name), config_json):
         return True
     if not config.input or not config.output:
         return True
@@ -176,7 +176,7 @@ def states_max_batch_size(config_text: str) -> bool:
     return False
 
 
-def _states_max_batch_size(model_dir: Path, config_json: str | None) -> bool:
+def _states_max_batch_size(config_file: Path, config_json: str | None) -> bool:
     """Whether the config as written sets max_batch_size."""
     if config_json is not None:
         try:
@@ -185,21 +185,21 @@ def _states_max_batch_size(model_dir: Path, config_json: str | None) -> bool:
         except ValueError:
             return False
     try:
-        return states_max_batch_size((model_dir / CONFIG_FILE).read_text(errors="replace"))
+        return states_max_batch_size(config_file.read_text(errors="replace"))
     except OSError:
         return False
 
 
 async def dali_auto_complete(config: mc.ModelConfig, model_dir: Path, version: int,
                              config_json: str | None,
-                             context: multiprocessing.context.ForkServerContext
-                             ) -> mc.ModelConfig:
+                             context: multiprocessing.context.ForkServerContext,
+                             config_name: str = "") -> mc.ModelConfig:
     """A dali model's inputs, outputs and max_batch_size from its pipeline, read in a child of
     ``context`` (a ``dali.py`` pipeline is user code)."""
     from shmserve.workers.auto_complete import run_dali_auto_complete
     if not config.name:
         config.name = model_dir.name
-    given = _states_max_batch_size(model_dir, config_json)
+    given = _states_max_batch_size(config_path(model_dir, config_name), config_json)
     return await _complete_in_child(
         config, "DALI auto-complete", run_dali_auto_complete,
         (config_to_dict(config), str(model_dir / str(version)), given), context)

@@ -25,6 +25,7 @@ from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.workers.sequence_state import StateConfigError, state_specs
 
 CONFIG_FILE = "config.pbtxt"
+CUSTOM_CONFIGS_DIR = "configs"  # --model-config-name NAME: <model>/configs/NAME.pbtxt
 PLATFORM_BACKENDS = {"pytorch_libtorch": "pytorch", "onnxruntime_onnx": "onnxruntime",
                      "python": "python", "ensemble": "ensemble"}
 _INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64,
@@ -44,10 +45,23 @@ class InstancePlan:
     index: int
 
 
-def read_config(model_dir: Path, missing_ok: bool = False) -> mc.ModelConfig:
-    """The folder's config.pbtxt; with ``missing_ok`` an absent file is an empty config (Triton
-    with auto-complete on: the backend and the python model's hook fill it in)."""
-    path = model_dir / CONFIG_FILE
+def config_path(model_dir: Path, config_name: str = "") -> Path:
+    """The model's config file: ``configs/<config_name>.pbtxt`` when --model-config-name is
+    given and the model has that file, else ``config.pbtxt`` (Triton's custom model
+    configuration)."""
+    if config_name:
+        custom = model_dir / CUSTOM_CONFIGS_DIR / f"{config_name}.pbtxt"
+        if custom.is_file():
+            return custom
+    return model_dir / CONFIG_FILE
+
+
+def read_config(model_dir: Path, missing_ok: bool = False,
+                config_name: str = "") -> mc.ModelConfig:
+    """The folder's config (config_path); with ``missing_ok`` an absent file is an empty
+    config (Triton with auto-complete on: the backend and the python model's hook fill it
+    in)."""
+    path = config_path(model_dir, config_name)
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -71,9 +85,10 @@ def user_facing(protobuf_message: str) -> str:
     return protobuf_message.replace(f"{mc.DESCRIPTOR.package}.", "")
 
 
-def complete_config(config: mc.ModelConfig, model_dir: Path, gpu_ids: list[int]) -> None:
+def complete_config(config: mc.ModelConfig, model_dir: Path, gpu_ids: list[int],
+                    config_name: str = "") -> None:
     """Fill defaults the way Triton does and reject what cannot be served."""
-    where = model_dir / CONFIG_FILE
+    where = config_path(model_dir, config_name)
     folder = model_dir.name
     if not config.name:
         config.name = folder

@@ -19,6 +19,7 @@ from shmserve.daemon.model_config import (
     CONFIG_FILE,
     ConfigError,
     complete_config,
+    config_path,
     config_to_dict,
     read_config,
     select_versions,
@@ -49,26 +50,27 @@ def validate_name(name: str) -> None:
                                f"path traversal characters")
 
 
-def read_repository_config(model_dir: Path) -> mc.ModelConfig:
+def read_repository_config(model_dir: Path, config_name: str = "") -> mc.ModelConfig:
     try:
-        return read_config(model_dir, missing_ok=True)
+        return read_config(model_dir, missing_ok=True, config_name=config_name)
     except ConfigError as exc:
         raise PollError(str(exc)) from None
 
 
 def complete_for(config: mc.ModelConfig, config_dir: Path, named_dir: Path,
-              gpu_ids: list[int], overridden: bool = False) -> None:
+                 gpu_ids: list[int], overridden: bool = False, config_name: str = "") -> None:
     """Fill defaults and validate; the model is named after ``named_dir`` (the repository
     folder) even when the config was read from an agent's temporary location. Messages
     name where the config came from (a file, or the "config" load parameter)."""
     try:
-        complete_config(config, named_dir, gpu_ids)
+        complete_config(config, named_dir, gpu_ids, config_name)
     except ConfigError as exc:
         text = str(exc)
+        written = str(config_path(named_dir, config_name))
         if overridden:
-            text = text.replace(str(named_dir / CONFIG_FILE), "load parameter 'config'")
+            text = text.replace(written, "load parameter 'config'")
         elif config_dir != named_dir:
-            text = text.replace(str(named_dir / CONFIG_FILE), str(config_dir / CONFIG_FILE))
+            text = text.replace(written, str(config_path(config_dir, config_name)))
         raise PollError(text) from None
 
 
@@ -79,9 +81,9 @@ def select_model_versions(model_dir: Path, config: mc.ModelConfig) -> list[int]:
         raise PollError(f"cannot list versions of '{model_dir}': {exc.strerror}") from None
 
 
-def agent_config_reader(location: str) -> dict[str, Any]:
+def agent_config_reader(location: str, config_name: str = "") -> dict[str, Any]:
     """What agents after the first see: the config at the previous agent's location."""
-    return config_to_dict(read_config(Path(location)))
+    return config_to_dict(read_config(Path(location), config_name=config_name))
 
 
 def fingerprint(model_dir: Path) -> Fingerprint:

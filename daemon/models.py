@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import tempfile
 from collections.abc import Callable, Mapping
@@ -65,8 +66,8 @@ from shmserve.daemon.errors import (
     unknown_model,
 )
 from shmserve.daemon.model_config import (
-    CONFIG_FILE,
     InstancePlan,
+    config_path,
     config_to_dict,
     plan_instances,
     user_facing,
@@ -374,7 +375,7 @@ class ModelManager:
                 if not model_dir.is_dir():
                     raise PollError("model not found in any model repository.")
             if config is None:
-                config = read_repository_config(model_dir)
+                config = read_repository_config(model_dir, self._settings.model_config_name)
             # As Triton (InitializeModelInfo): agents see the config as written; it is
             # completed and validated only after them, from the location they left (an
             # encrypted model may ship a stub config.pbtxt and a config.pbtxt.enc).
@@ -387,7 +388,8 @@ class ModelManager:
             config = await self._auto_complete(name, config, model_dir, named_dir, versions,
                                                config_json)
             complete_for(config, model_dir, named_dir, self._gpu_ids,
-                      overridden=config_json is not None)
+                         overridden=config_json is not None,
+                         config_name=self._settings.model_config_name)
             if not versions:
                 raise _NoVersion()
             if is_ensemble(config):
@@ -413,10 +415,11 @@ class ModelManager:
         """Triton's auto-completion: the backend from the default model file, then a python
         model's ``auto_complete_config`` hook, a dali model's pipeline or an ONNX model's
         signature (all read outside the supervisor, auto_complete.py)."""
+        config_name = self._settings.model_config_name
         if config_json is not None:
             where = "load parameter 'config'"
         else:
-            where = str((model_dir if model_dir != named_dir else named_dir) / CONFIG_FILE)
+            where = str(config_path(model_dir, config_name))
         try:
             infer_backend(config, model_dir, where)
         except AutoCompleteError as exc:
@@ -428,10 +431,10 @@ class ModelManager:
             config.name = name
         try:
             if config.backend == "dali":
-                if not dali_needs_completion(config, model_dir, config_json):
+                if not dali_needs_completion(config, model_dir, config_json, config_name):
                     return config
                 return await dali_auto_complete(config, model_dir, version, config_json,
-                                                fork_context())
+                                                fork_context(), config_name)
             if is_onnx(config):
                 if not onnx_needs_auto_complete(config):
                     return config
@@ -532,7 +535,9 @@ class ModelManager:
         try:
             location = await asyncio.to_thread(chain.load, str(model_dir), versions,
                                                config_to_dict(config),
-                                               config_reader=agent_config_reader)
+                                               config_reader=functools.partial(
+                                                   agent_config_reader,
+                                                   config_name=self._settings.model_config_name))
         except AgentError as exc:
             # The chain already sent LOAD_FAIL and removed its temporary locations.
             raise PollError(exc.message) from None
@@ -544,7 +549,7 @@ class ModelManager:
             # A "config" override wins over whatever config.pbtxt the agents wrote.
             return chain, new_dir, config
         try:
-            new_config = read_repository_config(new_dir)
+            new_config = read_repository_config(new_dir, self._settings.model_config_name)
         except BaseException:
             await _fail_agents(chain)
             raise

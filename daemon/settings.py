@@ -49,6 +49,15 @@ def parse_restriction(text: str) -> tuple[set[str], str, str]:
 CACHE_NAME = "local"
 
 
+def parse_config_name(text: str) -> str:
+    """--model-config-name: a file name under each model's configs/ folder, without .pbtxt
+    ('' for none)."""
+    if any(c.isspace() for c in text) or "/" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(
+            f"expected a config name without spaces or '/', got '{text}'")
+    return text
+
+
 def parse_cache_config(text: str) -> tuple[str, str, str]:
     """tritonserver's ``--cache-config <cache>,<key>=<value>``; shmserve has the ``local``
     cache, whose one key is ``size`` (bytes)."""
@@ -178,6 +187,10 @@ class Settings:
     strict_readiness: bool = setting(
         True, flag="--strict-readiness", parse=parse_bool,
         help="ServerReady requires every model ready, and no model failed at start-up")
+    model_config_name: str = setting(
+        "", flag="--model-config-name", metavar="NAME", parse=parse_config_name,
+        help="read each model's configs/NAME.pbtxt instead of its config.pbtxt where it has "
+             "one (tritonserver's flag)")
     disable_auto_complete_config: bool = setting(
         False, flag="--disable-auto-complete-config", parse=parse_bool,
         help="do not run python models' auto_complete_config hook nor complete ONNX models' "

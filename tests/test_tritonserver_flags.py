@@ -72,8 +72,6 @@ def test_log_flags_and_flags_without_effect(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("flag", "why"), [
-    ("--model-config-name=h100", "alternative config files (configs/<name>.pbtxt) are not "
-                                 "supported"),
     ("--rate-limit=execution_count", "the rate limiter is not supported"),
     ("--allow-vertex-ai=true", "the Vertex AI endpoint is not supported"),
 ])
@@ -108,3 +106,36 @@ def test_an_unwritable_log_file_is_a_clear_error(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "cannot open --log-file" in done.stderr
+
+
+def test_model_config_name_picks_the_custom_config(tmp_path: Path) -> None:
+    """One repository, a config per host type: configs/h100.pbtxt where a model has it (here
+    with two instances and batching), config.pbtxt for the others; a broken custom config is
+    named in the load error."""
+    repo = _repository(tmp_path)
+    custom = repo / "talker" / "configs"
+    custom.mkdir()
+    (custom / "h100.pbtxt").write_text((repo / "talker" / "config.pbtxt").read_text().replace(
+        'backend: "python"', 'backend: "python"\nmax_batch_size: 4\n'
+        'instance_group [ { count: 2, kind: KIND_CPU } ]'))
+    plain = repo / "plain"
+    plain.mkdir()
+    for item in (repo / "talker").iterdir():
+        if item.is_file():
+            (plain / item.name).write_text(item.read_text().replace('"talker"', '"plain"'))
+    (plain / "1").mkdir()
+    (plain / "1" / "model.py").write_text((repo / "talker" / "1" / "model.py").read_text())
+    with ServerProcess(repo, "--model-config-name=h100") as server:
+        server.wait_ready()
+        with grpcclient.InferenceServerClient(server.url) as client:
+            talker = client.get_model_config("talker").config
+            assert talker.max_batch_size == 4 and talker.instance_group[0].count == 2
+            assert client.get_model_config("plain").config.max_batch_size == 0
+    (custom / "h100.pbtxt").write_text('name: "talker"\nbackend: "python"\nmax_batch_size: -1\n')
+    done = subprocess.run([sys.executable, "-m", "shmserve.daemon", "serve",
+                           "--model-repository", str(repo), "--grpc-port", "0",
+                           "--http-port", "0", "--metrics-port", "0",
+                           "--model-config-name", "h100"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"{custom / 'h100.pbtxt'}: field 'max_batch_size' must be >= 0" in done.stderr
