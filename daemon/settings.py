@@ -134,6 +134,35 @@ class Settings:
     grpc_root_cert: str = setting("", flag="--grpc-root-cert", metavar="PEM",
                                   help="with --grpc-use-ssl-mutual: the CA certificates that "
                                        "client certificates must chain to, PEM")
+    grpc_keepalive_time: int | None = setting(
+        None, flag="--grpc-keepalive-time", parse=int, metavar="MS",
+        help="gRPC keepalive: ping an idle connection after this long (tritonserver's flag; "
+             "unset: gRPC's own default)")
+    grpc_keepalive_timeout: int | None = setting(
+        None, flag="--grpc-keepalive-timeout", parse=int, metavar="MS",
+        help="gRPC keepalive: close a connection whose ping goes unanswered this long")
+    grpc_keepalive_permit_without_calls: bool | None = setting(
+        None, flag="--grpc-keepalive-permit-without-calls", parse=parse_bool,
+        help="gRPC keepalive: accept and send pings on connections without calls (default "
+             "true here, so tritonclient's KeepAliveOptions work)")
+    grpc_http2_max_pings_without_data: int | None = setting(
+        None, flag="--grpc-http2-max-pings-without-data", parse=int, metavar="N",
+        help="gRPC: pings the server sends without data before it waits for data")
+    grpc_http2_min_recv_ping_interval_without_data: int | None = setting(
+        None, flag="--grpc-http2-min-recv-ping-interval-without-data", parse=int,
+        metavar="MS",
+        help="gRPC: shortest interval between a client's pings without data (default 10000 "
+             "here); shorter ones are strikes")
+    grpc_http2_max_ping_strikes: int | None = setting(
+        None, flag="--grpc-http2-max-ping-strikes", parse=int, metavar="N",
+        help="gRPC: strikes before the connection is closed with GOAWAY too_many_pings")
+    grpc_max_connection_age: int | None = setting(
+        None, flag="--grpc-max-connection-age", parse=int, metavar="MS",
+        help="gRPC: close a connection (GOAWAY) this long after it opened, so that clients "
+             "reconnect and load balancers can spread them again")
+    grpc_max_connection_age_grace: int | None = setting(
+        None, flag="--grpc-max-connection-age-grace", parse=int, metavar="MS",
+        help="gRPC: how long calls in flight may still finish after that GOAWAY")
     allow_http: bool = setting(True, flag="--allow-http", parse=parse_bool,
                                help="serve the KServe v2 HTTP/REST protocol")
     http_address: str = setting("0.0.0.0", flag="--http-address", metavar="ADDRESS",

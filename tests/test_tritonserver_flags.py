@@ -8,12 +8,16 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from shmserve.protos import shmserve_service_pb2 as pb
 from shmserve.tests.serverproc import ServerProcess
 
 ISO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (\w+) ", re.MULTILINE)
@@ -21,7 +25,8 @@ ISO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (\w+) ", re.MULTILINE)
 WITHOUT_EFFECT = ["--backend-config=python,shm-default-byte-size=1048576",
                   "--pinned-memory-pool-byte-size=268435456",
                   "--cuda-memory-pool-byte-size=0:67108864", "--http-thread-count=8",
-                  "--grpc-keepalive-time=7200000", "--rate-limit=off", "--allow-sagemaker=false"]
+                  "--grpc-infer-allocation-pool-size=8", "--rate-limit=off",
+                  "--allow-sagemaker=false"]
 
 
 def _repository(root: Path) -> Path:
@@ -139,3 +144,37 @@ def test_model_config_name_picks_the_custom_config(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert f"{custom / 'h100.pbtxt'}: field 'max_batch_size' must be >= 0" in done.stderr
+
+
+def _connectivity_after_a_call(server: ServerProcess, seconds: float) -> list[str]:
+    """The connectivity states a channel goes through after one call, for ``seconds``."""
+    states: list[str] = []
+    lock = threading.Lock()
+
+    def seen(state: grpc.ChannelConnectivity) -> None:
+        with lock:
+            states.append(state.name)
+
+    with grpc.insecure_channel(server.url) as channel:
+        live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                                   request_serializer=lambda m: m.SerializeToString(),
+                                   response_deserializer=pb.ServerLiveResponse.FromString)
+        assert live(pb.ServerLiveRequest(), timeout=10).live
+        channel.subscribe(seen)
+        time.sleep(seconds)
+        channel.unsubscribe(seen)
+    with lock:
+        return list(states)
+
+
+@pytest.mark.parametrize("age_flags", [[], ["--grpc-max-connection-age=300",
+                                            "--grpc-max-connection-age-grace=100"]])
+def test_max_connection_age_closes_connections(tmp_path: Path, age_flags: list[str]) -> None:
+    """With --grpc-max-connection-age the server ends an idle client's connection (GOAWAY):
+    the channel leaves READY; without it the connection stays."""
+    with ServerProcess(_repository(tmp_path), *age_flags,
+                       "--grpc-keepalive-permit-without-calls=true") as server:
+        server.wait_ready()
+        states = _connectivity_after_a_call(server, 1.5)
+    assert states[0] == "READY", states
+    assert ("IDLE" in states or "CONNECTING" in states) == bool(age_flags), states

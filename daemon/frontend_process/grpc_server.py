@@ -51,10 +51,34 @@ def add_port(server: grpc.aio.Server, address: str,
     return server.add_secure_port(address, credentials)
 
 
+# tritonserver's connection flags -> gRPC core arguments (set only when given).
+_CONNECTION_ARGUMENTS = {
+    "grpc_keepalive_time": "grpc.keepalive_time_ms",
+    "grpc_keepalive_timeout": "grpc.keepalive_timeout_ms",
+    "grpc_keepalive_permit_without_calls": "grpc.keepalive_permit_without_calls",
+    "grpc_http2_max_pings_without_data": "grpc.http2.max_pings_without_data",
+    "grpc_http2_min_recv_ping_interval_without_data":
+        "grpc.http2.min_ping_interval_without_data_ms",
+    "grpc_http2_max_ping_strikes": "grpc.http2.max_ping_strikes",
+    "grpc_max_connection_age": "grpc.max_connection_age_ms",
+    "grpc_max_connection_age_grace": "grpc.max_connection_age_grace_ms",
+}
+
+
+def server_options(settings: Settings, reuse_port: bool) -> list[tuple[str, int]]:
+    """The gRPC server's arguments: ours, overridden by the connection flags given."""
+    options = dict(GRPC_OPTIONS)
+    for field, argument in _CONNECTION_ARGUMENTS.items():
+        value = getattr(settings, field)
+        if value is not None:
+            options[argument] = int(value)
+    options["grpc.so_reuseport"] = 1 if reuse_port else 0
+    options["grpc.max_receive_message_length"] = settings.max_request_bytes
+    return list(options.items())
+
+
 def grpc_server(settings: Settings, reuse_port: bool) -> grpc.aio.Server:
     """``reuse_port``: several processes listen on the port and the kernel spreads the
     connections (SO_REUSEPORT). gRPC refuses a request larger than --max-request-bytes
     before any of it is handed to Python."""
-    return grpc.aio.server(options=[
-        *GRPC_OPTIONS, ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ("grpc.max_receive_message_length", settings.max_request_bytes)])
+    return grpc.aio.server(options=server_options(settings, reuse_port))
