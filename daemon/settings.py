@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
@@ -47,6 +48,15 @@ def parse_restriction(text: str) -> tuple[set[str], str, str]:
 
 
 CACHE_NAME = "local"
+
+
+def parse_pattern(text: str) -> str:
+    """A regular expression (Python's syntax, searched anywhere in the name)."""
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"invalid regular expression '{text}': {exc}") from None
+    return text
 
 
 def parse_config_name(text: str) -> str:
@@ -163,6 +173,14 @@ class Settings:
     grpc_max_connection_age_grace: int | None = setting(
         None, flag="--grpc-max-connection-age-grace", parse=int, metavar="MS",
         help="gRPC: how long calls in flight may still finish after that GOAWAY")
+    grpc_header_forward_pattern: str = setting(
+        "", flag="--grpc-header-forward-pattern", metavar="REGEX", parse=parse_pattern,
+        help="gRPC request headers whose name matches reach the model as string request "
+             "parameters (tritonserver's flag)")
+    http_header_forward_pattern: str = setting(
+        "", flag="--http-header-forward-pattern", metavar="REGEX", parse=parse_pattern,
+        help="HTTP request headers whose name matches reach the model as string request "
+             "parameters (tritonserver's flag)")
     allow_http: bool = setting(True, flag="--allow-http", parse=parse_bool,
                                help="serve the KServe v2 HTTP/REST protocol")
     http_address: str = setting("0.0.0.0", flag="--http-address", metavar="ADDRESS",

@@ -69,8 +69,6 @@ COMPAT_FLAGS: tuple[CompatFlag, ...] = (
     CompatFlag("--model-load-gpu-limit", repeatable=True),
     CompatFlag("--enable-peer-access"),
     CompatFlag("--http-thread-count"),
-    CompatFlag("--http-header-forward-pattern"),
-    CompatFlag("--grpc-header-forward-pattern"),
     CompatFlag("--reuse-http-port"),
     CompatFlag("--reuse-grpc-port"),
     CompatFlag("--grpc-infer-allocation-pool-size"),

@@ -4,6 +4,7 @@ with a clear error. Real server processes."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from shmserve.protos import shmserve_service_pb2 as pb
 from shmserve.tests.serverproc import ServerProcess
@@ -178,3 +181,49 @@ def test_max_connection_age_closes_connections(tmp_path: Path, age_flags: list[s
         states = _connectivity_after_a_call(server, 1.5)
     assert states[0] == "READY", states
     assert ("IDLE" in states or "CONNECTING" in states) == bool(age_flags), states
+
+
+ECHO_PARAMETERS_PY = """
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            return [pb_utils.InferenceResponse([pb_utils.Tensor(
+                "PARAMETERS", np.array([r.parameters().encode()], dtype=object))])
+                for r in requests]
+"""
+
+
+def test_header_forward_patterns(tmp_path: Path) -> None:
+    """Matching headers reach the model as string parameters, over gRPC and HTTP; a reserved
+    name is refused with Triton's text."""
+    folder = tmp_path / "models" / "echo_parameters"
+    (folder / "1").mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(textwrap.dedent("""
+        name: "echo_parameters"
+        backend: "python"
+        input [ { name: "X", data_type: TYPE_FP32, dims: [ 1 ] } ]
+        output [ { name: "PARAMETERS", data_type: TYPE_STRING, dims: [ 1 ] } ]
+    """))
+    (folder / "1" / "model.py").write_text(textwrap.dedent(ECHO_PARAMETERS_PY))
+    with ServerProcess(tmp_path / "models", "--grpc-header-forward-pattern=^(x-tenant|triton_)",
+                       "--http-header-forward-pattern=^x-region$") as server:
+        server.wait_ready()
+        with grpcclient.InferenceServerClient(server.url) as client:
+            value = grpcclient.InferInput("X", [1], "FP32")
+            value.set_data_from_numpy(np.ones(1, np.float32))
+            result = client.infer("echo_parameters", [value], parameters={"mine": 1},
+                                  headers={"x-tenant-id": "acme", "x-region": "eu"})
+            assert json.loads(result.as_numpy("PARAMETERS")[0]) == {"mine": 1,
+                                                                    "x-tenant-id": "acme"}
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("echo_parameters", [value], headers={"triton_secret": "1"})
+            assert refused.value.message() == ("Header 'triton_secret' is reserved for Triton "
+                                               "usage and cannot be forwarded.")
+        with httpclient.InferenceServerClient(server.http_url) as client:
+            value = httpclient.InferInput("X", [1], "FP32")
+            value.set_data_from_numpy(np.ones(1, np.float32))
+            result = client.infer("echo_parameters", [value],
+                                  headers={"x-region": "eu", "x-tenant-id": "acme"})
+            assert json.loads(result.as_numpy("PARAMETERS")[0]) == {"x-region": "eu"}

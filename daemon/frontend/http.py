@@ -27,6 +27,7 @@ from shmserve.daemon.aiohttp_site import start_site
 from shmserve.daemon.core import Core
 from shmserve.daemon.core_access import CoreAccess
 from shmserve.daemon.errors import ServeError, internal, invalid_argument
+from shmserve.daemon.frontend.header_forward import Headers, forwarder, with_headers
 from shmserve.daemon.frontend.http_infer import (
     HEADER_LENGTH,
     HttpInfer,
@@ -217,6 +218,7 @@ class HttpDoor:
         # inference runs there, everything else is forwarded (frontend_process/http_proxy.py).
         self.core = core
         self._operations: Operations | None = None
+        self._forward = forwarder(core.settings.http_header_forward_pattern)
         self.max_body = core.settings.http_max_body_bytes
         self._runner: web.AppRunner | None = None
         self.bound_port: int | None = None
@@ -470,9 +472,10 @@ class HttpDoor:
         model, version = request.match_info["model"], self._version(request)
         body = await self._body_json(request)
         config = self.operations.model_config(model, version)
-        internal, outputs = await self._run(model, version,
-                                            lambda: parse_generate(model, body, config),
-                                            one_of_many=True)
+        headers = self._headers(request)
+        internal, outputs = await self._run(
+            model, version, lambda: with_headers(parse_generate(model, body, config), headers),
+            one_of_many=True)
         return web.Response(body=render_generate(internal, outputs), content_type=JSON_TYPE)
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
@@ -484,8 +487,10 @@ class HttpDoor:
         settings = self.core.settings
         events = _EventReply(StreamBudget(settings.stream_max_pending_responses,
                                           settings.stream_max_pending_bytes))
-        internal = self.core.submit(model, version, lambda: parse_generate(model, body, config),
-                                    events, streaming=True)
+        headers = self._headers(request)
+        internal = self.core.submit(
+            model, version, lambda: with_headers(parse_generate(model, body, config), headers),
+            events, streaming=True)
         answer = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                              "Cache-Control": "no-cache"})
         try:
@@ -501,17 +506,25 @@ class HttpDoor:
         return answer
 
     # --- inference ----------------------------------------------------------------------
+    def _headers(self, request: web.Request) -> Headers | None:
+        """The request's headers to forward as request parameters (None without a
+        pattern)."""
+        if self._forward is None:
+            return None
+        return self._forward.pick(request.headers.items())
+
     async def infer(self, request: web.Request) -> web.StreamResponse:
         model, version = request.match_info["model"], self._version(request)
         body = await read_body(request, self.max_body)
         header_length = request.headers.get(HEADER_LENGTH)
+        headers = self._headers(request)
         parsed: list[HttpInfer] = []
 
         def parse() -> RequestItems:
             # Called by the core once the model is known (an unknown model is a 404 first).
             header, binary = split_body(body, header_length)
             parsed.append(parse_infer(model, header, binary))
-            return parsed[0].items
+            return with_headers(parsed[0].items, headers)
 
         internal, outputs = await self._run(model, version, parse)
         head, parts = render_response(internal, outputs, binary_rule(parsed[0]))

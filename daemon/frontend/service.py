@@ -20,6 +20,7 @@ from shmserve.daemon.errors import (
     unavailable,
     unimplemented,
 )
+from shmserve.daemon.frontend.header_forward import Headers, forwarder, with_headers
 from shmserve.daemon.frontend.infer_grpc import (
     parse_request,
     response_head,
@@ -114,6 +115,7 @@ class InferenceService:
 
     def __init__(self, core: CoreAccess) -> None:
         self.core = core
+        self._forward = forwarder(core.settings.grpc_header_forward_pattern)
         self._operations: Operations | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -177,7 +179,7 @@ class InferenceService:
         with ``context.read()``: gRPC's unary handler keeps the request bytes referenced
         until the response is sent, this way they are freed once staged into the arena.
         """
-        internal, reply = self._submit(await context.read())
+        internal, reply = self._submit(await context.read(), self._headers(context))
         try:
             await reply.future
         except asyncio.CancelledError:
@@ -190,7 +192,14 @@ class InferenceService:
             context.add_done_callback(_trim_heap_after)
         return message
 
-    def _submit(self, data: bytes | object) -> tuple[InferRequest, _WireReply]:
+    def _headers(self, context: grpc.aio.ServicerContext) -> Headers | None:
+        """The call's headers to forward as request parameters (None without a pattern)."""
+        if self._forward is None:
+            return None
+        return self._forward.pick(context.invocation_metadata() or ())
+
+    def _submit(self, data: bytes | object, headers: Headers | None = None
+                ) -> tuple[InferRequest, _WireReply]:
         """Parse and queue one ModelInferRequest; from here on only the queued request holds
         (slices of) ``data``."""
         if not isinstance(data, bytes):  # grpc.aio.EOF: the client sent no message
@@ -200,7 +209,8 @@ class InferenceService:
         request, raw = _parse_request(data)
         reply = _WireReply(self._future())
         internal = self.core.submit(request.model_name, request.model_version,
-                                    lambda: parse_request(request, raw), reply)
+                                    lambda: with_headers(parse_request(request, raw), headers),
+                                    reply)
         return internal, reply
 
     def _future(self) -> asyncio.Future[Any]:
@@ -250,6 +260,7 @@ class InferenceService:
         settings = self.core.settings
         stream = _Stream(StreamBudget(settings.stream_max_pending_responses,
                                       settings.stream_max_pending_bytes))
+        headers = self._headers(context)
 
         async def read() -> None:
             try:
@@ -257,7 +268,7 @@ class InferenceService:
                     request = pb.ModelInferRequest()
                     try:
                         request, raw = _parse_request(data)
-                        stream.opened(self._submit_streamed(stream, request, raw))
+                        stream.opened(self._submit_streamed(stream, request, raw, headers))
                     except ServeError as exc:
                         stream.put(_stream_error(request, exc.message))
                     except Exception as exc:
@@ -282,10 +293,12 @@ class InferenceService:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, stream.overflow_message())
 
     def _submit_streamed(self, stream: _Stream, request: pb.ModelInferRequest,
-                         raw: list[bytes | memoryview]) -> _StreamReply:
+                         raw: list[bytes | memoryview], headers: Headers | None
+                         ) -> _StreamReply:
         reply = _StreamReply(stream, _empty_final(request))
         self.core.submit(request.model_name, request.model_version,
-                         lambda: parse_request(request, raw), reply, streaming=True)
+                         lambda: with_headers(parse_request(request, raw), headers), reply,
+                         streaming=True)
         return reply
 
     # --- statistics, repository, shared memory, logging (daemon/operations.py) ---------
