@@ -124,6 +124,8 @@ class WorkerHandle(DirectTarget, Protocol):
 
     def end_sequences(self, correlation_ids: list[int | str]) -> None: ...
 
+    def follow_log(self, switches: list[Any]) -> None: ...
+
 
 # (spec, label, on_exit(worker, reason)) -> a worker not started yet
 WorkerFactory = Callable[[WorkerSpec, str, Callable[[Any, str], None]], WorkerHandle]

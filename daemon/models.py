@@ -87,6 +87,7 @@ from shmserve.daemon.model_source import (
 from shmserve.daemon.request import InferRequest
 from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.sequence_config import sequence_plan
+from shmserve.daemon.server_log import log_switches
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.time_budget import TimeBudget
 from shmserve.daemon.worker_limits import LimitError, WorkerLimits, limits_for
@@ -217,7 +218,6 @@ class ModelManager:
         # Until start-up loading is over the server is not ready (a door may be serving
         # before the first load even began: frontend processes).
         self._starting = True
-        self._log_level = logging.DEBUG if settings.log_verbose else logging.WARNING
         self._retiring: dict[asyncio.Task[None], _Generation] = {}
         self.step_door: StepDoor | None = None  # the core's submit, for ensembles
         self._closing = False
@@ -618,7 +618,9 @@ class ModelManager:
                 instance=InstanceSpec(plan.name, plan.kind, plan.device_id, plan.index),
                 backend=backend, supervisor_pid=self._supervisor_pid, arena_owner=owner,
                 lanes=lanes, heartbeat_secs=limits.heartbeat_secs,
-                busy_poll_us=settings.worker_busy_poll_us, log_level=self._log_level,
+                busy_poll_us=settings.worker_busy_poll_us,
+                log_level=logging.DEBUG if settings.log_verbose else logging.WARNING,
+                log_switches=log_switches(settings).pack(),
                 cuda_visible_devices=str(plan.device_id) if plan.kind == "KIND_GPU" else None,
                 instance_count=instance_count)
 
@@ -817,6 +819,15 @@ class ModelManager:
         """Models with at least one READY version."""
         return sum(any(v.ready for v in record.versions.values())
                    for record in self._records.values())
+
+    def follow_log(self) -> None:
+        """Every live worker takes the server's log settings as they are now."""
+        switches = log_switches(self._settings).pack()
+        for record in self.records():
+            for version in record.versions.values():
+                for slot in version.scheduler.instances:
+                    if slot.worker is not None:
+                        slot.worker.follow_log(switches)
 
     def records(self) -> list[ModelRecord]:
         """Known models, for the index and statistics: serving ones, ones in the middle of

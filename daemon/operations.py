@@ -199,6 +199,8 @@ class Operations:
         settings = self.core.settings
         for key, value, kind in updates:
             update_log_setting(settings, key, value, kind)
+        if updates:
+            self.core.models.follow_log()
         return log_settings(settings)
 
 

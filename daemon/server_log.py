@@ -2,10 +2,12 @@
 
 ``--log-file`` sends the process's stdout and stderr there (appending), before any worker or
 frontend starts, so every process's lines land in it. ``--log-info``, ``--log-warning`` and
-``--log-error`` switch the supervisor's messages of that level on or off, ``--log-verbose``
-adds its DEBUG messages, and ``--log-format ISO8601`` prints UTC timestamps as
-``YYYY-MM-DDThh:mm:ssZ``. The logging API (gRPC LogSettings, HTTP /v2/logging) reads and
-changes the same settings at run time, with Triton's texts for bad values.
+``--log-error`` switch the messages of that level on or off, ``--log-verbose`` adds DEBUG
+messages, and ``--log-format ISO8601`` prints UTC timestamps as ``YYYY-MM-DDThh:mm:ssZ``; in
+the supervisor here, and in workers through ``log_switches`` (workers/log_switches.py). The
+logging API (gRPC LogSettings, HTTP /v2/logging) reads and changes the same settings at run
+time, with Triton's texts for bad values. Frontend processes keep the settings they started
+with.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from shmserve.daemon.errors import invalid_argument, unimplemented
 from shmserve.daemon.settings import Settings
+from shmserve.workers.protocol import LogSwitches
 
 DEFAULT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMATS = ("default", "ISO8601")
@@ -109,6 +112,12 @@ def update_log_setting(settings: Settings, key: str, value: Any, kind: str) -> N
     else:
         raise invalid_argument(f"unsupported log setting '{key}'")
     _apply(settings)
+
+
+def log_switches(settings: Settings) -> LogSwitches:
+    """What workers follow of the log settings."""
+    return LogSwitches(settings.log_info, settings.log_warning, settings.log_error,
+                       settings.log_verbose, settings.log_format == "ISO8601")
 
 
 def log_settings(settings: Settings) -> dict[str, Any]:

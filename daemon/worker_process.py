@@ -267,6 +267,11 @@ class WorkerProcess:
         if not self._exited:
             self._send(protocol.TRIM_FRAME)
 
+    def follow_log(self, switches: list[Any]) -> None:
+        """The server's log settings changed (packed LogSwitches)."""
+        if not self._exited:
+            self._send(switches)
+
     def end_sequences(self, correlation_ids: list[int | str]) -> None:
         """The supervisor ended these sequences (idle): the worker drops their state."""
         if not self._exited:

@@ -227,3 +227,56 @@ def test_header_forward_patterns(tmp_path: Path) -> None:
             result = client.infer("echo_parameters", [value],
                                   headers={"x-region": "eu", "x-tenant-id": "acme"})
             assert json.loads(result.as_numpy("PARAMETERS")[0]) == {"x-region": "eu"}
+
+
+LOGGER_PY = """
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            for request in requests:
+                tag = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()[0]
+                pb_utils.Logger.log_info(f"info from the model {tag:g}")
+                pb_utils.Logger.log_warn(f"warning from the model {tag:g}")
+            return [pb_utils.InferenceResponse([pb_utils.Tensor(
+                "Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())]) for r in requests]
+"""
+
+
+def test_workers_follow_the_logging_api(tmp_path: Path) -> None:
+    """The model's pb_utils.Logger lines obey log_info and log_format as the logging API sets
+    them, in the running worker."""
+    folder = tmp_path / "models" / "logger"
+    (folder / "1").mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(textwrap.dedent("""
+        name: "logger"
+        backend: "python"
+        input [ { name: "X", data_type: TYPE_FP32, dims: [ 1 ] } ]
+        output [ { name: "Y", data_type: TYPE_FP32, dims: [ 1 ] } ]
+    """))
+    (folder / "1" / "model.py").write_text(textwrap.dedent(LOGGER_PY))
+    with ServerProcess(tmp_path / "models") as server:
+        server.wait_ready()
+        with grpcclient.InferenceServerClient(server.url) as client:
+            def run(tag: float) -> None:
+                value = grpcclient.InferInput("X", [1], "FP32")
+                value.set_data_from_numpy(np.array([tag], np.float32))
+                client.infer("logger", [value])
+                deadline = time.monotonic() + 10
+                while f"warning from the model {tag:g}" not in server.log() \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+            run(1)
+            client.update_log_settings({"log_info": False, "log_format": "ISO8601"})
+            run(2)
+            client.update_log_settings({"log_info": True, "log_format": "default"})
+            run(3)
+        text = server.log()
+    assert "info from the model 1" in text and "info from the model 3" in text
+    assert "info from the model 2" not in text
+    second = next(line for line in text.splitlines() if "warning from the model 2" in line)
+    assert ISO_LINE.match(second), second
+    third = next(line for line in text.splitlines() if "warning from the model 3" in line)
+    assert not ISO_LINE.match(third), third

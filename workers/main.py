@@ -35,6 +35,7 @@ from shmserve.workers.copying import copy_bytes
 from shmserve.workers.cuda_ipc import CudaRegions, DeviceOutput
 from shmserve.workers.direct_answers import DirectAnswers
 from shmserve.workers.lineage import set_parent_death_signal
+from shmserve.workers.log_switches import LogSwitchFilter, apply_switches
 from shmserve.workers.proctitle import set_process_title, worker_title
 from shmserve.workers.protocol import (
     CUDA,
@@ -88,12 +89,29 @@ def run_worker(sock: socket.socket, spec: WorkerSpec,
         f"instance {spec.instance.name}] %(filename)s:%(lineno)d: %(message)s"))
     model_log.addHandler(model_handler)
     model_log.propagate = False
+    _LOG_HANDLERS[:] = [*logging.getLogger().handlers, model_handler]
+    for handler in _LOG_HANDLERS:
+        handler.addFilter(_LOG_FILTER)
+    if spec.log_switches is not None:
+        _follow_log_switches(protocol.LogSwitches.unpack(spec.log_switches))
     bls.install(bls_socket, spec.model.name, spec.instance.name, spec.instance_count)
     host = WorkerHost(sock, spec, fd_socket)
     code = host.serve()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# The worker's log handlers and the filter they share (set up in main()).
+_LOG_FILTER = LogSwitchFilter()
+_LOG_HANDLERS: list[logging.Handler] = []
+
+
+def _follow_log_switches(switches: protocol.LogSwitches) -> None:
+    apply_switches(switches, _LOG_FILTER, _LOG_HANDLERS)
+    verbose = switches.verbose > 0
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger(MODEL_LOGGER).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 class WorkerHost:
@@ -327,6 +345,8 @@ class WorkerHost:
         elif kind == protocol.END_SEQUENCES:
             if self._states is not None:
                 self._states.end(protocol.EndSequences.unpack(frame).correlation_ids)
+        elif kind == protocol.LOG_SWITCHES:
+            _follow_log_switches(protocol.LogSwitches.unpack(frame))
         else:
             log.error("unknown frame kind %r", kind)
 

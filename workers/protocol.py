@@ -67,7 +67,7 @@ from shmserve.workers.backend import InstanceSpec, ModelSpec
 # 1: msgpack maps before typed records; 2: before ShareRegion; 3: before Trim; 4: before Stage;
 # 5: before Report; 6: before Ready.concurrency; 7: before Partial; 8: before EndSequences;
 # 9: before ExecRequest.ring; 10: before the by-reference flag of ExecRequest.outputs
-PROTOCOL_VERSION = 12
+PROTOCOL_VERSION = 13
 
 INLINE = "i"
 ARENA = "a"
@@ -92,6 +92,7 @@ STAGE = 14
 REPORT = 15  # the model's own readiness and custom metrics changed
 PARTIAL = 16  # one response of a decoupled request
 END_SEQUENCES = 17  # the supervisor ended these sequences (idle): drop their implicit state
+LOG_SWITCHES = 18  # the server's log settings changed (the logging API)
 
 # Result kinds: the first element of each request's result in DONE.
 RESULT_OK = 0          # [RESULT_OK, [packed TensorRef, ...]]
@@ -239,6 +240,27 @@ class Release:
     @classmethod
     def unpack(cls, raw: list[Any]) -> Release:
         return cls(raw[1])
+
+
+@dataclass(slots=True)
+class LogSwitches:
+    """The log settings a worker follows: --log-info/--log-warning/--log-error, the verbose
+    level and ISO 8601 timestamps (in its spec at start, then as the logging API changes
+    them)."""
+
+    KIND: ClassVar[int] = LOG_SWITCHES
+    info: bool = True
+    warning: bool = True
+    error: bool = True
+    verbose: int = 0
+    iso8601: bool = False
+
+    def pack(self) -> list[Any]:
+        return [LOG_SWITCHES, self.info, self.warning, self.error, self.verbose, self.iso8601]
+
+    @classmethod
+    def unpack(cls, raw: list[Any]) -> LogSwitches:
+        return cls(bool(raw[1]), bool(raw[2]), bool(raw[3]), int(raw[4]), bool(raw[5]))
 
 
 @dataclass(slots=True)
@@ -439,6 +461,7 @@ class WorkerSpec:
     backend_config: dict[str, Any] = field(default_factory=dict)
     protocol_version: int = PROTOCOL_VERSION
     instance_count: int = 1                 # instances of the model (BLS self-call check)
+    log_switches: list[Any] | None = None   # packed LogSwitches; None: all on
 
 
 def encode(frame: list[Any]) -> bytes:
