@@ -38,6 +38,7 @@ from typing import Any, Protocol
 from shmserve.daemon.errors import ServeError, unavailable
 from shmserve.daemon.heap import KEEP_BYTES
 from shmserve.daemon.model_config import InstancePlan
+from shmserve.daemon.rate_limiter import RateLimiter
 from shmserve.daemon.reply import DirectTarget
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
@@ -300,6 +301,8 @@ class Dispatcher:
         self.closing = False
         # False: every answer goes through the scheduler (preserve_ordering holds some back).
         self.direct_answers = True
+        # --rate-limit=execution_count: a frame holds its instance's resources while it runs.
+        self.limiter: RateLimiter | None = None
         # True: inputs staged into an arena keep their door buffer too, to be staged again
         # when the model reschedules the request (iterative_sequence).
         self.keep_inputs = False
@@ -385,15 +388,25 @@ class Dispatcher:
 
     # --- sending ------------------------------------------------------------------------
     def least_loaded(self) -> InstanceSlot | None:
-        """The live instance with the most free lanes, if it has one."""
+        """The live instance with the most free lanes, if it has one (and, rate limited,
+        its resources are free)."""
         best: InstanceSlot | None = None
         for slot in self.slots:
             if slot.free_lanes and (best is None or len(slot.free_lanes) > len(best.free_lanes))\
-                    and slot.alive:
+                    and slot.alive and self.may_run(slot):
                 best = slot
                 if len(slot.free_lanes) == slot.lanes:
                     break
         return best
+
+    def may_run(self, slot: InstanceSlot) -> bool:
+        """Whether the rate limiter lets ``slot`` start a frame now; if not, the owner's
+        dispatch runs again once resources are released."""
+        limiter = self.limiter
+        if limiter is None or limiter.can_run(slot.plan):
+            return True
+        limiter.wait(self._owner.dispatch)
+        return False
 
     def free_instances(self) -> int:
         return sum(1 for slot in self.slots if slot.free_lanes and slot.alive)
@@ -423,6 +436,8 @@ class Dispatcher:
         worker = slot.worker
         assert worker is not None
         lane = slot.free_lanes.pop()
+        if self.limiter is not None:
+            self.limiter.acquire(slot.plan)
         try:
             frames, writes = self._frames(slot.input_arenas[lane], batch, worker)
         except Exception as exc:  # e.g. /dev/shm full while growing the arena
@@ -469,6 +484,8 @@ class Dispatcher:
                         batch: list[InferRequest], exc: BaseException) -> None:
         if slot.worker is worker:  # (a replaced worker's lanes were all freed)
             slot.free_lanes.append(lane)
+        if self.limiter is not None:
+            self.limiter.release(slot.plan)
         error = exc if isinstance(exc, ServeError) else unavailable(
             f"failed to stage inputs in shared memory: {exc}")
         for request in batch:
@@ -611,6 +628,8 @@ class Dispatcher:
     def _frame_answered(self, slot: InstanceSlot, worker: WorkerHandle, lane: int) -> None:
         if slot.worker is worker:  # not a replaced worker's late answer
             slot.free_lanes.append(lane)  # only now: its outputs were read
+        if self.limiter is not None:
+            self.limiter.release(slot.plan)
         slot.frames_done += 1
         self._owner.dispatch()
 
@@ -650,6 +669,8 @@ class Dispatcher:
                                      timings)
         if slot.worker is worker:
             slot.free_lanes.append(lane)
+        if self.limiter is not None:
+            self.limiter.release(slot.plan)
         slot.frames_done += 1
         self._owner.dispatch()
 

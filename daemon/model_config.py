@@ -43,6 +43,9 @@ class InstancePlan:
     kind: str            # KIND_CPU | KIND_GPU | KIND_MODEL
     device_id: int       # host GPU id, 0 for CPU
     index: int
+    # The group's rate_limiter: (resource name, global, count) each, and its priority.
+    resources: tuple[tuple[str, bool, int], ...] = ()
+    priority: int = 0
 
 
 def config_path(model_dir: Path, config_name: str = "") -> Path:
@@ -203,9 +206,13 @@ def plan_instances(config: mc.ModelConfig) -> list[InstancePlan]:
     for group in config.instance_group:
         kind = mc.ModelInstanceGroup.Kind.Name(group.kind)
         devices = list(group.gpus) if group.kind == mc.ModelInstanceGroup.KIND_GPU else [0]
+        limiter = group.rate_limiter
+        resources = tuple((resource.name, bool(getattr(resource, "global")), resource.count)
+                          for resource in limiter.resources)
         for device in devices:
             for _ in range(group.count):
-                plans.append(InstancePlan(f"{group.name}_{len(plans)}", kind, device, len(plans)))
+                plans.append(InstancePlan(f"{group.name}_{len(plans)}", kind, device, len(plans),
+                                          resources, limiter.priority))
     return plans
 
 

@@ -84,6 +84,7 @@ from shmserve.daemon.model_source import (
     validate_name,
     write_override_files,
 )
+from shmserve.daemon.rate_limiter import RateLimiter
 from shmserve.daemon.request import InferRequest
 from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.sequence_config import sequence_plan
@@ -219,6 +220,9 @@ class ModelManager:
         # before the first load even began: frontend processes).
         self._starting = True
         self._retiring: dict[asyncio.Task[None], _Generation] = {}
+        # One rate limiter for every model's instances (--rate-limit=execution_count).
+        self._limiter = (RateLimiter(settings.rate_limit_resources)
+                         if settings.rate_limit == "execution_count" else None)
         self.step_door: StepDoor | None = None  # the core's submit, for ensembles
         self._closing = False
 
@@ -630,7 +634,7 @@ class ModelManager:
                               plan_instances(config), make_spec, settings, self._supervisor_pid,
                               self._on_request_finished, WorkerProcess, limits,
                               decoupled=config.model_transaction_policy.decoupled,
-                              sequence=sequence)
+                              sequence=sequence, limiter=self._limiter)
         return ModelVersion(name, version, config, scheduler)
 
     # --- unload -------------------------------------------------------------------------

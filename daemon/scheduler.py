@@ -27,6 +27,7 @@ from shmserve.daemon.queue_policy import (
     queue_full,
     timeout_expired,
 )
+from shmserve.daemon.rate_limiter import RateLimiter
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.response_order import ResponseOrder
 from shmserve.daemon.sequence_batcher import SequenceBatcher
@@ -46,7 +47,8 @@ class Scheduler:
                  settings: Settings, supervisor_pid: int,
                  on_finished: Callable[[InferRequest], None],
                  worker_factory: WorkerFactory, limits: WorkerLimits | None = None,
-                 decoupled: bool = False, sequence: SequencePlan | None = None) -> None:
+                 decoupled: bool = False, sequence: SequencePlan | None = None,
+                 limiter: RateLimiter | None = None) -> None:
         self.model = model
         self.version = version
         self.stats = ModelStats()
@@ -56,6 +58,9 @@ class Scheduler:
         self._on_finished = on_finished  # the core's accounting, once per request
         self._dispatcher = Dispatcher(model, plans, make_spec, settings, supervisor_pid,
                                       worker_factory, self, limits, decoupled)
+        if limiter is not None:
+            limiter.register(plans)
+            self._dispatcher.limiter = limiter
         # With sequence_batching, requests queue on their sequences instead.
         self._sequences = (SequenceBatcher(sequence, self._dispatcher, self)
                            if sequence is not None else None)

@@ -254,7 +254,8 @@ class SequenceBatcher:
         for slot in self._dispatcher.slots:
             # direct: one batch at a time per instance, as Triton's (the next one forms
             # while it runs, so fewer slots need fillers)
-            while slot.free_lanes and slot.alive and not (direct and slot.inflight):
+            while slot.free_lanes and slot.alive and not (direct and slot.inflight) \
+                    and self._dispatcher.may_run(slot):
                 batch = strategy(slot)
                 if not batch:
                     break

@@ -68,6 +68,23 @@ def parse_config_name(text: str) -> str:
     return text
 
 
+def parse_rate_limit_resource(text: str) -> tuple[str, int, int | None]:
+    """``NAME:COUNT[:DEVICE]`` (tritonserver's --rate-limit-resource)."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3) or not parts[0]:
+            raise ValueError
+        count = int(parts[1])
+        device = int(parts[2]) if len(parts) == 3 else None
+        if count < 0 or (device is not None and device < 0):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected <resource_name>:<count>:<device> (device optional), got '{text}'"
+        ) from None
+    return parts[0].lower(), count, device
+
+
 def parse_cache_config(text: str) -> tuple[str, str, str]:
     """tritonserver's ``--cache-config <cache>,<key>=<value>``; shmserve has the ``local``
     cache, whose one key is ``size`` (bytes)."""
@@ -234,6 +251,15 @@ class Settings:
     strict_readiness: bool = setting(
         True, flag="--strict-readiness", parse=parse_bool,
         help="ServerReady requires every model ready, and no model failed at start-up")
+    rate_limit: str = setting(
+        "off", flag="--rate-limit", choices=("off", "execution_count"),
+        help="execution_count: an instance runs a batch only while the resources its "
+             "instance group's rate_limiter names are free (tritonserver's flag)")
+    rate_limit_resources: list[tuple[str, int, int | None]] = setting(
+        flag="--rate-limit-resource", parse=parse_rate_limit_resource, repeatable=True,
+        metavar="NAME:COUNT[:DEVICE]",
+        help="how many of a resource there are, on that device or every device (default: "
+             "the most one instance asks for); repeatable")
     model_config_name: str = setting(
         "", flag="--model-config-name", metavar="NAME", parse=parse_config_name,
         help="read each model's configs/NAME.pbtxt instead of its config.pbtxt where it has "

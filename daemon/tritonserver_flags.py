@@ -3,7 +3,7 @@
 Each flag below takes tritonserver's value syntax. A flag whose setting changes nothing here
 (a thread count, a memory pool shmserve does not have) is accepted and named in one warning at
 start-up. A flag that would change what the server does in a way shmserve cannot honour
-(another protocol, a rate limiter) stops the start with a clear error, rather than
+(another protocol) stops the start with a clear error, rather than
 serving something the user did not ask for. Two deprecated flags map onto their successors.
 """
 
@@ -21,10 +21,6 @@ Refusal = Callable[[str], str | None]
 
 def _when_true(why: str) -> Refusal:
     return lambda value: why if _true(value) else None
-
-
-def _unless(allowed: str, why: str) -> Refusal:
-    return lambda value: None if value == allowed else why
 
 
 def _true(value: str) -> bool:
@@ -45,9 +41,6 @@ COMPAT_FLAGS: tuple[CompatFlag, ...] = (
     CompatFlag("--allow-sagemaker", _when_true("the SageMaker endpoint is not supported")),
     CompatFlag("--allow-vertex-ai", _when_true("the Vertex AI endpoint is not supported")),
     CompatFlag("--model-namespacing", _when_true("model namespacing is not supported")),
-    CompatFlag("--rate-limit", _unless("off", "the rate limiter is not supported; instances "
-                                              "run whatever their scheduler sends them")),
-    CompatFlag("--rate-limit-resource", repeatable=True),
     CompatFlag("--backend-directory"),
     CompatFlag("--backend-config", repeatable=True),
     CompatFlag("--host-policy", repeatable=True),
@@ -93,8 +86,7 @@ def add_compat_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "tritonserver's other flags", "accepted so that tritonserver command lines start "
         "shmserve; those without an effect here are named in a warning at start-up, and those "
-        "shmserve cannot honour (SageMaker, Vertex AI, model namespacing, a rate limiter) "
-        "stop the start")
+        "shmserve cannot honour (SageMaker, Vertex AI, model namespacing) stop the start")
     for compat in COMPAT_FLAGS:
         group.add_argument(compat.flag, dest=_dest(compat.flag), metavar="VALUE",
                            action="append" if compat.repeatable else "store",

@@ -28,7 +28,7 @@ ISO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (\w+) ", re.MULTILINE)
 WITHOUT_EFFECT = ["--backend-config=python,shm-default-byte-size=1048576",
                   "--pinned-memory-pool-byte-size=268435456",
                   "--cuda-memory-pool-byte-size=0:67108864", "--http-thread-count=8",
-                  "--grpc-infer-allocation-pool-size=8", "--rate-limit=off",
+                  "--grpc-infer-allocation-pool-size=8", "--model-load-thread-count=4",
                   "--allow-sagemaker=false"]
 
 
@@ -80,7 +80,7 @@ def test_log_flags_and_flags_without_effect(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("flag", "why"), [
-    ("--rate-limit=execution_count", "the rate limiter is not supported"),
+    ("--model-namespacing=true", "model namespacing is not supported"),
     ("--allow-vertex-ai=true", "the Vertex AI endpoint is not supported"),
 ])
 def test_flags_it_cannot_honour_stop_the_start(tmp_path: Path, flag: str, why: str) -> None:
