@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from typing import Any
 
 from shmserve.daemon.errors import invalid_argument, unimplemented
 from shmserve.daemon.settings import Settings
+from shmserve.workers.log_switches import LogSwitchFilter, apply_switches
 from shmserve.workers.protocol import LogSwitches
 
 DEFAULT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -39,30 +39,8 @@ def redirect_output(path: str) -> None:
         os.close(fd)
 
 
-class _LevelSwitch(logging.Filter):
-    """Drops INFO, WARNING or ERROR (and above) records while their switch is off."""
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self._settings = settings
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        settings = self._settings
-        if record.levelno >= logging.ERROR:
-            return settings.log_error
-        if record.levelno >= logging.WARNING:
-            return settings.log_warning
-        if record.levelno >= logging.INFO:
-            return settings.log_info
-        return True
-
-
-def _formatter(log_format: str) -> logging.Formatter:
-    if log_format == "ISO8601":
-        formatter = logging.Formatter(DEFAULT_FORMAT, datefmt="%Y-%m-%dT%H:%M:%SZ")
-        formatter.converter = time.gmtime
-        return formatter
-    return logging.Formatter(DEFAULT_FORMAT)
+# The supervisor's handler filter: the same switches workers follow.
+_SWITCH_FILTER = LogSwitchFilter()
 
 
 def _our_handlers() -> list[logging.Handler]:
@@ -77,14 +55,14 @@ def install_server_log(settings: Settings) -> None:
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.shmserve_server_log = True  # type: ignore[attr-defined]
-    handler.addFilter(_LevelSwitch(settings))
+    handler.setFormatter(logging.Formatter(DEFAULT_FORMAT))
+    handler.addFilter(_SWITCH_FILTER)
     root.addHandler(handler)
     _apply(settings)
 
 
 def _apply(settings: Settings) -> None:
-    for handler in _our_handlers():
-        handler.setFormatter(_formatter(settings.log_format))
+    apply_switches(log_switches(settings), _SWITCH_FILTER, _our_handlers())
     level = logging.DEBUG if settings.log_verbose else logging.INFO
     logging.getLogger().setLevel(level)
     logging.getLogger("shmserve").setLevel(level)

@@ -32,28 +32,37 @@ WITHOUT_EFFECT = ["--backend-config=python,shm-default-byte-size=1048576",
                   "--allow-sagemaker=false"]
 
 
-def _repository(root: Path) -> Path:
-    folder = root / "models" / "talker"
+TALKER_PY = """
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            print("talker says hello from its worker", flush=True)
+
+        def execute(self, requests):
+            return [pb_utils.InferenceResponse([pb_utils.Tensor(
+                "Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())])
+                for r in requests]
+"""
+
+
+def _write_model(root: Path, name: str, model_py: str, output: str = "Y",
+                 output_type: str = "TYPE_FP32") -> Path:
+    """A python model X (FP32 [1]) -> ``output`` under ``root/models``; the repository."""
+    folder = root / "models" / name
     (folder / "1").mkdir(parents=True)
-    (folder / "config.pbtxt").write_text(textwrap.dedent("""
-        name: "talker"
+    (folder / "config.pbtxt").write_text(textwrap.dedent(f"""
+        name: "{name}"
         backend: "python"
-        input [ { name: "X", data_type: TYPE_FP32, dims: [ 1 ] } ]
-        output [ { name: "Y", data_type: TYPE_FP32, dims: [ 1 ] } ]
+        input [ {{ name: "X", data_type: TYPE_FP32, dims: [ 1 ] }} ]
+        output [ {{ name: "{output}", data_type: {output_type}, dims: [ 1 ] }} ]
     """))
-    (folder / "1" / "model.py").write_text(textwrap.dedent("""
-        import triton_python_backend_utils as pb_utils
-
-        class TritonPythonModel:
-            def initialize(self, args):
-                print("talker says hello from its worker", flush=True)
-
-            def execute(self, requests):
-                return [pb_utils.InferenceResponse([pb_utils.Tensor(
-                    "Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())])
-                    for r in requests]
-    """))
+    (folder / "1" / "model.py").write_text(textwrap.dedent(model_py))
     return root / "models"
+
+
+def _repository(root: Path) -> Path:
+    return _write_model(root, "talker", TALKER_PY)
 
 
 def test_log_flags_and_flags_without_effect(tmp_path: Path) -> None:
@@ -198,16 +207,9 @@ ECHO_PARAMETERS_PY = """
 def test_header_forward_patterns(tmp_path: Path) -> None:
     """Matching headers reach the model as string parameters, over gRPC and HTTP; a reserved
     name is refused with Triton's text."""
-    folder = tmp_path / "models" / "echo_parameters"
-    (folder / "1").mkdir(parents=True)
-    (folder / "config.pbtxt").write_text(textwrap.dedent("""
-        name: "echo_parameters"
-        backend: "python"
-        input [ { name: "X", data_type: TYPE_FP32, dims: [ 1 ] } ]
-        output [ { name: "PARAMETERS", data_type: TYPE_STRING, dims: [ 1 ] } ]
-    """))
-    (folder / "1" / "model.py").write_text(textwrap.dedent(ECHO_PARAMETERS_PY))
-    with ServerProcess(tmp_path / "models", "--grpc-header-forward-pattern=^(x-tenant|triton_)",
+    repo = _write_model(tmp_path, "echo_parameters", ECHO_PARAMETERS_PY, "PARAMETERS",
+                        "TYPE_STRING")
+    with ServerProcess(repo, "--grpc-header-forward-pattern=^(x-tenant|triton_)",
                        "--http-header-forward-pattern=^x-region$") as server:
         server.wait_ready()
         with grpcclient.InferenceServerClient(server.url) as client:
@@ -247,16 +249,7 @@ LOGGER_PY = """
 def test_workers_follow_the_logging_api(tmp_path: Path) -> None:
     """The model's pb_utils.Logger lines obey log_info and log_format as the logging API sets
     them, in the running worker."""
-    folder = tmp_path / "models" / "logger"
-    (folder / "1").mkdir(parents=True)
-    (folder / "config.pbtxt").write_text(textwrap.dedent("""
-        name: "logger"
-        backend: "python"
-        input [ { name: "X", data_type: TYPE_FP32, dims: [ 1 ] } ]
-        output [ { name: "Y", data_type: TYPE_FP32, dims: [ 1 ] } ]
-    """))
-    (folder / "1" / "model.py").write_text(textwrap.dedent(LOGGER_PY))
-    with ServerProcess(tmp_path / "models") as server:
+    with ServerProcess(_write_model(tmp_path, "logger", LOGGER_PY)) as server:
         server.wait_ready()
         with grpcclient.InferenceServerClient(server.url) as client:
             def run(tag: float) -> None:
