@@ -21,6 +21,7 @@ from shmserve.daemon.request import InferRequest
 from shmserve.daemon.response_cache import ResponseCache, cache_size
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import ShmPolicy, ShmRegistry
+from shmserve.daemon.tracing import Tracer, config_from
 
 
 class Core:
@@ -34,6 +35,8 @@ class Core:
         # The response cache (--cache-config), for models with response_cache enabled.
         self.cache = CacheFront(ResponseCache(size), self._finished) if size else None
         self.registry = ShmRegistry(self._regions_released, policy, gpu_ids)
+        # Request tracing (--trace-config and the trace API).
+        self.tracer = Tracer(config_from(settings.trace_config))
         self.exiting = False
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -60,6 +63,7 @@ class Core:
                                 f"'{model.name}'")
         request = build_request(model, self.registry, parse(), reply)
         reply.request = request
+        request.trace = self.tracer.start(model.name, model.version, request.request_id)
         self.inflight += 1
         self._idle.clear()
         try:
@@ -85,6 +89,9 @@ class Core:
     def _finished(self, request: InferRequest) -> None:
         """Once per accepted request, when the scheduler is done with it."""
         request.done = True
+        if request.trace is not None:
+            self.tracer.end(request.trace)
+            request.trace = None
         for region in request.regions:
             self.registry.release(region)
         self.inflight -= 1

@@ -43,6 +43,7 @@ from shmserve.daemon.reply import DirectTarget
 from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import Region
+from shmserve.daemon.tracing import compute_marks
 from shmserve.daemon.worker_limits import WorkerLimits, limits_for, restart_delay
 from shmserve.protos.response_ring import ring_bytes
 from shmserve.workers.protocol import (
@@ -148,6 +149,17 @@ class DispatchOwner(Protocol):
     def dispatch(self) -> None: ...
 
     def no_live_instance(self, error: ServeError) -> None: ...
+
+
+def _trace_executions(batch: list[InferRequest], executions: list[list[Any]]) -> None:
+    """The compute timestamps of the traced requests of a frame (tracing.py)."""
+    answered = 0
+    for indices, input_ns, infer_ns, output_ns in executions:
+        for index in indices:
+            trace = batch[index].trace
+            if trace is not None:
+                answered = answered or time.monotonic_ns()
+                compute_marks(trace, input_ns, infer_ns, output_ns, answered)
 
 
 def _write_inputs(jobs: list[tuple[int, int, bytes | memoryview | Pieces]]) -> None:
@@ -587,6 +599,7 @@ class Dispatcher:
                 batch: list[InferRequest], result: Done,
                 answers: list[Answer]) -> None:
         slot.served = True
+        _trace_executions(batch, result.executions)  # before the requests finish
         finish = self._owner.finish
         for request, outputs in zip(batch, answers, strict=True):
             if isinstance(outputs, _Reschedule):
@@ -638,6 +651,8 @@ class Dispatcher:
         """Done of a decoupled model's frame: a request answered STREAMING stays open until
         its final Partial (which may have come already); any other result ends it."""
         finish = self._owner.finish
+        if not isinstance(result, BaseException):
+            _trace_executions(batch, result.executions)  # before the requests finish
         answers: list[Any] = ([None] * len(batch) if isinstance(result, BaseException)
                               else result.results)
         for request, answer in zip(batch, answers, strict=True):

@@ -17,7 +17,6 @@ from shmserve.daemon.errors import (
     SERVER_EXITING,
     invalid_argument,
     unavailable,
-    unimplemented,
     unknown_model,
 )
 from shmserve.daemon.infer_request import config_datatype
@@ -31,7 +30,6 @@ EXTENSIONS = ["sequence", "model_repository", "model_repository(unload_dependent
               "model_configuration", "system_shared_memory",
               "cuda_shared_memory", "binary_tensor_data", "parameters", "statistics",
               "logging", "schedule_policy"]
-TRACE_UNSUPPORTED = "tracing is not supported by shmserve"
 
 # One load parameter as a door received it: (key, value, the name of its type on the wire).
 LoadParameter = tuple[str, Any, str]
@@ -191,8 +189,16 @@ class Operations:
         self.registry.register_cuda(name, raw_handle, device_id, byte_size, owner)
 
     # --- trace and logging --------------------------------------------------------------
-    def trace_setting(self) -> None:
-        raise unimplemented(TRACE_UNSUPPORTED)
+    def trace_setting(self, model: str, updates: dict[str, list[str] | None]
+                      ) -> dict[str, list[str]]:
+        """The trace API: apply ``updates`` (None clears a field) to the server's setting or
+        to ``model``'s, and answer every field (tracing.py)."""
+        if model and not self.models.is_ready(model, ""):
+            raise invalid_argument(f"Request for unknown model : {model}")
+        tracer = self.core.tracer
+        if updates:
+            tracer.update(model, updates)
+        return tracer.answer(model)
 
     def update_log_settings(self, updates: Iterable[tuple[str, Any, str]]) -> dict[str, Any]:
         """Applies (key, value, type name) updates; answers every log setting's value."""

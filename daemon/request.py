@@ -11,6 +11,7 @@ from shmserve.workers.shm import FileReader, Pieces
 
 if TYPE_CHECKING:
     from shmserve.daemon.scheduler import Scheduler
+    from shmserve.daemon.tracing import Trace
     from shmserve.workers.shm import Segment
 
 
@@ -158,3 +159,4 @@ class InferRequest:
     # Once sent to a worker: (worker, frame id, index in the frame), to withdraw it there.
     sent: tuple[Any, int, int] | None = None
     ring: ResponseRing | None = None  # a streamed request's responses go there
+    trace: Trace | None = None        # sampled for tracing (tracing.py)

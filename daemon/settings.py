@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
+from shmserve.daemon.tracing import parse_trace_config
+
 PROTOCOL_GROUPS = {"health", "metadata", "inference", "shared-memory", "model-config",
                    "model-repository", "statistics", "trace", "logging"}
 
@@ -360,6 +362,11 @@ class Settings:
     worker_heartbeat_secs: float = setting(
         2.0, help="at most this many seconds between a worker's heartbeats (also at most a "
                   "fifth of the heartbeat timeout)")
+    trace_config: list[tuple[str, str]] = setting(
+        flag="--trace-config", parse=parse_trace_config, repeatable=True,
+        metavar="[triton,]KEY=VALUE",
+        help="request tracing, as tritonserver's triton mode: level=TIMESTAMPS, rate=N, "
+             "count=N, triton,file=PATH, triton,log-frequency=N; repeatable")
     cache_config: list[tuple[str, str, str]] = setting(
         flag="--cache-config", parse=parse_cache_config, repeatable=True,
         metavar="CACHE,KEY=VALUE",

@@ -296,6 +296,7 @@ class Supervisor:
         if local is not None:
             await local.stop()
         await core.models.shutdown(budget)
+        await core.tracer.close()
         if http is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(http.stop(), max(0.1, budget.left()))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shmserve.daemon.settings import Settings, parse_bool
+from shmserve.daemon.tracing import parse_trace_config
 
 # A check: the value given -> why shmserve cannot honour it, or None.
 Refusal = Callable[[str], str | None]
@@ -45,7 +46,6 @@ COMPAT_FLAGS: tuple[CompatFlag, ...] = (
     CompatFlag("--backend-config", repeatable=True),
     CompatFlag("--host-policy", repeatable=True),
     CompatFlag("--metrics-config", repeatable=True),
-    CompatFlag("--trace-config", repeatable=True),
     CompatFlag("--trace-file"),
     CompatFlag("--trace-level", repeatable=True),
     CompatFlag("--trace-rate"),
@@ -73,6 +73,10 @@ COMPAT_FLAGS: tuple[CompatFlag, ...] = (
     CompatFlag("--vertex-ai-thread-count"),
     CompatFlag("--vertex-ai-default-model"),
 )
+# tritonserver's older trace flags -> their --trace-config form.
+TRACE_FLAGS = {"--trace-file": "triton,file", "--trace-level": "level",
+               "--trace-rate": "rate", "--trace-count": "count",
+               "--trace-log-frequency": "triton,log-frequency"}
 # Deprecated tritonserver flags with a successor here.
 STRICT_MODEL_CONFIG = "--strict-model-config"        # true: --disable-auto-complete-config
 RESPONSE_CACHE_BYTES = "--response-cache-byte-size"  # N: --cache-config local,size=N
@@ -104,6 +108,14 @@ def apply_compat_flags(args: argparse.Namespace, settings: Settings) -> list[str
     for compat in COMPAT_FLAGS:
         given = getattr(args, _dest(compat.flag), None)
         if given is None:
+            continue
+        if compat.flag in TRACE_FLAGS:
+            for value in given if isinstance(given, list) else [given]:
+                try:
+                    entry = parse_trace_config(f"{TRACE_FLAGS[compat.flag]}={value}")
+                except argparse.ArgumentTypeError as exc:
+                    raise ValueError(f"{compat.flag}={value}: {exc}") from None
+                settings.trace_config = [*settings.trace_config, entry]
             continue
         for value in given if isinstance(given, list) else [given]:
             why = compat.refuse(value) if compat.refuse is not None else None

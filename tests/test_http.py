@@ -449,8 +449,10 @@ def test_logging_and_trace(client: httpclient.InferenceServerClient,
         assert refused.value.message() == text
     for path in ("/v2/trace/setting", "/v2/models/simple/trace/setting"):
         status, _, answer = _raw(server, "GET", path)
-        assert status == 501
-        assert _error(answer) == "tracing is not supported by shmserve"
+        assert status == 200
+        assert json.loads(answer) == {"trace_level": ["OFF"], "trace_rate": "1000",
+                                      "trace_count": "-1", "log_frequency": "0",
+                                      "trace_file": "", "trace_mode": "triton"}
 
 
 # --- shared memory ---------------------------------------------------------------------------

@@ -221,10 +221,11 @@ def test_repository_index(client: grpcclient.InferenceServerClient) -> None:
         assert states[(name, "1")] == "READY"
 
 
-def test_trace_setting_is_unimplemented(client: grpcclient.InferenceServerClient) -> None:
-    with pytest.raises(InferenceServerException) as error:
-        client.get_trace_settings()
-    assert error.value.status() == "StatusCode.UNIMPLEMENTED"
+def test_trace_settings_default_to_off(client: grpcclient.InferenceServerClient) -> None:
+    settings = client.get_trace_settings(as_json=True)["settings"]
+    assert settings["trace_level"] == {"value": ["OFF"]}
+    assert settings["trace_rate"] == {"value": ["1000"]}
+    assert settings["trace_mode"] == {"value": ["triton"]}
 
 
 def test_log_settings(client: grpcclient.InferenceServerClient) -> None:

@@ -444,8 +444,20 @@ class HttpDoor:
         return _json(self.operations.update_log_settings(updates))
 
     async def trace(self, request: web.Request) -> web.StreamResponse:
-        self.operations.trace_setting()
-        return web.Response()
+        """Triton's trace setting: values are strings (trace_level a list of them), null
+        clears a field."""
+        updates: dict[str, list[str] | None] = {}
+        if request.method == "POST":
+            for key, value in (await self._body_json(request)).items():
+                if value is None:
+                    updates[key] = None
+                elif isinstance(value, list):
+                    updates[key] = [str(item) for item in value]
+                else:
+                    updates[key] = [str(value)]
+        answer = self.operations.trace_setting(request.match_info.get("model", ""), updates)
+        return _json({key: values if key == "trace_level" else values[0]
+                      for key, values in answer.items()})
 
     async def _run(self, model: str, version: str, parse: Callable[[], RequestItems],
                    one_of_many: bool = False) -> tuple[InferRequest, list[OutputTensor]]:

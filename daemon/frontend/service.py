@@ -366,8 +366,11 @@ class InferenceService:
 
     async def TraceSetting(self, request: pb.TraceSettingRequest,
                            context: grpc.aio.ServicerContext) -> pb.TraceSettingResponse:
-        self.operations.trace_setting()
-        return pb.TraceSettingResponse()
+        updates = {key: list(value.value) or None for key, value in request.settings.items()}
+        response = pb.TraceSettingResponse()
+        for key, values in self.operations.trace_setting(request.model_name, updates).items():
+            response.settings[key].value.extend(values)
+        return response
 
     async def LogSettings(self, request: pb.LogSettingsRequest,
                           context: grpc.aio.ServicerContext) -> pb.LogSettingsResponse:
