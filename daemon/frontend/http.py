@@ -27,7 +27,6 @@ from shmserve.daemon.aiohttp_site import start_site
 from shmserve.daemon.core import Core
 from shmserve.daemon.core_access import CoreAccess
 from shmserve.daemon.errors import ServeError, internal, invalid_argument
-from shmserve.daemon.frontend.header_forward import Headers, forwarder, with_headers
 from shmserve.daemon.frontend.http_infer import (
     HEADER_LENGTH,
     HttpInfer,
@@ -39,6 +38,7 @@ from shmserve.daemon.frontend.http_infer import (
     render_response,
     split_body,
 )
+from shmserve.daemon.header_forward import Headers, forwarder, with_headers
 from shmserve.daemon.infer_request import RequestItems
 from shmserve.daemon.operations import Operations
 from shmserve.daemon.reply import FutureReply, Reply

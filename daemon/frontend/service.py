@@ -20,7 +20,6 @@ from shmserve.daemon.errors import (
     unavailable,
     unimplemented,
 )
-from shmserve.daemon.frontend.header_forward import Headers, forwarder, with_headers
 from shmserve.daemon.frontend.infer_grpc import (
     parse_request,
     response_head,
@@ -34,6 +33,7 @@ from shmserve.daemon.frontend.wire import (
     serialize_infer_response,
     serialize_stream_response,
 )
+from shmserve.daemon.header_forward import Headers, forwarder, with_headers
 from shmserve.daemon.heap import KEEP_BYTES, trim_heap
 from shmserve.daemon.operations import Operations
 from shmserve.daemon.reply import FutureReply, Reply
