@@ -15,16 +15,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from shmserve.tests.serverproc import ServerProcess
 
 SPAN_PY = """
+    import os
     import time
     import numpy as np
     import triton_python_backend_utils as pb_utils
 
     class TritonPythonModel:
         def execute(self, requests):
+            for request in requests:
+                if pb_utils.get_input_tensor_by_name(request, "X").as_numpy()[0, 0] < 0:
+                    os._exit(3)   # dies holding the resource
             started = time.monotonic()
             time.sleep(0.4)
             span = np.array([[started, time.monotonic()]], np.float64)
@@ -97,3 +102,19 @@ def test_a_bad_resource_is_a_clear_error(repository: Path) -> None:
     assert done.returncode == 2
     assert "expected <resource_name>:<count>:<device> (device optional), got 'R:many'" \
         in done.stderr
+
+
+def test_a_worker_that_dies_gives_its_resources_back(repository: Path) -> None:
+    """Model a's worker dies while its batch holds R: its request fails, and model b (which
+    needs R too) still runs."""
+    with ServerProcess(repository, "--rate-limit=execution_count") as server:
+        server.wait_ready()
+        with grpcclient.InferenceServerClient(server.url) as client:
+            value = grpcclient.InferInput("X", [1, 1], "FP32")
+            value.set_data_from_numpy(np.full((1, 1), -1, np.float32))
+            with pytest.raises(InferenceServerException) as died:
+                client.infer("a", [value], client_timeout=30)
+            assert died.value.status() == "StatusCode.UNAVAILABLE"
+            value.set_data_from_numpy(np.ones((1, 1), np.float32))
+            span = client.infer("b", [value], client_timeout=30).as_numpy("SPAN")[0]
+            assert span[1] > span[0]
