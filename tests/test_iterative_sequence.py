@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from shmserve.tests.serverproc import ServerProcess
 # Runs each request STEPS times (counted by its correlation id) and answers how many runs it
 # took, the sum of DATA seen on the last run, and the largest batch it was part of.
 ITERATIVE_PY = """
+    import os
     import numpy as np
     import triton_python_backend_utils as pb_utils
 
@@ -41,7 +43,9 @@ ITERATIVE_PY = """
                 widest = max(self.widest.get(key, 0), len(requests))
                 steps = pb_utils.get_input_tensor_by_name(request, "STEPS").as_numpy()
                 data = pb_utils.get_input_tensor_by_name(request, "DATA").as_numpy()
-                if runs < int(steps.reshape(-1)[0]):
+                if int(steps.reshape(-1)[0]) < 0 and runs == 2:
+                    os._exit(3)   # the worker dies on the request's second run
+                if runs < abs(int(steps.reshape(-1)[0])):
                     self.runs[key], self.widest[key] = runs, widest
                     request.set_release_flags(pb_utils.TRITONSERVER_REQUEST_RELEASE_RESCHEDULE)
                     responses.append(None)
@@ -220,3 +224,14 @@ def test_a_decoupled_model_streams_across_its_runs(server: ServerProcess) -> Non
         client.stop_stream()
     assert got == {f"r{index}": list(range(count - 1, -1, -1))
                    for index, count in enumerate(steps)}
+
+
+def test_a_worker_dying_mid_iteration_fails_the_request_only(
+        client: grpcclient.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as died:
+        _run(client, "iterative", -4, np.ones(2, np.float32))
+    assert died.value.status() == "StatusCode.UNAVAILABLE"
+    deadline = time.monotonic() + 30
+    while not client.is_model_ready("iterative") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _run(client, "iterative", 3, np.ones(2, np.float32))[:2] == (3, 2.0)
