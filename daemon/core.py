@@ -21,7 +21,8 @@ from shmserve.daemon.request import InferRequest
 from shmserve.daemon.response_cache import ResponseCache, cache_size
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import ShmPolicy, ShmRegistry
-from shmserve.daemon.tracing import Tracer, config_from
+from shmserve.daemon.trace_config import config_from
+from shmserve.daemon.tracing import Tracer
 
 
 class Core:

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from shmserve.daemon.aiohttp_site import start_site
 from shmserve.daemon.host_metrics import HostMetrics
+from shmserve.daemon.latency_metrics import FIRST_RESPONSE_BUCKETS_MS, LatencyOptions
 from shmserve.daemon.models import ModelManager
 from shmserve.daemon.response_cache import ResponseCache
 from shmserve.daemon.shm_registry import ShmRegistry
@@ -22,6 +23,7 @@ from shmserve.daemon.statistics import ModelStats
 from shmserve.workers.protocol import Report
 
 log = logging.getLogger("shmserve.metrics")
+DEFAULT_LATENCY = LatencyOptions()
 
 _COUNTERS: list[tuple[str, str, str]] = [
     ("nv_inference_request_success", "Number of successful inference requests", "success"),
@@ -56,7 +58,8 @@ def _labels(**labels: object) -> str:
 
 
 def render(models: ModelManager, registry: ShmRegistry | None = None,
-           cache: ResponseCache | None = None) -> str:
+           cache: ResponseCache | None = None,
+           latency: LatencyOptions = DEFAULT_LATENCY) -> str:
     versions = [(v.name, v.version, v.scheduler) for r in models.records()
                 for v in r.versions.values()]
     # As Triton: cache metrics for the models that use the server's response cache.
@@ -87,9 +90,14 @@ def render(models: ModelManager, registry: ShmRegistry | None = None,
            per_version(lambda stats: stats.responses))
     family("nv_inference_pending_request_count", "Instantaneous number of pending requests",
            "gauge", per_version(lambda stats: max(stats.pending, 0)))
-    for name, help_text, field in _DURATIONS:
-        family(name, help_text, "counter",
-               per_version(lambda stats, f=field: _us(stats, f)))
+    if latency.counters:
+        for name, help_text, field in _DURATIONS:
+            family(name, help_text, "counter",
+                   per_version(lambda stats, f=field: _us(stats, f)))
+    if latency.summaries:
+        _summaries(lines, versions, latency.quantiles)
+    if latency.first_response_histogram:
+        _first_response(lines, versions)
     for name, help_text, field in _CACHE_FAMILIES:
         family(name, help_text, "counter",
                [(_labels(model=model, version=version),
@@ -136,6 +144,52 @@ def render(models: ModelManager, registry: ShmRegistry | None = None,
                [(_labels(kind=kind, owner=owner), float(count))
                 for (kind, owner), count in sorted(registry.counts().items())])
     return "\n".join(lines) + "\n"
+
+
+_SUMMARIES: list[tuple[str, str, str]] = [
+    ("nv_inference_request_summary_us", "Summary of inference request duration in "
+     "microseconds (includes cached requests)", "success"),
+    ("nv_inference_queue_summary_us", "Summary of inference queuing duration in "
+     "microseconds (includes cached requests)", "queue"),
+    ("nv_inference_compute_input_summary_us", "Summary of compute input duration in "
+     "microseconds (does not include cached requests)", "compute_input"),
+    ("nv_inference_compute_infer_summary_us", "Summary of compute inference duration in "
+     "microseconds (does not include cached requests)", "compute_infer"),
+    ("nv_inference_compute_output_summary_us", "Summary of inference compute output duration "
+     "in microseconds (does not include cached requests)", "compute_output"),
+]
+
+
+def _summaries(lines: list[str], versions: list[tuple[str, int, Any]],
+               quantiles: tuple[float, ...]) -> None:
+    for name, help_text, field in _SUMMARIES:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} summary")
+        for model, version, scheduler in versions:
+            summary = getattr(getattr(scheduler.stats, field), "summary", None)
+            if summary is None:
+                continue
+            labels = f'model="{model}",version="{version}"'
+            lines.append(f"{name}_count{{{labels}}} {summary.count}")
+            lines.append(f"{name}_sum{{{labels}}} {summary.sum:g}")
+            lines.extend(f'{name}{{{labels},quantile="{q:g}"}} {value:g}'
+                         for q, value in summary.quantiles(quantiles))
+
+
+def _first_response(lines: list[str], versions: list[tuple[str, int, Any]]) -> None:
+    name = "nv_inference_first_response_histogram_ms"
+    lines.append(f"# HELP {name} Duration from request to first response in milliseconds")
+    lines.append(f"# TYPE {name} histogram")
+    for model, version, scheduler in versions:
+        histogram = scheduler.stats.first_response
+        if histogram is None:
+            continue
+        labels = f'model="{model}",version="{version}"'
+        lines.append(f"{name}_count{{{labels}}} {histogram.count}")
+        lines.append(f"{name}_sum{{{labels}}} {histogram.sum:g}")
+        for bound, count in zip(FIRST_RESPONSE_BUCKETS_MS, histogram.buckets, strict=True):
+            lines.append(f'{name}{{{labels},le="{bound:g}"}} {count}')  # (cumulative)
+        lines.append(f'{name}{{{labels},le="+Inf"}} {histogram.count}')
 
 
 def _custom_families(lines: list[str], reports: list[Report]) -> None:
@@ -189,11 +243,13 @@ class MetricsServer:
 
     def __init__(self, models: ModelManager, address: str, port: int,
                  registry: ShmRegistry | None = None, cache: ResponseCache | None = None,
-                 host: HostMetrics | None = None) -> None:
+                 host: HostMetrics | None = None,
+                 latency: LatencyOptions = DEFAULT_LATENCY) -> None:
         self._models = models
         self._registry = registry
         self._cache = cache
         self._host = host
+        self._latency = latency
         self._address = address
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -210,7 +266,7 @@ class MetricsServer:
         log.info("Started Metrics Service at %s:%d", self._address, self.port)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        text = render(self._models, self._registry, self._cache)
+        text = render(self._models, self._registry, self._cache, self._latency)
         if self._host is not None:
             text += "".join(line + "\n" for line in self._host.lines())
         if self.extra is not None:

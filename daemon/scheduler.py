@@ -19,6 +19,7 @@ from typing import Any
 from shmserve.daemon.batcher import BatchPolicy, requests_per_frame, share_among
 from shmserve.daemon.dispatcher import Dispatcher, InstanceSlot, WorkerFactory
 from shmserve.daemon.errors import ServeError, internal, unavailable
+from shmserve.daemon.latency_metrics import instrument, options_from
 from shmserve.daemon.model_config import InstancePlan
 from shmserve.daemon.queue_policy import (
     PolicyQueue,
@@ -52,6 +53,7 @@ class Scheduler:
         self.model = model
         self.version = version
         self.stats = ModelStats()
+        instrument(self.stats, options_from(settings.metrics_config))
         self._policy = BatchPolicy.from_config(max_batch_size, batching)
         self._max_queue = (batching.default_queue_policy.max_queue_size
                            if batching is not None else 0)
@@ -271,7 +273,11 @@ class Scheduler:
         if self._sequences is not None and self._sequences.finished(request):
             return  # a filler of an empty sequence slot: nobody asked for it
         ok = not isinstance(result, BaseException)
-        self.stats.record_request(ok, time.perf_counter_ns() - request.received_ns)
+        elapsed = time.perf_counter_ns() - request.received_ns
+        self.stats.record_request(ok, elapsed)
+        first = self.stats.first_response
+        if first is not None and ok and id(request) not in self._responded:
+            first.observe(elapsed / 1e6)  # its one response
         if self._responded:
             self._responded.pop(id(request), None)
         self._on_finished(request)
@@ -322,6 +328,8 @@ class Scheduler:
                 sequences.finished(request)  # the sequence's next request may go
         now = time.perf_counter_ns()
         index, since = self._responded.get(id(request), (0, request.received_ns))
+        if index == 0 and self.stats.first_response is not None:
+            self.stats.first_response.observe((now - request.received_ns) / 1e6)
         kind = ("empty_response" if result is None
                 else "fail" if isinstance(result, ServeError) else "success")
         self.stats.record_response(index, kind, now - since)

@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
-from shmserve.daemon.tracing import parse_trace_config
+from shmserve.daemon.latency_metrics import parse_metrics_config
+from shmserve.daemon.trace_config import parse_trace_config
 
 PROTOCOL_GROUPS = {"health", "metadata", "inference", "shared-memory", "model-config",
                    "model-repository", "statistics", "trace", "logging"}
@@ -362,6 +363,12 @@ class Settings:
     worker_heartbeat_secs: float = setting(
         2.0, help="at most this many seconds between a worker's heartbeats (also at most a "
                   "fifth of the heartbeat timeout)")
+    metrics_config: list[tuple[str, str]] = setting(
+        flag="--metrics-config", parse=parse_metrics_config, repeatable=True,
+        metavar="KEY=VALUE",
+        help="latency metrics, as tritonserver's: summary_latencies=true, "
+             "summary_quantiles=Q:E,..., counter_latencies=false, histogram_latencies=true; "
+             "repeatable")
     trace_config: list[tuple[str, str]] = setting(
         flag="--trace-config", parse=parse_trace_config, repeatable=True,
         metavar="[triton,]KEY=VALUE",

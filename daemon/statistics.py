@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -54,6 +55,8 @@ class ModelStats:
     responses: int = 0  # responses sent by decoupled models (unary answers not counted)
     batches: dict[int, BatchStat] = field(default_factory=dict)
     response_stats: dict[int, ResponseStat] = field(default_factory=dict)
+    # --metrics-config histogram_latencies=true: latency_metrics.FirstResponseHistogram
+    first_response: Any = None
 
     def record_response(self, index: int, kind: str, duration_ns: int) -> None:
         """The ``index``-th response of a decoupled request: kind success, fail or

@@ -32,6 +32,7 @@ from shmserve.daemon.frontend_process.pool import FrontendPool, frontend_count
 from shmserve.daemon.frontend_process.records import RpcCall
 from shmserve.daemon.heap import HeapTrimmer
 from shmserve.daemon.host_metrics import HostMetrics
+from shmserve.daemon.latency_metrics import options_from
 from shmserve.daemon.leftovers import end_leftovers
 from shmserve.daemon.lifeline import watch_lifeline
 from shmserve.daemon.metrics import MetricsServer
@@ -92,7 +93,8 @@ class Supervisor:
                            settings.metrics_interval_ms / 1000)
         metrics = MetricsServer(models, metrics_address, settings.metrics_port, core.registry,
                                 core.cache.cache if core.cache is not None else None,
-                                host if host.enabled else None
+                                host if host.enabled else None,
+                                options_from(settings.metrics_config)
                                 ) if settings.allow_metrics else None
         if metrics is not None:
             try:

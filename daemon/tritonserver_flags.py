@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shmserve.daemon.settings import Settings, parse_bool
-from shmserve.daemon.tracing import parse_trace_config
+from shmserve.daemon.trace_config import parse_trace_config
 
 # A check: the value given -> why shmserve cannot honour it, or None.
 Refusal = Callable[[str], str | None]
@@ -45,7 +45,6 @@ COMPAT_FLAGS: tuple[CompatFlag, ...] = (
     CompatFlag("--backend-directory"),
     CompatFlag("--backend-config", repeatable=True),
     CompatFlag("--host-policy", repeatable=True),
-    CompatFlag("--metrics-config", repeatable=True),
     CompatFlag("--trace-file"),
     CompatFlag("--trace-level", repeatable=True),
     CompatFlag("--trace-rate"),
