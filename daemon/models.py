@@ -560,26 +560,35 @@ class ModelManager:
         return chain, new_dir, new_config
 
     async def _start(self, record: ModelRecord, prepared: _Prepared) -> _Generation:
-        """Start every selected version; on any failure stop them all and send LOAD_FAIL."""
+        """Start every selected version; on any failure stop them all and, once the
+        --model-load-retry-count further tries failed too, send LOAD_FAIL."""
         name = record.name
         record.in_lifecycle = True
-        started = {version: self._new_version(name, version, prepared.config,
-                                              prepared.model_dir, prepared.limits)
-                   for version in prepared.versions}
-        try:
-            results = await asyncio.gather(*(v.scheduler.start() for v in started.values()),
-                                           return_exceptions=True)
-        except BaseException:
-            await self._abandon(started, prepared)
-            raise
-        failures: list[tuple[int, str]] = []
-        for (version, _model_version), result in zip(started.items(), results, strict=True):
-            if isinstance(result, ServeError):
-                failures.append((version, f"{_code_string(result.code)}: {result.message}"))
-            elif isinstance(result, BaseException):
-                failures.append((version, f"Internal: {type(result).__name__}: {result}"))
-        if not failures:
-            return _Generation(started, prepared.agents, prepared.temp_dir)
+        retries = self._settings.model_load_retry_count
+        for attempt in range(retries + 1):
+            started = {version: self._new_version(name, version, prepared.config,
+                                                  prepared.model_dir, prepared.limits)
+                       for version in prepared.versions}
+            try:
+                results = await asyncio.gather(
+                    *(v.scheduler.start() for v in started.values()), return_exceptions=True)
+            except BaseException:
+                await self._abandon(started, prepared)
+                raise
+            failures: list[tuple[int, str]] = []
+            for (version, _model_version), result in zip(started.items(), results,
+                                                         strict=True):
+                if isinstance(result, ServeError):
+                    failures.append((version,
+                                     f"{_code_string(result.code)}: {result.message}"))
+                elif isinstance(result, BaseException):
+                    failures.append((version, f"Internal: {type(result).__name__}: {result}"))
+            if not failures:
+                return _Generation(started, prepared.agents, prepared.temp_dir)
+            if attempt < retries:
+                log.warning("loading '%s' failed (%s); retrying (%d of %d)", name,
+                            failures[0][1], attempt + 1, retries)
+                await self._stop_versions(started)
         for version, reason in failures:
             started[version].state, started[version].reason = UNAVAILABLE, reason
             log.error("failed to load '%s' version %d: %s%s", name, version, reason,
@@ -594,10 +603,13 @@ class ModelManager:
         # Triton (LoadUnloadModels): INVALID_ARG "load failed for model '<m>': <reasons>\n".
         raise invalid_argument(f"load failed for model '{name}': {detail}\n")
 
-    async def _abandon(self, started: dict[int, ModelVersion], prepared: _Prepared) -> None:
+    async def _stop_versions(self, started: dict[int, ModelVersion]) -> None:
         timeout = self._settings.exit_timeout_secs
         await asyncio.gather(*(v.scheduler.stop(timeout) for v in started.values()),
                              return_exceptions=True)
+
+    async def _abandon(self, started: dict[int, ModelVersion], prepared: _Prepared) -> None:
+        await self._stop_versions(started)
         await _fail_agents(prepared.agents)
         remove_dir(prepared.temp_dir)
 

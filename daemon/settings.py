@@ -263,6 +263,10 @@ class Settings:
         metavar="NAME:COUNT[:DEVICE]",
         help="how many of a resource there are, on that device or every device (default: "
              "the most one instance asks for); repeatable")
+    model_load_retry_count: int = setting(
+        0, flag="--model-load-retry-count", parse=int, metavar="N",
+        help="start a model's instances again up to N times when they fail to load "
+             "(tritonserver's flag)")
     model_config_name: str = setting(
         "", flag="--model-config-name", metavar="NAME", parse=parse_config_name,
         help="read each model's configs/NAME.pbtxt instead of its config.pbtxt where it has "

@@ -57,7 +57,6 @@ COMPAT_FLAGS: tuple[CompatFlag, ...] = (
     CompatFlag("--min-supported-compute-capability"),
     CompatFlag("--buffer-manager-thread-count"),
     CompatFlag("--model-load-thread-count"),
-    CompatFlag("--model-load-retry-count"),
     CompatFlag("--model-load-gpu-limit", repeatable=True),
     CompatFlag("--enable-peer-access"),
     CompatFlag("--http-thread-count"),

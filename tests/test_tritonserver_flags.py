@@ -273,3 +273,40 @@ def test_workers_follow_the_logging_api(tmp_path: Path) -> None:
     assert ISO_LINE.match(second), second
     third = next(line for line in text.splitlines() if "warning from the model 3" in line)
     assert not ISO_LINE.match(third), third
+
+
+FLAKY_START_PY = """
+    import json
+    import os
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            config = json.loads(args["model_config"])
+            marker = config["parameters"]["MARKER"]["string_value"]
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                raise RuntimeError("the first start fails")
+
+        def execute(self, requests):
+            return [pb_utils.InferenceResponse([pb_utils.Tensor(
+                "Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())]) for r in requests]
+"""
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_model_load_retry_count(tmp_path: Path, retries: int) -> None:
+    """A model whose first start fails serves after one retry, and stays unavailable
+    without."""
+    repo = _write_model(tmp_path, "flaky", FLAKY_START_PY)
+    config = repo / "flaky" / "config.pbtxt"
+    config.write_text(config.read_text() + 'parameters { key: "MARKER" value: { '
+                      f'string_value: "{tmp_path / "started-once"}" }} }}\n')
+    with ServerProcess(repo, f"--model-load-retry-count={retries}",
+                       "--exit-on-error=false") as server:
+        server.wait_started()
+        with grpcclient.InferenceServerClient(server.url) as client:
+            assert client.is_model_ready("flaky") == bool(retries)
+        if retries:
+            assert "the first start fails" in server.log() and "retrying (1 of 1)" \
+                in server.log()
