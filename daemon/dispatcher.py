@@ -417,7 +417,7 @@ class Dispatcher:
         limiter = self.limiter
         if limiter is None or limiter.can_run(slot.plan):
             return True
-        limiter.wait(self._owner.dispatch)
+        limiter.wait(slot.plan, self._owner.dispatch)
         return False
 
     def free_instances(self) -> int:

@@ -6,8 +6,10 @@ Triton) unless the config marks it ``global``. ``--rate-limit-resource=NAME:COUN
 says how many there are (on that device, or on every device without one); otherwise there are
 as many as the most any one instance asks for, so each instance can run alone. A batch holds
 its instance's resources from the moment it is sent until its instance answers it; a
-scheduler that finds them taken is woken when some are released. ``priority`` is accepted
-and not weighed: instances take turns as their batches come.
+scheduler that finds them taken is woken when some are released. Among instances waiting for
+resources, the one with the fewest batches run times its ``priority`` goes first, so priority
+2 gets half the turns of priority 1, as in Triton; an instance that just finished does not
+jump that queue.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ class RateLimiter:
             (name, device): count for name, count, device in given}
         self._largest: dict[ResourceKey, int] = {}   # the most one instance asks for
         self._used: dict[ResourceKey, int] = {}
-        self._waiting: list[Callable[[], None]] = []
+        # Instances waiting for resources: id(plan) -> (plan, its scheduler's dispatch).
+        self._waiting: dict[int, tuple[InstancePlan, Callable[[], None]]] = {}
+        self._runs: dict[int, int] = {}   # id(plan) -> batches it ran
         self._wake_scheduled = False
 
     def register(self, plans: Iterable[InstancePlan]) -> None:
@@ -48,13 +52,31 @@ class RateLimiter:
             given = self._given.get((name, None))
         return given if given is not None else self._largest.get(key, 0)
 
+    def _weight(self, plan: InstancePlan) -> int:
+        """Its claim among waiting instances: batches run times priority (lowest first), so
+        that priority 2 gets half the turns of priority 1, as Triton's."""
+        return self._runs.get(id(plan), 0) * max(plan.priority, 1)
+
     def can_run(self, plan: InstancePlan) -> bool:
-        return all(self._used.get(key, 0) + count <= self._available(key)
-                   for key, count in _needs(plan))
+        """Its resources are free, and no instance waiting for them has a better claim (an
+        instance that just finished does not jump the queue)."""
+        needs = _needs(plan)
+        if not all(self._used.get(key, 0) + count <= self._available(key)
+                   for key, count in needs):
+            return False
+        if not needs or not self._waiting:
+            return True
+        weight = self._weight(plan)
+        return all(self._weight(other) >= weight for key, (other, _) in self._waiting.items()
+                   if key != id(plan))
 
     def acquire(self, plan: InstancePlan) -> None:
-        for key, count in _needs(plan):
+        needs = _needs(plan)
+        for key, count in needs:
             self._used[key] = self._used.get(key, 0) + count
+        if needs:
+            self._runs[id(plan)] = self._runs.get(id(plan), 0) + 1
+            self._waiting.pop(id(plan), None)
 
     def release(self, plan: InstancePlan) -> None:
         needs = _needs(plan)
@@ -64,13 +86,16 @@ class RateLimiter:
             self._wake_scheduled = True
             asyncio.get_running_loop().call_soon(self._wake)
 
-    def wait(self, dispatch: Callable[[], None]) -> None:
-        """Call ``dispatch`` once resources were released."""
-        if dispatch not in self._waiting:
-            self._waiting.append(dispatch)
+    def wait(self, plan: InstancePlan, dispatch: Callable[[], None]) -> None:
+        """Call ``dispatch`` once resources were released (``plan``'s turn may come)."""
+        self._waiting.setdefault(id(plan), (plan, dispatch))
 
     def _wake(self) -> None:
+        """Released resources: the waiting instances' schedulers try again, best claim
+        first (one that still cannot run waits again; one with nothing left to send does
+        not)."""
         self._wake_scheduled = False
-        waiting, self._waiting = self._waiting, []
-        for dispatch in waiting:
+        waiting = sorted(self._waiting.values(), key=lambda entry: self._weight(entry[0]))
+        self._waiting = {}  # who still needs resources registers again from dispatch
+        for _, dispatch in waiting:
             dispatch()

@@ -26,19 +26,24 @@ SPAN_PY = """
     import triton_python_backend_utils as pb_utils
 
     class TritonPythonModel:
+        def initialize(self, args):
+            import json
+            parameters = json.loads(args["model_config"]).get("parameters", {})
+            self.sleep = float(parameters.get("SLEEP", {}).get("string_value", "0.4"))
+
         def execute(self, requests):
             for request in requests:
                 if pb_utils.get_input_tensor_by_name(request, "X").as_numpy()[0, 0] < 0:
                     os._exit(3)   # dies holding the resource
             started = time.monotonic()
-            time.sleep(0.4)
+            time.sleep(self.sleep)
             span = np.array([[started, time.monotonic()]], np.float64)
             return [pb_utils.InferenceResponse([pb_utils.Tensor("SPAN", span)])
                     for _ in requests]
 """
 
 
-def _model(repo: Path, name: str) -> None:
+def _model(repo: Path, name: str, priority: int = 0, sleep: float = 0.4) -> None:
     folder = repo / name
     (folder / "1").mkdir(parents=True)
     (folder / "config.pbtxt").write_text(textwrap.dedent(f"""
@@ -48,7 +53,9 @@ def _model(repo: Path, name: str) -> None:
         input [ {{ name: "X", data_type: TYPE_FP32, dims: [ 1 ] }} ]
         output [ {{ name: "SPAN", data_type: TYPE_FP64, dims: [ 2 ] }} ]
         instance_group [ {{ count: 1, kind: KIND_CPU,
-                            rate_limiter {{ resources [ {{ name: "R", count: 1 }} ] }} }} ]
+                            rate_limiter {{ resources [ {{ name: "R", count: 1 }} ]
+                                            priority: {priority} }} }} ]
+        parameters {{ key: "SLEEP" value: {{ string_value: "{sleep}" }} }}
     """))
     (folder / "1" / "model.py").write_text(textwrap.dedent(SPAN_PY))
 
@@ -58,6 +65,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     repo = tmp_path_factory.mktemp("rate_limit") / "models"
     for name in ("a", "b"):
         _model(repo, name)
+    _model(repo, "first", priority=1, sleep=0.05)
+    _model(repo, "second", priority=2, sleep=0.05)
     yield repo
 
 
@@ -118,3 +127,25 @@ def test_a_worker_that_dies_gives_its_resources_back(repository: Path) -> None:
             value.set_data_from_numpy(np.ones((1, 1), np.float32))
             span = client.infer("b", [value], client_timeout=30).as_numpy("SPAN")[0]
             assert span[1] > span[0]
+
+
+def test_instances_take_turns_by_priority(repository: Path) -> None:
+    """Eight requests for each of two models queued at once, one resource: the one with
+    priority 1 runs about twice as often as the one with priority 2 while both wait, and
+    neither runs all its batches before the other starts."""
+    with ServerProcess(repository, "--rate-limit=execution_count") as server:
+        server.wait_ready()
+
+        def run(model: str) -> tuple[float, str]:
+            with grpcclient.InferenceServerClient(server.url) as client:
+                value = grpcclient.InferInput("X", [1, 1], "FP32")
+                value.set_data_from_numpy(np.ones((1, 1), np.float32))
+                span = client.infer(model, [value], client_timeout=60).as_numpy("SPAN")[0]
+                return float(span[0]), model
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:   # warm both workers
+            list(pool.map(run, ["first", "second"]))
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            order = [model for _, model in sorted(pool.map(run, ["first", "second"] * 8))]
+    early = order[:9]
+    assert early.count("first") >= 5 and early.count("second") >= 2, order
