@@ -65,6 +65,7 @@ from shmserve.daemon.errors import (
     unavailable,
     unknown_model,
 )
+from shmserve.daemon.latency_metrics import instrument, options_from
 from shmserve.daemon.model_config import (
     InstancePlan,
     config_path,
@@ -618,9 +619,11 @@ class ModelManager:
         if is_ensemble(config):
             from shmserve.daemon.ensemble import EnsembleScheduler
             assert self.step_door is not None, "the core sets step_door"
-            return ModelVersion(name, version, config, EnsembleScheduler(
+            ensemble = EnsembleScheduler(
                 name, version, config, self.step_door, self._composing_ready(config),
-                self._on_request_finished, self._decoupled_steps(config)))
+                self._on_request_finished, self._decoupled_steps(config))
+            instrument(ensemble.stats, options_from(self._settings.metrics_config))
+            return ModelVersion(name, version, config, ensemble)
         config_dict = config_to_dict(config)
         backend = config.backend
         settings = self._settings
