@@ -6,14 +6,15 @@ from aiohttp import web
 
 
 async def start_site(app: web.Application, address: str, port: int,
-                     shutdown_timeout: float = 60.0, reuse_address: bool = False
-                     ) -> tuple[web.AppRunner, int]:
+                     shutdown_timeout: float = 60.0, reuse_address: bool = False,
+                     reuse_port: bool = False) -> tuple[web.AppRunner, int]:
     """The running application's runner and the port it bound (the free one chosen when
     ``port`` is 0). Nothing is left open if it cannot listen."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=shutdown_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, address, port, reuse_address=reuse_address or None)
+    site = web.TCPSite(runner, address, port, reuse_address=reuse_address or None,
+                       reuse_port=reuse_port or None)
     try:
         await site.start()
     except BaseException:

@@ -201,6 +201,13 @@ class Settings:
         "", flag="--http-header-forward-pattern", metavar="REGEX", parse=parse_pattern,
         help="HTTP request headers whose name matches reach the model as string request "
              "parameters (tritonserver's flag)")
+    reuse_grpc_port: bool = setting(
+        False, flag="--reuse-grpc-port", parse=parse_bool,
+        help="listen on the gRPC port with SO_REUSEPORT, so that another server can bind it "
+             "too (a replacement starting before this one stops)")
+    reuse_http_port: bool = setting(
+        False, flag="--reuse-http-port", parse=parse_bool,
+        help="the same for the HTTP port")
     allow_http: bool = setting(True, flag="--allow-http", parse=parse_bool,
                                help="serve the KServe v2 HTTP/REST protocol")
     http_address: str = setting("0.0.0.0", flag="--http-address", metavar="ADDRESS",

@@ -238,7 +238,7 @@ class Supervisor:
 
     async def _start_grpc(self, core: Core) -> grpc.aio.Server | None:
         settings = self.settings
-        server = grpc_server(settings, reuse_port=False)
+        server = grpc_server(settings, reuse_port=settings.reuse_grpc_port)
         service = InferenceService(core)
         server.add_generic_rpc_handlers(generic_handlers(service))
         unix = is_unix_address(settings.grpc_address)

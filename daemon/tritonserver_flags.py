@@ -60,8 +60,6 @@ COMPAT_FLAGS: tuple[CompatFlag, ...] = (
     CompatFlag("--model-load-gpu-limit", repeatable=True),
     CompatFlag("--enable-peer-access"),
     CompatFlag("--http-thread-count"),
-    CompatFlag("--reuse-http-port"),
-    CompatFlag("--reuse-grpc-port"),
     CompatFlag("--grpc-infer-allocation-pool-size"),
     CompatFlag("--grpc-infer-response-compression-level"),
     CompatFlag("--sagemaker-port"),

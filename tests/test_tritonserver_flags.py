@@ -310,3 +310,40 @@ def test_model_load_retry_count(tmp_path: Path, retries: int) -> None:
         if retries:
             assert "the first start fails" in server.log() and "retrying (1 of 1)" \
                 in server.log()
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_reuse_ports(tmp_path: Path, reuse: bool) -> None:
+    """With --reuse-grpc-port and --reuse-http-port a second server binds the same ports
+    (a replacement starting before the old one stops); without, it cannot start."""
+    repo = _repository(tmp_path)
+    flags = ["--reuse-grpc-port=true", "--reuse-http-port=true"] if reuse else []
+    with ServerProcess(repo, *flags) as first:
+        first.wait_ready()
+        second = subprocess.Popen(
+            [sys.executable, "-m", "shmserve.daemon", "serve", "--model-repository", str(repo),
+             "--grpc-address", "127.0.0.1", "--grpc-port", str(first.port),
+             "--http-address", "127.0.0.1", "--http-port", str(first.http_port),
+             "--metrics-port", "0", "--grpc-frontends", "1", "--local-socket", "none",
+             "--exit-timeout-secs", "5", *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            output = ""
+            deadline = time.monotonic() + 60
+            while second.poll() is None and time.monotonic() < deadline:
+                line = second.stdout.readline() if second.stdout else ""
+                output += line
+                if "Started HTTPService" in output and "Started GRPCInferenceService" in output:
+                    break
+            if reuse:
+                assert second.poll() is None, output   # listening beside the first
+            else:
+                assert second.wait(30) != 0, output
+                assert "cannot listen on" in output or "address already in use" in \
+                    output.lower(), output
+        finally:
+            if second.poll() is None:
+                second.terminate()
+                second.wait(30)
+            if second.stdout:
+                second.stdout.close()

@@ -292,7 +292,8 @@ class HttpDoor:
     async def start(self, address: str, port: int) -> int:
         self._runner, self.bound_port = await start_site(
             self.application(), address, port,
-            shutdown_timeout=self.core.settings.exit_timeout_secs, reuse_address=True)
+            shutdown_timeout=self.core.settings.exit_timeout_secs, reuse_address=True,
+            reuse_port=self.core.settings.reuse_http_port)
         return self.bound_port
 
     async def stop(self) -> None:
