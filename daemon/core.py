@@ -22,7 +22,7 @@ from shmserve.daemon.response_cache import ResponseCache, cache_size
 from shmserve.daemon.settings import Settings
 from shmserve.daemon.shm_registry import ShmPolicy, ShmRegistry
 from shmserve.daemon.trace_config import config_from
-from shmserve.daemon.tracing import Tracer
+from shmserve.daemon.tracing import Trace, Tracer
 
 
 class Core:
@@ -49,7 +49,8 @@ class Core:
             self.cache.forget_regions(region_ids)
 
     def submit(self, model_name: str, version: str, parse: Callable[[], RequestItems],
-               reply: Reply, streaming: bool = False) -> InferRequest:
+               reply: Reply, streaming: bool = False,
+               parent: Trace | None = None) -> InferRequest:
         """Every door's way in: resolve the model, ``parse`` the door's message (after the
         model is known, so its errors come in Triton's order), validate and queue it. The
         scheduler answers through ``reply``; a door whose ``reply`` takes several responses
@@ -64,7 +65,8 @@ class Core:
                                 f"'{model.name}'")
         request = build_request(model, self.registry, parse(), reply)
         reply.request = request
-        request.trace = self.tracer.start(model.name, model.version, request.request_id)
+        request.trace = self.tracer.start(model.name, model.version, request.request_id,
+                                          parent)
         self.inflight += 1
         self._idle.clear()
         try:

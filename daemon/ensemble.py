@@ -57,6 +57,7 @@ from shmserve.daemon.request import InferRequest, OutputTensor
 from shmserve.daemon.scheduler import Scheduler
 from shmserve.daemon.shm_registry import Region, ShmRegistry
 from shmserve.daemon.statistics import ModelStats
+from shmserve.daemon.tracing import Trace
 from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos.datatypes import ELEMENT_SIZE, element_count
 from shmserve.workers.shm import Pieces
@@ -71,7 +72,8 @@ class StepDoor(Protocol):
     registry: ShmRegistry
 
     def submit(self, model_name: str, version: str, parse: Callable[[], RequestItems],
-               reply: Reply, streaming: bool = False) -> InferRequest: ...
+               reply: Reply, streaming: bool = False,
+               parent: Trace | None = None) -> InferRequest: ...
 
     def cancel(self, request: InferRequest) -> None: ...
 
@@ -275,7 +277,8 @@ class _Run:
 
         try:
             step_request = self.owner.door.submit(step.model, step.version, parse,
-                                                  _StepReply(self, index), streaming=True)
+                                                  _StepReply(self, index), streaming=True,
+                                                  parent=request.trace)
             self.inflight[index] = self.step_requests[index] = step_request
         except ServeError as exc:
             self.step_failed(index, exc)

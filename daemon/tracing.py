@@ -9,7 +9,8 @@ One request in ``rate`` is traced while ``count`` allows (-1: no limit). A trace
 REQUEST_START and QUEUE_START when the core accepts the request, COMPUTE_START,
 COMPUTE_INPUT_END, COMPUTE_OUTPUT_START and COMPUTE_END from its instance's execution (the
 worker's own durations, counted back from when its answer arrived), and REQUEST_END when the
-request is done; all on the monotonic clock, in nanoseconds.
+request is done; all on the monotonic clock, in nanoseconds. The steps of a traced ensemble
+request are traced too, as its children (``parent_id``), outside the rate and count.
 
 The file is a JSON array as Triton writes it: for each trace an object with its id, model
 name, version and request id, then one object per timestamp. Traces gather in memory and are
@@ -38,6 +39,7 @@ class Trace:
     model: str
     version: int
     request_id: str
+    parent_id: int = 0        # an ensemble step's: the ensemble request's trace
     timestamps: list[tuple[str, int]] = field(default_factory=list)
 
     def mark(self, name: str, ns: int | None = None) -> None:
@@ -48,6 +50,8 @@ class Trace:
                                 "model_version": self.version}
         if self.request_id:
             head["request_id"] = self.request_id
+        if self.parent_id:
+            head["parent_id"] = self.parent_id
         return [head, *({"id": self.id, "timestamps": [{"name": name, "ns": ns}]}
                          for name, ns in self.timestamps)]
 
@@ -137,8 +141,12 @@ class Tracer:
                 "trace_mode": ["triton"]}
 
     # --- traces -------------------------------------------------------------------------
-    def start(self, model: str, version: int, request_id: str) -> Trace | None:
-        """A trace for this request, if it is sampled."""
+    def start(self, model: str, version: int, request_id: str,
+              parent: Trace | None = None) -> Trace | None:
+        """A trace for this request, if it is sampled; an ensemble step of a traced request
+        is traced too, as its child, outside the rate and count."""
+        if parent is not None:
+            return self._new(model, version, request_id, parent.id)
         if not self._active:
             return None
         config = self.setting(model)
@@ -150,7 +158,10 @@ class Tracer:
             return None
         if sampler.left > 0:
             sampler.left -= 1
-        trace = Trace(next(self._ids), model, version, request_id)
+        return self._new(model, version, request_id, 0)
+
+    def _new(self, model: str, version: int, request_id: str, parent_id: int) -> Trace:
+        trace = Trace(next(self._ids), model, version, request_id, parent_id)
         now = time.monotonic_ns()
         trace.mark("REQUEST_START", now)
         trace.mark("QUEUE_START", now)
@@ -161,6 +172,8 @@ class Tracer:
         trace.mark("REQUEST_END")
         config = self.setting(trace.model)
         self._pending.extend(trace.objects())
+        if trace.parent_id:
+            return  # written with its parent's batch of traces; not counted
         self._in_pending += 1
         self._collected += 1
         exhausted = self._sampler(trace.model).left == 0

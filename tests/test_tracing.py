@@ -5,6 +5,7 @@ from a real server and tritonclient."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -119,3 +120,29 @@ def test_trace_api_and_count(tmp_path: Path) -> None:
             answer = client.update_trace_settings("identity_fp32", {"trace_rate": "10"})
             assert answer["trace_rate"] == "10" and answer["trace_level"] == ["OFF"]
 
+
+
+def test_ensemble_steps_are_child_traces(tmp_path: Path) -> None:
+    """A traced ensemble request's steps are traced as its children (parent_id), whatever
+    the rate."""
+    trace_file = tmp_path / "trace.json"
+    pipelines = Path(__file__).resolve().parent.parent / "bench" / "models_pipelines"
+    repo = tmp_path / "repo"
+    for name in ("identity", "ensemble_3"):
+        shutil.copytree(pipelines / name, repo / name)
+    with ServerProcess(repo, "--trace-config", "level=TIMESTAMPS", "--trace-config",
+                       "rate=1", "--trace-config", f"triton,file={trace_file}") as server:
+        server.wait_ready()
+        with grpcclient.InferenceServerClient(server.url) as client:
+            tensor = grpcclient.InferInput("INPUT0", [4], "FP32")
+            tensor.set_data_from_numpy(np.arange(4, dtype=np.float32))
+            client.infer("ensemble_3", [tensor], request_id="whole")
+    traces = _traces(json.loads(trace_file.read_text()))
+    parents = [trace for trace in traces.values() if trace["model_name"] == "ensemble_3"]
+    assert len(parents) == 1 and "parent_id" not in parents[0]
+    steps = [trace for trace in traces.values() if trace.get("parent_id") == parents[0]["id"]]
+    assert [trace["model_name"] for trace in steps] == ["identity"] * 3
+    for step in steps:
+        _check(step)
+    names = [stamp["name"] for stamp in parents[0]["timestamps"]]
+    assert names[0] == "REQUEST_START" and names[-1] == "REQUEST_END"
