@@ -137,15 +137,16 @@ async def python_auto_complete(config: mc.ModelConfig, model_file: Path,
 
 
 async def onnx_auto_complete(config: mc.ModelConfig, model_file: Path,
-                             context: multiprocessing.context.ForkServerContext
-                             ) -> mc.ModelConfig:
-    """Complete an ONNX model's config from its signature in a child of ``context``."""
+                             context: multiprocessing.context.ForkServerContext,
+                             default_max_batch_size: int = 4) -> mc.ModelConfig:
+    """Complete an ONNX model's config from its signature in a child of ``context``
+    (``default_max_batch_size``: --backend-config default-max-batch-size)."""
     from shmserve.workers.auto_complete import run_auto_complete
     if not config.name:
         config.name = model_file.parent.parent.name
     return await _complete_in_child(config, "auto-complete", run_auto_complete,
-                                    (config_to_dict(config), str(model_file), "onnxruntime"),
-                                    context)
+                                    (config_to_dict(config), str(model_file), "onnxruntime",
+                                     default_max_batch_size), context)
 
 
 def dali_needs_completion(config: mc.ModelConfig, model_dir: Path,

@@ -50,6 +50,7 @@ from shmserve.daemon.auto_complete import (
     python_auto_complete,
     python_model_file,
 )
+from shmserve.daemon.backend_config import default_max_batch_size
 from shmserve.daemon.ensemble_config import (
     EnsembleConfigError,
     composing_models,
@@ -443,8 +444,9 @@ class ModelManager:
             if is_onnx(config):
                 if not onnx_needs_auto_complete(config):
                     return config
-                return await onnx_auto_complete(config, onnx_model_file(config, model_dir,
-                                                                        version), fork_context())
+                return await onnx_auto_complete(
+                    config, onnx_model_file(config, model_dir, version), fork_context(),
+                    default_max_batch_size(self._settings.backend_config))
             if config.backend != "python":
                 return config
             model_file = python_model_file(config, model_dir, version)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
+from shmserve.daemon.backend_config import parse_backend_config
 from shmserve.daemon.latency_metrics import parse_metrics_config
 from shmserve.daemon.trace_config import parse_trace_config
 
@@ -374,6 +375,11 @@ class Settings:
     worker_heartbeat_secs: float = setting(
         2.0, help="at most this many seconds between a worker's heartbeats (also at most a "
                   "fifth of the heartbeat timeout)")
+    backend_config: list[tuple[str, str, str]] = setting(
+        flag="--backend-config", parse=parse_backend_config, repeatable=True,
+        metavar="[BACKEND,]SETTING=VALUE",
+        help="tritonserver's backend settings: default-max-batch-size=N (ONNX auto-complete; "
+             "default 4) acts here, the rest are listed in a warning; repeatable")
     metrics_config: list[tuple[str, str]] = setting(
         flag="--metrics-config", parse=parse_metrics_config, repeatable=True,
         metavar="KEY=VALUE",

@@ -13,6 +13,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shmserve.daemon.backend_config import without_effect
 from shmserve.daemon.settings import Settings, parse_bool
 from shmserve.daemon.trace_config import parse_trace_config
 
@@ -43,7 +44,6 @@ COMPAT_FLAGS: tuple[CompatFlag, ...] = (
     CompatFlag("--allow-vertex-ai", _when_true("the Vertex AI endpoint is not supported")),
     CompatFlag("--model-namespacing", _when_true("model namespacing is not supported")),
     CompatFlag("--backend-directory"),
-    CompatFlag("--backend-config", repeatable=True),
     CompatFlag("--host-policy", repeatable=True),
     CompatFlag("--trace-file"),
     CompatFlag("--trace-level", repeatable=True),
@@ -118,6 +118,7 @@ def apply_compat_flags(args: argparse.Namespace, settings: Settings) -> list[str
             if why is not None:
                 raise ValueError(f"{compat.flag}={value}: {why}")
         ignored.append(compat.flag)
+    ignored += [f"--backend-config={text}" for text in without_effect(settings.backend_config)]
     if getattr(args, _dest(STRICT_MODEL_CONFIG), None):
         settings.disable_auto_complete_config = True
     size = getattr(args, _dest(RESPONSE_CACHE_BYTES), None)

@@ -744,3 +744,21 @@ def test_encrypted_onnx_model_serves_through_the_decrypt_agent(tmp_path: Path) -
             assert (config.backend, config.max_batch_size) == ("onnxruntime", 2)
         finally:
             triton.close()
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("default-max-batch-size=0", 0),
+                                                   ("default-max-batch-size=8", 8)])
+def test_backend_config_default_max_batch_size(tmp_path: Path, setting: str,
+                                               expected: int) -> None:
+    """tritonserver's --backend-config default-max-batch-size: what a batching ONNX model's
+    auto-completed config gets (0: no batching); other backend settings are accepted."""
+    repo = tmp_path / "repo"
+    onnx_models.write_model(repo, "onnx_auto", onnx_models.mlp())
+    with ServerProcess(repo, f"--backend-config={setting}",
+                       "--backend-config=onnxruntime,enable-global-threadpool=1") as server:
+        server.wait_ready()
+        config = grpcclient.InferenceServerClient(server.url).get_model_config(
+            "onnx_auto").config
+        assert config.max_batch_size == expected
+        assert config.HasField("dynamic_batching") == (expected > 1)
+        assert "--backend-config=onnxruntime,enable-global-threadpool=1" in server.log()

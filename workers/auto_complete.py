@@ -26,12 +26,12 @@ class AutoCompleteResult:
 
 
 def run_auto_complete(conn: Connection, config: dict[str, Any], model_file: str,
-                      backend: str = "python") -> None:
+                      backend: str = "python", default_max_batch_size: int = 4) -> None:
     """The child's entry point for a python or onnxruntime model: answer exactly once."""
     def complete() -> dict[str, Any]:
         if backend == "onnxruntime":
             from shmserve.workers.backends.onnxruntime.auto_complete import onnx_auto_complete
-            return onnx_auto_complete(config, model_file)
+            return onnx_auto_complete(config, model_file, default_max_batch_size)
         from shmserve.workers.backends.python import auto_complete_config, install_pb_utils
         install_pb_utils()
         return auto_complete_config(config, model_file)

@@ -12,13 +12,15 @@ from typing import Any
 from shmserve.workers.backend import BackendError
 from shmserve.workers.backends.onnxruntime.session import import_onnxruntime, open_session
 from shmserve.workers.backends.onnxruntime.signature import (
+    DEFAULT_MAX_BATCH_SIZE,
     SignatureError,
     TensorInfo,
     auto_complete,
 )
 
 
-def onnx_auto_complete(config: dict[str, Any], model_file: str) -> dict[str, Any]:
+def onnx_auto_complete(config: dict[str, Any], model_file: str,
+                       default_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> dict[str, Any]:
     """The config completed from the model at ``model_file``; raises BackendError."""
     path = Path(model_file)
     if path.is_dir():
@@ -34,6 +36,6 @@ def onnx_auto_complete(config: dict[str, Any], model_file: str) -> dict[str, Any
     inputs = [TensorInfo.from_ort(node) for node in session.get_inputs()]
     outputs = [TensorInfo.from_ort(node) for node in session.get_outputs()]
     try:
-        return auto_complete(name, config, inputs, outputs)
+        return auto_complete(name, config, inputs, outputs, default_max_batch_size)
     except SignatureError as exc:
         raise BackendError(exc.message, exc.code) from None
