@@ -15,6 +15,7 @@ from shmserve.daemon.ensemble_config import (
     EnsembleConfigError,
     validate_scheduling,
 )
+from shmserve.daemon.host_policy import default_policy
 from shmserve.daemon.queue_policy import check_config as check_queue_config
 from shmserve.daemon.sequence_config import (
     SEQUENCE_IDLE_DEFAULT_US,
@@ -46,6 +47,7 @@ class InstancePlan:
     # The group's rate_limiter: (resource name, global, count) each, and its priority.
     resources: tuple[tuple[str, bool, int], ...] = ()
     priority: int = 0
+    host_policy: str = ""  # the group's, else Triton's default name (host_policy.py)
 
 
 def config_path(model_dir: Path, config_name: str = "") -> Path:
@@ -212,7 +214,8 @@ def plan_instances(config: mc.ModelConfig) -> list[InstancePlan]:
         for device in devices:
             for _ in range(group.count):
                 plans.append(InstancePlan(f"{group.name}_{len(plans)}", kind, device, len(plans),
-                                          resources, limiter.priority))
+                                          resources, limiter.priority,
+                                          group.host_policy or default_policy(kind, device)))
     return plans
 
 

@@ -66,6 +66,7 @@ from shmserve.daemon.errors import (
     unavailable,
     unknown_model,
 )
+from shmserve.daemon.host_policy import policy_cpus
 from shmserve.daemon.latency_metrics import instrument, options_from
 from shmserve.daemon.model_config import (
     InstancePlan,
@@ -643,6 +644,7 @@ class ModelManager:
                 log_level=logging.DEBUG if settings.log_verbose else logging.WARNING,
                 log_switches=log_switches(settings).pack(),
                 cuda_visible_devices=str(plan.device_id) if plan.kind == "KIND_GPU" else None,
+                cpus=policy_cpus(settings.host_policies, plan.host_policy),
                 instance_count=instance_count)
 
         batching = config.dynamic_batching if config.HasField("dynamic_batching") else None

@@ -21,6 +21,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 from shmserve.daemon.backend_config import parse_backend_config
+from shmserve.daemon.host_policy import parse_host_policy
 from shmserve.daemon.latency_metrics import parse_metrics_config
 from shmserve.daemon.trace_config import parse_trace_config
 
@@ -375,6 +376,12 @@ class Settings:
     worker_heartbeat_secs: float = setting(
         2.0, help="at most this many seconds between a worker's heartbeats (also at most a "
                   "fifth of the heartbeat timeout)")
+    host_policies: list[tuple[str, str, str]] = setting(
+        flag="--host-policy", parse=parse_host_policy, repeatable=True,
+        metavar="NAME,SETTING=VALUE",
+        help="pin the workers of instances using host policy NAME (default 'cpu', or "
+             "'gpu_<device>') to numa-node=N or cpu-cores=LIST (tritonserver's flag); "
+             "repeatable")
     backend_config: list[tuple[str, str, str]] = setting(
         flag="--backend-config", parse=parse_backend_config, repeatable=True,
         metavar="[BACKEND,]SETTING=VALUE",

@@ -32,6 +32,7 @@ from shmserve.daemon.frontend_process.pool import FrontendPool, frontend_count
 from shmserve.daemon.frontend_process.records import RpcCall
 from shmserve.daemon.heap import HeapTrimmer
 from shmserve.daemon.host_metrics import HostMetrics
+from shmserve.daemon.host_policy import check_policies
 from shmserve.daemon.latency_metrics import options_from
 from shmserve.daemon.leftovers import end_leftovers
 from shmserve.daemon.lifeline import watch_lifeline
@@ -71,6 +72,10 @@ class Supervisor:
             server_credentials(settings)  # TLS files checked before anything starts
         except TlsError as exc:
             log.error("%s", exc)
+            return 1
+        problem = check_policies(settings.host_policies, os.sched_getaffinity(0))
+        if problem is not None:
+            log.error("%s", problem)
             return 1
         end_leftovers()  # before the arenas: a leftover worker could still write one
         stale = remove_arenas(None)

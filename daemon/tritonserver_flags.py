@@ -44,7 +44,6 @@ COMPAT_FLAGS: tuple[CompatFlag, ...] = (
     CompatFlag("--allow-vertex-ai", _when_true("the Vertex AI endpoint is not supported")),
     CompatFlag("--model-namespacing", _when_true("model namespacing is not supported")),
     CompatFlag("--backend-directory"),
-    CompatFlag("--host-policy", repeatable=True),
     CompatFlag("--trace-file"),
     CompatFlag("--trace-level", repeatable=True),
     CompatFlag("--trace-rate"),

@@ -5,6 +5,7 @@ with a clear error. Real server processes."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -347,3 +348,48 @@ def test_reuse_ports(tmp_path: Path, reuse: bool) -> None:
                 second.wait(30)
             if second.stdout:
                 second.stdout.close()
+
+
+AFFINITY_PY = """
+    import os
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+            return [pb_utils.InferenceResponse([pb_utils.Tensor(
+                "Y", np.array([cpus.encode()], dtype=object))]) for _ in requests]
+"""
+
+
+def _affinity(server: ServerProcess) -> str:
+    with grpcclient.InferenceServerClient(server.url) as client:
+        value = grpcclient.InferInput("X", [1], "FP32")
+        value.set_data_from_numpy(np.ones(1, np.float32))
+        return client.infer("where", [value]).as_numpy("Y")[0].decode()
+
+
+def test_host_policy_pins_the_workers(tmp_path: Path) -> None:
+    """--host-policy=cpu,cpu-cores=N: the CPU instance's worker runs on CPU N only; the
+    NUMA node of the host's first CPUs gives them all; a node that does not exist stops the
+    start."""
+    repo = _write_model(tmp_path, "where", AFFINITY_PY, "Y", "TYPE_STRING")
+    usable = sorted(os.sched_getaffinity(0))
+    last = usable[-1]
+    with ServerProcess(repo, f"--host-policy=cpu,cpu-cores={last}") as server:
+        server.wait_ready()
+        assert _affinity(server) == str(last)
+    node0 = Path("/sys/devices/system/node/node0/cpulist")
+    if node0.exists():
+        with ServerProcess(repo, "--host-policy=cpu,numa-node=0") as server:
+            server.wait_ready()
+            pinned = [int(c) for c in _affinity(server).split(",")]
+            assert set(pinned) <= set(usable) and pinned
+    done = subprocess.run([sys.executable, "-m", "shmserve.daemon", "serve",
+                           "--model-repository", str(repo), "--grpc-port", "0",
+                           "--http-port", "0", "--metrics-port", "0",
+                           "--host-policy=cpu,numa-node=99"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "host policy 'cpu': NUMA node 99 does not exist on this host" in done.stderr
