@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from cryptography import x509
@@ -22,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from tritonclient.utils import InferenceServerException
 
 from shmserve.tests.serverproc import ServerProcess, build_repository
+from shmserve.tests.simple_calls import infer_simple
 
 
 def _name(common: str) -> x509.Name:
@@ -87,15 +87,6 @@ def _client(server: ServerProcess, pki: Path, client: str | None = None
         certificate_chain=None if client is None else str(pki / f"{client}.crt"))
 
 
-def _simple(client: grpcclient.InferenceServerClient) -> None:
-    a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    inputs = [grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
-              grpcclient.InferInput("INPUT1", [1, 16], "INT32")]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(np.ones_like(a))
-    np.testing.assert_array_equal(client.infer("simple", inputs).as_numpy("OUTPUT0"), a + 1)
-
-
 @pytest.mark.parametrize("frontends", ["1", "2"])
 def test_tls(tmp_path: Path, pki: Path, frontends: str) -> None:
     repo = build_repository(tmp_path / "repo", ["simple"])
@@ -103,7 +94,7 @@ def test_tls(tmp_path: Path, pki: Path, frontends: str) -> None:
         server.wait_ready(credentials=_credentials(pki))
         with _client(server, pki) as client:
             assert client.is_server_ready()
-            _simple(client)
+            infer_simple(client)
         with grpcclient.InferenceServerClient(server.url) as plaintext, \
                 pytest.raises(InferenceServerException) as refused:
             plaintext.is_server_live(client_timeout=5)
@@ -116,7 +107,7 @@ def test_mutual_tls_wants_a_client_certificate_from_the_ca(tmp_path: Path, pki: 
     with ServerProcess(repo, *_tls_flags(pki, mutual=True)) as server:
         server.wait_ready(credentials=_credentials(pki, "client"))
         with _client(server, pki, "client") as client:
-            _simple(client)
+            infer_simple(client)
         for who in (None, "stranger"):
             with _client(server, pki, who) as client, \
                     pytest.raises(InferenceServerException) as refused:

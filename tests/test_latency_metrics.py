@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 
 from shmserve.tests.serverproc import ServerProcess, build_repository
+from shmserve.tests.simple_calls import infer_simple
 
 LABELS = 'model="simple",version="1"'
 
@@ -20,15 +20,6 @@ def _value(page: str, series: str) -> float:
     found = re.search(rf"^{re.escape(series)} (\S+)$", page, re.MULTILINE)
     assert found is not None, (series, page)
     return float(found.group(1))
-
-
-def _infer(client: grpcclient.InferenceServerClient) -> None:
-    a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    inputs = [grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
-              grpcclient.InferInput("INPUT1", [1, 16], "INT32")]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(np.ones_like(a))
-    client.infer("simple", inputs)
 
 
 def test_summaries_histogram_and_no_counters(tmp_path: Path) -> None:
@@ -40,7 +31,7 @@ def test_summaries_histogram_and_no_counters(tmp_path: Path) -> None:
         server.wait_ready()
         with grpcclient.InferenceServerClient(server.url) as client:
             for _ in range(5):
-                _infer(client)
+                infer_simple(client)
             queue_ns = client.get_inference_statistics("simple").model_stats[0] \
                 .inference_stats.queue.ns
         page = server.metrics_page()

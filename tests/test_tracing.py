@@ -17,18 +17,10 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from shmserve.tests.serverproc import ServerProcess, build_repository
+from shmserve.tests.simple_calls import infer_simple
 
 ORDER = ["REQUEST_START", "QUEUE_START", "COMPUTE_START", "COMPUTE_INPUT_END",
          "COMPUTE_OUTPUT_START", "COMPUTE_END", "REQUEST_END"]
-
-
-def _simple(client: Any, module: Any, request_id: str = "") -> None:
-    a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    inputs = [module.InferInput("INPUT0", [1, 16], "INT32"),
-              module.InferInput("INPUT1", [1, 16], "INT32")]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(np.ones_like(a))
-    client.infer("simple", inputs, request_id=request_id)
 
 
 def _traces(objects: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -59,9 +51,9 @@ def test_every_request_traced_into_the_file(tmp_path: Path) -> None:
         server.wait_ready()
         with grpcclient.InferenceServerClient(server.url) as client:
             for index in range(3):
-                _simple(client, grpcclient, f"grpc-{index}")
+                infer_simple(client, grpcclient, f"grpc-{index}")
         with httpclient.InferenceServerClient(server.http_url) as client:
-            _simple(client, httpclient, "http-0")
+            infer_simple(client, httpclient, "http-0")
     traces = _traces(json.loads(trace_file.read_text()))   # written at stop
     assert sorted(trace["request_id"] for trace in traces.values()) == [
         "grpc-0", "grpc-1", "grpc-2", "http-0"]
@@ -87,7 +79,7 @@ def test_trace_api_and_count(tmp_path: Path) -> None:
             server_wide = client.get_trace_settings(as_json=True)["settings"]
             assert server_wide["trace_level"] == {"value": ["OFF"]}
             for _ in range(4):
-                _simple(client, grpcclient)
+                infer_simple(client)
             first = Path(f"{trace_file}.0")
             deadline = time.monotonic() + 10
             while not first.exists() and time.monotonic() < deadline:
