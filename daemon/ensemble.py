@@ -288,9 +288,15 @@ class _Run:
             scheduler.dispatch_now()  # the step is on the request's critical path
 
     def _regions_in_reach(self) -> dict[str, Region]:
-        """The intermediate regions this run's steps may use: its own and its parents'."""
+        """The regions this run's steps may use besides the registered ones: its own and its
+        parents' intermediates, and the regions the ensemble request's own tensors are in
+        (the request holds them; a private one, such as a frontend process's spill of a
+        large payload, is unregistered by name as soon as the request was accepted)."""
         if self.parent is None:
-            return self.internal
+            if not self.request.regions:
+                return self.internal
+            return {**{region.name: region for region in self.request.regions},
+                    **self.internal}
         return {**self.parent._regions_in_reach(), **self.internal}
 
     def step_response(self, index: int, outputs: list[OutputTensor] | None,
