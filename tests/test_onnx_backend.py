@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import mmap
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -603,7 +604,11 @@ def test_server_outputs_are_computed_in_the_output_arena(
         result = client.infer("onnx_identity", [infer_input("X", x, "FP32")])
         growth.append((_peak_rss_kib(worker) - baseline) / 1024)
         np.testing.assert_array_equal(result.as_numpy("Y"), x)
-    assert growth[1] < 12, f"the worker's peak RSS grew by {growth[1]:.0f} MiB"
+    # With frontend processes the 32 MiB input reaches the worker in the frontend's spill
+    # memfd, a new mapping per request whose pages count in the worker's RSS once read; the
+    # output must still add nothing.
+    limit = 12 if os.environ.get("SHMSERVE_GRPC_FRONTENDS", "1") == "1" else 12 + 32
+    assert growth[1] < limit, f"the worker's peak RSS grew by {growth[1]:.0f} MiB"
 
 
 def _cpu_ns(pid: int) -> int:
