@@ -405,7 +405,7 @@ class Dispatcher:
         best: InstanceSlot | None = None
         for slot in self.slots:
             if slot.free_lanes and (best is None or len(slot.free_lanes) > len(best.free_lanes))\
-                    and slot.alive and self.may_run(slot):
+                    and slot.alive and (self.limiter is None or self.may_run(slot)):
                 best = slot
                 if len(slot.free_lanes) == slot.lanes:
                     break
