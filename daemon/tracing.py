@@ -72,7 +72,6 @@ class Tracer:
         self._ids = itertools.count(1)
         self._pending: list[dict[str, Any]] = []
         self._in_pending = 0
-        self._collected = 0
         self._index = itertools.count(0)
         self._writes: set[asyncio.Future[None]] = set()
         self._active = self._any_active()
@@ -175,7 +174,6 @@ class Tracer:
         if trace.parent_id:
             return  # written with its parent's batch of traces; not counted
         self._in_pending += 1
-        self._collected += 1
         exhausted = self._sampler(trace.model).left == 0
         if (config.log_frequency and self._in_pending >= config.log_frequency) or exhausted:
             self._flush(f"{config.file}.{next(self._index)}")
