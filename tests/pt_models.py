@@ -110,6 +110,7 @@ def save_scripted(module: torch.nn.Module, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.10 says so
         torch.jit.save(torch.jit.script(module), str(path))
     return path
 
@@ -118,6 +119,7 @@ def save_traced(module: torch.nn.Module, example: torch.Tensor, path: Path) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.10 says so
         torch.jit.save(torch.jit.trace(module, example), str(path))  # type: ignore[no-untyped-call]
     return path
 

@@ -177,8 +177,10 @@ class PyTorchBackend(Backend):
         self._device = self._instance_device(instance)
         try:
             with warnings.catch_warnings():
-                # TorchScript is deprecated in recent torch; Triton's backend still loads it.
+                # TorchScript is deprecated in recent torch (a Deprecation- or FutureWarning);
+                # Triton's backend still loads it.
                 warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.10 says so
                 module = torch.jit.load(str(self._path), map_location=self._device)
         except Exception as exc:
             raise BackendError(f"failed to load model '{model.name}' from '{self._path}': "
