@@ -89,6 +89,16 @@ class SumRows(torch.nn.Module):
         return x.sum(dim=0)
 
 
+class SequenceAccumulator(torch.nn.Module):
+    """A sequence model with implicit state (tests/models/pt_sequence): the sum so far."""
+
+    def forward(self, INPUT__0: torch.Tensor, START__1: torch.Tensor, STATE_IN__2: torch.Tensor,
+                CORRID__3: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        total = INPUT__0 + STATE_IN__2
+        return total, START__1.clone(), total, CORRID__3.clone()
+
+
 class WrongDtype(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.double()
@@ -102,6 +112,7 @@ MODELS: dict[str, Callable[[], torch.nn.Module]] = {
     "pt_gpu_kind": Linear,
     "pt_simple": Simple,
     "pt_inplace": InPlace,
+    "pt_sequence": SequenceAccumulator,
 }
 
 

@@ -31,6 +31,7 @@ from shmserve.workers.backend import (  # noqa: E402
     resolve_backend,
 )
 from shmserve.workers.backends.pytorch import PyTorchBackend  # noqa: E402
+from shmserve.workers.sequence_state import SequenceStates, StateSpec  # noqa: E402
 
 StartServer = Callable[..., ServerProcess]
 
@@ -327,9 +328,106 @@ def test_batch_output_without_batch_dimension(tmp_path: Path) -> None:
             response.error.message
 
 
+
+# --- sequence models: control inputs and implicit state ----------------------------------------
+
+def sequence_batching(controls: dict[str, str] | None = None,
+                      states: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """A config's sequence_batching as Triton's JSON: START controls by name, states as
+    (input_name, output_name) of INT64 [1]."""
+    return {"direct": {}, "control_input": [
+        {"name": name, "control": [{"kind": kind, "int32_false_true": [0, 1]}]}
+        for name, kind in (controls or {}).items()],
+        "state": [{"input_name": state_in, "output_name": state_out,
+                   "data_type": "TYPE_INT64", "dims": [1]} for state_in, state_out in states or []]}
+
+
+SEQUENCE_INPUTS = [tensor("INPUT__0", "TYPE_INT64", [1])]
+SEQUENCE_OUTPUTS = [tensor("OUTPUT__0", "TYPE_INT64", [1]), tensor("STARTED__1", "TYPE_INT32", [1]),
+                    tensor("CORRID_SEEN__3", "TYPE_INT64", [1])]
+
+
+def sequence_spec(tmp_path: Path, **extra: Any) -> ModelSpec:
+    batching = sequence_batching({"START__1": "CONTROL_SEQUENCE_START"},
+                                 [("STATE_IN__2", "STATE_OUT__2")])
+    batching["control_input"].append({"name": "CORRID__3", "control": [
+        {"kind": "CONTROL_SEQUENCE_CORRID", "data_type": "TYPE_INT64"}]})
+    return model_spec(tmp_path, pt_models.SequenceAccumulator(), SEQUENCE_INPUTS,
+                      SEQUENCE_OUTPUTS, max_batch_size=4,
+                      sequence_batching=batching, **extra)
+
+
+def test_control_and_state_inputs_go_to_their_named_positions(tmp_path: Path) -> None:
+    """forward(INPUT__0, START__1, STATE_IN__2, CORRID__3): the controls and the state are
+    passed at the positions their names give; the state's new value is returned under its
+    output name (the tuple element STATE_OUT__2 names), next to the config's outputs."""
+    backend = loaded(sequence_spec(tmp_path))
+    one = {"INPUT__0": np.array([[5]], np.int64), "START__1": np.array([[1]], np.int32),
+           "STATE_IN__2": np.array([[10]], np.int64), "CORRID__3": np.array([[7]], np.int64)}
+    two = {"INPUT__0": np.array([[1]], np.int64), "START__1": np.array([[0]], np.int32),
+           "STATE_IN__2": torch.tensor([[100]]), "CORRID__3": np.array([[8]], np.int64)}
+    first, second = backend.execute([request(one), request(two)])   # one batch of two
+    assert {name: value.tolist() for name, value in first.outputs.items()} == {
+        "OUTPUT__0": [[15]], "STARTED__1": [[1]], "STATE_OUT__2": [[15]],
+        "CORRID_SEEN__3": [[7]]}
+    assert {name: value.tolist() for name, value in second.outputs.items()} == {
+        "OUTPUT__0": [[101]], "STARTED__1": [[0]], "STATE_OUT__2": [[101]],
+        "CORRID_SEEN__3": [[8]]}
+
+
+def test_a_torch_state_is_kept_as_a_copy_on_its_device() -> None:
+    """The kept state of a pytorch model stays a tensor (on a GPU instance: on the GPU, not
+    moved to the host between requests) and is a copy of the output (a view of a batch)."""
+    states = SequenceStates([StateSpec("STATE_IN__2", "STATE_OUT__2", np.zeros((1, 1), np.int64))],
+                            [])
+    states.add_inputs(5, {"sequence_start": True}, {})
+    batch_output = torch.tensor([[3], [4]])
+    states.take_outputs(5, {}, [], {"STATE_OUT__2": batch_output[:1]})
+    batch_output.zero_()
+    inputs: dict[str, Any] = {}
+    states.add_inputs(5, {}, inputs)
+    kept = inputs["STATE_IN__2"]
+    assert isinstance(kept, torch.Tensor) and kept.tolist() == [[3]]
+
+
+@pytest.mark.parametrize(("inputs", "controls", "states", "message"), [
+    (["INPUT__0"], {"START": "CONTROL_SEQUENCE_START"}, [],
+     "input 'START' does not follow <name>__<index> naming convention."),
+    (["x"], {}, [("STATE_IN__1", "STATE_OUT__1")],
+     "PyTorch model 'm' is using sequence batching with state but not all inputs and outputs "
+     "follow the <name>__<index> naming convention. "),
+    (["INPUT__0"], {}, [("STATE_IN", "STATE_OUT__1")],
+     "PyTorch model 'm' is using sequence batching with state but state 'STATE_IN' does not "
+     "follow the <name>__<index> naming convention. "),
+])
+def test_sequence_tensors_must_be_named_by_index(tmp_path: Path, inputs: list[str],
+                                                 controls: dict[str, str],
+                                                 states: list[tuple[str, str]],
+                                                 message: str) -> None:
+    spec = model_spec(tmp_path, pt_models.Named(), [tensor(n, "TYPE_INT64", [1]) for n in inputs],
+                      [tensor("OUTPUT__0", "TYPE_INT64", [1])],
+                      sequence_batching=sequence_batching(controls, states))
+    with pytest.raises(BackendError) as caught:
+        PyTorchBackend().model_initialize(spec)
+    assert caught.value.code == "INVALID_ARGUMENT"
+    assert message in caught.value.message
+
+
+def test_a_control_input_must_have_a_free_position(tmp_path: Path) -> None:
+    spec = model_spec(tmp_path, pt_models.Named(),
+                      [tensor("x__0", "TYPE_FP32", [-1]), tensor("bias__1", "TYPE_FP32", [-1])],
+                      [tensor("sum", "TYPE_FP32", [-1])],
+                      sequence_batching=sequence_batching({"START__1": "CONTROL_SEQUENCE_START"}))
+    backend = PyTorchBackend()
+    backend.model_initialize(spec)
+    with pytest.raises(BackendError) as caught:
+        backend.instance_initialize(spec, CPU)
+    assert "configuration expects 3 inputs, model provides 2" in caught.value.message
+
+
 # --- real servers -------------------------------------------------------------------------------
 
-SERVED = ["pt_linear", "pt_named", "pt_batching"]
+SERVED = ["pt_linear", "pt_named", "pt_batching", "pt_sequence"]
 
 
 @pytest.fixture(scope="module")
@@ -468,3 +566,49 @@ def test_server_kind_auto_is_cpu_without_gpus(start_server: StartServer, tmp_pat
                                    rtol=1e-6)
     finally:
         triton.close()
+
+
+def _sequence_step(client: grpcclient.InferenceServerClient, sequence_id: int, value: int,
+                   start: bool = False, end: bool = False) -> dict[str, int]:
+    result = client.infer("pt_sequence",
+                          [infer_input("INPUT__0", np.array([[value]], np.int64), "INT64")],
+                          sequence_id=sequence_id, sequence_start=start, sequence_end=end,
+                          client_timeout=20)
+    return {out.name: int(result.as_numpy(out.name).reshape(-1)[0])
+            for out in result.get_response().outputs}
+
+
+def test_server_sequence_model_with_implicit_state(client: grpcclient.InferenceServerClient
+                                                   ) -> None:
+    """tritonclient's sequence API against the TorchScript accumulator: the server fills START
+    and CORRID, keeps STATE_OUT__2 per sequence (not sent to the client, who did not declare
+    it), resets it at START and drops it at END."""
+    assert _sequence_step(client, 11, 5, start=True) == {
+        "OUTPUT__0": 5, "STARTED__1": 1, "CORRID_SEEN__3": 11}
+    assert _sequence_step(client, 12, 7, start=True)["OUTPUT__0"] == 7
+    assert _sequence_step(client, 11, 1) == {"OUTPUT__0": 6, "STARTED__1": 0, "CORRID_SEEN__3": 11}
+    assert _sequence_step(client, 12, 1, end=True)["OUTPUT__0"] == 8
+    assert _sequence_step(client, 11, 10, start=True)["OUTPUT__0"] == 10   # START resets it
+    assert _sequence_step(client, 11, 1, end=True)["OUTPUT__0"] == 11
+    with pytest.raises(InferenceServerException) as caught:
+        _sequence_step(client, 11, 1)
+    assert "must specify the START flag on the first request of the sequence" in \
+        caught.value.message()
+
+
+def test_server_concurrent_sequences_keep_their_own_state(
+        client: grpcclient.InferenceServerClient, pt_server: ServerProcess) -> None:
+    """Four sequences stepped at once share executions (batches of the direct strategy's
+    slots, with fillers for empty slots), yet each sums only its own inputs."""
+    def run(sequence_id: int) -> list[int]:
+        own = grpcclient.InferenceServerClient(pt_server.url)
+        try:
+            return [_sequence_step(own, sequence_id, sequence_id, start=step == 0,
+                                   end=step == 19)["OUTPUT__0"] for step in range(20)]
+        finally:
+            own.close()
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        sums = dict(zip(range(21, 25), pool.map(run, range(21, 25)), strict=True))
+    for sequence_id, seen in sums.items():
+        assert seen == [sequence_id * (step + 1) for step in range(20)], sequence_id

@@ -130,7 +130,7 @@ class SequenceStates:
     def __init__(self, specs: list[StateSpec], declared_outputs: Iterable[str]) -> None:
         self._specs = specs
         self._declared = frozenset(declared_outputs)
-        self._states: dict[int | str, dict[str, np.ndarray]] = {}
+        self._states: dict[int | str, dict[str, Any]] = {}  # an array, or a torch tensor
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], model_dir: str) -> SequenceStates | None:
@@ -169,8 +169,7 @@ class SequenceStates:
                 if name not in outputs:
                     continue  # not updated: the previous state stays
                 if states is not None:
-                    # A copy: the model's array may be a view of an input or an arena.
-                    states[name] = np.array(outputs[name], copy=True)
+                    states[name] = _kept(outputs[name])
                 if name not in self._declared or (requested and name not in requested):
                     del outputs[name]
         if states is not None and parameters.get("sequence_end"):
@@ -180,3 +179,14 @@ class SequenceStates:
         """The supervisor ended these sequences (idle): their state goes."""
         for correlation_id in correlation_ids:
             self._states.pop(correlation_id, None)
+
+
+def _kept(value: Any) -> Any:
+    """A copy of a state output to keep: the model's array may be a view of an input or an
+    arena. A torch tensor (pytorch backend) stays a tensor on its device."""
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    clone = getattr(value, "clone", None)
+    if clone is not None:
+        return clone()
+    return np.array(value, copy=True)

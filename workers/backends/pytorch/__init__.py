@@ -16,6 +16,9 @@ hosts one instance:
   - outputs named ``<anything>__<index>`` pick that element of the returned tuple; otherwise
     the returned tuple is in config order. A returned dict is matched by output name.
 
+* A sequence model's control and implicit-state inputs go to ``forward`` at the positions their
+  ``<name>__<index>`` names give, and a state's new value is the returned tuple's element its
+  output name gives (Triton's rules; sequence_io.py). The worker keeps it per sequence.
 * ``execute`` runs under ``torch.inference_mode()`` (``INFERENCE_MODE: "false"`` -> no_grad).
   With ``max_batch_size > 0`` the requests of a batch are concatenated along dim 0, run once,
   and the outputs split back (views, no copy); requests whose non-batch shapes differ run one at
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +51,11 @@ from shmserve.workers.backend import (
     Request,
     Response,
 )
+from shmserve.workers.backends.pytorch.sequence_io import (
+    SequenceTensors,
+    named_index,
+    sequence_tensors,
+)
 from shmserve.workers.cuda_ipc import (
     datatype_of_torch,
     import_torch,
@@ -62,7 +69,6 @@ __all__ = ["DEFAULT_MODEL_FILENAME", "PyTorchBackend"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_FILENAME = "model.pt"
-_NAMED_INDEX = re.compile(r"^.+__(\d+)$")
 
 FORWARD_ARGUMENT = "forward argument names"
 NAMED_INDEX = "<name>__<index>"
@@ -101,10 +107,10 @@ def _named_indices(names: list[str]) -> list[int] | None:
     """The indices of ``<name>__<index>`` names, or None when not every name has one."""
     indices = []
     for name in names:
-        match = _NAMED_INDEX.match(name)
-        if match is None:
+        index = named_index(name)
+        if index is None:
             return None
-        indices.append(int(match.group(1)))
+        indices.append(index)
     return indices
 
 
@@ -128,6 +134,8 @@ class PyTorchBackend(Backend):
         self._input_convention = CONFIG_ORDER
         self._input_positions: dict[str, int] = {}
         self._output_positions: dict[str, int] | None = None
+        self._output_names: list[str] = []
+        self._sequence = SequenceTensors()
         self._inference_mode = True
         self._optimized_execution = True
 
@@ -147,11 +155,15 @@ class PyTorchBackend(Backend):
         self._inputs = _tensors(config, "input")
         self._outputs = _tensors(config, "output")
         self._max_batch = int(config.get("max_batch_size") or 0)
+        self._sequence = sequence_tensors(config, model.name)
         self._inference_mode = _flag(config, "INFERENCE_MODE", True)
         self._optimized_execution = not _flag(config, "DISABLE_OPTIMIZED_EXECUTION", False)
-        for tensor in self._inputs + self._outputs:
-            if tensor.datatype != "BYTES":
-                torch_dtype(tensor.datatype)     # fails early on a type torch cannot hold
+        datatypes = [tensor.datatype for tensor in self._inputs + self._outputs]
+        datatypes += [*self._sequence.input_types.values(),
+                      *self._sequence.state_output_types.values()]
+        for datatype in datatypes:
+            if datatype != "BYTES":
+                torch_dtype(datatype)            # fails early on a type torch cannot hold
         self._set_threads(config)
 
     def _set_threads(self, config: dict[str, Any]) -> None:
@@ -212,8 +224,23 @@ class PyTorchBackend(Backend):
 
     def _bind_inputs(self, module: Any) -> None:
         """Triton's rules for passing config inputs to ``forward``; errors name the problem."""
+        self._bind_config_inputs(module)
+        extras = self._sequence.inputs
+        if not extras:
+            return
+        positions = {**self._input_positions, **extras}
+        if sorted(positions.values()) != list(range(len(positions))):
+            raise BackendError(f"unable to load model '{self._label()}': input positions "
+                               f"{sorted(positions.values())} must be 0..{len(positions) - 1}, "
+                               f"each once (a sequence control or state input takes the "
+                               f"position its '<name>__<index>' name gives)",
+                               "INVALID_ARGUMENT")
+        self._input_positions = positions
+
+    def _bind_config_inputs(self, module: Any) -> None:
         arguments = _forward_arguments(module)
         names = [tensor.name for tensor in self._inputs]
+        extras = self._sequence.inputs
         model = self._label()
         if arguments is None:                   # no schema to check against: positional
             indices = _named_indices(names)
@@ -225,7 +252,8 @@ class PyTorchBackend(Backend):
         signature = _signature(all_names)
         matching = [name for name in names if name in all_names]
         if names and len(matching) == len(names):
-            missing = [argument for argument in required if argument not in names]
+            missing = [argument for argument in required
+                       if argument not in names and argument not in extras]
             if missing:
                 raise BackendError(f"unable to load model '{model}': {signature} needs "
                                    f"argument '{missing[0]}', which is not an input in the "
@@ -239,16 +267,17 @@ class PyTorchBackend(Backend):
                                f"argument of {signature}; name every input after a forward() "
                                f"argument, or every input '<name>__<index>'",
                                "INVALID_ARGUMENT")
-        if not len(required) <= len(names) <= len(all_names):
+        expected = len(names) + len(extras)
+        if not len(required) <= expected <= len(all_names):
             raise BackendError(f"unable to load model '{model}', configuration expects "
-                               f"{len(names)} inputs, model provides {len(all_names)} "
+                               f"{expected} inputs, model provides {len(all_names)} "
                                f"({signature})", "INVALID_ARGUMENT")
         indices = _named_indices(names)
         if indices is None:
             self._input_convention = CONFIG_ORDER
             self._input_positions = {name: index for index, name in enumerate(names)}
             return
-        if sorted(indices) != list(range(len(names))):
+        if not extras and sorted(indices) != list(range(len(names))):
             raise BackendError(f"unable to load model '{model}': input indices "
                                f"{sorted(indices)} must be 0..{len(names) - 1}, each once "
                                f"({signature})", "INVALID_ARGUMENT")
@@ -261,8 +290,14 @@ class PyTorchBackend(Backend):
         if indices is not None and len(set(indices)) != len(indices):
             raise BackendError(f"unable to load model '{self._label()}': output indices "
                                f"{indices} are not unique", "INVALID_ARGUMENT")
-        self._output_positions = (dict(zip(names, indices, strict=True)) if indices is not None
-                                  else {name: index for index, name in enumerate(names)})
+        positions = (dict(zip(names, indices, strict=True)) if indices is not None
+                     else {name: index for index, name in enumerate(names)})
+        # A state's new value is the tuple element its output name gives; it may also be a
+        # declared output (then clients may ask for it).
+        for name, index in self._sequence.state_outputs.items():
+            positions.setdefault(name, index)
+        self._output_positions = positions
+        self._output_names = list(positions)
 
     def instance_finalize(self) -> None:
         self._module = None
@@ -360,7 +395,7 @@ class PyTorchBackend(Backend):
             datatype = self._datatype(name)
             arguments[name] = value if already_placed else self._to_device(value, datatype)
         module = self._module
-        if self._input_convention == FORWARD_ARGUMENT:
+        if self._input_convention == FORWARD_ARGUMENT and not self._sequence.inputs:
             return module(**arguments)
         by_position = sorted(arguments, key=lambda n: self._input_positions[n])
         positions = [self._input_positions[name] for name in by_position]
@@ -394,7 +429,7 @@ class PyTorchBackend(Backend):
         return tensor.to(self._device) if tensor.device != self._device else tensor
 
     def _outputs_by_name(self, result: Any) -> dict[str, Any]:
-        names = [tensor.name for tensor in self._outputs]
+        names = self._output_names
         model = self._label()
         if isinstance(result, dict):
             found: dict[str, Any] = {}
@@ -418,7 +453,8 @@ class PyTorchBackend(Backend):
 
     def _checked(self, outputs: dict[str, Any]) -> dict[str, Any]:
         checked: dict[str, Any] = {}
-        expected = {tensor.name: tensor.datatype for tensor in self._outputs}
+        expected = {**self._sequence.state_output_types,
+                    **{tensor.name: tensor.datatype for tensor in self._outputs}}
         for name, value in outputs.items():
             want = expected[name]
             if _is_str_list(value):
@@ -445,6 +481,9 @@ class PyTorchBackend(Backend):
         for tensor in self._inputs:
             if tensor.name == name:
                 return tensor.datatype
+        sequence_type = self._sequence.input_types.get(name)
+        if sequence_type is not None:
+            return sequence_type
         raise BackendError(f"unexpected inference input '{name}' for model '{self._label()}'",
                            "INVALID_ARGUMENT")
 
