@@ -288,7 +288,7 @@ def render_response(request: InferRequest, outputs: list[OutputTensor],
 
     The header is what ``json.dumps(..., separators=(",", ":"))`` writes for
     ``{"model_name", "model_version", "outputs": [{"name", "datatype", "shape",
-    "parameters" | "data"}...], "id"}``, joined from fragments cached per model version and
+    ["parameters" | "data"]}...], "id"}``, joined from fragments cached per model version and
     per output name and datatype: only the shape, sizes and data are encoded per request."""
     parts: list[bytes | memoryview] = []
     pieces = [_answer_prefix(request.model, request.version)]
@@ -299,9 +299,10 @@ def render_response(request: InferRequest, outputs: list[OutputTensor],
         pieces.append(",".join(map(str, output.shape)))
         data = output.data
         if data is None:
-            pieces.append('],"parameters":{"shared_memory_region":')
-            pieces.append(json.dumps(_region_of(request, output.name)))
-            pieces.append("}}")
+            # Written to the client's region: name, datatype and shape only, as Triton answers.
+            # (Triton's C++ client, perf_analyzer's, fails on an output whose "parameters"
+            # lack binary_data_size.)
+            pieces.append("]}")
         elif binary_for(output.name, output.datatype):
             pieces.append(f'],"parameters":{{"binary_data_size":{len(data)}}}}}')
             parts.append(data)
@@ -364,13 +365,6 @@ def _json_data(output: OutputTensor) -> list[Any]:
     values: list[Any] = np.frombuffer(output.data, dtype=to_numpy_dtype(output.datatype)
                                       ).tolist()
     return values
-
-
-def _region_of(request: InferRequest, output: str) -> str:
-    for requested in request.outputs:
-        if requested.name == output and requested.region is not None:
-            return requested.region.name
-    return ""
 
 
 # --- Triton's generate extension (POST /v2/models/{m}/generate) ------------------------------
