@@ -151,15 +151,19 @@ class DispatchOwner(Protocol):
     def no_live_instance(self, error: ServeError) -> None: ...
 
 
-def _trace_executions(batch: list[InferRequest], executions: list[list[Any]]) -> None:
-    """The compute timestamps of the traced requests of a frame (tracing.py)."""
+def _note_executions(batch: list[InferRequest], executions: list[list[Any]]) -> None:
+    """The compute timestamps of the traced requests of a frame (tracing.py), and the
+    compute durations for the replies that add them up (an ensemble's steps)."""
     answered = 0
     for indices, input_ns, infer_ns, output_ns in executions:
         for index in indices:
-            trace = batch[index].trace
+            request = batch[index]
+            trace = request.trace
             if trace is not None:
                 answered = answered or time.monotonic_ns()
                 compute_marks(trace, input_ns, infer_ns, output_ns, answered)
+            if request.reply.records_compute:
+                request.reply.computed(input_ns, infer_ns, output_ns)
 
 
 def _write_inputs(jobs: list[tuple[int, int, bytes | memoryview | Pieces]]) -> None:
@@ -599,7 +603,7 @@ class Dispatcher:
                 batch: list[InferRequest], result: Done,
                 answers: list[Answer]) -> None:
         slot.served = True
-        _trace_executions(batch, result.executions)  # before the requests finish
+        _note_executions(batch, result.executions)  # before the requests finish
         finish = self._owner.finish
         for request, outputs in zip(batch, answers, strict=True):
             if isinstance(outputs, _Reschedule):
@@ -652,7 +656,7 @@ class Dispatcher:
         its final Partial (which may have come already); any other result ends it."""
         finish = self._owner.finish
         if not isinstance(result, BaseException):
-            _trace_executions(batch, result.executions)  # before the requests finish
+            _note_executions(batch, result.executions)  # before the requests finish
         answers: list[Any] = ([None] * len(batch) if isinstance(result, BaseException)
                               else result.results)
         for request, answer in zip(batch, answers, strict=True):

@@ -142,6 +142,7 @@ class IntermediatePool:
 
 class _StepReply(Reply):
     __slots__ = ("_index", "_run")
+    records_compute = True
 
     def __init__(self, run: _Run, index: int) -> None:
         super().__init__()
@@ -158,6 +159,12 @@ class _StepReply(Reply):
     def end(self) -> None:
         self.request = None
         self._run.step_response(self._index, None, True)
+
+    def computed(self, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        total = self._run.root.compute_ns
+        total[0] += input_ns
+        total[1] += infer_ns
+        total[2] += output_ns
 
     def send_error(self, error: ServeError, final: bool) -> None:
         if final:
@@ -199,6 +206,9 @@ class _Run:
         self.runs: set[_Run] = set()     # the root's: every run of the request still open
         self.responses = 0               # the root's: responses sent (response statistics)
         self.responded_ns = request.received_ns
+        self.started_ns = 0
+        # The root's: its steps' compute durations (input, infer, output) summed.
+        self.compute_ns = [0, 0, 0]
         self.root.runs.add(self)
         self.shm_owner: str = request.regions[0].owner if request.regions else ""
         # Ensemble outputs the client wants in its shared memory: tensor -> (ref, region).
@@ -211,6 +221,7 @@ class _Run:
         return self._root or self
 
     def start(self) -> None:
+        self.started_ns = time.perf_counter_ns()
         for tensor in self.request.inputs:
             shm = ((tensor.region.name, tensor.offset, tensor.nbytes)
                    if tensor.region is not None else None)
@@ -568,9 +579,12 @@ class EnsembleScheduler:
             stats.record_response(run.responses, kind, now - run.responded_ns)
         stats.record_request(ok, now - request.received_ns)
         if ok:
-            stats.inference_count += request.batch_size
-            stats.execution_count += 1
-            stats.last_inference_ms = int(time.time() * 1000)
+            # As Triton's ensemble scheduler reports them: the wait for its first step as
+            # queue time, the composing models' compute durations summed as its own.
+            stats.queue.add(run.started_ns - request.received_ns)
+            stats.record_batch(request.batch_size, 1, run.compute_ns)
+            if request.reply.records_compute:       # a step of an enclosing ensemble
+                request.reply.computed(*run.compute_ns)
         self._on_finished(request)
         if result is None or request.cancelled:
             return

@@ -36,12 +36,18 @@ class Reply:
     __slots__ = ("request",)
     # True on a reply whose client a worker may answer itself (see ``direct_tag``).
     direct = False
+    # True on a reply that wants its request's compute durations (``computed``).
+    records_compute = False
 
     def __init__(self) -> None:
         self.request: InferRequest | None = None
 
     def send(self, response: list[OutputTensor], final: bool) -> None:
         raise NotImplementedError
+
+    def computed(self, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """The compute durations of the execution that ran the request (before ``send``);
+        called only when ``records_compute``."""
 
     def end(self) -> None:
         """A decoupled request's final flag, alone (no response with it). Doors that take
