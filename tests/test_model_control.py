@@ -222,6 +222,26 @@ def test_config_override_then_plain_load_restores_the_repository_config(
     client.unload_model("mc_override")
 
 
+def test_a_partial_config_override_is_completed_by_the_model(explicit: Explicit) -> None:
+    """Triton's simple_grpc_model_control example: the override '{"max_batch_size":"16"}'
+    replaces config.pbtxt whole; the backend is inferred from model.py and the example
+    model's auto_complete_config declares its tensors."""
+    client = explicit.client
+    client.load_model("simple", config='{"max_batch_size":"16"}')
+    try:
+        config = client.get_model_config("simple").config
+        assert config.max_batch_size == 16
+        assert config.backend == "python"
+        assert [(t.name, list(t.dims)) for t in config.input] == [("INPUT0", [16]),
+                                                                   ("INPUT1", [16])]
+        assert [t.name for t in config.output] == ["OUTPUT0", "OUTPUT1"]
+        infer_simple(client, 3)
+    finally:
+        client.load_model("simple")  # the repository's config again
+    assert client.get_model_config("simple").config.max_batch_size == 8
+    infer_simple(client)
+
+
 def test_file_override_loads_a_model_from_the_request(explicit: Explicit) -> None:
     client = explicit.client
     files = {"file:1/model.py": model_py()}

@@ -7,6 +7,18 @@ import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(auto_complete_model_config):
+        # Fills in what a config leaves out (a "config" load override such as
+        # '{"max_batch_size": 16}' replaces config.pbtxt whole); declared tensors must match.
+        for name in ("INPUT0", "INPUT1"):
+            auto_complete_model_config.add_input(
+                {"name": name, "data_type": "TYPE_INT32", "dims": [16]})
+        for name in ("OUTPUT0", "OUTPUT1"):
+            auto_complete_model_config.add_output(
+                {"name": name, "data_type": "TYPE_INT32", "dims": [16]})
+        return auto_complete_model_config
+
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.out0_dtype = pb_utils.triton_string_to_numpy(
