@@ -85,6 +85,34 @@ def flatten_unknown() -> onnx.ModelProto:
                   [numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat")])
 
 
+
+def sequence_controls() -> onnx.ModelProto:
+    """A sequence model: OUTPUT = INPUT + 1000 * START + 10 * READY and CORRID_SEEN = CORRID
+    (its control inputs, [N, 1] each)."""
+    int32 = [helper.make_tensor_value_info(name, TensorProto.INT32, ["N", 1])
+             for name in ("INPUT", "START", "READY")]
+    corrid = helper.make_tensor_value_info("CORRID", TensorProto.UINT64, ["N", 1])
+    return _model(
+        [helper.make_node("Mul", ["START", "thousand"], ["started"]),
+         helper.make_node("Mul", ["READY", "ten"], ["readied"]),
+         helper.make_node("Add", ["INPUT", "started"], ["partial"]),
+         helper.make_node("Add", ["partial", "readied"], ["OUTPUT"]),
+         helper.make_node("Identity", ["CORRID"], ["CORRID_SEEN"])],
+        [*int32, corrid],
+        [helper.make_tensor_value_info("OUTPUT", TensorProto.INT32, ["N", 1]),
+         helper.make_tensor_value_info("CORRID_SEEN", TensorProto.UINT64, ["N", 1])],
+        [numpy_helper.from_array(np.array(1000, np.int32), "thousand"),
+         numpy_helper.from_array(np.array(10, np.int32), "ten")])
+
+
+def accumulator_state() -> onnx.ModelProto:
+    """Implicit state: OUTPUT = INPUT + STATE_IN, and STATE_OUT the same ([N, 1] INT32)."""
+    tensors = [helper.make_tensor_value_info(name, TensorProto.INT32, ["N", 1])
+               for name in ("INPUT", "STATE_IN", "OUTPUT", "STATE_OUT")]
+    return _model([helper.make_node("Add", ["INPUT", "STATE_IN"], ["OUTPUT"]),
+                   helper.make_node("Identity", ["OUTPUT"], ["STATE_OUT"])],
+                  tensors[:2], tensors[2:])
+
 def write_model(repository: Path, name: str, model: onnx.ModelProto,
                 config: str | None = None, filename: str = "model.onnx") -> Path:
     """``<repository>/<name>/1/<filename>`` and, when given, ``config.pbtxt``."""

@@ -25,8 +25,10 @@ pytest.importorskip("onnx", reason="the onnxruntime backend tests build models w
 
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.utils.shared_memory as shm  # noqa: E402
+from google.protobuf import json_format, text_format  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from shmserve.protos import shmserve_model_config_pb2 as mc  # noqa: E402
 from shmserve.tests import onnx_models  # noqa: E402
 from shmserve.tests.serverproc import (  # noqa: E402
     ServerProcess,
@@ -412,8 +414,37 @@ input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] } ]
 output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]
 dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 2000000 }
 """
+SEQUENCE_CONFIG = """
+backend: "onnxruntime"
+max_batch_size: 4
+sequence_batching {
+  oldest { max_candidate_sequences: 4 }
+  control_input [
+    { name: "START" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },
+    { name: "READY" control [ { kind: CONTROL_SEQUENCE_READY int32_false_true: [ 0, 1 ] } ] },
+    { name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] }
+  ]
+}
+input [ { name: "INPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [
+  { name: "OUTPUT" data_type: TYPE_INT32 dims: [ 1 ] },
+  { name: "CORRID_SEEN" data_type: TYPE_UINT64 dims: [ 1 ] }
+]
+"""
+STATE_CONFIG = """
+backend: "onnxruntime"
+max_batch_size: 4
+sequence_batching {
+  direct { }
+  state [ { input_name: "STATE_IN" output_name: "STATE_OUT" data_type: TYPE_INT32 dims: [ 1 ]
+            initial_state: { data_type: TYPE_INT32 dims: [ 1 ] zero_data: true name: "zero" } } ]
+}
+input [ { name: "INPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "OUTPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
+"""
 SERVED = ["onnx_mlp", "onnx_auto", "onnx_multi", "onnx_strings", "onnx_batching",
-          "onnx_identity", "onnx_flatten", "onnx_identity_batching", "onnx_identity_threads"]
+          "onnx_identity", "onnx_flatten", "onnx_identity_batching", "onnx_identity_threads",
+          "onnx_sequence", "onnx_state"]
 
 
 def build_onnx_repository(repo: Path) -> Path:
@@ -432,6 +463,9 @@ def build_onnx_repository(repo: Path) -> Path:
     onnx_models.write_model(repo, "onnx_bad_input", onnx_models.mlp(),
                             MLP_CONFIG.replace('name: "X"', 'name: "INPUT0"'))
     onnx_models.write_model(repo, "onnx_no_batch", onnx_models.mlp(batch=2), MLP_CONFIG)
+    onnx_models.write_model(repo, "onnx_sequence", onnx_models.sequence_controls(),
+                            SEQUENCE_CONFIG)
+    onnx_models.write_model(repo, "onnx_state", onnx_models.accumulator_state(), STATE_CONFIG)
     return repo
 
 
@@ -767,3 +801,77 @@ def test_backend_config_default_max_batch_size(tmp_path: Path, setting: str,
         assert config.max_batch_size == expected
         assert config.HasField("dynamic_batching") == (expected > 1)
         assert "--backend-config=onnxruntime,enable-global-threadpool=1" in server.log()
+
+
+# --- sequence models: control inputs and implicit state --------------------------------------
+
+def _sequence_step(client: grpcclient.InferenceServerClient, model: str, sequence_id: int,
+                   value: int, start: bool = False, end: bool = False) -> dict[str, int]:
+    result = client.infer(model, [infer_input("INPUT", np.array([[value]], np.int32), "INT32")],
+                          sequence_id=sequence_id, sequence_start=start, sequence_end=end,
+                          client_timeout=20)
+    return {out.name: int(result.as_numpy(out.name).reshape(-1)[0])
+            for out in result.get_response().outputs}
+
+
+def test_server_sequence_controls_reach_the_onnx_model(client: grpcclient.InferenceServerClient
+                                                      ) -> None:
+    """START, READY and CORRID are model inputs the server fills (Triton's simple_sequence
+    and simple_dyna_sequence examples are such ONNX models)."""
+    assert _sequence_step(client, "onnx_sequence", 41, 5, start=True) == {
+        "OUTPUT": 5 + 1000 + 10, "CORRID_SEEN": 41}
+    assert _sequence_step(client, "onnx_sequence", 42, 7, start=True)["OUTPUT"] == 1017
+    assert _sequence_step(client, "onnx_sequence", 41, 6, end=True) == {
+        "OUTPUT": 6 + 10, "CORRID_SEEN": 41}
+    assert _sequence_step(client, "onnx_sequence", 42, 8, end=True) == {
+        "OUTPUT": 18, "CORRID_SEEN": 42}
+
+
+def test_server_onnx_implicit_state(client: grpcclient.InferenceServerClient) -> None:
+    """STATE_OUT becomes the sequence's next STATE_IN (zeros at START); it is not sent, the
+    config not declaring it as an output."""
+    assert _sequence_step(client, "onnx_state", 51, 5, start=True) == {"OUTPUT": 5}
+    assert _sequence_step(client, "onnx_state", 52, 100, start=True) == {"OUTPUT": 100}
+    assert _sequence_step(client, "onnx_state", 51, 2) == {"OUTPUT": 7}
+    assert _sequence_step(client, "onnx_state", 52, 1, end=True) == {"OUTPUT": 101}
+    assert _sequence_step(client, "onnx_state", 51, 3, start=True) == {"OUTPUT": 3}  # reset
+    assert _sequence_step(client, "onnx_state", 51, 4, end=True) == {"OUTPUT": 7}
+
+
+def _sequence_config(**replace: str) -> dict[str, Any]:
+    text = SEQUENCE_CONFIG
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return json_format.MessageToDict(text_format.Parse(text, mc.ModelConfig()),
+                                     preserving_proto_field_name=True)
+
+
+@pytest.mark.parametrize(("config", "message", "code"), [
+    (_sequence_config(**{'name: "CORRID"': 'name: "CORR_ID"'}),
+     "configuration specified sequence control 'CORR_ID', but model does not provide that "
+     "input", "INTERNAL"),
+    (_sequence_config(TYPE_UINT64="TYPE_INT64"),
+     "unable to load model 'm', sequence control 'CORRID', the model expects data-type UINT64 "
+     "but the model configuration specifies data-type TYPE_INT64", "INVALID_ARGUMENT"),
+    (_sequence_config(**{"max_batch_size: 4": "max_batch_size: 0",
+                         'INPUT" data_type: TYPE_INT32 dims: [ 1 ]':
+                         'INPUT" data_type: TYPE_INT32 dims: [ -1, 1 ]'}),
+     "unable to load model 'm', sequence control 'START' in model has dims [-1,1] but dims "
+     "[1] is expected", "INVALID_ARGUMENT"),
+])
+def test_sequence_control_mismatches(tmp_path: Path, config: dict[str, Any], message: str,
+                                     code: str) -> None:
+    with pytest.raises(BackendError) as caught:
+        loaded(spec(tmp_path, onnx_models.sequence_controls(), config))
+    assert caught.value.message == message
+    assert caught.value.code == code
+
+
+def test_sequence_inputs_count_as_model_inputs(tmp_path: Path) -> None:
+    config = _sequence_config()
+    config["sequence_batching"]["control_input"].pop()     # no CORRID: one input unexplained
+    with pytest.raises(BackendError) as caught:
+        loaded(spec(tmp_path, onnx_models.sequence_controls(), config))
+    assert caught.value.message == ("unable to load model 'm', configuration expects 3 inputs, "
+                                    "model provides 4")

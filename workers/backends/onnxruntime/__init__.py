@@ -54,6 +54,7 @@ from shmserve.workers.backends.onnxruntime.signature import (
     validate,
 )
 from shmserve.workers.cuda_ipc import host_array
+from shmserve.workers.sequence_tensors import states
 
 __all__ = ["OnnxRuntimeBackend"]
 
@@ -107,6 +108,7 @@ class OnnxRuntimeBackend(Backend):
         self._inputs: list[TensorInfo] = []
         self._outputs: dict[str, TensorInfo] = {}
         self._output_order: list[str] = []
+        self._state_outputs: list[str] = []   # a sequence model's implicit-state outputs
         self._max_batch = 0
         self._prebind = True     # off once ORT refused a shape we predicted
         self.last_run = RunRecord()
@@ -119,6 +121,7 @@ class OnnxRuntimeBackend(Backend):
         self._model = model
         self._max_batch = int(model.config.get("max_batch_size") or 0)
         self._output_order = [str(entry["name"]) for entry in model.config.get("output") or []]
+        self._state_outputs = [state.output.name for state in states(model.config)]
 
     def instance_initialize(self, model: ModelSpec, instance: InstanceSpec) -> None:
         if self._ort is None or self._path is None:
@@ -163,14 +166,20 @@ class OnnxRuntimeBackend(Backend):
 
     def _run_one(self, request: Request) -> Response:
         try:
-            names = request.requested_outputs or self._output_order
-            outputs = self._run(request.inputs, names, request.output_buffers, None,
+            outputs = self._run(request.inputs, self._wanted(request), request.output_buffers, None,
                                 request.allocate_output)
             return Response(outputs=outputs)
         except BackendError as exc:
             return Response(error=exc)
         except Exception as exc:
             return Response(error=self._failure(exc))
+
+    def _wanted(self, request: Request) -> list[str]:
+        """The outputs to compute: those asked for (all by default) and the states' next
+        values (the worker keeps them, and sends them only when asked)."""
+        names = request.requested_outputs or self._output_order
+        missing = [name for name in self._state_outputs if name not in names]
+        return [*names, *missing] if missing else names
 
     def _can_concatenate(self, requests: list[Request]) -> bool:
         first = requests[0]
@@ -192,7 +201,7 @@ class OnnxRuntimeBackend(Backend):
         first = requests[0]
         sizes = [int(next(iter(request.inputs.values())).shape[0]) for request in requests]
         total = sum(sizes)
-        names = first.requested_outputs or self._output_order
+        names = self._wanted(first)
         try:
             batched = {name: np.concatenate([request.inputs[name] for request in requests])
                        for name in first.inputs}

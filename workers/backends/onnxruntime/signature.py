@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from shmserve.workers.sequence_tensors import SequenceTensor, control_inputs, states
+
 log = logging.getLogger(__name__)
 
 #: onnxruntime's type strings -> config data types (Triton's OnnxDataTypeToModelConfigDataType).
@@ -112,15 +114,40 @@ def _dims_match(model_dims: tuple[int, ...], dims: list[int], exact: bool) -> bo
 
 def validate(model: str, config: dict[str, Any], inputs: list[TensorInfo],
              outputs: list[TensorInfo]) -> None:
-    """Raise SignatureError where the config's inputs or outputs do not fit the model."""
+    """Raise SignatureError where the config's inputs or outputs do not fit the model. A
+    sequence model's control and state inputs are model inputs too."""
     max_batch_size = int(config.get("max_batch_size") or 0)
     config_inputs = list(config.get("input") or [])
-    if len(inputs) != len(config_inputs):
+    controls = control_inputs(config)
+    expected = len(config_inputs) + len(controls) + len(states(config))
+    if len(inputs) != expected:
         raise SignatureError(f"unable to load model '{model}', configuration expects "
-                             f"{len(config_inputs)} inputs, model provides {len(inputs)}")
-    _validate_kind(model, "input", config_inputs, {i.name: i for i in inputs}, max_batch_size)
+                             f"{expected} inputs, model provides {len(inputs)}")
+    by_name = {i.name: i for i in inputs}
+    _validate_kind(model, "input", config_inputs, by_name, max_batch_size)
+    for control in controls:
+        _validate_control(model, control, by_name, max_batch_size)
     _validate_kind(model, "output", list(config.get("output") or []),
                    {o.name: o for o in outputs}, max_batch_size)
+
+
+def _validate_control(model: str, control: SequenceTensor, infos: dict[str, TensorInfo],
+                      max_batch_size: int) -> None:
+    """Triton's ValidateBooleanSequenceControl / ValidateTypedSequenceControl."""
+    info = infos.get(control.name)
+    if info is None:
+        raise SignatureError(f"configuration specified sequence control '{control.name}', but "
+                             f"model does not provide that input", "INTERNAL")
+    dims = info.dims[1:] if max_batch_size > 0 else info.dims
+    if dims != (1,):
+        raise SignatureError(f"unable to load model '{model}', sequence control "
+                             f"'{control.name}' in model has dims {shape_string(dims)} but "
+                             f"dims [1] is expected")
+    if CONFIG_TO_ORT.get(control.data_type) != info.ort_type:
+        raise SignatureError(f"unable to load model '{model}', sequence control "
+                             f"'{control.name}', the model expects data-type "
+                             f"{info.ort_type[len('tensor('):-1].upper()} but the model "
+                             f"configuration specifies data-type {control.data_type}")
 
 
 def _validate_kind(model: str, kind: str, entries: list[dict[str, Any]],

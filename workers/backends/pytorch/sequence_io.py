@@ -22,10 +22,9 @@ from typing import Any
 
 from shmserve.protos.datatypes import CONFIG_TO_V2
 from shmserve.workers.backend import BackendError
+from shmserve.workers.sequence_tensors import control_inputs, states
 
 _NAMED_INDEX = re.compile(r"^.+__(\d+)$")
-_BOOL_FIELDS = (("int32_false_true", "INT32"), ("fp32_false_true", "FP32"),
-                ("bool_false_true", "BOOL"))
 
 
 def named_index(name: str) -> int | None:
@@ -43,27 +42,19 @@ class SequenceTensors:
     state_outputs: dict[str, int] = field(default_factory=dict)  # name -> tuple position
     state_output_types: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def has_state(self) -> bool:
-        return bool(self.state_outputs)
-
 
 def sequence_tensors(config: Mapping[str, Any], model: str) -> SequenceTensors:
     """The control and state tensors of ``config`` (Triton's model_config JSON)."""
-    batching = config.get("sequence_batching")
-    if not batching:
-        return SequenceTensors()
     found = SequenceTensors()
-    for control_input in batching.get("control_input") or []:
-        name = str(control_input.get("name", ""))
-        index = named_index(name)
+    for control in control_inputs(config):
+        index = named_index(control.name)
         if index is None:
-            raise BackendError(f"input '{name}' does not follow <name>__<index> naming "
+            raise BackendError(f"input '{control.name}' does not follow <name>__<index> naming "
                                f"convention.", "INVALID_ARGUMENT")
-        found.inputs[name] = index
-        found.input_types[name] = _control_datatype(control_input)
-    states = batching.get("state") or []
-    if not states:
+        found.inputs[control.name] = index
+        found.input_types[control.name] = CONFIG_TO_V2.get(control.data_type, "")
+    declared = states(config)
+    if not declared:
         return found
     names = [str(t.get("name", "")) for t in [*config.get("input", []),
                                                *config.get("output", [])]]
@@ -71,27 +62,15 @@ def sequence_tensors(config: Mapping[str, Any], model: str) -> SequenceTensors:
         raise BackendError(f"PyTorch model '{model}' is using sequence batching with state but "
                            f"not all inputs and outputs follow the <name>__<index> naming "
                            f"convention. ", "INVALID_ARGUMENT")
-    for state in states:
-        datatype = CONFIG_TO_V2.get(str(state.get("data_type", "")), "")
-        for key, positions, types in (("input_name", found.inputs, found.input_types),
-                                      ("output_name", found.state_outputs,
-                                       found.state_output_types)):
-            name = str(state.get(key, ""))
-            index = named_index(name)
+    for state in declared:
+        for tensor, positions, types in (
+                (state.input, found.inputs, found.input_types),
+                (state.output, found.state_outputs, found.state_output_types)):
+            index = named_index(tensor.name)
             if index is None:
                 raise BackendError(f"PyTorch model '{model}' is using sequence batching with "
-                                   f"state but state '{name}' does not follow the "
+                                   f"state but state '{tensor.name}' does not follow the "
                                    f"<name>__<index> naming convention. ", "INVALID_ARGUMENT")
-            positions[name] = index
-            types[name] = datatype
+            positions[tensor.name] = index
+            types[tensor.name] = CONFIG_TO_V2.get(tensor.data_type, "")
     return found
-
-
-def _control_datatype(control_input: Mapping[str, Any]) -> str:
-    for control in control_input.get("control") or []:
-        for key, datatype in _BOOL_FIELDS:
-            if control.get(key):
-                return datatype
-        if control.get("kind") == "CONTROL_SEQUENCE_CORRID":
-            return CONFIG_TO_V2.get(str(control.get("data_type", "")), "UINT64")
-    return "INT32"
