@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from tests.serverproc import ServerProcess, build_repository
 
 MODELS = ["bls_double", "bls_pre", "bls_caller", "async_sleeper", "bls_bounce",
-          "bls_decoupled", "repeat_int32", "midstream_error", "fill_stream"]
+          "bls_decoupled", "repeat_ms", "midstream_error", "fill_stream"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = ServerProcess(repo, "--model-control-mode", "explicit", "--load-model", "bls_double",
                          "--load-model", "bls_pre", "--load-model", "async_sleeper",
                          "--load-model", "bls_bounce", "--load-model", "bls_decoupled",
-                         "--load-model", "repeat_int32", "--load-model", "midstream_error",
+                         "--load-model", "repeat_ms", "--load-model", "midstream_error",
                          "--load-model", "fill_stream",
                          "--local-ring-bytes", str(128 << 20))
     try:
@@ -90,9 +90,9 @@ def _aggregate(server: ServerProcess, values: list[int], mode: str,
 def test_decoupled_exec_iterates_every_response(server: ServerProcess, mode: str) -> None:
     """exec(decoupled=True) / async_exec(decoupled=True): one response per element, then
     the empty final one (the repeat model sends the final flag alone), as in Triton."""
-    before = _stats(server, "repeat_int32")
+    before = _stats(server, "repeat_ms")
     assert _aggregate(server, [3, 4, 5, 6], mode) == (18, 5, True)
-    assert _stats(server, "repeat_int32") == before + 1  # through the core, counted
+    assert _stats(server, "repeat_ms") == before + 1  # through the core, counted
 
 
 def test_decoupled_exec_errors_mid_stream_are_responses(server: ServerProcess) -> None:

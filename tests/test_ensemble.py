@@ -430,12 +430,12 @@ def test_large_intermediate_tensors_go_from_worker_to_worker_by_reference(
 
 def test_ensemble_with_a_decoupled_step_streams_its_responses(
         start_server: StartServer, tmp_path: Path) -> None:
-    """pre (+1) -> repeat_int32 (decoupled: one response per element) -> post (*10): every
+    """pre (+1) -> repeat_ms (decoupled: one response per element) -> post (*10): every
     response of the decoupled step flows through post and out of the ensemble as its own
     response on the stream; the final flag comes once the step sent its own."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    shutil.copytree(MODELS_DIR / "repeat_int32", repo / "repeat_int32")
+    shutil.copytree(MODELS_DIR / "repeat_ms", repo / "repeat_ms")
     arithmetic(repo, "pre", add=1, data_type="TYPE_INT32")
     arithmetic(repo, "post", mul=10, data_type="TYPE_INT32")
     write(repo, "streaming", """
@@ -448,7 +448,7 @@ def test_ensemble_with_a_decoupled_step_streams_its_responses(
                  { name: "IDX", data_type: TYPE_INT32, dims: [ 1 ] } ]
         ensemble_scheduling { step [ """ + ", ".join([
         step("pre", {"INPUT0": "IN"}, {"OUTPUT0": "t1"}),
-        step("repeat_int32", {"IN": "t1", "DELAY_MS": "DELAY"}, {"OUT": "each", "IDX": "IDX"}),
+        step("repeat_ms", {"IN": "t1", "DELAY_MS": "DELAY"}, {"OUT": "each", "IDX": "IDX"}),
         step("post", {"INPUT0": "each"}, {"OUTPUT0": "OUT"})]) + " ] }\n")
     server = start_server(None, repository=repo)
     values = np.array([3, 4, 5], dtype=np.int32)
@@ -509,11 +509,11 @@ COMBINE_MODEL = """
 
 def test_decoupled_branches_wait_for_a_parallel_step(start_server: StartServer,
                                                      tmp_path: Path) -> None:
-    """repeat_int32's responses come before the slow parallel step 'side' is done; each
+    """repeat_ms's responses come before the slow parallel step 'side' is done; each
     branch's 'combine' step waits for side's output, then runs."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    shutil.copytree(MODELS_DIR / "repeat_int32", repo / "repeat_int32")
+    shutil.copytree(MODELS_DIR / "repeat_ms", repo / "repeat_ms")
     arithmetic(repo, "side", mul=100, sleep=0.5, data_type="TYPE_INT32")
     write(repo, "combine", """
         name: "combine"
@@ -531,7 +531,7 @@ def test_decoupled_branches_wait_for_a_parallel_step(start_server: StartServer,
                 { name: "DELAY", data_type: TYPE_INT32, dims: [ 1 ] } ]
         output [ { name: "OUT", data_type: TYPE_INT32, dims: [ -1 ] } ]
         ensemble_scheduling { step [ """ + ", ".join([
-        step("repeat_int32", {"IN": "IN", "DELAY_MS": "DELAY"}, {"OUT": "each"}),
+        step("repeat_ms", {"IN": "IN", "DELAY_MS": "DELAY"}, {"OUT": "each"}),
         step("side", {"INPUT0": "IN"}, {"OUTPUT0": "scaled"}),
         step("combine", {"INPUT0": "each", "INPUT1": "scaled"}, {"OUTPUT0": "OUT"})]) + " ] }\n")
     server = start_server(None, repository=repo)

@@ -24,7 +24,7 @@ COUNT = 8
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
     base = tmp_path_factory.mktemp("ring")
-    repo = build_repository(base / "repo", ["fill_stream", "repeat_int32"])
+    repo = build_repository(base / "repo", ["fill_stream", "repeat_ms"])
     proc = ServerProcess(repo, "--local-socket", str(base / "shmserve.sock"))
     proc.wait_ready()
     yield proc, f"local://{base / 'shmserve.sock'}"

@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from shmserve.tests.conftest import GRPC_FRONTENDS, StartServer, frontends_id, serve_models
 from shmserve.tests.serverproc import ServerProcess, worker_pids
 
-MODELS = ["repeat_int32", "square_int32", "midstream_error", "simple", "threaded_sends"]
+MODELS = ["repeat_ms", "square_int32", "midstream_error", "simple", "threaded_sends"]
 FINAL = "triton_final_response"
 
 
@@ -83,7 +83,7 @@ def test_repeat_model_streams_each_response_as_it_is_sent(server: ServerProcess)
     stream = Stream(server.url)
     try:
         started = time.monotonic()
-        stream.client.async_stream_infer("repeat_int32", _repeat_inputs([4, 5, 6], 300),
+        stream.client.async_stream_infer("repeat_ms", _repeat_inputs([4, 5, 6], 300),
                                          request_id="r1",
                                          enable_empty_final_response=True)
         first = stream.get()
@@ -103,7 +103,7 @@ def test_repeat_model_streams_each_response_as_it_is_sent(server: ServerProcess)
 def test_without_empty_final_only_the_responses_come(server: ServerProcess) -> None:
     stream = Stream(server.url)
     try:
-        stream.client.async_stream_infer("repeat_int32", _repeat_inputs([1, 2], 0),
+        stream.client.async_stream_infer("repeat_ms", _repeat_inputs([1, 2], 0),
                                          request_id="a")
         got = [stream.get(), stream.get()]
         with pytest.raises(queue.Empty):
@@ -240,7 +240,7 @@ def test_cancelled_stream_is_seen_by_the_model(server: ServerProcess, tmp_path: 
     failed_before = _failed(server)
     stream = Stream(server.url)
     inputs = _repeat_inputs(list(range(100)), 50)
-    stream.client.async_stream_infer("repeat_int32", inputs, request_id="c1",
+    stream.client.async_stream_infer("repeat_ms", inputs, request_id="c1",
                                      parameters={"cancel_log": str(cancel_log),
                                                  "in_thread": in_thread})
     first = stream.get()
@@ -257,7 +257,7 @@ def test_cancelled_stream_is_seen_by_the_model(server: ServerProcess, tmp_path: 
     # The instance is free again.
     stream = Stream(server.url)
     try:
-        stream.client.async_stream_infer("repeat_int32", _repeat_inputs([9], 0),
+        stream.client.async_stream_infer("repeat_ms", _repeat_inputs([9], 0),
                                          request_id="next")
         assert stream.get(timeout=5).as_numpy("OUT").tolist() == [9]
     finally:
@@ -266,17 +266,17 @@ def test_cancelled_stream_is_seen_by_the_model(server: ServerProcess, tmp_path: 
 
 def _failed(server: ServerProcess) -> int:
     with grpcclient.InferenceServerClient(server.url) as client:
-        stats = client.get_inference_statistics("repeat_int32").model_stats[0]
+        stats = client.get_inference_statistics("repeat_ms").model_stats[0]
     return int(stats.inference_stats.fail.count)
 
 
 @pytest.mark.parametrize("in_thread", [False, True])
 def test_worker_killed_mid_stream_ends_the_request(start_server: StartServer,
                                                    in_thread: bool) -> None:
-    server = start_server(["repeat_int32"])
+    server = start_server(["repeat_ms"])
     stream = Stream(server.url)
     try:
-        stream.client.async_stream_infer("repeat_int32", _repeat_inputs(list(range(100)), 50),
+        stream.client.async_stream_infer("repeat_ms", _repeat_inputs(list(range(100)), 50),
                                          request_id="k1", parameters={"in_thread": in_thread})
         assert stream.get().as_numpy("IDX").tolist() == [0]
         (pid,) = worker_pids(server.pid)
@@ -287,16 +287,16 @@ def test_worker_killed_mid_stream_ends_the_request(start_server: StartServer,
                 break
     finally:
         stream.close()
-    assert "repeat_int32_0_0" in result.message() and "SIGKILL" in result.message()
+    assert "repeat_ms_0_0" in result.message() and "SIGKILL" in result.message()
     # Sent from a thread, the request outlived its execute: ended as an open stream.
     assert ("while the request's responses were being sent" in result.message()) == in_thread
 
 
 def test_drain_waits_for_open_streams(start_server: StartServer) -> None:
-    server = start_server(["repeat_int32"])
+    server = start_server(["repeat_ms"])
     stream = Stream(server.url)
     try:
-        stream.client.async_stream_infer("repeat_int32", _repeat_inputs(list(range(8)), 100),
+        stream.client.async_stream_infer("repeat_ms", _repeat_inputs(list(range(8)), 100),
                                          request_id="d1", enable_empty_final_response=True)
         assert stream.get().as_numpy("IDX").tolist() == [0]
         server.process.send_signal(signal.SIGTERM)
@@ -309,10 +309,10 @@ def test_drain_waits_for_open_streams(start_server: StartServer) -> None:
 
 
 def test_drain_ends_streams_past_the_exit_timeout(start_server: StartServer) -> None:
-    server = start_server(["repeat_int32"], "--exit-timeout-secs", "2")
+    server = start_server(["repeat_ms"], "--exit-timeout-secs", "2")
     stream = Stream(server.url)
     try:
-        stream.client.async_stream_infer("repeat_int32",
+        stream.client.async_stream_infer("repeat_ms",
                                          _repeat_inputs(list(range(1000)), 50),
                                          request_id="d2")
         assert stream.get().as_numpy("IDX").tolist() == [0]
@@ -325,7 +325,7 @@ def test_drain_ends_streams_past_the_exit_timeout(start_server: StartServer) -> 
     finally:
         stream.close()
     assert time.monotonic() - started < 6
-    assert "repeat_int32" in result.message()
+    assert "repeat_ms" in result.message()
     threading.Thread(target=server.process.wait, daemon=True).start()
 
 
@@ -375,9 +375,9 @@ def test_slow_reader_fails_the_stream_instead_of_buffering(start_server: StartSe
     import grpc
 
     from shmserve.protos import shmserve_service_pb2 as pb
-    server = start_server(["repeat_int32"], flag, limit)
+    server = start_server(["repeat_ms"], flag, limit)
     cancel_log = tmp_path / "cancelled.txt"
-    request = pb.ModelInferRequest(model_name="repeat_int32", id="slow")
+    request = pb.ModelInferRequest(model_name="repeat_ms", id="slow")
     request.parameters["cancel_log"].string_param = str(cancel_log)
     for name, values in (("IN", list(range(5000))), ("DELAY_MS", [0])):
         tensor = request.inputs.add(name=name, datatype="INT32", shape=[len(values)])
@@ -427,11 +427,11 @@ def _events(server: ServerProcess, model: str, body: dict[str, Any]
 
 
 def test_generate_stream_sends_each_response_as_an_event(server: ServerProcess) -> None:
-    events = list(_events(server, "repeat_int32",
+    events = list(_events(server, "repeat_ms",
                           {"IN": [7, 8, 9], "DELAY_MS": 300, "id": "sse1"}))
     assert [value["OUT"] for _, value in events] == [7, 8, 9]
     assert [value["IDX"] for _, value in events] == [0, 1, 2]
-    assert all(value["id"] == "sse1" and value["model_name"] == "repeat_int32"
+    assert all(value["id"] == "sse1" and value["model_name"] == "repeat_ms"
                for _, value in events)
     assert events[0][0] < 0.5 < events[2][0]  # each sent as it came, not all at the end
 
@@ -492,16 +492,16 @@ def test_generate_on_a_decoupled_model_takes_exactly_one_response(server: Server
 def test_unload_drains_open_streams(start_server: StartServer) -> None:
     """Unloading waits for a decoupled request whose responses are still coming, although its
     execute (sending from a thread) returned long ago."""
-    server = start_server(["repeat_int32"], "--model-control-mode", "explicit",
+    server = start_server(["repeat_ms"], "--model-control-mode", "explicit",
                           "--load-model", "*")
     stream = Stream(server.url)
     try:
-        stream.client.async_stream_infer("repeat_int32", _repeat_inputs(list(range(6)), 150),
+        stream.client.async_stream_infer("repeat_ms", _repeat_inputs(list(range(6)), 150),
                                          request_id="u1", enable_empty_final_response=True,
                                          parameters={"in_thread": True})
         assert stream.get().as_numpy("IDX").tolist() == [0]
         with grpcclient.InferenceServerClient(server.url) as control:
-            unloading = threading.Thread(target=control.unload_model, args=("repeat_int32",))
+            unloading = threading.Thread(target=control.unload_model, args=("repeat_ms",))
             unloading.start()
             got = _collect(stream, "u1")
             finished = time.monotonic()

@@ -15,7 +15,7 @@ from shmserve.client import AsyncClient, Client, StreamRequest, StreamResult
 from shmserve.tests.conftest import assert_no_arenas
 from shmserve.tests.serverproc import ServerProcess, build_repository
 
-MODELS = ["repeat_int32", "square_int32", "midstream_error"]
+MODELS = ["repeat_ms", "square_int32", "midstream_error"]
 DOORS = ["grpc", "local"]
 
 
@@ -104,14 +104,14 @@ def test_closing_the_stream_early_cancels_for_the_model(server: tuple[ServerProc
 
     def sync_run() -> tuple[StreamResult, bool]:
         with Client(_url(server, door)) as client:
-            results = client.stream_infer("repeat_int32", [request], timeout=30)
+            results = client.stream_infer("repeat_ms", [request], timeout=30)
             first = next(results)
             results.close()
             return first, seen_by_model()
 
     async def async_run() -> tuple[StreamResult, bool]:
         async with AsyncClient(_url(server, door)) as client:
-            results = client.stream_infer("repeat_int32", [request], timeout=30)
+            results = client.stream_infer("repeat_ms", [request], timeout=30)
             first = await anext(results)
             await results.aclose()
             return first, await asyncio.to_thread(seen_by_model)

@@ -23,7 +23,7 @@ class TritonPythonModel:
                         pb_utils.Tensor("ELEMENTS", values[1:2])])
         else:
             call = pb_utils.InferenceRequest(
-                model_name="repeat_int32", requested_output_names=["OUT"],
+                model_name="repeat_ms", requested_output_names=["OUT"],
                 inputs=[pb_utils.Tensor("IN", values),
                         pb_utils.Tensor("DELAY_MS", np.array([10], np.int32))],
                 parameters={"cancel_log": parameters.get("cancel_log", "")})
