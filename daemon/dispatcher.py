@@ -552,8 +552,12 @@ class Dispatcher:
                                                                                    worker),
                                             region.offset + output.offset,
                                             output.byte_size).pack()
-                outputs.append([output.name, destination, True] if output.by_reference
-                               else [output.name, destination])
+                if output.class_count:
+                    outputs.append([output.name, destination, output.by_reference,
+                                    output.class_count])
+                else:
+                    outputs.append([output.name, destination, True] if output.by_reference
+                                   else [output.name, destination])
             reply = request.reply
             tag = reply.direct_tag(worker) if reply.direct and self.direct_answers else None
             ring = None

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shmserve.daemon.dispatcher import InstanceSlot
-from shmserve.daemon.errors import ServeError, internal, unavailable
+from shmserve.daemon.errors import ServeError, internal, unavailable, unimplemented
 from shmserve.daemon.infer_request import OutputIn, RequestItems, ShmRef, TensorIn
 from shmserve.daemon.reply import Reply
 from shmserve.daemon.request import InferRequest, OutputTensor
@@ -552,6 +552,9 @@ class EnsembleScheduler:
     def submit(self, request: InferRequest) -> None:
         if self._closing:
             raise unavailable(f"model '{self.model}' is being unloaded")
+        if any(output.class_count for output in request.outputs):
+            raise unimplemented("classification outputs of an ensemble are not supported by "
+                                "shmserve")
         request.received_ns = request.received_ns or time.perf_counter_ns()
         request.scheduler = self  # type: ignore[assignment]  # the core cancels through it
         run = _Run(self, request)

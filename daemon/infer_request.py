@@ -92,6 +92,7 @@ class OutputIn:
     # The worker may answer it as a reference to the input it passes through instead of
     # writing it into ``shm`` (honoured only for a server region: ensemble intermediates).
     by_reference: bool = False
+    class_count: int = 0                    # classification: answer its top entries
 
 
 @dataclass(slots=True)
@@ -341,7 +342,7 @@ def _outputs(plan: ModelPlan, registry: ShmRegistry, outputs: list[OutputIn],
         if output.fault is not None:
             raise output.fault
         if output.shm is None:
-            requested.append(RequestedOutput(output.name))
+            requested.append(RequestedOutput(output.name, class_count=output.class_count))
             continue
         region_name, offset, byte_size = output.shm
         region = registry.acquire(region_name, offset, byte_size, owner, internal)

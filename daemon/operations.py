@@ -26,7 +26,8 @@ from shmserve.protos import shmserve_model_config_pb2 as mc
 from shmserve.protos import shmserve_service_pb2 as pb
 
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["sequence", "model_repository", "model_repository(unload_dependents)",
+EXTENSIONS = ["classification", "sequence", "model_repository",
+              "model_repository(unload_dependents)",
               "model_configuration", "system_shared_memory",
               "cuda_shared_memory", "binary_tensor_data", "parameters", "statistics",
               "logging", "schedule_policy"]

@@ -35,6 +35,9 @@ class RequestedOutput:
     # An ensemble intermediate: the worker may answer with a reference to the input the
     # model passed through instead of copying it into ``region`` (docs/pipelines.md).
     by_reference: bool = False
+    # Triton's classification extension: the worker answers the top ``class_count`` entries
+    # (workers/classification.py); 0: the output itself.
+    class_count: int = 0
 
 
 class OutputTensor:

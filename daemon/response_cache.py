@@ -120,7 +120,8 @@ def request_key(request: InferRequest, model_outputs: Iterable[str]) -> bytes:
                 digest.update(part)
         else:
             _hash_region(digest, tensor)
-    names = [output.name for output in request.outputs] or model_outputs
+    names = [f"{output.name}\0{output.class_count}" if output.class_count else output.name
+             for output in request.outputs] or model_outputs
     digest.update("\0".join(sorted(names)).encode())
     return digest.digest()
 

@@ -4,15 +4,21 @@ over gRPC and HTTP, through the supervisor and through frontend processes."""
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from shmserve.protos import shmserve_service_pb2 as pb
 from shmserve.tests.conftest import GRPC_FRONTENDS, frontends_id
 from shmserve.tests.serverproc import ServerProcess, build_repository
 from shmserve.workers.classification import ClassificationError, classify
@@ -103,6 +109,8 @@ def _grpc_scores(server: ServerProcess, data: np.ndarray, class_count: int) -> n
 
 
 def test_grpc_classification_with_labels_per_batch_entry(server: ServerProcess) -> None:
+    assert "classification" in grpcclient.InferenceServerClient(
+        server.url).get_server_metadata().extensions
     data = np.array([[0.1, 0.5, 0.2, 0.9, 0.3], [1, 0, 0, 0, 2]], np.float32)
     got = _grpc_scores(server, data, 2)
     assert got.shape == (2, 2)
@@ -123,6 +131,27 @@ def test_http_classification_json_and_binary(server: ServerProcess) -> None:
                 for v in result.as_numpy("OUT").tolist()] == [b"8:1", b"8:3", b"4:0"]
 
 
+def _raw_grpc_error(server: ServerProcess, parameters: dict[str, Any]) -> grpc.RpcError:
+    """ModelInfer for `scores` whose output OUT has ``parameters`` (tritonclient itself refuses
+    some of these combinations before sending them)."""
+    request = pb.ModelInferRequest(model_name="scores")
+    request.inputs.add(name="IN", datatype="FP32", shape=[1, 5])
+    request.raw_input_contents.append(np.zeros(5, np.float32).tobytes())
+    output = request.outputs.add(name="OUT")
+    for key, value in parameters.items():
+        if isinstance(value, str):
+            output.parameters[key].string_param = value
+        else:
+            output.parameters[key].int64_param = value
+    with grpc.insecure_channel(server.url) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   request_serializer=pb.ModelInferRequest.SerializeToString,
+                                   response_deserializer=pb.ModelInferResponse.FromString)
+        with pytest.raises(grpc.RpcError) as caught:
+            call(request, timeout=20)
+    return caught.value
+
+
 def test_classification_errors_use_tritons_texts(server: ServerProcess) -> None:
     client = grpcclient.InferenceServerClient(server.url)
     tensor = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
@@ -132,23 +161,27 @@ def test_classification_errors_use_tritons_texts(server: ServerProcess) -> None:
                      outputs=[grpcclient.InferRequestedOutput("UPPER", class_count=1)])
     assert "class result not available for output due to unsupported type 'BYTES'" in \
         caught.value.message()
-    scores = grpcclient.InferInput("IN", [1, 5], "FP32")
-    scores.set_data_from_numpy(np.zeros((1, 5), np.float32))
-    output = grpcclient.InferRequestedOutput("OUT", class_count=1)
-    output.set_shared_memory("anywhere", 20)
-    with pytest.raises(InferenceServerException) as caught:
-        client.infer("scores", [scores], outputs=[output])
-    assert caught.value.message() == ("output can't set both 'shared_memory_region' and "
-                                      "'classification'")
-    http = httpclient.InferenceServerClient(server.http_url)
-    http_output = httpclient.InferRequestedOutput("OUT", class_count=1)
-    http_output.set_shared_memory("anywhere", 20)
-    http_scores = httpclient.InferInput("IN", [1, 5], "FP32")
-    http_scores.set_data_from_numpy(np.zeros((1, 5), np.float32))
-    with pytest.raises(InferenceServerException) as caught:
-        http.infer("scores", [http_scores], outputs=[http_output])
-    assert caught.value.message() == ("Output can't set both 'shared_memory_region' and "
-                                      "'classification'")
+    in_region = {"classification": 1, "shared_memory_region": "anywhere",
+                 "shared_memory_byte_size": 20}
+    for parameters, text in (
+            (in_region, "output can't set both 'shared_memory_region' and 'classification'"),
+            ({"classification": 0}, "invalid value for 'classification' parameter, expected "
+                                    ">= 0"),
+            ({"classification": "3"}, "invalid value type for 'classification' parameter, "
+                                      "expected int64_param")):
+        error = _raw_grpc_error(server, parameters)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details() == text
+    body = json.dumps({"inputs": [{"name": "IN", "datatype": "FP32", "shape": [1, 5],
+                                   "data": [0, 0, 0, 0, 0]}],
+                       "outputs": [{"name": "OUT", "parameters": in_region}]}).encode()
+    with pytest.raises(urllib.error.HTTPError) as http_error:
+        urllib.request.urlopen(urllib.request.Request(
+            f"http://{server.http_url}/v2/models/scores/infer", data=body, method="POST"),
+            timeout=20)
+    assert http_error.value.code == 400
+    assert json.loads(http_error.value.read()) == {
+        "error": "Output can't set both 'shared_memory_region' and 'classification'"}
     # The server and the model are unaffected.
     assert _grpc_scores(server, np.eye(5, dtype=np.float32)[2:3], 1).tolist() == [
         [b"1.000000:2:bird"]]

@@ -31,8 +31,9 @@ from shmserve.workers.backend import (
     resolve_backend,
 )
 from shmserve.workers.busy_poll import BusyPoll
+from shmserve.workers.classification import ClassificationError, Labels, classify
 from shmserve.workers.copying import copy_bytes
-from shmserve.workers.cuda_ipc import CudaRegions, DeviceOutput
+from shmserve.workers.cuda_ipc import CudaRegions, DeviceOutput, host_array
 from shmserve.workers.direct_answers import DirectAnswers
 from shmserve.workers.lineage import set_parent_death_signal
 from shmserve.workers.log_switches import LogSwitchFilter, apply_switches
@@ -149,6 +150,7 @@ class WorkerHost:
         self._main_thread = threading.get_ident()
         # Implicit state of a sequence model's live sequences (set up in _initialize).
         self._states: SequenceStates | None = None
+        self._labels: Labels | None = None    # classification labels, read on first use
         self._output_buffers = False  # the backend writes outputs into client regions itself
 
     def send(self, frame: list[Any]) -> None:
@@ -742,8 +744,12 @@ class WorkerHost:
             if name not in outputs:
                 raise BackendError(f"unexpected inference output '{name}' for model "
                                    f"'{self._model.name}'", "INVALID_ARGUMENT")
+            value = outputs[name]
+            class_count = _class_count(requested, name)
+            if class_count:
+                value = self._classified(value, class_count, name)
             try:
-                datatype, shape, data = output_bytes(outputs[name])
+                datatype, shape, data = output_bytes(value)
             except (ValueError, TypeError) as exc:
                 raise BackendError(f"output '{name}' cannot be sent: {exc}") from None
             destination = destinations.get(name)
@@ -766,6 +772,17 @@ class WorkerHost:
                                        f"least {len(data)} bytes to hold the results")
             prepared.append((name, datatype, shape, data, destination))
         return prepared
+
+    def _classified(self, value: Any, count: int, name: str) -> Any:
+        """Output ``name``'s top ``count`` entries (Triton's classification extension)."""
+        model = self._model
+        if self._labels is None:
+            self._labels = Labels(model.config, model.repository_path)
+        batching = int(model.config.get("max_batch_size") or 0) > 0
+        try:
+            return classify(host_array(value), count, batching, self._labels.of(name))
+        except ClassificationError as exc:
+            raise BackendError(str(exc), "INVALID_ARGUMENT") from None
 
     def _write_outputs(self, prepared: list[_Prepared], arena: Arena | None,
                        arena_offset: int, placed: dict[int, int] | None = None
@@ -871,6 +888,14 @@ class _InputMemory:
     def __init__(self, location: list[Any], offset: int) -> None:
         self.location = location
         self.offset = offset
+
+
+def _class_count(requested: list[list[Any]], name: str) -> int:
+    """How many top entries the request wants of output ``name`` (0: the output itself)."""
+    for entry in requested:
+        if entry[0] == name:
+            return int(entry[3]) if len(entry) > 3 else 0
+    return 0
 
 
 def _by_reference(requested: list[list[Any]], name: str) -> bool:

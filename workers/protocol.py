@@ -66,8 +66,9 @@ from shmserve.workers.backend import InstanceSpec, ModelSpec
 
 # 1: msgpack maps before typed records; 2: before ShareRegion; 3: before Trim; 4: before Stage;
 # 5: before Report; 6: before Ready.concurrency; 7: before Partial; 8: before EndSequences;
-# 9: before ExecRequest.ring; 10: before the by-reference flag of ExecRequest.outputs
-PROTOCOL_VERSION = 13
+# 9: before ExecRequest.ring; 10: before the by-reference flag of ExecRequest.outputs;
+# 13: before an output's class count (classification)
+PROTOCOL_VERSION = 14
 
 INLINE = "i"
 ARENA = "a"
@@ -170,7 +171,8 @@ class ExecRequest:
     # [name, packed destination TensorRef or None] or, for an output that may pass by
     # reference (an ensemble intermediate), [name, destination, True]: the worker answers
     # it as a SYSTEM reference to the input memory the model returned, if it is that, and
-    # inline if it is small (INLINE_LIMIT).
+    # inline if it is small (INLINE_LIMIT). [name, destination, by reference, k]: answer
+    # its top k entries (classification).
     outputs: list[list[Any]]
     parameters: dict[str, Any]
     correlation_id: int | str = 0

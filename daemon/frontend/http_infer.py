@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from shmserve.daemon.errors import ServeError, invalid_argument, unimplemented
+from shmserve.daemon.errors import ServeError, invalid_argument
 from shmserve.daemon.infer_request import (
     SHM_KEYS,
     OutputIn,
@@ -163,10 +163,11 @@ def parse_infer(model: str, header: dict[str, Any], binary: memoryview | Pieces)
         params = _object(entry.get("parameters", {}), f"parameters of output '{output.name}'")
         if params:
             try:
-                if "classification" in params:
-                    raise unimplemented("classification outputs are not supported by shmserve")
                 if not _SHM_KEYS.isdisjoint(params):
                     output.shm = _shm_params(params, f"output '{output.name}'")
+                if "classification" in params:
+                    output.class_count = _class_count(params["classification"],
+                                                      output.shm is not None)
             except ServeError as exc:
                 output.fault = exc
         if "binary_data" in params:
@@ -207,6 +208,17 @@ def _object(value: Any, what: str) -> dict[str, Any]:
 def _shm_params(params: dict[str, Any], what: str) -> ShmRef | None:
     """The same rules and texts as the gRPC door's."""
     return shm_reference(params, what, _json_string, "a string", _json_int, "an integer")
+
+
+def _class_count(value: Any, in_shared_memory: bool) -> int:
+    """Triton's checks of an output's "classification" (0: none)."""
+    if in_shared_memory:
+        raise invalid_argument("Output can't set both 'shared_memory_region' and "
+                               "'classification'")
+    count = _json_int(value)
+    if count is None or count < 0:
+        raise invalid_argument("Unable to set 'classification': expected an unsigned integer")
+    return count
 
 
 def _json_string(value: Any) -> str | None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from shmserve.daemon.errors import ServeError, invalid_argument, unimplemented
+from shmserve.daemon.errors import ServeError, invalid_argument
 from shmserve.daemon.frontend.wire import encode_varint
 from shmserve.daemon.infer_request import OutputIn, RequestItems, ShmRef, TensorIn, shm_reference
 from shmserve.daemon.request import InferRequest, OutputTensor
@@ -72,9 +72,10 @@ def parse_request(message: pb.ModelInferRequest,
         parameters = requested.parameters
         if parameters:
             try:
-                if "classification" in parameters:
-                    raise unimplemented("classification outputs are not supported by shmserve")
                 output.shm = _shm_params(parameters, f"output '{requested.name}'")
+                if "classification" in parameters:
+                    output.class_count = _class_count(parameters["classification"],
+                                                      output.shm is not None)
             except ServeError as exc:
                 output.fault = exc
         outputs.append(output)
@@ -86,6 +87,19 @@ def parse_request(message: pb.ModelInferRequest,
 def _shm_params(params: Any, what: str) -> ShmRef | None:
     return shm_reference(params, what, _string_param, "a string_param", _int_param,
                          "an int64_param")
+
+
+def _class_count(value: Any, in_shared_memory: bool) -> int:
+    """Triton's ParseClassificationParams (texts included)."""
+    if value.WhichOneof("parameter_choice") != "int64_param":
+        raise invalid_argument("invalid value type for 'classification' parameter, expected "
+                               "int64_param")
+    if value.int64_param <= 0:
+        raise invalid_argument("invalid value for 'classification' parameter, expected >= 0")
+    if in_shared_memory:
+        raise invalid_argument("output can't set both 'shared_memory_region' and "
+                               "'classification'")
+    return int(value.int64_param)
 
 
 def _string_param(value: Any) -> str | None:

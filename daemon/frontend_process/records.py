@@ -69,7 +69,7 @@ def pack_items(items: RequestItems) -> list[Any]:
     return [
         [[t.name, t.datatype, t.shape, bytes(t.data) if isinstance(t.data, Pieces) else t.data,
           t.shm, _error(t.fault)] for t in items.inputs],
-        [[o.name, o.shm, _error(o.fault)] for o in items.outputs],
+        [[o.name, o.shm, _error(o.fault), o.class_count] for o in items.outputs],
         items.parameters, items.request_id, _error(items.late_fault)]
 
 
@@ -84,7 +84,11 @@ def unpack_items(fields: list[Any], owner: str) -> RequestItems:
                 or not (data is None or type(data) is bytes):
             raise TypeError(f"malformed input {name!r}")
         inputs.append(TensorIn(name, datatype, shape, data, _shm(shm), _fault(fault)))
-    outputs = [OutputIn(name, _shm(shm), _fault(fault)) for name, shm, fault in outputs_raw]
+    outputs = []
+    for name, shm, fault, class_count in outputs_raw:
+        if type(class_count) is not int:
+            raise TypeError(f"malformed output {name!r}")
+        outputs.append(OutputIn(name, _shm(shm), _fault(fault), class_count=class_count))
     if type(parameters) is not dict or type(request_id) is not str:
         raise TypeError("malformed parameters or request id")
     return RequestItems(inputs, outputs, parameters, request_id, owner, _fault(late_fault))

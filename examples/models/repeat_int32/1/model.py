@@ -25,7 +25,7 @@ class TritonPythonModel:
                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
         time.sleep(float(wait[0]) / 1000 if len(wait) else 0.0)
-        for index, (value, delay) in enumerate(zip(values, delays)):
+        for index, (value, delay) in enumerate(zip(values, delays, strict=True)):
             time.sleep(float(delay) / 1000)
             sender.send(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("OUT", np.array([value], np.int32)),
